@@ -1,0 +1,1 @@
+"""Compute kernels: CPU matmuls on packed GGML blocks (and, later, Triton GPU kernels)."""

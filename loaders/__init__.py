@@ -1,0 +1,1 @@
+"""Reading models: GGUF files, model configs, tokenizers, chat templates, pulling."""

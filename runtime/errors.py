@@ -1,0 +1,41 @@
+"""The typed error hierarchy: every error a user can cause says what to change.
+
+All derive from TandemError (a ValueError), so callers may catch one type; the server maps
+them to OpenAI-style error objects with a 4xx status.
+"""
+
+
+class TandemError(ValueError):
+    """Base of every error tandem raises for bad input or an unusable model."""
+
+
+class GGUFError(TandemError):
+    """The file is not a valid GGUF (corrupt, truncated, hostile or unsupported version)."""
+
+
+class UnsupportedError(TandemError):
+    """The model uses an architecture, tensor type or tokenizer tandem does not support."""
+
+
+class TokenizerError(TandemError):
+    """Tokenizer metadata is missing or inconsistent."""
+
+
+class TemplateError(TandemError):
+    """A chat template failed to render or tried something the sandbox forbids."""
+
+
+class InvalidParameterError(TandemError):
+    """A sampling or runtime parameter has a bad name or value."""
+
+
+class ContextLengthError(TandemError):
+    """The prompt (plus max_tokens) does not fit the model's context window."""
+
+
+class ModelNotFoundError(TandemError):
+    """No model of that name is known, stored or present at that path."""
+
+
+class PullError(TandemError):
+    """Fetching a model from the package registry failed or gave the wrong bytes."""

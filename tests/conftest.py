@@ -1,0 +1,58 @@
+"""Shared fixtures: the real models, pulled through tandem's own pull code, and the
+llama.cpp reference fixtures from ../shared/fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURE_FILES = {
+    "smollm2": "smollm2-135m-q4_1.public.json",
+    "gemma3": "gemma3-270m-q4_k_m.public.json",
+}
+
+# Models are pulled once into a cache the test runs share (TANDEM_TEST_HOME overrides).
+os.environ.setdefault("TANDEM_HOME", os.environ.get("TANDEM_TEST_HOME", str(REPO / ".tandem-test")))
+
+
+def model_path(name: str) -> Path:
+    from loaders.pull import pull
+
+    return pull(name)
+
+
+def fixture(name: str) -> dict:
+    path = FIXTURES / FIXTURE_FILES[name]
+    if not path.is_file():
+        pytest.fail(f"reference fixture missing: {path}")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return model_path("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    return model_path("gemma3")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # torch missing entirely: every gpu test is skipped below
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
