@@ -1,0 +1,139 @@
+"""Model: the transformer forward pass over packed GGUF weights (llama family, gemma3).
+
+Weights are PackedLinear views of the mmapped file (no copies, no dequantized model); norms
+are small float32 tensors. One forward call processes T new tokens of one sequence whose
+earlier positions are already in its KVCache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.attention import attention
+from kernels.linear import PackedLinear
+from kernels.norm import rms_norm
+from kernels.rope import Rope
+from loaders.config import ModelConfig
+from loaders.gguf_file import GGUFFile
+from quant.dequant import dequantize
+from runtime.errors import GGUFError
+from runtime.kv_cache import KVCache
+
+
+@dataclass
+class Block:
+    """One transformer layer's weights."""
+
+    attn_norm: torch.Tensor
+    q: PackedLinear
+    k: PackedLinear
+    v: PackedLinear
+    o: PackedLinear
+    ffn_norm: torch.Tensor
+    gate: PackedLinear
+    up: PackedLinear
+    down: PackedLinear
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None
+    post_ffn_norm: torch.Tensor | None = None
+
+
+class Model:
+    def __init__(self, gguf: GGUFFile, config: ModelConfig) -> None:
+        self.config = config
+        self._gguf = gguf
+        self.embed = self._linear("token_embd.weight")
+        self.head = self.embed if config.tied_head else self._linear("output.weight")
+        self.output_norm = self._vector("output_norm.weight")
+        self.blocks = [self._block(i) for i in range(config.n_layer)]
+        c = config
+        self.rope = Rope(c.head_dim, c.rope_base, c.rope_neox, c.rope_scale)
+        self.rope_swa = Rope(c.head_dim, c.rope_base_swa, c.rope_neox)
+
+    # ---- loading -------------------------------------------------------------------
+    def _info(self, name: str):
+        if name not in self._gguf.tensors:
+            raise GGUFError(f"{self._gguf.path.name}: tensor '{name}' is missing "
+                            f"for a {self.config.arch} model")
+        return self._gguf.tensors[name]
+
+    def _linear(self, name: str, bias: str | None = None) -> PackedLinear:
+        info = self._info(name)
+        b = self._vector(bias) if bias and bias in self._gguf.tensors else None
+        return PackedLinear(self._gguf.tensor(name), info.ggml_type, info.shape[0], b)
+
+    def _vector(self, name: str) -> torch.Tensor:
+        info = self._info(name)
+        return dequantize(self._gguf.tensor(name), info.ggml_type).reshape(-1)
+
+    def _block(self, i: int) -> Block:
+        p, c = f"blk.{i}.", self.config
+        block = Block(
+            attn_norm=self._vector(p + "attn_norm.weight"),
+            q=self._linear(p + "attn_q.weight", p + "attn_q.bias"),
+            k=self._linear(p + "attn_k.weight", p + "attn_k.bias"),
+            v=self._linear(p + "attn_v.weight", p + "attn_v.bias"),
+            o=self._linear(p + "attn_output.weight"),
+            ffn_norm=self._vector(p + "ffn_norm.weight"),
+            gate=self._linear(p + "ffn_gate.weight"),
+            up=self._linear(p + "ffn_up.weight"),
+            down=self._linear(p + "ffn_down.weight"),
+        )
+        if c.qk_norm:
+            block.q_norm = self._vector(p + "attn_q_norm.weight")
+            block.k_norm = self._vector(p + "attn_k_norm.weight")
+        if c.post_norms:
+            block.post_attn_norm = self._vector(p + "post_attention_norm.weight")
+            block.post_ffn_norm = self._vector(p + "post_ffw_norm.weight")
+        return block
+
+    @property
+    def weight_bytes(self) -> int:
+        return self._gguf.file_size - self._gguf.data_offset
+
+    # ---- forward -------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache,
+                all_logits: bool = False) -> torch.Tensor:
+        """tokens: (T,) int64 at positions start … start+T-1 → logits (T or 1, V) float32."""
+        c = self.config
+        positions = torch.arange(start, start + tokens.shape[0])
+        x = self.embed.rows(tokens)  # (T, E)
+        if c.embed_scale != 1.0:
+            x = x * c.embed_scale
+        tables = self.rope.tables(positions)
+        tables_swa = self.rope_swa.tables(positions) if c.sliding_window else tables
+        for i, block in enumerate(self.blocks):
+            swa = c.swa_layers[i]
+            rope, cs = (self.rope_swa, tables_swa) if swa else (self.rope, tables)
+            x = self._block_forward(i, block, x, start, cache, rope, cs, swa)
+        if not all_logits:
+            x = x[-1:]
+        return self.head(rms_norm(x, self.output_norm, c.rms_eps))  # (T|1, V)
+
+    def _block_forward(self, i, b: Block, x, start, cache, rope, tables, swa) -> torch.Tensor:
+        c, n = self.config, x.shape[0]
+        h = rms_norm(x, b.attn_norm, c.rms_eps)
+        q = b.q(h).view(n, c.n_head, c.head_dim)
+        k = b.k(h).view(n, c.n_head_kv, c.head_dim)
+        v = b.v(h).view(n, c.n_head_kv, c.head_dim_v)
+        if b.q_norm is not None:
+            q, k = rms_norm(q, b.q_norm, c.rms_eps), rms_norm(k, b.k_norm, c.rms_eps)
+        q, k = rope.apply(q, *tables), rope.apply(k, *tables)
+        cache.write(i, start, k, v)
+        keys, values = cache.read(i, start + n)
+        window = c.sliding_window if swa else 0
+        a = b.o(attention(q, keys, values, start, window, c.attn_scale))  # (T, E)
+        if b.post_attn_norm is not None:
+            a = rms_norm(a, b.post_attn_norm, c.rms_eps)
+        x = x + a
+        h = rms_norm(x, b.ffn_norm, c.rms_eps)
+        gate = b.gate(h)
+        gate = F.gelu(gate, approximate="tanh") if c.activation == "gelu_tanh" else F.silu(gate)
+        f = b.down(gate * b.up(h))
+        if b.post_ffn_norm is not None:
+            f = rms_norm(f, b.post_ffn_norm, c.rms_eps)
+        return x + f
