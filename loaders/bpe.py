@@ -1,0 +1,213 @@
+"""Byte-level BPE (GGUF `tokenizer.ggml.model` = "gpt2"), tokenizing the way llama.cpp does.
+
+A text fragment is split into words by the pre-tokenizer regexes named by
+`tokenizer.ggml.pre` (applied in sequence; each regex splits every piece into its matches
+and the gaps between them), each word's UTF-8 bytes are mapped to printable characters as
+GPT-2 does, and the word is merged pair by pair: always the adjacent pair with the lowest
+merge rank (its index in `tokenizer.ggml.merges`), the leftmost one on ties.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import regex
+
+from runtime.errors import TokenizerError, UnsupportedError
+
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3 = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """How one `tokenizer.ggml.pre` family splits text, and the defaults it implies."""
+
+    regexes: tuple[str, ...]
+    ignore_merges: bool = False  # a word that is itself a token is emitted whole
+    add_bos: bool = False  # default for tokenizer.ggml.add_bos_token
+
+
+_DEFAULT = PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"))
+_GPT2_PRE = PreTokenizer((_GPT2,))
+_DIGITS_GPT2 = PreTokenizer((r"\p{N}", _GPT2))
+_LLAMA3_PRE = PreTokenizer((_LLAMA3,), ignore_merges=True, add_bos=True)
+_QWEN2_PRE = PreTokenizer((_QWEN2,))
+
+# tokenizer.ggml.pre -> pre-tokenizer, grouped as llama.cpp's llama-vocab.cpp groups them.
+PRE_TOKENIZERS: dict[str, PreTokenizer] = {
+    "default": _DEFAULT,
+    **dict.fromkeys(("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4"), _GPT2_PRE),
+    **dict.fromkeys(
+        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+        _DIGITS_GPT2,
+    ),
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "lfm2"),
+        _LLAMA3_PRE,
+    ),
+    **dict.fromkeys(("dbrx", "smaug-bpe"), PreTokenizer((_LLAMA3,))),
+    **dict.fromkeys(
+        ("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan"), _QWEN2_PRE
+    ),
+}
+
+
+def pre_tokenizer(name: str | None) -> PreTokenizer:
+    """The pre-tokenizer for a `tokenizer.ggml.pre` value (missing -> "default")."""
+    if not name:
+        return _DEFAULT
+    try:
+        return PRE_TOKENIZERS[name]
+    except KeyError:
+        supported = ", ".join(sorted(PRE_TOKENIZERS))
+        raise UnsupportedError(
+            f"unsupported BPE pre-tokenizer tokenizer.ggml.pre={name!r}; supported: {supported}"
+        ) from None
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = [""] * 256
+    extra = 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+BYTE_TO_CHAR: list[str] = _bytes_to_unicode()
+CHAR_TO_BYTE: dict[str, int] = {c: b for b, c in enumerate(BYTE_TO_CHAR)}
+_ENCODE_TABLE = {b: c for b, c in enumerate(BYTE_TO_CHAR)}
+
+
+def byte_encode(word: str) -> str:
+    """A word's UTF-8 bytes as GPT-2 byte-level characters."""
+    return word.encode("utf-8", "surrogatepass").decode("latin-1").translate(_ENCODE_TABLE)
+
+
+def byte_decode(text: str) -> bytes:
+    """Inverse of byte_encode; characters outside the table pass through as UTF-8."""
+    out = bytearray()
+    for ch in text:
+        b = CHAR_TO_BYTE.get(ch)
+        if b is None:
+            out += ch.encode("utf-8", "surrogatepass")
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def parse_merges(merges: list[str]) -> dict[tuple[str, str], int]:
+    """Merge ranks from "left right" strings; the split is at the first space after index 0."""
+    ranks: dict[tuple[str, str], int] = {}
+    for rank, merge in enumerate(merges):
+        if not isinstance(merge, str):
+            raise TokenizerError(f"tokenizer.ggml.merges[{rank}] is not a string")
+        pos = merge.find(" ", 1)
+        if pos < 0:
+            continue  # malformed: llama.cpp maps it to a pair that never matches
+        ranks.setdefault((merge[:pos], merge[pos + 1 :]), rank)
+    return ranks
+
+
+class BPEModel:
+    """Byte-level BPE over a GGUF vocabulary and merge list."""
+
+    _CACHE_LIMIT = 200_000
+
+    def __init__(self, token_to_id: dict[str, int], merges: list[str], pre: PreTokenizer):
+        self.token_to_id = token_to_id
+        self.ranks = parse_merges(merges)
+        self.pre = pre
+        self._regexes = [regex.compile(r) for r in pre.regexes]
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    def split_words(self, text: str) -> list[str]:
+        """Apply the pre-tokenizer regexes in sequence (matches and gaps both kept)."""
+        pieces = [text]
+        for rx in self._regexes:
+            out: list[str] = []
+            for piece in pieces:
+                pos = 0
+                for m in rx.finditer(piece):
+                    if m.start() > pos:
+                        out.append(piece[pos : m.start()])
+                    if m.end() > m.start():
+                        out.append(m.group())
+                    pos = m.end()
+                if pos < len(piece):
+                    out.append(piece[pos:])
+            pieces = out
+        return pieces
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one raw-text fragment (no special-token handling here)."""
+        ids: list[int] = []
+        for word in self.split_words(text):
+            enc = byte_encode(word)
+            cached = self._cache.get(enc)
+            if cached is None:
+                cached = tuple(self._encode_word(enc))
+                if len(self._cache) >= self._CACHE_LIMIT:
+                    self._cache.clear()
+                self._cache[enc] = cached
+            ids.extend(cached)
+        return ids
+
+    def _encode_word(self, word: str) -> list[int]:
+        if self.pre.ignore_merges and word in self.token_to_id:
+            return [self.token_to_id[word]]
+        ids: list[int] = []
+        for sym in self._merge(word):
+            tid = self.token_to_id.get(sym)
+            if tid is not None:
+                ids.append(tid)
+                continue
+            # llama.cpp looks each byte of the symbol's text up as a one-byte token: only
+            # ASCII characters can match; the others are dropped.
+            ids.extend(self.token_to_id[c] for c in sym if c < "\x80" and c in self.token_to_id)
+        return ids
+
+    def _merge(self, word: str) -> list[str]:
+        """Merge adjacent symbols by lowest rank (leftmost on ties) until none applies."""
+        syms: list[str] = list(word)
+        if len(syms) < 2:
+            return syms
+        nxt = [*range(1, len(syms)), -1]
+        prv = list(range(-1, len(syms) - 1))
+        heap: list[tuple[int, int, int, str]] = []
+
+        def push(left: int, right: int) -> None:
+            if left < 0 or right < 0:
+                return
+            rank = self.ranks.get((syms[left], syms[right]))
+            if rank is not None:
+                heapq.heappush(heap, (rank, left, right, syms[left] + syms[right]))
+
+        for i in range(len(syms) - 1):
+            push(i, i + 1)
+        while heap:
+            _, left, right, merged = heapq.heappop(heap)
+            if not syms[left] or not syms[right] or syms[left] + syms[right] != merged:
+                continue  # outdated: one side has been merged since
+            syms[left], syms[right] = merged, ""
+            nxt[left] = nxt[right]
+            if nxt[right] >= 0:
+                prv[nxt[right]] = left
+            push(prv[left], left)
+            push(left, nxt[left])
+        return [s for s in syms if s]
