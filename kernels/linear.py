@@ -1,9 +1,9 @@
 """PackedLinear: y = x · Wᵀ (+ b) with W kept in its GGML block format.
 
 The CPU reference path: W stays packed (uint8 rows of GGML blocks, a zero-copy view of the
-mmapped GGUF); each call dequantizes row chunks of W to float32 (quant.dequant) and multiplies
-them, so at most CHUNK_BYTES of float32 weights exist at once. Block layouts: see
-quant/dequant.py, which implements ggml's formats (ggml-common.h block_q4_0 …).
+mmapped GGUF); each call dequantizes row chunks of W to float32 (quant.dequant, which
+implements ggml's block layouts, ggml-common.h) into one reused scratch buffer and
+multiplies them, so at most CHUNK_BYTES of float32 weights exist at once.
 """
 
 from __future__ import annotations
@@ -13,7 +13,24 @@ import torch
 from quant.dequant import dequantize
 from quant.formats import block_format
 
-CHUNK_BYTES = 32 << 20  # float32 bytes of dequantized weight alive at once
+CHUNK_BYTES = 16 << 20  # float32 bytes of dequantized weight alive at once
+
+
+class _Scratch:
+    """One float32 buffer reused by every PackedLinear call (a fresh large allocation per
+    call costs more in page faults than the dequantization itself). Model execution runs on
+    one thread, so one buffer per process is enough."""
+
+    def __init__(self) -> None:
+        self.buf = torch.empty(0, dtype=torch.float32)
+
+    def take(self, rows: int, cols: int) -> torch.Tensor:
+        if self.buf.numel() < rows * cols:
+            self.buf = torch.empty(rows * cols, dtype=torch.float32)
+        return self.buf[: rows * cols].view(rows, cols)
+
+
+_scratch = _Scratch()
 
 
 class PackedLinear:
@@ -22,7 +39,9 @@ class PackedLinear:
     def __init__(self, weight: torch.Tensor, ggml_type: int, in_features: int,
                  bias: torch.Tensor | None = None) -> None:
         fmt = block_format(ggml_type)
-        assert weight.dtype == torch.uint8 and weight.shape[1] == fmt.row_bytes(in_features)
+        if weight.dtype != torch.uint8 or weight.shape[1] != fmt.row_bytes(in_features):
+            raise ValueError(f"packed weight {tuple(weight.shape)} does not hold rows of "
+                             f"{in_features} {fmt.name} elements")
         self.weight = weight            # (N, row_bytes) uint8, packed
         self.ggml_type = ggml_type
         self.in_features = in_features
@@ -41,13 +60,11 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: (M, K) float32 → (M, N) float32
         n, step = self.out_features, self.rows_per_chunk
-        if n <= step:
-            y = x @ dequantize(self.weight, self.ggml_type).T
-        else:
-            y = torch.empty(x.shape[0], n, dtype=torch.float32)
-            for start in range(0, n, step):
-                w = dequantize(self.weight[start:start + step], self.ggml_type)  # (n_chunk, K)
-                y[:, start:start + w.shape[0]] = x @ w.T
+        y = torch.empty(x.shape[0], n, dtype=torch.float32)
+        for start in range(0, n, step):
+            rows = self.weight[start:start + step]
+            w = dequantize(rows, self.ggml_type, out=_scratch.take(rows.shape[0], self.in_features))
+            y[:, start:start + rows.shape[0]] = x @ w.T  # (M, n_chunk)
         if self.bias is not None:
             y += self.bias
         return y
