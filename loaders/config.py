@@ -59,8 +59,19 @@ class ModelConfig:
         get = _getter(md, arch)
         n_embd, n_head = get("embedding_length"), get("attention.head_count")
         n_head_kv = get("attention.head_count_kv", n_head)
-        head_dim = get("attention.key_length", n_embd // n_head)
         n_layer = get("block_count")
+        for key, value in (("embedding_length", n_embd), ("attention.head_count", n_head),
+                           ("attention.head_count_kv", n_head_kv), ("block_count", n_layer)):
+            _check_positive(arch, key, value)
+        if n_head % n_head_kv:
+            raise GGUFError(f"metadata key '{arch}.attention.head_count' ({n_head}) is not a "
+                            f"multiple of '{arch}.attention.head_count_kv' ({n_head_kv})")
+        head_dim = get("attention.key_length", n_embd // n_head)
+        for key, value in (("attention.key_length", head_dim),
+                           ("attention.value_length", get("attention.value_length", head_dim)),
+                           ("feed_forward_length", get("feed_forward_length")),
+                           ("context_length", get("context_length", 2048))):
+            _check_positive(arch, key, value)
         gemma = arch == "gemma3"
         window = get("attention.sliding_window", 0) if gemma else 0
         scaling = md.get(f"{arch}.rope.scaling.type")
@@ -106,6 +117,11 @@ def _getter(md: dict[str, Any], arch: str):
         return value
 
     return get
+
+
+def _check_positive(arch: str, key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise GGUFError(f"metadata key '{arch}.{key}' must be a positive integer, got {value!r}")
 
 
 def _vocab_size(md: dict[str, Any], arch: str) -> int:

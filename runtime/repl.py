@@ -33,11 +33,11 @@ class Repl:
     def answer(self, prompt: str) -> str:
         """Stream the model's answer to `prompt` (continuing the conversation) and return it."""
         start = time.perf_counter()
+        user = {"role": "user", "content": prompt}
         if self.raw:
             ids = self.llm.tokenize(prompt)
-        else:
-            self.messages.append({"role": "user", "content": prompt})
-            ids = self.llm.lm.chat_prompt_ids(self.messages)
+        else:  # the turn joins the conversation only once answered (an error leaves it as it was)
+            ids = self.llm.lm.chat_prompt_ids([*self.messages, user])
         parts, timings = [], None
         for delta in Generation(self.llm.lm, ids, self.params, self.llm.num_ctx):
             self.out.write(delta.text)
@@ -47,7 +47,7 @@ class Repl:
         self.out.write("\n")
         text = "".join(parts)
         if not self.raw:
-            self.messages.append({"role": "assistant", "content": text})
+            self.messages.extend([user, {"role": "assistant", "content": text}])
         if self.verbose and timings:
             self._report(timings, time.perf_counter() - start)
         return text
@@ -97,8 +97,8 @@ class Repl:
             self.out.write("... ")
             self.out.flush()
             rest = stdin.readline()
-            if not rest:
-                return "\n".join(lines)
+            if not rest:  # end of input inside the message: take what was typed
+                return "\n".join(lines).strip("\n")
             rest = rest.rstrip("\n")
         lines.append(rest[:-3])
         return "\n".join(lines).strip("\n")

