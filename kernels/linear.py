@@ -26,7 +26,8 @@ class _Scratch:
 
     def take(self, rows: int, cols: int) -> torch.Tensor:
         if self.buf.numel() < rows * cols:
-            self.buf = torch.empty(rows * cols, dtype=torch.float32)
+            with torch.inference_mode(False):  # a normal tensor, writable in and out of it
+                self.buf = torch.empty(rows * cols, dtype=torch.float32)
         return self.buf[: rows * cols].view(rows, cols)
 
 
