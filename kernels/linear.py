@@ -1,6 +1,8 @@
 """PackedLinear: y = x · Wᵀ (+ b) with W kept in its GGML block format.
 
-The CPU reference path: W stays packed (uint8 rows of GGML blocks, a zero-copy view of the
+Where the native kernel (kernels/native_loader.py) is built and handles the type, it does the
+product with llama.cpp's CPU numerics (activations quantized per block to int8, integer block
+dot products), reading the packed rows directly. Otherwise the torch reference path: W stays packed (uint8 rows of GGML blocks, a zero-copy view of the
 mmapped GGUF); each call dequantizes row chunks of W to float32 (quant.dequant, which
 implements ggml's block layouts, ggml-common.h) into one reused scratch buffer and
 multiplies them, so at most CHUNK_BYTES of float32 weights exist at once.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import native_loader
 from quant.dequant import dequantize
 from quant.formats import block_format
 
@@ -38,7 +41,7 @@ class PackedLinear:
     """A linear layer over packed GGML rows: weight (N, row_bytes) uint8 → out_features N."""
 
     def __init__(self, weight: torch.Tensor, ggml_type: int, in_features: int,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, native: bool = True) -> None:
         fmt = block_format(ggml_type)
         if weight.dtype != torch.uint8 or weight.shape[1] != fmt.row_bytes(in_features):
             raise ValueError(f"packed weight {tuple(weight.shape)} does not hold rows of "
@@ -49,6 +52,8 @@ class PackedLinear:
         self.out_features = weight.shape[0]
         self.bias = bias                # (N,) float32 or None
         self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * in_features))
+        module = native_loader.load() if native and native_loader.enabled() else None
+        self._native = module.qmatmul if module and module.supports(int(ggml_type)) else None
 
     @property
     def nbytes(self) -> int:
@@ -60,6 +65,9 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: (M, K) float32 → (M, N) float32
+        if self._native is not None:
+            y = self._native(x.contiguous(), self.weight, self.ggml_type)
+            return y + self.bias if self.bias is not None else y
         n, step = self.out_features, self.rows_per_chunk
         y = torch.empty(x.shape[0], n, dtype=torch.float32)
         for start in range(0, n, step):

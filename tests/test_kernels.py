@@ -64,7 +64,7 @@ def test_rms_norm():
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0])
 def test_packed_linear_equals_dequantized_matmul(qtype, monkeypatch):
     w = quantize(torch.randn(40, 64), qtype)  # (40, row_bytes)
-    lin = PackedLinear(w, qtype, 64, bias=torch.randn(40))
+    lin = PackedLinear(w, qtype, 64, bias=torch.randn(40), native=False)
     lin.rows_per_chunk = 7  # several chunks, the last one short
     x = torch.randn(3, 64)
     ref = x @ dequantize(w, qtype).T + lin.bias

@@ -1,0 +1,143 @@
+"""The native CPU kernel (kernels/native/qmatmul.cpp): built on first use, loaded once.
+
+`qmatmul(x, w, ggml_type)` computes x · Wᵀ for W in packed GGML rows with llama.cpp's CPU
+numerics (activations quantized to the type's vec_dot type, integer block dot products; see
+the .cpp's header). It is built through `torch.utils.cpp_extension.load` the first time a
+process asks for it (45–70 s on this project's 2-core VM, ~160 s when it is busy; later
+processes reuse the cached build), under $TANDEM_HOME/build/torch_extensions when
+TANDEM_HOME is set, else torch's default extension directory (TORCH_EXTENSIONS_DIR or
+~/.cache/torch_extensions).
+
+One build per instruction set, named after it so builds for different CPUs never collide in
+a shared cache: "avx2" (-mavx2 -mfma -mf16c, when the CPU has all three; never -march=native,
+whose build would crash on an older CPU sharing the cache) or "scalar" (portable C++).
+
+Where the build fails (no compiler, no ninja) one warning is logged and `available()` is
+False: callers keep the torch dequantize-and-matmul path. TANDEM_NATIVE=0 disables the kernel.
+
+Threads (torch.get_num_threads() of them): the kernel's own small pool, not OpenMP. Measured
+on this project's shared 2-core VM while other jobs kept both cores busy, M=1 Q4_0 GEMVs of
+0.5–25 MB: at::parallel_for (an OpenMP region, and only when built with -fopenmp: it is
+header code, serial without it) had median calls 5–50× slower than one thread, because the
+region's closing barrier waits for a thread the OS has parked for a time slice; torch's
+own ops suffer the same there (the dequantize path fell from 0.6 to 0.01 GB/s at 2
+threads). The pool's caller never waits for a worker that has not started (it only waits
+for chunks a worker has claimed), so a call runs at about one-thread speed at worst and uses
+the second core whenever the OS gives it one (quiet VM: 0.5 MB Q4_0 GEMV 68 → 44 µs).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "native" / "qmatmul.cpp"
+ISA_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": []}
+COMMON_FLAGS = ["-O3", "-fno-math-errno"]
+
+_lock = threading.Lock()
+_modules: dict[str, ModuleType | None] = {}  # isa → loaded module, or None once a build failed
+
+
+def enabled() -> bool:
+    """False when the environment turns the native kernel off (TANDEM_NATIVE=0)."""
+    return os.environ.get("TANDEM_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.cache
+def cpu_isa() -> str:
+    """The best build this CPU can run: "avx2" (with FMA and F16C) or "scalar"."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "scalar"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "scalar"
+    except OSError:
+        pass
+    # No /proc/cpuinfo: every AVX2 CPU also has FMA and F16C.
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "avx2" if capability in ("AVX2", "AVX512") else "scalar"
+
+
+def _build_dir(name: str) -> str | None:
+    home = os.environ.get("TANDEM_HOME")
+    if not home:
+        return None  # torch's default
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
+    path = Path(home).expanduser() / "build" / "torch_extensions" / tag.replace("+", "_") / name
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _build(isa: str) -> ModuleType:
+    from torch.utils.cpp_extension import load as load_extension
+
+    flags = COMMON_FLAGS + ISA_FLAGS[isa]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
+    name = f"tandem_qmatmul_{isa}_{digest}"  # a new name (and build) per source and flags
+    start = time.perf_counter()
+    module = load_extension(name=name, sources=[str(SOURCE)], extra_cflags=flags,
+                            build_directory=_build_dir(name), verbose=False)
+    log.info("native qmatmul %s ready in %.1f s", name, time.perf_counter() - start)
+    return module
+
+
+def _build_or_warn(isa: str) -> ModuleType | None:
+    try:
+        return _build(isa)
+    except Exception as e:  # no compiler, no ninja, a broken toolchain: fall back
+        lines = str(e).strip().splitlines()
+        log.warning("native CPU kernel unavailable (%s build failed: %s); using the torch "
+                    "dequantize path", isa, lines[-1] if lines else type(e).__name__)
+        return None
+
+
+def load(isa: str | None = None) -> ModuleType | None:
+    """The extension module for `isa` (default: this CPU's best), built on first use; None
+    when it cannot be built (one warning is logged per ISA). Thread-safe."""
+    isa = isa or cpu_isa()
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"unknown ISA {isa!r}; one of {sorted(ISA_FLAGS)}")
+    if isa in _modules:
+        return _modules[isa]
+    with _lock:
+        if isa not in _modules:
+            _modules[isa] = _build_or_warn(isa)
+    return _modules[isa]
+
+
+def available() -> bool:
+    """Whether the native kernel is enabled and built (building it if this is the first ask)."""
+    return enabled() and load() is not None
+
+
+def supports(ggml_type: int) -> bool:
+    """Whether qmatmul handles weights of `ggml_type` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+    Q5_K, Q6_K) here: the kernel is available and has that type."""
+    module = load() if enabled() else None
+    return module is not None and bool(module.supports(int(ggml_type)))
+
+
+def qmatmul(x: torch.Tensor, w: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """y = x · Wᵀ: x (M, K) float32, w (N, row_bytes) uint8 rows of GGML blocks → (M, N)
+    float32. Raises RuntimeError where the kernel is unavailable (check `supports` first)."""
+    module = load() if enabled() else None
+    if module is None:
+        raise RuntimeError("the native qmatmul kernel is unavailable (TANDEM_NATIVE=0 or the "
+                           "build failed; see the logged warning)")
+    return module.qmatmul(x, w, int(ggml_type))
