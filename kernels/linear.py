@@ -55,10 +55,6 @@ class PackedLinear:
         module = native_loader.load() if native and native_loader.enabled() else None
         self._native = module.qmatmul if module and module.supports(int(ggml_type)) else None
 
-    @property
-    def nbytes(self) -> int:
-        return self.weight.numel()
-
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows `ids` (an embedding lookup): (T,) → (T, in_features)."""
         return dequantize(self.weight[ids], self.ggml_type)

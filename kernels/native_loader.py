@@ -91,6 +91,7 @@ def _build(isa: str) -> ModuleType:
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
     name = f"tandem_qmatmul_{isa}_{digest}"  # a new name (and build) per source and flags
     start = time.perf_counter()
+    log.info("building tandem's CPU kernel %s (once; about a minute)", name)
     module = load_extension(name=name, sources=[str(SOURCE)], extra_cflags=flags,
                             build_directory=_build_dir(name), verbose=False)
     log.info("native qmatmul %s ready in %.1f s", name, time.perf_counter() - start)

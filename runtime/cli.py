@@ -74,6 +74,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("kernels.native_loader").setLevel(logging.INFO)  # the one-time build
     try:
         return {"run": cmd_run, "pull": cmd_pull}[args.command](args)
     except TandemError as err:
