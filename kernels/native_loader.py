@@ -4,9 +4,8 @@
 numerics (activations quantized to the type's vec_dot type, integer block dot products; see
 the .cpp's header). It is built through `torch.utils.cpp_extension.load` the first time a
 process asks for it (45–70 s on this project's 2-core VM, ~160 s when it is busy; later
-processes reuse the cached build), under $TANDEM_HOME/build/torch_extensions when
-TANDEM_HOME is set, else torch's default extension directory (TORCH_EXTENSIONS_DIR or
-~/.cache/torch_extensions).
+processes reuse the cached build), under $TANDEM_HOME/build/torch_extensions (TANDEM_HOME
+defaults to ~/.tandem).
 
 One build per instruction set, named after it so builds for different CPUs never collide in
 a shared cache: "avx2" (-mavx2 -mfma -mf16c, when the CPU has all three; never -march=native,
@@ -74,12 +73,12 @@ def cpu_isa() -> str:
     return "avx2" if capability in ("AVX2", "AVX512") else "scalar"
 
 
-def _build_dir(name: str) -> str | None:
-    home = os.environ.get("TANDEM_HOME")
-    if not home:
-        return None  # torch's default
+def _build_dir(name: str) -> str:
+    """Where the extension is built: under TANDEM_HOME (default ~/.tandem), per Python and
+    torch version, so one cache serves every model and process of this install."""
+    home = Path(os.environ.get("TANDEM_HOME") or Path.home() / ".tandem").expanduser()
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
-    path = Path(home).expanduser() / "build" / "torch_extensions" / tag.replace("+", "_") / name
+    path = home / "build" / "torch_extensions" / tag.replace("+", "_") / name
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
 
@@ -90,11 +89,12 @@ def _build(isa: str) -> ModuleType:
     flags = COMMON_FLAGS + ISA_FLAGS[isa]
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
     name = f"tandem_qmatmul_{isa}_{digest}"  # a new name (and build) per source and flags
-    start = time.perf_counter()
-    log.info("building tandem's CPU kernel %s (once; about a minute)", name)
+    start, build_dir = time.perf_counter(), _build_dir(name)
+    if not (Path(build_dir) / f"{name}.so").exists():
+        log.info("building tandem's CPU kernel %s (once; about a minute)", name)
     module = load_extension(name=name, sources=[str(SOURCE)], extra_cflags=flags,
-                            build_directory=_build_dir(name), verbose=False)
-    log.info("native qmatmul %s ready in %.1f s", name, time.perf_counter() - start)
+                            build_directory=build_dir, verbose=False)
+    log.debug("native qmatmul %s ready in %.1f s", name, time.perf_counter() - start)
     return module
 
 

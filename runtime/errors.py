@@ -39,3 +39,15 @@ class ModelNotFoundError(TandemError):
 
 class PullError(TandemError):
     """Fetching a model from the package registry failed or gave the wrong bytes."""
+
+
+class QueueFullError(TandemError):
+    """The engine's waiting queue is full; the client should retry later (HTTP 503)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineClosedError(TandemError):
+    """The engine was shut down; no new requests are taken."""
