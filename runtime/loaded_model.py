@@ -7,7 +7,7 @@ A reference is a path to a .gguf file or the name of a pullable model (pulled on
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loaders.chat_template import ChatTemplate, template_for
@@ -17,6 +17,7 @@ from loaders.pull import pull, pullable
 from loaders.tokenizer import Tokenizer
 from runtime.errors import ModelNotFoundError
 from runtime.model import Model
+from runtime.sampling_params import OLLAMA_OPTIONS, SamplingParams
 
 
 def resolve(ref: str | Path) -> tuple[str, Path]:
@@ -41,6 +42,12 @@ class LoadedModel:
     template: ChatTemplate
     model: Model
     load_seconds: float
+    # What a Modelfile adds (empty for a bare GGUF or pullable name): PARAMETERs by ollama
+    # name, typed (e.g. {"temperature": 0.3, "num_ctx": 4096, "stop": ["<|im_end|>"]}),
+    # and the SYSTEM prompt and MESSAGEs that open every conversation.
+    parameters: dict = field(default_factory=dict)
+    system: str | None = None
+    messages: list[dict] = field(default_factory=list)
 
     @classmethod
     def load(cls, ref: str | Path) -> LoadedModel:
@@ -55,6 +62,12 @@ class LoadedModel:
         model = Model(gguf, config)
         return cls(name, path, gguf, config, tokenizer, template, model,
                    time.perf_counter() - start)
+
+    def sampling_defaults(self, base: SamplingParams) -> SamplingParams:
+        """`base` with the model's sampling PARAMETERs applied; a request's own options are
+        applied on top of this by the caller."""
+        sampling = {k: v for k, v in self.parameters.items() if k in OLLAMA_OPTIONS}
+        return SamplingParams.from_options(sampling, base) if sampling else base
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         """Render messages with the chat template and tokenize, adding BOS only once."""
