@@ -1,8 +1,9 @@
 """Model: the transformer forward pass over packed GGUF weights (llama family, gemma3).
 
 Weights are PackedLinear views of the mmapped file (no copies, no dequantized model); norms
-are small float32 tensors. One forward call processes T new tokens of one sequence whose
-earlier positions are already in its KVCache.
+are small float32 tensors. `forward_batch` runs the new tokens of several sequences (prefill
+chunks and decode steps mixed) through every linear layer together, with attention per
+sequence over its pages in a KVPool; `forward` runs one sequence over a contiguous KVCache.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from quant.dequant import dequantize
 from runtime.errors import GGUFError
+from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
+from runtime.kv_pool import KVPool
 
 
 @dataclass
@@ -98,9 +101,38 @@ class Model:
     # ---- forward -------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache,
                 all_logits: bool = False) -> torch.Tensor:
-        """tokens: (T,) int64 at positions start … start+T-1 → logits (T or 1, V) float32."""
-        c = self.config
+        """One sequence with a contiguous KVCache (tests, perplexity): tokens (T,) int64 at
+        positions start … start+T-1 → logits (T or 1, V) float32."""
         positions = torch.arange(start, start + tokens.shape[0])
+
+        def attend(i, q, k, v, window):
+            cache.write(i, start, k, v)
+            keys, values = cache.read(i, start + q.shape[0])
+            return attention(q, keys, values, start, window, self.config.attn_scale)
+
+        x = self._layers(tokens, positions, attend)
+        return self._logits(x if all_logits else x[-1:])
+
+    def forward_batch(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
+        """Several sequences' new tokens in one pass over the weights, their KV in `pool`
+        → logits (R, V) for batch.logit_rows."""
+
+        def attend(i, q, k, v, window):
+            pool.write(i, batch.slots, k, v)
+            out = torch.empty(q.shape[0], q.shape[1] * self.config.head_dim_v)  # (T, H*Dv)
+            for s in batch.seqs:
+                rows = slice(s.row, s.row + s.n)
+                keys, values = pool.read(i, s.context_slots)
+                out[rows] = attention(q[rows], keys, values, s.start, window,
+                                      self.config.attn_scale)
+            return out
+
+        x = self._layers(batch.tokens, batch.positions, attend)
+        return self._logits(x[batch.logit_rows])
+
+    def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """Embeddings and every block: tokens (T,) at positions (T,) → hidden (T, E)."""
+        c = self.config
         x = self.embed.rows(tokens)  # (T, E)
         if c.embed_scale != 1.0:
             x = x * c.embed_scale
@@ -109,12 +141,14 @@ class Model:
         for i, block in enumerate(self.blocks):
             swa = c.swa_layers[i]
             rope, cs = (self.rope_swa, tables_swa) if swa else (self.rope, tables)
-            x = self._block_forward(i, block, x, start, cache, rope, cs, swa)
-        if not all_logits:
-            x = x[-1:]
-        return self.head(rms_norm(x, self.output_norm, c.rms_eps))  # (T|1, V)
+            window = c.sliding_window if swa else 0
+            x = self._block_forward(i, block, x, rope, cs, window, attend)
+        return x
 
-    def _block_forward(self, i, b: Block, x, start, cache, rope, tables, swa) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(rms_norm(x, self.output_norm, self.config.rms_eps))  # (R, V)
+
+    def _block_forward(self, i, b: Block, x, rope, tables, window, attend) -> torch.Tensor:
         c, n = self.config, x.shape[0]
         h = rms_norm(x, b.attn_norm, c.rms_eps)
         q = b.q(h).view(n, c.n_head, c.head_dim)
@@ -123,10 +157,7 @@ class Model:
         if b.q_norm is not None:
             q, k = rms_norm(q, b.q_norm, c.rms_eps), rms_norm(k, b.k_norm, c.rms_eps)
         q, k = rope.apply(q, *tables), rope.apply(k, *tables)
-        cache.write(i, start, k, v)
-        keys, values = cache.read(i, start + n)
-        window = c.sliding_window if swa else 0
-        a = b.o(attention(q, keys, values, start, window, c.attn_scale))  # (T, E)
+        a = b.o(attend(i, q, k, v, window))  # (T, E)
         if b.post_attn_norm is not None:
             a = rms_norm(a, b.post_attn_norm, c.rms_eps)
         x = x + a
