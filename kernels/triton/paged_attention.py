@@ -1,0 +1,97 @@
+"""Paged attention for decode: one new query per sequence against its paged keys and values.
+
+KV layout (one layer): k_pool (num_blocks, PAGE, n_head_kv, D) float16, v_pool (num_blocks,
+PAGE, n_head_kv, Dv) float16, PAGE = 16 token slots per block. Sequence b's position p
+lives in block block_tables[b, p // PAGE] at offset p % PAGE. Its query stands at position
+context_lens[b] − 1 and attends to positions 0 … context_lens[b] − 1, or with a sliding
+window W only to those at distance < W (ggml's rule, as kernels/attention.py).
+
+One program per (sequence, KV head) serves the GQA group of n_head / n_head_kv query heads
+and walks the sequence's blocks with an online softmax (running max and sum, float32).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+PAGE = 16  # token slots per KV block
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, scale, window,
+                   stride_qb, stride_qh, stride_kb, stride_kt, stride_kh,
+                   stride_vb, stride_vt, stride_vh, stride_tb, stride_ob, stride_oh,
+                   D, DV, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAGE: tl.constexpr):
+    b, hk = tl.program_id(0), tl.program_id(1)
+    g = tl.arange(0, BLOCK_G)
+    heads = hk * GROUP + g  # (BG,) query heads of this KV head
+    d, dv, t = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV), tl.arange(0, PAGE)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=(g < GROUP)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+    q = q * scale  # (BG, BD)
+    ctx = tl.load(lens_ptr + b)
+    first = tl.maximum(ctx - tl.where(window > 0, window, ctx), 0)  # first visible position
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_DV), tl.float32)
+    for i in range(first // PAGE, tl.cdiv(ctx, PAGE)):
+        block = tl.load(tables_ptr + b * stride_tb + i).to(tl.int64)
+        pos = i * PAGE + t  # (PAGE,)
+        visible = (pos < ctx) & (pos >= first)
+        k = tl.load(k_ptr + block * stride_kb + t[:, None] * stride_kt + hk * stride_kh
+                    + d[None, :], mask=visible[:, None] & (d < D)[None, :], other=0.0)
+        k = k.to(tl.float32)  # (PAGE, BD); slots past the context may hold garbage: masked
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (BG, PAGE)
+        s = tl.where(visible[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(v_ptr + block * stride_vb + t[:, None] * stride_vt + hk * stride_vh
+                    + dv[None, :], mask=visible[:, None] & (dv < DV)[None, :], other=0.0)
+        v = v.to(tl.float32)  # (PAGE, BDV)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (BG, BDV)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dv[None, :], out,
+             mask=(g < GROUP)[:, None] & (dv < DV)[None, :])
+
+
+def _check(q, k_pool, v_pool, block_tables, context_lens) -> None:
+    bsz, n_head, d = q.shape
+    _, page, n_head_kv, dk = k_pool.shape
+    if page != PAGE or v_pool.shape[:3] != k_pool.shape[:3] or dk != d:
+        raise ValueError(f"k/v pools must be (num_blocks, {PAGE}, n_head_kv, D) with D = "
+                         f"{d}; got {tuple(k_pool.shape)} and {tuple(v_pool.shape)}")
+    if n_head % n_head_kv:
+        raise ValueError(f"{n_head} query heads are not a multiple of {n_head_kv} KV heads")
+    if block_tables.shape[0] != bsz or context_lens.shape != (bsz,):
+        raise ValueError(f"block_tables (B, max_blocks) and context_lens (B,) must have B = "
+                         f"{bsz}; got {tuple(block_tables.shape)}, {tuple(context_lens.shape)}")
+    if k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("q and the k/v pools must be contiguous in their last dimension")
+
+
+def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float, window: int = 0) -> torch.Tensor:
+    """q (B, n_head, D), pools (num_blocks, 16, n_head_kv, D|Dv) f16, block_tables
+    (B, max_blocks) int32, context_lens (B,) int32, each ≥ 1 → (B, n_head, Dv) float32.
+    window 0: no sliding window."""
+    _check(q, k_pool, v_pool, block_tables, context_lens)
+    bsz, n_head, d = q.shape
+    n_head_kv, dv = k_pool.shape[2], v_pool.shape[3]
+    group = n_head // n_head_kv
+    out = torch.empty(bsz, n_head, dv, dtype=torch.float32, device=q.device)
+    tables = block_tables.contiguous()
+    _decode_kernel[(bsz, n_head_kv)](
+        q, k_pool, v_pool, out, tables, context_lens.contiguous(), float(scale), int(window),
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), tables.stride(0),
+        out.stride(0), out.stride(1), d, dv, GROUP=group,
+        BLOCK_G=triton.next_power_of_2(group), BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_DV=triton.next_power_of_2(dv), PAGE=PAGE)
+    return out
