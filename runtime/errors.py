@@ -51,3 +51,7 @@ class QueueFullError(TandemError):
 
 class EngineClosedError(TandemError):
     """The engine was shut down; no new requests are taken."""
+
+
+class ServerUnreachableError(TandemError):
+    """No tandem server answers at the given address (`tandem ps` and other clients)."""

@@ -1,0 +1,187 @@
+"""The ollama API on the same server: /api/chat and /api/generate (NDJSON streams, or one
+object with "stream": false), /api/tags, /api/show, /api/ps, /api/version. Errors are
+{"error": "..."} with the status of runtime.server.errors. Durations are nanoseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from importlib import metadata
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from loaders.gguf_file import GGUFFile
+from loaders.pull import KNOWN, pulled_path
+from runtime.cli import RUN_DEFAULTS
+from runtime.errors import TandemError
+from runtime.server.choice import Choice
+from runtime.server.errors import RequestFieldError, ollama_error, status_of
+from runtime.server.keep_alive import parse_keep_alive
+from runtime.server.ollama_info import now_iso, ps_entry, show, tags_entry
+from runtime.server.ollama_options import fit_context, parse_options
+from runtime.server.ollama_prompt import OllamaPrompt, parse_chat, parse_generate
+from runtime.server.state import read_json, server_state
+from runtime.server.stream import RequestStream
+
+router = APIRouter()
+
+
+@router.post("/api/chat")
+async def chat(request: Request) -> Response:
+    return await _serve(request, "chat")
+
+
+@router.post("/api/generate")
+async def generate(request: Request) -> Response:
+    return await _serve(request, "generate")
+
+
+async def _serve(request: Request, kind: str) -> Response:
+    state, arrived = server_state(request), time.perf_counter()
+    endpoint = f"/api/{kind}"
+    try:
+        body = await read_json(request)
+        req = parse_chat(body) if kind == "chat" else parse_generate(body)
+        options = parse_options(body.get("options"))
+        keep_alive = None if body.get("keep_alive") is None else parse_keep_alive(
+            body["keep_alive"])
+        served, load_seconds = await state.registry.get(req.model, keep_alive)
+        stream = RequestStream(state.registry, served, state.metrics, arrived)
+        try:
+            if req.load_only:
+                stream.close()
+                state.metrics.count_request(endpoint, 200)
+                return JSONResponse(_load_reply(req, kind))
+            ids = await asyncio.to_thread(req.prompt_ids, served.lm)
+            params = options.params(served.lm.sampling_defaults(RUN_DEFAULTS))
+            params = fit_context(params, len(ids), options.num_ctx, served.num_ctx)
+            stream.submit(ids, params)
+        except BaseException:
+            stream.close()
+            raise
+    except TandemError as err:
+        state.metrics.count_request(endpoint, status_of(err))
+        return ollama_error(err)
+    state.metrics.count_request(endpoint, 200)
+    reply = _Reply(req, kind, stream, ids, arrived, load_seconds)
+    if req.stream:
+        return StreamingResponse(reply.ndjson(request), media_type="application/x-ndjson")
+    return await reply.whole(request)
+
+
+def _load_reply(req: OllamaPrompt, kind: str) -> dict:
+    """ollama's answer to a request without a prompt: the model is loaded (or unloaded)."""
+    out: dict[str, Any] = {"model": req.model, "created_at": now_iso()}
+    if kind == "chat":
+        out["message"] = {"role": "assistant", "content": ""}
+    else:
+        out["response"] = ""
+    out.update(done=True, done_reason="load")
+    return out
+
+
+class _Reply:
+    def __init__(self, req: OllamaPrompt, kind: str, stream: RequestStream, ids: list[int],
+                 arrived: float, load_seconds: float) -> None:
+        self.req, self.kind, self.stream, self.ids = req, kind, stream, ids
+        self.arrived, self.load_seconds = arrived, load_seconds
+        self.choice = Choice(0)
+
+    def _piece(self, text: str, done: bool) -> dict:
+        out: dict[str, Any] = {"model": self.req.model, "created_at": now_iso()}
+        if self.kind == "chat":
+            out["message"] = {"role": "assistant", "content": text}
+        else:
+            out["response"] = text
+        out["done"] = done
+        return out
+
+    def _final(self, text: str) -> dict:
+        out = self._piece(text, True)
+        c, ns = self.choice, 1e9
+        t = c.timings
+        out["done_reason"] = c.finish_reason
+        out["total_duration"] = int((time.perf_counter() - self.arrived) * ns)
+        out["load_duration"] = int(self.load_seconds * ns)
+        out["prompt_eval_count"] = t.prompt_tokens if t else self.stream.prompt_tokens
+        out["prompt_eval_duration"] = int(t.prompt_seconds * ns) if t else 0
+        out["eval_count"] = t.eval_tokens if t else len(c.token_ids)
+        out["eval_duration"] = int(t.eval_seconds * ns) if t else 0
+        if self.kind == "generate":
+            out["context"] = self.ids + c.token_ids
+        return out
+
+    async def whole(self, request: Request) -> Response:
+        async for event in self.stream.events(request.is_disconnected):
+            if event.error is not None:
+                self.stream.close()
+                return ollama_error(event.error)
+            self.choice.add(event.delta, False)
+        return JSONResponse(self._final(self.choice.text))
+
+    async def ndjson(self, request: Request) -> AsyncIterator[str]:
+        async for event in self.stream.events(request.is_disconnected):
+            if event.error is not None:
+                yield _line({"error": str(event.error)})
+                return
+            self.choice.add(event.delta, False)
+            if self.choice.finish_reason is not None:
+                yield _line(self._final(event.delta.text))
+            elif event.delta.text:
+                yield _line(self._piece(event.delta.text, False))
+
+
+def _line(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False) + "\n"
+
+
+@router.get("/api/tags")
+async def tags(request: Request) -> dict:
+    state = server_state(request)
+    return {"models": await asyncio.to_thread(_local_models, state)}
+
+
+def _local_models(state) -> list[dict]:
+    out = []
+    for served in state.registry.loaded():
+        out.append(tags_entry(served.name, served.lm.path, served.lm.gguf))
+    seen = {m["name"] for m in out}
+    for name in KNOWN:
+        path = pulled_path(name)
+        if path is not None and name not in seen:
+            with GGUFFile(path) as file:
+                out.append(tags_entry(name, path, file))
+    return out
+
+
+@router.post("/api/show")
+async def show_model(request: Request) -> Response:
+    state = server_state(request)
+    try:
+        body = await read_json(request)
+        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name:
+            raise RequestFieldError("model", "give the model to show as {\"model\": NAME}")
+        served, _ = await state.registry.get(name)
+        state.registry.release(served)
+    except TandemError as err:
+        return ollama_error(err)
+    return JSONResponse(show(served.lm))
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict:
+    return {"models": [ps_entry(m) for m in server_state(request).registry.loaded()]}
+
+
+@router.get("/api/version")
+async def version() -> dict:
+    try:
+        return {"version": metadata.version("tandem")}
+    except metadata.PackageNotFoundError:
+        return {"version": "0.0.0"}

@@ -1,0 +1,120 @@
+"""ollama /api/chat and /api/generate bodies parsed into an OllamaPrompt: the model, whether
+to stream, and how to turn the request into prompt token ids on the loaded model.
+
+Unknown fields are refused; `format` (JSON mode), `images`, `tools`, `suffix`, `template`
+and `think` are accepted only when empty/off. `options` and `keep_alive` are read by the
+caller (ollama_options, keep_alive).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.loaded_model import LoadedModel
+from runtime.server.errors import RequestFieldError
+
+CHAT_FIELDS = {"model", "messages", "tools", "format", "options", "stream", "keep_alive", "think"}
+GENERATE_FIELDS = {"model", "prompt", "suffix", "images", "format", "options", "system",
+                   "template", "context", "stream", "raw", "keep_alive", "think"}
+OFF_ONLY = {"tools": "tool calling", "format": "structured output (format)",
+            "images": "images", "suffix": "suffix (insertion)",
+            "template": "a per-request template (use the model's own)", "think": "thinking"}
+ROLES = {"system", "user", "assistant"}
+
+
+@dataclass
+class OllamaPrompt:
+    model: str
+    stream: bool = True
+    messages: list[dict] = field(default_factory=list)  # chat, or generate with the template
+    raw_prompt: str | None = None  # generate with raw: true
+    context: list[int] = field(default_factory=list)  # generate: ids of an earlier exchange
+
+    @property
+    def load_only(self) -> bool:
+        return not self.messages and not self.raw_prompt and not self.context
+
+    def prompt_ids(self, lm: LoadedModel) -> list[int]:
+        if self.raw_prompt is not None:
+            ids = lm.tokenizer.encode(self.raw_prompt, add_special=not self.context)
+        elif self.messages:
+            ids = lm.chat_prompt_ids(self.messages)
+            if self.context and ids[:1] == [lm.tokenizer.bos_id]:
+                ids = ids[1:]
+        else:
+            ids = []
+        return self._check(lm, self.context) + ids
+
+    @staticmethod
+    def _check(lm: LoadedModel, context: list[int]) -> list[int]:
+        if any(t >= lm.tokenizer.vocab_size for t in context):
+            raise RequestFieldError("context", "context holds token ids outside this model's "
+                                    "vocabulary; pass the context this model returned")
+        return list(context)
+
+
+def _common(body: Any, allowed: set[str]) -> OllamaPrompt:
+    if not isinstance(body, dict):
+        raise RequestFieldError(None, "the request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise RequestFieldError(unknown[0], f"unknown field(s) {', '.join(unknown)}; "
+                                f"known fields: {', '.join(sorted(allowed))}")
+    for name, what in OFF_ONLY.items():
+        if body.get(name) not in (None, "", [], False):
+            raise RequestFieldError(name, f"{what} is not supported; leave {name} out")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestFieldError("model", "model must be a non-empty string naming the model")
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise RequestFieldError("stream", f"stream must be true or false, got {stream!r}")
+    return OllamaPrompt(model, stream)
+
+
+def parse_chat(body: Any) -> OllamaPrompt:
+    req = _common(body, CHAT_FIELDS)
+    messages = body.get("messages") or []
+    if not isinstance(messages, list):
+        raise RequestFieldError("messages", "messages must be a list of {role, content}")
+    req.messages = [_message(i, m) for i, m in enumerate(messages)]
+    return req
+
+
+def _message(i: int, m: Any) -> dict:
+    where = f"messages[{i}]"
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise RequestFieldError(where, f"{where} must be an object whose role is one of "
+                                f"{', '.join(sorted(ROLES))}")
+    for name in ("images", "tool_calls", "thinking"):
+        if m.get(name):
+            raise RequestFieldError(where, f"{where}.{name} is not supported")
+    content = m.get("content", "")
+    if not isinstance(content, str):
+        raise RequestFieldError(where, f"{where}.content must be a string")
+    return {"role": m["role"], "content": content}
+
+
+def parse_generate(body: Any) -> OllamaPrompt:
+    req = _common(body, GENERATE_FIELDS)
+    prompt, system = body.get("prompt") or "", body.get("system")
+    if not isinstance(prompt, str):
+        raise RequestFieldError("prompt", "prompt must be a string")
+    if system is not None and not isinstance(system, str):
+        raise RequestFieldError("system", "system must be a string")
+    context = body.get("context") or []
+    if not isinstance(context, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in context):
+        raise RequestFieldError("context", "context must be the list of token ids a previous "
+                                "/api/generate returned")
+    req.context = context
+    raw = body.get("raw", False)
+    if not isinstance(raw, bool):
+        raise RequestFieldError("raw", f"raw must be true or false, got {raw!r}")
+    if raw:
+        req.raw_prompt = prompt or None
+    elif prompt:
+        req.messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+    return req

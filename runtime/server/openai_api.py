@@ -1,0 +1,180 @@
+"""The OpenAI-compatible endpoints: POST /v1/chat/completions, POST /v1/completions,
+GET /v1/models. Streams are Server-Sent Events (`data: {json}` lines, then `data: [DONE]`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from runtime.errors import ContextLengthError, TandemError
+from runtime.sampling_params import SamplingParams
+from runtime.server.choice import Choice
+from runtime.server.errors import RequestFieldError, openai_error, openai_error_body, status_of
+from runtime.server.openai_request import OpenAIRequest, parse_chat, parse_completion
+from runtime.server.openai_shape import ChatShape, CompletionShape, Shape
+from runtime.server.state import ServerState, read_json, server_state
+from runtime.server.stream import RequestStream
+
+router = APIRouter()
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    state = server_state(request)
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "tandem"}
+            for name, created in state.model_names()]
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _serve(request, "chat")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _serve(request, "completions")
+
+
+async def _serve(request: Request, kind: str) -> Response:
+    state, arrived = server_state(request), time.perf_counter()
+    endpoint = f"/v1/{'chat/completions' if kind == 'chat' else 'completions'}"
+    try:
+        body = await read_json(request)
+        req = parse_chat(body) if kind == "chat" else parse_completion(body)
+        stream, shape = await _start(state, req, kind, arrived)
+    except TandemError as err:
+        state.metrics.count_request(endpoint, status_of(err))
+        return openai_error(err)
+    state.metrics.count_request(endpoint, 200)
+    reply = _Reply(req, shape, stream, kind)
+    if req.stream:
+        return StreamingResponse(reply.sse(request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return await reply.whole(request)
+
+
+async def _start(state: ServerState, req: OpenAIRequest, kind: str,
+                 arrived: float) -> tuple[RequestStream, Shape]:
+    served, _ = await state.registry.get(req.model)
+    stream = RequestStream(state.registry, served, state.metrics, arrived)
+    try:
+        lm = served.lm
+        if kind == "chat":
+            ids = await asyncio.to_thread(lm.chat_prompt_ids, req.messages)
+            params = req.params(lm, None)
+        else:
+            ids = await asyncio.to_thread(_completion_ids, lm, req.prompt)
+            params = req.params(lm, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        _check_fits(ids, params, served.num_ctx)
+        stream.submit(ids, params)
+    except BaseException:
+        stream.close()
+        raise
+    shape_cls = ChatShape if kind == "chat" else CompletionShape
+    return stream, shape_cls(lm.tokenizer, req.want_logprobs)
+
+
+def _completion_ids(lm, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return lm.tokenizer.encode(prompt, add_special=True)
+    bad = [t for t in prompt if t >= lm.tokenizer.vocab_size]
+    if bad:
+        raise RequestFieldError("prompt", f"token id {bad[0]} is outside the vocabulary "
+                                f"(0..{lm.tokenizer.vocab_size - 1})")
+    return prompt
+
+
+def _check_fits(ids: list[int], params: SamplingParams, num_ctx: int) -> None:
+    """OpenAI's rule: the prompt plus max_tokens must fit the context."""
+    need = len(ids) + (params.max_tokens or 1)
+    if need > num_ctx:
+        raise ContextLengthError(
+            f"this model's context holds {num_ctx} tokens, but the prompt has {len(ids)} "
+            f"and max_tokens asks for {params.max_tokens or 1} more; shorten the prompt "
+            f"or lower max_tokens")
+
+
+class _Reply:
+    """One request's answer, whole or streamed."""
+
+    def __init__(self, req: OpenAIRequest, shape: Shape, stream: RequestStream,
+                 kind: str) -> None:
+        self.req, self.shape, self.stream, self.kind = req, shape, stream, kind
+        self.id = shape.id_prefix + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.choices: dict[int, Choice] = {}
+
+    def _choice(self, index: int) -> Choice:
+        return self.choices.setdefault(index, Choice(index))
+
+    def usage(self) -> dict:
+        done = sum(len(c.token_ids) for c in self.choices.values())
+        return {"prompt_tokens": self.stream.prompt_tokens, "completion_tokens": done,
+                "total_tokens": self.stream.prompt_tokens + done}
+
+    def _envelope(self, obj: str, choices: list[dict]) -> dict:
+        out = {"id": self.id, "object": obj, "created": self.created,
+               "model": self.req.model, "choices": choices}
+        if self.kind == "chat":
+            out["system_fingerprint"] = None
+        return out
+
+    async def whole(self, request: Request) -> Response:
+        async for event in self.stream.events(request.is_disconnected):
+            if event.error is not None:
+                self.stream.close()
+                return openai_error(event.error)
+            self._choice(event.index).add(event.delta, self.req.want_logprobs)
+        choices = [self.shape.choice(self.choices[i]) for i in sorted(self.choices)]
+        body = self._envelope(self.shape.object, choices)
+        body["usage"] = self.usage()
+        return JSONResponse(body)
+
+    async def sse(self, request: Request) -> AsyncIterator[str]:
+        for index in range(self.stream_n()):
+            opening = self.shape.opening(index)
+            if opening is not None:
+                yield self._chunk([opening])
+        async for event in self.stream.events(request.is_disconnected):
+            if event.error is not None:
+                yield _data(openai_error_body(event.error))
+                continue
+            for chunk in self._event_chunks(event):
+                yield chunk
+        if self.req.include_usage:
+            body = self._envelope(self.shape.chunk_object, [])
+            body["usage"] = self.usage()
+            yield _data(body)
+        yield "data: [DONE]\n\n"
+
+    def stream_n(self) -> int:
+        return self.stream.samples
+
+    def _event_chunks(self, event) -> list[str]:
+        choice = self._choice(event.index)
+        added = choice.add(event.delta, self.req.want_logprobs)
+        out = []
+        if event.delta.text or added:
+            out.append(self._chunk([self.shape.piece(choice, event.delta.text, added)]))
+        if choice.finish_reason is not None:
+            out.append(self._chunk([self.shape.ending(choice)]))
+        return out
+
+    def _chunk(self, choices: list[dict]) -> str:
+        body = self._envelope(self.shape.chunk_object, choices)
+        if self.req.include_usage:
+            body["usage"] = None
+        return _data(body)
+
+
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -1,0 +1,218 @@
+"""OpenAI request bodies (/v1/chat/completions, /v1/completions) parsed and checked.
+
+Every field is either used, accepted because it changes nothing here (`user`, `store`,
+`metadata`, ...), accepted at its "off" value only (`tools: []`, `response_format: {"type":
+"text"}`, `echo: false`, ...), or refused with a RequestFieldError naming it. Unknown fields are
+refused too: a client should learn that a setting it relies on is not honoured. vLLM's
+extensions top_k, min_p, repetition_penalty, ignore_eos and stop_token_ids are accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.errors import InvalidParameterError
+from runtime.loaded_model import LoadedModel
+from runtime.sampling_params import MAX_LOGPROBS, SamplingParams
+from runtime.server.errors import RequestFieldError
+
+# OpenAI field -> SamplingParams field, for fields passed through unchanged
+PASS_THROUGH = {
+    "n": "n", "stop": "stop", "seed": "seed", "temperature": "temperature", "top_p": "top_p",
+    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+    "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+    "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids",
+}
+IGNORED = {"user", "store", "metadata", "service_tier", "safety_identifier",
+           "prompt_cache_key", "parallel_tool_calls"}
+
+
+def _empty(v: Any) -> bool:
+    return v in (None, [], {}, "")
+
+
+def _off_tool_choice(v: Any) -> bool:
+    return v in (None, "none", "auto")
+
+
+# field -> (the values accepted, what to do instead)
+OFF_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (_empty, "tool calling is not supported; describe the tools in the prompt"),
+    "functions": (_empty, "function calling is not supported"),
+    "tool_choice": (_off_tool_choice, "tool calling is not supported"),
+    "function_call": (_off_tool_choice, "function calling is not supported"),
+    "logit_bias": (_empty, "logit_bias is not supported"),
+    "response_format": (lambda v: v is None or v == {"type": "text"},
+                        "only {\"type\": \"text\"} is supported (no JSON mode or json_schema)"),
+    "modalities": (lambda v: v in (None, ["text"]), "only text output is supported"),
+    "audio": (_empty, "audio output is not supported"),
+    "prediction": (_empty, "predicted outputs are not supported"),
+    "web_search_options": (_empty, "web search is not supported"),
+    "reasoning_effort": (_empty, "reasoning_effort is not supported"),
+    "verbosity": (_empty, "verbosity is not supported"),
+    "echo": (lambda v: v in (None, False), "echo is not supported"),
+    "suffix": (_empty, "suffix (insertion) is not supported"),
+}
+COMMON = {"model", "stream", "stream_options", "max_tokens", *PASS_THROUGH, *IGNORED}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
+                        "functions", "tool_choice", "function_call", "logit_bias",
+                        "response_format", "modalities", "audio", "prediction",
+                        "web_search_options", "reasoning_effort", "verbosity"}
+COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of", "logit_bias"}
+ROLES = {"system", "developer", "user", "assistant"}
+
+
+@dataclass
+class OpenAIRequest:
+    model: str
+    stream: bool = False
+    include_usage: bool = False
+    messages: list[dict] | None = None  # chat
+    prompt: str | list[int] | None = None  # completions
+    want_logprobs: bool = False
+    changes: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields to set
+
+    def params(self, lm: LoadedModel, default_max_tokens: int | None) -> SamplingParams:
+        """The model's Modelfile defaults with this request's settings on top."""
+        base = lm.sampling_defaults(SamplingParams(max_tokens=default_max_tokens))
+        try:
+            return dataclasses.replace(base, **self.changes)
+        except RequestFieldError:
+            raise
+        except InvalidParameterError as err:  # messages start with the field's name
+            name = str(err).split(" ", 1)[0]
+            raise RequestFieldError(name if name in PASS_THROUGH or name == "max_tokens"
+                                    else None, str(err)) from None
+
+
+def parse_chat(body: Any) -> OpenAIRequest:
+    _check_fields(body, CHAT_FIELDS)
+    req = _common(body)
+    req.messages = _messages(body.get("messages"))
+    limit = _first(body, "max_completion_tokens", "max_tokens")
+    if limit is not None:
+        req.changes["max_tokens"] = limit
+    if body.get("logprobs"):
+        top = body.get("top_logprobs")
+        req.want_logprobs = True
+        req.changes["logprobs"] = 0 if top is None else _logprob_count("top_logprobs", top)
+    elif body.get("top_logprobs") is not None:
+        raise RequestFieldError("top_logprobs", "top_logprobs needs logprobs: true")
+    return req
+
+
+def parse_completion(body: Any) -> OpenAIRequest:
+    _check_fields(body, COMPLETION_FIELDS)
+    req = _common(body)
+    req.prompt = _prompt(body.get("prompt"))
+    if body.get("max_tokens") is not None:
+        req.changes["max_tokens"] = body["max_tokens"]
+    if body.get("logprobs") is not None:
+        req.want_logprobs = True
+        req.changes["logprobs"] = _logprob_count("logprobs", body["logprobs"])
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != req.changes.get("n", 1):
+        raise RequestFieldError("best_of", "best_of must equal n (server-side ranking of "
+                                "extra samples is not supported)")
+    return req
+
+
+def _check_fields(body: Any, allowed: set[str]) -> None:
+    if not isinstance(body, dict):
+        raise RequestFieldError(None, "the request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise RequestFieldError(unknown[0], f"unknown or unsupported field(s): "
+                                f"{', '.join(unknown)}; remove them")
+    for name, (accepts, why) in OFF_ONLY.items():
+        if name in body and not accepts(body[name]):
+            raise RequestFieldError(name, f"{name}={body[name]!r} is not supported: {why}")
+
+
+def _common(body: dict) -> OpenAIRequest:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestFieldError("model", "model must be a non-empty string naming the model")
+    req = OpenAIRequest(model, stream=_bool(body, "stream"))
+    options = body.get("stream_options")
+    if options is not None:
+        if not req.stream:
+            raise RequestFieldError("stream_options", "stream_options needs stream: true")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise RequestFieldError("stream_options",
+                                    'stream_options must be {"include_usage": true|false}')
+        req.include_usage = _bool(options, "include_usage")
+    temperature = body.get("temperature")
+    if isinstance(temperature, (int, float)) and not 0 <= temperature <= 2:
+        raise RequestFieldError("temperature", f"temperature must be from 0 to 2, "
+                                f"got {temperature!r}")
+    req.changes = {PASS_THROUGH[k]: v for k, v in body.items()
+                   if k in PASS_THROUGH and v is not None}
+    return req
+
+
+def _bool(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RequestFieldError(name, f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _first(body: dict, *names: str) -> Any:
+    return next((body[n] for n in names if body.get(n) is not None), None)
+
+
+def _logprob_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
+        raise RequestFieldError(name, f"{name} must be an integer from 0 to {MAX_LOGPROBS}, "
+                                f"got {value!r}")
+    return value
+
+
+def _messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise RequestFieldError("messages", "messages must be a non-empty list of "
+                                "{role, content} objects")
+    return [_message(i, m) for i, m in enumerate(messages)]
+
+
+def _message(i: int, m: Any) -> dict:
+    where = f"messages[{i}]"
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise RequestFieldError(where, f"{where} must be an object whose role is one of "
+                                f"{', '.join(sorted(ROLES))}")
+    extra = sorted(set(m) - {"role", "content", "name"})
+    if extra:
+        raise RequestFieldError(where, f"{where} has unsupported field(s) {', '.join(extra)} "
+                                "(tool calls and audio are not supported)")
+    role = "system" if m["role"] == "developer" else m["role"]
+    return {"role": role, "content": _content(where, m.get("content"))}
+
+
+def _content(where: str, content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        if all(isinstance(p, dict) and p.get("type") == "text" and
+               isinstance(p.get("text"), str) for p in content):
+            return "".join(p["text"] for p in content)
+        raise RequestFieldError(where, f"{where}.content parts must all be "
+                                '{"type": "text", "text": ...}; images and audio are not supported')
+    raise RequestFieldError(where, f"{where}.content must be a string or a list of text parts")
+
+
+def _prompt(prompt: Any) -> str | list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if (isinstance(prompt, list) and prompt and
+            all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)):
+        return prompt
+    raise RequestFieldError("prompt", "prompt must be a non-empty string or a list of token ids "
+                            "(one prompt per request)")

@@ -1,0 +1,117 @@
+"""RequestStream: one request's engine events, carried from the engine thread onto the
+event loop through an asyncio.Queue (the engine's sink only calls loop.call_soon_threadsafe).
+
+    stream = RequestStream(registry, served, metrics, arrived)
+    stream.submit(prompt_ids, params)         # raises ContextLengthError, QueueFullError, ...
+    async for event in stream.events(request.is_disconnected):
+        ...
+    # leaving the loop early (client gone, generator closed or cancelled) aborts the request
+
+Time to first token and inter-token latency are measured here, as events reach the loop.
+The model is released (its keep-alive clock restarts) once every sample has finished or the
+request was aborted, whichever comes first, exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from runtime.engine import Event
+from runtime.sampling_params import SamplingParams
+from runtime.server.metrics import ServerMetrics
+from runtime.server.models import ModelRegistry, ServedModel
+
+POLL_SECONDS = 0.5  # how often an idle wait checks whether the client has gone
+
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+def finished(event: Event) -> bool:
+    return event.error is not None or (event.delta is not None and
+                                       event.delta.finish_reason is not None)
+
+
+class RequestStream:
+    def __init__(self, registry: ModelRegistry, served: ServedModel, metrics: ServerMetrics,
+                 arrived: float) -> None:
+        self.registry, self.served, self.metrics = registry, served, metrics
+        self.arrived = arrived  # time.perf_counter() when the request came in
+        self.request_id: str | None = None
+        self.prompt_tokens = 0
+        self.samples = 0  # the request's n
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._unfinished = 0  # samples whose last event has not reached the loop
+        self._unconsumed = 0  # samples whose last event the consumer has not taken
+        self._first_token = True
+        self._last_token: dict[int, float] = {}
+        self._released = False
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        try:
+            handle = self.served.engine.submit(prompt_ids, params, self._sink)
+        except BaseException:
+            self._release()
+            raise
+        self.request_id, self.prompt_tokens = handle.request_id, handle.prompt_tokens
+        self.samples = self._unfinished = self._unconsumed = params.n
+
+    def _sink(self, event: Event) -> None:
+        """Called on the engine thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._arrive, event)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+    def _arrive(self, event: Event) -> None:
+        """On the loop: measure, queue, and release the model after the last sample."""
+        now = time.perf_counter()
+        if event.delta is not None and event.delta.token_id is not None:
+            if self._first_token:
+                self._first_token = False
+                self.metrics.ttft.observe(now - self.arrived)
+            last = self._last_token.get(event.index)
+            if last is not None:
+                self.metrics.itl.observe(now - last)
+            self._last_token[event.index] = now
+        self._queue.put_nowait(event)
+        if finished(event):
+            self._unfinished -= 1
+            if self._unfinished == 0:
+                self._release()
+
+    async def events(self, disconnected: Disconnected | None = None) -> AsyncIterator[Event]:
+        """Every event of the request; ends early (aborting it) if `disconnected` says so."""
+        try:
+            while self._unconsumed:
+                event = await self._next(disconnected)
+                if event is None:
+                    return
+                if finished(event):
+                    self._unconsumed -= 1
+                yield event
+        finally:
+            self.close()
+
+    async def _next(self, disconnected: Disconnected | None) -> Event | None:
+        while True:
+            try:
+                return await asyncio.wait_for(self._queue.get(), POLL_SECONDS)
+            except asyncio.TimeoutError:
+                if disconnected is not None and await disconnected():
+                    return None
+
+    def close(self) -> None:
+        """Abort the request unless all its samples were consumed; release the model."""
+        if self._unconsumed and self.request_id is not None:
+            self._unconsumed = 0
+            self.served.engine.abort(self.request_id)
+            self.metrics.count_abort()
+        self._release()
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.registry.release(self.served)
