@@ -37,6 +37,15 @@ class ModelNotFoundError(TandemError):
     """No model of that name is known, stored or present at that path."""
 
 
+class ModelfileError(TandemError):
+    """A Modelfile does not parse or says something tandem cannot do; `line` is where (1-based),
+    or None when the problem is the file as a whole (e.g. no FROM)."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(f"Modelfile line {line}: {message}" if line else f"Modelfile: {message}")
+        self.line = line
+
+
 class PullError(TandemError):
     """Fetching a model from the package registry failed or gave the wrong bytes."""
 
