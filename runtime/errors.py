@@ -64,3 +64,8 @@ class EngineClosedError(TandemError):
 
 class ServerUnreachableError(TandemError):
     """No tandem server answers at the given address (`tandem ps` and other clients)."""
+
+
+class PlanError(TandemError):
+    """The model does not fit the devices as asked: the message gives the numbers and what to
+    lower (num_ctx, num_parallel, num_gpu)."""

@@ -1,0 +1,183 @@
+"""Devices: what this machine offers a model — GPUs with their free memory, RAM, CPU cores —
+and the speeds the planner predicts from, measured once and cached.
+
+`Calibration` holds memory bandwidths (RAM, VRAM, host↔device), matmul rates and the
+per-layer and per-transfer fixed costs. `calibrate()` measures what this machine has (RAM and
+CPU always; VRAM, the link and GPU matmuls through torch.cuda when a GPU is present) and
+caches the result in TANDEM_HOME/calibration.json, keyed by the hardware, so it runs once.
+Figures it cannot measure (a GPU on a machine without one, for `tandem plan --gpu-memory`)
+are stated assumptions, marked as such in `sources`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import psutil
+import torch
+
+from loaders.pull import tandem_home
+from runtime.errors import InvalidParameterError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size such as "6GB" (10^9), "6GiB" (2^30), "512MiB", "1.5 GB" or "1024"."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise InvalidParameterError(f"cannot read the size {text!r}: write a number and a unit "
+                                    "such as 6GB, 6GiB, 512MiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_size(nbytes: float) -> str:
+    """1536 MiB → "1.50 GiB": binary units, three significant-ish figures."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Speeds of this machine (bytes/s, FLOP/s, seconds). `sources[name]` says "measured"
+    or "assumed" for each figure."""
+
+    ram_bw: float = 20e9            # RAM read bandwidth (DESIGN.md's measured figure)
+    cpu_flops: float = 50e9         # float32 matmul rate of the CPU
+    vram_bw: float = 300e9          # GPU memory read bandwidth (a mid-range consumer card)
+    gpu_flops: float = 20e12        # float16 tensor-core matmul rate
+    h2d_bw: float = 12e9            # host → device copy (PCIe 3/4 x16, pinned)
+    link_latency_s: float = 20e-6   # one hand-off across the link, synchronised
+    cpu_layer_s: float = 100e-6     # fixed cost of one layer on the CPU (op dispatch)
+    gpu_layer_s: float = 50e-6      # fixed cost of one layer on the GPU (~10 kernel launches)
+    cpu_efficiency: float = 0.7     # fraction of ram_bw a decode matmul reaches (llama.cpp: 72%)
+    gpu_efficiency: float = 0.7     # fraction of vram_bw (the goal the GEMV kernels are set)
+    sources: dict = field(default_factory=dict)
+
+    def source(self, name: str) -> str:
+        return self.sources.get(name, "assumed")
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+
+
+@dataclass(frozen=True)
+class Devices:
+    gpus: tuple[Gpu, ...]
+    ram_total: int
+    ram_available: int
+    cpu_cores: int
+    calibration: Calibration
+
+
+def detect_gpus() -> tuple[Gpu, ...]:
+    """CUDA devices with their free memory now (torch.cuda.mem_get_info); () without CUDA."""
+    if not torch.cuda.is_available():
+        return ()
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        gpus.append(Gpu(i, torch.cuda.get_device_name(i), total, free))
+    return tuple(gpus)
+
+
+def detect(calibrated: bool = True, recalibrate: bool = False) -> Devices:
+    """This machine's devices; with `calibrated`, speeds from the cache (measured on first use,
+    or again with `recalibrate`); without, the stated assumptions of Calibration()."""
+    mem = psutil.virtual_memory()
+    gpus = detect_gpus()
+    cal = calibrate(gpus, force=recalibrate) if calibrated else Calibration()
+    return Devices(gpus, mem.total, mem.available, psutil.cpu_count(logical=False) or 1, cal)
+
+
+# ---- measurement -----------------------------------------------------------------------
+
+def _best_seconds(fn, repeats: int, sync=lambda: None) -> float:
+    """The fastest of `repeats` timed calls of fn (after one warm-up call)."""
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_ram_bw(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """RAM read bandwidth: a float32 sum over a buffer far larger than the caches."""
+    x = torch.ones(nbytes // 4)  # written once, so every page is resident before timing
+    return nbytes / _best_seconds(x.sum, repeats)
+
+
+def measure_cpu_flops(n: int = 1024, repeats: int = 3) -> float:
+    a = torch.randn(n, n)
+    return 2 * n**3 / _best_seconds(lambda: a @ a, repeats)
+
+
+def measure_gpu(index: int = 0) -> dict[str, float]:
+    """VRAM read bandwidth, float16 matmul rate, pinned host→device bandwidth and latency."""
+    dev, sync = torch.device("cuda", index), torch.cuda.synchronize
+    x = torch.ones(256 << 20, device=dev)  # 1 GiB of float32
+    a = torch.randn(4096, 4096, device=dev, dtype=torch.float16)
+    host = torch.ones(64 << 20).pin_memory()  # 256 MiB
+    tiny = torch.ones(1024).pin_memory()
+    return {
+        "vram_bw": x.numel() * 4 / _best_seconds(x.sum, 10, sync),
+        "gpu_flops": 2 * 4096**3 / _best_seconds(lambda: a @ a, 10, sync),
+        "h2d_bw": host.numel() * 4 / _best_seconds(lambda: host.to(dev, non_blocking=True),
+                                                    5, sync),
+        "link_latency_s": _best_seconds(lambda: tiny.to(dev).cpu(), 20, sync) / 2,
+    }
+
+
+def _signature(gpus: tuple[Gpu, ...]) -> str:
+    """What the cached figures depend on: the CPU, RAM size, GPUs, torch and thread count."""
+    ram_gib = round(psutil.virtual_memory().total / 2**30)
+    names = ",".join(g.name for g in gpus) or "no-gpu"
+    return (f"{platform.machine()}|{platform.processor()}|{os.cpu_count()}|{ram_gib}GiB|"
+            f"{names}|torch {torch.__version__}|{torch.get_num_threads()} threads")
+
+
+def _cache_path():
+    return tandem_home() / "calibration.json"
+
+
+def calibrate(gpus: tuple[Gpu, ...] | None = None, force: bool = False) -> Calibration:
+    """The cached Calibration for this hardware, measuring it first if there is none."""
+    gpus = detect_gpus() if gpus is None else gpus
+    sig, path = _signature(gpus), _cache_path()
+    if not force and path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("signature") == sig:
+                return Calibration(**cached["calibration"])
+        except (ValueError, TypeError, KeyError):
+            pass  # unreadable or from an older layout: measure again
+    measured = {"ram_bw": measure_ram_bw(), "cpu_flops": measure_cpu_flops()}
+    if gpus:
+        measured.update(measure_gpu(gpus[0].index))
+    cal = replace(Calibration(), **measured, sources=dict.fromkeys(measured, "measured"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"signature": sig, "calibration": asdict(cal)}, indent=1))
+    tmp.replace(path)
+    return cal

@@ -1,0 +1,147 @@
+"""The planner's cost model: predicted decode and prompt tokens/s of a placement.
+
+Decode is memory-bound, so one token costs, per device, the bytes it reads (every weight
+once, the KV of the context so far, one row of token_embd) over that device's effective
+bandwidth (measured bandwidth × the kernels' efficiency), plus a fixed cost per layer run
+(op dispatch, kernel launches) and per hand-off of the hidden state between devices (link
+latency + bytes over the link; the last hand-off carries the logits when the head is on
+the GPU). Prompt processing is compute-bound: per token, 2 FLOPs per weight element and the
+attention products over half a chunk on average, at each device's matmul rate, plus the
+weight reads and fixed costs shared by the num_batch tokens of a chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.devices import Calibration, format_size
+from runtime.model_sizes import KV_RANK, ModelSizes, TensorSize
+
+GPU, CPU = "gpu", "cpu"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One step of the forward pass on one device."""
+
+    device: str
+    layer: int | None
+    kind: str  # "weights" | "kv" | "row" (the embedding lookup)
+    read_bytes: float  # bytes read per decoded token
+    weight_bytes: int  # weight bytes read once per forward pass (shared by a prefill chunk)
+    flops: float  # per prompt token
+
+
+@dataclass(frozen=True)
+class Estimate:
+    tokens_per_s: float
+    seconds: dict  # per token: {"gpu reads": s, "cpu reads": s, "layers": s, "hand-offs": s}
+    lines: tuple[str, ...]  # the reasoning, one line per term
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each tensor (by name), the head and each layer's KV live."""
+
+    tensors: dict  # name → GPU | CPU
+    head: str
+    kv: tuple[str, ...]  # per layer
+
+
+def _weights(t: TensorSize, device: str, layer: int | None, share: float = 1.0) -> Op:
+    """A matmul (or norm) over tensor t: its bytes read, 2 FLOPs per element × share."""
+    return Op(device, layer, "weights", t.nbytes, t.nbytes, 2.0 * t.n_elements * share)
+
+
+def forward_ops(sizes: ModelSizes, where: Placement, kv_read: int, chunk: int) -> list[Op]:
+    """The forward pass as Ops in order: embedding row, each layer's tensors with its
+    attention over the KV at KV_RANK, then the head (output_norm, output or tied token_embd).
+    kv_read: bytes of one layer's KV read per decoded token; chunk: prompt tokens per pass."""
+    c = sizes.config
+    row = sizes.embd.nbytes / c.vocab_size  # the lookup reads one row per token
+    ops = [Op(CPU, None, "row", row, 0, 0.0)]
+    attn_flops = 2.0 * c.n_head * (c.head_dim + c.head_dim_v) * chunk / 2  # mean context
+    for i in range(c.n_layer):
+        tensors = sizes.layer_tensors(i)
+        layer = [_weights(t, where.tensors[t.name], i) for t in tensors]
+        at = sum(t.rank < KV_RANK for t in tensors)
+        layer.insert(at, Op(where.kv[i], i, "kv", kv_read, 0, attn_flops))
+        ops += layer
+    # logits are needed for the last token of a chunk only
+    ops += [_weights(t, where.head, None, 1 / chunk) for t in sizes.head_tensors()]
+    return ops
+
+
+def _handoffs(ops: list[Op]) -> int:
+    """Device changes along the pass, plus the logits' return when the pass ends on the GPU."""
+    changes = sum(a.device != b.device for a, b in zip(ops, ops[1:], strict=False))
+    return changes + (ops[-1].device == GPU)
+
+
+def _layers_on(ops: list[Op], device: str) -> int:
+    return len({op.layer for op in ops if op.device == device and op.layer is not None})
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def _gbs(rate: float) -> str:
+    return f"{rate / 1e9:.1f} GB/s"
+
+
+def decode_estimate(sizes: ModelSizes, ops: list[Op], cal: Calibration, fill: int) -> Estimate:
+    """Tokens/s of one sequence decoding at `fill` tokens of context."""
+    lines, seconds = [], {}
+    for dev, bw, eff, name in ((GPU, cal.vram_bw, cal.gpu_efficiency, "vram_bw"),
+                               (CPU, cal.ram_bw, cal.cpu_efficiency, "ram_bw")):
+        total = sum(op.read_bytes for op in ops if op.device == dev)
+        kv = sum(op.read_bytes for op in ops if op.device == dev and op.kind == "kv")
+        if total == 0:
+            continue
+        seconds[f"{dev} reads"] = total / (bw * eff)
+        lines.append(f"{dev.upper()} reads {format_size(total)} per token ({format_size(kv)} "
+                     f"of it KV at {fill} tokens of context) at {_gbs(bw * eff)} ({eff:.0%} of "
+                     f"{_gbs(bw)}, {cal.source(name)}) = {_ms(seconds[f'{dev} reads'])}")
+    n_gpu, n_cpu = _layers_on(ops, GPU), _layers_on(ops, CPU)
+    seconds["layers"] = n_gpu * cal.gpu_layer_s + n_cpu * cal.cpu_layer_s
+    lines.append(f"fixed costs: {n_gpu} GPU layers × {cal.gpu_layer_s * 1e6:.0f} µs + {n_cpu} "
+                 f"CPU layers × {cal.cpu_layer_s * 1e6:.0f} µs = {_ms(seconds['layers'])}")
+    hops = _handoffs(ops)
+    c = sizes.config
+    moved = 4 * c.n_embd * (hops - (ops[-1].device == GPU)) + 4 * c.vocab_size * (
+        ops[-1].device == GPU)
+    seconds["hand-offs"] = hops * cal.link_latency_s + moved / cal.h2d_bw
+    if hops:
+        lines.append(f"{hops} hand-offs between devices × {cal.link_latency_s * 1e6:.0f} µs "
+                     f"({cal.source('link_latency_s')}) + {format_size(moved)} at "
+                     f"{_gbs(cal.h2d_bw)} = {_ms(seconds['hand-offs'])}")
+    total = sum(seconds.values())
+    lines.append(f"→ {_ms(total)} per token = {1 / total:.1f} tokens/s")
+    return Estimate(1 / total, seconds, tuple(lines))
+
+
+def prompt_estimate(sizes: ModelSizes, ops: list[Op], cal: Calibration, chunk: int) -> Estimate:
+    """Tokens/s of prompt processing in chunks of `chunk` tokens."""
+    lines, seconds = [], {}
+    for dev, rate, bw, eff, name in (
+            (GPU, cal.gpu_flops, cal.vram_bw, cal.gpu_efficiency, "gpu_flops"),
+            (CPU, cal.cpu_flops, cal.ram_bw, cal.cpu_efficiency, "cpu_flops")):
+        flops = sum(op.flops for op in ops if op.device == dev)
+        weights = sum(op.weight_bytes for op in ops if op.device == dev)
+        if flops == 0 and weights == 0:
+            continue
+        seconds[f"{dev} compute"] = flops / rate + weights / (bw * eff) / chunk
+        lines.append(f"{dev.upper()}: {flops / 1e9:.3f} GFLOP per token at "
+                     f"{rate / 1e12:.2f} TFLOP/s ({cal.source(name)}) + "
+                     f"{format_size(weights)} of weights read once per {chunk}-token chunk = "
+                     f"{_ms(seconds[f'{dev} compute'])}")
+    fixed = _layers_on(ops, GPU) * cal.gpu_layer_s + _layers_on(ops, CPU) * cal.cpu_layer_s
+    hops = _handoffs(ops)
+    seconds["layers and hand-offs"] = (fixed + hops * cal.link_latency_s) / chunk + (
+        hops * 4 * sizes.config.n_embd / cal.h2d_bw)
+    lines.append(f"fixed costs and {hops} hand-offs shared by the chunk = "
+                 f"{_ms(seconds['layers and hand-offs'])}")
+    total = sum(seconds.values())
+    lines.append(f"→ {_ms(total)} per prompt token = {1 / total:.1f} tokens/s")
+    return Estimate(1 / total, seconds, tuple(lines))

@@ -1,0 +1,145 @@
+"""What `tandem plan` shows: a Plan as a JSON-ready dict or as text — the device of each
+layer and tensor group, memory per device against its budget, the predicted prompt and
+decode tokens/s with the bytes-per-token reasoning, and the speeds they rest on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from runtime.devices import format_size
+from runtime.plan_cost import CPU, GPU
+from runtime.planner import Plan
+
+_SPEEDS = ("ram_bw", "vram_bw", "h2d_bw", "cpu_flops", "gpu_flops", "link_latency_s")
+
+
+def _group_device(plan: Plan, layer: int, group: str) -> str:
+    """"gpu", "cpu", or "gpu+cpu" when pins split the group."""
+    devs = {plan.placement.tensors[t.name] for t in plan.sizes.layer_tensors(layer)
+            if t.group == group}
+    return "+".join(sorted(devs, reverse=True)) or "-"
+
+
+def layer_rows(plan: Plan) -> list[dict]:
+    return [{"index": i, "attn": _group_device(plan, i, "attn"), "kv": plan.placement.kv[i],
+             "ffn": _group_device(plan, i, "ffn")} for i in range(plan.sizes.config.n_layer)]
+
+
+def plan_dict(plan: Plan, model: str) -> dict:
+    c, req, b = plan.sizes.config, plan.request, plan.budgets
+    mem = {d: {**asdict(m), "total": m.total, "budget": budget}
+           for d, m, budget in ((GPU, plan.memory[GPU], b.gpu), (CPU, plan.memory[CPU], b.ram))}
+    cal = plan.calibration
+    return {
+        "model": model, "arch": c.arch, "n_layer": c.n_layer,
+        "weight_bytes": plan.sizes.total_bytes,
+        "request": {**asdict(req), "pins": list(req.pins), "ctx_fill": req.fill},
+        "budgets": {"gpu": b.gpu, "gpu_note": b.gpu_note, "ram": b.ram, "ram_note": b.ram_note},
+        "num_gpu_layers": plan.candidate.n_gpu,
+        "head": plan.placement.head, "token_embd": CPU,
+        "layers": layer_rows(plan),
+        "tensors": dict(plan.placement.tensors),
+        "memory": mem,
+        "predicted": {
+            "decode_tokens_per_s": plan.decode.tokens_per_s,
+            "prompt_tokens_per_s": plan.prompt.tokens_per_s,
+            "decode_seconds_per_token": plan.decode.seconds,
+            "prompt_seconds_per_token": plan.prompt.seconds,
+            "decode_reasoning": list(plan.decode.lines),
+            "prompt_reasoning": list(plan.prompt.lines),
+        },
+        "calibration": {**{k: getattr(cal, k) for k in _SPEEDS},
+                        "sources": {k: cal.source(k) for k in _SPEEDS}},
+        "sweep": plan.sweep,
+    }
+
+
+def _devices(row: dict) -> tuple[str, str, str]:
+    return row["attn"], row["kv"], row["ffn"]
+
+
+def _layer_ranges(rows: list[dict]) -> list[str]:
+    """Consecutive layers with the same devices, one line each."""
+    lines, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or _devices(rows[i]) != _devices(rows[start]):
+            r = rows[start]
+            span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+            lines.append(f"  layers {span:<7} attn {r['attn']:<8} KV {r['kv']:<4} "
+                         f"ffn {r['ffn']}")
+            start = i
+    return lines
+
+
+def _memory_lines(plan: Plan) -> list[str]:
+    lines = [f"  {'':6}{'weights':>12}{'KV':>12}{'buffers':>12}{'total':>12}{'budget':>12}"]
+    for dev, budget in ((GPU, plan.budgets.gpu), (CPU, plan.budgets.ram)):
+        m = plan.memory[dev]
+        cells = (m.weights, m.kv, m.buffers, m.total, budget)
+        lines.append(f"  {dev.upper():6}" + "".join(f"{format_size(x):>12}" for x in cells))
+    return lines
+
+
+def plan_text(plan: Plan, model: str) -> str:
+    c, req, b, cal = plan.sizes.config, plan.request, plan.budgets, plan.calibration
+    lines = [
+        f"{model}: {c.arch}, {c.n_layer} layers, {format_size(plan.sizes.total_bytes)} of "
+        f"weights; num_ctx {req.num_ctx} × num_parallel {req.num_parallel}, KV {req.kv_type}",
+        f"GPU budget {format_size(b.gpu)}: {b.gpu_note}",
+        f"RAM budget {format_size(b.ram)}: {b.ram_note}",
+        "",
+        f"placement: {plan.candidate.n_gpu} of {c.n_layer} layers on the GPU, head on the "
+        f"{plan.placement.head.upper()}, token_embd lookup on the CPU",
+        *_layer_ranges(layer_rows(plan)),
+        "",
+        "memory:",
+        *_memory_lines(plan),
+        "",
+        f"decode: {plan.decode.tokens_per_s:.1f} tokens/s predicted (one sequence)",
+        *(f"  {line}" for line in plan.decode.lines),
+        f"prompt: {plan.prompt.tokens_per_s:.1f} tokens/s predicted",
+        *(f"  {line}" for line in plan.prompt.lines),
+        "",
+        "speeds: " + ", ".join(f"{k} {_speed(k, getattr(cal, k))} ({cal.source(k)})"
+                               for k in _SPEEDS),
+    ]
+    return "\n".join(lines)
+
+
+def _speed(name: str, value: float) -> str:
+    if name.endswith("_bw"):
+        return f"{value / 1e9:.1f} GB/s"
+    if name.endswith("flops"):
+        return f"{value / 1e12:.2f} TFLOP/s"
+    return f"{value * 1e6:.0f} µs"
+
+
+def run_plan_command(args) -> int:
+    """`tandem plan`: plan the model for this machine (or a GPU of --gpu-memory) and print."""
+    from dataclasses import replace
+
+    from loaders.config import ModelConfig
+    from loaders.gguf_file import GGUFFile
+    from runtime.devices import detect, parse_size
+    from runtime.loaded_model import resolve
+    from runtime.model_sizes import ModelSizes
+    from runtime.planner import PlanRequest, plan
+
+    request = PlanRequest(num_ctx=args.num_ctx, num_parallel=args.num_parallel,
+                          num_gpu=args.num_gpu, pins=tuple(args.pin), kv_type=args.kv_type,
+                          gpu_memory=parse_size(args.gpu_memory) if args.gpu_memory else None)
+    request.validate()  # before the pull or the calibration
+    name, path = resolve(args.model)
+    with GGUFFile(path) as gguf:
+        sizes = ModelSizes.from_tensors(
+            ModelConfig.from_metadata(gguf.metadata, gguf.tensors.keys()), gguf.tensors)
+    devices = detect(recalibrate=args.recalibrate)
+    if args.gpu_bandwidth:
+        cal = devices.calibration
+        cal = replace(cal, vram_bw=args.gpu_bandwidth * 1e9,
+                      sources={**cal.sources, "vram_bw": "given"})
+        devices = replace(devices, calibration=cal)
+    result = plan(sizes, devices, request)
+    print(json.dumps(plan_dict(result, name), indent=1) if args.json else plan_text(result, name))
+    return 0
