@@ -20,7 +20,7 @@ PlanError with the numbers and what to lower.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from runtime.devices import Calibration, Devices, format_size
 from runtime.errors import InvalidParameterError, PlanError
@@ -131,7 +131,7 @@ def budgets(devices: Devices, request: PlanRequest) -> Budgets:
     if not devices.gpus:
         if cap is None:
             return Budgets(0, ram, "no GPU found", ram_note)
-        return Budgets(cap, ram, f"gpu_memory {format_size(cap)} (no GPU here: planning only)",
+        return Budgets(cap, ram, f"gpu_memory {format_size(cap)}, no GPU here: planning only",
                        ram_note)
     gpu = devices.gpus[0]
     margin = max(GPU_MARGIN_MIN, int(GPU_MARGIN_FRACTION * gpu.total_bytes))
@@ -234,7 +234,11 @@ def plan(sizes: ModelSizes, devices: Devices, request: PlanRequest) -> Plan:
     plans = [evaluate(sizes, c, pins, budget, devices.calibration, request) for c in options]
     fitting = [p for p in plans if p.fits]
     if not fitting:
-        raise PlanError(refusal(plans, request, budget))
+        auto = replace(request, num_gpu=-1)  # what would fit, for the message
+        others = [evaluate(sizes, c, pins, budget, devices.calibration, auto)
+                  for c in candidates(sizes.config.n_layer, auto, budget.gpu > 0)]
+        raise PlanError(refusal(plans, max((q.candidate.n_gpu for q in others if q.fits),
+                                           default=None), request, budget))
     best = max(fitting, key=lambda p: (p.decode.tokens_per_s, -p.memory[GPU].total))
     best.sweep = sweep(plans)
     return best
@@ -257,8 +261,9 @@ def _describe(m: Memory) -> str:
             f"buffers {format_size(m.buffers)})")
 
 
-def refusal(plans: list[Plan], request: PlanRequest, budget: Budgets) -> str:
-    """Why nothing fits, with the numbers of the closest candidate and what to lower."""
+def refusal(plans: list[Plan], most: int | None, request: PlanRequest, budget: Budgets) -> str:
+    """Why nothing fits, with the numbers of the closest candidate and what to lower; `most`:
+    the most GPU layers any plan fits (None: none fits at all)."""
     def over(p: Plan) -> int:
         return (max(0, p.memory[GPU].total - budget.gpu)
                 + max(0, p.memory[CPU].total - budget.ram))
@@ -271,9 +276,7 @@ def refusal(plans: list[Plan], request: PlanRequest, budget: Budgets) -> str:
                 f"of RAM but {format_size(budget.ram)} is usable ({budget.ram_note}); "
                 f"{kv_note}: lower num_ctx or num_parallel, use kv type q8_0, or put more "
                 "on the GPU (num_gpu, gpu_memory)")
-    gpu_fit = [q.candidate.n_gpu for q in plans
-               if q.memory[GPU].total <= budget.gpu and q.memory[CPU].total <= budget.ram]
-    most = f"at most {max(gpu_fit)}" if gpu_fit else "0"
+    lower = f"lower num_gpu to at most {most}" if most else "use num_gpu 0"
     return (f"num_gpu={request.num_gpu} needs at least {_describe(p.memory[GPU])} of GPU "
             f"memory but the budget is {format_size(budget.gpu)} ({budget.gpu_note}); "
-            f"{kv_note}: lower num_gpu to {most}, or lower num_ctx or num_parallel")
+            f"{kv_note}: {lower}, or lower num_ctx or num_parallel")
