@@ -17,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from modelfiles import parameters as params
+from modelfiles.go_template import translate
 from modelfiles.modelfile import ROLES, Modelfile
 from modelfiles.values import read_value
-from runtime.errors import InvalidParameterError, ModelfileError
+from runtime.errors import InvalidParameterError, ModelfileError, TemplateError
 
 INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "ADAPTER", "LICENSE", "MESSAGE")
 # ollama's other instructions: REQUIRES is only ollama's version check; the rest need
@@ -145,6 +146,15 @@ def _parameter(mf: Modelfile, name: str, text: str, line_no: int) -> None:
         mf.parameters[key] = value
 
 
+def _template(mf: Modelfile, source: str, line_no: int) -> None:
+    """Check the Go template now, so a bad one fails at its line, not at the first chat."""
+    try:
+        translate(source)
+    except TemplateError as err:
+        raise ModelfileError(f"bad TEMPLATE: {err}", line_no) from None
+    mf.template = source
+
+
 def _message(mf: Modelfile, role: str, content: str, line_no: int) -> None:
     if role.lower() not in ROLES:
         raise ModelfileError(f"MESSAGE role {role!r} is not one of {', '.join(ROLES)}", line_no)
@@ -165,5 +175,5 @@ def _append(attr: str) -> Callable[[Modelfile, str, int], None]:
     return handler
 
 
-_HANDLERS = {"FROM": _from, "TEMPLATE": _set("template"), "SYSTEM": _set("system"),
+_HANDLERS = {"FROM": _from, "TEMPLATE": _template, "SYSTEM": _set("system"),
              "ADAPTER": _append("adapters"), "LICENSE": _append("license")}

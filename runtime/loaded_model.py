@@ -1,7 +1,10 @@
-"""LoadedModel: everything one GGUF brings, loaded together — file, config, tokenizer,
-chat template, executable model — plus how a user's model reference resolves to a file.
+"""LoadedModel: everything one model brings, loaded together — file, config, tokenizer,
+chat template, executable model, and what its Modelfile set.
 
-A reference is a path to a .gguf file or the name of a pullable model (pulled on first use).
+A reference is a path to a .gguf file, a stored model (`tandem create`), or the name of a
+pullable model (pulled and registered on first use); modelfiles/resolver.py resolves it.
+The chat template is, in order of precedence: the Modelfile's TEMPLATE (Go-template form),
+the GGUF's own tokenizer.chat_template, the architecture's built-in.
 """
 
 from __future__ import annotations
@@ -13,23 +16,19 @@ from pathlib import Path
 from loaders.chat_template import ChatTemplate, template_for
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
-from loaders.pull import pull, pullable
 from loaders.tokenizer import Tokenizer
-from runtime.errors import ModelNotFoundError
+from modelfiles.prompt_template import GoTemplate
+from modelfiles.resolver import ModelSpec
+from modelfiles.resolver import resolve as resolve_spec
+from runtime.errors import UnsupportedError
 from runtime.model import Model
 from runtime.sampling_params import OLLAMA_OPTIONS, SamplingParams
 
 
 def resolve(ref: str | Path) -> tuple[str, Path]:
-    """(display name, GGUF path) for a path or a pullable model name."""
-    path = Path(ref).expanduser()
-    if path.is_file():
-        return path.name, path
-    text = str(ref)
-    if text.endswith(".gguf") or "/" in text:
-        raise ModelNotFoundError(f"no model file at {path}")
-    entry = pullable(text)  # raises with the list of known names
-    return entry.name, pull(entry.name)
+    """(display name, GGUF path) for a path or a model name."""
+    spec = resolve_spec(ref)
+    return spec.name, spec.path
 
 
 @dataclass
@@ -39,10 +38,10 @@ class LoadedModel:
     gguf: GGUFFile
     config: ModelConfig
     tokenizer: Tokenizer
-    template: ChatTemplate
+    template: ChatTemplate | GoTemplate
     model: Model
     load_seconds: float
-    # What a Modelfile adds (empty for a bare GGUF or pullable name): PARAMETERs by ollama
+    # What a Modelfile adds (empty for a bare GGUF file): PARAMETERs by ollama
     # name, typed (e.g. {"temperature": 0.3, "num_ctx": 4096, "stop": ["<|im_end|>"]}),
     # and the SYSTEM prompt and MESSAGEs that open every conversation.
     parameters: dict = field(default_factory=dict)
@@ -51,17 +50,18 @@ class LoadedModel:
 
     @classmethod
     def load(cls, ref: str | Path) -> LoadedModel:
-        name, path = resolve(ref)
+        spec = resolve_spec(ref)
+        if spec.adapters:
+            raise UnsupportedError(f"{spec.name} has a LoRA ADAPTER, which tandem cannot apply "
+                                   "yet; create the model without it")
         start = time.perf_counter()
-        gguf = GGUFFile(path)
+        gguf = GGUFFile(spec.path)
         config = ModelConfig.from_metadata(gguf.metadata, gguf.tensors.keys())
         tokenizer = Tokenizer.from_metadata(gguf.metadata)
-        bos = tokenizer.token_str(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
-        eos = tokenizer.token_str(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
-        template = template_for(gguf.metadata, config.arch, bos, eos)
+        template = _template(spec, gguf, config, tokenizer)
         model = Model(gguf, config)
-        return cls(name, path, gguf, config, tokenizer, template, model,
-                   time.perf_counter() - start)
+        return cls(spec.name, spec.path, gguf, config, tokenizer, template, model,
+                   time.perf_counter() - start, spec.parameters, spec.system, spec.messages)
 
     def sampling_defaults(self, base: SamplingParams) -> SamplingParams:
         """`base` with the model's sampling PARAMETERs applied; a request's own options are
@@ -69,9 +69,33 @@ class LoadedModel:
         sampling = {k: v for k, v in self.parameters.items() if k in OLLAMA_OPTIONS}
         return SamplingParams.from_options(sampling, base) if sampling else base
 
+    def conversation(self, messages: list[dict]) -> list[dict]:
+        """The Modelfile's SYSTEM and MESSAGEs, then `messages`. A leading system message of
+        the caller's own replaces SYSTEM and stays first (ollama would put it after the
+        MESSAGEs, which templates such as Gemma's refuse)."""
+        if not isinstance(messages, list):
+            return messages  # the template's validation says what is wrong
+        head: list[dict] = []
+        if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+            head, messages = [messages[0]], messages[1:]
+        elif self.system:
+            head = [{"role": "system", "content": self.system}]
+        return [*head, *self.messages, *messages]
+
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
-        """Render messages with the chat template and tokenize, adding BOS only once."""
-        text = self.template.render(messages, add_generation_prompt=True)
+        """Render the conversation (SYSTEM and MESSAGEs first) with the chat template and
+        tokenize, adding BOS only once."""
+        text = self.template.render(self.conversation(messages), add_generation_prompt=True)
         bos = self.template.bos_token
         add_special = not (bos and text.startswith(bos))
         return self.tokenizer.encode(text, add_special=add_special, parse_special=True)
+
+
+def _template(spec: ModelSpec, gguf: GGUFFile, config: ModelConfig,
+              tokenizer: Tokenizer) -> ChatTemplate | GoTemplate:
+    """The Modelfile's TEMPLATE, else the GGUF's chat template, else the architecture's."""
+    bos = tokenizer.token_str(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
+    eos = tokenizer.token_str(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
+    if spec.template is not None:
+        return GoTemplate(spec.template, bos, eos)
+    return template_for(gguf.metadata, config.arch, bos, eos)

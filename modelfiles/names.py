@@ -1,0 +1,48 @@
+"""ModelName: a stored model's `name[:tag]` (tag `latest` when omitted), validated.
+
+Names and tags are case-insensitive (kept lowercase), as ollama treats them: a name is
+letters, digits, `_`, `-` and `.` starting with a letter or digit (at most 80 characters);
+a tag the same with `_` also allowed first (at most 80).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from runtime.errors import InvalidParameterError
+
+DEFAULT_TAG = "latest"
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,79}")
+_TAG = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,79}")
+
+
+@dataclass(frozen=True, order=True)
+class ModelName:
+    name: str
+    tag: str = DEFAULT_TAG
+
+    @classmethod
+    def parse(cls, text: str) -> ModelName:
+        """`name` or `name:tag`; InvalidParameterError saying what a name may hold."""
+        name, _, tag = text.strip().lower().partition(":")
+        tag = tag or DEFAULT_TAG
+        if not _NAME.fullmatch(name) or ".." in name:
+            raise InvalidParameterError(
+                f"model name {text!r} is not valid: use letters, digits, '_', '-' and '.', "
+                "starting with a letter or digit, optionally followed by :tag")
+        if not _TAG.fullmatch(tag):
+            raise InvalidParameterError(
+                f"model tag in {text!r} is not valid: use letters, digits, '_', '-' and '.'")
+        return cls(name, tag)
+
+    @classmethod
+    def maybe(cls, text: str) -> ModelName | None:
+        """The name, or None when `text` cannot be a model name (e.g. it is a path)."""
+        try:
+            return cls.parse(text)
+        except InvalidParameterError:
+            return None
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.tag}"
