@@ -16,6 +16,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.zeros, InterpretedFunction):  # triton was imported before the flag
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; set it in the "
+                    "environment of this test run", pytrace=False)
 
 from kernels.attention import attention  # noqa: E402
 from kernels.norm import rms_norm as rms_norm_ref  # noqa: E402

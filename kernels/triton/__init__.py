@@ -1,5 +1,8 @@
-"""Triton GPU kernels on GGML blocks and paged KV (they also run in Triton's CPU interpreter
-with TRITON_INTERPRET=1, set before this package is imported).
+"""Triton GPU kernels on GGML blocks and paged KV. Without a CUDA device they run in Triton's
+CPU interpreter: importing this package then sets TRITON_INTERPRET=1 unless it is set
+already. Triton reads it when it first defines its own library (tl.zeros, tl.sum…), so it
+must be set before the first `import triton` anywhere in the process; if triton came first,
+a warning says so (kernel launches would then fail).
 
     qmatmul(x, W_packed, ggml_type)          dequant-GEMV (decode) / dequant-GEMM (prefill)
     dequant_rows(W_packed, ids, ggml_type)   embedding rows
@@ -8,11 +11,30 @@ with TRITON_INTERPRET=1, set before this package is imported).
     rms_norm(x, weight, eps, residual=None)
 """
 
-from kernels.triton.dequant_rows import dequant_rows
-from kernels.triton.kv_write import kv_write
-from kernels.triton.paged_attention import PAGE, paged_attention_decode
-from kernels.triton.qmatmul import has_kernel, interpreted, qmatmul
-from kernels.triton.rms_norm import rms_norm
+import os
+import sys
+import warnings
+
+import torch
+
+
+def _interpret_without_cuda() -> None:
+    if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ:
+        return
+    if "triton" in sys.modules:
+        warnings.warn("triton was imported before TRITON_INTERPRET was set and there is no "
+                      "CUDA device: set TRITON_INTERPRET=1 in the environment to run "
+                      "tandem's Triton kernels in the interpreter", stacklevel=3)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+_interpret_without_cuda()
+
+from kernels.triton.dequant_rows import dequant_rows  # noqa: E402
+from kernels.triton.kv_write import kv_write  # noqa: E402
+from kernels.triton.paged_attention import PAGE, paged_attention_decode  # noqa: E402
+from kernels.triton.qmatmul import has_kernel, interpreted, qmatmul  # noqa: E402
+from kernels.triton.rms_norm import rms_norm  # noqa: E402
 
 __all__ = ["PAGE", "dequant_rows", "has_kernel", "interpreted", "kv_write",
            "paged_attention_decode", "qmatmul", "rms_norm"]
