@@ -306,6 +306,20 @@ def test_a_dropped_stream_is_aborted_and_others_complete(server, client):
     assert after[key] - before[key] < 300  # it did not run to its 300 tokens
 
 
+def test_a_client_that_leaves_a_whole_answer_is_aborted(server):
+    before = metrics(server)["tandem_requests_aborted_total"]
+    body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 300, "ignore_eos": True}
+    with pytest.raises(httpx2.ReadTimeout):
+        httpx2.post(f"{server.url}/v1/completions", json=body, timeout=1.0)
+    deadline = time.time() + 30
+    while metrics(server)["tandem_requests_aborted_total"] == before:
+        assert time.time() < deadline, "the abandoned request was not aborted"
+        time.sleep(0.1)
+    while engine_value(server, "tandem_running_sequences"):
+        assert time.time() < deadline
+        time.sleep(0.1)
+
+
 def test_metrics_exposition(server):
     m = metrics(server)
     for name in ("tandem_running_sequences", "tandem_queue_depth", "tandem_kv_blocks_used",

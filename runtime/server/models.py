@@ -90,7 +90,11 @@ class ModelRegistry:
             served, seconds = self.find(key), 0.0
             if served is None:
                 start = time.perf_counter()
-                served = await asyncio.to_thread(self._load, key)
+                try:
+                    served = await asyncio.to_thread(self._load, key)
+                except BaseException:
+                    self._locks.pop(key, None)  # keep no lock for names that never load
+                    raise
                 seconds = time.perf_counter() - start
                 with self._guard:
                     self._models[key] = served

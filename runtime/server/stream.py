@@ -48,6 +48,7 @@ class RequestStream:
         self._first_token = True
         self._last_token: dict[int, float] = {}
         self._released = False
+        self._next_poll = time.monotonic() + POLL_SECONDS
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> None:
         try:
@@ -96,12 +97,18 @@ class RequestStream:
             self.close()
 
     async def _next(self, disconnected: Disconnected | None) -> Event | None:
+        """The next event, or None once `disconnected` says the client has gone (asked at
+        most every POLL_SECONDS, whether or not events are flowing)."""
         while True:
+            now = time.monotonic()
+            if disconnected is not None and now >= self._next_poll:
+                self._next_poll = now + POLL_SECONDS
+                if await disconnected():
+                    return None
             try:
                 return await asyncio.wait_for(self._queue.get(), POLL_SECONDS)
             except asyncio.TimeoutError:
-                if disconnected is not None and await disconnected():
-                    return None
+                continue
 
     def close(self) -> None:
         """Abort the request unless all its samples were consumed; release the model."""
