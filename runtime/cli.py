@@ -6,6 +6,7 @@
     tandem serve [--host H] [--port P] [--model MODEL] [--num-ctx N] [--parallel N]
     tandem ps [--host HOST:PORT]
     tandem plan MODEL [--gpu-memory SIZE] [--num-ctx N] [--num-parallel N] [--num-gpu N] [--json]
+    tandem bench MODEL [-p N] [-n N] [-t THREADS] [-r REPETITIONS] [--json]
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_commands(sub)
     add_store_commands(sub)
     add_plan_command(sub)
+    add_bench_command(sub)
     return parser
 
 
@@ -65,6 +67,29 @@ def add_plan_command(sub) -> None:
     plan.add_argument("--recalibrate", action="store_true",
                       help="measure this machine's speeds again (they are cached)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def add_bench_command(sub) -> None:
+    bench = sub.add_parser("bench", help="measure prompt and generation tokens/s (llama-bench)")
+    bench.add_argument("model", help="a pullable name, a stored model or a .gguf path")
+    bench.add_argument("-p", "--n-prompt", type=int, default=512,
+                       help="prompt tokens of the pp test (0: skip it)")
+    bench.add_argument("-n", "--n-gen", type=int, default=128,
+                       help="tokens generated in the tg test (0: skip it)")
+    bench.add_argument("-t", "--threads", type=int, help="CPU threads (default: torch's)")
+    bench.add_argument("-r", "--repetitions", type=int, default=5, help="runs of each test")
+    bench.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from runtime.bench import BenchSpec, format_table, run_bench
+
+    spec = BenchSpec(args.model, args.n_prompt, args.n_gen, args.threads, args.repetitions)
+    result = run_bench(spec)
+    print(json.dumps(result.to_dict()) if args.json else format_table(result))
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -159,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("kernels.native_loader").setLevel(logging.INFO)  # the one-time build
     try:
         commands = {"run": cmd_run, "pull": cmd_pull, "serve": cmd_serve, "ps": cmd_ps,
-                    "plan": cmd_plan}
+                    "plan": cmd_plan, "bench": cmd_bench}
         commands.update(STORE_COMMANDS)
         return commands[args.command](args)
     except TandemError as err:

@@ -1,0 +1,188 @@
+"""Bench: prompt-processing and generation speed of one model, measured as llama-bench does.
+
+    tandem bench MODEL|FILE.gguf [-p 512] [-n 128] [-t THREADS] [-r 5] [--json]
+
+pp (prompt processing): one forward of an `n_prompt`-token prompt (BOS, then random token
+ids) into an empty cache; tokens/s = n_prompt / its time. tg (text generation): `n_gen`
+forwards of one token each into an empty cache, the first being BOS at position 0 and each
+next token the argmax of the previous logits; tokens/s = n_gen / their time. Both follow
+llama-bench's tests pp<N> and tg<N>, so the two tools' figures compare directly.
+
+weights_gb_s is, for tg, the bytes of packed matmul weights one token reads (every block's
+q, k, v, o, gate, up and down, the output head, and one row of token_embd unless the head is
+the embedding itself) times tokens/s: the rate at which decoding streams weights from RAM,
+the figure bounded by memory bandwidth. Norms and the KV cache are left out (they are small
+at these lengths).
+
+Every figure is a mean ± sample standard deviation over `repetitions` runs after one
+warm-up run of each test (which also builds the native kernel and faults the mmapped
+weights in). Threads set torch's intra-op pool, which the native kernel also follows
+(kernels/native_loader.py: it reads torch.get_num_threads() on every call).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from kernels import native_loader
+from kernels.linear import PackedLinear
+from runtime.errors import InvalidParameterError
+from runtime.kv_cache import KVCache
+from runtime.loaded_model import LoadedModel
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """What to measure: tests pp<n_prompt> and tg<n_gen> (0 skips one), `repetitions` each."""
+
+    model: str
+    n_prompt: int = 512
+    n_gen: int = 128
+    threads: int | None = None  # None: torch's current setting
+    repetitions: int = 5
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.n_prompt < 0 or self.n_gen < 0:
+            raise InvalidParameterError("-p and -n are token counts: give 0 or more")
+        if self.n_prompt == 0 and self.n_gen == 0:
+            raise InvalidParameterError("-p 0 and -n 0 leave nothing to measure; give either "
+                                        "a prompt length or a number of tokens to generate")
+        if self.threads is not None and self.threads < 1:
+            raise InvalidParameterError(f"--threads must be at least 1, not {self.threads}")
+        if self.repetitions < 1:
+            raise InvalidParameterError(f"--repetitions must be at least 1, not "
+                                        f"{self.repetitions}")
+
+
+@dataclass
+class BenchResult:
+    """Measured figures; a skipped test leaves its fields None. *_samples: one per run."""
+
+    model: str
+    path: str
+    file_bytes: int
+    kernel: str
+    threads: int
+    n_prompt: int
+    n_gen: int
+    repetitions: int
+    weight_bytes_per_token: int
+    pp_tok_s: float | None = None
+    pp_tok_s_std: float | None = None
+    tg_tok_s: float | None = None
+    tg_tok_s_std: float | None = None
+    weights_gb_s: float | None = None
+    weights_gb_s_std: float | None = None
+    pp_samples: list[float] = field(default_factory=list)
+    tg_samples: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def weight_bytes_per_token(lm: LoadedModel) -> int:
+    """Packed bytes of the matmul weights one decoded token reads: all blocks' linears, the
+    head, and one embedding row (none extra when the head is the tied embedding)."""
+    model = lm.model
+    linears = [v for block in model.blocks for v in vars(block).values()
+               if isinstance(v, PackedLinear)]
+    total = sum(lin.weight.numel() for lin in linears) + model.head.weight.numel()
+    if not lm.config.tied_head:
+        total += model.embed.weight[0].numel()  # the one row looked up
+    return total
+
+
+def kernel_name() -> str:
+    """Which matmul path the model's PackedLinears take: "native-avx2", "native-scalar" or
+    "torch" (the dequantize-and-matmul fallback)."""
+    if native_loader.available():
+        return f"native-{native_loader.load().ISA}"
+    return "torch"
+
+
+def mean_std(samples: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single sample), as llama-bench reports."""
+    std = statistics.stdev(samples) if len(samples) > 1 else 0.0
+    return statistics.fmean(samples), std
+
+
+class Bench:
+    """Runs the tests of a BenchSpec on one loaded model."""
+
+    def __init__(self, lm: LoadedModel, spec: BenchSpec) -> None:
+        self.lm, self.spec = lm, spec
+        self.model = lm.model
+        self.n_ctx = max(spec.n_prompt, spec.n_gen, 1)
+        self.bos = lm.tokenizer.bos_id if lm.tokenizer.bos_id is not None else 0
+        self.generator = torch.Generator().manual_seed(spec.seed)
+
+    def prompt_tokens(self, n: int) -> torch.Tensor:
+        """BOS then n-1 random ids, as llama-bench's prompt test feeds: (n,) int64."""
+        ids = torch.randint(0, self.lm.config.vocab_size, (n,), generator=self.generator)
+        ids[0] = self.bos
+        return ids
+
+    def time_prompt(self, n: int) -> float:
+        """Seconds for one forward of an n-token prompt into an empty cache."""
+        tokens, cache = self.prompt_tokens(n), KVCache(self.lm.config, self.n_ctx)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            self.model.forward(tokens, 0, cache)
+            return time.perf_counter() - start
+
+    def time_generation(self, n: int) -> float:
+        """Seconds for n one-token forwards from position 0 (greedy: argmax feeds the next)."""
+        cache, token = KVCache(self.lm.config, self.n_ctx), self.bos
+        with torch.inference_mode():
+            start = time.perf_counter()
+            for pos in range(n):
+                logits = self.model.forward(torch.tensor([token]), pos, cache)  # (1, V)
+                token = int(logits[-1].argmax())
+            return time.perf_counter() - start
+
+    def run(self) -> BenchResult:
+        spec = self.spec
+        result = BenchResult(
+            self.lm.name, str(self.lm.path), self.lm.path.stat().st_size, kernel_name(),
+            torch.get_num_threads(), spec.n_prompt, spec.n_gen, spec.repetitions,
+            weight_bytes_per_token(self.lm))
+        if spec.n_prompt:
+            self.time_prompt(spec.n_prompt)  # warm-up
+            result.pp_samples = [spec.n_prompt / self.time_prompt(spec.n_prompt)
+                                 for _ in range(spec.repetitions)]
+            result.pp_tok_s, result.pp_tok_s_std = mean_std(result.pp_samples)
+        if spec.n_gen:
+            self.time_generation(min(spec.n_gen, 2))  # warm-up
+            result.tg_samples = [spec.n_gen / self.time_generation(spec.n_gen)
+                                 for _ in range(spec.repetitions)]
+            result.tg_tok_s, result.tg_tok_s_std = mean_std(result.tg_samples)
+            gb = [result.weight_bytes_per_token * s / 1e9 for s in result.tg_samples]
+            result.weights_gb_s, result.weights_gb_s_std = mean_std(gb)
+        return result
+
+
+def run_bench(spec: BenchSpec) -> BenchResult:
+    """Validate, set the threads, load the model and measure."""
+    spec.validate()
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    return Bench(LoadedModel.load(spec.model), spec).run()
+
+
+def format_table(r: BenchResult) -> str:
+    """llama-bench's markdown table: one row per test, t/s as mean ± std."""
+    head = "| model | size | kernel | threads | test | t/s | weights GB/s |"
+    rows = [head, "|" + "|".join("---" for _ in range(7)) + "|"]
+    size = f"{r.file_bytes / 2**20:.2f} MiB"
+    lead = f"| {r.model} | {size} | {r.kernel} | {r.threads} "
+    if r.pp_tok_s is not None:
+        rows.append(lead + f"| pp{r.n_prompt} | {r.pp_tok_s:.2f} ± {r.pp_tok_s_std:.2f} | |")
+    if r.tg_tok_s is not None:
+        rows.append(lead + f"| tg{r.n_gen} | {r.tg_tok_s:.2f} ± {r.tg_tok_s_std:.2f} "
+                           f"| {r.weights_gb_s:.2f} ± {r.weights_gb_s_std:.2f} |")
+    return "\n".join(rows)
