@@ -43,7 +43,6 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # cache key -> block id
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.tables: dict[int, list[int]] = {}  # sequence id -> block ids, in position order
-        self.hits_total = 0  # tokens served from the prefix cache
 
     # ---- queries -------------------------------------------------------------------
     @property
@@ -73,7 +72,6 @@ class BlockManager:
             self._hold(block)
             table.append(block)
         self.tables[seq_id] = table
-        self.hits_total += len(table) * BLOCK_SIZE
         return len(table) * BLOCK_SIZE
 
     def prepare_append(self, seq_id: int, n_computed: int, n_new: int) -> list[tuple[int, int]]:

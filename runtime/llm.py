@@ -11,14 +11,16 @@ Prompts to generate() are raw text (no chat template); chat() applies the model'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import InvalidParameterError
-from runtime.generation import Generation, Timings
+from runtime.llm_engine import EngineOptions, LLMEngine
 from runtime.loaded_model import LoadedModel
 from runtime.sampling_params import SamplingParams
+from runtime.sequence import Delta, Timings
 
 DEFAULT_NUM_CTX = 4096
 
@@ -41,9 +43,13 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str | Path, num_ctx: int = DEFAULT_NUM_CTX) -> None:
+    """A model and its engine in this thread: generate() batches all prompts together."""
+
+    def __init__(self, model: str | Path, num_ctx: int = DEFAULT_NUM_CTX, **options) -> None:
         self.lm = LoadedModel.load(model)
         self.num_ctx = min(num_ctx, self.lm.config.n_ctx_train)
+        self.engine = LLMEngine(self.lm, EngineOptions(num_ctx=self.num_ctx, **options))
+        self._ids = itertools.count()
 
     @property
     def tokenizer(self):
@@ -57,28 +63,59 @@ class LLM:
         if isinstance(prompts, str):
             prompts = [prompts]
         params = params or SamplingParams()
-        return [self._run(p, self.tokenize(p), params) for p in prompts]
+        return self._run([(p, self.tokenize(p)) for p in prompts], params)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         if not isinstance(messages, list) or not messages:
             raise InvalidParameterError("messages must be a non-empty list of {role, content}")
-        return self._run(None, self.lm.chat_prompt_ids(messages), params or SamplingParams())
+        return self._run([(None, self.lm.chat_prompt_ids(messages))], params or SamplingParams())[0]
 
-    def _run(self, prompt: str | None, ids: list[int], params: SamplingParams) -> RequestOutput:
-        out = RequestOutput(prompt, ids)
-        for i in range(params.n):
-            # each of n samples draws from its own seed stream: seed, seed+1, …
-            seeded = replace(params, seed=params.seed + i) if params.seed is not None else params
-            out.outputs.append(self._complete(i, ids, seeded))
-        return out
+    def stream(self, ids: list[int], params: SamplingParams) -> Iterator[Delta]:
+        """The Deltas of one sample (params.n must be 1) as they are generated."""
+        if params.n != 1:
+            raise InvalidParameterError("stream() takes n=1; use generate() for n > 1")
+        request_id = f"stream-{next(self._ids)}"
+        self.engine.add_request(request_id, ids, params)
+        try:
+            while self.engine.has_unfinished:
+                for event in self.engine.step():
+                    if event.error is not None:
+                        raise event.error
+                    yield event.delta
+                    if event.delta.finish_reason:
+                        return
+        finally:
+            self.engine.abort(request_id)  # a no-op when it finished
 
-    def _complete(self, index: int, ids: list[int], params: SamplingParams) -> CompletionOutput:
-        gen = Generation(self.lm, ids, params, self.num_ctx)
-        text, logprobs, finish, timings = [], [], None, None
-        for delta in gen:
-            text.append(delta.text)
-            if delta.token_id is not None and params.logprobs is not None:
-                logprobs.append({delta.token_id: delta.logprob, **dict(delta.top)})
-            finish, timings = delta.finish_reason, delta.timings
-        return CompletionOutput(index, "".join(text), gen.generated, finish,
-                                logprobs if params.logprobs is not None else None, timings)
+    def _run(self, prompts: list[tuple[str | None, list[int]]],
+             params: SamplingParams) -> list[RequestOutput]:
+        outputs, ids = [], []
+        for prompt, prompt_ids in prompts:
+            logprobs = [] if params.logprobs is not None else None
+            out = RequestOutput(prompt, prompt_ids, [CompletionOutput(i, "", [], None, logprobs)
+                                                     for i in range(params.n)])
+            outputs.append(out)
+            ids.append(f"gen-{next(self._ids)}")
+        try:
+            for request_id, (_, prompt_ids) in zip(ids, prompts, strict=True):
+                self.engine.add_request(request_id, prompt_ids, params)
+            by_id = dict(zip(ids, outputs, strict=True))
+            while self.engine.has_unfinished:
+                for event in self.engine.step():
+                    if event.error is not None:
+                        raise event.error
+                    _collect(by_id[event.request_id].outputs[event.index], event.delta, params)
+        finally:
+            for request_id in ids:
+                self.engine.abort(request_id)
+        return outputs
+
+
+def _collect(out: CompletionOutput, delta: Delta, params: SamplingParams) -> None:
+    out.text += delta.text
+    if delta.token_id is not None:
+        out.token_ids.append(delta.token_id)
+        if params.logprobs is not None:
+            out.logprobs.append({delta.token_id: delta.logprob, **dict(delta.top)})
+    if delta.finish_reason:
+        out.finish_reason, out.timings = delta.finish_reason, delta.timings

@@ -12,9 +12,9 @@ import time
 from typing import TextIO
 
 from runtime.errors import TandemError
-from runtime.generation import Generation, Timings
 from runtime.llm import LLM
 from runtime.sampling_params import SamplingParams
+from runtime.sequence import Timings
 
 HELP = """Available commands:
   /set parameter NAME VALUE   set a sampling parameter (e.g. temperature 0.2)
@@ -39,7 +39,7 @@ class Repl:
         else:  # the turn joins the conversation only once answered (an error leaves it as it was)
             ids = self.llm.lm.chat_prompt_ids([*self.messages, user])
         parts, timings = [], None
-        for delta in Generation(self.llm.lm, ids, self.params, self.llm.num_ctx):
+        for delta in self.llm.stream(ids, self.params):
             self.out.write(delta.text)
             self.out.flush()
             parts.append(delta.text)

@@ -87,6 +87,18 @@ def test_matches_llama_numerics(kernel, name, m):
 
 
 @pytest.mark.parametrize("name", TYPES)
+def test_batch_invariant(kernel, name):
+    """A token's output row is bit-identical whatever other tokens share the call (so the
+    engine's batched steps give exactly what each sequence gives alone)."""
+    k, n, m = 1024, 29, 11  # 11 tokens: tiles of 4, 4 and a 3; 1024 = 32 blocks of 32
+    x, w = activations(m, k, 70), weights(name, n, k, 71)
+    y = kernel.qmatmul(x, w, int(T[name]))
+    for t in range(m):
+        assert torch.equal(kernel.qmatmul(x[t:t + 1], w, int(T[name]))[0], y[t]), t
+    assert torch.equal(kernel.qmatmul(x[5:10], w, int(T[name])), y[5:10])
+
+
+@pytest.mark.parametrize("name", TYPES)
 def test_close_to_fp32_within_activation_quantization(kernel, name):
     k, n, m = 1024, 45, 5
     seed = 500 + TYPES.index(name)

@@ -493,7 +493,10 @@ inline __m256i block_dot(__m256i w, __m256i aw, const int8_t* y, const int32_t* 
 template <int TYPE, int TS, int NT>
 void dot32(const uint8_t* row, const Act& a, int64_t t0, float* out) {
   constexpr bool MIN = TYPE == Q4_1 || TYPE == Q5_1;
-  constexpr int U = NT == 1 ? 2 : 1;  // two accumulators in flight when there is one token
+  // Two accumulators in flight (blocks alternate between them), for every NT: a token's sum
+  // is then formed in the same order whatever the tile, so a row of the output does not
+  // depend on how many other tokens share the call (batch invariance).
+  constexpr int U = 2;
   const int64_t nb = a.nb;
   const int8_t* y[NT];
   const float* dy[NT];

@@ -1,0 +1,251 @@
+"""LLMEngine: the synchronous core that runs many requests together over one paged KV pool.
+
+    engine = LLMEngine(lm, EngineOptions(...))
+    engine.add_request("r1", prompt_ids, params)   # raises ContextLengthError / QueueFullError
+    while engine.has_unfinished:
+        for event in engine.step(): ...            # Event(request_id, index, delta | error)
+    engine.abort("r1")                             # → its final "abort" events
+
+Each step: the scheduler picks tokens (continuous batching, chunked prefill, preemption),
+copy-on-write pages are copied, one Model.forward_batch runs them all, and every sequence
+whose pending tokens are now computed samples its next token. A request with n > 1
+prefills once; at its first sample the other n-1 samples fork from it, sharing its blocks.
+Not thread-safe: runtime.engine.Engine drives it from one thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from runtime.block_manager import BLOCK_SIZE, BlockManager
+from runtime.errors import InvalidParameterError, QueueFullError, TandemError
+from runtime.forward_batch import ForwardBatch
+from runtime.kv_pool import KV_CACHE_TYPES, KVPool, kv_bytes_per_token
+from runtime.loaded_model import LoadedModel
+from runtime.sampling_params import SamplingParams
+from runtime.scheduler import Scheduler, Step
+from runtime.sequence import Delta, Sequence, check_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineOptions:
+    num_ctx: int = 4096  # tokens per sequence
+    num_parallel: int = 4  # the KV pool holds num_ctx × num_parallel tokens (unless num_blocks)
+    max_num_seqs: int = 16  # sequences computed together in one step
+    max_waiting: int = 512  # requests waiting beyond this are refused (QueueFullError → 503)
+    kv_cache_type: str = "f16"  # or "q8_0"
+    num_blocks: int | None = None  # KV pool size in BLOCK_SIZE-token blocks
+    max_step_tokens: int = 512  # per-step token budget (chunked prefill)
+
+    def __post_init__(self) -> None:
+        for name in ("num_ctx", "num_parallel", "max_num_seqs", "max_waiting", "max_step_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.kv_cache_type not in KV_CACHE_TYPES:
+            raise InvalidParameterError(f"kv_cache_type must be one of "
+                                        f"{', '.join(KV_CACHE_TYPES)}, got {self.kv_cache_type!r}")
+        if self.num_blocks is None:
+            self.num_blocks = -(-self.num_ctx * self.num_parallel // BLOCK_SIZE)
+        if self.num_blocks * BLOCK_SIZE < self.num_ctx:
+            raise InvalidParameterError(
+                f"num_blocks {self.num_blocks} holds {self.num_blocks * BLOCK_SIZE} tokens, fewer "
+                f"than one num_ctx ({self.num_ctx}); raise num_blocks or lower num_ctx")
+
+
+@dataclass
+class Event:
+    request_id: str
+    index: int  # which of the request's n samples
+    delta: Delta | None = None
+    error: TandemError | None = None
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_free: int = 0
+    kv_block_size: int = BLOCK_SIZE
+    kv_bytes: int = 0  # the pool's size
+    kv_cache_type: str = "f16"
+    prompt_tokens_total: int = 0  # computed prompt tokens (cache hits excluded)
+    generation_tokens_total: int = 0
+    requests_total: int = 0
+    preemptions_total: int = 0
+    prefix_cache_hits_total: int = 0  # prompt tokens served from the prefix cache
+    steps_total: int = 0
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: dict[int, Sequence] = field(default_factory=dict)  # index → sequence
+    open: int = 1  # samples not finished yet
+
+
+class LLMEngine:
+    def __init__(self, lm: LoadedModel, options: EngineOptions | None = None) -> None:
+        self.lm = lm
+        self.options = options = options or EngineOptions()
+        self.num_ctx = min(options.num_ctx, lm.config.n_ctx_train)
+        self.pool = KVPool(lm.config, options.num_blocks, options.kv_cache_type)
+        self.blocks = BlockManager(options.num_blocks)
+        self.scheduler = Scheduler(self.blocks, options.max_num_seqs, options.max_step_tokens)
+        self.requests: dict[str, _Request] = {}
+        self._owner: dict[int, tuple[_Request, int]] = {}  # seq id → (request, index)
+        self._seq_ids = itertools.count()
+        self.stats = EngineStats(kv_bytes=self.pool.nbytes, kv_cache_type=options.kv_cache_type)
+        log.debug("KV pool: %d blocks × %d tokens, %s, %.1f MiB (%d bytes/token)",
+                  options.num_blocks, BLOCK_SIZE, options.kv_cache_type, self.pool.nbytes / 2**20,
+                  kv_bytes_per_token(lm.config, options.kv_cache_type))
+
+    # ---- requests ------------------------------------------------------------------
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        check_prompt(prompt_ids, self.num_ctx)
+        if request_id in self.requests:
+            raise InvalidParameterError(f"request id {request_id!r} is already in use")
+        if len(self.scheduler.waiting) >= self.options.max_waiting:
+            raise QueueFullError(
+                f"{self.options.max_waiting} requests are already waiting; retry shortly")
+        request = _Request(request_id, list(prompt_ids), params, open=params.n)
+        self.requests[request_id] = request
+        self.scheduler.add(self._new_sequence(request, 0, params))
+        self.stats.requests_total += 1
+
+    def abort(self, request_id: str) -> list[Event]:
+        """Stop a request now, freeing its blocks; → the final event of each open sample."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return []
+        events = []
+        for index, seq in request.seqs.items():
+            self._drop(seq)
+            if not seq.finished:
+                events.append(Event(request_id, index, seq.abort()))
+        if 0 < len(request.seqs) < request.params.n:  # samples not forked yet end too
+            events += [Event(request_id, i, Delta(None, "", finish_reason="abort"))
+                       for i in range(len(request.seqs), request.params.n)]
+        return events
+
+    # ---- the step ------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        step = self.scheduler.schedule()
+        if not step.scheduled:
+            return []
+        self.pool.copy_blocks(step.copies)
+        batch = ForwardBatch.build([
+            (seq.token_ids[seq.num_computed:seq.num_computed + n], seq.num_computed,
+             self.blocks.table(seq.seq_id), n == seq.pending) for seq, n in step.scheduled])
+        now = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                logits = self.lm.model.forward_batch(batch, self.pool)
+        except Exception as err:  # a bug must not take the engine down: fail this step's requests
+            log.exception("forward failed")
+            return self._fail_step(step, err)
+        self.stats.steps_total += 1
+        return self._after_forward(step, logits, now)
+
+    def _after_forward(self, step: Step, logits: torch.Tensor, started: float) -> list[Event]:
+        events, row = [], 0
+        elapsed = time.perf_counter() - started
+        for seq, n in step.scheduled:
+            seq.num_computed += n
+            self.blocks.register(seq.seq_id, seq.token_ids, seq.num_computed)
+            prefill = seq.num_computed <= seq.num_prompt
+            if prefill:
+                self.stats.prompt_tokens_total += n
+                seq.timings.prompt_seconds += elapsed
+            else:
+                seq.timings.eval_seconds += elapsed
+            if seq.pending == 0:
+                events += self._sample(seq, logits[row])
+                row += 1
+        self.stats.generation_tokens_total += sum(
+            1 for e in events if e.delta is not None and e.delta.token_id is not None)
+        return events
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> list[Event]:
+        request, index = self._owner[seq.seq_id]
+        first = not seq.generated
+        forks = self._fork(request, seq) if first and index == 0 and request.params.n > 1 else []
+        events = []
+        for s in [seq, *forks]:
+            try:
+                delta = s.next(logits)
+            except TandemError as err:
+                self._finish(s)
+                events.append(Event(request.request_id, self._owner[s.seq_id][1], error=err))
+                continue
+            events.append(Event(request.request_id, self._owner[s.seq_id][1], delta))
+            if delta.finish_reason:
+                self._finish(s)
+        return events
+
+    def _fork(self, request: _Request, parent: Sequence) -> list[Sequence]:
+        """Samples 1 … n-1, sharing the parent's prompt blocks (copy-on-write)."""
+        children = []
+        for i in range(1, request.params.n):
+            params = request.params
+            if params.seed is not None:  # each sample draws from its own stream: seed + i
+                params = replace(params, seed=params.seed + i)
+            child = self._new_sequence(request, i, params)
+            child.num_computed = parent.num_computed
+            child.timings.prompt_seconds = parent.timings.prompt_seconds
+            self.blocks.fork(parent.seq_id, child.seq_id)
+            self.scheduler.add_running(child)
+            children.append(child)
+        return children
+
+    def _new_sequence(self, request: _Request, index: int, params: SamplingParams) -> Sequence:
+        seq = Sequence(next(self._seq_ids), request.prompt_ids, params, self.lm.tokenizer,
+                       self.num_ctx)
+        request.seqs[index] = seq
+        self._owner[seq.seq_id] = (request, index)
+        return seq
+
+    def _finish(self, seq: Sequence) -> None:
+        request, _ = self._owner[seq.seq_id]
+        self._drop(seq)
+        request.open -= 1
+        if request.open == 0:
+            self.requests.pop(request.request_id, None)
+
+    def _drop(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self._owner.pop(seq.seq_id, None)
+
+    def _fail_step(self, step: Step, err: Exception) -> list[Event]:
+        error = err if isinstance(err, TandemError) else TandemError(f"internal error: {err}")
+        events = []
+        for seq, _ in step.scheduled:
+            if seq.seq_id not in self._owner:
+                continue
+            request, _ = self._owner[seq.seq_id]
+            events += [Event(e.request_id, e.index, error=error)
+                       for e in self.abort(request.request_id)]
+        return events
+
+    def snapshot(self) -> EngineStats:
+        """A copy of the statistics with the current occupancy."""
+        s = self.scheduler
+        return replace(self.stats, running=len(s.running), waiting=len(s.waiting),
+                       kv_blocks_free=self.blocks.num_free,
+                       kv_blocks_used=self.blocks.num_blocks - self.blocks.num_free,
+                       preemptions_total=s.preemptions_total,
+                       prefix_cache_hits_total=s.cached_tokens_total)
