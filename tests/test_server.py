@@ -21,6 +21,7 @@ from runtime.server.app import create_app
 from runtime.server.models import ModelRegistry, RegistryOptions
 
 MODEL = "smollm2"
+SERVED = "smollm2:latest"  # the name the server lists it under (the store's name:tag)
 NUM_CTX = 512
 CHAT = [{"role": "user", "content": "Say hi"}]
 # Raw completion prompts for the concurrency test: 8 different ones, each sent twice.
@@ -103,7 +104,7 @@ def metrics(server) -> dict[str, float]:
 
 
 def engine_value(server, name: str) -> float:
-    return metrics(server)[f'{name}{{model="{MODEL}"}}']
+    return metrics(server)[f'{name}{{model="{SERVED}"}}']
 
 
 # -- health, models ------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def test_health_is_503_while_the_preloaded_model_loads():
 
 def test_health_ready_and_models_listed(server, client):
     assert httpx2.get(f"{server.url}/health").json() == {"status": "ok"}
-    assert MODEL in [m.id for m in client.models.list().data]
+    assert SERVED in [m.id for m in client.models.list().data]
 
 
 # -- chat: plain vs streamed, usage, n, stop, logprobs -------------------------------------
@@ -302,7 +303,7 @@ def test_a_dropped_stream_is_aborted_and_others_complete(server, client):
         time.sleep(0.1)
     after = metrics(server)
     assert after["tandem_requests_aborted_total"] == before["tandem_requests_aborted_total"] + 1
-    key = f'tandem_generation_tokens_total{{model="{MODEL}"}}'
+    key = f'tandem_generation_tokens_total{{model="{SERVED}"}}'
     assert after[key] - before[key] < 300  # it did not run to its 300 tokens
 
 
@@ -325,7 +326,7 @@ def test_metrics_exposition(server):
     for name in ("tandem_running_sequences", "tandem_queue_depth", "tandem_kv_blocks_used",
                  "tandem_kv_blocks_free", "tandem_prompt_tokens_total",
                  "tandem_generation_tokens_total"):
-        assert f'{name}{{model="{MODEL}"}}' in m
+        assert f'{name}{{model="{SERVED}"}}' in m
     assert m['tandem_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
     assert m['tandem_requests_total{endpoint="/v1/chat/completions",status="404"}'] >= 1
     for hist in ("tandem_time_to_first_token_seconds", "tandem_inter_token_latency_seconds"):
@@ -376,12 +377,12 @@ def test_ollama_errors(server):
 
 def test_ollama_model_endpoints(server, capsys):
     tags = httpx2.get(f"{server.url}/api/tags").json()["models"]
-    assert MODEL in [m["name"] for m in tags]
+    assert SERVED in [m["name"] for m in tags]
     shown = httpx2.post(f"{server.url}/api/show", json={"model": MODEL}).json()
     assert shown["details"]["family"] == "llama" and shown["details"]["format"] == "gguf"
     assert shown["details"]["quantization_level"] == "Q4_1"
     running = httpx2.get(f"{server.url}/api/ps").json()["models"]
-    entry = next(m for m in running if m["name"] == MODEL)
+    entry = next(m for m in running if m["name"] == SERVED)
     assert entry["context_length"] == NUM_CTX and entry["size_vram"] == 0
     assert entry["size"] > 0 and entry["digest"].startswith("b179c952")
     assert httpx2.get(f"{server.url}/api/version").json()["version"]
@@ -391,5 +392,5 @@ def test_ollama_model_endpoints(server, capsys):
     assert main(["ps", "--host", server.url.removeprefix("http://")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]
-    row = next(line for line in out if line.startswith(MODEL))
+    row = next(line for line in out if line.startswith(SERVED))
     assert "b179c9523d0e" in row and "100% CPU" in row and "Forever" in row

@@ -15,7 +15,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from modelfiles.names import ModelName
 from runtime.engine import Engine, EngineOptions
 from runtime.loaded_model import LoadedModel
 
@@ -60,8 +62,13 @@ class RegistryOptions:
     keep_alive: float = 300.0  # seconds
 
 
-def normalize(name: str) -> str:
-    return name.removesuffix(":latest")
+def normalize(ref: str) -> str:
+    """The registry key of a model reference: a .gguf path as given, a name as `name:tag`
+    (so "smollm2", "SmolLM2" and "smollm2:latest" share one loaded copy)."""
+    if Path(ref).expanduser().is_file():
+        return ref
+    name = ModelName.maybe(ref)
+    return str(name) if name is not None else ref
 
 
 class ModelRegistry:

@@ -16,13 +16,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loaders.gguf_file import GGUFFile
-from loaders.pull import KNOWN, pulled_path
+from modelfiles.resolver import resolve as resolve_spec
 from runtime.cli import RUN_DEFAULTS
 from runtime.errors import TandemError
 from runtime.server.choice import Choice
 from runtime.server.errors import RequestFieldError, ollama_error, status_of
 from runtime.server.keep_alive import parse_keep_alive
-from runtime.server.ollama_info import now_iso, ps_entry, show, tags_entry
+from runtime.server.ollama_info import local_models, now_iso, ps_entry, show
 from runtime.server.ollama_options import fit_context, parse_options
 from runtime.server.ollama_prompt import OllamaPrompt, parse_chat, parse_generate
 from runtime.server.state import read_json, server_state
@@ -142,36 +142,26 @@ def _line(obj: dict) -> str:
 
 @router.get("/api/tags")
 async def tags(request: Request) -> dict:
-    state = server_state(request)
-    return {"models": await asyncio.to_thread(_local_models, state)}
-
-
-def _local_models(state) -> list[dict]:
-    out = []
-    for served in state.registry.loaded():
-        out.append(tags_entry(served.name, served.lm.path, served.lm.gguf))
-    seen = {m["name"] for m in out}
-    for name in KNOWN:
-        path = pulled_path(name)
-        if path is not None and name not in seen:
-            with GGUFFile(path) as file:
-                out.append(tags_entry(name, path, file))
-    return out
+    loaded = server_state(request).registry.loaded()
+    return {"models": await asyncio.to_thread(local_models, loaded)}
 
 
 @router.post("/api/show")
 async def show_model(request: Request) -> Response:
-    state = server_state(request)
     try:
         body = await read_json(request)
-        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        name = (body.get("model") or body.get("name")) if isinstance(body, dict) else None
         if not isinstance(name, str) or not name:
             raise RequestFieldError("model", "give the model to show as {\"model\": NAME}")
-        served, _ = await state.registry.get(name)
-        state.registry.release(served)
+        return JSONResponse(await asyncio.to_thread(_show, name))
     except TandemError as err:
         return ollama_error(err)
-    return JSONResponse(show(served.lm))
+
+
+def _show(name: str) -> dict:
+    spec = resolve_spec(name)
+    with GGUFFile(spec.path) as file:
+        return show(spec, file)
 
 
 @router.get("/api/ps")

@@ -3,6 +3,7 @@ model's status — kept on `app.state.tandem`; and reading a JSON body."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any
 
 from fastapi import Request
 
-from loaders.pull import KNOWN, pulled_path
+from modelfiles.store import Store
 from runtime.server.errors import RequestFieldError
 from runtime.server.metrics import ServerMetrics
 from runtime.server.models import ModelRegistry
@@ -30,13 +31,13 @@ class ServerState:
         return self.preload is None or self.registry.find(self.preload) is not None
 
     def model_names(self) -> list[tuple[str, int]]:
-        """(name, created unix time) of every loaded or pulled model, loaded ones first."""
+        """(name, created unix time) of every loaded or stored model, loaded ones first."""
         out = [(m.name, int(m.loaded_at)) for m in self.registry.loaded()]
         seen = {name for name, _ in out}
-        for name in KNOWN:
-            path = pulled_path(name)
-            if name not in seen and path is not None:
-                out.append((name, int(path.stat().st_mtime)))
+        for name, manifest in Store().list():
+            if str(name) not in seen:
+                created = dt.datetime.fromisoformat(manifest.created_at).timestamp()
+                out.append((str(name), int(created)))
         return out
 
 
