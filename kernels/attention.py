@@ -31,3 +31,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
         attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
     )  # (1, H, T, Dv)
     return out[0].transpose(0, 1).reshape(n_query, -1)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One query per sequence over padded contexts, in one call.
+    q: (B, H, D), k: (B, L, Hkv, D), v: (B, L, Hkv, Dv), mask: (B, 1, 1, L) → (B, H * Dv)"""
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[2],
+    )  # (B, H, 1, Dv)
+    return out.reshape(q.shape[0], -1)

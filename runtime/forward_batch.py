@@ -3,11 +3,14 @@
 The new tokens of every scheduled sequence are concatenated into rows 0 … T-1; each sequence
 (SeqRows) has a contiguous run of rows, the positions they take, the KV slots they write,
 and the slots of its whole context (positions 0 … start+n-1) that its attention reads.
+
+Sequences that add one token (decodes) are also gathered into a DecodeGroup, so their
+attention runs as one padded call instead of one call per sequence.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,26 +26,62 @@ class SeqRows:
 
 
 @dataclass
+class DecodeGroup:
+    """B one-token sequences, their contexts padded to the longest (L) with slot 0."""
+
+    rows: torch.Tensor  # (B,) int64: their rows in the batch
+    slots: torch.Tensor  # (B * L,) int64: context slots, row-major, padding → 0
+    lengths: torch.Tensor  # (B,) int64: context lengths (the query is at position length-1)
+    width: int  # L
+    _masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, window: int) -> torch.Tensor:
+        """(B, 1, 1, L) bool: True where the query may attend (inside its context and,
+        with a sliding window, distance < window)."""
+        if window not in self._masks:
+            k_pos = torch.arange(self.width)[None, :]  # (1, L)
+            q_pos = (self.lengths - 1)[:, None]  # (B, 1)
+            allowed = k_pos <= q_pos
+            if window:
+                allowed &= (q_pos - k_pos) < window
+            self._masks[window] = allowed[:, None, None, :]
+        return self._masks[window]
+
+
+@dataclass
 class ForwardBatch:
     tokens: torch.Tensor  # (T,) int64
     positions: torch.Tensor  # (T,) int64
     slots: torch.Tensor  # (T,) int64: where each row's K/V is written
-    seqs: list[SeqRows]
+    seqs: list[SeqRows]  # sequences attended one by one (prefill chunks)
     logit_rows: torch.Tensor  # (R,) int64: rows whose logits are wanted
+    decode: DecodeGroup | None = None  # one-token sequences, attended together
 
     @classmethod
     def build(cls, items: list[tuple[list[int], int, list[int], bool]]) -> ForwardBatch:
         """items: per sequence (new token ids, start position, block table, wants logits)."""
-        tokens, positions, slots, seqs, logit_rows, row = [], [], [], [], [], 0
+        tokens, positions, slots, seqs, logit_rows, decodes, row = [], [], [], [], [], [], 0
         for ids, start, table, wants_logits in items:
             n = len(ids)
             context = slots_for(table, 0, start + n)
             tokens.extend(ids)
             positions.append(torch.arange(start, start + n))
             slots.append(context[start:])
-            seqs.append(SeqRows(row, n, start, context))
+            (decodes if n == 1 else seqs).append(SeqRows(row, n, start, context))
             row += n
             if wants_logits:
                 logit_rows.append(row - 1)
         return cls(torch.tensor(tokens, dtype=torch.int64), torch.cat(positions),
-                   torch.cat(slots), seqs, torch.tensor(logit_rows, dtype=torch.int64))
+                   torch.cat(slots), seqs, torch.tensor(logit_rows, dtype=torch.int64),
+                   _decode_group(decodes))
+
+
+def _decode_group(decodes: list[SeqRows]) -> DecodeGroup | None:
+    if not decodes:
+        return None
+    width = max(len(s.context_slots) for s in decodes)
+    slots = torch.zeros(len(decodes), width, dtype=torch.int64)
+    for b, s in enumerate(decodes):
+        slots[b, :len(s.context_slots)] = s.context_slots
+    return DecodeGroup(torch.tensor([s.row for s in decodes]), slots.flatten(),
+                       torch.tensor([len(s.context_slots) for s in decodes]), width)

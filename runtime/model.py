@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import attention
+from kernels.attention import attention, decode_attention
 from kernels.linear import PackedLinear
 from kernels.norm import rms_norm
 from kernels.rope import Rope
@@ -125,6 +125,11 @@ class Model:
                 keys, values = pool.read(i, s.context_slots)
                 out[rows] = attention(q[rows], keys, values, s.start, window,
                                       self.config.attn_scale)
+            if (d := batch.decode) is not None:
+                keys, values = pool.read(i, d.slots)  # (B*L, Hkv, D)
+                out[d.rows] = decode_attention(q[d.rows], keys.unflatten(0, (-1, d.width)),
+                                               values.unflatten(0, (-1, d.width)),
+                                               d.mask(window), self.config.attn_scale)
             return out
 
         x = self._layers(batch.tokens, batch.positions, attend)
