@@ -23,7 +23,9 @@ from runtime.server.models import ModelRegistry, RegistryOptions
 MODEL = "smollm2"
 SERVED = "smollm2:latest"  # the name the server lists it under (the store's name:tag)
 NUM_CTX = 512
-CHAT = [{"role": "user", "content": "Say hi"}]
+# Greedy over 8 tokens, SmolLM2 puts >= 0.5 nats between its pick and the runner-up at every
+# step for this prompt, so batching or prefix-cache numerics cannot flip a token.
+CHAT = [{"role": "user", "content": "Tell me about the moon."}]
 # Raw completion prompts for the concurrency test: 8 different ones, each sent twice.
 PROMPTS = ["The capital of France is", "Once upon a time", "The best way to learn is",
            "Water boils at", "My favourite colour is", "In the morning I",

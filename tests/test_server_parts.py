@@ -202,3 +202,26 @@ def test_histogram_buckets_are_cumulative():
     assert lines[2:] == ['lat_seconds_bucket{le="0.1"} 2', 'lat_seconds_bucket{le="1.0"} 3',
                          'lat_seconds_bucket{le="+Inf"} 4', "lat_seconds_sum 3.65",
                          "lat_seconds_count 4"]
+
+
+# -- error mapping ---------------------------------------------------------------------------
+
+def test_errors_map_to_status_and_bodies():
+    import json
+
+    from runtime.errors import EngineClosedError, ModelNotFoundError, QueueFullError
+    from runtime.server.errors import ollama_error, openai_error
+
+    full = openai_error(QueueFullError("512 requests are waiting", retry_after=3))
+    assert full.status_code == 503 and full.headers["retry-after"] == "3"
+    assert json.loads(full.body)["error"]["type"] == "service_unavailable_error"
+    closed = ollama_error(EngineClosedError("shut down"))
+    assert closed.status_code == 503 and json.loads(closed.body) == {"error": "shut down"}
+    long = json.loads(openai_error(ContextLengthError("too long")).body)["error"]
+    assert long == {"message": "too long", "type": "invalid_request_error", "param": None,
+                    "code": "context_length_exceeded"}
+    missing = openai_error(ModelNotFoundError("no model 'x'"))
+    assert missing.status_code == 404
+    assert json.loads(missing.body)["error"]["code"] == "model_not_found"
+    field = json.loads(openai_error(RequestFieldError("n", "n must be ...")).body)["error"]
+    assert field["param"] == "n" and field["code"] is None
