@@ -1,0 +1,215 @@
+"""Llama-shaped GGUFs with random weights at real shapes, for speed measurements.
+
+    python scripts/make_synthetic_gguf.py --size 1b --type q4_0 --out llama-1b-q4_0.gguf
+    python scripts/make_synthetic_gguf.py --size 7b --type q4_k --out llama-7b-q4_k.gguf
+    python scripts/make_synthetic_gguf.py --size 1b --layers 2 --dim 64 --ffn 128 --heads 4 \
+        --kv-heads 2 --out tiny.gguf                                   # a test-sized one
+
+Shapes: 1b is TinyLlama-1.1B's (22 layers, dim 2048, FFN 5632, 32 heads, 4 KV heads), 7b
+is Llama-2-7B's (32, 4096, 11008, 32 heads, 32 KV heads). The vocabulary is the tokenizer's:
+every tokenizer.* key is copied from a pulled model (default SmolLM2, 49152 tokens), so
+tandem and llama.cpp both load the file and its token_embd/output have one row per token.
+
+Every weight matrix (token_embd, output and all block linears) is in the chosen type, like
+llama.cpp's `--pure` quantizations; norms are F32 ones. Speed does not depend on the values,
+but they are kept sane so a forward stays finite: Q4_0 and Q8_0 blocks quantize Gaussian
+weights (std 0.02) with quant/quantize.py. Q4_K has no quantizer here; its blocks are
+random bytes, which are all valid (6-bit scales and mins, 4-bit quants) except the two fp16
+super-block scales, which are set: d ≈ 0.02/218 (218 = the std of scale·quant for uniform
+6-bit scales and 4-bit quants), so weights have std ≈ 0.02, and dmin = 7.5·d, so the mean
+min offset cancels the mean of scale·quant and weights center on 0. Both stay fp16 normals.
+
+Tensors are generated, quantized and written one at a time (in row chunks of float32), so
+a 7B file needs well under 1 GB of RAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFValueType as VT
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loaders.gguf_file import GGUFFile  # noqa: E402
+from quant.formats import block_format  # noqa: E402
+from quant.quantize import quantize  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    dim: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    ctx: int
+
+
+SHAPES = {"1b": Shape(22, 2048, 5632, 32, 4, 2048), "7b": Shape(32, 4096, 11008, 32, 32, 4096)}
+TYPES = {"q4_0": T.Q4_0, "q4_k": T.Q4_K, "q8_0": T.Q8_0}
+FILE_TYPES = {T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+              T.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M}
+WEIGHT_STD = 0.02
+Q4K_D = WEIGHT_STD / 218  # see the module docstring
+CHUNK_ELEMENTS = 1 << 24  # float32 elements generated at once (64 MB)
+
+
+def tensor_plan(s: Shape, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape in numpy order (rows, cols)) of every tensor, in llama.cpp's order."""
+    head_dim = s.dim // s.heads
+    plan: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (vocab, s.dim))]
+    for i in range(s.layers):
+        p = f"blk.{i}."
+        plan += [(p + "attn_norm.weight", (s.dim,)),
+                 (p + "attn_q.weight", (s.dim, s.dim)),
+                 (p + "attn_k.weight", (s.kv_heads * head_dim, s.dim)),
+                 (p + "attn_v.weight", (s.kv_heads * head_dim, s.dim)),
+                 (p + "attn_output.weight", (s.dim, s.dim)),
+                 (p + "ffn_norm.weight", (s.dim,)),
+                 (p + "ffn_gate.weight", (s.ffn, s.dim)),
+                 (p + "ffn_up.weight", (s.ffn, s.dim)),
+                 (p + "ffn_down.weight", (s.dim, s.ffn))]
+    return plan + [("output_norm.weight", (s.dim,)), ("output.weight", (vocab, s.dim))]
+
+
+def random_q4_k(n_blocks: int, gen: np.random.Generator) -> np.ndarray:
+    """n random Q4_K super-blocks (n, 144) uint8: d, dmin (fp16) then scales[12], qs[128]."""
+    blocks = gen.integers(0, 256, (n_blocks, 144), dtype=np.uint8)
+    d = (Q4K_D * gen.uniform(0.75, 1.25, n_blocks)).astype(np.float16)
+    dmin = (d.astype(np.float32) * 7.5).astype(np.float16)
+    blocks[:, 0:2] = d.view(np.uint8).reshape(-1, 2)
+    blocks[:, 2:4] = dmin.view(np.uint8).reshape(-1, 2)
+    return blocks
+
+
+def random_matrix(rows: int, cols: int, qtype: T, seed: int) -> np.ndarray:
+    """(rows, row_bytes) uint8 of random weights in `qtype`, built CHUNK_ELEMENTS at a time."""
+    fmt = block_format(int(qtype))
+    out = np.empty((rows, fmt.row_bytes(cols)), dtype=np.uint8)
+    step = max(1, CHUNK_ELEMENTS // cols)
+    torch_gen, np_gen = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        if qtype == T.Q4_K:
+            out[r:r + n] = random_q4_k(n * cols // 256, np_gen).reshape(n, -1)
+        else:
+            w = torch.randn(n, cols, generator=torch_gen) * WEIGHT_STD  # (n, cols) float32
+            out[r:r + n] = quantize(w, int(qtype)).numpy()
+    return out
+
+
+def item_type(values: list) -> VT:
+    """The GGUF item type tokenizer arrays use: strings, int32 (token_type) or float32."""
+    first = values[0]
+    if isinstance(first, str):
+        return VT.STRING
+    return VT.INT32 if isinstance(first, int) else VT.FLOAT32
+
+
+def copy_tokenizer(src: Path, writer: gguf.GGUFWriter) -> int:
+    """Copy every tokenizer.* key of `src` with its type; returns the vocabulary size."""
+    source = GGUFFile(src)
+    for key, value in source.metadata.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = source.metadata_types[key]
+        if vtype == VT.ARRAY:
+            if value:
+                writer.add_key_value(key, value, VT.ARRAY, sub_type=item_type(value))
+        else:
+            writer.add_key_value(key, value, vtype)
+    return len(source.metadata["tokenizer.ggml.tokens"])
+
+
+def write_header(writer: gguf.GGUFWriter, s: Shape, qtype: T, vocab: int, name: str) -> None:
+    writer.add_name(name)
+    writer.add_block_count(s.layers)
+    writer.add_context_length(s.ctx)
+    writer.add_embedding_length(s.dim)
+    writer.add_feed_forward_length(s.ffn)
+    writer.add_head_count(s.heads)
+    writer.add_head_count_kv(s.kv_heads)
+    writer.add_rope_dimension_count(s.dim // s.heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    writer.add_file_type(int(FILE_TYPES[qtype]))
+
+
+def make(out: Path, s: Shape, qtype: T, tokenizer_src: Path, seed: int = 0,
+         log=print) -> Path:
+    """Write the synthetic model to `out`, one tensor in memory at a time."""
+    writer = gguf.GGUFWriter(str(out), "llama")
+    vocab = copy_tokenizer(tokenizer_src, writer)
+    write_header(writer, s, qtype, vocab, f"synthetic llama {s.layers}L-{s.dim} {qtype.name}")
+    plan = tensor_plan(s, vocab)
+    for name, shape in plan:
+        raw = T.F32 if len(shape) == 1 else qtype
+        nbytes = 4 * shape[0] if len(shape) == 1 else shape[0] * block_format(raw).row_bytes(
+            shape[1])
+        writer.add_tensor_info(name, list(shape), np.dtype(np.float32), nbytes, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for i, (name, shape) in enumerate(plan):
+        if len(shape) == 1:
+            writer.write_tensor_data(np.ones(shape, dtype=np.float32))
+        else:
+            writer.write_tensor_data(random_matrix(*shape, qtype, seed + i))
+            log(f"[{i + 1}/{len(plan)}] {name} {shape}")
+    writer.close()
+    return out
+
+
+def default_tokenizer() -> Path:
+    from loaders.pull import pull
+
+    return pull("smollm2")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--type", choices=sorted(TYPES), default="q4_0")
+    ap.add_argument("--out", type=Path, required=True)
+    for flag in ("layers", "dim", "ffn", "heads", "kv-heads"):
+        ap.add_argument(f"--{flag}", type=int, help=f"override the size's {flag} (tests)")
+    ap.add_argument("--tokenizer-from", type=Path,
+                    help="a GGUF whose tokenizer.* keys to copy (default: pulled SmolLM2)")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def shape_of(args: argparse.Namespace) -> Shape:
+    """The size's shape with any overrides; refuses shapes that cannot form a model."""
+    overrides = {k: getattr(args, k) for k in ("layers", "dim", "ffn", "heads", "kv_heads")
+                 if getattr(args, k) is not None}
+    s = replace(SHAPES[args.size], **overrides)
+    block = block_format(int(TYPES[args.type])).block_size
+    if min(s.layers, s.dim, s.ffn, s.heads, s.kv_heads) < 1 or s.dim % s.heads or \
+            s.heads % s.kv_heads or s.dim % block or s.ffn % block:
+        sys.exit(f"bad shape {s}: dim and ffn must be multiples of {block} ({args.type}), dim "
+                 "a multiple of heads, heads a multiple of kv-heads")
+    return s
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    s = shape_of(args)
+    src = args.tokenizer_from or default_tokenizer()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    make(args.out, s, TYPES[args.type], src, args.seed,
+         log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(f"{args.out}: {args.out.stat().st_size / 1e9:.3f} GB")
+
+
+if __name__ == "__main__":
+    main()
