@@ -226,3 +226,21 @@ def test_plan_command_text(smollm2_path, capsys) -> None:
     if not torch.cuda.is_available():
         assert main(["plan", "smollm2", "--num-gpu", "40"]) == 1  # no GPU, no --gpu-memory
         assert "--gpu-memory" in capsys.readouterr().err
+
+
+def test_calibration_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:
+    from runtime import devices
+
+    monkeypatch.setenv("TANDEM_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(devices, "measure_ram_bw", lambda: calls.append("ram") or 17e9)
+    monkeypatch.setattr(devices, "measure_cpu_flops", lambda: calls.append("cpu") or 3e11)
+    first = devices.calibrate(gpus=())
+    assert (first.ram_bw, first.cpu_flops) == (17e9, 3e11) and calls == ["ram", "cpu"]
+    assert first.source("ram_bw") == "measured" and first.source("vram_bw") == "assumed"
+    again = devices.calibrate(gpus=())
+    assert again == first and calls == ["ram", "cpu"]  # read from the cache
+    devices.calibrate(gpus=(), force=True)
+    assert calls == ["ram", "cpu"] * 2
+    (tmp_path / "calibration.json").write_text("{not json")
+    assert devices.calibrate(gpus=()).ram_bw == 17e9 and len(calls) == 6  # re-measured

@@ -187,3 +187,24 @@ def test_gemv_large_shape_on_cuda(name: str) -> None:
     dense = dequantize(w, qtype).double()
     bound = 4096 * EPS32 * (x.double().abs() @ dense.abs().t())
     assert ((y - x.double() @ dense.t()).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("model,names", [
+    ("smollm2", ["blk.0.attn_q.weight", "blk.0.ffn_down.weight"]),  # Q4_1
+    ("gemma3", ["blk.0.attn_q.weight", "blk.0.attn_output.weight",  # Q5_0, Q4_K
+                "blk.0.ffn_down.weight", "blk.0.attn_v.weight"]),  # Q6_K, Q8_0
+])
+def test_gemv_on_real_model_tensors(model: str, names: list[str], request) -> None:
+    """The real files' blocks (scales as trained, not random) through the GEMV."""
+    from loaders.gguf_file import GGUFFile
+
+    path = request.getfixturevalue(f"{model}_path")
+    gen = torch.Generator().manual_seed(7)
+    with GGUFFile(path) as g:
+        for name in names:
+            info, w = g.info(name), g.tensor(name)[:128].clone()  # (128, row_bytes) uint8
+            x = torch.randn(1, info.shape[0], generator=gen)
+            dense = dequantize(w, info.ggml_type).double()
+            y = qmatmul(x.to(DEVICE), w.to(DEVICE), info.ggml_type).cpu().double()
+            bound = info.shape[0] * EPS32 * (x.double().abs() @ dense.abs().t())
+            assert ((y - x.double() @ dense.t()).abs() <= bound).all(), name
