@@ -16,6 +16,7 @@ from pathlib import Path
 
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
+from loaders.lora_adapter import LoraAdapter
 from loaders.pull import KNOWN, pull
 from modelfiles.manifest import Layer, Manifest
 from modelfiles.modelfile import Modelfile
@@ -23,7 +24,7 @@ from modelfiles.names import DEFAULT_TAG, ModelName
 from modelfiles.parser import read_modelfile
 from modelfiles.store import Progress, Store
 from quant.gguf_quantizer import quantize_gguf, target_type
-from runtime.errors import GGUFError, ModelfileError, ModelNotFoundError
+from runtime.errors import GGUFError, ModelfileError, ModelNotFoundError, UnsupportedError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 
@@ -40,7 +41,8 @@ def create_model(store: Store, name: ModelName, mf: Modelfile, base_dir: Path,
     model, quantization = base.model, base.quantization
     if quantize:
         model, quantization = _quantize(store, model, quantize, say), target_type(quantize).name
-    adapters = base.adapters + [_import_adapter(store, a, base_dir, say) for a in mf.adapters]
+    adapters = base.adapters + [_import_adapter(store, a, base_dir, model, say)
+                                for a in mf.adapters]
     manifest = Manifest(
         model=model, adapters=adapters, parameters={**base.parameters, **mf.parameters},
         template=mf.template if mf.template is not None else base.template,
@@ -114,19 +116,32 @@ def _import(store: Store, path: Path, say: Progress) -> Layer:
     return store.import_file(path, say)
 
 
-def _import_adapter(store: Store, text: str, base_dir: Path, say: Progress) -> Layer:
+def _import_adapter(store: Store, text: str, base_dir: Path, base: Layer,
+                    say: Progress) -> Layer:
     path = _local_path(text, base_dir)
     if path is None:
         raise ModelfileError(f"ADAPTER {text}: no such file (relative paths start at the "
                              f"Modelfile's directory, {base_dir})")
-    adapter = GGUFFile(path)
-    kind = (adapter.metadata.get("general.type"), adapter.metadata.get("adapter.type"))
-    adapter.close()
-    if kind != ("adapter", "lora"):
-        raise ModelfileError(f"ADAPTER {text}: {path} is not a LoRA adapter GGUF (general.type "
-                             f"{kind[0]!r}, adapter.type {kind[1]!r}; convert it with "
-                             "llama.cpp's convert_lora_to_gguf.py)")
+    try:
+        _check_fits(LoraAdapter.read(path), store.blob_path(base))
+    except (GGUFError, UnsupportedError) as err:
+        raise ModelfileError(f"ADAPTER {text}: {err}") from None
     return _import(store, path, say)
+
+
+def _check_fits(adapter: LoraAdapter, base_path: Path) -> None:
+    """Every adapted tensor exists in the base with the adapter's shape."""
+    with GGUFFile(base_path) as base:
+        arch = base.metadata.get("general.architecture")
+        if adapter.arch and adapter.arch != arch:
+            raise UnsupportedError(f"the adapter is for {adapter.arch}, the model is {arch}")
+        for name, weight in adapter.weights.items():
+            info = base.tensors.get(name)
+            want = (weight.b.shape[0], weight.a.shape[1])  # (out, in)
+            if info is None or tuple(reversed(info.shape)) != want:
+                have = "missing" if info is None else f"{tuple(reversed(info.shape))}"
+                raise UnsupportedError(f"it changes {name} as {want}, but the model's {name} "
+                                       f"is {have}; was it made for this base model?")
 
 
 def _quantize(store: Store, model: Layer, target: str, say: Progress) -> Layer:

@@ -10,17 +10,19 @@ the GGUF's own tokenizer.chat_template, the architecture's built-in.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loaders.chat_template import ChatTemplate, template_for
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
+from loaders.lora_adapter import LoraAdapter
 from loaders.tokenizer import Tokenizer
 from modelfiles.prompt_template import GoTemplate
 from modelfiles.resolver import ModelSpec
 from modelfiles.resolver import resolve as resolve_spec
-from runtime.errors import UnsupportedError
+from runtime.lora import attach_adapters
 from runtime.model import Model
 from runtime.sampling_params import OLLAMA_OPTIONS, SamplingParams
 
@@ -51,15 +53,14 @@ class LoadedModel:
     @classmethod
     def load(cls, ref: str | Path) -> LoadedModel:
         spec = resolve_spec(ref)
-        if spec.adapters:
-            raise UnsupportedError(f"{spec.name} has a LoRA ADAPTER, which tandem cannot apply "
-                                   "yet; create the model without it")
         start = time.perf_counter()
-        gguf = GGUFFile(spec.path)
+        adapters = [LoraAdapter.read(path) for path in spec.adapters]
+        gguf = _open_gguf(spec.path)
         config = ModelConfig.from_metadata(gguf.metadata, gguf.tensors.keys())
         tokenizer = Tokenizer.from_metadata(gguf.metadata)
         template = _template(spec, gguf, config, tokenizer)
         model = Model(gguf, config)
+        attach_adapters(model, adapters)  # wraps this model's layers; the base stays shared
         return cls(spec.name, spec.path, gguf, config, tokenizer, template, model,
                    time.perf_counter() - start, spec.parameters, spec.system, spec.messages)
 
@@ -89,6 +90,20 @@ class LoadedModel:
         bos = self.template.bos_token
         add_special = not (bos and text.startswith(bos))
         return self.tokenizer.encode(text, add_special=add_special, parse_special=True)
+
+
+# One mapping per GGUF file, shared by every model loaded from it: custom models on one base
+# (their own SYSTEM, PARAMETERs, LoRA adapters) hold one copy of its weights.
+_OPEN: weakref.WeakValueDictionary[tuple, GGUFFile] = weakref.WeakValueDictionary()
+
+
+def _open_gguf(path: Path) -> GGUFFile:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    gguf = _OPEN.get(key)
+    if gguf is None or gguf.closed:
+        gguf = _OPEN[key] = GGUFFile(path)
+    return gguf
 
 
 def _template(spec: ModelSpec, gguf: GGUFFile, config: ModelConfig,
