@@ -61,6 +61,8 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: (M, K) float32 → (M, N) float32
+        if x.device.type != "cpu":  # a CPU-pinned weight inside a GPU layer
+            return self(x.cpu()).to(x.device)
         if self._native is not None:
             y = self._native(x.contiguous(), self.weight, self.ggml_type)
             return y + self.bias if self.bias is not None else y

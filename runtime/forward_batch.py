@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runtime.block_manager import BLOCK_SIZE
 from runtime.kv_pool import slots_for
 
 
@@ -33,13 +34,18 @@ class DecodeGroup:
     slots: torch.Tensor  # (B * L,) int64: context slots, row-major, padding → 0
     lengths: torch.Tensor  # (B,) int64: context lengths (the query is at position length-1)
     width: int  # L
+    tables: torch.Tensor  # (B, max_blocks) int32: block tables, padding → 0
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> DecodeGroup:
+        return DecodeGroup(self.rows.to(device), self.slots.to(device),
+                           self.lengths.to(device), self.width, self.tables.to(device))
 
     def mask(self, window: int) -> torch.Tensor:
         """(B, 1, 1, L) bool: True where the query may attend (inside its context and,
         with a sliding window, distance < window)."""
         if window not in self._masks:
-            k_pos = torch.arange(self.width)[None, :]  # (1, L)
+            k_pos = torch.arange(self.width, device=self.lengths.device)[None, :]  # (1, L)
             q_pos = (self.lengths - 1)[:, None]  # (B, 1)
             allowed = k_pos <= q_pos
             if window:
@@ -60,28 +66,48 @@ class ForwardBatch:
     @classmethod
     def build(cls, items: list[tuple[list[int], int, list[int], bool]]) -> ForwardBatch:
         """items: per sequence (new token ids, start position, block table, wants logits)."""
-        tokens, positions, slots, seqs, logit_rows, decodes, row = [], [], [], [], [], [], 0
+        tokens, positions, slots, seqs, logit_rows, row = [], [], [], [], [], 0
+        decodes, decode_tables = [], []
         for ids, start, table, wants_logits in items:
             n = len(ids)
             context = slots_for(table, 0, start + n)
             tokens.extend(ids)
             positions.append(torch.arange(start, start + n))
             slots.append(context[start:])
-            (decodes if n == 1 else seqs).append(SeqRows(row, n, start, context))
+            if n == 1:
+                decodes.append(SeqRows(row, n, start, context))
+                decode_tables.append(table[:-(-(start + 1) // BLOCK_SIZE)])
+            else:
+                seqs.append(SeqRows(row, n, start, context))
             row += n
             if wants_logits:
                 logit_rows.append(row - 1)
         return cls(torch.tensor(tokens, dtype=torch.int64), torch.cat(positions),
                    torch.cat(slots), seqs, torch.tensor(logit_rows, dtype=torch.int64),
-                   _decode_group(decodes))
+                   _decode_group(decodes, decode_tables))
+
+    def on(self, device: torch.device) -> ForwardBatch:
+        """This batch's index tensors on `device` (itself on the CPU), made once per device."""
+        if device.type == "cpu":
+            return self
+        cache = self.__dict__.setdefault("_copies", {})
+        if device not in cache:
+            seqs = [SeqRows(s.row, s.n, s.start, s.context_slots.to(device)) for s in self.seqs]
+            cache[device] = ForwardBatch(
+                self.tokens, self.positions, self.slots.to(device), seqs, self.logit_rows,
+                self.decode.to(device) if self.decode is not None else None)
+        return cache[device]
 
 
-def _decode_group(decodes: list[SeqRows]) -> DecodeGroup | None:
+def _decode_group(decodes: list[SeqRows], tables: list[list[int]]) -> DecodeGroup | None:
     if not decodes:
         return None
     width = max(len(s.context_slots) for s in decodes)
     slots = torch.zeros(len(decodes), width, dtype=torch.int64)
     for b, s in enumerate(decodes):
         slots[b, :len(s.context_slots)] = s.context_slots
+    padded = torch.zeros(len(decodes), max(map(len, tables)), dtype=torch.int32)
+    for b, table in enumerate(tables):
+        padded[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
     return DecodeGroup(torch.tensor([s.row for s in decodes]), slots.flatten(),
-                       torch.tensor([len(s.context_slots) for s in decodes]), width)
+                       torch.tensor([len(s.context_slots) for s in decodes]), width, padded)

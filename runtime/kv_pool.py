@@ -8,6 +8,8 @@ Two storage types (`kv_cache_type`):
 - "q8_0": ggml's Q8_0 per 32 values of a head row: int8 values (slots, Hkv, D) and one float16
   scale per 32 (slots, Hkv, D/32): 34 bytes per 32 values instead of 64 (47% less).
 
+Each layer's slabs live on that layer's device (a hybrid model keeps its GPU layers' pages
+in VRAM); a block id names the same slots in every layer, so one block table serves all.
 Slabs come from torch.empty, so memory is committed only as slots are first written.
 """
 
@@ -34,13 +36,19 @@ def kv_bytes_per_token(config: ModelConfig, kv_cache_type: str) -> int:
 class _Slab:
     """One layer's keys or values: (slots, H, D) in f16, or int8 values + f16 scales."""
 
-    def __init__(self, slots: int, heads: int, dim: int, quantized: bool) -> None:
+    def __init__(self, slots: int, heads: int, dim: int, quantized: bool,
+                 device: torch.device) -> None:
         self.quantized = quantized
         if quantized:
-            self.q = torch.empty(slots, heads, dim, dtype=torch.int8)
-            self.scale = torch.empty(slots, heads, dim // QBLOCK, dtype=torch.float16)
+            self.q = torch.empty(slots, heads, dim, dtype=torch.int8, device=device)
+            self.scale = torch.empty(slots, heads, dim // QBLOCK, dtype=torch.float16,
+                                     device=device)
         else:
-            self.data = torch.empty(slots, heads, dim, dtype=torch.float16)
+            self.data = torch.empty(slots, heads, dim, dtype=torch.float16, device=device)
+
+    def pages(self) -> torch.Tensor:
+        """The f16 slab as (num_blocks, BLOCK_SIZE, H, D) pages (the GPU kernels' layout)."""
+        return self.data.view(-1, BLOCK_SIZE, *self.data.shape[1:])
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +83,8 @@ class _Slab:
 
 class KVPool:
     def __init__(self, config: ModelConfig, num_blocks: int, kv_cache_type: str = "f16",
-                 layers: range | None = None) -> None:
+                 devices: list[torch.device] | None = None) -> None:
+        """devices: per layer, where its pages live (default: all on the CPU)."""
         if kv_cache_type not in KV_CACHE_TYPES:
             raise InvalidParameterError(
                 f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache_type!r}")
@@ -86,15 +95,20 @@ class KVPool:
                 f"{config.head_dim}/{config.head_dim_v}: use f16")
         self.kv_cache_type = kv_cache_type
         self.num_blocks = num_blocks
-        self.layers = layers if layers is not None else range(config.n_layer)
+        self.devices = devices or [torch.device("cpu")] * config.n_layer
+        self.layers = range(config.n_layer)
         slots, h = num_blocks * BLOCK_SIZE, config.n_head_kv
-        self.k = {i: _Slab(slots, h, config.head_dim, quantized) for i in self.layers}
-        self.v = {i: _Slab(slots, h, config.head_dim_v, quantized) for i in self.layers}
+        self.k = [_Slab(slots, h, config.head_dim, quantized, d) for d in self.devices]
+        self.v = [_Slab(slots, h, config.head_dim_v, quantized, d) for d in self.devices]
 
     @property
     def nbytes(self) -> int:
         """Bytes the pool spans (committed as slots are written)."""
-        return sum(s.nbytes for s in (*self.k.values(), *self.v.values()))
+        return sum(s.nbytes for s in (*self.k, *self.v))
+
+    def nbytes_on(self, device: torch.device) -> int:
+        return sum(k.nbytes + v.nbytes for k, v, d in zip(self.k, self.v, self.devices,
+                                                         strict=True) if d == device)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # slots: (T,) int64; k: (T, Hkv, D), v: (T, Hkv, Dv) float32

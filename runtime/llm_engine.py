@@ -99,7 +99,8 @@ class LLMEngine:
         self.lm = lm
         self.options = options = options or EngineOptions()
         self.num_ctx = min(options.num_ctx, lm.config.n_ctx_train)
-        self.pool = KVPool(lm.config, options.num_blocks, options.kv_cache_type)
+        self.pool = KVPool(lm.config, options.num_blocks, options.kv_cache_type,
+                           [block.device for block in lm.model.blocks])
         self.blocks = BlockManager(options.num_blocks)
         self.scheduler = Scheduler(self.blocks, options.max_num_seqs, options.max_step_tokens)
         self.requests: dict[str, _Request] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +23,13 @@ from loaders.tokenizer import Tokenizer
 from modelfiles.prompt_template import GoTemplate
 from modelfiles.resolver import ModelSpec
 from modelfiles.resolver import resolve as resolve_spec
+from runtime.device_map import DeviceMap
 from runtime.lora import attach_adapters
 from runtime.model import Model
 from runtime.sampling_params import OLLAMA_OPTIONS, SamplingParams
+
+# Decides where each part of a model runs, from its file and config.
+Placement = Callable[[GGUFFile, ModelConfig], DeviceMap]
 
 
 def resolve(ref: str | Path) -> tuple[str, Path]:
@@ -51,7 +56,9 @@ class LoadedModel:
     messages: list[dict] = field(default_factory=list)
 
     @classmethod
-    def load(cls, ref: str | Path) -> LoadedModel:
+    def load(cls, ref: str | Path, placement: Placement | None = None) -> LoadedModel:
+        """placement(gguf, config) → DeviceMap decides where each part runs (default:
+        everything on the CPU)."""
         spec = resolve_spec(ref)
         start = time.perf_counter()
         adapters = [LoraAdapter.read(path) for path in spec.adapters]
@@ -59,7 +66,7 @@ class LoadedModel:
         config = ModelConfig.from_metadata(gguf.metadata, gguf.tensors.keys())
         tokenizer = Tokenizer.from_metadata(gguf.metadata)
         template = _template(spec, gguf, config, tokenizer)
-        model = Model(gguf, config)
+        model = Model(gguf, config, placement(gguf, config) if placement else None)
         attach_adapters(model, adapters)  # wraps this model's layers; the base stays shared
         return cls(spec.name, spec.path, gguf, config, tokenizer, template, model,
                    time.perf_counter() - start, spec.parameters, spec.system, spec.messages)

@@ -17,9 +17,11 @@ from kernels.attention import attention, decode_attention
 from kernels.linear import PackedLinear
 from kernels.norm import rms_norm
 from kernels.rope import Rope
+from kernels.triton_linear import TritonLinear
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from quant.dequant import dequantize
+from runtime.device_map import CPU, GPU, DeviceMap
 from runtime.errors import GGUFError
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_cache import KVCache
@@ -43,15 +45,25 @@ class Block:
     k_norm: torch.Tensor | None = None
     post_attn_norm: torch.Tensor | None = None
     post_ffn_norm: torch.Tensor | None = None
+    device: torch.device = torch.device("cpu")  # where its activations and KV live
+    triton: bool = False  # attention through the Triton kernels (a GPU layer)
 
 
 class Model:
-    def __init__(self, gguf: GGUFFile, config: ModelConfig) -> None:
+    def __init__(self, gguf: GGUFFile, config: ModelConfig,
+                 devices: DeviceMap | None = None) -> None:
         self.config = config
         self._gguf = gguf
-        self.embed = self._linear("token_embd.weight")
-        self.head = self.embed if config.tied_head else self._linear("output.weight")
-        self.output_norm = self._vector("output_norm.weight")
+        self.devices = devices or DeviceMap.cpu_only(config.n_layer)
+        self.embed = self._linear("token_embd.weight", where=CPU)  # the lookup runs on the CPU
+        head_where = self.devices.head
+        self.head_device = self.devices.device(head_where)
+        if config.tied_head:
+            self.head = self.embed if head_where == CPU else self._linear(
+                "token_embd.weight", where=GPU)
+        else:
+            self.head = self._linear("output.weight", where=head_where)
+        self.output_norm = self._vector("output_norm.weight", self.head_device)
         self.blocks = [self._block(i) for i in range(config.n_layer)]
         c = config
         self.rope = Rope(c.head_dim, c.rope_base, c.rope_neox, c.rope_scale)
@@ -64,34 +76,43 @@ class Model:
                             f"for a {self.config.arch} model")
         return self._gguf.tensors[name]
 
-    def _linear(self, name: str, bias: str | None = None) -> PackedLinear:
+    def _linear(self, name: str, bias: str | None = None,
+                where: str | None = None) -> PackedLinear | TritonLinear:
+        """A packed weight on its device: the native CPU path, or Triton's on the GPU."""
         info = self._info(name)
-        b = self._vector(bias) if bias and bias in self._gguf.tensors else None
+        where = where or self.devices.of_tensor(name)
+        device = self.devices.device(where)
+        b = self._vector(bias, device) if bias and bias in self._gguf.tensors else None
+        if where == GPU:
+            return TritonLinear(self._gguf.tensor(name), info.ggml_type, info.shape[0], b, device)
         return PackedLinear(self._gguf.tensor(name), info.ggml_type, info.shape[0], b)
 
-    def _vector(self, name: str) -> torch.Tensor:
+    def _vector(self, name: str, device: torch.device) -> torch.Tensor:
         info = self._info(name)
-        return dequantize(self._gguf.tensor(name), info.ggml_type).reshape(-1)
+        return dequantize(self._gguf.tensor(name), info.ggml_type).reshape(-1).to(device)
 
     def _block(self, i: int) -> Block:
         p, c = f"blk.{i}.", self.config
+        where = self.devices.layers[i]
+        dev = self.devices.device(where)
         block = Block(
-            attn_norm=self._vector(p + "attn_norm.weight"),
+            attn_norm=self._vector(p + "attn_norm.weight", dev),
             q=self._linear(p + "attn_q.weight", p + "attn_q.bias"),
             k=self._linear(p + "attn_k.weight", p + "attn_k.bias"),
             v=self._linear(p + "attn_v.weight", p + "attn_v.bias"),
             o=self._linear(p + "attn_output.weight"),
-            ffn_norm=self._vector(p + "ffn_norm.weight"),
+            ffn_norm=self._vector(p + "ffn_norm.weight", dev),
             gate=self._linear(p + "ffn_gate.weight"),
             up=self._linear(p + "ffn_up.weight"),
             down=self._linear(p + "ffn_down.weight"),
+            device=dev, triton=where == GPU,
         )
         if c.qk_norm:
-            block.q_norm = self._vector(p + "attn_q_norm.weight")
-            block.k_norm = self._vector(p + "attn_k_norm.weight")
+            block.q_norm = self._vector(p + "attn_q_norm.weight", dev)
+            block.k_norm = self._vector(p + "attn_k_norm.weight", dev)
         if c.post_norms:
-            block.post_attn_norm = self._vector(p + "post_attention_norm.weight")
-            block.post_ffn_norm = self._vector(p + "post_ffw_norm.weight")
+            block.post_attn_norm = self._vector(p + "post_attention_norm.weight", dev)
+            block.post_ffn_norm = self._vector(p + "post_ffw_norm.weight", dev)
         return block
 
     @property
@@ -118,14 +139,18 @@ class Model:
         → logits (R, V) for batch.logit_rows."""
 
         def attend(i, q, k, v, window):
-            pool.write(i, batch.slots, k, v)
-            out = torch.empty(q.shape[0], q.shape[1] * self.config.head_dim_v)  # (T, H*Dv)
-            for s in batch.seqs:
+            block = self.blocks[i]
+            b = batch.on(block.device)
+            if block.triton and not pool.k[i].quantized:
+                return self._attend_triton(i, b, pool, q, k, v, window)
+            pool.write(i, b.slots, k, v)
+            out = q.new_empty(q.shape[0], q.shape[1] * self.config.head_dim_v)  # (T, H*Dv)
+            for s in b.seqs:
                 rows = slice(s.row, s.row + s.n)
                 keys, values = pool.read(i, s.context_slots)
                 out[rows] = attention(q[rows], keys, values, s.start, window,
                                       self.config.attn_scale)
-            if (d := batch.decode) is not None:
+            if (d := b.decode) is not None:
                 keys, values = pool.read(i, d.slots)  # (B*L, Hkv, D)
                 out[d.rows] = decode_attention(q[d.rows], keys.unflatten(0, (-1, d.width)),
                                                values.unflatten(0, (-1, d.width)),
@@ -133,22 +158,49 @@ class Model:
             return out
 
         x = self._layers(batch.tokens, batch.positions, attend)
-        return self._logits(x[batch.logit_rows])
+        return self._logits(x[batch.logit_rows.to(x.device)])
+
+    def _attend_triton(self, i, b: ForwardBatch, pool: KVPool, q, k, v, window):
+        """A GPU layer's attention: the KV-write kernel, paged decode attention for the
+        one-token sequences, SDPA over gathered pages for prefill chunks."""
+        from kernels.triton.kv_write import kv_write
+        from kernels.triton.paged_attention import paged_attention_decode
+
+        k_pages, v_pages = pool.k[i].pages(), pool.v[i].pages()
+        kv_write(k, v, k_pages, v_pages, b.slots)
+        out = q.new_empty(q.shape[0], q.shape[1] * self.config.head_dim_v)  # (T, H*Dv)
+        for s in b.seqs:
+            rows = slice(s.row, s.row + s.n)
+            keys, values = pool.read(i, s.context_slots)
+            out[rows] = attention(q[rows], keys, values, s.start, window, self.config.attn_scale)
+        if (d := b.decode) is not None:
+            att = paged_attention_decode(q[d.rows].contiguous(), k_pages, v_pages, d.tables,
+                                         d.lengths.to(torch.int32), self.config.attn_scale,
+                                         window)  # (B, H, Dv)
+            out[d.rows] = att.reshape(att.shape[0], -1)
+        return out
 
     def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        """Embeddings and every block: tokens (T,) at positions (T,) → hidden (T, E)."""
+        """Embeddings and every block: tokens (T,) at positions (T,) → hidden (T, E), on the
+        head's device. The hidden state moves only where consecutive layers' devices differ."""
         c = self.config
-        x = self.embed.rows(tokens)  # (T, E)
+        x = self.embed.rows(tokens)  # (T, E) on the CPU
         if c.embed_scale != 1.0:
             x = x * c.embed_scale
-        tables = self.rope.tables(positions)
-        tables_swa = self.rope_swa.tables(positions) if c.sliding_window else tables
+        tables = {False: self.rope.tables(positions)}
+        if c.sliding_window:
+            tables[True] = self.rope_swa.tables(positions)
+        on_device: dict = {}
         for i, block in enumerate(self.blocks):
-            swa = c.swa_layers[i]
-            rope, cs = (self.rope_swa, tables_swa) if swa else (self.rope, tables)
-            window = c.sliding_window if swa else 0
-            x = self._block_forward(i, block, x, rope, cs, window, attend)
-        return x
+            swa = bool(c.swa_layers[i]) and bool(c.sliding_window)
+            key = (block.device, swa)
+            if key not in on_device:
+                on_device[key] = tuple(t.to(block.device) for t in tables[swa])
+            rope = self.rope_swa if swa else self.rope
+            window = c.sliding_window if c.swa_layers[i] else 0
+            x = self._block_forward(i, block, x.to(block.device), rope, on_device[key], window,
+                                    attend)
+        return x.to(self.head_device)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(rms_norm(x, self.output_norm, self.config.rms_eps))  # (R, V)
