@@ -20,13 +20,18 @@ from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from loaders.lora_adapter import LoraAdapter
 from loaders.tokenizer import Tokenizer
+from modelfiles.parameters import pin_rule
 from modelfiles.prompt_template import GoTemplate
 from modelfiles.resolver import ModelSpec
 from modelfiles.resolver import resolve as resolve_spec
+from runtime.auto_placement import auto_placement
 from runtime.device_map import DeviceMap
 from runtime.lora import attach_adapters
 from runtime.model import Model
 from runtime.sampling_params import OLLAMA_OPTIONS, SamplingParams
+
+DEFAULT_NUM_CTX = 4096  # what the planner budgets KV for when the Modelfile sets no num_ctx
+DEFAULT_NUM_PARALLEL = 4  # the engine's default (EngineOptions.num_parallel)
 
 # Decides where each part of a model runs, from its file and config.
 Placement = Callable[[GGUFFile, ModelConfig], DeviceMap]
@@ -57,8 +62,9 @@ class LoadedModel:
 
     @classmethod
     def load(cls, ref: str | Path, placement: Placement | None = None) -> LoadedModel:
-        """placement(gguf, config) → DeviceMap decides where each part runs (default:
-        everything on the CPU)."""
+        """placement(gguf, config) → DeviceMap decides where each part runs (default: the
+        planner's choice under the Modelfile's num_gpu, gpu_memory and pins where there is
+        a CUDA device, else everything on the CPU)."""
         spec = resolve_spec(ref)
         start = time.perf_counter()
         adapters = [LoraAdapter.read(path) for path in spec.adapters]
@@ -66,7 +72,8 @@ class LoadedModel:
         config = ModelConfig.from_metadata(gguf.metadata, gguf.tensors.keys())
         tokenizer = Tokenizer.from_metadata(gguf.metadata)
         template = _template(spec, gguf, config, tokenizer)
-        model = Model(gguf, config, placement(gguf, config) if placement else None)
+        placement = placement or _planned(spec.parameters)
+        model = Model(gguf, config, placement(gguf, config))
         attach_adapters(model, adapters)  # wraps this model's layers; the base stays shared
         return cls(spec.name, spec.path, gguf, config, tokenizer, template, model,
                    time.perf_counter() - start, spec.parameters, spec.system, spec.messages)
@@ -97,6 +104,18 @@ class LoadedModel:
         bos = self.template.bos_token
         add_special = not (bos and text.startswith(bos))
         return self.tokenizer.encode(text, add_special=add_special, parse_special=True)
+
+
+def _planned(parameters: dict) -> Placement:
+    pins = []
+    for rule in parameters.get("pin") or []:
+        pattern, device = pin_rule(rule)
+        if device == "cpu":  # the planner places everything else itself
+            pins.append(pattern.pattern)
+    return auto_placement(num_ctx=int(parameters.get("num_ctx") or DEFAULT_NUM_CTX),
+                          num_parallel=DEFAULT_NUM_PARALLEL,
+                          num_gpu=int(parameters.get("num_gpu", -1)),
+                          gpu_memory=parameters.get("gpu_memory"), pins=tuple(pins))
 
 
 # One mapping per GGUF file, shared by every model loaded from it: custom models on one base

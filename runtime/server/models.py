@@ -49,7 +49,14 @@ class ServedModel:
 
     @property
     def size_vram(self) -> int:
-        return 0  # every layer runs on the CPU until placement lands
+        """Bytes on the GPU: the weights placed there and the GPU layers' KV pages."""
+        devices = self.lm.model.devices
+        if not devices.uses_gpu or devices.gpu.type != "cuda":
+            return 0
+        tensors = self.lm.gguf.tensors
+        weights = sum(tensors[n].nbytes for n, where in devices.tensors.items()
+                      if where == "gpu" and n in tensors)
+        return weights + self.engine.core.pool.nbytes_on(devices.gpu)
 
     def expired(self, now: float) -> bool:
         return self.active == 0 and now >= self.expires_at
