@@ -58,6 +58,20 @@ class DeviceMap:
     def of_tensor(self, name: str) -> str:
         return self.tensors.get(name, CPU)
 
+    def fewer_gpu_layers(self) -> DeviceMap | None:
+        """The same map with the first half of its GPU layers (weights and KV) moved to the
+        CPU, and the head too once no layer is left there; None when nothing is on the GPU."""
+        gpu_layers = [i for i, w in enumerate(self.layers) if w == GPU]
+        if not self.uses_gpu:
+            return None
+        moved = set(gpu_layers[:max(1, len(gpu_layers) // 2)]) if gpu_layers else set()
+        layers = tuple(CPU if i in moved else w for i, w in enumerate(self.layers))
+        tensors = {n: (CPU if _layer_of(n) in moved else w) for n, w in self.tensors.items()}
+        head = self.head if GPU in layers else CPU
+        if GPU not in layers:
+            tensors = dict.fromkeys(tensors, CPU)
+        return DeviceMap(tensors, layers, head, self.gpu)
+
     def describe(self) -> str:
         """ollama's PROCESSOR column: "100% CPU", "100% GPU" or "40%/60% CPU/GPU" by layers."""
         n = len(self.layers)
@@ -68,3 +82,8 @@ class DeviceMap:
             return "100% GPU"
         share = round(100 * gpu / n)
         return f"{100 - share}%/{share}% CPU/GPU"
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blk" and len(parts) > 1 and parts[1].isdigit() else None

@@ -9,11 +9,15 @@ the GGUF's own tokenizer.chat_template, the architecture's built-in.
 
 from __future__ import annotations
 
+import gc
+import logging
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from loaders.chat_template import ChatTemplate, template_for
 from loaders.config import ModelConfig
@@ -29,6 +33,8 @@ from runtime.device_map import DeviceMap
 from runtime.lora import attach_adapters
 from runtime.model import Model
 from runtime.sampling_params import OLLAMA_OPTIONS, SamplingParams
+
+log = logging.getLogger(__name__)
 
 DEFAULT_NUM_CTX = 4096  # what the planner budgets KV for when the Modelfile sets no num_ctx
 DEFAULT_NUM_PARALLEL = 4  # the engine's default (EngineOptions.num_parallel)
@@ -73,7 +79,7 @@ class LoadedModel:
         tokenizer = Tokenizer.from_metadata(gguf.metadata)
         template = _template(spec, gguf, config, tokenizer)
         placement = placement or _planned(spec.parameters)
-        model = Model(gguf, config, placement(gguf, config))
+        model = _build_model(gguf, config, placement(gguf, config))
         attach_adapters(model, adapters)  # wraps this model's layers; the base stays shared
         return cls(spec.name, spec.path, gguf, config, tokenizer, template, model,
                    time.perf_counter() - start, spec.parameters, spec.system, spec.messages)
@@ -104,6 +110,24 @@ class LoadedModel:
         bos = self.template.bos_token
         add_special = not (bos and text.startswith(bos))
         return self.tokenizer.encode(text, add_special=add_special, parse_special=True)
+
+
+def _build_model(gguf: GGUFFile, config: ModelConfig, devices: DeviceMap) -> Model:
+    """The model on `devices`; when the GPU runs out of memory anyway (other processes took
+    VRAM since it was measured), again with fewer GPU layers, saying so."""
+    while True:
+        try:
+            return Model(gguf, config, devices)
+        except torch.OutOfMemoryError as err:
+            fewer = devices.fewer_gpu_layers()
+            if fewer is None:
+                raise
+            log.warning("GPU allocation failed with %s (%s); retrying with %s",
+                        devices.describe(), str(err).splitlines()[0], fewer.describe())
+            devices = fewer
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def _planned(parameters: dict) -> Placement:

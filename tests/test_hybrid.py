@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from runtime.device_map import CPU, GPU, DeviceMap
 from runtime.kv_pool import KVPool
@@ -73,3 +74,22 @@ def test_device_map_views(hybrid):
     assert full.of_tensor("token_embd.weight") == CPU
     pool = KVPool(c, 4, devices=[b.device for b in hybrid.model.blocks])
     assert pool.nbytes_on(hybrid.model.blocks[0].device) == pool.nbytes  # all CPU tensors here
+
+
+def test_out_of_memory_at_load_retries_with_fewer_gpu_layers(smollm2_path, monkeypatch, caplog):
+    import runtime.loaded_model as loaded_model
+
+    real, tried = loaded_model.Model, []
+
+    def tight_gpu(gguf, config, devices):  # a GPU that holds at most 3 layers
+        tried.append(devices.layers.count(GPU))
+        if devices.layers.count(GPU) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(gguf, config, DeviceMap.cpu_only(config.n_layer))
+
+    monkeypatch.setattr(loaded_model, "Model", tight_gpu)
+    all_gpu = lambda g, c: DeviceMap.last_layers(g.tensors.keys(), c.n_layer, 24)  # noqa: E731
+    with caplog.at_level("WARNING"):
+        LoadedModel.load(smollm2_path, all_gpu)
+    assert tried == [24, 12, 6, 3]
+    assert "retrying with" in caplog.text
