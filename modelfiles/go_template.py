@@ -22,37 +22,17 @@ a variable reassigned (`$x = ...`) inside a range or with does not change it out
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 
+from modelfiles.go_tokens import TOKEN, Token, number, unquote
 from runtime.errors import TemplateError
 
-_TOKEN = re.compile(r"""
-    (?P<space>\s+)
-  | (?P<string>"(?:[^"\\\n]|\\.)*")
-  | (?P<raw>`[^`]*`)
-  | (?P<number>[+-]?(?:0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?))
-  | (?P<field>(?:\.[A-Za-z_][A-Za-z0-9_]*)+)
-  | (?P<dot>\.)
-  | (?P<var>\$[A-Za-z0-9_]*)
-  | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<declare>:=)
-  | (?P<punct>[()|,=])
-""", re.VERBOSE)
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "a": "\a",
-            "b": "\b", "f": "\f", "v": "\v"}
 _COMPARE = {"ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 _HELPERS = {"eq": "_go_eq", "len": "_go_len", "index": "_go_index", "slice": "_go_slice",
             "print": "_go_sprint", "println": "_go_sprintln", "printf": "_go_printf",
             "json": "_go_json"}
 _SPACE = " \t\r\n"  # what {{- and -}} trim (Go's definition of white space there)
 _UNSUPPORTED = ("define", "template", "block", "call", "html", "js", "urlquery")
-
-
-@dataclass
-class Token:
-    kind: str
-    text: str
 
 
 @dataclass
@@ -140,7 +120,7 @@ class _Translator:
                 return tokens, pos + 2, False
             if self.source[pos] in _SPACE and self.source.startswith("-}}", self._skip_space(pos)):
                 return tokens, self._skip_space(pos) + 3, True
-            match = _TOKEN.match(self.source, pos)
+            match = TOKEN.match(self.source, pos)
             if not match:
                 raise self._error(f"unexpected {self.source[pos:pos + 10]!r} in an action")
             if match.lastgroup != "space":
@@ -299,9 +279,9 @@ class _Translator:
         if tok.kind == "var":
             return "_root" if tok.text == "$" else self._var(tok.text)
         if tok.kind in ("string", "raw"):
-            return json.dumps(_unquote(tok.text), ensure_ascii=False)
+            return json.dumps(unquote(tok.text), ensure_ascii=False)
         if tok.kind == "number":
-            return _number(tok.text)
+            return number(tok.text)
         if tok.kind == "ident" and tok.text in ("true", "false", "nil"):
             return {"true": "true", "false": "false", "nil": "none"}[tok.text]
         if tok.kind == "ident":
@@ -317,34 +297,3 @@ class _Translator:
         if name == "$":
             raise self._error("$ cannot be assigned")
         return "_v_" + name[1:]
-
-
-def _number(text: str) -> str:
-    try:
-        return str(int(text, 0))
-    except ValueError:
-        return repr(float(text))
-
-
-def _unquote(text: str) -> str:
-    if text.startswith("`"):
-        return text[1:-1]
-    out, i, body = [], 0, text[1:-1]
-    while i < len(body):
-        ch = body[i]
-        if ch != "\\":
-            out.append(ch)
-            i += 1
-            continue
-        esc = body[i + 1]
-        if esc in _ESCAPES:
-            out.append(_ESCAPES[esc])
-            i += 2
-        elif esc in "xuU":
-            width = {"x": 2, "u": 4, "U": 8}[esc]
-            out.append(chr(int(body[i + 2:i + 2 + width], 16)))
-            i += 2 + width
-        else:  # octal \ooo
-            out.append(chr(int(body[i + 1:i + 4], 8)))
-            i += 4
-    return "".join(out)

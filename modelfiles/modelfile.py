@@ -2,10 +2,10 @@
 
 Instructions (ollama's): FROM (a stored or pullable model name, or a .gguf path), PARAMETER
 (typed, see parameters.py), TEMPLATE (Go-template form, see go_template.py), SYSTEM, ADAPTER
-(LoRA GGUF path), LICENSE, MESSAGE (system|user|assistant). Repeated instructions: the last
-TEMPLATE / SYSTEM / FROM wins per ollama except that tandem refuses a second FROM; each
-ADAPTER, LICENSE and MESSAGE line adds one; `stop` and `pin` accumulate, other PARAMETERs
-take their last value.
+(LoRA GGUF path), LICENSE, MESSAGE (system|user|assistant). Repeated instructions, as in
+ollama: the last TEMPLATE and SYSTEM win; each ADAPTER, LICENSE and MESSAGE line adds one;
+`stop` and `pin` accumulate, other PARAMETERs take their last value. A second FROM is an
+error (ollama reads several as the shards of one model; tandem takes one file).
 """
 
 from __future__ import annotations
