@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from loaders.pull import tandem_home
+from loaders.pull import KNOWN, tandem_home
 from modelfiles.manifest import Layer, Manifest
 from modelfiles.names import ModelName
 from runtime.errors import ModelNotFoundError
@@ -90,9 +90,10 @@ class Store:
         manifest = self.get(name)
         if manifest is None:
             stored = ", ".join(str(n) for n, _ in self.list()) or "none"
+            how = (f"pull it with `tandem pull {name.name}`" if name.name in KNOWN
+                   else "create it with `tandem create NAME -f Modelfile`")
             raise ModelNotFoundError(f"model {str(name)!r} is not in the store "
-                                     f"(stored models: {stored}); create it with "
-                                     "`tandem create NAME -f Modelfile`")
+                                     f"(stored models: {stored}); {how}")
         return manifest
 
     def put(self, name: ModelName, manifest: Manifest) -> None:
