@@ -120,7 +120,8 @@ def test_runtime_lora_equals_the_merged_weights(tiny):
     base = LoadedModel.load("base")
     got, want, plain = logits(tuned), logits(merged), logits(base)
     # F32 weights run through the torch path in float32: the unmerged sum differs from the
-    # merged weights only by rounding order (measured max |diff| ≈ 1e-6 on logits of ≈ 3)
+    # merged weights only by rounding order (measured: max |diff| 2e-5 on logits up to 12,
+    # i.e. 2e-6 relative)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (plain - want).abs().max() > 0.1  # the adapter does change the output
     # one copy of the base: the same mapping, the same weight bytes, wrapped not copied
