@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -328,9 +331,15 @@ def test_pirate_end_to_end(home, tmp_path, smollm2_path, capsys):
     assert {n for n, _ in Store().list()} == {ModelName("pirate"), ModelName("smollm2")}
 
     question = "What is the capital of France?"
-    # --num-ctx 512 overrides the Modelfile's 4096 to keep the test quick
-    assert main(["run", "pirate", question, "--num-predict", "24", "--num-ctx", "512"]) == 0
-    answer = capsys.readouterr().out
+    # a real `tandem run` in its own process (Repl binds sys.stdout when first imported, so
+    # capsys cannot see it once another test imported it); --num-ctx 512 overrides the
+    # Modelfile's 4096 to keep the test quick
+    run = subprocess.run([sys.executable, "-m", "runtime.cli", "run", "pirate", question,
+                          "--num-predict", "24", "--num-ctx", "512"], cwd=REPO, input="",
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TANDEM_HOME": str(home)})
+    assert run.returncode == 0, run.stderr
+    answer = run.stdout
     assert answer.strip() and "<|im_end|>" not in answer and "<|im_start|>" not in answer
 
     lm = LoadedModel.load("pirate")
