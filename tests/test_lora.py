@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from test_store import write_tiny_llama
+from test_store import fresh_home, write_tiny_llama
 
 from loaders.lora_adapter import LoraAdapter
 from modelfiles.builder import create_model
@@ -89,7 +89,7 @@ ADAPTED = ["blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.ffn_down.weight"
 
 @pytest.fixture
 def tiny(tmp_path, monkeypatch):
-    monkeypatch.setenv("TANDEM_HOME", str(tmp_path / "home"))
+    fresh_home(tmp_path / "home", monkeypatch)
     weights = write_tiny_llama(tmp_path / "tiny.gguf")
     pairs = random_pairs(weights, ADAPTED)
     write_adapter(tmp_path / "lora.gguf", pairs)
@@ -166,8 +166,7 @@ def _rss() -> int:
 
 
 def test_two_custom_models_hold_one_copy_of_smollm2(tmp_path, monkeypatch, smollm2_path):
-    home = tmp_path / "home"
-    monkeypatch.setenv("TANDEM_HOME", str(home))
+    home = fresh_home(tmp_path / "home", monkeypatch)
     (home / "models" / "blobs").mkdir(parents=True)
     os.symlink(smollm2_path, home / "models" / "blobs" / smollm2_path.name)
     g = np.random.default_rng(0)

@@ -75,11 +75,20 @@ def write_tiny_llama(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
     return w
 
 
+def fresh_home(path: Path, monkeypatch) -> Path:
+    """An empty TANDEM_HOME at `path` that shares the session's build cache (the native
+    kernel is built under TANDEM_HOME/build: a fresh one would cost a minute's rebuild)."""
+    build = Path(os.environ["TANDEM_HOME"]) / "build"
+    build.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True)
+    (path / "build").symlink_to(build, target_is_directory=True)
+    monkeypatch.setenv("TANDEM_HOME", str(path))
+    return path
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
-    home = tmp_path / "home"
-    monkeypatch.setenv("TANDEM_HOME", str(home))
-    return home
+    return fresh_home(tmp_path / "home", monkeypatch)
 
 
 @pytest.fixture
