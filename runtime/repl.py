@@ -26,8 +26,9 @@ HELP = """Available commands:
 
 class Repl:
     def __init__(self, llm: LLM, params: SamplingParams, raw: bool = False,
-                 verbose: bool = False, out: TextIO = sys.stdout) -> None:
-        self.llm, self.params, self.raw, self.verbose, self.out = llm, params, raw, verbose, out
+                 verbose: bool = False, out: TextIO | None = None) -> None:
+        self.llm, self.params, self.raw, self.verbose = llm, params, raw, verbose
+        self.out = out or sys.stdout  # looked up now, so a redirected stdout is honoured
         self.messages: list[dict[str, str]] = []
 
     def answer(self, prompt: str) -> str:
