@@ -368,5 +368,21 @@ def test_pirate_end_to_end(home, tmp_path, smollm2_path, capsys):
     assert params.temperature == 0 and params.stop == ["<|im_end|>"]  # replaces smollm2's
     again = llm.chat([{"role": "user", "content": question}], params).outputs[0].text
     assert again + "\n" == answer
+    # and through the OpenAI API of a real server: the same answer for model "pirate"
+    import openai
+    from test_server import Server
+
+    from runtime.server.app import create_app
+    from runtime.server.models import RegistryOptions
+
+    server = Server(create_app(RegistryOptions(num_ctx=512)))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model="pirate", messages=[{"role": "user", "content": question}], max_tokens=24)
+        assert reply.choices[0].message.content == again
+        assert reply.usage.prompt_tokens == len(ids)
+    finally:
+        server.stop()
     manifest = json.loads(Store().manifest_path(ModelName("pirate")).read_text())
     assert manifest["model"]["digest"] == "sha256:" + smollm2_path.name.removeprefix("sha256-")
