@@ -17,6 +17,7 @@ from kernels.attention import attention, decode_attention
 from kernels.linear import PackedLinear
 from kernels.norm import rms_norm
 from kernels.rope import Rope
+from kernels.thread_policy import forward_threads
 from kernels.triton_linear import TritonLinear
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
@@ -131,8 +132,9 @@ class Model:
             keys, values = cache.read(i, start + q.shape[0])
             return attention(q, keys, values, start, window, self.config.attn_scale)
 
-        x = self._layers(tokens, positions, attend)
-        return self._logits(x if all_logits else x[-1:])
+        with forward_threads():
+            x = self._layers(tokens, positions, attend)
+            return self._logits(x if all_logits else x[-1:])
 
     def forward_batch(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
         """Several sequences' new tokens in one pass over the weights, their KV in `pool`
@@ -157,8 +159,9 @@ class Model:
                                                d.mask(window), self.config.attn_scale)
             return out
 
-        x = self._layers(batch.tokens, batch.positions, attend)
-        return self._logits(x[batch.logit_rows.to(x.device)])
+        with forward_threads():
+            x = self._layers(batch.tokens, batch.positions, attend)
+            return self._logits(x[batch.logit_rows.to(x.device)])
 
     def _attend_triton(self, i, b: ForwardBatch, pool: KVPool, q, k, v, window):
         """A GPU layer's attention: the KV-write kernel, paged decode attention for the

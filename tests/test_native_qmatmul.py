@@ -223,3 +223,34 @@ def test_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch, caplog):
         assert native_loader.load("scalar") is None
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "unavailable" in warnings[0].getMessage()
+
+
+def test_thread_count_is_settable_and_results_do_not_depend_on_it(kernel):
+    x, w = activations(5, 512, 90), weights("Q4_0", 300, 512, 91)
+    torch_threads = torch.get_num_threads()
+    assert kernel.get_num_threads() == torch_threads  # 0 = follow torch
+    one = kernel.qmatmul(x, w, int(T.Q4_0))
+    kernel.set_num_threads(3)
+    try:
+        assert kernel.get_num_threads() == 3
+        assert torch.equal(kernel.qmatmul(x, w, int(T.Q4_0)), one)
+    finally:
+        kernel.set_num_threads(0)
+    assert kernel.get_num_threads() == torch_threads
+    with pytest.raises(RuntimeError):
+        kernel.set_num_threads(-1)
+
+
+def test_forward_threads_gives_matmuls_the_threads_and_restores(kernel):
+    from kernels.thread_policy import forward_threads
+
+    module = native_loader.load()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with forward_threads():
+            assert torch.get_num_threads() == 1
+            assert module.get_num_threads() == 2
+        assert torch.get_num_threads() == 2 and module.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

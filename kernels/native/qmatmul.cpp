@@ -201,9 +201,26 @@ class Pool {
   const void* ctx_ = nullptr;
 };
 
+// Threads the kernel uses: set_num_threads(n) fixes it (so torch's own small ops can run on
+// one thread while matmuls use the pool: an OpenMP team and spinning pool workers contend for
+// the same cores otherwise); 0, the default, follows torch's intra-op thread count.
+std::atomic<int> g_threads{0};
+
+int kernel_threads() {
+  const int n = g_threads.load(std::memory_order_relaxed);
+  return std::max(1, n > 0 ? n : at::get_num_threads());
+}
+
+void set_num_threads(int64_t n) {
+  TORCH_CHECK(n >= 0 && n <= 1024, "set_num_threads: n must be 0 (follow torch) to 1024, got ", n);
+  g_threads.store(int(n), std::memory_order_relaxed);
+}
+
+int64_t get_num_threads() { return kernel_threads(); }
+
 template <class F>
 void parallel_chunks(int64_t n, const F& f) {
-  Pool::instance().run(n, at::get_num_threads(),
+  Pool::instance().run(n, kernel_threads(),
                        [](const void* c, int64_t i) { (*static_cast<const F*>(c))(i); }, &f);
 }
 
@@ -719,7 +736,7 @@ template <int TYPE>
 void run(const uint8_t* w, int64_t wstride, int64_t N, const Act& a, float* y) {
   using KT = Kern<TYPE>;
   const int64_t M = a.M, row_bytes = a.K / KT::BS * KT::TS;
-  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t threads = kernel_threads();
   const int64_t max_bytes = M == 1 ? MAX_CHUNK_BYTES : TILE_BYTES;
   int64_t rows = (N + threads * 8 - 1) / (threads * 8);
   rows = std::min(rows, std::max<int64_t>(1, max_bytes / row_bytes));
@@ -808,5 +825,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations, "x quantized as llama.cpp's vec_dot type",
         py::call_guard<py::gil_scoped_release>());
   m.def("supports", &supports, "whether a ggml type number has a kernel");
+  m.def("set_num_threads", &set_num_threads, "threads for the kernel (0: follow torch's count)");
+  m.def("get_num_threads", &get_num_threads, "threads the kernel uses now");
   m.attr("ISA") = TQ_AVX2 ? "avx2" : "scalar";
 }
