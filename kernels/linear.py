@@ -75,3 +75,21 @@ class PackedLinear:
         if self.bias is not None:
             y += self.bias
         return y
+
+
+def matmuls(linears: list, x: torch.Tensor) -> list[torch.Tensor]:
+    """[linear(x) for linear in linears], in one native call when they are all native
+    PackedLinears of one type on the same input width (q/k/v, gate/up): the activations
+    are quantized once and one parallel job covers every weight's rows. Results equal the
+    separate calls bit for bit."""
+    first = linears[0]
+    fusable = (x.device.type == "cpu" and all(
+        type(lin) is PackedLinear and lin._native is not None
+        and lin.ggml_type == first.ggml_type and lin.in_features == first.in_features
+        for lin in linears))
+    if not fusable or len(linears) == 1:
+        return [lin(x) for lin in linears]
+    module = native_loader.load()
+    ys = module.qmatmul_many(x.contiguous(), [lin.weight for lin in linears], int(first.ggml_type))
+    return [y + lin.bias if lin.bias is not None else y
+            for y, lin in zip(ys, linears, strict=True)]

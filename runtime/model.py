@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention import attention, decode_attention
-from kernels.linear import PackedLinear
+from kernels.linear import PackedLinear, matmuls
 from kernels.norm import rms_norm
 from kernels.rope import Rope
 from kernels.thread_policy import forward_threads
@@ -211,9 +211,10 @@ class Model:
     def _block_forward(self, i, b: Block, x, rope, tables, window, attend) -> torch.Tensor:
         c, n = self.config, x.shape[0]
         h = rms_norm(x, b.attn_norm, c.rms_eps)
-        q = b.q(h).view(n, c.n_head, c.head_dim)
-        k = b.k(h).view(n, c.n_head_kv, c.head_dim)
-        v = b.v(h).view(n, c.n_head_kv, c.head_dim_v)
+        q, k, v = matmuls([b.q, b.k, b.v], h)
+        q = q.view(n, c.n_head, c.head_dim)
+        k = k.view(n, c.n_head_kv, c.head_dim)
+        v = v.view(n, c.n_head_kv, c.head_dim_v)
         if b.q_norm is not None:
             q, k = rms_norm(q, b.q_norm, c.rms_eps), rms_norm(k, b.k_norm, c.rms_eps)
         q, k = rope.apply(q, *tables), rope.apply(k, *tables)
@@ -222,9 +223,9 @@ class Model:
             a = rms_norm(a, b.post_attn_norm, c.rms_eps)
         x = x + a
         h = rms_norm(x, b.ffn_norm, c.rms_eps)
-        gate = b.gate(h)
+        gate, up = matmuls([b.gate, b.up], h)
         gate = F.gelu(gate, approximate="tanh") if c.activation == "gelu_tanh" else F.silu(gate)
-        f = b.down(gate * b.up(h))
+        f = b.down(gate * up)
         if b.post_ffn_norm is not None:
             f = rms_norm(f, b.post_ffn_norm, c.rms_eps)
         return x + f

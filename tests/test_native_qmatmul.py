@@ -254,3 +254,30 @@ def test_forward_threads_gives_matmuls_the_threads_and_restores(kernel):
         assert torch.get_num_threads() == 2 and module.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_many_weights_in_one_call_equal_separate_calls(kernel, name):
+    k = 512
+    x = activations(6, k, 80)
+    ws = [weights(name, n, k, 81 + i) for i, n in enumerate((40, 7, 23))]
+    ws.insert(2, torch.empty(0, ws[0].shape[1], dtype=torch.uint8))  # an empty matrix too
+    ys = kernel.qmatmul_many(x, ws, int(T[name]))
+    assert [tuple(y.shape) for y in ys] == [(6, 40), (6, 7), (6, 0), (6, 23)]
+    for y, w in zip(ys, ws, strict=True):
+        assert torch.equal(y, kernel.qmatmul(x, w, int(T[name])))
+    with pytest.raises(RuntimeError):
+        kernel.qmatmul_many(x, [ws[0], weights(name, 4, 2 * k, 1)], int(T[name]))
+
+
+def test_linear_matmuls_fuse_only_what_matches():
+    from kernels.linear import PackedLinear, matmuls
+
+    k = 256
+    x = activations(3, k, 5)
+    lins = [PackedLinear(weights("Q8_0", n, k, 60 + n), int(T.Q8_0), k) for n in (16, 8)]
+    lins.append(PackedLinear(weights("Q4_0", 8, k, 70), int(T.Q4_0), k,
+                             bias=torch.arange(8, dtype=torch.float32)))
+    for group in (lins[:2], lins):  # one type: fused; mixed types: separate calls
+        for y, lin in zip(matmuls(group, x), group, strict=True):
+            assert torch.equal(y, lin(x))

@@ -729,39 +729,54 @@ constexpr int64_t TILE_BYTES = 96 << 10;     // M > 1: weight rows per chunk, ke
 constexpr int64_t MIN_CHUNK_BYTES = 16 << 10;
 constexpr int64_t MAX_CHUNK_BYTES = 1 << 20;
 
-// y[t, r] = row r · token t. Rows are cut into chunks (about 8 per thread, so a slow thread
+// One weight matrix of a call and its output: y (M, N) = x · Wᵀ.
+struct Part {
+  const uint8_t* w;
+  int64_t wstride, N;
+  float* y;
+};
+
+// y[t, r] = row r · token t for every part (weights sharing one input and type: q/k/v, or
+// gate/up). Rows are cut into chunks (about 8 per thread over all parts, so a slow thread
 // leaves little behind); within a chunk each row is read from memory once, for the first
-// group of TOKENS tokens, and from cache for the other groups.
+// group of TOKENS tokens, and from cache for the other groups. A row's result does not depend
+// on the chunking, the other parts or the other tokens (the same dot, in the same order).
 template <int TYPE>
-void run(const uint8_t* w, int64_t wstride, int64_t N, const Act& a, float* y) {
+void run(const std::vector<Part>& parts, const Act& a) {
   using KT = Kern<TYPE>;
   const int64_t M = a.M, row_bytes = a.K / KT::BS * KT::TS;
   const int64_t threads = kernel_threads();
   const int64_t max_bytes = M == 1 ? MAX_CHUNK_BYTES : TILE_BYTES;
-  int64_t rows = (N + threads * 8 - 1) / (threads * 8);
+  int64_t total = 0;
+  for (const Part& p : parts) total += p.N;
+  int64_t rows = (total + threads * 8 - 1) / (threads * 8);
   rows = std::min(rows, std::max<int64_t>(1, max_bytes / row_bytes));
   rows = std::max(rows, MIN_CHUNK_BYTES / (row_bytes * std::min<int64_t>(M, TOKENS)));
   rows = std::max<int64_t>(rows, 1);
-  parallel_chunks((N + rows - 1) / rows, [&](int64_t c) {
+  std::vector<std::pair<int, int64_t>> chunks;  // (part, first row)
+  for (int i = 0; i < int(parts.size()); ++i)
+    for (int64_t r0 = 0; r0 < parts[i].N; r0 += rows) chunks.emplace_back(i, r0);
+  parallel_chunks(int64_t(chunks.size()), [&](int64_t c) {
     float o[TOKENS];
-    const int64_t r0 = c * rows, r1 = std::min(N, r0 + rows);
+    const Part& p = parts[chunks[c].first];
+    const int64_t r0 = chunks[c].second, r1 = std::min(p.N, r0 + rows);
     for (int64_t t0 = 0; t0 < M; t0 += TOKENS) {
       const int64_t nt = std::min(TOKENS, M - t0);
       for (int64_t r = r0; r < r1; ++r) {
-        const uint8_t* row = w + r * wstride;
+        const uint8_t* row = p.w + r * p.wstride;
         switch (nt) {
           case 4: KT::template dot<4>(row, a, t0, o); break;
           case 3: KT::template dot<3>(row, a, t0, o); break;
           case 2: KT::template dot<2>(row, a, t0, o); break;
           default: KT::template dot<1>(row, a, t0, o); break;
         }
-        for (int64_t t = 0; t < nt; ++t) y[(t0 + t) * N + r] = o[t];
+        for (int64_t t = 0; t < nt; ++t) p.y[(t0 + t) * p.N + r] = o[t];
       }
     }
   });
 }
 
-struct TypeInfo { int bs, ts, act; void (*fn)(const uint8_t*, int64_t, int64_t, const Act&, float*); };
+struct TypeInfo { int bs, ts, act; void (*fn)(const std::vector<Part>&, const Act&); };
 
 bool type_info(int type, TypeInfo* ti) {
   switch (type) {
@@ -775,24 +790,38 @@ bool type_info(int type, TypeInfo* ti) {
 
 // ---------------------------------------------------------------- Python entry points
 
-torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t ggml_type) {
+// x (M, K) against several packed weights of one type → one (M, N_i) output each; the
+// activations are quantized once and one parallel job covers every weight's rows.
+std::vector<torch::Tensor> qmatmul_many(torch::Tensor x, std::vector<torch::Tensor> ws,
+                                        int64_t ggml_type) {
   TypeInfo ti;
   TORCH_CHECK(type_info(int(ggml_type), &ti), "qmatmul: unsupported ggml type ", ggml_type);
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "qmatmul: CPU tensors only");
+  TORCH_CHECK(x.device().is_cpu(), "qmatmul: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "qmatmul: x must be (M, K) float32");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8, "qmatmul: w must be (N, row_bytes) uint8");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % ti.bs == 0, "qmatmul: K=", K, " is not a whole number of ", ti.bs, "-element blocks");
-  TORCH_CHECK(w.size(1) == K / ti.bs * ti.ts, "qmatmul: w rows hold ", w.size(1), " bytes, K=", K,
-              " needs ", K / ti.bs * ti.ts);
-  if (w.size(1) > 0 && w.stride(1) != 1) w = w.contiguous();
+  std::vector<torch::Tensor> ys;
+  std::vector<Part> parts;
+  for (auto& w : ws) {
+    TORCH_CHECK(w.device().is_cpu(), "qmatmul: CPU tensors only");
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8, "qmatmul: w must be (N, row_bytes) uint8");
+    TORCH_CHECK(w.size(1) == K / ti.bs * ti.ts, "qmatmul: w rows hold ", w.size(1), " bytes, K=", K,
+                " needs ", K / ti.bs * ti.ts);
+    if (w.size(1) > 0 && w.stride(1) != 1) w = w.contiguous();
+    ys.push_back(torch::empty({M, w.size(0)}, x.options()));
+    if (K == 0) ys.back().zero_();
+    if (w.size(0) > 0) parts.push_back({w.data_ptr<uint8_t>(), w.stride(0), w.size(0),
+                                        ys.back().data_ptr<float>()});
+  }
+  if (M == 0 || K == 0 || parts.empty()) return ys;
   x = x.contiguous();
-  auto y = torch::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  if (K == 0) return y.zero_();
   const Act a = quantize_act(x.data_ptr<float>(), M, K, ti.act);
-  ti.fn(w.data_ptr<uint8_t>(), w.stride(0), N, a, y.data_ptr<float>());
-  return y;
+  ti.fn(parts, a);
+  return ys;
+}
+
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t ggml_type) {
+  return qmatmul_many(x, {w}, ggml_type)[0];
 }
 
 // The quantized activations themselves, for tests: (q int8 (M, K), d (M, nb), s (M, nb) or
@@ -821,6 +850,8 @@ bool supports(int64_t ggml_type) { TypeInfo ti; return type_info(int(ggml_type),
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "y (M, N) = x (M, K) float32 · Wᵀ, W packed GGML rows (N, row_bytes)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("qmatmul_many", &qmatmul_many, "[x · W_iᵀ] for weights of one type sharing the input x",
         py::call_guard<py::gil_scoped_release>());
   m.def("quantize_activations", &quantize_activations, "x quantized as llama.cpp's vec_dot type",
         py::call_guard<py::gil_scoped_release>());
