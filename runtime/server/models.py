@@ -67,6 +67,7 @@ class RegistryOptions:
     num_ctx: int = 4096  # used when a Modelfile sets no num_ctx
     max_num_seqs: int = 16
     keep_alive: float = 300.0  # seconds
+    kv_cache_type: str = "f16"  # or "q8_0"
 
 
 def normalize(ref: str) -> str:
@@ -122,7 +123,8 @@ class ModelRegistry:
         lm = self._loader(name)
         wanted = lm.parameters.get("num_ctx") or self.options.num_ctx
         num_ctx = min(int(wanted), lm.config.n_ctx_train)
-        engine = Engine(lm, EngineOptions(num_ctx=num_ctx, max_num_seqs=self.options.max_num_seqs))
+        engine = Engine(lm, EngineOptions(num_ctx=num_ctx, max_num_seqs=self.options.max_num_seqs,
+                                          kv_cache_type=self.options.kv_cache_type))
         log.info("loaded %s (%s, num_ctx %d) in %.2fs", name, lm.path, num_ctx, lm.load_seconds)
         return ServedModel(name, lm, engine, time.time(), self.options.keep_alive)
 
