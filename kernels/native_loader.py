@@ -42,7 +42,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "native" / "qmatmul.cpp"
+NATIVE = Path(__file__).resolve().parent / "native"
+SOURCES = (NATIVE / "qmatmul.cpp", NATIVE / "small_ops.cpp")
 ISA_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": []}
 COMMON_FLAGS = ["-O3", "-fno-math-errno"]
 
@@ -87,12 +88,13 @@ def _build(isa: str) -> ModuleType:
     from torch.utils.cpp_extension import load as load_extension
 
     flags = COMMON_FLAGS + ISA_FLAGS[isa]
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
+    code = b"".join(src.read_bytes() for src in SOURCES)
+    digest = hashlib.sha256(code + " ".join(flags).encode()).hexdigest()[:10]
     name = f"tandem_qmatmul_{isa}_{digest}"  # a new name (and build) per source and flags
     start, build_dir = time.perf_counter(), _build_dir(name)
     if not (Path(build_dir) / f"{name}.so").exists():
         log.info("building tandem's CPU kernel %s (once; about a minute)", name)
-    module = load_extension(name=name, sources=[str(SOURCE)], extra_cflags=flags,
+    module = load_extension(name=name, sources=[str(src) for src in SOURCES], extra_cflags=flags,
                             build_directory=build_dir, verbose=False)
     log.debug("native qmatmul %s ready in %.1f s", name, time.perf_counter() - start)
     return module

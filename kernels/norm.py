@@ -1,9 +1,6 @@
-"""RMSNorm on the CPU: y = x / sqrt(mean(x²) + eps) · w, computed in float32 as ggml does."""
+"""RMSNorm: y = x / sqrt(mean(x²) + eps) · w over the last dimension (kernels/small_ops.py
+holds the implementation: native on the CPU, torch elsewhere)."""
 
-import torch
+from kernels.small_ops import rms_norm
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # x: (..., D) float32, weight: (D,) → (..., D)
-    scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return x * scale * weight
+__all__ = ["rms_norm"]

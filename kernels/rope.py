@@ -8,6 +8,8 @@ The angle of pair i at position p is (p / scale) · base^(-2i/D).
 
 import torch
 
+from kernels.small_ops import rope
+
 
 class Rope:
     def __init__(self, head_dim: int, base: float, neox: bool, scale: float = 1.0) -> None:
@@ -24,9 +26,4 @@ class Rope:
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: (T, H, D) float32 → (T, H, D)
-        if self.neox:
-            a, b = x[..., : self.half], x[..., self.half :]
-            return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
-        pairs = x.unflatten(-1, (self.half, 2))  # (T, H, D/2, 2)
-        a, b = pairs[..., 0], pairs[..., 1]
-        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+        return rope(x, cos, sin, self.neox)

@@ -215,7 +215,7 @@ def test_loader_api_and_disable(kernel, monkeypatch):
 def test_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch, caplog):
     bad = tmp_path / "qmatmul.cpp"
     bad.write_text("#error this toolchain cannot build tandem's kernel\n")
-    monkeypatch.setattr(native_loader, "SOURCE", bad)
+    monkeypatch.setattr(native_loader, "SOURCES", (bad,))
     monkeypatch.setattr(native_loader, "_modules", {})
     monkeypatch.setenv("TANDEM_HOME", str(tmp_path / "home"))
     with caplog.at_level(logging.WARNING, logger=native_loader.__name__):

@@ -1,0 +1,103 @@
+// Small fused ops for the decode step, where torch's per-op dispatch (a few µs each) costs more
+// than the arithmetic: RMSNorm (6 torch ops), RoPE (about 9) and the gated activation (2).
+// Plain loops over contiguous float32 rows (the compiler vectorizes them); one thread, since a
+// decode step's rows are tiny. Numerics: as kernels/norm.py, kernels/rope.py and torch's
+// silu / gelu(tanh), with RMSNorm's sum of squares in double (as ggml accumulates it).
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+void check_rows(const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              name, ": x must be a contiguous float32 CPU tensor");
+}
+
+// y = x / sqrt(mean(x²) + eps) · w over the last dimension.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  check_rows(x, "rms_norm");
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == D && w.scalar_type() == torch::kFloat32 &&
+              w.is_contiguous(), "rms_norm: w must be contiguous float32 (", D, ",)");
+  auto y = torch::empty_like(x);
+  const float* px = x.data_ptr<float>();
+  const float* pw = w.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  const int64_t rows = D ? x.numel() / D : 0;
+  for (int64_t r = 0; r < rows; ++r, px += D, py += D) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < D; ++i) sum += double(px[i]) * double(px[i]);
+    const float scale = float(1.0 / std::sqrt(sum / double(D) + eps));
+    for (int64_t i = 0; i < D; ++i) py[i] = px[i] * scale * pw[i];
+  }
+  return y;
+}
+
+// x (T, H, D) rotated by cos/sin (T, 1, D/2): pairs (i, i + D/2) with neox, else (2i, 2i+1).
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, bool neox) {
+  check_rows(x, "rope");
+  TORCH_CHECK(x.dim() == 3, "rope: x must be (T, H, D)");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  TORCH_CHECK(D % 2 == 0, "rope: D must be even");
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  TORCH_CHECK(cos.numel() == T * half && sin.numel() == T * half &&
+              cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32,
+              "rope: cos and sin must be float32 (T, 1, D/2)");
+  auto y = torch::empty_like(x);
+  const float* px = x.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* c = cos.data_ptr<float>() + t * half;
+    const float* s = sin.data_ptr<float>() + t * half;
+    for (int64_t h = 0; h < H; ++h) {
+      const float* a = px + (t * H + h) * D;
+      float* o = py + (t * H + h) * D;
+      if (neox) {
+        for (int64_t i = 0; i < half; ++i) {
+          o[i] = a[i] * c[i] - a[i + half] * s[i];
+          o[i + half] = a[i] * s[i] + a[i + half] * c[i];
+        }
+      } else {
+        for (int64_t i = 0; i < half; ++i) {
+          o[2 * i] = a[2 * i] * c[i] - a[2 * i + 1] * s[i];
+          o[2 * i + 1] = a[2 * i] * s[i] + a[2 * i + 1] * c[i];
+        }
+      }
+    }
+  }
+  return y;
+}
+
+// act(gate) · up, act = silu or gelu with the tanh approximation.
+torch::Tensor gated(torch::Tensor gate, torch::Tensor up, bool gelu) {
+  check_rows(gate, "gated");
+  check_rows(up, "gated");
+  TORCH_CHECK(gate.sizes() == up.sizes(), "gated: gate and up must have one shape");
+  auto y = torch::empty_like(gate);
+  const float* g = gate.data_ptr<float>();
+  const float* u = up.data_ptr<float>();
+  float* o = y.data_ptr<float>();
+  const int64_t n = gate.numel();
+  constexpr float k0 = 0.7978845608028654f, k1 = 0.044715f;  // sqrt(2/π)
+  if (gelu) {
+    for (int64_t i = 0; i < n; ++i)
+      o[i] = 0.5f * g[i] * (1.0f + std::tanh(k0 * (g[i] + k1 * g[i] * g[i] * g[i]))) * u[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+  return y;
+}
+
+}  // namespace
+
+void register_small_ops(pybind11::module& m) {
+  m.def("rms_norm", &rms_norm, "x / sqrt(mean(x²) + eps) · w over the last dimension",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rope", &rope, "rotary embedding of x (T, H, D) by cos/sin (T, 1, D/2)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("gated", &gated, "silu(gate)·up, or gelu_tanh(gate)·up",
+        py::call_guard<py::gil_scoped_release>());
+}
