@@ -5,8 +5,12 @@ sliding-window layer masks keys whose distance from the query is ≥ window (ggm
 Grouped-query attention: each of the n_head_kv heads serves n_head / n_head_kv query heads.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from kernels import native_loader
 
 
 def causal_mask(start: int, n_query: int, n_key: int, window: int) -> torch.Tensor | None:
@@ -42,3 +46,26 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         enable_gqa=q.shape[1] != k.shape[2],
     )  # (B, H, 1, Dv)
     return out.reshape(q.shape[0], -1)
+
+
+def paged_decode_attention(q: torch.Tensor, k_slab: torch.Tensor, v_slab: torch.Tensor,
+                           tables: torch.Tensor, lengths: torch.Tensor, scale: float,
+                           window: int) -> torch.Tensor | None:
+    """One query per sequence straight from the f16 pages, by the native kernel
+    (kernels/native/paged_attention.cpp): batch-invariant, no gather or padding. None when the
+    native build is unavailable or the tensors are not CPU ones (the caller then gathers).
+    q: (B, H, D), slabs: (slots, Hkv, D|Dv), tables: (B, max_blocks) int32, lengths: (B,)
+    → (B, H * Dv)"""
+    module = _native_module()
+    if module is None or q.device.type != "cpu" or k_slab.device.type != "cpu":
+        return None
+    return module.paged_decode_attention(q.float(), k_slab, v_slab, tables, lengths.long(),
+                                         scale, window)
+
+
+@functools.cache
+def _native_module():
+    if not native_loader.enabled():
+        return None
+    module = native_loader.load()
+    return module if module is not None and hasattr(module, "paged_decode_attention") else None

@@ -43,7 +43,7 @@ import torch
 log = logging.getLogger(__name__)
 
 NATIVE = Path(__file__).resolve().parent / "native"
-SOURCES = (NATIVE / "qmatmul.cpp", NATIVE / "small_ops.cpp")
+SOURCES = (NATIVE / "qmatmul.cpp", NATIVE / "small_ops.cpp", NATIVE / "paged_attention.cpp")
 ISA_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": []}
 COMMON_FLAGS = ["-O3", "-fno-math-errno"]
 

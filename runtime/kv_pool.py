@@ -119,6 +119,12 @@ class KVPool:
         """Keys and values at `slots` (L,), in position order: (L, Hkv, D), (L, Hkv, Dv)."""
         return self.k[layer].read(slots), self.v[layer].read(slots)
 
+    def f16_slabs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A layer's f16 key and value slabs (slots, Hkv, D|Dv), for kernels that read the
+        pages in place; None for a q8_0 pool."""
+        k, v = self.k[layer], self.v[layer]
+        return None if k.quantized else (k.data, v.data)
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole pages (src → dst) in every layer: copy-on-write of shared blocks."""
         for src, dst in copies:

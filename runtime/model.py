@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention import attention, decode_attention
+from kernels.attention import attention, decode_attention, paged_decode_attention
 from kernels.linear import PackedLinear, matmuls
 from kernels.norm import rms_norm
 from kernels.rope import Rope
@@ -153,15 +153,25 @@ class Model:
                 out[rows] = attention(q[rows], keys, values, s.start, window,
                                       self.config.attn_scale)
             if (d := b.decode) is not None:
-                keys, values = pool.read(i, d.slots)  # (B*L, Hkv, D)
-                out[d.rows] = decode_attention(q[d.rows], keys.unflatten(0, (-1, d.width)),
-                                               values.unflatten(0, (-1, d.width)),
-                                               d.mask(window), self.config.attn_scale)
+                out[d.rows] = self._decode_attention(i, pool, q[d.rows], d, window)
             return out
 
         with forward_threads():
             x = self._layers(batch.tokens, batch.positions, attend)
             return self._logits(x[batch.logit_rows.to(x.device)])
+
+    def _decode_attention(self, i: int, pool: KVPool, q: torch.Tensor, d, window: int):
+        """The one-token sequences' attention: in place on the f16 pages (native), else over
+        their gathered, padded contexts in one SDPA call. q: (B, H, D) → (B, H * Dv)"""
+        scale = self.config.attn_scale
+        slabs = pool.f16_slabs(i)
+        if slabs is not None:
+            out = paged_decode_attention(q, *slabs, d.tables, d.lengths, scale, window)
+            if out is not None:
+                return out
+        keys, values = pool.read(i, d.slots)  # (B*L, Hkv, D)
+        return decode_attention(q, keys.unflatten(0, (-1, d.width)),
+                                values.unflatten(0, (-1, d.width)), d.mask(window), scale)
 
     def _attend_triton(self, i, b: ForwardBatch, pool: KVPool, q, k, v, window):
         """A GPU layer's attention: the KV-write kernel, paged decode attention for the
