@@ -20,11 +20,9 @@ from loaders.pull import KNOWN, pull, pullable
 from runtime.cli_store import COMMANDS as STORE_COMMANDS
 from runtime.cli_store import add_store_commands
 from runtime.errors import TandemError
-from runtime.sampling_params import SamplingParams
+from runtime.sampling_params import OLLAMA_DEFAULTS, SamplingParams
 
-# ollama's defaults for interactive use (its docs' PARAMETER table)
-RUN_DEFAULTS = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1,
-                              repeat_last_n=64, max_tokens=None)
+RUN_DEFAULTS = OLLAMA_DEFAULTS  # what `tandem run` starts from (before Modelfile and flags)
 
 
 def build_parser() -> argparse.ArgumentParser:

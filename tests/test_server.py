@@ -185,8 +185,11 @@ def test_stop_string_is_never_emitted(client, greedy_chat):
 
 
 def test_chat_logprobs_shape(client, greedy_chat):
+    # logprobs are of the model's own distribution; with the default repeat penalty (ollama's
+    # 1.1) off, the greedy pick is its top candidate
     out = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
-                                         max_tokens=3, logprobs=True, top_logprobs=2)
+                                         max_tokens=3, logprobs=True, top_logprobs=2,
+                                         extra_body={"repetition_penalty": 1.0})
     content = out.choices[0].logprobs.content
     assert len(content) == out.usage.completion_tokens == 3
     assert "".join(t.token for t in content) == out.choices[0].message.content

@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loaders.gguf_file import GGUFFile
 from modelfiles.resolver import resolve as resolve_spec
-from runtime.cli import RUN_DEFAULTS
 from runtime.errors import TandemError
+from runtime.sampling_params import OLLAMA_DEFAULTS
 from runtime.server.choice import Choice
 from runtime.server.errors import RequestFieldError, ollama_error, status_of
 from runtime.server.keep_alive import parse_keep_alive
@@ -58,7 +58,7 @@ async def _serve(request: Request, kind: str) -> Response:
                 state.metrics.count_request(endpoint, 200)
                 return JSONResponse(_load_reply(req, kind))
             ids = await asyncio.to_thread(req.prompt_ids, served.lm)
-            params = options.params(served.lm.sampling_defaults(RUN_DEFAULTS))
+            params = options.params(served.lm.sampling_defaults(OLLAMA_DEFAULTS))
             params = fit_context(params, len(ids), options.num_ctx, served.num_ctx)
             stream.submit(ids, params)
         except BaseException:

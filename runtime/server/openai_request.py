@@ -16,7 +16,7 @@ from typing import Any
 
 from runtime.errors import InvalidParameterError
 from runtime.loaded_model import LoadedModel
-from runtime.sampling_params import MAX_LOGPROBS, SamplingParams
+from runtime.sampling_params import MAX_LOGPROBS, OLLAMA_DEFAULTS, SamplingParams
 from runtime.server.errors import RequestFieldError
 
 # OpenAI field -> SamplingParams field, for fields passed through unchanged
@@ -76,8 +76,11 @@ class OpenAIRequest:
     changes: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields to set
 
     def params(self, lm: LoadedModel, default_max_tokens: int | None) -> SamplingParams:
-        """The model's Modelfile defaults with this request's settings on top."""
-        base = lm.sampling_defaults(SamplingParams(max_tokens=default_max_tokens))
+        """ollama's defaults, the model's Modelfile PARAMETERs on them, this request's
+        settings on top (as ollama's OpenAI endpoint does: an unset field keeps the model's
+        default, so a Modelfile model answers as through `tandem run`)."""
+        base = dataclasses.replace(OLLAMA_DEFAULTS, max_tokens=default_max_tokens)
+        base = lm.sampling_defaults(base)
         try:
             return dataclasses.replace(base, **self.changes)
         except RequestFieldError:
