@@ -126,6 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               keep_alive=parse_keep_alive(args.keep_alive),
                               kv_cache_type=args.kv_cache_type)
     logging.getLogger("runtime.server").setLevel(logging.INFO)
+    logging.getLogger("runtime.llm_engine").setLevel(logging.INFO)  # the KV cache size
     serve(host, port, args.model, options)
     return 0
 

@@ -105,7 +105,11 @@ class Engine:
                 events += self._add(request_id, ids, params, sink)
             for request_id in aborts:
                 events += self.core.abort(request_id)
-            events += self.core.step()
+            try:
+                events += self.core.step()
+            except Exception as err:  # a bug outside the forward: fail what runs, keep serving
+                log.exception("engine step failed")
+                events += self._fail_all(err)
             self._deliver(events)
             with self._cond:
                 self._stats = self.core.snapshot()
@@ -119,6 +123,14 @@ class Engine:
         except TandemError as err:  # QueueFullError or a bad request: only this one fails
             return [Event(request_id, i, error=err) for i in range(params.n)]
         return []
+
+    def _fail_all(self, err: Exception) -> list[Event]:
+        error = TandemError(f"internal error: {err}")
+        events = []
+        for request_id in list(self.core.requests):
+            events += [Event(e.request_id, e.index, error=error)
+                       for e in self.core.abort(request_id)]
+        return events
 
     def _deliver(self, events: list[Event]) -> None:
         for event in events:

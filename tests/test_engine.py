@@ -279,3 +279,27 @@ def test_threaded_engine_serves_concurrent_submissions(lm, alone):
             engine.submit(list(range(300)), GREEDY, sink_for("x"))
     finally:
         engine.close()
+
+
+def test_threaded_engine_survives_a_failing_step(lm, monkeypatch):
+    engine = Engine(lm, EngineOptions(num_ctx=256))
+    errors, done = [], threading.Event()
+
+    def sink(event):
+        if event.error is not None:
+            errors.append(event.error)
+            done.set()
+        elif event.delta.finish_reason:
+            done.set()
+
+    try:
+        monkeypatch.setattr(engine.core.scheduler, "schedule",
+                            lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+        engine.submit(encode(lm, "Hello"), GREEDY, sink)
+        assert done.wait(30) and "internal error: boom" in str(errors[0])
+        monkeypatch.undo()  # the engine still serves the next request
+        done.clear()
+        engine.submit(encode(lm, "Hello"), GREEDY, sink)
+        assert done.wait(60) and len(errors) == 1
+    finally:
+        engine.close()
