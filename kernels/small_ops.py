@@ -1,4 +1,4 @@
-"""The decode step's small ops — RMSNorm, RoPE, the gated activation — one native call each
+"""The decode step's small ops — RMSNorm, RoPE — one native call each
 (kernels/native/small_ops.cpp) on contiguous float32 CPU tensors, torch's ops otherwise
 (other devices, other dtypes, or no native build). Both give the same results to float32
 rounding; the native ones save torch's per-op dispatch, which dominates at decode sizes."""
@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from kernels import native_loader
 
@@ -49,12 +48,3 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> t
     pairs = x.unflatten(-1, (half, 2))  # (T, H, D/2, 2)
     a, b = pairs[..., 0], pairs[..., 1]
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-
-
-def gated(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
-    """act(gate) · up, act = gelu (tanh approximation) or silu: (M, F) → (M, F)."""
-    module = _native(gate, up)
-    if module is not None:
-        return module.gated(gate.contiguous(), up.contiguous(), gelu)
-    act = F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)
-    return act * up

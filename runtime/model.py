@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kernels.attention import attention, decode_attention, paged_decode_attention
 from kernels.linear import PackedLinear, matmuls
 from kernels.norm import rms_norm
 from kernels.rope import Rope
-from kernels.small_ops import gated
 from kernels.thread_policy import forward_threads
 from kernels.triton_linear import TritonLinear
 from loaders.config import ModelConfig
@@ -234,7 +234,8 @@ class Model:
         x = x + a
         h = rms_norm(x, b.ffn_norm, c.rms_eps)
         gate, up = matmuls([b.gate, b.up], h)
-        f = b.down(gated(gate, up, gelu=c.activation == "gelu_tanh"))
+        gate = F.gelu(gate, approximate="tanh") if c.activation == "gelu_tanh" else F.silu(gate)
+        f = b.down(gate * up)
         if b.post_ffn_norm is not None:
             f = rms_norm(f, b.post_ffn_norm, c.rms_eps)
         return x + f

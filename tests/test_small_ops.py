@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kernels import native_loader, small_ops
 
@@ -43,13 +42,6 @@ def test_rope(native, neox):
         a, b = x[..., 0::2], x[..., 1::2]
         want = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
     torch.testing.assert_close(native.rope(x, cos, sin, neox), want, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("gelu", [False, True])
-def test_gated(native, gelu):
-    g, u = randn(4, 1536) * 4, randn(4, 1536, seed=2)
-    act = F.gelu(g, approximate="tanh") if gelu else F.silu(g)
-    torch.testing.assert_close(native.gated(g, u, gelu), act * u, rtol=1e-5, atol=1e-6)
 
 
 def test_wrappers_fall_back_to_torch_off_the_native_path(native):

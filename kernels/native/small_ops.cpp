@@ -1,18 +1,40 @@
 // Small fused ops for the decode step, where torch's per-op dispatch (a few µs each) costs more
-// than the arithmetic: RMSNorm (6 torch ops), RoPE (about 9) and the gated activation (2).
-// Plain loops over contiguous float32 rows (the compiler vectorizes them); one thread, since a
-// decode step's rows are tiny. Numerics: as kernels/norm.py, kernels/rope.py and torch's
-// silu / gelu(tanh), with RMSNorm's sum of squares in double (as ggml accumulates it).
+// than the arithmetic: RMSNorm (6 torch ops) and RoPE (about 9). Loops over contiguous float32
+// rows, one thread. Numerics: as kernels/small_ops.py's torch forms, with RMSNorm's sum of
+// squares in double (as ggml accumulates it). (A fused silu/gelu·up was tried and dropped:
+// scalar expf/tanhf made it slower than torch's vectorized ops at every size.)
 #include <torch/extension.h>
 
 #include <cmath>
 #include <cstdint>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 void check_rows(const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               name, ": x must be a contiguous float32 CPU tensor");
+}
+
+// Σ x² in double: four lanes of four (AVX2) in a fixed order, whatever the number of rows.
+double sum_squares(const float* x, int64_t n) {
+  int64_t i = 0;
+  double sum = 0.0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256d acc = _mm256_setzero_pd();
+  for (; i + 4 <= n; i += 4) {
+    const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(x + i));
+    acc = _mm256_fmadd_pd(v, v, acc);
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, acc);
+  sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+#endif
+  for (; i < n; ++i) sum += double(x[i]) * double(x[i]);
+  return sum;
 }
 
 // y = x / sqrt(mean(x²) + eps) · w over the last dimension.
@@ -27,8 +49,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   float* py = y.data_ptr<float>();
   const int64_t rows = D ? x.numel() / D : 0;
   for (int64_t r = 0; r < rows; ++r, px += D, py += D) {
-    double sum = 0.0;
-    for (int64_t i = 0; i < D; ++i) sum += double(px[i]) * double(px[i]);
+    const double sum = sum_squares(px, D);
     const float scale = float(1.0 / std::sqrt(sum / double(D) + eps));
     for (int64_t i = 0; i < D; ++i) py[i] = px[i] * scale * pw[i];
   }
@@ -71,33 +92,11 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, bool n
   return y;
 }
 
-// act(gate) · up, act = silu or gelu with the tanh approximation.
-torch::Tensor gated(torch::Tensor gate, torch::Tensor up, bool gelu) {
-  check_rows(gate, "gated");
-  check_rows(up, "gated");
-  TORCH_CHECK(gate.sizes() == up.sizes(), "gated: gate and up must have one shape");
-  auto y = torch::empty_like(gate);
-  const float* g = gate.data_ptr<float>();
-  const float* u = up.data_ptr<float>();
-  float* o = y.data_ptr<float>();
-  const int64_t n = gate.numel();
-  constexpr float k0 = 0.7978845608028654f, k1 = 0.044715f;  // sqrt(2/π)
-  if (gelu) {
-    for (int64_t i = 0; i < n; ++i)
-      o[i] = 0.5f * g[i] * (1.0f + std::tanh(k0 * (g[i] + k1 * g[i] * g[i] * g[i]))) * u[i];
-  } else {
-    for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  }
-  return y;
-}
-
 }  // namespace
 
 void register_small_ops(pybind11::module& m) {
   m.def("rms_norm", &rms_norm, "x / sqrt(mean(x²) + eps) · w over the last dimension",
         py::call_guard<py::gil_scoped_release>());
   m.def("rope", &rope, "rotary embedding of x (T, H, D) by cos/sin (T, 1, D/2)",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("gated", &gated, "silu(gate)·up, or gelu_tanh(gate)·up",
         py::call_guard<py::gil_scoped_release>());
 }
