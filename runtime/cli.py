@@ -52,13 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_plan_command(sub) -> None:
     plan = sub.add_parser("plan", help="show where a model's layers would run and how fast")
-    plan.add_argument("model", help="a pullable name or a .gguf path")
+    plan.add_argument("model", help="a stored or pullable name, or a .gguf path (a Modelfile's "
+                                    "num_ctx, num_gpu, gpu_memory and cpu pins are defaults)")
     plan.add_argument("--gpu-memory", help="VRAM to use, e.g. 6GB, 6GiB, 512MiB (without a "
                                            "GPU: plan for one of this size)")
-    plan.add_argument("--num-ctx", type=int, default=4096, help="context per sequence (tokens)")
+    plan.add_argument("--num-ctx", type=int, help="context per sequence (tokens; default 4096)")
     plan.add_argument("--num-parallel", type=int, default=1, help="sequences at once")
-    plan.add_argument("--num-gpu", type=int, default=-1,
-                      help="layers on the GPU (-1: the planner chooses; 0: CPU only)")
+    plan.add_argument("--num-gpu", type=int,
+                      help="layers on the GPU (-1, the default: the planner chooses; 0: CPU only)")
     plan.add_argument("--kv-type", default="f16", help="KV cache type: f16 or q8_0")
     plan.add_argument("--pin", action="append", default=[], metavar="REGEX",
                       help="keep tensors whose name matches on the CPU (repeatable)")

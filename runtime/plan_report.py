@@ -121,16 +121,19 @@ def run_plan_command(args) -> int:
 
     from loaders.config import ModelConfig
     from loaders.gguf_file import GGUFFile
+    from modelfiles.resolver import resolve as resolve_spec
     from runtime.devices import detect, parse_size
-    from runtime.loaded_model import resolve
     from runtime.model_sizes import ModelSizes
     from runtime.planner import PlanRequest, plan
 
-    request = PlanRequest(num_ctx=args.num_ctx, num_parallel=args.num_parallel,
-                          num_gpu=args.num_gpu, pins=tuple(args.pin), kv_type=args.kv_type,
-                          gpu_memory=parse_size(args.gpu_memory) if args.gpu_memory else None)
-    request.validate()  # before the pull or the calibration
-    name, path = resolve(args.model)
+    flags = PlanRequest(num_ctx=args.num_ctx or 4096, num_parallel=args.num_parallel,
+                        num_gpu=-1 if args.num_gpu is None else args.num_gpu,
+                        pins=tuple(args.pin), kv_type=args.kv_type,
+                        gpu_memory=parse_size(args.gpu_memory) if args.gpu_memory else None)
+    flags.validate()  # before the pull or the calibration
+    spec = resolve_spec(args.model)
+    request = _with_modelfile(flags, args, spec.parameters)
+    name, path = spec.name, spec.path
     with GGUFFile(path) as gguf:
         sizes = ModelSizes.from_tensors(
             ModelConfig.from_metadata(gguf.metadata, gguf.tensors.keys()), gguf.tensors)
@@ -143,3 +146,26 @@ def run_plan_command(args) -> int:
     result = plan(sizes, devices, request)
     print(json.dumps(plan_dict(result, name), indent=1) if args.json else plan_text(result, name))
     return 0
+
+
+def _with_modelfile(request, args, parameters: dict):
+    """The Modelfile's num_ctx, num_gpu, gpu_memory and cpu pins where no flag was given
+    (pins add up): the plan `tandem run` and `tandem serve` would make for this model."""
+    from dataclasses import replace
+
+    from modelfiles.parameters import pin_rule
+
+    changes = {}
+    if args.num_ctx is None and parameters.get("num_ctx"):
+        changes["num_ctx"] = int(parameters["num_ctx"])
+    if args.num_gpu is None and parameters.get("num_gpu") is not None:
+        changes["num_gpu"] = int(parameters["num_gpu"])
+    if args.gpu_memory is None and parameters.get("gpu_memory"):
+        changes["gpu_memory"] = int(parameters["gpu_memory"])
+    pins = [pin_rule(rule) for rule in parameters.get("pin") or []]
+    cpu_pins = tuple(p.pattern for p, device in pins if device == "cpu")
+    if cpu_pins:
+        changes["pins"] = request.pins + cpu_pins
+    out = replace(request, **changes)
+    out.validate()
+    return out

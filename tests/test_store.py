@@ -386,3 +386,18 @@ def test_pirate_end_to_end(home, tmp_path, smollm2_path, capsys):
         server.stop()
     manifest = json.loads(Store().manifest_path(ModelName("pirate")).read_text())
     assert manifest["model"]["digest"] == "sha256:" + smollm2_path.name.removeprefix("sha256-")
+
+
+def test_plan_takes_the_modelfile_placement_settings(home, workdir, capsys):
+    create("planned", 'FROM tiny.gguf\nPARAMETER num_ctx 64\nPARAMETER num_gpu 1\n'
+           'PARAMETER gpu_memory 200MB\nPARAMETER pin "blk\\.0\\.ffn_.*=cpu"\n', workdir)
+    capsys.readouterr()
+    assert main(["plan", "planned", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_gpu_layers"] == 1 and out["request"]["num_ctx"] == 64
+    assert out["budgets"]["gpu"] == 200 * 10**6
+    assert out["request"]["pins"] == ["blk\\.0\\.ffn_.*"]
+    # flags override the Modelfile
+    assert main(["plan", "planned", "--json", "--num-gpu", "0", "--num-ctx", "128"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_gpu_layers"] == 0 and out["request"]["num_ctx"] == 128
