@@ -44,7 +44,10 @@ log = logging.getLogger(__name__)
 
 NATIVE = Path(__file__).resolve().parent / "native"
 SOURCES = (NATIVE / "qmatmul.cpp", NATIVE / "small_ops.cpp", NATIVE / "paged_attention.cpp")
-ISA_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": []}
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+ISA_FLAGS = {"avx512vnni": AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+             "avx2": AVX2_FLAGS, "scalar": []}
+FALLBACK = {"avx512vnni": "avx2", "avx2": "scalar"}  # when a build fails, the next one down
 COMMON_FLAGS = ["-O3", "-fno-math-errno"]
 
 _lock = threading.Lock()
@@ -58,7 +61,8 @@ def enabled() -> bool:
 
 @functools.cache
 def cpu_isa() -> str:
-    """The best build this CPU can run: "avx2" (with FMA and F16C) or "scalar"."""
+    """The best build this CPU can run: "avx512vnni" (AVX2 code with VNNI dot products),
+    "avx2" (with FMA and F16C) or "scalar"."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "scalar"
     try:
@@ -66,7 +70,10 @@ def cpu_isa() -> str:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "scalar"
+                    if not {"avx2", "fma", "f16c"} <= flags:
+                        return "scalar"
+                    vnni = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags
+                    return "avx512vnni" if vnni else "avx2"
     except OSError:
         pass
     # No /proc/cpuinfo: every AVX2 CPU also has FMA and F16C.
@@ -111,9 +118,14 @@ def _build_or_warn(isa: str) -> ModuleType | None:
 
 
 def load(isa: str | None = None) -> ModuleType | None:
-    """The extension module for `isa` (default: this CPU's best), built on first use; None
-    when it cannot be built (one warning is logged per ISA). Thread-safe."""
-    isa = isa or cpu_isa()
+    """The extension module for `isa` (default: this CPU's best build that compiles here,
+    trying the next one down when a build fails), built on first use; None when it cannot be
+    built (one warning is logged per ISA). Thread-safe."""
+    if isa is None:
+        isa = cpu_isa()
+        while load(isa) is None and isa in FALLBACK:
+            isa = FALLBACK[isa]
+        return load(isa)
     if isa not in ISA_FLAGS:
         raise ValueError(f"unknown ISA {isa!r}; one of {sorted(ISA_FLAGS)}")
     if isa in _modules:

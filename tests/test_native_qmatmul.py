@@ -37,10 +37,13 @@ HALF_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0":
                "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 
 
-@pytest.fixture(scope="module", params=["native", "scalar"])
+@pytest.fixture(scope="module", params=["native", "avx2", "scalar"])
 def kernel(request):
-    """The extension built for this CPU, and the portable scalar build."""
-    isa = native_loader.cpu_isa() if request.param == "native" else "scalar"
+    """The extension built for this CPU, the AVX2 one (when the CPU's best is another), and
+    the portable scalar build."""
+    isa = native_loader.cpu_isa() if request.param == "native" else request.param
+    if request.param == "avx2" and native_loader.cpu_isa() in ("avx2", "scalar"):
+        pytest.skip("the native build is the AVX2 one here, or this CPU has no AVX2")
     module = native_loader.load(isa)
     if module is None:
         pytest.skip(f"the native {isa} kernel could not be built (no compiler?); see the log")
