@@ -1,4 +1,5 @@
-"""The native CPU kernel (kernels/native/qmatmul.cpp): built on first use, loaded once.
+"""The native CPU kernels (kernels/native/: qmatmul.cpp, small_ops.cpp, paged_attention.cpp),
+one extension module built on first use, loaded once.
 
 `qmatmul(x, w, ggml_type)` computes x · Wᵀ for W in packed GGML rows with llama.cpp's CPU
 numerics (activations quantized to the type's vec_dot type, integer block dot products; see
@@ -8,8 +9,12 @@ processes reuse the cached build), under $TANDEM_HOME/build/torch_extensions (TA
 defaults to ~/.tandem).
 
 One build per instruction set, named after it so builds for different CPUs never collide in
-a shared cache: "avx2" (-mavx2 -mfma -mf16c, when the CPU has all three; never -march=native,
-whose build would crash on an older CPU sharing the cache) or "scalar" (portable C++).
+a shared cache: "avx512vnni" (the AVX2 code with VNNI dot products, when the CPU has
+AVX512-VNNI/VL/BW), "avx2" (-mavx2 -mfma -mf16c, when the CPU has all three) or "scalar"
+(portable C++); never -march=native, whose build would crash on an older CPU sharing the
+cache. A build that fails falls back to the next one down.
+
+Threads during a forward pass: see kernels/thread_policy.py (matmuls get them all).
 
 Where the build fails (no compiler, no ninja) one warning is logged and `available()` is
 False: callers keep the torch dequantize-and-matmul path. TANDEM_NATIVE=0 disables the kernel.
