@@ -146,12 +146,7 @@ class Model:
             if block.triton and not pool.k[i].quantized:
                 return self._attend_triton(i, b, pool, q, k, v, window)
             pool.write(i, b.slots, k, v)
-            out = q.new_empty(q.shape[0], q.shape[1] * self.config.head_dim_v)  # (T, H*Dv)
-            for s in b.seqs:
-                rows = slice(s.row, s.row + s.n)
-                keys, values = pool.read(i, s.context_slots)
-                out[rows] = attention(q[rows], keys, values, s.start, window,
-                                      self.config.attn_scale)
+            out = self._attend_chunks(i, b, pool, q, window)
             if (d := b.decode) is not None:
                 out[d.rows] = self._decode_attention(i, pool, q[d.rows], d, window)
             return out
@@ -159,6 +154,17 @@ class Model:
         with forward_threads():
             x = self._layers(batch.tokens, batch.positions, attend)
             return self._logits(x[batch.logit_rows.to(x.device)])
+
+    def _attend_chunks(self, i: int, b: ForwardBatch, pool: KVPool, q: torch.Tensor,
+                       window: int) -> torch.Tensor:
+        """The output buffer (T, H*Dv), with the prefill chunks' attention filled in: each
+        chunk's queries over its sequence's pages so far (the decode rows are left to fill)."""
+        out = q.new_empty(q.shape[0], q.shape[1] * self.config.head_dim_v)
+        for s in b.seqs:
+            rows = slice(s.row, s.row + s.n)
+            keys, values = pool.read(i, s.context_slots)
+            out[rows] = attention(q[rows], keys, values, s.start, window, self.config.attn_scale)
+        return out
 
     def _decode_attention(self, i: int, pool: KVPool, q: torch.Tensor, d, window: int):
         """The one-token sequences' attention: in place on the f16 pages (native), else over
@@ -181,11 +187,7 @@ class Model:
 
         k_pages, v_pages = pool.k[i].pages(), pool.v[i].pages()
         kv_write(k, v, k_pages, v_pages, b.slots)
-        out = q.new_empty(q.shape[0], q.shape[1] * self.config.head_dim_v)  # (T, H*Dv)
-        for s in b.seqs:
-            rows = slice(s.row, s.row + s.n)
-            keys, values = pool.read(i, s.context_slots)
-            out[rows] = attention(q[rows], keys, values, s.start, window, self.config.attn_scale)
+        out = self._attend_chunks(i, b, pool, q, window)
         if (d := b.decode) is not None:
             att = paged_attention_decode(q[d.rows].contiguous(), k_pages, v_pages, d.tables,
                                          d.lengths.to(torch.int32), self.config.attn_scale,
