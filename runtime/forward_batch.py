@@ -4,12 +4,13 @@ The new tokens of every scheduled sequence are concatenated into rows 0 … T-1;
 (SeqRows) has a contiguous run of rows, the positions they take, the KV slots they write,
 and the slots of its whole context (positions 0 … start+n-1) that its attention reads.
 
-Sequences that add one token (decodes) are also gathered into a DecodeGroup, so their
-attention runs as one padded call instead of one call per sequence.
+Sequences that add one token (decodes) form a DecodeGroup instead: their attention runs in
+one call over the pages their block tables name (no per-step copy of their contexts).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -28,18 +29,29 @@ class SeqRows:
 
 @dataclass
 class DecodeGroup:
-    """B one-token sequences, their contexts padded to the longest (L) with slot 0."""
+    """B one-token sequences: their block tables and context lengths. The padded context
+    slots (for the gathered-SDPA fallback) are derived from those only when asked for."""
 
     rows: torch.Tensor  # (B,) int64: their rows in the batch
-    slots: torch.Tensor  # (B * L,) int64: context slots, row-major, padding → 0
     lengths: torch.Tensor  # (B,) int64: context lengths (the query is at position length-1)
-    width: int  # L
     tables: torch.Tensor  # (B, max_blocks) int32: block tables, padding → 0
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> DecodeGroup:
-        return DecodeGroup(self.rows.to(device), self.slots.to(device),
-                           self.lengths.to(device), self.width, self.tables.to(device))
+        return DecodeGroup(self.rows.to(device), self.lengths.to(device), self.tables.to(device))
+
+    @functools.cached_property
+    def width(self) -> int:
+        """L, the longest context."""
+        return int(self.lengths.max())
+
+    @functools.cached_property
+    def slots(self) -> torch.Tensor:
+        """(B * L,) int64: every sequence's context slots, row-major; positions past a
+        sequence's length point at some valid slot and are masked."""
+        positions = torch.arange(self.width, device=self.tables.device)  # (L,)
+        blocks = self.tables.long()[:, positions // BLOCK_SIZE]  # (B, L)
+        return (blocks * BLOCK_SIZE + positions % BLOCK_SIZE).flatten()
 
     def mask(self, window: int) -> torch.Tensor:
         """(B, 1, 1, L) bool: True where the query may attend (inside its context and,
@@ -67,24 +79,24 @@ class ForwardBatch:
     def build(cls, items: list[tuple[list[int], int, list[int], bool]]) -> ForwardBatch:
         """items: per sequence (new token ids, start position, block table, wants logits)."""
         tokens, positions, slots, seqs, logit_rows, row = [], [], [], [], [], 0
-        decodes, decode_tables = [], []
+        decodes: list[tuple[int, int, list[int]]] = []  # (row, context length, block table)
         for ids, start, table, wants_logits in items:
             n = len(ids)
-            context = slots_for(table, 0, start + n)
             tokens.extend(ids)
             positions.append(torch.arange(start, start + n))
-            slots.append(context[start:])
-            if n == 1:
-                decodes.append(SeqRows(row, n, start, context))
-                decode_tables.append(table[:-(-(start + 1) // BLOCK_SIZE)])
+            if n == 1:  # a decode: one slot to write; its context is read through its table
+                slots.append(slots_for(table, start, start + 1))
+                decodes.append((row, start + 1, table[:-(-(start + 1) // BLOCK_SIZE)]))
             else:
+                context = slots_for(table, 0, start + n)
+                slots.append(context[start:])
                 seqs.append(SeqRows(row, n, start, context))
             row += n
             if wants_logits:
                 logit_rows.append(row - 1)
         return cls(torch.tensor(tokens, dtype=torch.int64), torch.cat(positions),
                    torch.cat(slots), seqs, torch.tensor(logit_rows, dtype=torch.int64),
-                   _decode_group(decodes, decode_tables))
+                   _decode_group(decodes))
 
     def on(self, device: torch.device) -> ForwardBatch:
         """This batch's index tensors on `device` (itself on the CPU), made once per device."""
@@ -99,15 +111,11 @@ class ForwardBatch:
         return cache[device]
 
 
-def _decode_group(decodes: list[SeqRows], tables: list[list[int]]) -> DecodeGroup | None:
+def _decode_group(decodes: list[tuple[int, int, list[int]]]) -> DecodeGroup | None:
     if not decodes:
         return None
-    width = max(len(s.context_slots) for s in decodes)
-    slots = torch.zeros(len(decodes), width, dtype=torch.int64)
-    for b, s in enumerate(decodes):
-        slots[b, :len(s.context_slots)] = s.context_slots
-    padded = torch.zeros(len(decodes), max(map(len, tables)), dtype=torch.int32)
-    for b, table in enumerate(tables):
-        padded[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
-    return DecodeGroup(torch.tensor([s.row for s in decodes]), slots.flatten(),
-                       torch.tensor([len(s.context_slots) for s in decodes]), width, padded)
+    tables = torch.zeros(len(decodes), max(len(t) for _, _, t in decodes), dtype=torch.int32)
+    for b, (_, _, table) in enumerate(decodes):
+        tables[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
+    return DecodeGroup(torch.tensor([r for r, _, _ in decodes]),
+                       torch.tensor([n for _, n, _ in decodes]), tables)
