@@ -48,7 +48,9 @@ import torch
 log = logging.getLogger(__name__)
 
 NATIVE = Path(__file__).resolve().parent / "native"
-SOURCES = (NATIVE / "qmatmul.cpp", NATIVE / "small_ops.cpp", NATIVE / "paged_attention.cpp")
+SOURCES = (NATIVE / "qmatmul.cpp", NATIVE / "interleaved.cpp", NATIVE / "small_ops.cpp",
+           NATIVE / "paged_attention.cpp")
+HEADERS = (NATIVE / "common.h",)
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 ISA_FLAGS = {"avx512vnni": AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
              "avx2": AVX2_FLAGS, "scalar": []}
@@ -100,7 +102,7 @@ def _build(isa: str) -> ModuleType:
     from torch.utils.cpp_extension import load as load_extension
 
     flags = COMMON_FLAGS + ISA_FLAGS[isa]
-    code = b"".join(src.read_bytes() for src in SOURCES)
+    code = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
     digest = hashlib.sha256(code + " ".join(flags).encode()).hexdigest()[:10]
     name = f"tandem_qmatmul_{isa}_{digest}"  # a new name (and build) per source and flags
     start, build_dir = time.perf_counter(), _build_dir(name)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -55,6 +57,8 @@ class GGUFFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._mmap: mmap.mmap | None = None
+        self._derived: dict[object, Any] = {}
+        self._derived_lock = threading.Lock()
         mapping, self.file_size = _open_mmap(self.path)
         try:
             header = parse_gguf(mapping, source=str(self.path))
@@ -95,6 +99,27 @@ class GGUFFile:
         """The tensor as a uint8 (n_rows, row_bytes) view: one row per ne0-long row."""
         info = self.info(name)
         return self.tensor_bytes(name).view(info.n_rows, info.row_bytes)
+
+    def derived(self, key: object, make: Callable[[], Any]) -> Any:
+        """`make()`'s value for `key`, made once and kept as long as this object: what is
+        computed from the file's tensors (re-laid-out weights) is shared by every model on it."""
+        with self._derived_lock:
+            if key not in self._derived:
+                self._derived[key] = make()
+            return self._derived[key]
+
+    def release_pages(self, name: str) -> None:
+        """Drop the process's mapped pages of tensor `name` (madvise MADV_DONTNEED) after a
+        copy has been made of it: they leave the resident set, stay in the page cache, and a
+        later read of a view faults them back in from the file, unchanged."""
+        info = self.info(name)
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = -(-info.offset // page) * page  # whole pages inside the tensor only
+        end = (info.offset + info.nbytes) // page * page
+        if end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         """Drop the mapping: unmapped now if no views are alive, else when the last goes.

@@ -1,6 +1,8 @@
 """Model: the transformer forward pass over packed GGUF weights (llama family, gemma3).
 
-Weights are PackedLinear views of the mmapped file (no copies, no dequantized model); norms
+Weights stay packed (no dequantized model): CPU linears read 16-row panels copied once from
+the mmapped file (the same bytes per row, shared by every model on the file; see
+kernels/linear.py) or, where the build has no panel kernel, views of the mapping; norms
 are small float32 tensors. `forward_batch` runs the new tokens of several sequences (prefill
 chunks and decode steps mixed) through every linear layer together, with attention per
 sequence over its pages in a KVPool; `forward` runs one sequence over a contiguous KVCache.
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention import attention, decode_attention, paged_decode_attention
-from kernels.linear import PackedLinear, matmuls
+from kernels.linear import PackedLinear, interleave, matmuls
 from kernels.norm import rms_norm
 from kernels.rope import Rope
 from kernels.thread_policy import forward_threads
@@ -56,8 +58,10 @@ class Model:
         self.config = config
         self._gguf = gguf
         self.devices = devices or DeviceMap.cpu_only(config.n_layer)
-        self.embed = self._linear("token_embd.weight", where=CPU)  # the lookup runs on the CPU
         head_where = self.devices.head
+        # The lookup runs on the CPU; a tied head on the CPU is this same layer, in panels.
+        self.embed = self._linear("token_embd.weight", where=CPU,
+                                  panels=config.tied_head and head_where == CPU)
         self.head_device = self.devices.device(head_where)
         if config.tied_head:
             self.head = self.embed if head_where == CPU else self._linear(
@@ -77,16 +81,26 @@ class Model:
                             f"for a {self.config.arch} model")
         return self._gguf.tensors[name]
 
-    def _linear(self, name: str, bias: str | None = None,
-                where: str | None = None) -> PackedLinear | TritonLinear:
-        """A packed weight on its device: the native CPU path, or Triton's on the GPU."""
+    def _linear(self, name: str, bias: str | None = None, where: str | None = None,
+                panels: bool = True) -> PackedLinear | TritonLinear:
+        """A packed weight on its device: Triton's on the GPU; on the CPU the native path,
+        over 16-row panels made once per file (see kernels/linear.py) unless `panels` is
+        False (a lookup-only embedding) or the build has no panel kernel for the type."""
         info = self._info(name)
         where = where or self.devices.of_tensor(name)
         device = self.devices.device(where)
         b = self._vector(bias, device) if bias and bias in self._gguf.tensors else None
+        weight = self._gguf.tensor(name)
         if where == GPU:
-            return TritonLinear(self._gguf.tensor(name), info.ggml_type, info.shape[0], b, device)
-        return PackedLinear(self._gguf.tensor(name), info.ggml_type, info.shape[0], b)
+            return TritonLinear(weight, info.ggml_type, info.shape[0], b, device)
+        made = self._gguf.derived(("panels", name), lambda: self._panels(name)) if panels else None
+        return PackedLinear(weight, info.ggml_type, info.shape[0], b, panels=made)
+
+    def _panels(self, name: str) -> torch.Tensor | None:
+        made = interleave(self._gguf.tensor(name), self._info(name).ggml_type)
+        if made is not None:
+            self._gguf.release_pages(name)  # the panels are the copy that is read from now on
+        return made
 
     def _vector(self, name: str, device: torch.device) -> torch.Tensor:
         info = self._info(name)

@@ -1,0 +1,237 @@
+// What the CPU kernels share (qmatmul.cpp: GGML rows; interleaved.cpp: row panels): GGML type
+// numbers, fp16 conversions, the thread pool, and activations quantized to a vec_dot type.
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define TQ_AVX2 1
+#include <immintrin.h>
+#else
+#define TQ_AVX2 0
+#endif
+// The "avx512vnni" build: the AVX2 code with u8·s8 dot products as AVX512-VNNI's vpdpbusd on
+// 256-bit registers (AVX512VL). Integer sums are exact either way, so results are identical.
+#if TQ_AVX2 && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define TQ_VNNI 1
+#else
+#define TQ_VNNI 0
+#endif
+// 512-bit kernels (interleaved.cpp): AVX512F/BW with VNNI, in the same "avx512vnni" build.
+#if TQ_VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
+#define TQ_AVX512 1
+#else
+#define TQ_AVX512 0
+#endif
+
+namespace tq {
+
+enum GgmlType : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13,
+                      Q6_K = 14 };
+enum ActKind : int { A_Q8_0 = 0, A_Q8_1 = 1, A_Q8_K = 2 };
+
+// ---------------------------------------------------------------- fp16, small helpers
+
+inline uint16_t rd16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+inline uint32_t rd32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
+inline uint32_t fbits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float bitsf(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+// IEEE half → float, exact (the scalar build; F16C's vcvtph2ps gives the same values).
+inline float h2f_soft(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24, exact in float
+    const float v = float(man) * 5.9604644775390625e-08f;
+    return bitsf(fbits(v) | sign);
+  }
+  if (exp == 31) return bitsf(sign | 0x7F800000u | (man << 13));
+  return bitsf(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+// float → IEEE half, round to nearest even (what F16C's vcvtps2ph with imm 0 does).
+inline uint16_t f2h_soft(float f) {
+  uint32_t x = fbits(f);
+  const uint16_t sign = uint16_t((x >> 16) & 0x8000);
+  x &= 0x7FFFFFFFu;
+  if (x >= 0x7F800000u) return sign | (x > 0x7F800000u ? 0x7E00 : 0x7C00);  // NaN, inf
+  if (x >= 0x477FF000u) return sign | 0x7C00;  // ≥ 65520 rounds to inf
+  if (x < 0x38800000u) {  // below 2^-14: a subnormal half, man = RNE(|f| * 2^24) ≤ 1024
+    return sign | uint16_t(std::nearbyint(bitsf(x) * 16777216.0f));
+  }
+  x += 0xFFFu + ((x >> 13) & 1u);  // round the 13 dropped bits to nearest even
+  return sign | uint16_t((x - 0x38000000u) >> 13);
+}
+
+#if TQ_AVX2
+inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+inline float round_h(float f) { return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT)); }
+#else
+inline float h2f(uint16_t h) { return h2f_soft(h); }
+inline float round_h(float f) { return h2f_soft(f2h_soft(f)); }
+#endif
+
+template <class T> inline std::unique_ptr<T[]> raw_array(int64_t n) {
+  return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
+}
+
+// ---------------------------------------------------------------- threads
+
+#if defined(__x86_64__) || defined(_M_X64)
+inline void cpu_relax() { _mm_pause(); }
+#else
+inline void cpu_relax() { std::this_thread::yield(); }
+#endif
+
+// Runs fn(ctx, i) for i in [0, n) on up to `threads` threads: the caller and pool workers
+// claim chunk indices from one atomic counter, and the caller returns once every claimed
+// chunk is done. A worker the OS has not scheduled yet (a busy shared machine) never holds
+// a call up: it claims nothing and the caller does its share. That is the difference from
+// an OpenMP region (what at::parallel_for is), whose closing barrier waits for every thread:
+// on this project's loaded 2-core VM that cost milliseconds per call (see the loader's notes).
+// Workers spin ~SPIN_US after a job (calls come in bursts), then sleep on a futex.
+class Pool {
+ public:
+  using Fn = void (*)(const void*, int64_t);
+
+  static Pool& instance() {
+    static Pool* pool = new Pool();  // never destroyed: workers sleep until process exit
+    if (pool->pid_ != getpid()) pool = new Pool();  // a forked child has no workers
+    return *pool;
+  }
+
+  void run(int64_t n, int threads, Fn fn, const void* ctx) {
+    if (threads <= 1 || n <= 1) {
+      for (int64_t i = 0; i < n; ++i) fn(ctx, i);
+      return;
+    }
+    std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);  // one job at a time: a
+    if (!lock.owns_lock()) {                                     // concurrent caller runs
+      for (int64_t i = 0; i < n; ++i) fn(ctx, i);                // its job on its own
+      return;
+    }
+    try {
+      while (int(workers_.size()) < threads - 1) {
+        const int id = int(workers_.size());
+        workers_.emplace_back([this, id] { loop(id); });
+        workers_.back().detach();
+      }
+    } catch (const std::system_error&) {  // no more threads to be had: use those there are
+    }
+    active_.store(std::min(threads - 1, int(workers_.size())), std::memory_order_relaxed);
+    fn_ = fn;
+    ctx_ = ctx;
+    done_.store(0, std::memory_order_relaxed);
+    claim_.store(uint64_t(n) << 32, std::memory_order_release);
+    gen_.fetch_add(1, std::memory_order_release);
+    gen_.notify_all();
+    work();
+    for (int spins = 0; done_.load(std::memory_order_acquire) < n; ++spins) {
+      if (spins < 4096) cpu_relax(); else std::this_thread::yield();
+    }
+  }
+
+ private:
+  static constexpr int64_t SPIN_US = 200;
+
+  Pool() : pid_(getpid()) {}
+
+  void work() {  // claim and run chunks until none is left
+    for (;;) {
+      const uint64_t c = claim_.fetch_add(1, std::memory_order_acq_rel);
+      if (uint32_t(c) >= uint32_t(c >> 32)) return;  // index ≥ count: the job is all claimed
+      fn_(ctx_, int64_t(uint32_t(c)));
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void loop(int id) {
+    uint32_t seen = gen_.load(std::memory_order_acquire);
+    for (;;) {
+      auto start = std::chrono::steady_clock::now();
+      for (int spins = 1; gen_.load(std::memory_order_acquire) == seen; ++spins) {
+        cpu_relax();
+        if (spins % 256 == 0) {
+          const auto us = std::chrono::duration_cast<std::chrono::microseconds>(
+              std::chrono::steady_clock::now() - start).count();
+          if (us > SPIN_US) {
+            gen_.wait(seen, std::memory_order_acquire);
+            start = std::chrono::steady_clock::now();
+          } else if (us > SPIN_US / 4) {
+            std::this_thread::yield();
+          }
+        }
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      if (id < active_.load(std::memory_order_relaxed)) work();
+    }
+  }
+
+  const pid_t pid_;
+  std::mutex mu_;
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> claim_{0};  // chunk count << 32 | next index
+  std::atomic<int64_t> done_{0};
+  std::atomic<uint32_t> gen_{0};    // bumped per job; idle workers wait on it
+  std::atomic<int> active_{0};
+  Fn fn_ = nullptr;                 // written before claim_ is published, read after a claim
+  const void* ctx_ = nullptr;
+};
+
+// Threads the kernel uses: set_num_threads(n) fixes it (so torch's own small ops can run on
+// one thread while matmuls use the pool: an OpenMP team and spinning pool workers contend for
+// the same cores otherwise); 0, the default, follows torch's intra-op thread count.
+inline std::atomic<int> g_threads{0};
+
+inline int kernel_threads() {
+  const int n = g_threads.load(std::memory_order_relaxed);
+  return std::max(1, n > 0 ? n : at::get_num_threads());
+}
+
+inline void set_num_threads(int64_t n) {
+  TORCH_CHECK(n >= 0 && n <= 1024, "set_num_threads: n must be 0 (follow torch) to 1024, got ", n);
+  g_threads.store(int(n), std::memory_order_relaxed);
+}
+
+inline int64_t get_num_threads() { return kernel_threads(); }
+
+template <class F>
+void parallel_chunks(int64_t n, const F& f) {
+  Pool::instance().run(n, kernel_threads(),
+                       [](const void* c, int64_t i) { (*static_cast<const F*>(c))(i); }, &f);
+}
+
+// ---------------------------------------------------------------- activation quantization
+
+// x (M, K) quantized for one vec_dot type. Per token t: q[t*K ..] int8; d[t*nb ..] the block
+// scale as float (Q8_0/Q8_1: already rounded through fp16, as the block stores it; Q8_K:
+// float32); s[t*nb ..] (Q8_1) fp16(d·Σq) as float; sums[t*nb ..] (Q8_0) Σq as int;
+// bsums[t*K/16 ..] (Q8_K) per-16 sums of q.
+struct Act {
+  int64_t M = 0, K = 0, nb = 0, bs = 32;
+  std::unique_ptr<int8_t[]> q;
+  std::unique_ptr<float[]> d, s;
+  std::unique_ptr<int32_t[]> sums;  // Q8_0: Σq per block (Q4_0/Q5_0 fold their offset in)
+  std::unique_ptr<int16_t[]> bsums;
+  const int8_t* qs(int64_t t, int64_t b) const { return q.get() + t * K + b * bs; }
+  float dy(int64_t t, int64_t b) const { return d[t * nb + b]; }
+};
+
+// x (M, K) float32 quantized per token to the vec_dot type `kind` (qmatmul.cpp).
+Act quantize_act(const float* x, int64_t M, int64_t K, int kind);
+
+}  // namespace tq

@@ -1,0 +1,700 @@
+// Weights in row panels: y = x · Wᵀ with W re-laid out once at load so that one AVX-512
+// instruction serves 16 output rows.
+//
+// A GGML tensor stores each row's blocks one after another, so a dot product ends every
+// 32-element block with a horizontal sum and a scale per row. Here rows go in panels of
+// R = 16: for each block index, the panel holds the 16 rows' scales side by side, then the
+// quantized values in "groups" of 64 bytes, 4 bytes of each row in turn. One vpdpbusd of a
+// group against 4 activation bytes broadcast to every lane adds 4 products to each row's
+// own int32 lane: no horizontal sums, no shuffles, one scale vector per block for 16 rows.
+// The bytes per row are the GGML type's own (Q4_K: +2.8%, its 6-bit scales kept as bytes),
+// and the rows are the same numbers: `deinterleave` gives the GGML blocks back exactly.
+//
+// Panel layout, per type: planes of per-block records, each plane contiguous in the panel
+// (so the quantized values stay 64-byte aligned when the panel is):
+//   D  fp16 scales, 16 rows (Q4_1: then 16 mins; Q4_K: then 16 dmins)
+//   S  (K-quants) sub-block scales as bytes, [sub-block][row] (Q4_K: then the mins)
+//   H  high bits as 64-bit masks, bit 4·r + i = byte i of row r in a group (Q5_0: bit 4;
+//      Q6_K: bits 4 and 5)
+//   Q  nibbles: per 32 elements ("chunk") 16 bytes per row, low nibble element i, high
+//      nibble element 16 + i (Q4_0's own order), in 4 groups of 4 bytes; Q8_0: value + 128
+//      as bytes, 8 groups.
+// Values are unsigned (Q4_0 0..15, Q5_0 0..31, Q8_0 0..255, Q6_K 0..63); the offset (8, 16,
+// 128, 32) comes off through the activation block sums, exactly, in the integer domain.
+//
+// Numerics: llama.cpp's (the same activation quantization and exact integer block sums as
+// qmatmul.cpp); per token and row, blocks are summed in order in float32, so a row of the
+// output depends neither on the other tokens of the call nor on the threads.
+//
+// Kernels need AVX512F/BW/VNNI (the "avx512vnni" build); `interleave`/`deinterleave` are
+// portable and in every build.
+
+#include "common.h"
+
+namespace {
+
+using namespace tq;
+
+constexpr int R = 16;  // rows per panel
+
+// Bytes per block index per panel in each plane.
+struct Layout {
+  int bs, ts;          // GGML block: elements, bytes
+  int64_t d, s, h, q;  // planes D, S, H, Q
+  constexpr int64_t block() const { return d + s + h + q; }
+};
+
+constexpr Layout layout_of(int type) {
+  switch (type) {
+    case Q4_0: return {32, 18, 32, 0, 0, 256};
+    case Q4_1: return {32, 20, 64, 0, 0, 256};
+    case Q5_0: return {32, 22, 32, 0, 64, 256};
+    case Q8_0: return {32, 34, 32, 0, 0, 512};
+    case Q4_K: return {256, 144, 64, 256, 0, 2048};
+    case Q6_K: return {256, 210, 32, 256, 1024, 2048};
+    default: return {0, 0, 0, 0, 0, 0};
+  }
+}
+
+bool has_layout(int type) { return layout_of(type).bs != 0; }
+
+int64_t panel_bytes(int type, int64_t K) {
+  const Layout L = layout_of(type);
+  return K / L.bs * L.block();
+}
+
+// ---------------------------------------------------------------- one GGML block, unpacked
+
+// A block's numbers: raw fp16 scale bits, sub-block scales, unsigned values in element order.
+struct Canon {
+  uint16_t d = 0, m = 0;  // d; Q4_1 min, Q4_K dmin
+  uint8_t sc[16] = {}, mn[8] = {};
+  uint8_t q[256] = {};
+};
+
+inline void wr16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
+
+void to_canon(int type, const uint8_t* b, Canon& c) {
+  switch (type) {
+    case Q4_0: case Q4_1: {
+      const uint8_t* qs = b + (type == Q4_0 ? 2 : 4);
+      c.d = rd16(b);
+      if (type == Q4_1) c.m = rd16(b + 2);
+      for (int j = 0; j < 16; ++j) { c.q[j] = qs[j] & 0xF; c.q[j + 16] = qs[j] >> 4; }
+      break;
+    }
+    case Q5_0: {
+      const uint32_t qh = rd32(b + 2);
+      c.d = rd16(b);
+      for (int j = 0; j < 16; ++j) {
+        c.q[j] = (b[6 + j] & 0xF) | (((qh >> j) & 1) << 4);
+        c.q[j + 16] = (b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+      }
+      break;
+    }
+    case Q8_0:
+      c.d = rd16(b);
+      for (int j = 0; j < 32; ++j) c.q[j] = uint8_t(b[2 + j] ^ 0x80);  // int8 + 128
+      break;
+    case Q4_K: {
+      c.d = rd16(b);
+      c.m = rd16(b + 2);
+      const uint8_t* s = b + 4;
+      for (int j = 0; j < 4; ++j) {
+        c.sc[j] = s[j] & 63;
+        c.mn[j] = s[j + 4] & 63;
+        c.sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
+        c.mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+      }
+      for (int k = 0; k < 4; ++k)
+        for (int l = 0; l < 32; ++l) {
+          c.q[64 * k + l] = b[16 + 32 * k + l] & 0xF;
+          c.q[64 * k + 32 + l] = b[16 + 32 * k + l] >> 4;
+        }
+      break;
+    }
+    case Q6_K:
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* ql = b + 64 * h;
+        const uint8_t* qh = b + 128 + 32 * h;
+        uint8_t* o = c.q + 128 * h;
+        for (int l = 0; l < 32; ++l) {
+          o[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+          o[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+          o[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+          o[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        }
+      }
+      std::memcpy(c.sc, b + 192, 16);
+      c.d = rd16(b + 208);
+      break;
+  }
+}
+
+void from_canon(int type, const Canon& c, uint8_t* b) {
+  switch (type) {
+    case Q4_0: case Q4_1: {
+      uint8_t* qs = b + (type == Q4_0 ? 2 : 4);
+      wr16(b, c.d);
+      if (type == Q4_1) wr16(b + 2, c.m);
+      for (int j = 0; j < 16; ++j) qs[j] = uint8_t(c.q[j] | (c.q[j + 16] << 4));
+      break;
+    }
+    case Q5_0: {
+      uint32_t qh = 0;
+      wr16(b, c.d);
+      for (int j = 0; j < 16; ++j) {
+        b[6 + j] = uint8_t((c.q[j] & 0xF) | ((c.q[j + 16] & 0xF) << 4));
+        qh |= uint32_t(c.q[j] >> 4) << j | uint32_t(c.q[j + 16] >> 4) << (j + 16);
+      }
+      std::memcpy(b + 2, &qh, 4);
+      break;
+    }
+    case Q8_0:
+      wr16(b, c.d);
+      for (int j = 0; j < 32; ++j) b[2 + j] = uint8_t(c.q[j] ^ 0x80);
+      break;
+    case Q4_K: {
+      wr16(b, c.d);
+      wr16(b + 2, c.m);
+      uint8_t* s = b + 4;
+      for (int j = 0; j < 4; ++j) {
+        s[j] = uint8_t((c.sc[j] & 63) | ((c.sc[j + 4] >> 4) << 6));
+        s[j + 4] = uint8_t((c.mn[j] & 63) | ((c.mn[j + 4] >> 4) << 6));
+        s[j + 8] = uint8_t((c.sc[j + 4] & 0xF) | ((c.mn[j + 4] & 0xF) << 4));
+      }
+      for (int k = 0; k < 4; ++k)
+        for (int l = 0; l < 32; ++l)
+          b[16 + 32 * k + l] = uint8_t(c.q[64 * k + l] | (c.q[64 * k + 32 + l] << 4));
+      break;
+    }
+    case Q6_K:
+      for (int h = 0; h < 2; ++h) {
+        uint8_t* ql = b + 64 * h;
+        uint8_t* qh = b + 128 + 32 * h;
+        const uint8_t* o = c.q + 128 * h;
+        for (int l = 0; l < 32; ++l) {
+          ql[l] = uint8_t((o[l] & 0xF) | ((o[l + 64] & 0xF) << 4));
+          ql[l + 32] = uint8_t((o[l + 32] & 0xF) | ((o[l + 96] & 0xF) << 4));
+          qh[l] = uint8_t((o[l] >> 4) | ((o[l + 32] >> 4) << 2) | ((o[l + 64] >> 4) << 4) |
+                          ((o[l + 96] >> 4) << 6));
+        }
+      }
+      std::memcpy(b + 192, c.sc, 16);
+      wr16(b + 208, c.d);
+      break;
+  }
+}
+
+// ---------------------------------------------------------------- panel records
+// Where row r's numbers of one block go in (and come back from) the block's record.
+
+struct Record {  // pointers to one block index's slice of each plane
+  uint8_t *d, *s, *h, *q;
+};
+
+inline Record record(uint8_t* panel, const Layout& L, int64_t nb, int64_t b) {
+  uint8_t* d = panel + b * L.d;
+  uint8_t* s = panel + nb * L.d + b * L.s;
+  uint8_t* h = panel + nb * (L.d + L.s) + b * L.h;
+  uint8_t* q = panel + nb * (L.d + L.s + L.h) + b * L.q;
+  return {d, s, h, q};
+}
+
+// Byte of element e (within a 32-element chunk) of row r, in the chunk's 256 nibble bytes:
+// which byte, and whether it is the high nibble.
+inline int nibble_pos(int r, int e, bool* high) {
+  *high = e >= 16;
+  const int i = e & 15;
+  return (i >> 2) * 64 + r * 4 + (i & 3);
+}
+
+// Bit 4·r + (i & 3) of the group's mask for element e of a chunk: (mask index, bit).
+inline int mask_bit(int r, int e, int* index) {
+  const int i = e & 15;
+  *index = (i >> 2) * 2 + (e >= 16);  // group-major: lo mask, hi mask
+  return 4 * r + (i & 3);
+}
+
+inline bool get_bit(const uint8_t* masks, int index, int bit) {
+  return (masks[index * 8 + bit / 8] >> (bit % 8)) & 1;
+}
+
+inline void or_mask(uint8_t* m, int r, uint32_t nib) {  // bits 4r..4r+3 of a 64-bit mask
+  uint64_t v;
+  std::memcpy(&v, m, 8);
+  v |= uint64_t(nib) << (4 * r);
+  std::memcpy(m, &v, 8);
+}
+inline uint32_t bit_of4(const uint8_t* q, int shift) {  // bit `shift` of q[0..3] as 4 bits
+  return ((q[0] >> shift) & 1) | ((q[1] >> shift) & 1) << 1 | ((q[2] >> shift) & 1) << 2 |
+         ((q[3] >> shift) & 1) << 3;
+}
+
+// One 32-element chunk of row r: nibbles into the chunk's 256 bytes, high bits into its masks
+// (hbits 1: Q5_0's bit 4; 2: Q6_K's bits 4 and 5).
+inline void put_chunk(const uint8_t* q, uint8_t* qc, uint8_t* hc, int r, int hbits) {
+  for (int g = 0; g < 4; ++g) {
+    const uint8_t* lo = q + 4 * g;
+    const uint8_t* hi = q + 16 + 4 * g;
+    uint8_t* dst = qc + g * 64 + r * 4;
+    for (int i = 0; i < 4; ++i) dst[i] = uint8_t((lo[i] & 0xF) | ((hi[i] & 0xF) << 4));
+    if (hbits == 1) {
+      or_mask(hc + 16 * g, r, bit_of4(lo, 4));
+      or_mask(hc + 16 * g + 8, r, bit_of4(hi, 4));
+    } else if (hbits == 2) {
+      uint8_t* m = hc + 32 * g;
+      or_mask(m, r, bit_of4(lo, 4));
+      or_mask(m + 8, r, bit_of4(hi, 4));
+      or_mask(m + 16, r, bit_of4(lo, 5));
+      or_mask(m + 24, r, bit_of4(hi, 5));
+    }
+  }
+}
+
+void put(int type, const Layout& L, const Canon& c, Record rec, int r) {
+  wr16(rec.d + 2 * r, c.d);
+  if (type == Q4_1 || type == Q4_K) wr16(rec.d + 32 + 2 * r, c.m);
+  if (type == Q4_K) {
+    for (int j = 0; j < 8; ++j) { rec.s[16 * j + r] = c.sc[j]; rec.s[128 + 16 * j + r] = c.mn[j]; }
+  }
+  if (type == Q6_K) for (int j = 0; j < 16; ++j) rec.s[16 * j + r] = c.sc[j];
+  if (type == Q8_0) {
+    for (int g = 0; g < 8; ++g) std::memcpy(rec.q + g * 64 + r * 4, c.q + 4 * g, 4);
+    return;
+  }
+  const int hbits = type == Q5_0 ? 1 : type == Q6_K ? 2 : 0;
+  for (int chunk = 0; chunk < L.bs / 32; ++chunk)
+    put_chunk(c.q + 32 * chunk, rec.q + 256 * chunk, rec.h + (hbits == 2 ? 128 : 0) * chunk, r, hbits);
+}
+
+void get(int type, const Layout& L, Record rec, int r, Canon& c) {
+  c.d = rd16(rec.d + 2 * r);
+  if (type == Q4_1 || type == Q4_K) c.m = rd16(rec.d + 32 + 2 * r);
+  if (type == Q4_K) {
+    for (int j = 0; j < 8; ++j) { c.sc[j] = rec.s[16 * j + r]; c.mn[j] = rec.s[128 + 16 * j + r]; }
+  }
+  if (type == Q6_K) for (int j = 0; j < 16; ++j) c.sc[j] = rec.s[16 * j + r];
+  if (type == Q8_0) {
+    for (int e = 0; e < 32; ++e) c.q[e] = rec.q[(e >> 2) * 64 + r * 4 + (e & 3)];
+    return;
+  }
+  for (int e = 0; e < L.bs; ++e) {
+    const int chunk = e / 32, ce = e % 32;
+    bool high;
+    const uint8_t byte = rec.q[chunk * 256 + nibble_pos(r, ce, &high)];
+    uint8_t v = high ? byte >> 4 : byte & 0xF;
+    int index;
+    const int bit = mask_bit(r, ce, &index);
+    if (type == Q5_0) v |= uint8_t(get_bit(rec.h, index, bit) << 4);
+    if (type == Q6_K) {
+      const uint8_t* m = rec.h + chunk * 128 + (index / 2) * 32;
+      v |= uint8_t(get_bit(m, index % 2, bit) << 4 | get_bit(m, 2 + index % 2, bit) << 5);
+    }
+    c.q[e] = v;
+  }
+}
+
+// ---------------------------------------------------------------- repacking entry points
+
+void check_type(int64_t type) {
+  TORCH_CHECK(has_layout(int(type)), "interleave: no panel layout for ggml type ", type,
+              " (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K have one)");
+}
+
+// w (N, row_bytes) GGML rows → (ceil(N/16), panel_bytes) panels; rows past N are zeros.
+torch::Tensor interleave(torch::Tensor w, int64_t type) {
+  check_type(type);
+  const Layout L = layout_of(int(type));
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.scalar_type() == torch::kUInt8,
+              "interleave: w must be a (N, row_bytes) uint8 CPU tensor");
+  TORCH_CHECK(w.size(1) % L.ts == 0, "interleave: rows of ", w.size(1), " bytes are not whole ",
+              L.ts, "-byte blocks");
+  w = w.contiguous();
+  const int64_t N = w.size(0), nb = w.size(1) / L.ts, P = (N + R - 1) / R;
+  auto out = torch::zeros({P, nb * L.block()}, torch::kUInt8);
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const int64_t pb = out.size(1);
+  parallel_chunks(P, [&](int64_t p) {
+    Canon c;
+    for (int r = 0; r < R && p * R + r < N; ++r) {
+      const uint8_t* row = src + (p * R + r) * w.size(1);
+      for (int64_t b = 0; b < nb; ++b) {
+        to_canon(int(type), row + b * L.ts, c);
+        put(int(type), L, c, record(dst + p * pb, L, nb, b), r);
+      }
+    }
+  });
+  return out;
+}
+
+// The GGML rows `ids` (int64, each < N) of interleaved panels, as (len(ids), row_bytes).
+torch::Tensor deinterleave(torch::Tensor panels, torch::Tensor ids, int64_t type, int64_t K) {
+  check_type(type);
+  const Layout L = layout_of(int(type));
+  TORCH_CHECK(K > 0 && K % L.bs == 0, "deinterleave: K=", K, " is not whole ", L.bs, "-element blocks");
+  const int64_t nb = K / L.bs;
+  TORCH_CHECK(panels.dim() == 2 && panels.scalar_type() == torch::kUInt8 && panels.is_contiguous()
+              && panels.size(1) == nb * L.block(), "deinterleave: panels must be (P, ",
+              nb * L.block(), ") contiguous uint8");
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == torch::kInt64, "deinterleave: ids must be 1-D int64");
+  ids = ids.contiguous();
+  const int64_t n = ids.size(0), rows = panels.size(0) * R;
+  auto out = torch::empty({n, nb * L.ts}, torch::kUInt8);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(id[i] >= 0 && id[i] < rows, "deinterleave: row ", id[i], " is out of range [0, ", rows, ")");
+  uint8_t* base = panels.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    Canon c;
+    uint8_t* panel = base + (id[i] / R) * panels.size(1);
+    for (int64_t b = 0; b < nb; ++b) {
+      get(int(type), L, record(panel, L, nb, b), int(id[i] % R), c);
+      from_canon(int(type), c, dst + i * nb * L.ts + b * L.ts);
+    }
+  }
+  return out;
+}
+
+#if TQ_AVX512
+// ---------------------------------------------------------------- AVX-512 panel kernels
+// Each computes one panel (16 rows) against NT tokens: out[t] holds the 16 rows of token t.
+
+inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
+inline __m512 halves16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512i bcast4(const int8_t* p) {  // 4 activation bytes to every 32-bit lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+inline __mmask64 mask64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return _cvtu64_mask64(v);
+}
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) { return _mm512_dpbusd_epi32(acc, u, s); }
+
+// The lanes of one token's activations the kernels read.
+struct TokenAct {
+  const int8_t* y;
+  const float* d;
+  const float* s;      // Q8_1 block sums (Q4_1)
+  const int32_t* sum;  // Q8_0 block sums (Q4_0, Q5_0, Q8_0 offsets)
+  const int16_t* bsum; // Q8_K per-16 sums
+};
+
+template <int NT>
+inline void token_acts(const Act& a, int64_t t0, TokenAct* ta) {
+  for (int t = 0; t < NT; ++t) {
+    const int64_t tok = t0 + t;
+    ta[t].y = a.q.get() + tok * a.K;
+    ta[t].d = a.d.get() + tok * a.nb;
+    ta[t].s = a.s ? a.s.get() + tok * a.nb : nullptr;
+    ta[t].sum = a.sums ? a.sums.get() + tok * a.nb : nullptr;
+    ta[t].bsum = a.bsums ? a.bsums.get() + tok * (a.K / 16) : nullptr;
+  }
+}
+
+// 32-element blocks: per block, exact int32 Σ u·y − offset·Σy per row, then acc += that ·
+// d_w·d_y (Q4_1: + m_w·s_y), in float32, block after block.
+template <int TYPE, int NT>
+void panel32(const uint8_t* p, const Act& a, int64_t t0, __m512* out) {
+  constexpr Layout L = layout_of(TYPE);
+  constexpr int SHIFT = TYPE == Q4_0 ? 3 : TYPE == Q5_0 ? 4 : 7;  // offset 1 << SHIFT
+  const int64_t nb = a.nb;
+  const uint8_t* D = p;
+  const uint8_t* H = p + nb * L.d;
+  const uint8_t* Q = H + nb * L.h;
+  const __m512i m4 = _mm512_set1_epi8(0x0F), c16 = _mm512_set1_epi8(0x10);
+  TokenAct ta[NT];
+  token_acts<NT>(a, t0, ta);
+  __m512 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, D += L.d, H += L.h, Q += L.q) {
+    __m512i s0[NT], s1[NT];  // two chains per token: lo/hi nibbles (Q8_0: even/odd groups)
+    for (int t = 0; t < NT; ++t) {
+      s0[t] = TYPE == Q4_1 ? _mm512_setzero_si512() : _mm512_set1_epi32(-(ta[t].sum[b] << SHIFT));
+      s1[t] = _mm512_setzero_si512();
+    }
+    if (TYPE == Q8_0) {
+#pragma GCC unroll 8
+      for (int g = 0; g < 8; g += 2) {
+        const __m512i w0 = load512(Q + 64 * g), w1 = load512(Q + 64 * g + 64);
+        for (int t = 0; t < NT; ++t) {
+          s0[t] = dpbusd(s0[t], w0, bcast4(ta[t].y + 32 * b + 4 * g));
+          s1[t] = dpbusd(s1[t], w1, bcast4(ta[t].y + 32 * b + 4 * g + 4));
+        }
+      }
+    } else {
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const __m512i raw = load512(Q + 64 * g);
+        __m512i lo = _mm512_and_si512(raw, m4);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+        if (TYPE == Q5_0) {
+          lo = _mm512_mask_add_epi8(lo, mask64(H + 16 * g), lo, c16);
+          hi = _mm512_mask_add_epi8(hi, mask64(H + 16 * g + 8), hi, c16);
+        }
+        for (int t = 0; t < NT; ++t) {
+          s0[t] = dpbusd(s0[t], lo, bcast4(ta[t].y + 32 * b + 4 * g));
+          s1[t] = dpbusd(s1[t], hi, bcast4(ta[t].y + 32 * b + 16 + 4 * g));
+        }
+      }
+    }
+    const __m512 dw = halves16(D);
+    for (int t = 0; t < NT; ++t) {
+      const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[t], s1[t]));
+      acc[t] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, _mm512_set1_ps(ta[t].d[b])), acc[t]);
+    }
+    if (TYPE == Q4_1) {
+      const __m512 mw = halves16(D + 32);
+      for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(ta[t].s[b]), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = acc[t];
+}
+
+// Q4_K: per super-block the exact Σ_j sc_j·(Σ q·y)_j and Σ_j m_j·(Σy)_j per row (int32),
+// then acc += d·d_y·first − dmin·d_y·second.
+template <int NT>
+void panel_q4k(const uint8_t* p, const Act& a, int64_t t0, __m512* out) {
+  constexpr Layout L = layout_of(Q4_K);
+  const int64_t nb = a.nb;
+  const uint8_t* D = p;
+  const uint8_t* S = p + nb * L.d;
+  const uint8_t* Q = S + nb * L.s;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  TokenAct ta[NT];
+  token_acts<NT>(a, t0, ta);
+  __m512 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, D += L.d, S += L.s, Q += L.q) {
+    __m512i isc[NT], imn[NT];
+    for (int t = 0; t < NT; ++t) isc[t] = imn[t] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) {
+      const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(S + 16 * j)));
+      const __m512i mn = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(S + 128 + 16 * j)));
+      __m512i s0[NT], s1[NT];
+      for (int t = 0; t < NT; ++t) s0[t] = s1[t] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const __m512i raw = load512(Q + 256 * j + 64 * g);
+        const __m512i lo = _mm512_and_si512(raw, m4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+        for (int t = 0; t < NT; ++t) {
+          const int8_t* y = ta[t].y + 256 * b + 32 * j;
+          s0[t] = dpbusd(s0[t], lo, bcast4(y + 4 * g));
+          s1[t] = dpbusd(s1[t], hi, bcast4(y + 16 + 4 * g));
+        }
+      }
+      for (int t = 0; t < NT; ++t) {
+        const int16_t* bs = ta[t].bsum + 16 * b + 2 * j;
+        isc[t] = _mm512_add_epi32(isc[t], _mm512_mullo_epi32(_mm512_add_epi32(s0[t], s1[t]), sc));
+        imn[t] = _mm512_add_epi32(imn[t], _mm512_mullo_epi32(mn, _mm512_set1_epi32(bs[0] + bs[1])));
+      }
+    }
+    const __m512 dw = halves16(D), dm = halves16(D + 32);
+    for (int t = 0; t < NT; ++t) {
+      const __m512 dy = _mm512_set1_ps(ta[t].d[b]);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isc[t]), _mm512_mul_ps(dw, dy), acc[t]);
+      acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(imn[t]), _mm512_mul_ps(dm, dy), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = acc[t];
+}
+
+// Q6_K: 16 sub-blocks of 16 with int8 scales, values 0..63 − 32: per sub-block the exact
+// (Σ q·y − 32·Σy)·sc, summed per row over the super-block, then acc += · d·d_y.
+template <int NT>
+void panel_q6k(const uint8_t* p, const Act& a, int64_t t0, __m512* out) {
+  constexpr Layout L = layout_of(Q6_K);
+  const int64_t nb = a.nb;
+  const uint8_t* D = p;
+  const uint8_t* S = p + nb * L.d;
+  const uint8_t* H = S + nb * L.s;
+  const uint8_t* Q = H + nb * L.h;
+  const __m512i m4 = _mm512_set1_epi8(0x0F), c16 = _mm512_set1_epi8(0x10), c32 = _mm512_set1_epi8(0x20);
+  TokenAct ta[NT];
+  token_acts<NT>(a, t0, ta);
+  __m512 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, D += L.d, S += L.s, H += L.h, Q += L.q) {
+    __m512i isum[NT];
+    for (int t = 0; t < NT; ++t) isum[t] = _mm512_setzero_si512();
+    for (int c = 0; c < 8; ++c) {  // chunk c: sub-blocks 2c (low nibbles) and 2c + 1 (high)
+      const __m512i sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(S + 32 * c)));
+      const __m512i sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(S + 32 * c + 16)));
+      __m512i s0[NT], s1[NT];
+      for (int t = 0; t < NT; ++t) {
+        const int16_t* bs = ta[t].bsum + 16 * b + 2 * c;
+        s0[t] = _mm512_set1_epi32(-32 * bs[0]);
+        s1[t] = _mm512_set1_epi32(-32 * bs[1]);
+      }
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const __m512i raw = load512(Q + 256 * c + 64 * g);
+        const uint8_t* hm = H + 128 * c + 32 * g;
+        __m512i lo = _mm512_and_si512(raw, m4);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+        lo = _mm512_mask_add_epi8(lo, mask64(hm), lo, c16);
+        hi = _mm512_mask_add_epi8(hi, mask64(hm + 8), hi, c16);
+        lo = _mm512_mask_add_epi8(lo, mask64(hm + 16), lo, c32);
+        hi = _mm512_mask_add_epi8(hi, mask64(hm + 24), hi, c32);
+        for (int t = 0; t < NT; ++t) {
+          const int8_t* y = ta[t].y + 256 * b + 32 * c;
+          s0[t] = dpbusd(s0[t], lo, bcast4(y + 4 * g));
+          s1[t] = dpbusd(s1[t], hi, bcast4(y + 16 + 4 * g));
+        }
+      }
+      for (int t = 0; t < NT; ++t)
+        isum[t] = _mm512_add_epi32(isum[t], _mm512_add_epi32(_mm512_mullo_epi32(s0[t], sc0),
+                                                             _mm512_mullo_epi32(s1[t], sc1)));
+    }
+    const __m512 dw = halves16(D);
+    for (int t = 0; t < NT; ++t)
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, _mm512_set1_ps(ta[t].d[b])), acc[t]);
+  }
+  for (int t = 0; t < NT; ++t) out[t] = acc[t];
+}
+
+template <int TYPE, int NT>
+inline void panel_dot(const uint8_t* p, const Act& a, int64_t t0, __m512* out) {
+  if constexpr (TYPE == Q4_K) panel_q4k<NT>(p, a, t0, out);
+  else if constexpr (TYPE == Q6_K) panel_q6k<NT>(p, a, t0, out);
+  else panel32<TYPE, NT>(p, a, t0, out);
+}
+
+template <int TYPE> constexpr int max_tokens() { return layout_of(TYPE).bs == 32 ? 8 : 4; }
+constexpr int64_t TILE_BYTES = 128 << 10;  // M > 1: panels per chunk, kept in L2
+constexpr int64_t MAX_CHUNK_BYTES = 1 << 20;
+
+struct PanelPart {
+  const uint8_t* w;
+  int64_t pstride, N;  // bytes from one panel to the next; output rows
+  float* y;            // (M, N)
+};
+
+template <int TYPE, int NT>
+inline void tile(const PanelPart& part, int64_t p, const Act& a, int64_t t0) {
+  __m512 o[NT];
+  panel_dot<TYPE, NT>(part.w + p * part.pstride, a, t0, o);
+  const int64_t rows = std::min<int64_t>(R, part.N - p * R);
+  const __mmask16 keep = rows == R ? __mmask16(0xFFFF) : __mmask16((1u << rows) - 1);
+  for (int t = 0; t < NT; ++t) _mm512_mask_storeu_ps(part.y + (t0 + t) * part.N + p * R, keep, o[t]);
+}
+
+// Panels are cut into chunks (about 8 per thread over all parts); within a chunk each panel
+// is read from memory once, for the first group of tokens, and from cache for the others.
+template <int TYPE>
+void run(const std::vector<PanelPart>& parts, const Act& a) {
+  constexpr int NT = max_tokens<TYPE>();
+  const int64_t M = a.M, pbytes = panel_bytes(TYPE, a.K);
+  const int64_t threads = kernel_threads();
+  int64_t total = 0;
+  for (const PanelPart& part : parts) total += (part.N + R - 1) / R;
+  int64_t per = (total + threads * 8 - 1) / (threads * 8);
+  per = std::min(per, std::max<int64_t>(1, (M == 1 ? MAX_CHUNK_BYTES : TILE_BYTES) / pbytes));
+  per = std::max<int64_t>(per, 1);
+  std::vector<std::pair<int, int64_t>> chunks;  // (part, first panel)
+  for (int i = 0; i < int(parts.size()); ++i)
+    for (int64_t p0 = 0; p0 * R < parts[i].N; p0 += per) chunks.emplace_back(i, p0);
+  parallel_chunks(int64_t(chunks.size()), [&](int64_t c) {
+    const PanelPart& part = parts[chunks[c].first];
+    const int64_t p0 = chunks[c].second, p1 = std::min((part.N + R - 1) / R, p0 + per);
+    for (int64_t t0 = 0; t0 < M; t0 += NT) {
+      const int64_t nt = std::min<int64_t>(NT, M - t0);
+      for (int64_t p = p0; p < p1; ++p) {
+        switch (nt) {
+          case 8: if constexpr (NT >= 8) { tile<TYPE, 8>(part, p, a, t0); break; } [[fallthrough]];
+          case 7: if constexpr (NT >= 7) { tile<TYPE, 7>(part, p, a, t0); break; } [[fallthrough]];
+          case 6: if constexpr (NT >= 6) { tile<TYPE, 6>(part, p, a, t0); break; } [[fallthrough]];
+          case 5: if constexpr (NT >= 5) { tile<TYPE, 5>(part, p, a, t0); break; } [[fallthrough]];
+          case 4: tile<TYPE, 4>(part, p, a, t0); break;
+          case 3: tile<TYPE, 3>(part, p, a, t0); break;
+          case 2: tile<TYPE, 2>(part, p, a, t0); break;
+          default: tile<TYPE, 1>(part, p, a, t0); break;
+        }
+      }
+    }
+  });
+}
+
+using RunFn = void (*)(const std::vector<PanelPart>&, const Act&);
+
+RunFn run_for(int type) {
+  switch (type) {
+    case Q4_0: return &run<Q4_0>;
+    case Q4_1: return &run<Q4_1>;
+    case Q5_0: return &run<Q5_0>;
+    case Q8_0: return &run<Q8_0>;
+    case Q4_K: return &run<Q4_K>;
+    case Q6_K: return &run<Q6_K>;
+    default: return nullptr;
+  }
+}
+
+int act_kind(int type) {
+  return type == Q4_1 ? A_Q8_1 : layout_of(type).bs == 256 ? A_Q8_K : A_Q8_0;
+}
+#endif  // TQ_AVX512
+
+// Whether this build multiplies panels of `type` (imatmul); interleave works in every build.
+bool interleaved_supports(int64_t type) {
+#if TQ_AVX512
+  return has_layout(int(type));
+#else
+  (void)type;
+  return false;
+#endif
+}
+
+// x (M, K) float32 against panels of one type, each with its own row count N_i → (M, N_i).
+std::vector<torch::Tensor> imatmul_many(torch::Tensor x, std::vector<torch::Tensor> panels,
+                                        std::vector<int64_t> ns, int64_t type) {
+  TORCH_CHECK(interleaved_supports(type), "imatmul: no panel kernel for ggml type ", type,
+              " in this build (", TQ_AVX512 ? "avx512" : "no avx512", ")");
+#if TQ_AVX512
+  const Layout L = layout_of(int(type));
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == torch::kFloat32,
+              "imatmul: x must be a (M, K) float32 CPU tensor");
+  TORCH_CHECK(panels.size() == ns.size(), "imatmul: one row count per panel tensor");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K > 0 && K % L.bs == 0, "imatmul: K=", K, " is not whole ", L.bs, "-element blocks");
+  const int64_t pbytes = panel_bytes(int(type), K);
+  std::vector<torch::Tensor> ys;
+  std::vector<PanelPart> parts;
+  for (size_t i = 0; i < panels.size(); ++i) {
+    const torch::Tensor& w = panels[i];
+    TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.scalar_type() == torch::kUInt8 &&
+                w.size(1) == pbytes && w.stride(1) == 1 && w.size(0) * R >= ns[i] && ns[i] >= 0,
+                "imatmul: panels ", i, " must be (>= ceil(N/16), ", pbytes, ") uint8 rows for K=", K);
+    ys.push_back(torch::empty({M, ns[i]}, x.options()));
+    if (ns[i] > 0) parts.push_back({w.data_ptr<uint8_t>(), w.stride(0), ns[i], ys.back().data_ptr<float>()});
+  }
+  if (M == 0 || parts.empty()) return ys;
+  x = x.contiguous();
+  const Act a = quantize_act(x.data_ptr<float>(), M, K, act_kind(int(type)));
+  run_for(int(type))(parts, a);
+  return ys;
+#else
+  return {};
+#endif
+}
+
+}  // namespace
+
+void register_interleaved(pybind11::module& m) {
+  m.def("interleave", &interleave, "GGML rows (N, row_bytes) → 16-row panels (ceil(N/16), panel_bytes)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("deinterleave", &deinterleave, "the GGML rows `ids` of panels, (len(ids), row_bytes)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("imatmul_many", &imatmul_many, "[x · W_iᵀ] for panels of one type sharing the input x",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("interleaved_supports", &interleaved_supports, "whether imatmul has a kernel for the type here");
+  m.def("panel_bytes", [](int64_t type, int64_t K) { check_type(type); return panel_bytes(int(type), K); },
+        "bytes of one 16-row panel of K-element rows");
+}
