@@ -67,7 +67,8 @@ class PackedLinear:
         """Dequantized rows `ids` (an embedding lookup): (T,) → (T, in_features)."""
         if self.panels is not None:
             packed = self._module.deinterleave(self.panels, ids.reshape(-1).to(torch.int64),
-                                               int(self.ggml_type), self.in_features)
+                                               int(self.ggml_type), self.in_features,
+                                               self.out_features)
             return dequantize(packed, self.ggml_type).reshape(*ids.shape, self.in_features)
         return dequantize(self.weight[ids], self.ggml_type)
 

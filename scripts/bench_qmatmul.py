@@ -1,12 +1,14 @@
-"""Benchmark the native quantized matmul (kernels/native_loader.qmatmul) against the torch
-dequantize-then-matmul path (kernels/linear.PackedLinear) on real model shapes.
+"""Benchmark the native quantized matmul in its two layouts, GGML rows read in place
+(kernels/native/qmatmul.cpp) and 16-row panels (kernels/native/interleaved.cpp, where the
+build has them), against the torch dequantize-then-matmul path (kernels/linear.PackedLinear
+without the kernel) on real model shapes.
 
 M=1 (decode): GB/s of packed weights read per call. M=64 (prefill): tokens/s, i.e. 64 over
 the time of one call. Weights are random blocks with finite fp16 scales (speed does not
-depend on the values). Calls cycle through copies of the weight totalling ≥ 128 MB, so each
-reads its weight from DRAM as decoding a real model does (one matrix alone would sit in the
-32 MB L3 of this project's CPU). Times are the best and the median of the calls, after a
-warm-up; on a shared, loaded machine compare columns of one run, not runs.
+depend on the values). Calls cycle through copies of the weight totalling ≥ --working-set MB
+(default 768), so each reads its weight from DRAM as decoding a real model does (the VM
+reports a 480 MB L3, shared with its host's other guests). Times are the best and the median
+of the calls, after a warm-up; on a shared, loaded machine compare columns of one run.
 
     python scripts/bench_qmatmul.py                     # all shapes and types
     python scripts/bench_qmatmul.py --types Q4_0 Q4_K --shapes 1.1b --no-torch
@@ -26,7 +28,7 @@ from gguf import GGMLQuantizationType as T
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernels import native_loader  # noqa: E402
-from kernels.linear import PackedLinear  # noqa: E402
+from kernels.linear import PackedLinear, interleave  # noqa: E402
 from quant.formats import block_format  # noqa: E402
 
 # (label, in_features K, out_features N, types: None = all of --types)
@@ -78,6 +80,7 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip the (slow) torch path")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--budget", type=float, default=1.0, help="seconds per measurement")
+    ap.add_argument("--working-set", type=float, default=768, help="MB of weight copies cycled")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,8 +92,8 @@ def main() -> None:
     mp = args.prefill
     print(f"GB/s: packed weight bytes / time per call at M=1; tok/s: {mp} / time per call at "
           f"M={mp}; best (median) over the calls")
-    head = (f"{'shape':23} {'type':5} {'MB':>6} | {'native GB/s':>14} {'torch GB/s':>12} | "
-            f"{'native tok/s':>15} {'torch tok/s':>13}")
+    head = (f"{'shape':23} {'type':5} {'MB':>6} | {'rows GB/s':>14} {'panels GB/s':>14} "
+            f"{'torch GB/s':>12} | {'rows tok/s':>15} {'panels tok/s':>15} {'torch tok/s':>13}")
     print(head)
     print("-" * len(head))
     for label, k, n, only in SHAPES:
@@ -101,28 +104,36 @@ def main() -> None:
             if (only and name not in only) or k % fmt.block_size:
                 continue
             w = random_weight(name, n, k)
-            copies = [w] + [w.clone() for _ in range(int(128e6 // w.numel()))]
+            copies = [w] + [w.clone() for _ in range(int(args.working_set * 1e6 // w.numel()))]
             qt = int(T[name])
             x1, xp = torch.randn(1, k), torch.randn(mp, k)
             mb = w.numel() / 1e6
+            has_panels = interleave(w[:16], qt) is not None
+            panel_copies = [interleave(c, qt) for c in copies] if has_panels else []
 
             def native(x, w, qt=qt):
                 return native_loader.qmatmul(x, w, qt)
 
+            def panels(x, p, qt=qt, n=n, module=native_loader.load()):
+                return module.imatmul_many(x, [p], [n], qt)[0]
+
             def torch_path(x, w, qt=qt, k=k):
-                return PackedLinear(w, qt, k)(x)
+                return PackedLinear(w, qt, k, native=False)(x)
 
             cols = []
-            for fn, skip in ((native, False), (torch_path, args.no_torch)):
+            for fn, those, skip in ((native, copies, False), (panels, panel_copies, not has_panels),
+                                    (torch_path, copies, args.no_torch)):
                 if skip:
                     cols.append((float("nan"),) * 4)
                     continue
-                b1, m1 = timings(fn, x1, copies, args.budget)
-                bp, m_p = timings(fn, xp, copies, args.budget, min_reps=2)
+                b1, m1 = timings(fn, x1, those, args.budget)
+                bp, m_p = timings(fn, xp, those, args.budget, min_reps=2)
                 cols.append((mb / 1e3 / b1, mb / 1e3 / m1, mp / bp, mp / m_p))
-            (ng, ngm, nt, ntm), (tg, tgm, tt, ttm) = cols
-            print(f"{label:23} {name:5} {mb:6.2f} | {ng:6.2f} ({ngm:5.2f}) {tg:5.2f} ({tgm:4.2f}) | "
-                  f"{nt:7.0f} ({ntm:5.0f}) {tt:6.0f} ({ttm:5.0f})", flush=True)
+            del panel_copies
+            (ng, ngm, nt, ntm), (pg, pgm, pt, ptm), (tg, tgm, tt, ttm) = cols
+            print(f"{label:23} {name:5} {mb:6.2f} | {ng:6.2f} ({ngm:5.2f}) {pg:6.2f} ({pgm:5.2f}) "
+                  f"{tg:5.2f} ({tgm:4.2f}) | {nt:7.0f} ({ntm:5.0f}) {pt:7.0f} ({ptm:5.0f}) "
+                  f"{tt:6.0f} ({ttm:5.0f})", flush=True)
 
 
 if __name__ == "__main__":

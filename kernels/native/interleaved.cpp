@@ -31,6 +31,10 @@
 
 #include "common.h"
 
+#include <sys/mman.h>
+
+#include <cstdlib>
+
 namespace {
 
 using namespace tq;
@@ -302,6 +306,25 @@ void check_type(int64_t type) {
               " (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K have one)");
 }
 
+// A zeroed (rows, cols) uint8 tensor on 2 MiB-aligned memory that the kernel is asked to
+// back with transparent huge pages (MADV_HUGEPAGE; where THP is "madvise" only, as on this
+// project's VMs, nothing else gets them): the kernels stream whole tensors, and 4 KiB pages
+// cost a page walk and a restart of the hardware prefetcher's stream every 4 KiB.
+torch::Tensor huge_zeros(int64_t rows, int64_t cols) {
+  constexpr size_t HUGE = size_t(2) << 20;
+  const size_t bytes = size_t(std::max<int64_t>(rows * cols, 1));
+  if (bytes < HUGE) return torch::zeros({rows, cols}, torch::kUInt8);
+  const size_t size = (bytes + HUGE - 1) / HUGE * HUGE;
+  void* mem = std::aligned_alloc(HUGE, size);
+  TORCH_CHECK(mem != nullptr, "interleave: cannot allocate ", size, " bytes for panels");
+#ifdef MADV_HUGEPAGE
+  madvise(mem, size, MADV_HUGEPAGE);  // advice only: without THP the pages are ordinary
+#endif
+  std::memset(mem, 0, size);
+  return torch::from_blob(mem, {rows, cols}, [](void* p) { std::free(p); },
+                          torch::TensorOptions().dtype(torch::kUInt8));
+}
+
 // w (N, row_bytes) GGML rows → (ceil(N/16), panel_bytes) panels; rows past N are zeros.
 torch::Tensor interleave(torch::Tensor w, int64_t type) {
   check_type(type);
@@ -312,7 +335,7 @@ torch::Tensor interleave(torch::Tensor w, int64_t type) {
               L.ts, "-byte blocks");
   w = w.contiguous();
   const int64_t N = w.size(0), nb = w.size(1) / L.ts, P = (N + R - 1) / R;
-  auto out = torch::zeros({P, nb * L.block()}, torch::kUInt8);
+  auto out = huge_zeros(P, nb * L.block());
   const uint8_t* src = w.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   const int64_t pb = out.size(1);
@@ -329,8 +352,9 @@ torch::Tensor interleave(torch::Tensor w, int64_t type) {
   return out;
 }
 
-// The GGML rows `ids` (int64, each < N) of interleaved panels, as (len(ids), row_bytes).
-torch::Tensor deinterleave(torch::Tensor panels, torch::Tensor ids, int64_t type, int64_t K) {
+// The GGML rows `ids` (int64, each in [0, N)) of N rows in panels, as (len(ids), row_bytes).
+torch::Tensor deinterleave(torch::Tensor panels, torch::Tensor ids, int64_t type, int64_t K,
+                           int64_t N) {
   check_type(type);
   const Layout L = layout_of(int(type));
   TORCH_CHECK(K > 0 && K % L.bs == 0, "deinterleave: K=", K, " is not whole ", L.bs, "-element blocks");
@@ -340,7 +364,9 @@ torch::Tensor deinterleave(torch::Tensor panels, torch::Tensor ids, int64_t type
               nb * L.block(), ") contiguous uint8");
   TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == torch::kInt64, "deinterleave: ids must be 1-D int64");
   ids = ids.contiguous();
-  const int64_t n = ids.size(0), rows = panels.size(0) * R;
+  TORCH_CHECK(N >= 0 && N <= panels.size(0) * R, "deinterleave: ", panels.size(0),
+              " panels do not hold N=", N, " rows");
+  const int64_t n = ids.size(0), rows = N;
   auto out = torch::empty({n, nb * L.ts}, torch::kUInt8);
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
@@ -690,7 +716,7 @@ std::vector<torch::Tensor> imatmul_many(torch::Tensor x, std::vector<torch::Tens
 void register_interleaved(pybind11::module& m) {
   m.def("interleave", &interleave, "GGML rows (N, row_bytes) → 16-row panels (ceil(N/16), panel_bytes)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("deinterleave", &deinterleave, "the GGML rows `ids` of panels, (len(ids), row_bytes)",
+  m.def("deinterleave", &deinterleave, "the GGML rows `ids` of N rows in panels, (len(ids), row_bytes)",
         py::call_guard<py::gil_scoped_release>());
   m.def("imatmul_many", &imatmul_many, "[x · W_iᵀ] for panels of one type sharing the input x",
         py::call_guard<py::gil_scoped_release>());
