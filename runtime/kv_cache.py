@@ -13,6 +13,7 @@ from loaders.config import ModelConfig
 class KVCache:
     def __init__(self, config: ModelConfig, n_ctx: int, dtype: torch.dtype = torch.float16):
         self.n_ctx = n_ctx
+        self.dtype = dtype
         shape_k = (n_ctx, config.n_head_kv, config.head_dim)
         shape_v = (n_ctx, config.n_head_kv, config.head_dim_v)
         self.k = [torch.empty(shape_k, dtype=dtype) for _ in range(config.n_layer)]

@@ -24,6 +24,7 @@ from kernels.triton_linear import TritonLinear
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from quant.dequant import dequantize
+from runtime.block_manager import BLOCK_SIZE as PAGE
 from runtime.device_map import CPU, GPU, DeviceMap
 from runtime.errors import GGUFError
 from runtime.forward_batch import ForwardBatch
@@ -140,10 +141,23 @@ class Model:
         """One sequence with a contiguous KVCache (tests, perplexity): tokens (T,) int64 at
         positions start … start+T-1 → logits (T or 1, V) float32."""
         positions = torch.arange(start, start + tokens.shape[0])
+        # One new token on an f16 cache: the engine's decode kernel, the contiguous slab read
+        # as pages 0, 1, 2, … (a table of consecutive blocks).
+        n = start + tokens.shape[0]
+        blocks = -(-n // PAGE)
+        paged = (tokens.shape[0] == 1 and cache.dtype == torch.float16
+                 and blocks * PAGE <= cache.n_ctx)  # the kernel wants whole pages in the slab
+        table = torch.arange(blocks, dtype=torch.int32)[None] if paged else None
+        length = torch.tensor([n])
 
         def attend(i, q, k, v, window):
             cache.write(i, start, k, v)
-            keys, values = cache.read(i, start + q.shape[0])
+            if paged and self.blocks[i].device.type == "cpu":
+                out = paged_decode_attention(q, cache.k[i], cache.v[i], table, length,
+                                             self.config.attn_scale, window)
+                if out is not None:
+                    return out
+            keys, values = cache.read(i, n)
             return attention(q, keys, values, start, window, self.config.attn_scale)
 
         with forward_threads():
