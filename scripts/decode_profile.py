@@ -85,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
