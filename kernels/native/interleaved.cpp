@@ -272,6 +272,56 @@ void put(int type, const Layout& L, const Canon& c, Record rec, int r) {
     put_chunk(c.q + 32 * chunk, rec.q + 256 * chunk, rec.h + (hbits == 2 ? 128 : 0) * chunk, r, hbits);
 }
 
+// The same as to_canon + put, straight from the GGML block, for the types whose values
+// already sit in nibbles or bytes (5–10× faster; loading a 1.1B Q4_0 model spends its time
+// here). False for the others.
+bool put_direct(int type, const uint8_t* b, Record rec, int r) {
+  switch (type) {
+    case Q4_0: case Q4_1: case Q5_0: {
+      const int qoff = type == Q4_0 ? 2 : type == Q4_1 ? 4 : 6;
+      std::memcpy(rec.d + 2 * r, b, 2);
+      if (type == Q4_1) std::memcpy(rec.d + 32 + 2 * r, b + 2, 2);
+      for (int g = 0; g < 4; ++g) std::memcpy(rec.q + 64 * g + 4 * r, b + qoff + 4 * g, 4);
+      if (type == Q5_0) {
+        const uint32_t qh = rd32(b + 2);
+        for (int g = 0; g < 4; ++g) {
+          or_mask(rec.h + 16 * g, r, (qh >> (4 * g)) & 0xF);
+          or_mask(rec.h + 16 * g + 8, r, (qh >> (16 + 4 * g)) & 0xF);
+        }
+      }
+      return true;
+    }
+    case Q8_0:
+      std::memcpy(rec.d + 2 * r, b, 2);
+      for (int g = 0; g < 8; ++g)
+        for (int i = 0; i < 4; ++i) rec.q[64 * g + 4 * r + i] = uint8_t(b[2 + 4 * g + i] ^ 0x80);
+      return true;
+    case Q4_K: {
+      std::memcpy(rec.d + 2 * r, b, 2);
+      std::memcpy(rec.d + 32 + 2 * r, b + 2, 2);
+      const uint8_t* s = b + 4;
+      for (int j = 0; j < 4; ++j) {
+        rec.s[16 * j + r] = s[j] & 63;
+        rec.s[128 + 16 * j + r] = s[j + 4] & 63;
+        rec.s[16 * (j + 4) + r] = uint8_t((s[j + 8] & 0xF) | ((s[j] >> 6) << 4));
+        rec.s[128 + 16 * (j + 4) + r] = uint8_t((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+      }
+      for (int k = 0; k < 4; ++k) {  // 64 elements: sub-block 2k low nibbles, 2k + 1 high
+        const uint8_t* src = b + 16 + 32 * k;
+        uint8_t* lo = rec.q + 256 * (2 * k) + 4 * r;
+        uint8_t* hi = rec.q + 256 * (2 * k + 1) + 4 * r;
+        for (int i = 0; i < 16; ++i) {
+          lo[64 * (i >> 2) + (i & 3)] = uint8_t((src[i] & 0xF) | ((src[16 + i] & 0xF) << 4));
+          hi[64 * (i >> 2) + (i & 3)] = uint8_t((src[i] >> 4) | (src[16 + i] & 0xF0));
+        }
+      }
+      return true;
+    }
+    default:
+      return false;
+  }
+}
+
 void get(int type, const Layout& L, Record rec, int r, Canon& c) {
   c.d = rd16(rec.d + 2 * r);
   if (type == Q4_1 || type == Q4_K) c.m = rd16(rec.d + 32 + 2 * r);
@@ -394,8 +444,10 @@ torch::Tensor interleave(torch::Tensor w, int64_t type) {
     for (int r = 0; r < R && p * R + r < N; ++r) {
       const uint8_t* row = src + (p * R + r) * w.size(1);
       for (int64_t b = 0; b < nb; ++b) {
+        const Record rec = record(dst + p * pb, L, nb, b);
+        if (put_direct(int(type), row + b * L.ts, rec, r)) continue;
         to_canon(int(type), row + b * L.ts, c);
-        put(int(type), L, c, record(dst + p * pb, L, nb, b), r);
+        put(int(type), L, c, rec, r);
       }
     }
   });
