@@ -17,7 +17,8 @@ cache. A build that fails falls back to the next one down.
 Threads during a forward pass: see kernels/thread_policy.py (matmuls get them all).
 
 Where the build fails (no compiler, no ninja) one warning is logged and `available()` is
-False: callers keep the torch dequantize-and-matmul path. TANDEM_NATIVE=0 disables the kernel.
+False: callers keep the torch dequantize-and-matmul path. TANDEM_NATIVE=0 disables the kernel;
+TANDEM_NATIVE_ISA=avx2 (or scalar) picks a lower build than the CPU's best.
 
 Threads (torch.get_num_threads() of them): the kernel's own small pool, not OpenMP. Measured
 on this project's shared 2-core VM while other jobs kept both cores busy, M=1 Q4_0 GEMVs of
@@ -88,6 +89,24 @@ def cpu_isa() -> str:
     return "avx2" if capability in ("AVX2", "AVX512") else "scalar"
 
 
+ORDER = ("scalar", "avx2", "avx512vnni")  # each runs wherever the next one up does
+
+
+def chosen_isa() -> str:
+    """The build to use: this CPU's best, or TANDEM_NATIVE_ISA (scalar, avx2) to measure or
+    debug a lower one; a build above what the CPU runs is refused with a warning."""
+    best, wanted = cpu_isa(), os.environ.get("TANDEM_NATIVE_ISA", "").strip().lower()
+    if not wanted:
+        return best
+    if wanted not in ORDER:
+        log.warning("TANDEM_NATIVE_ISA=%s is not one of %s; using %s", wanted, ", ".join(ORDER), best)
+        return best
+    if ORDER.index(wanted) > ORDER.index(best):
+        log.warning("TANDEM_NATIVE_ISA=%s: this CPU runs at most %s; using that", wanted, best)
+        return best
+    return wanted
+
+
 def _build_dir(name: str) -> str:
     """Where the extension is built: under TANDEM_HOME (default ~/.tandem), per Python and
     torch version, so one cache serves every model and process of this install."""
@@ -129,7 +148,7 @@ def load(isa: str | None = None) -> ModuleType | None:
     trying the next one down when a build fails), built on first use; None when it cannot be
     built (one warning is logged per ISA). Thread-safe."""
     if isa is None:
-        isa = cpu_isa()
+        isa = chosen_isa()
         while load(isa) is None and isa in FALLBACK:
             isa = FALLBACK[isa]
         return load(isa)

@@ -1,5 +1,5 @@
-"""kernels/native/interleaved.cpp: GGML rows re-laid out in 16-row panels, and the AVX-512
-kernels over them (through kernels/linear.py, loaders/gguf_file.py and runtime/model.py).
+"""kernels/native/interleaved.cpp: GGML rows re-laid out in 16-row panels, and the AVX-512 and
+AVX2 kernels over them (bit-identical to each other) (through kernels/linear.py, loaders/gguf_file.py and runtime/model.py).
 
 Oracle: kernels/act_quant_ref.py (llama.cpp's CPU arithmetic in plain torch: activations
 quantized per block, exact integer block sums, float32 scale products, summed in float64).
@@ -69,7 +69,7 @@ def build(request):
 def need_kernel(module, name: str) -> None:
     if not module.interleaved_supports(int(T[name])):
         pytest.skip(f"this build ({native_loader.cpu_isa()}) has no panel kernel for {name}: "
-                    "imatmul needs AVX-512 F/BW/VL and VNNI")
+                    "imatmul needs AVX2 (or AVX-512 F/BW/VL and VNNI)")
 
 
 def imatmul(module, x: torch.Tensor, panels: torch.Tensor, n: int, name: str) -> torch.Tensor:
@@ -122,32 +122,60 @@ def test_scalar_and_native_builds_make_the_same_panels(native, name):
 
 # ---------------------------------------------------------------- 2. against the oracle
 
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def kernel(request):
+    """The panel kernels of this CPU's best build, and of the AVX2 build (8 rows per pass,
+    maddubs instead of vpdpbusd) where the best is another."""
+    if request.param == "avx2" and native_loader.cpu_isa() in ("avx2", "scalar"):
+        pytest.skip("the native build is the AVX2 one here, or this CPU has no AVX2")
+    module = native_loader.load(None if request.param == "native" else "avx2")
+    if module is None:
+        pytest.skip(f"the {request.param} build could not be made (no compiler?); see the log")
+    return module
+
+
 @pytest.mark.parametrize("name", PANELED)
 @pytest.mark.parametrize("m", [1, 3, 8, 13])
-def test_imatmul_matches_llama_numerics(native, name, m):
-    need_kernel(native, name)
+def test_imatmul_matches_llama_numerics(kernel, name, m):
+    need_kernel(kernel, name)
     x, w = activations(m, K, seed_of(name, 20 + m)), weights(name, N, K, seed_of(name, 40 + m))
-    y = imatmul(native, x, native.interleave(w, int(T[name])), N, name)
+    y = imatmul(kernel, x, kernel.interleave(w, int(T[name])), N, name)
     assert y.shape == (m, N)
     check_same_numerics(y, x, w, name)
+
+
+@pytest.mark.parametrize("name", PANELED)
+def test_avx2_and_avx512_kernels_give_the_same_bits(native, name):
+    """The two widths compute the same exact integer sums and then the same float operations
+    per row, so their outputs are equal bit for bit (every token tile, a partial panel)."""
+    avx2 = native_loader.load("avx2") if native_loader.cpu_isa() == "avx512vnni" else None
+    if avx2 is None:
+        pytest.skip("needs an AVX-512 VNNI CPU (to run both builds) and a compiler")
+    need_kernel(native, name)
+    qt = int(T[name])
+    x, w = activations(13, K, seed_of(name, 80)), weights(name, N, K, seed_of(name, 81))
+    panels = native.interleave(w, qt)
+    for m in (1, 3, 13):
+        assert torch.equal(imatmul(native, x[:m], panels, N, name),
+                           imatmul(avx2, x[:m], panels, N, name)), m
 
 
 # ---------------------------------------------------------------- 3. batch invariance
 
 @pytest.mark.parametrize("name", PANELED)
-def test_imatmul_is_batch_invariant(native, name):
+def test_imatmul_is_batch_invariant(kernel, name):
     """Row t of a 13-token call is bit-identical to token t alone, and to it inside calls of
     1..13 tokens (so every token-tile width of the kernel, 1..8, and its partial tiles)."""
-    need_kernel(native, name)
+    need_kernel(kernel, name)
     m = 13
     x, w = activations(m, K, seed_of(name, 60)), weights(name, N, K, seed_of(name, 61))
-    panels = native.interleave(w, int(T[name]))
-    y = imatmul(native, x, panels, N, name)
+    panels = kernel.interleave(w, int(T[name]))
+    y = imatmul(kernel, x, panels, N, name)
     for t in range(m):
-        assert torch.equal(imatmul(native, x[t:t + 1], panels, N, name)[0], y[t]), t
+        assert torch.equal(imatmul(kernel, x[t:t + 1], panels, N, name)[0], y[t]), t
     for count in range(1, m):
-        assert torch.equal(imatmul(native, x[:count], panels, N, name), y[:count]), count
-    assert torch.equal(imatmul(native, x[5:12], panels, N, name), y[5:12])
+        assert torch.equal(imatmul(kernel, x[:count], panels, N, name), y[:count]), count
+    assert torch.equal(imatmul(kernel, x[5:12], panels, N, name), y[5:12])
 
 
 # ---------------------------------------------------------------- 4. many weights, threads

@@ -284,3 +284,21 @@ def test_linear_matmuls_fuse_only_what_matches():
     for group in (lins[:2], lins):  # one type: fused; mixed types: separate calls
         for y, lin in zip(matmuls(group, x), group, strict=True):
             assert torch.equal(y, lin(x))
+
+
+def test_native_isa_override(monkeypatch, caplog):
+    """TANDEM_NATIVE_ISA picks a lower build; an unknown name or one above the CPU's best is
+    refused with a warning and the best is used (a higher build could crash with SIGILL)."""
+    best = native_loader.cpu_isa()
+    monkeypatch.delenv("TANDEM_NATIVE_ISA", raising=False)
+    assert native_loader.chosen_isa() == best
+    monkeypatch.setenv("TANDEM_NATIVE_ISA", "scalar")
+    assert native_loader.chosen_isa() == "scalar"
+    with caplog.at_level(logging.WARNING, logger="kernels.native_loader"):
+        monkeypatch.setenv("TANDEM_NATIVE_ISA", "neon9000")
+        assert native_loader.chosen_isa() == best
+        assert "not one of" in caplog.text
+        if best != "avx512vnni":
+            monkeypatch.setenv("TANDEM_NATIVE_ISA", "avx512vnni")
+            assert native_loader.chosen_isa() == best
+            assert "runs at most" in caplog.text

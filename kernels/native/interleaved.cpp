@@ -1,5 +1,5 @@
-// Weights in row panels: y = x · Wᵀ with W re-laid out once at load so that one AVX-512
-// instruction serves 16 output rows.
+// Weights in row panels: y = x · Wᵀ with W re-laid out once at load so that one SIMD
+// instruction serves 16 (AVX-512) or 8 (AVX2) output rows.
 //
 // A GGML tensor stores each row's blocks one after another, so a dot product ends every
 // 32-element block with a horizontal sum and a scale per row. Here rows go in panels of
@@ -26,8 +26,9 @@
 // qmatmul.cpp); per token and row, blocks are summed in order in float32, so a row of the
 // output depends neither on the other tokens of the call nor on the threads.
 //
-// Kernels need AVX512F/BW/VNNI (the "avx512vnni" build); `interleave`/`deinterleave` are
-// portable and in every build.
+// Kernels: the "avx512vnni" build (AVX512F/BW/VNNI, 16 rows per vpdpbusd) and the "avx2" one
+// (8 rows per maddubs + madd, the panel in two halves), bit-identical results; none in the
+// portable build. `interleave`/`deinterleave` are portable and in every build.
 
 #include "common.h"
 
@@ -486,25 +487,111 @@ torch::Tensor deinterleave(torch::Tensor panels, torch::Tensor ids, int64_t type
   return out;
 }
 
-#if TQ_AVX512
-// ---------------------------------------------------------------- AVX-512 panel kernels
-// Each computes one panel (16 rows) against NT tokens: out[t] holds the 16 rows of token t.
+#if TQ_AVX2
+// ---------------------------------------------------------------- panel kernels
+// Written once over V, a vector of W int32 or float lanes, one lane per panel row: Zmm
+// (AVX-512, W = 16: a whole panel per pass) or Ymm (AVX2, W = 8: a panel in two halves; a
+// half's bytes are contiguous in every plane: the first or second 32 bytes of a group, 16
+// bytes of fp16 scales, 8 of byte scales, 32 bits of each mask). Both give the same bits:
+// the same exact integer sums, then the same float operations per row.
 
-inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
-inline __m512 halves16(const uint8_t* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512i bcast4(const int8_t* p) {  // 4 activation bytes to every 32-bit lane
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
-inline __mmask64 mask64(const uint8_t* p) {
-  uint64_t v;
-  std::memcpy(&v, p, 8);
-  return _cvtu64_mask64(v);
-}
-inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) { return _mm512_dpbusd_epi32(acc, u, s); }
+inline int32_t rd4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
+
+#if TQ_AVX512
+struct Zmm {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int W = 16;
+  static constexpr bool EXACT_U8 = true;  // vpdpbusd: u8·s8 products summed without saturation
+  static constexpr int CHAINS = 2;        // independent integer sums per token (latency)
+  static I load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static I zero() { return _mm512_setzero_si512(); }
+  static I set1(int32_t v) { return _mm512_set1_epi32(v); }
+  static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I mullo(I a, I b) { return _mm512_mullo_epi32(a, b); }
+  static I lo_nib(I raw) { return _mm512_and_si512(raw, _mm512_set1_epi8(0x0F)); }
+  static I hi_nib(I raw) { return _mm512_and_si512(_mm512_srli_epi16(raw, 4), _mm512_set1_epi8(0x0F)); }
+  static I add_bits(I v, const uint8_t* m, char value) {  // + value where the mask's bit is set
+    uint64_t b;
+    std::memcpy(&b, m, 8);
+    return _mm512_mask_add_epi8(v, _cvtu64_mask64(b), v, _mm512_set1_epi8(value));
+  }
+  static I dot(I acc, I u, const int8_t* y) { return _mm512_dpbusd_epi32(acc, u, set1(rd4(y))); }
+  static I dot_s8(I acc, I, const int8_t*) { return acc; }  // unused: EXACT_U8
+  static I u8x(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static I s8x(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static F halves(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static F fzero() { return _mm512_setzero_ps(); }
+  static F fset1(float v) { return _mm512_set1_ps(v); }
+  static F fmul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
+  static void store(float* dst, F v, int rows) {
+    _mm512_mask_storeu_ps(dst, rows >= W ? __mmask16(0xFFFF) : __mmask16((1u << rows) - 1), v);
+  }
+};
+#endif
+
+struct Ymm {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int W = 8;
+  static constexpr bool EXACT_U8 = TQ_VNNI;  // maddubs saturates pairs past 32767 (Q8_0's
+  static constexpr int CHAINS = 1;           // 0..255 values take dot_s8 instead)
+  static I load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I zero() { return _mm256_setzero_si256(); }
+  static I set1(int32_t v) { return _mm256_set1_epi32(v); }
+  static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I mullo(I a, I b) { return _mm256_mullo_epi32(a, b); }
+  static I lo_nib(I raw) { return _mm256_and_si256(raw, _mm256_set1_epi8(0x0F)); }
+  static I hi_nib(I raw) { return _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0F)); }
+  static I add_bits(I v, const uint8_t* m, char value) {  // the half's 32 mask bits
+    uint32_t b;
+    std::memcpy(&b, m, 4);
+    const __m256i shuf = _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL,
+                                            0x0303030303030303LL);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    const __m256i x = _mm256_shuffle_epi8(_mm256_set1_epi32(int(b)), shuf);
+    const __m256i on = _mm256_cmpeq_epi8(_mm256_and_si256(x, bit), bit);  // 0xFF where set
+    return _mm256_add_epi8(v, _mm256_and_si256(on, _mm256_set1_epi8(value)));
+  }
+  static I dot(I acc, I u, const int8_t* y) {
+#if TQ_VNNI
+    return _mm256_dpbusd_epi32(acc, u, set1(rd4(y)));
+#else
+    const __m256i p = _mm256_maddubs_epi16(u, set1(rd4(y)));  // |pair| ≤ 2·63·128: exact
+    return add(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
+  }
+  // Σ (u − 128)·y for bytes u = w + 128 (Q8_0, |w| ≤ 127) as |w|·sign(y, w): pairs ≤ 32512.
+  static I dot_s8(I acc, I u, const int8_t* y) {
+    const __m256i w = _mm256_xor_si256(u, _mm256_set1_epi8(char(0x80)));
+    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(set1(rd4(y)), w));
+    return add(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+  }
+  static I u8x(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  static I s8x(const uint8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  static F halves(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static F fzero() { return _mm256_setzero_ps(); }
+  static F fset1(float v) { return _mm256_set1_ps(v); }
+  static F fmul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
+  static void store(float* dst, F v, int rows) {
+    if (rows >= W) { _mm256_storeu_ps(dst, v); return; }
+    alignas(32) float tmp[W];
+    _mm256_store_ps(tmp, v);
+    std::memcpy(dst, tmp, sizeof(float) * rows);
+  }
+};
+
+#if TQ_AVX512
+using Vec = Zmm;
+#else
+using Vec = Ymm;
+#endif
 
 // The lanes of one token's activations the kernels read.
 struct TokenAct {
@@ -527,60 +614,70 @@ inline void token_acts(const Act& a, int64_t t0, TokenAct* ta) {
   }
 }
 
+// Where rows [half·W, half·W + W) of a panel start in each plane (nb blocks).
+template <class V>
+struct Planes {
+  const uint8_t *D, *S, *H, *Q;
+  Planes(const uint8_t* p, const Layout& L, int64_t nb, int half)
+      : D(p + half * V::W * 2), S(p + nb * L.d + half * V::W),
+        H(p + nb * (L.d + L.s) + half * V::W / 2), Q(p + nb * (L.d + L.s + L.h) + half * V::W * 4) {}
+  void next(const Layout& L) { D += L.d; S += L.s; H += L.h; Q += L.q; }
+};
+
 // 32-element blocks: per block, exact int32 Σ u·y − offset·Σy per row, then acc += that ·
 // d_w·d_y (Q4_1: + m_w·s_y), in float32, block after block.
-template <int TYPE, int NT>
-void panel32(const uint8_t* p, const Act& a, int64_t t0, __m512* out) {
+template <class V, int TYPE, int NT>
+void panel32(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
+  using I = typename V::I;
+  using F = typename V::F;
   constexpr Layout L = layout_of(TYPE);
+  constexpr bool SIGNED = TYPE == Q8_0 && !V::EXACT_U8;  // Q8_0 through dot_s8: no offset
   constexpr int SHIFT = TYPE == Q4_0 ? 3 : TYPE == Q5_0 ? 4 : 7;  // offset 1 << SHIFT
-  const int64_t nb = a.nb;
-  const uint8_t* D = p;
-  const uint8_t* H = p + nb * L.d;
-  const uint8_t* Q = H + nb * L.h;
-  const __m512i m4 = _mm512_set1_epi8(0x0F), c16 = _mm512_set1_epi8(0x10);
+  constexpr int U = V::CHAINS;
+  Planes<V> pl(p, L, a.nb, half);
   TokenAct ta[NT];
   token_acts<NT>(a, t0, ta);
-  __m512 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b, D += L.d, H += L.h, Q += L.q) {
-    __m512i s0[NT], s1[NT];  // two chains per token: lo/hi nibbles (Q8_0: even/odd groups)
+  F acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = V::fzero();
+  for (int64_t b = 0; b < a.nb; ++b, pl.next(L)) {
+    I s[U][NT];  // U chains per token: lo/hi nibbles (Q8_0: even/odd groups)
     for (int t = 0; t < NT; ++t) {
-      s0[t] = TYPE == Q4_1 ? _mm512_setzero_si512() : _mm512_set1_epi32(-(ta[t].sum[b] << SHIFT));
-      s1[t] = _mm512_setzero_si512();
+      s[0][t] = TYPE == Q4_1 || SIGNED ? V::zero() : V::set1(-(ta[t].sum[b] << SHIFT));
+      for (int u = 1; u < U; ++u) s[u][t] = V::zero();
     }
     if (TYPE == Q8_0) {
 #pragma GCC unroll 8
-      for (int g = 0; g < 8; g += 2) {
-        const __m512i w0 = load512(Q + 64 * g), w1 = load512(Q + 64 * g + 64);
+      for (int g = 0; g < 8; ++g) {
+        const I w = V::load(pl.Q + 64 * g);
         for (int t = 0; t < NT; ++t) {
-          s0[t] = dpbusd(s0[t], w0, bcast4(ta[t].y + 32 * b + 4 * g));
-          s1[t] = dpbusd(s1[t], w1, bcast4(ta[t].y + 32 * b + 4 * g + 4));
+          const int8_t* y = ta[t].y + 32 * b + 4 * g;
+          s[g % U][t] = SIGNED ? V::dot_s8(s[g % U][t], w, y) : V::dot(s[g % U][t], w, y);
         }
       }
     } else {
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) {
-        const __m512i raw = load512(Q + 64 * g);
-        __m512i lo = _mm512_and_si512(raw, m4);
-        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+        const I raw = V::load(pl.Q + 64 * g);
+        I lo = V::lo_nib(raw), hi = V::hi_nib(raw);
         if (TYPE == Q5_0) {
-          lo = _mm512_mask_add_epi8(lo, mask64(H + 16 * g), lo, c16);
-          hi = _mm512_mask_add_epi8(hi, mask64(H + 16 * g + 8), hi, c16);
+          lo = V::add_bits(lo, pl.H + 16 * g, 0x10);
+          hi = V::add_bits(hi, pl.H + 16 * g + 8, 0x10);
         }
         for (int t = 0; t < NT; ++t) {
-          s0[t] = dpbusd(s0[t], lo, bcast4(ta[t].y + 32 * b + 4 * g));
-          s1[t] = dpbusd(s1[t], hi, bcast4(ta[t].y + 32 * b + 16 + 4 * g));
+          s[0][t] = V::dot(s[0][t], lo, ta[t].y + 32 * b + 4 * g);
+          s[U - 1][t] = V::dot(s[U - 1][t], hi, ta[t].y + 32 * b + 16 + 4 * g);
         }
       }
     }
-    const __m512 dw = halves16(D);
+    const F dw = V::halves(pl.D);
     for (int t = 0; t < NT; ++t) {
-      const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[t], s1[t]));
-      acc[t] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, _mm512_set1_ps(ta[t].d[b])), acc[t]);
+      I isum = s[0][t];
+      for (int u = 1; u < U; ++u) isum = V::add(isum, s[u][t]);
+      acc[t] = V::fmadd(V::cvt(isum), V::fmul(dw, V::fset1(ta[t].d[b])), acc[t]);
     }
     if (TYPE == Q4_1) {
-      const __m512 mw = halves16(D + 32);
-      for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(ta[t].s[b]), acc[t]);
+      const F mw = V::halves(pl.D + 32);
+      for (int t = 0; t < NT; ++t) acc[t] = V::fmadd(mw, V::fset1(ta[t].s[b]), acc[t]);
     }
   }
   for (int t = 0; t < NT; ++t) out[t] = acc[t];
@@ -588,48 +685,48 @@ void panel32(const uint8_t* p, const Act& a, int64_t t0, __m512* out) {
 
 // Q4_K: per super-block the exact Σ_j sc_j·(Σ q·y)_j and Σ_j m_j·(Σy)_j per row (int32),
 // then acc += d·d_y·first − dmin·d_y·second.
-template <int NT>
-void panel_q4k(const uint8_t* p, const Act& a, int64_t t0, __m512* out) {
+template <class V, int NT>
+void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
+  using I = typename V::I;
+  using F = typename V::F;
   constexpr Layout L = layout_of(Q4_K);
-  const int64_t nb = a.nb;
-  const uint8_t* D = p;
-  const uint8_t* S = p + nb * L.d;
-  const uint8_t* Q = S + nb * L.s;
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  constexpr int U = V::CHAINS;
+  Planes<V> pl(p, L, a.nb, half);
   TokenAct ta[NT];
   token_acts<NT>(a, t0, ta);
-  __m512 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b, D += L.d, S += L.s, Q += L.q) {
-    __m512i isc[NT], imn[NT];
-    for (int t = 0; t < NT; ++t) isc[t] = imn[t] = _mm512_setzero_si512();
+  F acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = V::fzero();
+  for (int64_t b = 0; b < a.nb; ++b, pl.next(L)) {
+    I isc[NT], imn[NT];
+    for (int t = 0; t < NT; ++t) isc[t] = imn[t] = V::zero();
     for (int j = 0; j < 8; ++j) {
-      const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(S + 16 * j)));
-      const __m512i mn = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(S + 128 + 16 * j)));
-      __m512i s0[NT], s1[NT];
-      for (int t = 0; t < NT; ++t) s0[t] = s1[t] = _mm512_setzero_si512();
+      const I sc = V::u8x(pl.S + 16 * j), mn = V::u8x(pl.S + 128 + 16 * j);
+      I s[U][NT];
+      for (int u = 0; u < U; ++u)
+        for (int t = 0; t < NT; ++t) s[u][t] = V::zero();
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) {
-        const __m512i raw = load512(Q + 256 * j + 64 * g);
-        const __m512i lo = _mm512_and_si512(raw, m4);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+        const I raw = V::load(pl.Q + 256 * j + 64 * g);
+        const I lo = V::lo_nib(raw), hi = V::hi_nib(raw);
         for (int t = 0; t < NT; ++t) {
           const int8_t* y = ta[t].y + 256 * b + 32 * j;
-          s0[t] = dpbusd(s0[t], lo, bcast4(y + 4 * g));
-          s1[t] = dpbusd(s1[t], hi, bcast4(y + 16 + 4 * g));
+          s[0][t] = V::dot(s[0][t], lo, y + 4 * g);
+          s[U - 1][t] = V::dot(s[U - 1][t], hi, y + 16 + 4 * g);
         }
       }
       for (int t = 0; t < NT; ++t) {
         const int16_t* bs = ta[t].bsum + 16 * b + 2 * j;
-        isc[t] = _mm512_add_epi32(isc[t], _mm512_mullo_epi32(_mm512_add_epi32(s0[t], s1[t]), sc));
-        imn[t] = _mm512_add_epi32(imn[t], _mm512_mullo_epi32(mn, _mm512_set1_epi32(bs[0] + bs[1])));
+        I sum = s[0][t];
+        for (int u = 1; u < U; ++u) sum = V::add(sum, s[u][t]);
+        isc[t] = V::add(isc[t], V::mullo(sum, sc));
+        imn[t] = V::add(imn[t], V::mullo(mn, V::set1(bs[0] + bs[1])));
       }
     }
-    const __m512 dw = halves16(D), dm = halves16(D + 32);
+    const F dw = V::halves(pl.D), dm = V::halves(pl.D + 32);
     for (int t = 0; t < NT; ++t) {
-      const __m512 dy = _mm512_set1_ps(ta[t].d[b]);
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isc[t]), _mm512_mul_ps(dw, dy), acc[t]);
-      acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(imn[t]), _mm512_mul_ps(dm, dy), acc[t]);
+      const F dy = V::fset1(ta[t].d[b]);
+      acc[t] = V::fmadd(V::cvt(isc[t]), V::fmul(dw, dy), acc[t]);
+      acc[t] = V::fnmadd(V::cvt(imn[t]), V::fmul(dm, dy), acc[t]);
     }
   }
   for (int t = 0; t < NT; ++t) out[t] = acc[t];
@@ -637,66 +734,60 @@ void panel_q4k(const uint8_t* p, const Act& a, int64_t t0, __m512* out) {
 
 // Q6_K: 16 sub-blocks of 16 with int8 scales, values 0..63 − 32: per sub-block the exact
 // (Σ q·y − 32·Σy)·sc, summed per row over the super-block, then acc += · d·d_y.
-template <int NT>
-void panel_q6k(const uint8_t* p, const Act& a, int64_t t0, __m512* out) {
+template <class V, int NT>
+void panel_q6k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
+  using I = typename V::I;
+  using F = typename V::F;
   constexpr Layout L = layout_of(Q6_K);
-  const int64_t nb = a.nb;
-  const uint8_t* D = p;
-  const uint8_t* S = p + nb * L.d;
-  const uint8_t* H = S + nb * L.s;
-  const uint8_t* Q = H + nb * L.h;
-  const __m512i m4 = _mm512_set1_epi8(0x0F), c16 = _mm512_set1_epi8(0x10), c32 = _mm512_set1_epi8(0x20);
+  Planes<V> pl(p, L, a.nb, half);
   TokenAct ta[NT];
   token_acts<NT>(a, t0, ta);
-  __m512 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b, D += L.d, S += L.s, H += L.h, Q += L.q) {
-    __m512i isum[NT];
-    for (int t = 0; t < NT; ++t) isum[t] = _mm512_setzero_si512();
+  F acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = V::fzero();
+  for (int64_t b = 0; b < a.nb; ++b, pl.next(L)) {
+    I isum[NT];
+    for (int t = 0; t < NT; ++t) isum[t] = V::zero();
     for (int c = 0; c < 8; ++c) {  // chunk c: sub-blocks 2c (low nibbles) and 2c + 1 (high)
-      const __m512i sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(S + 32 * c)));
-      const __m512i sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(S + 32 * c + 16)));
-      __m512i s0[NT], s1[NT];
+      const I sc0 = V::s8x(pl.S + 32 * c), sc1 = V::s8x(pl.S + 32 * c + 16);
+      I s0[NT], s1[NT];
       for (int t = 0; t < NT; ++t) {
         const int16_t* bs = ta[t].bsum + 16 * b + 2 * c;
-        s0[t] = _mm512_set1_epi32(-32 * bs[0]);
-        s1[t] = _mm512_set1_epi32(-32 * bs[1]);
+        s0[t] = V::set1(-32 * bs[0]);
+        s1[t] = V::set1(-32 * bs[1]);
       }
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) {
-        const __m512i raw = load512(Q + 256 * c + 64 * g);
-        const uint8_t* hm = H + 128 * c + 32 * g;
-        __m512i lo = _mm512_and_si512(raw, m4);
-        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
-        lo = _mm512_mask_add_epi8(lo, mask64(hm), lo, c16);
-        hi = _mm512_mask_add_epi8(hi, mask64(hm + 8), hi, c16);
-        lo = _mm512_mask_add_epi8(lo, mask64(hm + 16), lo, c32);
-        hi = _mm512_mask_add_epi8(hi, mask64(hm + 24), hi, c32);
+        const I raw = V::load(pl.Q + 256 * c + 64 * g);
+        const uint8_t* hm = pl.H + 128 * c + 32 * g;  // bit 4 lo, hi; bit 5 lo, hi
+        const I lo = V::add_bits(V::add_bits(V::lo_nib(raw), hm, 0x10), hm + 16, 0x20);
+        const I hi = V::add_bits(V::add_bits(V::hi_nib(raw), hm + 8, 0x10), hm + 24, 0x20);
         for (int t = 0; t < NT; ++t) {
           const int8_t* y = ta[t].y + 256 * b + 32 * c;
-          s0[t] = dpbusd(s0[t], lo, bcast4(y + 4 * g));
-          s1[t] = dpbusd(s1[t], hi, bcast4(y + 16 + 4 * g));
+          s0[t] = V::dot(s0[t], lo, y + 4 * g);
+          s1[t] = V::dot(s1[t], hi, y + 16 + 4 * g);
         }
       }
       for (int t = 0; t < NT; ++t)
-        isum[t] = _mm512_add_epi32(isum[t], _mm512_add_epi32(_mm512_mullo_epi32(s0[t], sc0),
-                                                             _mm512_mullo_epi32(s1[t], sc1)));
+        isum[t] = V::add(isum[t], V::add(V::mullo(s0[t], sc0), V::mullo(s1[t], sc1)));
     }
-    const __m512 dw = halves16(D);
+    const F dw = V::halves(pl.D);
     for (int t = 0; t < NT; ++t)
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, _mm512_set1_ps(ta[t].d[b])), acc[t]);
+      acc[t] = V::fmadd(V::cvt(isum[t]), V::fmul(dw, V::fset1(ta[t].d[b])), acc[t]);
   }
   for (int t = 0; t < NT; ++t) out[t] = acc[t];
 }
 
-template <int TYPE, int NT>
-inline void panel_dot(const uint8_t* p, const Act& a, int64_t t0, __m512* out) {
-  if constexpr (TYPE == Q4_K) panel_q4k<NT>(p, a, t0, out);
-  else if constexpr (TYPE == Q6_K) panel_q6k<NT>(p, a, t0, out);
-  else panel32<TYPE, NT>(p, a, t0, out);
+template <class V, int TYPE, int NT>
+inline void panel_dot(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
+  if constexpr (TYPE == Q4_K) panel_q4k<V, NT>(p, half, a, t0, out);
+  else if constexpr (TYPE == Q6_K) panel_q6k<V, NT>(p, half, a, t0, out);
+  else panel32<V, TYPE, NT>(p, half, a, t0, out);
 }
 
-template <int TYPE> constexpr int max_tokens() { return layout_of(TYPE).bs == 32 ? 8 : 4; }
+// Tokens per pass over a panel (register tile): as many as the registers hold.
+template <int TYPE> constexpr int max_tokens() {
+  return (layout_of(TYPE).bs == 32 ? 8 : 4) / (Vec::W == 16 ? 1 : 2);
+}
 constexpr int64_t TILE_BYTES = 128 << 10;  // M > 1: panels per chunk, kept in L2
 constexpr int64_t MAX_CHUNK_BYTES = 1 << 20;
 
@@ -708,11 +799,13 @@ struct PanelPart {
 
 template <int TYPE, int NT>
 inline void tile(const PanelPart& part, int64_t p, const Act& a, int64_t t0) {
-  __m512 o[NT];
-  panel_dot<TYPE, NT>(part.w + p * part.pstride, a, t0, o);
-  const int64_t rows = std::min<int64_t>(R, part.N - p * R);
-  const __mmask16 keep = rows == R ? __mmask16(0xFFFF) : __mmask16((1u << rows) - 1);
-  for (int t = 0; t < NT; ++t) _mm512_mask_storeu_ps(part.y + (t0 + t) * part.N + p * R, keep, o[t]);
+  for (int half = 0; half < R / Vec::W; ++half) {
+    const int64_t row0 = p * R + half * Vec::W, rows = std::min<int64_t>(Vec::W, part.N - row0);
+    if (rows <= 0) break;
+    typename Vec::F o[NT];
+    panel_dot<Vec, TYPE, NT>(part.w + p * part.pstride, half, a, t0, o);
+    for (int t = 0; t < NT; ++t) Vec::store(part.y + (t0 + t) * part.N + row0, o[t], int(rows));
+  }
 }
 
 // Panels are cut into chunks (about 8 per thread over all parts); within a chunk each panel
@@ -768,11 +861,11 @@ RunFn run_for(int type) {
 int act_kind(int type) {
   return type == Q4_1 ? A_Q8_1 : layout_of(type).bs == 256 ? A_Q8_K : A_Q8_0;
 }
-#endif  // TQ_AVX512
+#endif  // TQ_AVX2
 
 // Whether this build multiplies panels of `type` (imatmul); interleave works in every build.
 bool interleaved_supports(int64_t type) {
-#if TQ_AVX512
+#if TQ_AVX2
   return has_layout(int(type));
 #else
   (void)type;
@@ -784,8 +877,9 @@ bool interleaved_supports(int64_t type) {
 std::vector<torch::Tensor> imatmul_many(torch::Tensor x, std::vector<torch::Tensor> panels,
                                         std::vector<int64_t> ns, int64_t type) {
   TORCH_CHECK(interleaved_supports(type), "imatmul: no panel kernel for ggml type ", type,
-              " in this build (", TQ_AVX512 ? "avx512" : "no avx512", ")");
-#if TQ_AVX512
+              " in this build (", TQ_AVX2 ? "it has them for Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K"
+              : "the portable one has none", ")");
+#if TQ_AVX2
   const Layout L = layout_of(int(type));
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == torch::kFloat32,
               "imatmul: x must be a (M, K) float32 CPU tensor");
