@@ -62,7 +62,9 @@ class Calibration:
     link_latency_s: float = 20e-6   # one hand-off across the link, synchronised
     cpu_layer_s: float = 100e-6     # fixed cost of one layer on the CPU (op dispatch)
     gpu_layer_s: float = 50e-6      # fixed cost of one layer on the GPU (~10 kernel launches)
-    cpu_efficiency: float = 0.7     # fraction of ram_bw a decode matmul reaches (llama.cpp: 72%)
+    cpu_efficiency: float = 0.85    # fraction of ram_bw a decode matmul reaches: the AVX-512
+    # panel kernels' matmuls read 22.4-22.7 GB/s of a measured 24.8 on this project's VM
+    # (scripts/decode_profile.py); the AVX2 build ~0.65, the row kernels ~0.4, llama.cpp 0.72
     gpu_efficiency: float = 0.7     # fraction of vram_bw (the goal the GEMV kernels are set)
     sources: dict = field(default_factory=dict)
 
