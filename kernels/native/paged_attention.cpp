@@ -2,9 +2,10 @@
 // straight from the f16 slabs through the sequence's block table (no gather, no padding).
 // Each (sequence, head) is computed on its own, in one fixed order, so a sequence's output does
 // not depend on which other sequences share the step (batch invariance). Scores and the softmax
-// in float32, two passes (max, then exp-sum and the weighted sum of values).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+// in float32, two passes (max, then exp-sum and the weighted sum of values). The (sequence,
+// KV head) tasks run on the matmul kernel's thread pool (common.h): during a forward pass
+// torch's own ops get one thread, so at::parallel_for would leave the other cores idle.
+#include "common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -92,9 +93,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_slab, torc
   const at::Half* pv = v_slab.data_ptr<at::Half>();
   float* po = out.data_ptr<float>();
   // one (sequence, kv head) per task: its keys and values are converted once for the group
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kf, vf, scores;
-    for (int64_t task = begin; task < end; ++task) {
+  tq::parallel_chunks(B * Hkv, [&](int64_t task) {
+    thread_local std::vector<float> kf, vf, scores;
+    {
       const int64_t b = task / Hkv, g = task % Hkv, n = len[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, n - window) : 0, L = n - first;
       kf.resize(L * D);
