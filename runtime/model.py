@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kernels.attention import attention, decode_attention, paged_decode_attention
 from kernels.linear import PackedLinear, interleave, matmuls
 from kernels.norm import rms_norm
 from kernels.rope import Rope
+from kernels.small_ops import act_mul, add_rms_norm
 from kernels.thread_policy import forward_threads
 from kernels.triton_linear import TritonLinear
 from loaders.config import ModelConfig
@@ -234,6 +234,7 @@ class Model:
         if c.sliding_window:
             tables[True] = self.rope_swa.tables(positions)
         on_device: dict = {}
+        h = None  # the next block's normed input, when made together with its residual add
         for i, block in enumerate(self.blocks):
             swa = bool(c.swa_layers[i]) and bool(c.sliding_window)
             key = (block.device, swa)
@@ -241,31 +242,38 @@ class Model:
                 on_device[key] = tuple(t.to(block.device) for t in tables[swa])
             rope = self.rope_swa if swa else self.rope
             window = c.sliding_window if c.swa_layers[i] else 0
-            x = self._block_forward(i, block, x.to(block.device), rope, on_device[key], window,
-                                    attend)
+            x = x.to(block.device)
+            if h is None:
+                h = rms_norm(x, block.attn_norm, c.rms_eps)
+            x, f = self._block_forward(i, block, x, h, rope, on_device[key], window, attend)
+            after = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
+            if after is not None and after.device == block.device:
+                x, h = add_rms_norm(x, f, after.attn_norm, c.rms_eps)
+            else:
+                x, h = x + f, None
         return x.to(self.head_device)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(rms_norm(x, self.output_norm, self.config.rms_eps))  # (R, V)
 
-    def _block_forward(self, i, b: Block, x, rope, tables, window, attend) -> torch.Tensor:
+    def _block_forward(self, i, b: Block, x, h, rope, tables, window,
+                       attend) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block on x (T, E) whose attention-normed form is h: → (x after the attention's
+        residual add, the FFN's output f); the caller adds f (with the next block's norm)."""
         c, n = self.config, x.shape[0]
-        h = rms_norm(x, b.attn_norm, c.rms_eps)
         q, k, v = matmuls([b.q, b.k, b.v], h)
         q = q.view(n, c.n_head, c.head_dim)
         k = k.view(n, c.n_head_kv, c.head_dim)
         v = v.view(n, c.n_head_kv, c.head_dim_v)
         if b.q_norm is not None:
             q, k = rms_norm(q, b.q_norm, c.rms_eps), rms_norm(k, b.k_norm, c.rms_eps)
-        q, k = rope.apply(q, *tables), rope.apply(k, *tables)
+        q, k = rope.apply_qk(q, k, *tables)
         a = b.o(attend(i, q, k, v, window))  # (T, E)
         if b.post_attn_norm is not None:
             a = rms_norm(a, b.post_attn_norm, c.rms_eps)
-        x = x + a
-        h = rms_norm(x, b.ffn_norm, c.rms_eps)
+        x, h = add_rms_norm(x, a, b.ffn_norm, c.rms_eps)
         gate, up = matmuls([b.gate, b.up], h)
-        gate = F.gelu(gate, approximate="tanh") if c.activation == "gelu_tanh" else F.silu(gate)
-        f = b.down(gate * up)
+        f = b.down(act_mul(gate, up, gelu=c.activation == "gelu_tanh"))
         if b.post_ffn_norm is not None:
             f = rms_norm(f, b.post_ffn_norm, c.rms_eps)
-        return x + f
+        return x, f
