@@ -415,3 +415,24 @@ def test_models_on_one_file_share_their_panels(smollm2_path, native):
     q = first.blocks[0].q
     x = activations(2, q.in_features, 3)
     assert torch.equal(q(x), second.blocks[0].q(x))
+
+
+def test_panels_go_with_the_last_model_on_their_file(smollm2_path, native):
+    """Panels live in GGUFFile.derived: unloading every model on the file (LoadedModel's
+    cache of open files is weak) frees them, and the huge-page slabs they were carved from."""
+    import gc
+    import weakref
+
+    from runtime.loaded_model import LoadedModel
+
+    if not native.interleaved_supports(int(T.Q4_1)):
+        pytest.skip("no panel kernels in this build")
+    first, second = LoadedModel.load(str(smollm2_path)), LoadedModel.load(str(smollm2_path))
+    panels = weakref.ref(first.model.blocks[0].q.panels)
+    assert second.model.blocks[0].q.panels is panels()
+    del first
+    gc.collect()
+    assert panels() is not None  # the second model still holds its file and the panels
+    del second
+    gc.collect()
+    assert panels() is None
