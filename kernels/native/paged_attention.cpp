@@ -2,7 +2,8 @@
 // straight from the f16 slabs through the sequence's block table (no gather, no padding).
 // Each (sequence, head) is computed on its own, in one fixed order, so a sequence's output does
 // not depend on which other sequences share the step (batch invariance). Scores and the softmax
-// in float32, two passes (max, then exp-sum and the weighted sum of values). The (sequence,
+// in float32: per task of up to SPLIT positions two passes (max, then exp-sum and the weighted
+// sum of values), the tasks of a sequence's head then combined in position order. The (sequence,
 // KV head) tasks run on the matmul kernel's thread pool (common.h): during a forward pass
 // torch's own ops get one thread, so at::parallel_for would leave the other cores idle.
 #include "common.h"
@@ -23,6 +24,7 @@
 namespace {
 
 constexpr int64_t PAGE = 16;  // token slots per block (runtime/block_manager.py BLOCK_SIZE)
+constexpr int64_t SPLIT = 256;  // positions per task (a fixed split: results never depend on it varying)
 
 // n halves → floats
 void to_float(const at::Half* src, float* dst, int64_t n) {
@@ -46,6 +48,25 @@ float dot(const float* a, const float* b, int64_t n) {
   sum = _mm_cvtss_f32(s);
 #endif
   for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// x[j] = e^(x[j] − top) for j < n; returns their sum (the vectorized exp of common.h).
+float exp_shifted(float* x, int64_t n, float top) {
+  int64_t j = 0;
+  float sum = 0.f;
+#if TQ_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = tq::exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(x + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (float v : lanes) sum += v;
+#endif
+  for (; j < n; ++j) sum += (x[j] = std::exp(x[j] - top));
   return sum;
 }
 
@@ -92,34 +113,60 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_slab, torc
   const at::Half* pk = k_slab.data_ptr<at::Half>();
   const at::Half* pv = v_slab.data_ptr<at::Half>();
   float* po = out.data_ptr<float>();
-  // one (sequence, kv head) per task: its keys and values are converted once for the group
-  tq::parallel_chunks(B * Hkv, [&](int64_t task) {
+  // Tasks: (sequence, KV head, SPLIT positions); each gives per query head its max score m,
+  // Σ e^(s − m) and Σ e^(s − m)·v, combined afterwards in position order. The split is
+  // fixed, so the result depends neither on the threads nor on the batch.
+  struct Task { int64_t b, g, first, last; };
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = len[b], first = window > 0 ? std::max<int64_t>(0, n - window) : 0;
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t s = first; s < n; s += SPLIT) tasks.push_back({b, g, s, std::min(n, s + SPLIT)});
+  }
+  const int64_t T = int64_t(tasks.size());
+  std::vector<float> part_m(T * group), part_l(T * group), part_o(T * group * Dv, 0.f);
+  tq::parallel_chunks(T, [&](int64_t t) {
     thread_local std::vector<float> kf, vf, scores;
-    {
-      const int64_t b = task / Hkv, g = task % Hkv, n = len[b];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, n - window) : 0, L = n - first;
-      kf.resize(L * D);
-      vf.resize(L * Dv);
-      scores.resize(L);
-      for (int64_t p = first; p < n; ++p) {
-        const int64_t slot = int64_t(tab[b * max_blocks + p / PAGE]) * PAGE + p % PAGE;
-        to_float(pk + (slot * Hkv + g) * D, kf.data() + (p - first) * D, D);
-        to_float(pv + (slot * Hkv + g) * Dv, vf.data() + (p - first) * Dv, Dv);
+    const Task& task = tasks[t];
+    const int64_t L = task.last - task.first;
+    kf.resize(L * D);
+    vf.resize(L * Dv);
+    scores.resize(L);
+    for (int64_t p = task.first; p < task.last; ++p) {
+      const int64_t slot = int64_t(tab[task.b * max_blocks + p / PAGE]) * PAGE + p % PAGE;
+      to_float(pk + (slot * Hkv + task.g) * D, kf.data() + (p - task.first) * D, D);
+      to_float(pv + (slot * Hkv + task.g) * Dv, vf.data() + (p - task.first) * Dv, Dv);
+    }
+    for (int64_t hh = 0; hh < group; ++hh) {
+      const float* qh = pq + (task.b * H + task.g * group + hh) * D;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < L; ++j) {
+        scores[j] = float(scale) * dot(qh, kf.data() + j * D, D);
+        top = std::max(top, scores[j]);
       }
-      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-        const float* qh = pq + (b * H + h) * D;
-        float top = -INFINITY;
-        for (int64_t j = 0; j < L; ++j) {
-          scores[j] = float(scale) * dot(qh, kf.data() + j * D, D);
-          top = std::max(top, scores[j]);
-        }
-        float sum = 0.f;
-        for (int64_t j = 0; j < L; ++j) sum += (scores[j] = std::exp(scores[j] - top));
-        float* oh = po + b * H * Dv + h * Dv;
-        for (int64_t j = 0; j < L; ++j) axpy(scores[j] / sum, vf.data() + j * Dv, oh, Dv);
-      }
+      const float sum = exp_shifted(scores.data(), L, top);  // scores[j] = e^(s_j − top)
+      float* o = part_o.data() + (t * group + hh) * Dv;
+      for (int64_t j = 0; j < L; ++j) axpy(scores[j], vf.data() + j * Dv, o, Dv);
+      part_m[t * group + hh] = top;
+      part_l[t * group + hh] = sum;
     }
   });
+  for (int64_t t0 = 0; t0 < T;) {  // the tasks of one (sequence, KV head) are consecutive
+    int64_t t1 = t0 + 1;
+    while (t1 < T && tasks[t1].b == tasks[t0].b && tasks[t1].g == tasks[t0].g) ++t1;
+    for (int64_t hh = 0; hh < group; ++hh) {
+      float top = -INFINITY, total = 0.f;
+      for (int64_t t = t0; t < t1; ++t) top = std::max(top, part_m[t * group + hh]);
+      float* oh = po + tasks[t0].b * H * Dv + (tasks[t0].g * group + hh) * Dv;
+      for (int64_t t = t0; t < t1; ++t) {
+        const float w = std::exp(part_m[t * group + hh] - top);
+        total += w * part_l[t * group + hh];
+        axpy(w, part_o.data() + (t * group + hh) * Dv, oh, Dv);
+      }
+      for (int64_t i = 0; i < Dv; ++i) oh[i] /= total;
+    }
+    t0 = t1;
+  }
   return out;
 }
 

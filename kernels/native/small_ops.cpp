@@ -7,7 +7,7 @@
 // torch forms, with RMSNorm's sum of squares in double (as ggml accumulates it); SiLU's
 // exponential is a polynomial (relative error < 2e-7; torch's vectorized one is ~1 ulp);
 // GELU is llama.cpp's fp16 table (below), which kernels/small_ops.py's fallback reproduces.
-#include <torch/extension.h>
+#include "common.h"
 
 #include <cmath>
 #include <cstdint>
@@ -112,27 +112,6 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor a, torch:
   return {sum, rms_norm(sum, w, eps)};
 }
 
-// e^x for 8 floats: x = n·ln2 + r (|r| ≤ ln2/2, ln2 in two parts), e^r by its degree-6
-// Taylor polynomial (relative error < 2e-7 over the range), 2^n by exponent bits; inputs
-// clamped to [-88, 88] (e^x then under/overflows as float32 would anyway).
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.f)), _mm256_set1_ps(88.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.f / 720.f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-#endif
 
 // GELU as llama.cpp's CPU backend computes it (ggml-cpu's GGML_GELU_FP16 path, on by default):
 // x ≤ -10 → 0, x ≥ 10 → x, otherwise x rounded to fp16 and looked up in a table of fp16
@@ -189,7 +168,7 @@ torch::Tensor act_mul(torch::Tensor gate, torch::Tensor up, bool gelu) {
       act = _mm256_blendv_ps(looked, x, _mm256_cmp_ps(x, hi, _CMP_GE_OQ));
       act = _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LE_OQ), act);
     } else {
-      act = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+      act = _mm256_div_ps(x, _mm256_add_ps(one, tq::exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
     }
     _mm256_storeu_ps(o + i, _mm256_mul_ps(act, _mm256_loadu_ps(u + i)));
   }
