@@ -3,11 +3,14 @@
 Where the native kernel (kernels/native_loader.py) is built and handles the type, it does the
 product with llama.cpp's CPU numerics (activations quantized per block to int8, integer block
 dot products). Two layouts: the GGML rows themselves, read in place from the mapped file; or,
-where the build has 512-bit kernels for the type (kernels/native/interleaved.cpp), the same
-blocks re-laid out once in 16-row panels (`interleave`), the same bytes per row, 1.2–2× faster
-for decode and 2–4× for prefill on this project's VM. Otherwise the torch reference path: W stays packed (uint8 rows of GGML blocks, a zero-copy view of the
-mmapped GGUF); each call dequantizes row chunks of W to float32 (quant.dequant, which
-implements ggml's block layouts, ggml-common.h) into one reused scratch buffer and
+where the build has panel kernels for the type (AVX-512 or AVX2; kernels/native/interleaved.cpp),
+the same blocks re-laid out once in 16-row panels (`interleave`), the same bytes per row:
+on this project's VM 1.2–2.3× faster for decode, 2–4× for prefill with AVX-512 (AVX2:
+1.5–1.7×, but Q6_K 0.67×).
+
+Otherwise the torch reference path: W stays packed (uint8 rows of GGML blocks, a zero-copy
+view of the mmapped GGUF); each call dequantizes row chunks of W to float32 (quant.dequant,
+which implements ggml's block layouts, ggml-common.h) into one reused scratch buffer and
 multiplies them, so at most CHUNK_BYTES of float32 weights exist at once.
 """
 
@@ -95,7 +98,7 @@ class PackedLinear:
 
 
 def interleave(weight: torch.Tensor, ggml_type: int) -> torch.Tensor | None:
-    """`weight`'s rows in 16-row panels for the 512-bit kernels, or None where this build has
+    """`weight`'s rows in 16-row panels for the panel kernels, or None where this build has
     no panel kernel for the type (then PackedLinear reads the GGML rows)."""
     module = native_loader.load() if native_loader.enabled() else None
     if module is None or not module.interleaved_supports(int(ggml_type)):
