@@ -70,6 +70,53 @@ float exp_shifted(float* x, int64_t n, float top) {
   return sum;
 }
 
+// s[j] = scale · q·k_j for the L keys (rows of D floats at k): 8 keys at a time share the
+// loads of q, and their 8 sums are reduced together (hadd tree) instead of one by one.
+void key_scores(const float* q, const float* k, int64_t L, int64_t D, float scale, float* s) {
+  int64_t j = 0;
+#if PA_AVX2
+  if (D % 8 == 0) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (; j + 8 <= L; j += 8) {
+      __m256 acc[8];
+      for (int p = 0; p < 8; ++p) acc[p] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < D; c += 8) {
+        const __m256 qc = _mm256_loadu_ps(q + c);
+        for (int p = 0; p < 8; ++p)
+          acc[p] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k + (j + p) * D + c), acc[p]);
+      }
+      const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+      const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+      const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20),
+                                       _mm256_permute2f128_ps(s0, s1, 0x31));  // key j + p in lane p
+      _mm256_storeu_ps(s + j, _mm256_mul_ps(vs, sum));
+    }
+  }
+#endif
+  for (; j < L; ++j) s[j] = scale * dot(q, k + j * D, D);
+}
+
+// o (Dv) = Σ_j w[j] · v_j over L rows of Dv floats: 64 outputs at a time stay in registers
+// across all L rows (one load and fma per 8 of them per row, no load/store of o per row).
+void weighted_sum(const float* w, const float* v, int64_t L, int64_t Dv, float* o) {
+  int64_t c0 = 0;
+#if PA_AVX2
+  for (; c0 + 64 <= Dv; c0 += 64) {
+    __m256 acc[8];
+    for (int c = 0; c < 8; ++c) acc[c] = _mm256_loadu_ps(o + c0 + 8 * c);
+    for (int64_t j = 0; j < L; ++j) {
+      const __m256 wj = _mm256_set1_ps(w[j]);
+      for (int c = 0; c < 8; ++c)
+        acc[c] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + j * Dv + c0 + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(o + c0 + 8 * c, acc[c]);
+  }
+#endif
+  if (c0 < Dv)
+    for (int64_t j = 0; j < L; ++j)
+      for (int64_t i = c0; i < Dv; ++i) o[i] += w[j] * v[j * Dv + i];
+}
+
 void axpy(float w, const float* x, float* y, int64_t n) {  // y += w · x
   int64_t i = 0;
 #if PA_AVX2
@@ -139,14 +186,11 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_slab, torc
     }
     for (int64_t hh = 0; hh < group; ++hh) {
       const float* qh = pq + (task.b * H + task.g * group + hh) * D;
+      key_scores(qh, kf.data(), L, D, float(scale), scores.data());
       float top = -INFINITY;
-      for (int64_t j = 0; j < L; ++j) {
-        scores[j] = float(scale) * dot(qh, kf.data() + j * D, D);
-        top = std::max(top, scores[j]);
-      }
+      for (int64_t j = 0; j < L; ++j) top = std::max(top, scores[j]);
       const float sum = exp_shifted(scores.data(), L, top);  // scores[j] = e^(s_j − top)
-      float* o = part_o.data() + (t * group + hh) * Dv;
-      for (int64_t j = 0; j < L; ++j) axpy(scores[j], vf.data() + j * Dv, o, Dv);
+      weighted_sum(scores.data(), vf.data(), L, Dv, part_o.data() + (t * group + hh) * Dv);
       part_m[t * group + hh] = top;
       part_l[t * group + hh] = sum;
     }
