@@ -6,7 +6,7 @@ dot products). Two layouts: the GGML rows themselves, read in place from the map
 where the build has panel kernels for the type (AVX-512 or AVX2; kernels/native/interleaved.cpp),
 the same blocks re-laid out once in 16-row panels (`interleave`), the same bytes per row:
 on this project's VM 1.2–2.3× faster for decode, 2–4× for prefill with AVX-512 (AVX2:
-1.5–1.7×, but Q6_K 0.67×).
+1.0–1.7×).
 
 Otherwise the torch reference path: W stays packed (uint8 rows of GGML blocks, a zero-copy
 view of the mmapped GGUF); each call dequantizes row chunks of W to float32 (quant.dequant,
