@@ -1,12 +1,15 @@
 """Bench: prompt-processing and generation speed of one model, measured as llama-bench does.
 
-    tandem bench MODEL|FILE.gguf [-p 512] [-n 128] [-t THREADS] [-r 5] [--json]
+    tandem bench MODEL|FILE.gguf [-p 512] [-n 128] [-d 0] [-t THREADS] [-r 5] [--json]
 
 pp (prompt processing): one forward of an `n_prompt`-token prompt (BOS, then random token
 ids) into an empty cache; tokens/s = n_prompt / its time. tg (text generation): `n_gen`
 forwards of one token each into an empty cache, the first being BOS at position 0 and each
 next token the argmax of the previous logits; tokens/s = n_gen / their time. Both follow
-llama-bench's tests pp<N> and tg<N>, so the two tools' figures compare directly.
+llama-bench's tests pp<N> and tg<N>, so the two tools' figures compare directly. With a
+depth (-d, llama-bench's -d) both tests start from a cache already holding that many tokens
+(BOS, then random ids, prefilled untimed in chunks of 512), at positions depth, depth + 1, …:
+"pp512 @ d1024", "tg128 @ d1024".
 
 weights_gb_s is, for tg, the bytes of packed matmul weights one token reads (every block's
 q, k, v, o, gate, up and down, the output head, and one row of token_embd unless the head is
@@ -45,10 +48,11 @@ class BenchSpec:
     threads: int | None = None  # None: torch's current setting
     repetitions: int = 5
     seed: int = 0
+    n_depth: int = 0  # tokens already in the cache when each test starts
 
     def validate(self) -> None:
-        if self.n_prompt < 0 or self.n_gen < 0:
-            raise InvalidParameterError("-p and -n are token counts: give 0 or more")
+        if self.n_prompt < 0 or self.n_gen < 0 or self.n_depth < 0:
+            raise InvalidParameterError("-p, -n and -d are token counts: give 0 or more")
         if self.n_prompt == 0 and self.n_gen == 0:
             raise InvalidParameterError("-p 0 and -n 0 leave nothing to measure; give either "
                                         "a prompt length or a number of tokens to generate")
@@ -80,6 +84,7 @@ class BenchResult:
     weights_gb_s_std: float | None = None
     pp_samples: list[float] = field(default_factory=list)
     tg_samples: list[float] = field(default_factory=list)
+    n_depth: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,7 +122,8 @@ class Bench:
     def __init__(self, lm: LoadedModel, spec: BenchSpec) -> None:
         self.lm, self.spec = lm, spec
         self.model = lm.model
-        self.n_ctx = max(spec.n_prompt, spec.n_gen, 1)
+        # whole 16-token pages, so every one-token step takes the paged decode kernel
+        self.n_ctx = -(-(max(spec.n_prompt, spec.n_gen, 1) + spec.n_depth) // 16) * 16
         self.bos = lm.tokenizer.bos_id if lm.tokenizer.bos_id is not None else 0
         self.generator = torch.Generator().manual_seed(spec.seed)
 
@@ -127,20 +133,36 @@ class Bench:
         ids[0] = self.bos
         return ids
 
+    def cache_at_depth(self) -> KVCache:
+        """A cache holding spec.n_depth tokens (BOS, then random ids), filled untimed."""
+        cache, depth = KVCache(self.lm.config, self.n_ctx), self.spec.n_depth
+        if depth:
+            tokens = self.prompt_tokens(depth)
+            with torch.inference_mode():
+                for start in range(0, depth, 512):
+                    self.model.forward(tokens[start:start + 512], start, cache)
+        return cache
+
     def time_prompt(self, n: int) -> float:
-        """Seconds for one forward of an n-token prompt into an empty cache."""
-        tokens, cache = self.prompt_tokens(n), KVCache(self.lm.config, self.n_ctx)
+        """Seconds for one forward of an n-token prompt into a cache at the depth (BOS first
+        when the depth is 0)."""
+        depth = self.spec.n_depth
+        cache, tokens = self.cache_at_depth(), self.prompt_tokens(n)
+        if depth:
+            tokens[0] = int(torch.randint(0, self.lm.config.vocab_size, (1,),
+                                          generator=self.generator))
         with torch.inference_mode():
             start = time.perf_counter()
-            self.model.forward(tokens, 0, cache)
+            self.model.forward(tokens, depth, cache)
             return time.perf_counter() - start
 
     def time_generation(self, n: int) -> float:
-        """Seconds for n one-token forwards from position 0 (greedy: argmax feeds the next)."""
-        cache, token = KVCache(self.lm.config, self.n_ctx), self.bos
+        """Seconds for n one-token forwards from the depth (greedy: argmax feeds the next;
+        the first token is BOS)."""
+        cache, token, depth = self.cache_at_depth(), self.bos, self.spec.n_depth
         with torch.inference_mode():
             start = time.perf_counter()
-            for pos in range(n):
+            for pos in range(depth, depth + n):
                 logits = self.model.forward(torch.tensor([token]), pos, cache)  # (1, V)
                 token = int(logits[-1].argmax())
             return time.perf_counter() - start
@@ -150,7 +172,7 @@ class Bench:
         result = BenchResult(
             self.lm.name, str(self.lm.path), self.lm.path.stat().st_size, kernel_name(),
             torch.get_num_threads(), spec.n_prompt, spec.n_gen, spec.repetitions,
-            weight_bytes_per_token(self.lm))
+            weight_bytes_per_token(self.lm), n_depth=spec.n_depth)
         if spec.n_prompt:
             self.time_prompt(spec.n_prompt)  # warm-up
             result.pp_samples = [spec.n_prompt / self.time_prompt(spec.n_prompt)
@@ -180,9 +202,10 @@ def format_table(r: BenchResult) -> str:
     rows = [head, "|" + "|".join("---" for _ in range(7)) + "|"]
     size = f"{r.file_bytes / 2**20:.2f} MiB"
     lead = f"| {r.model} | {size} | {r.kernel} | {r.threads} "
+    at = f" @ d{r.n_depth}" if r.n_depth else ""
     if r.pp_tok_s is not None:
-        rows.append(lead + f"| pp{r.n_prompt} | {r.pp_tok_s:.2f} ± {r.pp_tok_s_std:.2f} | |")
+        rows.append(lead + f"| pp{r.n_prompt}{at} | {r.pp_tok_s:.2f} ± {r.pp_tok_s_std:.2f} | |")
     if r.tg_tok_s is not None:
-        rows.append(lead + f"| tg{r.n_gen} | {r.tg_tok_s:.2f} ± {r.tg_tok_s_std:.2f} "
+        rows.append(lead + f"| tg{r.n_gen}{at} | {r.tg_tok_s:.2f} ± {r.tg_tok_s_std:.2f} "
                            f"| {r.weights_gb_s:.2f} ± {r.weights_gb_s_std:.2f} |")
     return "\n".join(rows)

@@ -6,7 +6,7 @@
     tandem serve [--host H] [--port P] [--model MODEL] [--num-ctx N] [--parallel N]
     tandem ps [--host HOST:PORT]
     tandem plan MODEL [--gpu-memory SIZE] [--num-ctx N] [--num-parallel N] [--num-gpu N] [--json]
-    tandem bench MODEL [-p N] [-n N] [-t THREADS] [-r REPETITIONS] [--json]
+    tandem bench MODEL [-p N] [-n N] [-d DEPTH] [-t THREADS] [-r REPETITIONS] [--json]
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def add_bench_command(sub) -> None:
                        help="prompt tokens of the pp test (0: skip it)")
     bench.add_argument("-n", "--n-gen", type=int, default=128,
                        help="tokens generated in the tg test (0: skip it)")
+    bench.add_argument("-d", "--n-depth", type=int, default=0,
+                       help="tokens already in the cache when each test starts (llama-bench -d)")
     bench.add_argument("-t", "--threads", type=int, help="CPU threads (default: torch's)")
     bench.add_argument("-r", "--repetitions", type=int, default=5, help="runs of each test")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -87,7 +89,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from runtime.bench import BenchSpec, format_table, run_bench
 
-    spec = BenchSpec(args.model, args.n_prompt, args.n_gen, args.threads, args.repetitions)
+    spec = BenchSpec(args.model, args.n_prompt, args.n_gen, args.threads, args.repetitions,
+                     n_depth=args.n_depth)
     result = run_bench(spec)
     print(json.dumps(result.to_dict()) if args.json else format_table(result))
     return 0

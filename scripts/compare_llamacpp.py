@@ -1,6 +1,6 @@
 """`tandem bench` against llama.cpp's llama-bench, interleaved, same threads, same files.
 
-    python scripts/compare_llamacpp.py [MODEL ...] [-p 64] [-n 32] [-t 2] [--rounds 3]
+    python scripts/compare_llamacpp.py [MODEL ...] [-p 64] [-n 32] [-d 0] [-t 2] [--rounds 3]
         [--llama-bench PATH] [--synthetic PATH] [--json]
 
 MODELs are pullable names, stored models or .gguf paths (default: smollm2 gemma3
@@ -69,18 +69,18 @@ def model_file(ref: str, synthetic: Path) -> Path:
     return resolve(ref).path
 
 
-def run_tandem(path: Path, p: int, n: int, threads: int) -> dict:
+def run_tandem(path: Path, p: int, n: int, threads: int, depth: int = 0) -> dict:
     """One `tandem bench -r 1 --json` process → its JSON result."""
     cmd = [sys.executable, "-m", "runtime.cli", "bench", str(path), "-p", str(p), "-n", str(n),
-           "-t", str(threads), "-r", "1", "--json"]
+           "-d", str(depth), "-t", str(threads), "-r", "1", "--json"]
     out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run_llama(binary: Path, path: Path, p: int, n: int, threads: int) -> dict:
+def run_llama(binary: Path, path: Path, p: int, n: int, threads: int, depth: int = 0) -> dict:
     """One `llama-bench -r 1 -o jsonl` process → {"pp": tok/s, "tg": tok/s}."""
     cmd = [str(binary), "-m", str(path), "-p", str(p), "-n", str(n), "-t", str(threads),
-           "-r", "1", "-o", "jsonl"]
+           "-d", str(depth), "-r", "1", "-o", "jsonl"]
     env = dict(os.environ, LD_LIBRARY_PATH=str(binary.parent))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     result = {}
@@ -116,8 +116,9 @@ def compare(models: dict[str, Path], binary: Path, args: argparse.Namespace) -> 
     runs = {name: {"tandem": [], "llama": []} for name in models}
     for r in range(args.rounds):
         for name, path in models.items():
-            runs[name]["tandem"].append(run_tandem(path, args.p, args.n, args.threads))
-            runs[name]["llama"].append(run_llama(binary, path, args.p, args.n, args.threads))
+            runs[name]["tandem"].append(run_tandem(path, args.p, args.n, args.threads, args.d))
+            runs[name]["llama"].append(run_llama(binary, path, args.p, args.n, args.threads,
+                                                 args.d))
             t, ll = runs[name]["tandem"][-1], runs[name]["llama"][-1]
             print(f"round {r + 1} {name}: tandem pp {t['pp_tok_s']:.1f} tg {t['tg_tok_s']:.1f}"
                   f" | llama.cpp pp {ll['pp']:.1f} tg {ll['tg']:.1f}", file=sys.stderr,
@@ -141,7 +142,8 @@ def summarize(name: str, path: Path, runs: dict) -> dict:
 
 
 def format_table(report: dict) -> str:
-    p, n, ram = report["n_prompt"], report["n_gen"], report["ram_gb_s"]
+    at = f"@d{report['n_depth']}" if report.get("n_depth") else ""
+    p, n, ram = f"{report['n_prompt']}{at}", f"{report['n_gen']}{at}", report["ram_gb_s"]
     head = (f"| model | MB/token | pp{p} tandem | pp{p} llama.cpp | pp ratio | tg{n} tandem | "
             f"tg{n} llama.cpp | tg ratio | GB/s tandem | GB/s llama.cpp | tandem/RAM |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -166,6 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("models", nargs="*", default=["smollm2", "gemma3", "synthetic"])
     ap.add_argument("-p", type=int, default=64, help="prompt tokens (pp test)")
     ap.add_argument("-n", type=int, default=32, help="generated tokens (tg test)")
+    ap.add_argument("-d", type=int, default=0, help="tokens in the cache before each test")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved A B rounds")
     ap.add_argument("--llama-bench", help="path of llama.cpp's llama-bench binary")
@@ -177,14 +180,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if min(args.p, args.n, args.threads, args.rounds) < 1:
-        sys.exit("-p, -n, --threads and --rounds must be at least 1")
+    if min(args.p, args.n, args.threads, args.rounds) < 1 or args.d < 0:
+        sys.exit("-p, -n, --threads and --rounds must be at least 1, -d at least 0")
     binary = find_llama_bench(args.llama_bench)
     models = {ref: model_file(ref, args.synthetic) for ref in args.models}
     before = ram_bandwidth(args.threads)
     rows = compare(models, binary, args)
     after = ram_bandwidth(args.threads)
-    report = {"threads": args.threads, "n_prompt": args.p, "n_gen": args.n,
+    report = {"threads": args.threads, "n_prompt": args.p, "n_gen": args.n, "n_depth": args.d,
               "rounds": args.rounds, "llama_bench": str(binary), "ram_gb_s": max(before, after),
               "ram_before": before, "ram_after": after, "models": rows}
     print(json.dumps(report, indent=1) if args.json else format_table(report))

@@ -164,6 +164,33 @@ def test_generation_feeds_back_its_own_greedy_tokens(tiny_path):
     assert fed[1][0] == [int(first[-1].argmax())]
 
 
+def test_depth_starts_both_tests_from_a_filled_cache(tiny_path, restore_threads):
+    """-d N (llama-bench's depth): N tokens are prefilled untimed, in chunks of 512, and both
+    tests run at positions N, N + 1, …; the table names the tests "pp4 @ d600"."""
+    lm = LoadedModel.load(tiny_path)
+    bench = Bench(lm, BenchSpec(str(tiny_path), n_prompt=4, n_gen=3, n_depth=600))
+    assert bench.n_ctx == 608  # max(4, 3) + 600, in whole 16-token pages
+    calls = []
+    forward = lm.model.forward
+
+    def spy(tokens, start, cache, **kw):
+        calls.append((tokens.shape[0], start))
+        return forward(tokens, start, cache, **kw)
+
+    lm.model.forward = spy
+    bench.time_generation(3)
+    assert calls == [(512, 0), (88, 512), (1, 600), (1, 601), (1, 602)]
+    calls.clear()
+    bench.time_prompt(4)
+    assert calls == [(512, 0), (88, 512), (4, 600)]
+    lm.model.forward = forward
+    r = Bench(lm, BenchSpec(str(tiny_path), n_prompt=4, n_gen=3, n_depth=600,
+                            repetitions=1)).run()
+    assert r.n_depth == 600 and r.pp_tok_s > 0 and r.tg_tok_s > 0
+    table = format_table(r)
+    assert "| pp4 @ d600 |" in table and "| tg3 @ d600 |" in table
+
+
 def test_cli_json_and_skipped_test(tiny_path, capsys, restore_threads):
     assert main(["bench", str(tiny_path), "-p", "0", "-n", "2", "-r", "1", "-t", "1",
                  "--json"]) == 0
@@ -174,6 +201,7 @@ def test_cli_json_and_skipped_test(tiny_path, capsys, restore_threads):
 
 @pytest.mark.parametrize("flags, fields, words", [
     (["-p", "-1"], {"n_prompt": -1}, "0 or more"),
+    (["-d", "-5"], {"n_depth": -5}, "0 or more"),
     (["-p", "0", "-n", "0"], {"n_prompt": 0, "n_gen": 0}, "nothing to measure"),
     (["-t", "0"], {"threads": 0}, "--threads"),
     (["-r", "0"], {"repetitions": 0}, "--repetitions")])

@@ -39,10 +39,10 @@ def test_run_llama_reads_pp_and_tg_and_passes_the_flags(compare, tmp_path):
     fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/args\necho 'load: noise'\n"
                     f"cat <<'EOF'\n{lines}\nEOF\n")
     fake.chmod(0o755)
-    out = compare.run_llama(fake, Path("/m.gguf"), 64, 32, 2)
+    out = compare.run_llama(fake, Path("/m.gguf"), 64, 32, 2, 1024)
     assert out == {"pp": 312.64, "tg": 109.86}
     assert (tmp_path / "args").read_text().split() == [
-        "-m", "/m.gguf", "-p", "64", "-n", "32", "-t", "2", "-r", "1", "-o", "jsonl"]
+        "-m", "/m.gguf", "-p", "64", "-n", "32", "-t", "2", "-d", "1024", "-r", "1", "-o", "jsonl"]
 
 
 def test_summarize_ratios_and_gb_s(compare, tmp_path):
