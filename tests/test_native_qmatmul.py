@@ -302,3 +302,22 @@ def test_native_isa_override(monkeypatch, caplog):
             monkeypatch.setenv("TANDEM_NATIVE_ISA", "avx512vnni")
             assert native_loader.chosen_isa() == best
             assert "runs at most" in caplog.text
+
+
+def test_every_kernel_source_is_package_data():
+    """A non-editable install (`pip install .`, the README's first command) ships only the
+    package data: every file the native build reads must match its patterns (a missing
+    header once left such installs on the torch path)."""
+    import fnmatch
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(native_loader.__file__).resolve().parent.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["kernels"]
+    for src in native_loader.SOURCES + native_loader.HEADERS:
+        rel = src.relative_to(root / "kernels").as_posix()
+        assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} is not package data"
+    on_disk = {p.name for p in (root / "kernels" / "native").iterdir() if p.suffix in (".cpp", ".h")}
+    assert on_disk == {p.name for p in native_loader.SOURCES + native_loader.HEADERS}
