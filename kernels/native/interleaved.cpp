@@ -236,19 +236,20 @@ inline uint32_t bit_of4(const uint8_t* q, int shift) {  // bit `shift` of q[0..3
          ((q[3] >> shift) & 1) << 3;
 }
 
-// One 32-element chunk of row r: nibbles into the chunk's 256 bytes, high bits into its masks
-// (hbits 1: Q5_0's bit 4; 2: Q6_K's bits 4 and 5).
-inline void put_chunk(const uint8_t* q, uint8_t* qc, uint8_t* hc, int r, int hbits) {
-  for (int g = 0; g < 4; ++g) {
-    const uint8_t* lo = q + 4 * g;
-    const uint8_t* hi = q + 16 + 4 * g;
-    uint8_t* dst = qc + g * 64 + r * 4;
-    for (int i = 0; i < 4; ++i) dst[i] = uint8_t((lo[i] & 0xF) | ((hi[i] & 0xF) << 4));
-    if (hbits == 1) {
-      or_mask(hc + 16 * g, r, bit_of4(lo, 4));
-      or_mask(hc + 16 * g + 8, r, bit_of4(hi, 4));
-    } else if (hbits == 2) {
-      uint8_t* m = hc + 32 * g;
+// Q6_K's numbers of row r into a block's record: its 6-bit values are split anew into
+// nibbles and two high-bit masks per group (bit 4 lo, hi; bit 5 lo, hi), so it goes through
+// Canon; every other type takes put_direct.
+void put_q6k(const Canon& c, Record rec, int r) {
+  wr16(rec.d + 2 * r, c.d);
+  for (int j = 0; j < 16; ++j) rec.s[16 * j + r] = c.sc[j];
+  for (int chunk = 0; chunk < 8; ++chunk) {
+    const uint8_t* q = c.q + 32 * chunk;
+    for (int g = 0; g < 4; ++g) {
+      const uint8_t* lo = q + 4 * g;
+      const uint8_t* hi = q + 16 + 4 * g;
+      uint8_t* dst = rec.q + 256 * chunk + g * 64 + r * 4;
+      for (int i = 0; i < 4; ++i) dst[i] = uint8_t((lo[i] & 0xF) | ((hi[i] & 0xF) << 4));
+      uint8_t* m = rec.h + 128 * chunk + 32 * g;
       or_mask(m, r, bit_of4(lo, 4));
       or_mask(m + 8, r, bit_of4(hi, 4));
       or_mask(m + 16, r, bit_of4(lo, 5));
@@ -257,25 +258,8 @@ inline void put_chunk(const uint8_t* q, uint8_t* qc, uint8_t* hc, int r, int hbi
   }
 }
 
-void put(int type, const Layout& L, const Canon& c, Record rec, int r) {
-  wr16(rec.d + 2 * r, c.d);
-  if (type == Q4_1 || type == Q4_K) wr16(rec.d + 32 + 2 * r, c.m);
-  if (type == Q4_K) {
-    for (int j = 0; j < 8; ++j) { rec.s[16 * j + r] = c.sc[j]; rec.s[128 + 16 * j + r] = c.mn[j]; }
-  }
-  if (type == Q6_K) for (int j = 0; j < 16; ++j) rec.s[16 * j + r] = c.sc[j];
-  if (type == Q8_0) {
-    for (int g = 0; g < 8; ++g) std::memcpy(rec.q + g * 64 + r * 4, c.q + 4 * g, 4);
-    return;
-  }
-  const int hbits = type == Q5_0 ? 1 : type == Q6_K ? 2 : 0;
-  for (int chunk = 0; chunk < L.bs / 32; ++chunk)
-    put_chunk(c.q + 32 * chunk, rec.q + 256 * chunk, rec.h + (hbits == 2 ? 128 : 0) * chunk, r, hbits);
-}
-
-// The same as to_canon + put, straight from the GGML block, for the types whose values
-// already sit in nibbles or bytes (5–10× faster; loading a 1.1B Q4_0 model spends its time
-// here). False for the others.
+// A GGML block of row r straight into its record, for the types whose values already sit in
+// nibbles or bytes (loading a 1.1B Q4_0 model spends its time here). False for Q6_K.
 bool put_direct(int type, const uint8_t* b, Record rec, int r) {
   switch (type) {
     case Q4_0: case Q4_1: case Q5_0: {
@@ -447,8 +431,8 @@ torch::Tensor interleave(torch::Tensor w, int64_t type) {
       for (int64_t b = 0; b < nb; ++b) {
         const Record rec = record(dst + p * pb, L, nb, b);
         if (put_direct(int(type), row + b * L.ts, rec, r)) continue;
-        to_canon(int(type), row + b * L.ts, c);
-        put(int(type), L, c, rec, r);
+        to_canon(int(type), row + b * L.ts, c);  // Q6_K
+        put_q6k(c, rec, r);
       }
     }
   });
