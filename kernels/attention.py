@@ -63,6 +63,20 @@ def paged_decode_attention(q: torch.Tensor, k_slab: torch.Tensor, v_slab: torch.
                                          scale, window)
 
 
+def kv_write_f16(k: torch.Tensor, v: torch.Tensor, k_slab: torch.Tensor, v_slab: torch.Tensor,
+                 slots: torch.Tensor) -> bool:
+    """New keys and values into their f16 slab rows by the native kernel, in one call: k
+    (T, Hkv, D), v (T, Hkv, Dv) float32, slabs (slots, Hkv, D|Dv) float16, slots (T,) int64
+    (negative: skipped). False when the native build is unavailable or a tensor is not a
+    float32 CPU one (the caller then writes with torch)."""
+    module = _native_module()
+    if (module is None or not (k.is_cpu and k_slab.is_cpu and slots.is_cpu)
+            or k.dtype != torch.float32 or v.dtype != torch.float32):
+        return False
+    module.kv_write_f16(k, v, k_slab, v_slab, slots)
+    return True
+
+
 @functools.cache
 def _native_module():
     if not native_loader.enabled():

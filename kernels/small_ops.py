@@ -17,7 +17,7 @@ from kernels import native_loader
 def _native(*tensors: torch.Tensor):
     """The native module when every tensor suits it (CPU, float32), else None."""
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype != torch.float32:
+        if not t.is_cpu or t.dtype != torch.float32:
             return None
     return _module()
 

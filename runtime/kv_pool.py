@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.attention import kv_write_f16
 from loaders.config import ModelConfig
 from runtime.block_manager import BLOCK_SIZE
 from runtime.errors import InvalidParameterError
@@ -112,6 +113,9 @@ class KVPool:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # slots: (T,) int64; k: (T, Hkv, D), v: (T, Hkv, Dv) float32
+        ks, vs = self.k[layer], self.v[layer]
+        if not ks.quantized and kv_write_f16(k, v, ks.data, vs.data, slots):
+            return
         self.k[layer].write(slots, k)
         self.v[layer].write(slots, v)
 

@@ -174,8 +174,11 @@ class Model:
             if block.triton and not pool.k[i].quantized:
                 return self._attend_triton(i, b, pool, q, k, v, window)
             pool.write(i, b.slots, k, v)
+            d = b.decode
+            if d is not None and not b.seqs:  # decodes only: row b is sequence b
+                return self._decode_attention(i, pool, q, d, window)
             out = self._attend_chunks(i, b, pool, q, window)
-            if (d := b.decode) is not None:
+            if d is not None:
                 out[d.rows] = self._decode_attention(i, pool, q[d.rows], d, window)
             return out
 

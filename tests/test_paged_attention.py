@@ -1,6 +1,7 @@
 """The native paged decode attention (kernels/native/paged_attention.cpp) against SDPA over
 the gathered keys, with GQA, scattered pages, sliding windows and q8-free f16 slabs; and its
-batch invariance (a sequence's output alone equals its output in any batch)."""
+batch invariance (a sequence's output alone equals its output in any batch); and the native
+write of new keys and values into the f16 slabs, bit for bit torch's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import paged_decode_attention
+from kernels.attention import kv_write_f16, paged_decode_attention
 
 PAGE = 16
 
@@ -70,3 +71,24 @@ def test_bad_tables_and_lengths_are_refused():
         paged_decode_attention(q, k, v, tables, torch.tensor([999]), 0.1, 0)
     with pytest.raises(RuntimeError, match="outside the slab"):
         paged_decode_attention(q, k, v, torch.full_like(tables, 10_000), lengths, 0.1, 0)
+
+
+def test_kv_write_rounds_as_torch_and_skips_negative_slots():
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(4, 2, 64, generator=g) * 300, torch.randn(4, 2, 32, generator=g)
+    k[0, 0, :3] = torch.tensor([70000.0, 1e-6, -2.5e-8])  # overflow and subnormals round too
+    slots = torch.tensor([17, -1, 0, 63])
+    k_slab, v_slab = torch.zeros(64, 2, 64).half(), torch.zeros(64, 2, 32).half()
+    want_k, want_v = k_slab.clone(), v_slab.clone()
+    keep = slots >= 0
+    want_k[slots[keep]], want_v[slots[keep]] = k[keep].half(), v[keep].half()
+    assert kv_write_f16(k, v, k_slab, v_slab, slots)
+    assert torch.equal(k_slab.view(torch.int16), want_k.view(torch.int16))
+    assert torch.equal(v_slab.view(torch.int16), want_v.view(torch.int16))
+
+
+def test_kv_write_refuses_a_slot_outside_the_slab():
+    k_slab, v_slab = torch.zeros(16, 1, 8).half(), torch.zeros(16, 1, 8).half()
+    with pytest.raises(RuntimeError, match="outside the slab"):
+        kv_write_f16(torch.ones(1, 1, 8), torch.ones(1, 1, 8), k_slab, v_slab, torch.tensor([16]))
+    assert not bool(k_slab.float().abs().sum())

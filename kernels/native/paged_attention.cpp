@@ -214,9 +214,44 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_slab, torc
   return out;
 }
 
+// k (T, Hkv, D) f32, v (T, Hkv, Dv) f32 → rows slots[t] of k_slab (slots, Hkv, D) and v_slab
+// (slots, Hkv, Dv) f16, rounded to nearest even (torch's .to(float16)); a negative slot skips
+// its row. One call for both, where torch's index_copy_ takes a conversion and a scatter each.
+void kv_write_f16(torch::Tensor k, torch::Tensor v, torch::Tensor k_slab, torch::Tensor v_slab,
+                  torch::Tensor slots) {
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.scalar_type() == torch::kFloat32 &&
+              v.scalar_type() == torch::kFloat32, "k and v must be (T, Hkv, D) float32");
+  TORCH_CHECK(k_slab.scalar_type() == torch::kHalf && v_slab.scalar_type() == torch::kHalf &&
+              k_slab.is_contiguous() && v_slab.is_contiguous() && k_slab.dim() == 3 &&
+              v_slab.dim() == 3, "k/v slabs must be contiguous float16 (slots, Hkv, D)");
+  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == torch::kInt64, "slots must be (T,) int64");
+  k = k.contiguous();
+  v = v.contiguous();
+  slots = slots.contiguous();
+  const int64_t T = k.size(0), kd = k.size(1) * k.size(2), vd = v.size(1) * v.size(2);
+  const int64_t rows = k_slab.size(0);
+  TORCH_CHECK(v.size(0) == T && slots.size(0) == T, "k, v and slots need the same length");
+  TORCH_CHECK(k_slab.size(1) * k_slab.size(2) == kd && v_slab.size(1) * v_slab.size(2) == vd &&
+              v_slab.size(0) == rows, "k/v rows do not match the slabs' (Hkv, D)");
+  const int64_t* s = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(s[t] < rows, "slot ", s[t], " is outside the slab of ", rows, " slots");
+  const float* pk = k.data_ptr<float>();
+  const float* pv = v.data_ptr<float>();
+  at::Half* dk = k_slab.data_ptr<at::Half>();
+  at::Half* dv = v_slab.data_ptr<at::Half>();
+  for (int64_t t = 0; t < T; ++t) {
+    if (s[t] < 0) continue;
+    for (int64_t i = 0; i < kd; ++i) dk[s[t] * kd + i] = at::Half(pk[t * kd + i]);
+    for (int64_t i = 0; i < vd; ++i) dv[s[t] * vd + i] = at::Half(pv[t * vd + i]);
+  }
+}
+
 }  // namespace
 
 void register_paged_attention(pybind11::module& m) {
+  m.def("kv_write_f16", &kv_write_f16, "k/v rows (float32) into f16 slabs at their slots",
+        py::call_guard<py::gil_scoped_release>());
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per sequence over its f16 KV pages (block tables), batch-invariant",
         py::call_guard<py::gil_scoped_release>());
