@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -28,12 +29,15 @@ from kernels.attention import attention  # noqa: E402
 from kernels.norm import rms_norm as rms_norm_ref  # noqa: E402
 from kernels.triton import (  # noqa: E402
     PAGE,
+    act_mul,
+    add_rms_norm,
     dequant_rows,
     interpreted,
     kv_write,
     paged_attention_decode,
     qmatmul,
     rms_norm,
+    rope_qk,
 )
 from kernels.triton.ggml_blocks import GEOMETRY  # noqa: E402
 from quant.dequant import dequantize  # noqa: E402
@@ -208,3 +212,106 @@ def test_gemv_on_real_model_tensors(model: str, names: list[str], request) -> No
             y = qmatmul(x.to(DEVICE), w.to(DEVICE), info.ggml_type).cpu().double()
             bound = info.shape[0] * EPS32 * (x.double().abs() @ dense.abs().t())
             assert ((y - x.double() @ dense.t()).abs() <= bound).all(), name
+
+
+def rms_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """kernels/small_ops.rms_norm's torch formula over the last dim."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def test_rms_norm_takes_leading_dims() -> None:
+    gen = torch.Generator().manual_seed(11)
+    # (T, H, D) per-head q/k norm, read through a transposed (non-contiguous) view
+    x = torch.randn(4, 3, 64, generator=gen).transpose(0, 1)  # (3, 4, 64)
+    w = torch.randn(64, generator=gen)
+    y = rms_norm(x.to(DEVICE), w.to(DEVICE), 1e-6).cpu()
+    assert y.shape == (3, 4, 64)
+    torch.testing.assert_close(y, rms_ref(x, w, 1e-6), rtol=1e-5, atol=1e-6)
+    res = torch.randn(3, 4, 64, generator=gen)
+    r = res.clone().to(DEVICE)  # written in place
+    y = rms_norm(x.to(DEVICE), w.to(DEVICE), 1e-6, residual=r).cpu()
+    torch.testing.assert_close(r.cpu(), x + res, rtol=0, atol=0)
+    torch.testing.assert_close(y, rms_ref(x + res, w, 1e-6), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(5, 96), (2, 3, 96), (1, 40)])
+def test_add_rms_norm_matches_reference_out_of_place(shape) -> None:
+    gen = torch.Generator().manual_seed(sum(shape))
+    x, a = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    w = torch.randn(shape[-1], generator=gen)
+    xd, ad = x.to(DEVICE), a.to(DEVICE)
+    s, h = add_rms_norm(xd, ad, w.to(DEVICE), 1e-5)
+    assert s.shape == h.shape == shape
+    assert torch.equal(xd.cpu(), x) and torch.equal(ad.cpu(), a)  # inputs untouched
+    torch.testing.assert_close(s.cpu(), x + a, rtol=0, atol=0)  # one float32 add: exact
+    torch.testing.assert_close(h.cpu(), rms_ref(x + a, w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             neox: bool) -> torch.Tensor:
+    """kernels/small_ops.rope's torch formula: x (T, H, D), cos/sin (T, 1, D/2)."""
+    half = x.shape[-1] // 2
+    if neox:
+        a, b = x[..., :half], x[..., half:]
+        return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+def test_rope_qk_matches_reference(neox: bool, d: int) -> None:
+    gen = torch.Generator().manual_seed(d + neox)
+    t, h, hkv = 3, 4, 2
+    # q: a view of a fused QKV matmul's output (rows strided by (H + 2·Hkv)·D);
+    # k: a transposed view, so that D is not its last stride either
+    qkv = torch.randn(t, (h + 2 * hkv) * d, generator=gen).to(DEVICE)
+    q = qkv[:, : h * d].view(t, h, d)
+    k = torch.randn(t, d, hkv, generator=gen).to(DEVICE).transpose(1, 2)  # (T, Hkv, D)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    pos = torch.tensor([0.0, 5.0, 1000.0])[:, None]
+    angles = pos * 10000.0 ** (-torch.arange(d // 2, dtype=torch.float32) / (d // 2))
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]  # (T, 1, D/2)
+    rq, rk = rope_qk(q, k, cos.to(DEVICE), sin.to(DEVICE), neox)
+    assert rq.shape == (t, h, d) and rk.shape == (t, hkv, d)
+    assert rq.is_contiguous() and rk.is_contiguous()
+    q, k = q.cpu(), k.cpu()
+    torch.testing.assert_close(rq.cpu(), rope_ref(q, cos, sin, neox), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rk.cpu(), rope_ref(k, cos, sin, neox), rtol=1e-5, atol=1e-6)
+    # (T, D/2) tables give the same rotation
+    rq2, rk2 = rope_qk(q.to(DEVICE), k.to(DEVICE), cos[:, 0].to(DEVICE), sin[:, 0].to(DEVICE),
+                       neox)
+    assert torch.equal(rq2, rq) and torch.equal(rk2, rk)
+
+
+# exp(±200) overflows to inf in the interpreter's numpy, by design (g / inf = 0): no warning
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("gelu", [False, True])
+def test_act_mul_matches_torch(gelu: bool) -> None:
+    gen = torch.Generator().manual_seed(12 + gelu)
+    # gate and up: the two halves of a fused gate_up output (non-contiguous views);
+    # 5 × 300 elements: two 1024-element blocks, the second partly masked
+    gate_up = torch.randn(5, 600, generator=gen) * 4
+    gate_up[0, :10] = torch.tensor([30.0, -30.0, 20.0, -20.0, 10.0, -10.0, 100.0, -100.0,
+                                    0.0, -3.0])  # far tails: no inf/NaN from exp
+    g, up = gate_up[:, :300], gate_up[:, 300:]
+    y = act_mul(g.to(DEVICE), up.to(DEVICE), gelu).cpu()
+    ref = (F.gelu(g, approximate="tanh") if gelu else F.silu(g)) * up
+    assert y.shape == (5, 300) and torch.isfinite(y).all()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_small_kernels_reject_bad_shapes() -> None:
+    x = torch.zeros(2, 3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="same T and D"):
+        rope_qk(x, torch.zeros(3, 3, 8, device=DEVICE), x[:, :1, :4], x[:, :1, :4], False)
+    with pytest.raises(ValueError, match="cos must be"):
+        rope_qk(x, x, x[:, :1, :3], x[:, :1, :3], True)
+    with pytest.raises(ValueError, match="must be even"):
+        rope_qk(x[..., :7], x[..., :7], x[:, :1, :3], x[:, :1, :3], True)
+    with pytest.raises(ValueError, match="same shape"):
+        act_mul(x, x[:1], False)
+    with pytest.raises(ValueError, match="same shape"):
+        add_rms_norm(x, x[:1], torch.ones(8, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="weight \\(D,\\)"):
+        rms_norm(x, torch.ones(4, device=DEVICE), 1e-6)

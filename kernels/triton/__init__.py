@@ -9,6 +9,9 @@ a warning says so (kernel launches would then fail).
     paged_attention_decode(q, k_pool, v_pool, block_tables, context_lens, scale, window)
     kv_write(k, v, k_pool, v_pool, slot_mapping)
     rms_norm(x, weight, eps, residual=None)
+    add_rms_norm(x, a, weight, eps)          (x + a, rms_norm(x + a)), out of place
+    rope_qk(q, k, cos, sin, neox)            RoPE of q and k in one launch
+    act_mul(gate, up, gelu)                  silu(gate)·up or tanh-GELU(gate)·up
 """
 
 import os
@@ -30,11 +33,13 @@ def _interpret_without_cuda() -> None:
 
 _interpret_without_cuda()
 
+from kernels.triton.act_mul import act_mul  # noqa: E402
 from kernels.triton.dequant_rows import dequant_rows  # noqa: E402
 from kernels.triton.kv_write import kv_write  # noqa: E402
 from kernels.triton.paged_attention import PAGE, paged_attention_decode  # noqa: E402
 from kernels.triton.qmatmul import has_kernel, interpreted, qmatmul  # noqa: E402
-from kernels.triton.rms_norm import rms_norm  # noqa: E402
+from kernels.triton.rms_norm import add_rms_norm, rms_norm  # noqa: E402
+from kernels.triton.rope import rope_qk  # noqa: E402
 
-__all__ = ["PAGE", "dequant_rows", "has_kernel", "interpreted", "kv_write",
-           "paged_attention_decode", "qmatmul", "rms_norm"]
+__all__ = ["PAGE", "act_mul", "add_rms_norm", "dequant_rows", "has_kernel", "interpreted",
+           "kv_write", "paged_attention_decode", "qmatmul", "rms_norm", "rope_qk"]
