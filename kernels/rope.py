@@ -8,7 +8,7 @@ The angle of pair i at position p is (p / scale) · base^(-2i/D).
 
 import torch
 
-from kernels.small_ops import rope, rope_qk
+from kernels.small_ops import rope
 
 
 class Rope:
@@ -27,8 +27,3 @@ class Rope:
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: (T, H, D) float32 → (T, H, D)
         return rope(x, cos, sin, self.neox)
-
-    def apply_qk(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: (T, H, D), k: (T, Hkv, D) float32 → both rotated, in one call
-        return rope_qk(q, k, cos, sin, self.neox)

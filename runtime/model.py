@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from kernels.attention import attention, decode_attention, paged_decode_attention
+from kernels.layer_ops import CPU_OPS, LayerOps, triton_ops
 from kernels.linear import PackedLinear, interleave, matmuls
-from kernels.norm import rms_norm
 from kernels.rope import Rope
-from kernels.small_ops import act_mul, add_rms_norm
 from kernels.thread_policy import forward_threads
 from kernels.triton_linear import TritonLinear
 from loaders.config import ModelConfig
@@ -51,6 +50,7 @@ class Block:
     post_ffn_norm: torch.Tensor | None = None
     device: torch.device = torch.device("cpu")  # where its activations and KV live
     triton: bool = False  # attention through the Triton kernels (a GPU layer)
+    ops: LayerOps = CPU_OPS  # its norms, RoPE and activation: Triton's on a GPU layer
 
 
 class Model:
@@ -64,6 +64,7 @@ class Model:
         self.embed = self._linear("token_embd.weight", where=CPU,
                                   panels=config.tied_head and head_where == CPU)
         self.head_device = self.devices.device(head_where)
+        self.head_ops = triton_ops() if head_where == GPU else CPU_OPS
         if config.tied_head:
             self.head = self.embed if head_where == CPU else self._linear(
                 "token_embd.weight", where=GPU)
@@ -121,7 +122,7 @@ class Model:
             gate=self._linear(p + "ffn_gate.weight"),
             up=self._linear(p + "ffn_up.weight"),
             down=self._linear(p + "ffn_down.weight"),
-            device=dev, triton=where == GPU,
+            device=dev, triton=where == GPU, ops=triton_ops() if where == GPU else CPU_OPS,
         )
         if c.qk_norm:
             block.q_norm = self._vector(p + "attn_q_norm.weight", dev)
@@ -247,36 +248,36 @@ class Model:
             window = c.sliding_window if c.swa_layers[i] else 0
             x = x.to(block.device)
             if h is None:
-                h = rms_norm(x, block.attn_norm, c.rms_eps)
+                h = block.ops.rms_norm(x, block.attn_norm, c.rms_eps)
             x, f = self._block_forward(i, block, x, h, rope, on_device[key], window, attend)
             after = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
             if after is not None and after.device == block.device:
-                x, h = add_rms_norm(x, f, after.attn_norm, c.rms_eps)
+                x, h = block.ops.add_rms_norm(x, f, after.attn_norm, c.rms_eps)
             else:
                 x, h = x + f, None
         return x.to(self.head_device)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(rms_norm(x, self.output_norm, self.config.rms_eps))  # (R, V)
+        return self.head(self.head_ops.rms_norm(x, self.output_norm, self.config.rms_eps))  # (R, V)
 
     def _block_forward(self, i, b: Block, x, h, rope, tables, window,
                        attend) -> tuple[torch.Tensor, torch.Tensor]:
         """One block on x (T, E) whose attention-normed form is h: → (x after the attention's
         residual add, the FFN's output f); the caller adds f (with the next block's norm)."""
-        c, n = self.config, x.shape[0]
+        c, n, ops = self.config, x.shape[0], b.ops
         q, k, v = matmuls([b.q, b.k, b.v], h)
         q = q.view(n, c.n_head, c.head_dim)
         k = k.view(n, c.n_head_kv, c.head_dim)
         v = v.view(n, c.n_head_kv, c.head_dim_v)
         if b.q_norm is not None:
-            q, k = rms_norm(q, b.q_norm, c.rms_eps), rms_norm(k, b.k_norm, c.rms_eps)
-        q, k = rope.apply_qk(q, k, *tables)
+            q, k = ops.rms_norm(q, b.q_norm, c.rms_eps), ops.rms_norm(k, b.k_norm, c.rms_eps)
+        q, k = ops.rope_qk(q, k, *tables, rope.neox)
         a = b.o(attend(i, q, k, v, window))  # (T, E)
         if b.post_attn_norm is not None:
-            a = rms_norm(a, b.post_attn_norm, c.rms_eps)
-        x, h = add_rms_norm(x, a, b.ffn_norm, c.rms_eps)
+            a = ops.rms_norm(a, b.post_attn_norm, c.rms_eps)
+        x, h = ops.add_rms_norm(x, a, b.ffn_norm, c.rms_eps)
         gate, up = matmuls([b.gate, b.up], h)
-        f = b.down(act_mul(gate, up, gelu=c.activation == "gelu_tanh"))
+        f = b.down(ops.act_mul(gate, up, gelu=c.activation == "gelu_tanh"))
         if b.post_ffn_norm is not None:
-            f = rms_norm(f, b.post_ffn_norm, c.rms_eps)
+            f = ops.rms_norm(f, b.post_ffn_norm, c.rms_eps)
         return x, f

@@ -1,5 +1,6 @@
 """A hybrid forward on the real SmolLM2: its last two layers placed on the "GPU" — Triton's
-kernels (qmatmul on packed blocks, KV write, paged decode attention), run by Triton's CPU
+kernels (qmatmul on packed blocks, KV write, paged decode attention, RMSNorm, RoPE and the
+gated activation), run by Triton's CPU
 interpreter here — and the rest on the CPU path. Greedy ids equal the all-CPU run's.
 
 The two paths differ in numerics (the CPU kernel quantizes activations to 8 bits as llama.cpp
@@ -55,6 +56,7 @@ def test_placement_of_layers_and_tensors(hybrid):
     blocks = hybrid.model.blocks
     assert [b.triton for b in blocks].count(True) == 2 and blocks[28].triton and blocks[29].triton
     assert type(blocks[28].gate).__name__ == "TritonLinear"
+    assert blocks[28].ops.name == "triton" and blocks[27].ops.name == "cpu"
     assert type(blocks[29].down).__name__ == "PackedLinear"  # pinned
     assert type(blocks[27].q).__name__ == "PackedLinear"
     assert hybrid.model.devices.describe() == "93%/7% CPU/GPU"
