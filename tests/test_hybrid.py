@@ -1,7 +1,6 @@
 """A hybrid forward on the real SmolLM2: its last two layers placed on the "GPU" — Triton's
 kernels (qmatmul on packed blocks, KV write, paged decode attention, RMSNorm, RoPE and the
-gated activation), run by Triton's CPU
-interpreter here — and the rest on the CPU path. Greedy ids equal the all-CPU run's.
+gated activation), run by Triton's CPU interpreter here — and the rest on the CPU path. Greedy ids equal the all-CPU run's.
 
 The two paths differ in numerics (the CPU kernel quantizes activations to 8 bits as llama.cpp
 does; Triton's dequantizes weights and multiplies in float32), so the prompts are ones whose
