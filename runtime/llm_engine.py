@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from runtime.block_manager import BLOCK_SIZE, BlockManager
+from runtime.decode_graph import DecodeGraphs
 from runtime.errors import InvalidParameterError, QueueFullError, TandemError
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_pool import KV_CACHE_TYPES, KVPool, kv_bytes_per_token
@@ -102,6 +103,8 @@ class LLMEngine:
         self.num_ctx = min(options.num_ctx, lm.config.n_ctx_train)
         self.pool = KVPool(lm.config, options.num_blocks, options.kv_cache_type,
                            [block.device for block in lm.model.blocks])
+        self.graphs = DecodeGraphs.for_engine(lm.model, self.pool, self.num_ctx,
+                                              options.max_num_seqs)
         self.blocks = BlockManager(options.num_blocks)
         self.scheduler = Scheduler(self.blocks, options.max_num_seqs, options.max_step_tokens)
         self.requests: dict[str, _Request] = {}
@@ -158,7 +161,9 @@ class LLMEngine:
         now = time.perf_counter()
         try:
             with torch.inference_mode():
-                logits = self.lm.model.forward_batch(batch, self.pool)
+                logits = self.graphs.run(batch) if self.graphs is not None else None
+                if logits is None:
+                    logits = self.lm.model.forward_batch(batch, self.pool)
         except Exception as err:  # a bug must not take the engine down: fail this step's requests
             log.exception("forward failed")
             return self._fail_step(step, err)

@@ -163,7 +163,7 @@ class Model:
 
         with forward_threads():
             x = self._layers(tokens, positions, attend)
-            return self._logits(x if all_logits else x[-1:])
+            return self.logits(x if all_logits else x[-1:])
 
     def forward_batch(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
         """Several sequences' new tokens in one pass over the weights, their KV in `pool`
@@ -185,7 +185,7 @@ class Model:
 
         with forward_threads():
             x = self._layers(batch.tokens, batch.positions, attend)
-            return self._logits(x[batch.logit_rows.to(x.device)])
+            return self.logits(x[batch.logit_rows.to(x.device)])
 
     def _attend_chunks(self, i: int, b: ForwardBatch, pool: KVPool, q: torch.Tensor,
                        window: int) -> torch.Tensor:
@@ -229,14 +229,27 @@ class Model:
 
     def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         """Embeddings and every block: tokens (T,) at positions (T,) → hidden (T, E), on the
-        head's device. The hidden state moves only where consecutive layers' devices differ."""
-        c = self.config
-        x = self.embed.rows(tokens)  # (T, E) on the CPU
-        if c.embed_scale != 1.0:
-            x = x * c.embed_scale
+        head's device."""
+        return self.blocks_forward(self.embed_rows(tokens), self.rope_tables(positions), attend)
+
+    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (T,) → their scaled embeddings (T, E) float32, on the CPU."""
+        x = self.embed.rows(tokens)
+        return x * self.config.embed_scale if self.config.embed_scale != 1.0 else x
+
+    def rope_tables(self, positions: torch.Tensor) -> dict[bool, tuple[torch.Tensor, ...]]:
+        """positions (T,) → {sliding-window layer?: (cos, sin) (T, 1, D/2)}, on the CPU."""
         tables = {False: self.rope.tables(positions)}
-        if c.sliding_window:
+        if self.config.sliding_window:
             tables[True] = self.rope_swa.tables(positions)
+        return tables
+
+    def blocks_forward(self, x: torch.Tensor, tables: dict, attend) -> torch.Tensor:
+        """Every block on x (T, E) with rope tables from rope_tables → hidden (T, E) on the
+        head's device. The hidden state moves only where consecutive layers' devices differ;
+        on a model whose blocks and tables are all on the GPU already, nothing moves (and
+        nothing here reads back to the host: the step can be captured in a CUDA graph)."""
+        c = self.config
         on_device: dict = {}
         h = None  # the next block's normed input, when made together with its residual add
         for i, block in enumerate(self.blocks):
@@ -257,8 +270,31 @@ class Model:
                 x, h = x + f, None
         return x.to(self.head_device)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_ops.rms_norm(x, self.output_norm, self.config.rms_eps))  # (R, V)
+    def decode_on_gpu(self, x: torch.Tensor, tables: dict, pool: KVPool, slots: torch.Tensor,
+                      block_tables: torch.Tensor, lengths: torch.Tensor,
+                      with_head: bool) -> torch.Tensor:
+        """One decode step of B sequences on a model whose blocks all run on the GPU, every
+        input already there: x (B, E) embeddings, tables from rope_tables, slots (B,) where
+        each new K/V goes (negative: a padding row, not written), block_tables (B, W) and
+        lengths (B,) (context lengths, the new token included) → logits (B, V) with_head,
+        else the final hidden state (B, E). Nothing here reads back to the host or depends on
+        tensor values in Python, so runtime/decode_graph.py captures it as a CUDA graph."""
+        from kernels.triton.kv_write import kv_write
+        from kernels.triton.paged_attention import paged_attention_decode
+
+        def attend(i, q, k, v, window):
+            k_pages, v_pages = pool.k[i].pages(), pool.v[i].pages()
+            kv_write(k, v, k_pages, v_pages, slots)
+            out = paged_attention_decode(q.contiguous(), k_pages, v_pages, block_tables,
+                                         lengths, self.config.attn_scale, window)
+            return out.reshape(out.shape[0], -1)  # (B, H * Dv)
+
+        x = self.blocks_forward(x, tables, attend)
+        return self.logits(x) if with_head else x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (R, E) → logits (R, V), on the head's device."""
+        return self.head(self.head_ops.rms_norm(x, self.output_norm, self.config.rms_eps))
 
     def _block_forward(self, i, b: Block, x, h, rope, tables, window,
                        attend) -> tuple[torch.Tensor, torch.Tensor]:
