@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from kernels import native_loader
+from kernels.crossing import cross
 from quant.dequant import dequantize
 from quant.formats import block_format
 
@@ -78,7 +79,7 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: (M, K) float32 → (M, N) float32
         if x.device.type != "cpu":  # a CPU-pinned weight inside a GPU layer
-            return self(x.cpu()).to(x.device)
+            return cross(self(cross(x, torch.device("cpu"))), x.device)
         if self.panels is not None:
             y = self._module.imatmul_many(x.contiguous(), [self.panels], [self.out_features],
                                           int(self.ggml_type))[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.crossing import cross
 from quant.dequant import dequantize
 
 
@@ -32,5 +33,6 @@ class TritonLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: (M, K) float32 on any device → (M, N) float32 on x's device
         home = x.device
-        y = self._qmatmul(x.to(self.device).contiguous(), self.weight, self.ggml_type, self.bias)
-        return y.to(home)
+        y = self._qmatmul(cross(x, self.device).contiguous(), self.weight, self.ggml_type,
+                          self.bias)
+        return cross(y, home)

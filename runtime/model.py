@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.attention import attention, decode_attention, paged_decode_attention
+from kernels.crossing import cross
 from kernels.layer_ops import CPU_OPS, LayerOps, triton_ops
 from kernels.linear import PackedLinear, interleave, matmuls
 from kernels.rope import Rope
@@ -256,10 +257,10 @@ class Model:
             swa = bool(c.swa_layers[i]) and bool(c.sliding_window)
             key = (block.device, swa)
             if key not in on_device:
-                on_device[key] = tuple(t.to(block.device) for t in tables[swa])
+                on_device[key] = tuple(cross(t, block.device) for t in tables[swa])
             rope = self.rope_swa if swa else self.rope
             window = c.sliding_window if c.swa_layers[i] else 0
-            x = x.to(block.device)
+            x = cross(x, block.device)
             if h is None:
                 h = block.ops.rms_norm(x, block.attn_norm, c.rms_eps)
             x, f = self._block_forward(i, block, x, h, rope, on_device[key], window, attend)
@@ -268,7 +269,7 @@ class Model:
                 x, h = block.ops.add_rms_norm(x, f, after.attn_norm, c.rms_eps)
             else:
                 x, h = x + f, None
-        return x.to(self.head_device)
+        return cross(x, self.head_device)
 
     def decode_on_gpu(self, x: torch.Tensor, tables: dict, pool: KVPool, slots: torch.Tensor,
                       block_tables: torch.Tensor, lengths: torch.Tensor,

@@ -16,6 +16,7 @@ import dataclasses
 import pytest
 import torch
 
+from kernels.crossing import cross
 from runtime.device_map import CPU, GPU, DeviceMap
 from runtime.kv_pool import KVPool
 from runtime.llm_engine import EngineOptions, LLMEngine
@@ -96,3 +97,17 @@ def test_out_of_memory_at_load_retries_with_fewer_gpu_layers(smollm2_path, monke
         LoadedModel.load(smollm2_path, all_gpu)
     assert tried == [24, 12, 6, 3]
     assert "retrying with" in caplog.text
+
+
+def test_cross_leaves_a_tensor_on_its_device_alone():
+    x = torch.randn(3, 4)
+    assert cross(x, torch.device("cpu")) is x
+
+
+@pytest.mark.gpu
+def test_cross_goes_through_pinned_memory():
+    x = torch.randn(5, 7)
+    on_gpu = cross(x, torch.device("cuda:0"))
+    assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), x)
+    back = cross(on_gpu * 2, torch.device("cpu"))
+    assert back.is_pinned() and torch.equal(back, x * 2)
