@@ -1,6 +1,7 @@
 """Bench: prompt-processing and generation speed of one model, measured as llama-bench does.
 
-    tandem bench MODEL|FILE.gguf [-p 512] [-n 128] [-d 0] [-t THREADS] [-r 5] [--json]
+    tandem bench MODEL|FILE.gguf [-p 512] [-n 128] [-d 0] [-t THREADS] [-r 5] [--num-gpu N]
+                 [--json]
 
 pp (prompt processing): one forward of an `n_prompt`-token prompt (BOS, then random token
 ids) into an empty cache; tokens/s = n_prompt / its time. tg (text generation): `n_gen`
@@ -11,10 +12,16 @@ depth (-d, llama-bench's -d) both tests start from a cache already holding that 
 (BOS, then random ids, prefilled untimed in chunks of 512), at positions depth, depth + 1, …:
 "pp512 @ d1024", "tg128 @ d1024".
 
+Both run the serving engine's path: the sequence's KV in a paged pool on each layer's device,
+Model.forward_batch, and on a model entirely on a CUDA GPU the decode step replayed as a CUDA
+graph (runtime/decode_graph.py). --num-gpu N (llama-bench's -ngl) places N layers on the GPU
+through the planner (0: none; -1: the planner's choice); by default the model is placed as
+`tandem run` places it.
+
 weights_gb_s is, for tg, the bytes of packed matmul weights one token reads (every block's
 q, k, v, o, gate, up and down, the output head, and one row of token_embd unless the head is
-the embedding itself) times tokens/s: the rate at which decoding streams weights from RAM,
-the figure bounded by memory bandwidth. Norms and the KV cache are left out (they are small
+the embedding itself) times tokens/s: the rate at which decoding streams weights from RAM
+and VRAM, the figure bounded by memory bandwidth. Norms and the KV cache are left out (they are small
 at these lengths).
 
 Every figure is a mean ± sample standard deviation over `repetitions` runs after one
@@ -33,8 +40,13 @@ import torch
 
 from kernels import native_loader
 from kernels.linear import PackedLinear
+from kernels.triton_linear import TritonLinear
+from runtime.auto_placement import auto_placement
+from runtime.block_manager import BLOCK_SIZE
+from runtime.decode_graph import DecodeGraphs
 from runtime.errors import InvalidParameterError
-from runtime.kv_cache import KVCache
+from runtime.forward_batch import ForwardBatch
+from runtime.kv_pool import KVPool
 from runtime.loaded_model import LoadedModel
 
 
@@ -49,6 +61,8 @@ class BenchSpec:
     repetitions: int = 5
     seed: int = 0
     n_depth: int = 0  # tokens already in the cache when each test starts
+    num_gpu: int | None = None  # layers on the GPU (0: none, -1: the planner's choice);
+    # None: as `tandem run` places the model (its Modelfile's num_gpu, else the planner)
 
     def validate(self) -> None:
         if self.n_prompt < 0 or self.n_gen < 0 or self.n_depth < 0:
@@ -58,6 +72,9 @@ class BenchSpec:
                                         "a prompt length or a number of tokens to generate")
         if self.threads is not None and self.threads < 1:
             raise InvalidParameterError(f"--threads must be at least 1, not {self.threads}")
+        if self.num_gpu is not None and self.num_gpu < -1:
+            raise InvalidParameterError(f"--num-gpu must be -1 (auto), 0 or a layer count, "
+                                        f"not {self.num_gpu}")
         if self.repetitions < 1:
             raise InvalidParameterError(f"--repetitions must be at least 1, not "
                                         f"{self.repetitions}")
@@ -85,6 +102,9 @@ class BenchResult:
     pp_samples: list[float] = field(default_factory=list)
     tg_samples: list[float] = field(default_factory=list)
     n_depth: int = 0
+    placement: str = "100% CPU"  # ollama's PROCESSOR: layers on the CPU / GPU
+    gpu_layers: int = 0
+    cuda_graphs: bool = False  # decode steps replayed as CUDA graphs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,7 +115,7 @@ def weight_bytes_per_token(lm: LoadedModel) -> int:
     head, and one embedding row (none extra when the head is the tied embedding)."""
     model = lm.model
     linears = [v for block in model.blocks for v in vars(block).values()
-               if isinstance(v, PackedLinear)]
+               if isinstance(v, PackedLinear | TritonLinear)]
     total = sum(lin.weight.numel() for lin in linears) + model.head.weight.numel()
     if not lm.config.tied_head:
         total += model.embed.weight[0].numel()  # the one row looked up
@@ -117,13 +137,18 @@ def mean_std(samples: list[float]) -> tuple[float, float]:
 
 
 class Bench:
-    """Runs the tests of a BenchSpec on one loaded model."""
+    """Runs the tests of a BenchSpec on one loaded model, through the serving engine's path:
+    a paged KVPool on each layer's device, Model.forward_batch, and the CUDA-graphed decode
+    step where the engine would use one (runtime/decode_graph.py)."""
 
     def __init__(self, lm: LoadedModel, spec: BenchSpec) -> None:
         self.lm, self.spec = lm, spec
         self.model = lm.model
-        # whole 16-token pages, so every one-token step takes the paged decode kernel
-        self.n_ctx = -(-(max(spec.n_prompt, spec.n_gen, 1) + spec.n_depth) // 16) * 16
+        self.n_ctx = bench_context(spec)
+        self.table = list(range(self.n_ctx // BLOCK_SIZE))  # one sequence's blocks, in order
+        self.pool = KVPool(lm.config, len(self.table), "f16",
+                           [block.device for block in self.model.blocks])
+        self.graphs = DecodeGraphs.for_engine(self.model, self.pool, self.n_ctx, 1)
         self.bos = lm.tokenizer.bos_id if lm.tokenizer.bos_id is not None else 0
         self.generator = torch.Generator().manual_seed(spec.seed)
 
@@ -133,38 +158,44 @@ class Bench:
         ids[0] = self.bos
         return ids
 
-    def cache_at_depth(self) -> KVCache:
-        """A cache holding spec.n_depth tokens (BOS, then random ids), filled untimed."""
-        cache, depth = KVCache(self.lm.config, self.n_ctx), self.spec.n_depth
-        if depth:
-            tokens = self.prompt_tokens(depth)
-            with torch.inference_mode():
-                for start in range(0, depth, 512):
-                    self.model.forward(tokens[start:start + 512], start, cache)
-        return cache
+    def forward(self, tokens: list[int], start: int) -> torch.Tensor:
+        """tokens at positions start … into the pool → the last one's logits (1, V)."""
+        batch = ForwardBatch.build([(tokens, start, self.table, True)])
+        logits = self.graphs.run(batch) if self.graphs is not None else None
+        return self.model.forward_batch(batch, self.pool) if logits is None else logits
+
+    def fill_to_depth(self) -> None:
+        """Positions 0 … n_depth-1 of the pool filled (BOS, then random ids), untimed."""
+        depth = self.spec.n_depth
+        tokens = self.prompt_tokens(depth).tolist() if depth else []
+        with torch.inference_mode():
+            for start in range(0, depth, 512):
+                self.forward(tokens[start:start + 512], start)
 
     def time_prompt(self, n: int) -> float:
-        """Seconds for one forward of an n-token prompt into a cache at the depth (BOS first
-        when the depth is 0)."""
+        """Seconds for one forward of an n-token prompt at the depth (BOS first when the
+        depth is 0)."""
         depth = self.spec.n_depth
-        cache, tokens = self.cache_at_depth(), self.prompt_tokens(n)
+        self.fill_to_depth()
+        tokens = self.prompt_tokens(n)
         if depth:
             tokens[0] = int(torch.randint(0, self.lm.config.vocab_size, (1,),
                                           generator=self.generator))
         with torch.inference_mode():
             start = time.perf_counter()
-            self.model.forward(tokens, depth, cache)
+            self.forward(tokens.tolist(), depth)
+            _sync()
             return time.perf_counter() - start
 
     def time_generation(self, n: int) -> float:
         """Seconds for n one-token forwards from the depth (greedy: argmax feeds the next;
         the first token is BOS)."""
-        cache, token, depth = self.cache_at_depth(), self.bos, self.spec.n_depth
+        self.fill_to_depth()
+        token, depth = self.bos, self.spec.n_depth
         with torch.inference_mode():
             start = time.perf_counter()
             for pos in range(depth, depth + n):
-                logits = self.model.forward(torch.tensor([token]), pos, cache)  # (1, V)
-                token = int(logits[-1].argmax())
+                token = int(self.forward([token], pos)[-1].argmax())
             return time.perf_counter() - start
 
     def run(self) -> BenchResult:
@@ -172,14 +203,17 @@ class Bench:
         result = BenchResult(
             self.lm.name, str(self.lm.path), self.lm.path.stat().st_size, kernel_name(),
             torch.get_num_threads(), spec.n_prompt, spec.n_gen, spec.repetitions,
-            weight_bytes_per_token(self.lm), n_depth=spec.n_depth)
+            weight_bytes_per_token(self.lm), n_depth=spec.n_depth,
+            placement=self.model.devices.describe(),
+            gpu_layers=sum(b.triton for b in self.model.blocks),
+            cuda_graphs=self.graphs is not None)
         if spec.n_prompt:
             self.time_prompt(spec.n_prompt)  # warm-up
             result.pp_samples = [spec.n_prompt / self.time_prompt(spec.n_prompt)
                                  for _ in range(spec.repetitions)]
             result.pp_tok_s, result.pp_tok_s_std = mean_std(result.pp_samples)
         if spec.n_gen:
-            self.time_generation(min(spec.n_gen, 2))  # warm-up
+            self.time_generation(min(spec.n_gen, 2))  # warm-up (captures the decode graph)
             result.tg_samples = [spec.n_gen / self.time_generation(spec.n_gen)
                                  for _ in range(spec.repetitions)]
             result.tg_tok_s, result.tg_tok_s_std = mean_std(result.tg_samples)
@@ -188,20 +222,36 @@ class Bench:
         return result
 
 
+def bench_context(spec: BenchSpec) -> int:
+    """Tokens of context the tests need, in whole 16-token pages."""
+    return -(-(max(spec.n_prompt, spec.n_gen, 1) + spec.n_depth) // BLOCK_SIZE) * BLOCK_SIZE
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so that a timing covers it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def run_bench(spec: BenchSpec) -> BenchResult:
-    """Validate, set the threads, load the model and measure."""
+    """Validate, set the threads, load the model (placed as num_gpu says, else as the
+    Modelfile and the planner say) and measure."""
     spec.validate()
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
-    return Bench(LoadedModel.load(spec.model), spec).run()
+    placement = None
+    if spec.num_gpu is not None:
+        placement = auto_placement(num_ctx=bench_context(spec), num_gpu=spec.num_gpu)
+    return Bench(LoadedModel.load(spec.model, placement), spec).run()
 
 
 def format_table(r: BenchResult) -> str:
     """llama-bench's markdown table: one row per test, t/s as mean ± std."""
-    head = "| model | size | kernel | threads | test | t/s | weights GB/s |"
-    rows = [head, "|" + "|".join("---" for _ in range(7)) + "|"]
+    head = "| model | size | kernel | threads | ngl | test | t/s | weights GB/s |"
+    rows = [head, "|" + "|".join("---" for _ in range(8)) + "|"]
     size = f"{r.file_bytes / 2**20:.2f} MiB"
-    lead = f"| {r.model} | {size} | {r.kernel} | {r.threads} "
+    graphs = " (graphs)" if r.cuda_graphs else ""
+    lead = f"| {r.model} | {size} | {r.kernel} | {r.threads} | {r.gpu_layers}{graphs} "
     at = f" @ d{r.n_depth}" if r.n_depth else ""
     if r.pp_tok_s is not None:
         rows.append(lead + f"| pp{r.n_prompt}{at} | {r.pp_tok_s:.2f} ± {r.pp_tok_s_std:.2f} | |")

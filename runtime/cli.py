@@ -81,6 +81,9 @@ def add_bench_command(sub) -> None:
                        help="tokens already in the cache when each test starts (llama-bench -d)")
     bench.add_argument("-t", "--threads", type=int, help="CPU threads (default: torch's)")
     bench.add_argument("-r", "--repetitions", type=int, default=5, help="runs of each test")
+    bench.add_argument("-ngl", "--num-gpu", type=int, dest="num_gpu",
+                       help="layers on the GPU (0: none, -1: the planner's choice; default: as "
+                            "`tandem run` places the model)")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -90,7 +93,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from runtime.bench import BenchSpec, format_table, run_bench
 
     spec = BenchSpec(args.model, args.n_prompt, args.n_gen, args.threads, args.repetitions,
-                     n_depth=args.n_depth)
+                     n_depth=args.n_depth, num_gpu=args.num_gpu)
     result = run_bench(spec)
     print(json.dumps(result.to_dict()) if args.json else format_table(result))
     return 0

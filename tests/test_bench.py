@@ -150,17 +150,17 @@ def test_generation_feeds_back_its_own_greedy_tokens(tiny_path):
     lm = LoadedModel.load(tiny_path)
     bench = Bench(lm, BenchSpec(str(tiny_path), n_prompt=0, n_gen=3))
     fed = []
-    forward = lm.model.forward
+    forward_batch = lm.model.forward_batch
 
-    def spy(tokens, start, cache, **kw):
-        fed.append((tokens.tolist(), start))
-        return forward(tokens, start, cache, **kw)
+    def spy(batch, pool):  # the engine's path: one sequence's rows into the paged pool
+        fed.append((batch.tokens.tolist(), int(batch.positions[0])))
+        return forward_batch(batch, pool)
 
-    lm.model.forward = spy
+    lm.model.forward_batch = spy
     bench.time_generation(3)
     assert [start for _, start in fed] == [0, 1, 2] and fed[0][0] == [lm.tokenizer.bos_id]
     with torch.inference_mode():  # the second token is the argmax after BOS
-        first = forward(torch.tensor([lm.tokenizer.bos_id]), 0, KVCache(lm.config, 4))
+        first = lm.model.forward(torch.tensor([lm.tokenizer.bos_id]), 0, KVCache(lm.config, 16))
     assert fed[1][0] == [int(first[-1].argmax())]
 
 
@@ -171,19 +171,19 @@ def test_depth_starts_both_tests_from_a_filled_cache(tiny_path, restore_threads)
     bench = Bench(lm, BenchSpec(str(tiny_path), n_prompt=4, n_gen=3, n_depth=600))
     assert bench.n_ctx == 608  # max(4, 3) + 600, in whole 16-token pages
     calls = []
-    forward = lm.model.forward
+    forward_batch = lm.model.forward_batch
 
-    def spy(tokens, start, cache, **kw):
-        calls.append((tokens.shape[0], start))
-        return forward(tokens, start, cache, **kw)
+    def spy(batch, pool):
+        calls.append((batch.tokens.shape[0], int(batch.positions[0])))
+        return forward_batch(batch, pool)
 
-    lm.model.forward = spy
+    lm.model.forward_batch = spy
     bench.time_generation(3)
     assert calls == [(512, 0), (88, 512), (1, 600), (1, 601), (1, 602)]
     calls.clear()
     bench.time_prompt(4)
     assert calls == [(512, 0), (88, 512), (4, 600)]
-    lm.model.forward = forward
+    lm.model.forward_batch = forward_batch
     r = Bench(lm, BenchSpec(str(tiny_path), n_prompt=4, n_gen=3, n_depth=600,
                             repetitions=1)).run()
     assert r.n_depth == 600 and r.pp_tok_s > 0 and r.tg_tok_s > 0
@@ -197,6 +197,25 @@ def test_cli_json_and_skipped_test(tiny_path, capsys, restore_threads):
     out = json.loads(capsys.readouterr().out)
     assert out["pp_tok_s"] is None and out["tg_tok_s"] > 0 and out["weights_gb_s"] > 0
     assert (out["n_prompt"], out["n_gen"], out["threads"]) == (0, 2, 1)
+    assert (out["placement"], out["gpu_layers"], out["cuda_graphs"]) == ("100% CPU", 0, False)
+
+
+def test_num_gpu_places_layers_before_measuring(tiny_path, monkeypatch, restore_threads):
+    """--num-gpu N loads through the planner with num_gpu N (without CUDA: all on the CPU,
+    with a warning); the result says where the layers ran."""
+    import runtime.bench as bench_module
+
+    asked = []
+    real = bench_module.auto_placement
+
+    def spy(**kw):
+        asked.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(bench_module, "auto_placement", spy)
+    assert main(["bench", str(tiny_path), "-p", "0", "-n", "2", "-r", "1", "--num-gpu", "0",
+                 "--json"]) == 0
+    assert asked == [{"num_ctx": 16, "num_gpu": 0}]
 
 
 @pytest.mark.parametrize("flags, fields, words", [
@@ -204,7 +223,8 @@ def test_cli_json_and_skipped_test(tiny_path, capsys, restore_threads):
     (["-d", "-5"], {"n_depth": -5}, "0 or more"),
     (["-p", "0", "-n", "0"], {"n_prompt": 0, "n_gen": 0}, "nothing to measure"),
     (["-t", "0"], {"threads": 0}, "--threads"),
-    (["-r", "0"], {"repetitions": 0}, "--repetitions")])
+    (["-r", "0"], {"repetitions": 0}, "--repetitions"),
+    (["--num-gpu", "-2"], {"num_gpu": -2}, "--num-gpu")])
 def test_bad_flags_are_refused_before_loading(flags, fields, words, capsys):
     with pytest.raises(InvalidParameterError, match=words):
         BenchSpec("m", **fields).validate()
