@@ -163,6 +163,13 @@ def _cache_path():
     return tandem_home() / "calibration.json"
 
 
+def _from_cache(saved: dict) -> Calibration:
+    """The measured figures of a cached calibration over today's assumptions: a cache never
+    freezes an assumed constant (an efficiency, a per-layer cost) that the code has revised."""
+    sources = {k: v for k, v in saved["sources"].items() if v == "measured"}
+    return replace(Calibration(), **{k: float(saved[k]) for k in sources}, sources=sources)
+
+
 def calibrate(gpus: tuple[Gpu, ...] | None = None, force: bool = False) -> Calibration:
     """The cached Calibration for this hardware, measuring it first if there is none."""
     gpus = detect_gpus() if gpus is None else gpus
@@ -171,8 +178,8 @@ def calibrate(gpus: tuple[Gpu, ...] | None = None, force: bool = False) -> Calib
         try:
             cached = json.loads(path.read_text())
             if cached.get("signature") == sig:
-                return Calibration(**cached["calibration"])
-        except (ValueError, TypeError, KeyError):
+                return _from_cache(cached["calibration"])
+        except (ValueError, TypeError, KeyError, AttributeError):
             pass  # unreadable or from an older layout: measure again
     measured = {"ram_bw": measure_ram_bw(), "cpu_flops": measure_cpu_flops()}
     if gpus:

@@ -244,3 +244,22 @@ def test_calibration_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:
     assert calls == ["ram", "cpu"] * 2
     (tmp_path / "calibration.json").write_text("{not json")
     assert devices.calibrate(gpus=()).ram_bw == 17e9 and len(calls) == 6  # re-measured
+
+
+def test_cached_calibration_keeps_measurements_not_assumptions(tmp_path, monkeypatch) -> None:
+    """An assumed constant saved by an older version (here cpu_efficiency 0.7) gives way to
+    today's; measured figures are kept."""
+    import json
+
+    from runtime import devices
+
+    monkeypatch.setenv("TANDEM_HOME", str(tmp_path))
+    monkeypatch.setattr(devices, "measure_ram_bw", lambda: 17e9)
+    monkeypatch.setattr(devices, "measure_cpu_flops", lambda: 3e11)
+    devices.calibrate(gpus=())
+    path = tmp_path / "calibration.json"
+    saved = json.loads(path.read_text())
+    saved["calibration"]["cpu_efficiency"] = 0.7
+    path.write_text(json.dumps(saved))
+    cal = devices.calibrate(gpus=())
+    assert cal.ram_bw == 17e9 and cal.cpu_efficiency == devices.Calibration().cpu_efficiency
