@@ -1,6 +1,6 @@
 """GB/s of tandem's Triton kernels on a CUDA GPU, against the card's measured bandwidth.
 
-    python scripts/bench_gpu.py [--json] [--shapes 4096x4096,11008x4096,...]
+    python scripts/bench_gpu.py [--json] [--out FILE.json] [--shapes 4096x4096,11008x4096,...]
 
 For each GGML type with a kernel and each (N, K) weight shape: the decode GEMV (x: 1 row)
 as packed weight bytes read per second, and that as a share of the card's read bandwidth
@@ -72,6 +72,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--shapes", help="comma-separated NxK weight shapes")
+    parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA GPU", file=sys.stderr)
@@ -85,6 +86,8 @@ def main() -> int:
             for name, q in TYPES.items() for n, k in shapes]
     report = {"device": torch.cuda.get_device_name(0), "measured": card, "matmul": rows,
               "attention": bench_attention(card["vram_bw"])}
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
     if args.json:
         print(json.dumps(report, indent=1))
         return 0

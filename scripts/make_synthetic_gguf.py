@@ -4,9 +4,13 @@
     python scripts/make_synthetic_gguf.py --size 7b --type q4_k --out llama-7b-q4_k.gguf
     python scripts/make_synthetic_gguf.py --size 1b --layers 2 --dim 64 --ffn 128 --heads 4 \
         --kv-heads 2 --out tiny.gguf                                   # a test-sized one
+    python scripts/make_synthetic_gguf.py --tokenizer-only --out tokenizer.gguf
+                        # SmolLM2's tokenizer keys alone (2 MB): --tokenizer-from for a
+                        # machine that cannot pull (scripts/gpu_check.sh)
 
 Shapes: 1b is TinyLlama-1.1B's (22 layers, dim 2048, FFN 5632, 32 heads, 4 KV heads), 7b
-is Llama-2-7B's (32, 4096, 11008, 32 heads, 32 KV heads). The vocabulary is the tokenizer's:
+is Llama-2-7B's (32, 4096, 11008, 32 heads, 32 KV heads), smollm2 is SmolLM2-135M's (30,
+576, 1536, 9 heads, 3 KV heads; its decode speed, not its tied head). The vocabulary is the tokenizer's:
 every tokenizer.* key is copied from a pulled model (default SmolLM2, 49152 tokens), so
 tandem and llama.cpp both load the file and its token_embd/output have one row per token.
 
@@ -53,7 +57,8 @@ class Shape:
     ctx: int
 
 
-SHAPES = {"1b": Shape(22, 2048, 5632, 32, 4, 2048), "7b": Shape(32, 4096, 11008, 32, 32, 4096)}
+SHAPES = {"1b": Shape(22, 2048, 5632, 32, 4, 2048), "7b": Shape(32, 4096, 11008, 32, 32, 4096),
+          "smollm2": Shape(30, 576, 1536, 9, 3, 8192)}
 TYPES = {"q4_0": T.Q4_0, "q4_k": T.Q4_K, "q8_0": T.Q8_0}
 FILE_TYPES = {T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
               T.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M}
@@ -169,6 +174,17 @@ def make(out: Path, s: Shape, qtype: T, tokenizer_src: Path, seed: int = 0,
     return out
 
 
+def write_tokenizer_only(src: Path, out: Path) -> Path:
+    """A GGUF holding only `src`'s tokenizer.* keys (no tensors)."""
+    writer = gguf.GGUFWriter(str(out), "llama")
+    copy_tokenizer(src, writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
 def default_tokenizer() -> Path:
     from loaders.pull import pull
 
@@ -185,6 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tokenizer-from", type=Path,
                     help="a GGUF whose tokenizer.* keys to copy (default: pulled SmolLM2)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer-only", action="store_true",
+                    help="write only the tokenizer keys (of --tokenizer-from) to --out")
     return ap.parse_args(argv)
 
 
@@ -203,9 +221,12 @@ def shape_of(args: argparse.Namespace) -> Shape:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    s = shape_of(args)
     src = args.tokenizer_from or default_tokenizer()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.tokenizer_only:
+        write_tokenizer_only(src, args.out)
+        return
+    s = shape_of(args)
     make(args.out, s, TYPES[args.type], src, args.seed,
          log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"{args.out}: {args.out.stat().st_size / 1e9:.3f} GB")

@@ -2,6 +2,7 @@
 tokens/s beside the measured ones, the auto plan's pick, and how close it came to the best.
 
     python scripts/sweep_gpu.py MODEL [--points 0,8,16,all] [-p 256] [-n 64] [-r 3] [--json]
+                                      [--json-out FILE.json]
 
 MODEL: a pullable name (smollm2, gemma3), a stored model or a .gguf path. Each point N loads
 the model placed by the planner with num_gpu = N (so the prediction and the measurement are
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--n-gen", type=int, default=64)
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("-t", "--threads", type=int)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--json-out", type=Path, help="also write the JSON report to this file")
     args = ap.parse_args(argv)
     spec = BenchSpec(args.model, args.n_prompt, args.n_gen, args.threads, args.repetitions)
     spec.validate()
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     n_layer = ModelConfig.from_metadata(gguf.metadata, gguf.tensors.keys()).n_layer
     points = parse_points(args.points, n_layer, torch.cuda.is_available())
     report = sweep(args.model, points, spec)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 

@@ -236,3 +236,39 @@ def test_bad_flags_are_refused_before_loading(flags, fields, words, capsys):
 def test_mean_std_is_the_sample_standard_deviation():
     assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
     assert mean_std([5.0]) == (5.0, 0.0)
+
+
+SWEEP = Path(__file__).resolve().parent.parent / "scripts" / "sweep_gpu.py"
+
+
+@pytest.fixture(scope="module")
+def sweep_script():
+    spec = importlib.util.spec_from_file_location("sweep_gpu", SWEEP)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_points(sweep_script):
+    """Without a GPU only the all-CPU point; with one, steps of ~1/8 of the layers, every
+    layer, and the auto plan (always added)."""
+    sweep = sweep_script
+    assert sweep.default_points(30, has_gpu=False) == [0]
+    assert sweep.default_points(30, has_gpu=True) == [0, 4, 8, 12, 16, 20, 24, 28, 30, -1]
+    assert sweep.parse_points("0,8,all", 22, has_gpu=True) == [0, 8, 22, -1]
+    assert sweep.parse_points("0", 22, has_gpu=False) == [0]
+
+
+def test_sweep_measures_and_predicts_the_cpu_point(sweep_script, tiny_path, tmp_path,
+                                                   capsys, restore_threads):
+    out = tmp_path / "sweep.json"
+    assert sweep_script.main([str(tiny_path), "--points", "0", "-p", "8", "-n", "4", "-r", "1",
+                              "-t", "1", "--json-out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (point,) = report["points"]
+    assert point["num_gpu"] == 0 and point["placement"] == "100% CPU"
+    assert point["tg_measured"] > 0 and point["tg_predicted"] > 0
+    assert point["tg_error"] == pytest.approx(point["tg_predicted"] / point["tg_measured"] - 1)
+    assert report["auto_share_of_best"] is None  # no auto point without a GPU
+    assert "| 0 | 100% CPU | cpu | no |" in capsys.readouterr().out
