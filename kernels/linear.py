@@ -20,6 +20,7 @@ import torch
 
 from kernels import native_loader
 from kernels.crossing import cross
+from kernels.triton_linear import run_stacked
 from quant.dequant import dequantize
 from quant.formats import block_format
 
@@ -111,7 +112,11 @@ def matmuls(linears: list, x: torch.Tensor) -> list[torch.Tensor]:
     """[linear(x) for linear in linears], in one native call when they are all native
     PackedLinears of one type and layout on the same input width (q/k/v, gate/up): the
     activations are quantized once and one parallel job covers every weight's rows. Results
-    equal the separate calls bit for bit."""
+    equal the separate calls bit for bit. GPU linears stacked together (TritonLinear.stacked)
+    run as one launch over the stack."""
+    stacked = run_stacked(linears, x)
+    if stacked is not None:  # GPU linears sharing one stacked weight: one launch
+        return stacked
     first = linears[0]
     panels = first.panels is not None if type(first) is PackedLinear else False
     fusable = (x.device.type == "cpu" and all(

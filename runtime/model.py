@@ -99,6 +99,22 @@ class Model:
         made = self._gguf.derived(("panels", name), lambda: self._panels(name)) if panels else None
         return PackedLinear(weight, info.ggml_type, info.shape[0], b, panels=made)
 
+    def _linears(self, names: list[str], biases: list[str | None]) -> list:
+        """The linears of `names`, which read one input (q/k/v; gate/up): stacked into one
+        device weight when all are on the GPU with one type and width (and all or none
+        biased), so that they run as one launch; else one by one."""
+        infos = [self._info(n) for n in names]
+        biased = [b is not None and b in self._gguf.tensors for b in biases]
+        if (all(self.devices.of_tensor(n) == GPU for n in names) and len(set(biased)) == 1
+                and len({(i.ggml_type, i.shape[0]) for i in infos}) == 1):
+            device = self.devices.device(GPU)
+            return TritonLinear.stacked(
+                [self._gguf.tensor(n) for n in names], infos[0].ggml_type, infos[0].shape[0],
+                [self._vector(b, device) if on else None for b, on in zip(biases, biased,
+                                                                          strict=True)],
+                device)
+        return [self._linear(n, b) for n, b in zip(names, biases, strict=True)]
+
     def _panels(self, name: str) -> torch.Tensor | None:
         made = interleave(self._gguf.tensor(name), self._info(name).ggml_type)
         if made is not None:
@@ -113,16 +129,14 @@ class Model:
         p, c = f"blk.{i}.", self.config
         where = self.devices.layers[i]
         dev = self.devices.device(where)
+        q, k, v = self._linears([p + f"attn_{x}.weight" for x in "qkv"],
+                                [p + f"attn_{x}.bias" for x in "qkv"])
+        gate, up = self._linears([p + "ffn_gate.weight", p + "ffn_up.weight"], [None, None])
         block = Block(
             attn_norm=self._vector(p + "attn_norm.weight", dev),
-            q=self._linear(p + "attn_q.weight", p + "attn_q.bias"),
-            k=self._linear(p + "attn_k.weight", p + "attn_k.bias"),
-            v=self._linear(p + "attn_v.weight", p + "attn_v.bias"),
-            o=self._linear(p + "attn_output.weight"),
+            q=q, k=k, v=v, o=self._linear(p + "attn_output.weight"),
             ffn_norm=self._vector(p + "ffn_norm.weight", dev),
-            gate=self._linear(p + "ffn_gate.weight"),
-            up=self._linear(p + "ffn_up.weight"),
-            down=self._linear(p + "ffn_down.weight"),
+            gate=gate, up=up, down=self._linear(p + "ffn_down.weight"),
             device=dev, triton=where == GPU, ops=triton_ops() if where == GPU else CPU_OPS,
         )
         if c.qk_norm:

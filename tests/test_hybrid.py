@@ -57,6 +57,9 @@ def test_placement_of_layers_and_tensors(hybrid):
     assert [b.triton for b in blocks].count(True) == 2 and blocks[28].triton and blocks[29].triton
     assert type(blocks[28].gate).__name__ == "TritonLinear"
     assert blocks[28].ops.name == "triton" and blocks[27].ops.name == "cpu"
+    for b in blocks[28:]:  # GPU linears reading one input share one stacked weight
+        assert b.q.stack is b.k.stack is b.v.stack is not None
+        assert b.gate.stack is b.up.stack is not None
     assert type(blocks[29].down).__name__ == "PackedLinear"  # pinned
     assert type(blocks[27].q).__name__ == "PackedLinear"
     assert hybrid.model.devices.describe() == "93%/7% CPU/GPU"

@@ -315,3 +315,26 @@ def test_small_kernels_reject_bad_shapes() -> None:
         add_rms_norm(x, x[:1], torch.ones(8, device=DEVICE), 1e-6)
     with pytest.raises(ValueError, match="weight \\(D,\\)"):
         rms_norm(x, torch.ones(4, device=DEVICE), 1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_stacked_linears_equal_separate_ones(m: int) -> None:
+    """q/k/v stacked into one device weight (one launch) give each member's own output, bit
+    for bit (every output row is computed alone in both), biases included; a group run out of
+    order or in part goes member by member."""
+    from kernels.linear import matmuls
+    from kernels.triton_linear import TritonLinear, run_stacked
+
+    gen = torch.Generator().manual_seed(7)
+    weights = [random_weight(2, n, 128, gen) for n in (64, 32, 48)]
+    biases = [torch.randn(n, generator=gen) for n in (64, 32, 48)]
+    device = torch.device(DEVICE)
+    members = TritonLinear.stacked(weights, 2, 128, biases, device)
+    alone = [TritonLinear(w, 2, 128, b, device) for w, b in zip(weights, biases, strict=True)]
+    x = torch.randn(m, 128, generator=gen).to(DEVICE)
+    for got, want in zip(matmuls(members, x), [lin(x) for lin in alone], strict=True):
+        assert torch.equal(got, want)
+    assert members[0].weight.data_ptr() + 64 * members[0].weight.shape[1] \
+        == members[1].weight.data_ptr()  # views of one stack
+    assert run_stacked(members[::-1], x) is None and run_stacked(members[:2], x) is None
+    assert run_stacked(alone, x) is None
