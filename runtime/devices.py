@@ -17,6 +17,7 @@ import platform
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 import psutil
 import torch
@@ -66,6 +67,13 @@ class Calibration:
     # panel kernels' matmuls read 22.4-22.7 GB/s of a measured 24.8 on this project's VM
     # (scripts/decode_profile.py); the AVX2 build ~0.65, the row kernels ~0.4, llama.cpp 0.72
     gpu_efficiency: float = 0.7     # fraction of vram_bw (the goal the GEMV kernels are set)
+    # Prompt processing on the CPU: the native kernels' matmul rate per GGML type (str of its
+    # number → FLOP/s, measured on a 2048×2048 weight at 64 rows; types absent: cpu_flops),
+    # and the rate of the elementwise ops (norms, RoPE, activation, residual adds) in bytes of
+    # activations a token touches per layer, as a share of ram_bw: 0.2 fits the 11-33 µs per
+    # layer-token measured outside the matmuls on this project's VM (scripts/sweep_gpu.py)
+    cpu_type_flops: dict = field(default_factory=dict)
+    cpu_act_share: float = 0.2
     sources: dict = field(default_factory=dict)
 
     def source(self, name: str) -> str:
@@ -135,6 +143,28 @@ def measure_cpu_flops(n: int = 1024, repeats: int = 3) -> float:
     return 2 * n**3 / _best_seconds(lambda: a @ a, repeats)
 
 
+def measure_cpu_type_flops(rows: int = 64, n: int = 2048) -> dict[str, float]:
+    """The native kernels' matmul rate (FLOP/s) per GGML type they run in panels, at `rows`
+    rows of activations on an n×n weight of random blocks (the speed does not depend on the
+    values); {} without a native build."""
+    from kernels.linear import PackedLinear, interleave
+    from kernels.native_loader import enabled, load
+    from quant.formats import block_format
+
+    module = load() if enabled() else None
+    if module is None:
+        return {}
+    rates, x = {}, torch.randn(rows, n)
+    for qtype in (2, 3, 6, 8, 12, 14):  # Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K
+        if not module.interleaved_supports(qtype):
+            continue
+        weight = torch.randint(0, 256, (n, block_format(qtype).row_bytes(n)), dtype=torch.uint8)
+        linear = PackedLinear(weight, qtype, n, None, panels=interleave(weight, qtype))
+        with torch.inference_mode():
+            rates[str(qtype)] = 2 * rows * n * n / _best_seconds(partial(linear, x), 3)
+    return rates
+
+
 def measure_gpu(index: int = 0) -> dict[str, float]:
     """VRAM read bandwidth, float16 matmul rate, pinned host→device bandwidth and latency."""
     dev, sync = torch.device("cuda", index), torch.cuda.synchronize
@@ -167,7 +197,8 @@ def _from_cache(saved: dict) -> Calibration:
     """The measured figures of a cached calibration over today's assumptions: a cache never
     freezes an assumed constant (an efficiency, a per-layer cost) that the code has revised."""
     sources = {k: v for k, v in saved["sources"].items() if v == "measured"}
-    return replace(Calibration(), **{k: float(saved[k]) for k in sources}, sources=sources)
+    values = {k: (dict(saved[k]) if k == "cpu_type_flops" else float(saved[k])) for k in sources}
+    return replace(Calibration(), **values, sources=sources)
 
 
 def calibrate(gpus: tuple[Gpu, ...] | None = None, force: bool = False) -> Calibration:
@@ -182,6 +213,8 @@ def calibrate(gpus: tuple[Gpu, ...] | None = None, force: bool = False) -> Calib
         except (ValueError, TypeError, KeyError, AttributeError):
             pass  # unreadable or from an older layout: measure again
     measured = {"ram_bw": measure_ram_bw(), "cpu_flops": measure_cpu_flops()}
+    if rates := measure_cpu_type_flops():
+        measured["cpu_type_flops"] = rates
     if gpus:
         measured.update(measure_gpu(gpus[0].index))
     cal = replace(Calibration(), **measured, sources=dict.fromkeys(measured, "measured"))

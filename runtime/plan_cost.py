@@ -30,6 +30,8 @@ class Op:
     read_bytes: float  # bytes read per decoded token
     weight_bytes: int  # weight bytes read once per forward pass (shared by a prefill chunk)
     flops: float  # per prompt token
+    ggml_type: int | None = None  # a weight's type (its CPU matmul rate)
+    act_bytes: float = 0.0  # activation bytes the layer's elementwise ops touch per token
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,16 @@ class Placement:
 
 def _weights(t: TensorSize, device: str, layer: int | None, share: float = 1.0) -> Op:
     """A matmul (or norm) over tensor t: its bytes read, 2 FLOPs per element × share."""
-    return Op(device, layer, "weights", t.nbytes, t.nbytes, 2.0 * t.n_elements * share)
+    return Op(device, layer, "weights", t.nbytes, t.nbytes, 2.0 * t.n_elements * share,
+              t.ggml_type)
+
+
+def activation_bytes_per_token(sizes: ModelSizes) -> float:
+    """Float32 bytes one layer's elementwise ops read and write per token: about ten passes
+    over the hidden state (norms, residual adds, RoPE, quantizing inputs) and four over the
+    FFN width (gate, up, their product, its quantization)."""
+    c = sizes.config
+    return 4.0 * (10 * c.n_embd + 4 * c.n_ff)
 
 
 def forward_ops(sizes: ModelSizes, where: Placement, kv_read: int, chunk: int) -> list[Op]:
@@ -61,11 +72,12 @@ def forward_ops(sizes: ModelSizes, where: Placement, kv_read: int, chunk: int) -
     row = sizes.embd.nbytes / c.vocab_size  # the lookup reads one row per token
     ops = [Op(CPU, None, "row", row, 0, 0.0)]
     attn_flops = 2.0 * c.n_head * (c.head_dim + c.head_dim_v) * chunk / 2  # mean context
+    act = activation_bytes_per_token(sizes)
     for i in range(c.n_layer):
         tensors = sizes.layer_tensors(i)
         layer = [_weights(t, where.tensors[t.name], i) for t in tensors]
         at = sum(t.rank < KV_RANK for t in tensors)
-        layer.insert(at, Op(where.kv[i], i, "kv", kv_read, 0, attn_flops))
+        layer.insert(at, Op(where.kv[i], i, "kv", kv_read, 0, attn_flops, act_bytes=act))
         ops += layer
     # logits are needed for the last token of a chunk only
     ops += [_weights(t, where.head, None, 1 / chunk) for t in sizes.head_tensors()]
@@ -121,19 +133,34 @@ def decode_estimate(sizes: ModelSizes, ops: list[Op], cal: Calibration, fill: in
     return Estimate(1 / total, seconds, tuple(lines))
 
 
+def _cpu_rate(op: Op, cal: Calibration) -> float:
+    """The CPU's matmul rate for an op: its weight type's measured native rate, else the
+    float32 rate (attention, types without a native panel kernel)."""
+    return cal.cpu_type_flops.get(str(op.ggml_type), cal.cpu_flops)
+
+
 def prompt_estimate(sizes: ModelSizes, ops: list[Op], cal: Calibration, chunk: int) -> Estimate:
     """Tokens/s of prompt processing in chunks of `chunk` tokens."""
     lines, seconds = [], {}
     for dev, rate, bw, eff, name in (
             (GPU, cal.gpu_flops, cal.vram_bw, cal.gpu_efficiency, "gpu_flops"),
             (CPU, cal.cpu_flops, cal.ram_bw, cal.cpu_efficiency, "cpu_flops")):
-        flops = sum(op.flops for op in ops if op.device == dev)
-        weights = sum(op.weight_bytes for op in ops if op.device == dev)
+        mine = [op for op in ops if op.device == dev]
+        flops = sum(op.flops for op in mine)
+        weights = sum(op.weight_bytes for op in mine)
         if flops == 0 and weights == 0:
             continue
-        seconds[f"{dev} compute"] = flops / rate + weights / (bw * eff) / chunk
-        lines.append(f"{dev.upper()}: {flops / 1e9:.3f} GFLOP per token at "
-                     f"{rate / 1e12:.2f} TFLOP/s ({cal.source(name)}) + "
+        if dev == CPU:  # per type; and the elementwise ops, which the GPU's rate covers
+            compute = sum(op.flops / _cpu_rate(op, cal) for op in mine)
+            act = sum(op.act_bytes for op in mine) / (bw * cal.cpu_act_share)
+            how = (f"the native kernels' rate per type ({cal.source('cpu_type_flops')}; "
+                   f"{flops / compute / 1e12:.2f} TFLOP/s here) + elementwise ops "
+                   f"{_ms(act)} ({cal.cpu_act_share:.0%} of {_gbs(bw)})")
+        else:
+            compute, act = flops / rate, 0.0
+            how = f"{rate / 1e12:.2f} TFLOP/s ({cal.source(name)})"
+        seconds[f"{dev} compute"] = compute + act + weights / (bw * eff) / chunk
+        lines.append(f"{dev.upper()}: {flops / 1e9:.3f} GFLOP per token at {how} + "
                      f"{format_size(weights)} of weights read once per {chunk}-token chunk = "
                      f"{_ms(seconds[f'{dev} compute'])}")
     fixed = _layers_on(ops, GPU) * cal.gpu_layer_s + _layers_on(ops, CPU) * cal.cpu_layer_s

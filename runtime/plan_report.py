@@ -50,7 +50,8 @@ def plan_dict(plan: Plan, model: str) -> dict:
             "prompt_reasoning": list(plan.prompt.lines),
         },
         "calibration": {**{k: getattr(cal, k) for k in _SPEEDS},
-                        "sources": {k: cal.source(k) for k in _SPEEDS}},
+                        "cpu_type_flops": _type_rates(cal),
+                        "sources": {k: cal.source(k) for k in (*_SPEEDS, "cpu_type_flops")}},
         "sweep": plan.sweep,
     }
 
@@ -104,7 +105,17 @@ def plan_text(plan: Plan, model: str) -> str:
         "speeds: " + ", ".join(f"{k} {_speed(k, getattr(cal, k))} ({cal.source(k)})"
                                for k in _SPEEDS),
     ]
+    if cal.cpu_type_flops:
+        lines.append("CPU prompt matmuls (native, " + cal.source("cpu_type_flops") + "): " + ", ".join(
+            f"{name} {rate / 1e12:.2f} TFLOP/s" for name, rate in _type_rates(cal).items()))
     return "\n".join(lines)
+
+
+def _type_rates(cal) -> dict[str, float]:
+    """The CPU's measured matmul rate per GGML type, by the type's name."""
+    from gguf import GGMLQuantizationType
+
+    return {GGMLQuantizationType(int(t)).name: rate for t, rate in cal.cpu_type_flops.items()}
 
 
 def _speed(name: str, value: float) -> str:

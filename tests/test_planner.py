@@ -179,6 +179,32 @@ def test_cpu_decode_time_is_bytes_over_bandwidth_plus_fixed_costs() -> None:
     assert p.decode.tokens_per_s == pytest.approx(1 / expected, rel=1e-9)
 
 
+def test_cpu_prompt_time_uses_each_types_rate_and_the_elementwise_ops() -> None:
+    """Per prompt token on the CPU: weight FLOPs at their type's measured native rate (Q4_0
+    here), attention FLOPs at the float32 rate, the layers' activation bytes at
+    cpu_act_share of ram_bw, and the weights read once per chunk."""
+    from runtime.plan_cost import activation_bytes_per_token
+
+    s = sizes(layer_mb=12, head_mb=6)
+    cal = replace(BYTES_ONLY, ram_bw=10e9, cpu_efficiency=0.5, cpu_flops=1e11,
+                  cpu_type_flops={str(Q4_0): 4e11}, cpu_act_share=0.25)
+    req = small_request()
+    p = plan(s, machine(None, cal=cal), req)
+    c, chunk = s.config, req.num_batch
+    blocks = [t for t in s.tensors if t.layer is not None and t.ggml_type == Q4_0]
+    head = s.named("output.weight")
+    weight_flops = sum(2.0 * t.n_elements for t in blocks) + 2.0 * head.n_elements / chunk
+    norm_flops = sum(2.0 * t.n_elements for t in s.tensors if t.ggml_type == F32) \
+        - 2.0 * s.named("output_norm.weight").n_elements * (1 - 1 / chunk)
+    attn = c.n_layer * 2.0 * c.n_head * (c.head_dim + c.head_dim_v) * chunk / 2
+    read = sum(t.nbytes for t in s.tensors if t.name != "token_embd.weight")
+    expected = (weight_flops / 4e11 + (attn + norm_flops) / 1e11
+                + c.n_layer * activation_bytes_per_token(s) / 2.5e9 + read / 5e9 / chunk)
+    assert 1 / p.prompt.tokens_per_s == pytest.approx(expected, rel=1e-6)
+    slower = plan(s, machine(None, cal=replace(cal, cpu_type_flops={})), req)
+    assert slower.prompt.tokens_per_s < p.prompt.tokens_per_s  # Q4_0 at the float32 rate
+
+
 @pytest.mark.parametrize("text,expected", [("6GB", 6 * 10**9), ("6GiB", 6 * 2**30),
                                            ("512MiB", 512 * 2**20), ("1.5 GB", 1_500_000_000),
                                            ("200MB", 200 * 10**6), ("4096", 4096)])
@@ -235,6 +261,7 @@ def test_calibration_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:
     calls = []
     monkeypatch.setattr(devices, "measure_ram_bw", lambda: calls.append("ram") or 17e9)
     monkeypatch.setattr(devices, "measure_cpu_flops", lambda: calls.append("cpu") or 3e11)
+    monkeypatch.setattr(devices, "measure_cpu_type_flops", lambda: {"2": 6e11})
     first = devices.calibrate(gpus=())
     assert (first.ram_bw, first.cpu_flops) == (17e9, 3e11) and calls == ["ram", "cpu"]
     assert first.source("ram_bw") == "measured" and first.source("vram_bw") == "assumed"
@@ -256,6 +283,7 @@ def test_cached_calibration_keeps_measurements_not_assumptions(tmp_path, monkeyp
     monkeypatch.setenv("TANDEM_HOME", str(tmp_path))
     monkeypatch.setattr(devices, "measure_ram_bw", lambda: 17e9)
     monkeypatch.setattr(devices, "measure_cpu_flops", lambda: 3e11)
+    monkeypatch.setattr(devices, "measure_cpu_type_flops", lambda: {"2": 6e11})
     devices.calibrate(gpus=())
     path = tmp_path / "calibration.json"
     saved = json.loads(path.read_text())
@@ -263,3 +291,4 @@ def test_cached_calibration_keeps_measurements_not_assumptions(tmp_path, monkeyp
     path.write_text(json.dumps(saved))
     cal = devices.calibrate(gpus=())
     assert cal.ram_bw == 17e9 and cal.cpu_efficiency == devices.Calibration().cpu_efficiency
+    assert cal.cpu_type_flops == {"2": 6e11} and cal.source("cpu_type_flops") == "measured"
