@@ -44,10 +44,8 @@ def buckets(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
-def unsupported(model, pool: KVPool) -> str | None:
-    """Why this model and pool cannot run graphed decode steps; None when they can."""
-    if pool.kv_cache_type != "f16":
-        return f"the {pool.kv_cache_type} KV cache (the GPU attention kernel reads f16 pages)"
+def unsupported(model) -> str | None:
+    """Why this model cannot run graphed decode steps; None when it can."""
     for i, block in enumerate(model.blocks):
         if not block.triton:
             return f"layer {i} runs on the CPU"
@@ -115,7 +113,7 @@ class DecodeGraphs:
         """model: every block on the GPU (see `unsupported`); max_blocks: block-table width
         (num_ctx / 16, rounded up); capture: CUDA graphs (default: when the model is on a
         CUDA device), else the static-buffer step runs eagerly."""
-        why = unsupported(model, pool)
+        why = unsupported(model)
         if why is not None:
             raise ValueError(f"decode graphs need every layer on the GPU: {why}")
         self.model, self.pool = model, pool
@@ -132,7 +130,7 @@ class DecodeGraphs:
         """Graphs when there is CUDA, every layer is on it and TANDEM_CUDA_GRAPHS is not 0."""
         if not torch.cuda.is_available() or os.environ.get("TANDEM_CUDA_GRAPHS", "1") == "0":
             return None
-        why = unsupported(model, pool)
+        why = unsupported(model)
         if why is not None:
             log.info("decode steps run without CUDA graphs: %s", why)
             return None

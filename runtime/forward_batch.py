@@ -48,9 +48,12 @@ class DecodeGroup:
     @functools.cached_property
     def slots(self) -> torch.Tensor:
         """(B * L,) int64: every sequence's context slots, row-major; positions past a
-        sequence's length point at some valid slot and are masked."""
+        sequence's length repeat its last position (masked: read, but never a slot that was
+        not written — the pool's unwritten memory may hold inf or NaN)."""
         positions = torch.arange(self.width, device=self.tables.device)  # (L,)
-        blocks = self.tables.long()[:, positions // BLOCK_SIZE]  # (B, L)
+        last = (self.lengths - 1).to(positions.device)[:, None]  # (B, 1)
+        positions = torch.minimum(positions[None, :], last)  # (B, L)
+        blocks = self.tables.long().gather(1, positions // BLOCK_SIZE)  # (B, L)
         return (blocks * BLOCK_SIZE + positions % BLOCK_SIZE).flatten()
 
     def mask(self, window: int) -> torch.Tensor:

@@ -47,9 +47,15 @@ class _Slab:
         else:
             self.data = torch.empty(slots, heads, dim, dtype=torch.float16, device=device)
 
-    def pages(self) -> torch.Tensor:
-        """The f16 slab as (num_blocks, BLOCK_SIZE, H, D) pages (the GPU kernels' layout)."""
-        return self.data.view(-1, BLOCK_SIZE, *self.data.shape[1:])
+    def pages(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The slab as (num_blocks, BLOCK_SIZE, H, D) pages (the GPU kernels' layout): f16
+        values and None, or q8_0's int8 values and float16 scales (…, D/32)."""
+        def paged(t: torch.Tensor) -> torch.Tensor:
+            return t.view(-1, BLOCK_SIZE, *t.shape[1:])
+
+        if self.quantized:
+            return paged(self.q), paged(self.scale)
+        return paged(self.data), None
 
     @property
     def nbytes(self) -> int:
@@ -122,6 +128,13 @@ class KVPool:
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at `slots` (L,), in position order: (L, Hkv, D), (L, Hkv, Dv)."""
         return self.k[layer].read(slots), self.v[layer].read(slots)
+
+    def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                         torch.Tensor | None]:
+        """A layer's keys and values as pages for the GPU kernels: (k pages, v pages, k
+        scales, v scales), the scales None for an f16 pool."""
+        (k, ks), (v, vs) = self.k[layer].pages(), self.v[layer].pages()
+        return k, v, ks, vs
 
     def f16_slabs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A layer's f16 key and value slabs (slots, Hkv, D|Dv), for kernels that read the

@@ -187,7 +187,7 @@ class Model:
         def attend(i, q, k, v, window):
             block = self.blocks[i]
             b = batch.on(block.device)
-            if block.triton and not pool.k[i].quantized:
+            if block.triton:
                 return self._attend_triton(i, b, pool, q, k, v, window)
             pool.write(i, b.slots, k, v)
             d = b.decode
@@ -227,18 +227,18 @@ class Model:
                                 values.unflatten(0, (-1, d.width)), d.mask(window), scale)
 
     def _attend_triton(self, i, b: ForwardBatch, pool: KVPool, q, k, v, window):
-        """A GPU layer's attention: the KV-write kernel, paged decode attention for the
-        one-token sequences, SDPA over gathered pages for prefill chunks."""
+        """A GPU layer's attention (f16 or q8_0 pages): the KV-write kernel, paged decode
+        attention for the one-token sequences, SDPA over gathered pages for prefill chunks."""
         from kernels.triton.kv_write import kv_write
         from kernels.triton.paged_attention import paged_attention_decode
 
-        k_pages, v_pages = pool.k[i].pages(), pool.v[i].pages()
-        kv_write(k, v, k_pages, v_pages, b.slots)
+        k_pages, v_pages, k_scale, v_scale = pool.pages(i)
+        kv_write(k, v, k_pages, v_pages, b.slots, k_scale, v_scale)
         out = self._attend_chunks(i, b, pool, q, window)
         if (d := b.decode) is not None:
             att = paged_attention_decode(q[d.rows].contiguous(), k_pages, v_pages, d.tables,
                                          d.lengths.to(torch.int32), self.config.attn_scale,
-                                         window)  # (B, H, Dv)
+                                         window, k_scale, v_scale)  # (B, H, Dv)
             out[d.rows] = att.reshape(att.shape[0], -1)
         return out
 
@@ -298,10 +298,11 @@ class Model:
         from kernels.triton.paged_attention import paged_attention_decode
 
         def attend(i, q, k, v, window):
-            k_pages, v_pages = pool.k[i].pages(), pool.v[i].pages()
-            kv_write(k, v, k_pages, v_pages, slots)
+            k_pages, v_pages, k_scale, v_scale = pool.pages(i)
+            kv_write(k, v, k_pages, v_pages, slots, k_scale, v_scale)
             out = paged_attention_decode(q.contiguous(), k_pages, v_pages, block_tables,
-                                         lengths, self.config.attn_scale, window)
+                                         lengths, self.config.attn_scale, window, k_scale,
+                                         v_scale)
             return out.reshape(out.shape[0], -1)  # (B, H * Dv)
 
         x = self.blocks_forward(x, tables, attend)

@@ -80,10 +80,10 @@ def new_pool(model: Model, n_seqs: int, kv: str = "f16") -> KVPool:
 
 
 def decode_run(model: Model, prompts: list[list[int]], schedule: list[list[int]],
-               graphs_for=None) -> list[torch.Tensor]:
+               graphs_for=None, kv: str = "f16") -> list[torch.Tensor]:
     """Prefill every prompt, then one decode step per entry of `schedule` (the indices of the
     sequences that step), greedy; → each step's logits (graphs_for(pool) runs the decodes)."""
-    pool = new_pool(model, len(prompts))
+    pool = new_pool(model, len(prompts), kv)
     graphs = graphs_for(pool) if graphs_for else None
     tables = [list(range(s * TABLE, (s + 1) * TABLE)) for s in range(len(prompts))]
     seqs = [list(p) for p in prompts]
@@ -109,15 +109,16 @@ PROMPTS = [[1, 5, 9, 2, 7], [3] * 17, [4, 8], [6, 1, 1], [2, 9, 9, 9, 9, 9, 9, 9
 SCHEDULE = [[0, 1, 2], [0, 1, 2], [1], [0, 1, 2, 3, 4], [4, 2], [0, 1, 2, 3, 4]]
 
 
-def test_graph_steps_equal_forward_batch(on_gpu):
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_graph_steps_equal_forward_batch(on_gpu, kv):
     made = []
 
     def graphs_for(pool):
         made.append(DecodeGraphs(on_gpu, pool, max_blocks=TABLE, max_batch=6, capture=False))
         return made[0]
 
-    want = decode_run(on_gpu, PROMPTS, SCHEDULE)
-    got = decode_run(on_gpu, PROMPTS, SCHEDULE, graphs_for)
+    want = decode_run(on_gpu, PROMPTS, SCHEDULE, kv=kv)
+    got = decode_run(on_gpu, PROMPTS, SCHEDULE, graphs_for, kv=kv)
     for step, (a, b) in enumerate(zip(got, want, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
     used = {b.rows: b.steps for b in made[0]._buckets.values()}
@@ -136,12 +137,11 @@ def test_steps_the_graphs_do_not_take_are_handed_back(on_gpu):
     assert not graphs._buckets
 
 
-def test_only_all_gpu_f16_models_are_graphed(on_gpu, tmp_path):
-    assert unsupported(on_gpu, new_pool(on_gpu, 1)) is None
-    assert "q8_0" in unsupported(on_gpu, new_pool(on_gpu, 1, "q8_0"))
+def test_only_all_gpu_models_are_graphed(on_gpu, tmp_path):
+    assert unsupported(on_gpu) is None
     gguf_file = on_gpu._gguf
     cpu = Model(gguf_file, on_gpu.config, DeviceMap.cpu_only(LAYERS))
-    assert unsupported(cpu, new_pool(cpu, 1)) == "layer 0 runs on the CPU"
+    assert unsupported(cpu) == "layer 0 runs on the CPU"
     with pytest.raises(ValueError, match="every layer on the GPU"):
         DecodeGraphs(cpu, new_pool(cpu, 1), 4, 4, capture=False)
     engine_graphs = DecodeGraphs.for_engine(on_gpu, new_pool(on_gpu, 1), 64, 4)

@@ -34,8 +34,9 @@ def last_two(gguf, config) -> DeviceMap:
     return dataclasses.replace(base, tensors=tensors)
 
 
-def greedy(lm: LoadedModel, prompts: list[str] = PROMPTS) -> dict[str, list[int]]:
-    engine = LLMEngine(lm, EngineOptions(num_ctx=128))
+def greedy(lm: LoadedModel, prompts: list[str] = PROMPTS,
+           kv: str = "f16") -> dict[str, list[int]]:
+    engine = LLMEngine(lm, EngineOptions(num_ctx=128, kv_cache_type=kv))
     for p in prompts:  # together: the decode steps batch the sequences
         engine.add_request(p, lm.tokenizer.encode(p), GREEDY)
     out: dict[str, list[int]] = {p: [] for p in prompts}
@@ -68,6 +69,12 @@ def test_placement_of_layers_and_tensors(hybrid):
 def test_hybrid_greedy_equals_all_cpu(smollm2_path, hybrid):
     cpu = greedy(LoadedModel.load(smollm2_path))
     assert greedy(hybrid) == cpu
+
+
+def test_hybrid_with_a_q8_0_kv_cache_equals_all_cpu(smollm2_path, hybrid):
+    """The GPU layers' KV in q8_0 pages: the Triton write stores the CPU writer's bits and the
+    paged attention kernel reads them (the margins as in the f16 test)."""
+    assert greedy(hybrid, kv="q8_0") == greedy(LoadedModel.load(smollm2_path), kv="q8_0")
 
 
 def test_gemma3_hybrid_greedy_equals_all_cpu(gemma3_path):

@@ -79,9 +79,35 @@ def test_decode_group_masks_padding_and_window():
     assert mask[1].all()
     windowed = d.mask(4)[:, 0, 0]
     assert windowed[1].nonzero().flatten().tolist() == [16, 17, 18, 19]
-    assert d.slots.view(2, 20)[0, :5].tolist() == [2 * BLOCK_SIZE + i for i in range(5)]
+    # sequence 0's padding repeats its last position: never a slot it has not written
+    assert d.slots.view(2, 20)[0].tolist() == [2 * BLOCK_SIZE + min(i, 4) for i in range(20)]
     assert batch.slots.tolist() == [2 * BLOCK_SIZE + 4, 1 * BLOCK_SIZE + 3, 48, 49]
     assert batch.logit_rows.tolist() == [0, 1, 3]
+
+
+def test_unwritten_pool_memory_never_reaches_the_logits(model, monkeypatch):
+    """The pool is torch.empty memory: slots not yet written may hold inf or NaN. Decodes of
+    sequences of different lengths in one step through the gathered path (a q8_0 pool's, or
+    any without the native kernel; forced here) give the same logits over a NaN-filled pool
+    as over a zeroed one. Before the fix, q8_0 decoding changed from run to run."""
+    import runtime.model as model_module
+
+    monkeypatch.setattr(model_module, "paged_decode_attention", lambda *a, **k: None)
+    seqs, tables = [[1, 2, 3, 4, 5, 6, 7], [8, 9]], [[0], [1]]
+
+    def decode_logits(fill: float) -> torch.Tensor:
+        pool = KVPool(model.config, 2)
+        for slab in (*pool.k, *pool.v):
+            slab.data.fill_(fill)
+        with torch.inference_mode():
+            model.forward_batch(ForwardBatch.build(
+                [(s[:-1], 0, t, False) for s, t in zip(seqs, tables, strict=True)]), pool)
+            return model.forward_batch(ForwardBatch.build(
+                [([s[-1]], len(s) - 1, t, True) for s, t in zip(seqs, tables, strict=True)]),
+                pool)
+
+    clean, dirty = decode_logits(0.0), decode_logits(float("nan"))
+    assert torch.isfinite(dirty).all() and torch.equal(clean, dirty)
 
 
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])

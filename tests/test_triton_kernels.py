@@ -165,6 +165,65 @@ def test_kv_write_places_rows_at_their_slots() -> None:
     assert torch.equal(kp.cpu(), k_pool) and torch.equal(vp.cpu(), v_pool)  # exact: RNE both
 
 
+def q8_pools(n_blocks: int, n_head_kv: int, d: int, dv: int):
+    """A q8_0 KVPool's slabs (the CPU reference writer and reader) and their GPU pages."""
+    from loaders.config import ModelConfig
+    from runtime.kv_pool import KVPool
+
+    config = ModelConfig(arch="llama", n_layer=1, n_embd=64, n_ff=64, n_head=n_head_kv,
+                         n_head_kv=n_head_kv, head_dim=d, head_dim_v=dv, n_ctx_train=256,
+                         vocab_size=8, rms_eps=1e-6, rope_base=1e4, rope_neox=False,
+                         rope_scale=1.0, rope_base_swa=1e4, sliding_window=0,
+                         swa_layers=(False,), activation="silu", qk_norm=False,
+                         post_norms=False, embed_scale=1.0, attn_scale=d**-0.5,
+                         tied_head=False, attn_bias=False)
+    return KVPool(config, n_blocks, "q8_0")
+
+
+def test_kv_write_q8_0_stores_the_cpu_writers_bits() -> None:
+    """The Triton q8_0 write gives the int8 values and float16 scales of kv_pool's CPU
+    write, ties (x·(1/d) exactly k + 0.5) rounded to even as torch.round does."""
+    gen = torch.Generator().manual_seed(11)
+    k, v = torch.randn(4, 2, 64, generator=gen) * 3, torch.randn(4, 2, 32, generator=gen)
+    k[0, 0, :32] = torch.cat([torch.tensor([127.0]), torch.arange(-15, 16) + 0.5])  # d = 1
+    k[3, 1, 32:] = 0.0  # an all-zero block: scale 0, values 0
+    slots = torch.tensor([PAGE + 3, -1, 0, 2 * PAGE + 15])
+    want, keep = q8_pools(3, 2, 64, 32), slots >= 0
+    want.write(0, slots[keep], k[keep], v[keep])  # the CPU path
+    pages = [torch.zeros_like(t).to(DEVICE) for t in want.pages(0)]
+    kv_write(k.to(DEVICE), v.to(DEVICE), pages[0], pages[1], slots.to(DEVICE), *pages[2:])
+
+    def bits(t: torch.Tensor) -> torch.Tensor:  # (slots, ...) as integers
+        t = t.cpu().flatten(0, 1)
+        return t.view(torch.uint8) if t.dtype == torch.int8 else t.view(torch.int16)
+
+    for got, ref in zip(pages, want.pages(0), strict=True):
+        assert torch.equal(bits(got)[slots[keep]], bits(ref)[slots[keep]])
+        assert not bits(got)[PAGE + 4].any()  # a slot no row names stays as it was
+    ties = pages[0].cpu().flatten(0, 1)[PAGE + 3, 0, :8].tolist()  # -14.5, -13.5, … to even
+    assert ties == [127, -14, -14, -12, -12, -10, -10, -8]
+
+
+@pytest.mark.parametrize("window", [0, 20])
+def test_paged_attention_reads_q8_0_pages(window: int) -> None:
+    gen = torch.Generator().manual_seed(12)
+    lens, n_head, n_head_kv, d = [1, 17, 45], 4, 2, 64
+    q, k_f16, v_f16, tables = paged_case(lens, n_head, n_head_kv, d, gen)
+    pool = q8_pools(k_f16.shape[0], n_head_kv, d, d)
+    slots = torch.arange(k_f16.shape[0] * PAGE)
+    pool.write(0, slots, k_f16.flatten(0, 1).float(), v_f16.flatten(0, 1).float())
+    kp, vp, ks, vs = (t.to(DEVICE) for t in pool.pages(0))
+    out = paged_attention_decode(q.to(DEVICE), kp, vp, tables.to(DEVICE),
+                                 torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+                                 d**-0.5, window, ks, vs).cpu()
+    for b, n in enumerate(lens):
+        pos = torch.arange(n)
+        at = tables[b, pos // PAGE].long() * PAGE + pos % PAGE
+        keys, values = pool.read(0, at)  # (n, Hkv, D) float32, dequantized on the CPU
+        ref = attention(q[b:b + 1], keys, values, n - 1, window, d**-0.5).view(n_head, d)
+        torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_rms_norm_matches_reference_and_adds_residual() -> None:
     gen = torch.Generator().manual_seed(4)
     x, w = torch.randn(5, 96, generator=gen), torch.randn(96, generator=gen)
