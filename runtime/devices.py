@@ -67,6 +67,9 @@ class Calibration:
     # panel kernels' matmuls read 22.4-22.7 GB/s of a measured 24.8 on this project's VM
     # (scripts/decode_profile.py); the AVX2 build ~0.65, the row kernels ~0.4, llama.cpp 0.72
     gpu_efficiency: float = 0.7     # fraction of vram_bw (the goal the GEMV kernels are set)
+    cpu_kv_efficiency: float = 0.19  # fraction of ram_bw at which CPU decode attention goes
+    # through the KV: 3.1-4.8 GB/s of a measured 21 GB/s at 1-2k tokens of context on this
+    # project's VM (smollm2, 1.1B; 2 threads): it converts and multiplies, not only reads
     # Prompt processing on the CPU: the native kernels' matmul rate per GGML type (str of its
     # number → FLOP/s, measured on a 2048×2048 weight at 64 rows; types absent: cpu_flops),
     # and the rate of the elementwise ops (norms, RoPE, activation, residual adds) in bytes of
@@ -74,6 +77,7 @@ class Calibration:
     # layer-token measured outside the matmuls on this project's VM (scripts/sweep_gpu.py)
     cpu_type_flops: dict = field(default_factory=dict)
     cpu_act_share: float = 0.2
+    cpu_attn_flops: float = 80e9  # prefill attention (torch's SDPA over gathered pages)
     sources: dict = field(default_factory=dict)
 
     def source(self, name: str) -> str:
@@ -165,6 +169,24 @@ def measure_cpu_type_flops(rows: int = 64, n: int = 2048) -> dict[str, float]:
     return rates
 
 
+def measure_cpu_attn_flops(rows: int = 64, context: int = 1024, heads: int = 8,
+                           kv_heads: int = 2, dim: int = 64) -> float:
+    """Prefill attention's rate (FLOP/s) as a prompt chunk at that depth runs it: `rows`
+    causal queries over `context` keys whose f16 pages are gathered and widened first
+    (runtime/kv_pool.py), then torch's SDPA (kernels/attention.py)."""
+    from kernels.attention import attention
+
+    q = torch.randn(rows, heads, dim)
+    pages = torch.randn(2, context, kv_heads, dim).half()
+    slots = torch.randperm(context)
+
+    def chunk():
+        keys, values = pages[0][slots].float(), pages[1][slots].float()
+        return attention(q, keys, values, context - rows, 0, dim**-0.5)
+
+    return 4 * heads * rows * context * dim / _best_seconds(chunk, 5)
+
+
 def measure_gpu(index: int = 0) -> dict[str, float]:
     """VRAM read bandwidth, float16 matmul rate, pinned host→device bandwidth and latency."""
     dev, sync = torch.device("cuda", index), torch.cuda.synchronize
@@ -212,7 +234,8 @@ def calibrate(gpus: tuple[Gpu, ...] | None = None, force: bool = False) -> Calib
                 return _from_cache(cached["calibration"])
         except (ValueError, TypeError, KeyError, AttributeError):
             pass  # unreadable or from an older layout: measure again
-    measured = {"ram_bw": measure_ram_bw(), "cpu_flops": measure_cpu_flops()}
+    measured = {"ram_bw": measure_ram_bw(), "cpu_flops": measure_cpu_flops(),
+                "cpu_attn_flops": measure_cpu_attn_flops()}
     if rates := measure_cpu_type_flops():
         measured["cpu_type_flops"] = rates
     if gpus:

@@ -209,8 +209,11 @@ class Model:
         out = q.new_empty(q.shape[0], q.shape[1] * self.config.head_dim_v)
         for s in b.seqs:
             rows = slice(s.row, s.row + s.n)
-            keys, values = pool.read(i, s.context_slots)
-            out[rows] = attention(q[rows], keys, values, s.start, window, self.config.attn_scale)
+            # a sliding window: the chunk's first query sees back to start − window + 1 only
+            first = max(0, s.start + 1 - window) if window else 0
+            keys, values = pool.read(i, s.context_slots[first:])
+            out[rows] = attention(q[rows], keys, values, s.start - first, window,
+                                  self.config.attn_scale)
         return out
 
     def _decode_attention(self, i: int, pool: KVPool, q: torch.Tensor, d, window: int):

@@ -6,8 +6,9 @@ bandwidth (measured bandwidth × the kernels' efficiency), plus a fixed cost per
 (op dispatch, kernel launches) and per hand-off of the hidden state between devices (link
 latency + bytes over the link; the last hand-off carries the logits when the head is on
 the GPU). Prompt processing is compute-bound: per token, 2 FLOPs per weight element and the
-attention products over half a chunk on average, at each device's matmul rate, plus the
-weight reads and fixed costs shared by the num_batch tokens of a chunk.
+attention products over its context (the decode prediction's fill plus half a chunk), at
+each device's rates, plus the weight reads and fixed costs shared by the num_batch tokens of
+a chunk.
 """
 
 from __future__ import annotations
@@ -64,20 +65,22 @@ def activation_bytes_per_token(sizes: ModelSizes) -> float:
     return 4.0 * (10 * c.n_embd + 4 * c.n_ff)
 
 
-def forward_ops(sizes: ModelSizes, where: Placement, kv_read: int, chunk: int) -> list[Op]:
+def forward_ops(sizes: ModelSizes, where: Placement, kv_read: list[float], chunk: int,
+                context: list[float]) -> list[Op]:
     """The forward pass as Ops in order: embedding row, each layer's tensors with its
     attention over the KV at KV_RANK, then the head (output_norm, output or tied token_embd).
-    kv_read: bytes of one layer's KV read per decoded token; chunk: prompt tokens per pass."""
+    kv_read: per layer, bytes of its KV read per decoded token; chunk: prompt tokens per pass;
+    context: per layer, the positions a prompt token attends to on average."""
     c = sizes.config
     row = sizes.embd.nbytes / c.vocab_size  # the lookup reads one row per token
     ops = [Op(CPU, None, "row", row, 0, 0.0)]
-    attn_flops = 2.0 * c.n_head * (c.head_dim + c.head_dim_v) * chunk / 2  # mean context
     act = activation_bytes_per_token(sizes)
     for i in range(c.n_layer):
         tensors = sizes.layer_tensors(i)
         layer = [_weights(t, where.tensors[t.name], i) for t in tensors]
         at = sum(t.rank < KV_RANK for t in tensors)
-        layer.insert(at, Op(where.kv[i], i, "kv", kv_read, 0, attn_flops, act_bytes=act))
+        attn_flops = 2.0 * c.n_head * (c.head_dim + c.head_dim_v) * context[i]
+        layer.insert(at, Op(where.kv[i], i, "kv", kv_read[i], 0, attn_flops, act_bytes=act))
         ops += layer
     # logits are needed for the last token of a chunk only
     ops += [_weights(t, where.head, None, 1 / chunk) for t in sizes.head_tensors()]
@@ -105,16 +108,20 @@ def _gbs(rate: float) -> str:
 def decode_estimate(sizes: ModelSizes, ops: list[Op], cal: Calibration, fill: int) -> Estimate:
     """Tokens/s of one sequence decoding at `fill` tokens of context."""
     lines, seconds = [], {}
-    for dev, bw, eff, name in ((GPU, cal.vram_bw, cal.gpu_efficiency, "vram_bw"),
-                               (CPU, cal.ram_bw, cal.cpu_efficiency, "ram_bw")):
+    for dev, bw, eff, kv_eff, name in (
+            (GPU, cal.vram_bw, cal.gpu_efficiency, cal.gpu_efficiency, "vram_bw"),
+            (CPU, cal.ram_bw, cal.cpu_efficiency, cal.cpu_kv_efficiency, "ram_bw")):
         total = sum(op.read_bytes for op in ops if op.device == dev)
         kv = sum(op.read_bytes for op in ops if op.device == dev and op.kind == "kv")
         if total == 0:
             continue
-        seconds[f"{dev} reads"] = total / (bw * eff)
+        seconds[f"{dev} reads"] = (total - kv) / (bw * eff) + kv / (bw * kv_eff)
+        how = (f"{_gbs(bw * eff)} ({eff:.0%} of {_gbs(bw)}, {cal.source(name)})" if eff == kv_eff
+               else f"{_gbs(bw * eff)} ({eff:.0%} of {_gbs(bw)}, {cal.source(name)}), the KV "
+                    f"at {_gbs(bw * kv_eff)} (attention, {kv_eff:.0%})")
         lines.append(f"{dev.upper()} reads {format_size(total)} per token ({format_size(kv)} "
-                     f"of it KV at {fill} tokens of context) at {_gbs(bw * eff)} ({eff:.0%} of "
-                     f"{_gbs(bw)}, {cal.source(name)}) = {_ms(seconds[f'{dev} reads'])}")
+                     f"of it KV at {fill} tokens of context) at {how} = "
+                     f"{_ms(seconds[f'{dev} reads'])}")
     n_gpu, n_cpu = _layers_on(ops, GPU), _layers_on(ops, CPU)
     seconds["layers"] = n_gpu * cal.gpu_layer_s + n_cpu * cal.cpu_layer_s
     lines.append(f"fixed costs: {n_gpu} GPU layers × {cal.gpu_layer_s * 1e6:.0f} µs + {n_cpu} "
@@ -134,8 +141,10 @@ def decode_estimate(sizes: ModelSizes, ops: list[Op], cal: Calibration, fill: in
 
 
 def _cpu_rate(op: Op, cal: Calibration) -> float:
-    """The CPU's matmul rate for an op: its weight type's measured native rate, else the
-    float32 rate (attention, types without a native panel kernel)."""
+    """The CPU's rate for an op: attention's (prefill SDPA), a weight type's measured native
+    matmul rate, else the float32 matmul rate (types without a native panel kernel)."""
+    if op.kind == "kv":
+        return cal.cpu_attn_flops
     return cal.cpu_type_flops.get(str(op.ggml_type), cal.cpu_flops)
 
 

@@ -204,12 +204,22 @@ def memory(sizes: ModelSizes, where: Placement, request: PlanRequest) -> dict:
 def evaluate(sizes: ModelSizes, cand: Candidate, pins: list[re.Pattern], budget: Budgets,
              cal: Calibration, request: PlanRequest) -> Plan:
     where = place(sizes, cand, pins)
-    kv_read = request.fill * kv_bytes_per_token_layer(sizes.config, request.kv_type)
     chunk = min(request.num_batch, request.num_ctx)
-    ops = forward_ops(sizes, where, kv_read, chunk)
+    context = [r / kv_bytes_per_token_layer(sizes.config, request.kv_type) + chunk / 2
+               for r in kv_reads(sizes, request)]  # the decode fill (windowed) + half a chunk
+    ops = forward_ops(sizes, where, kv_reads(sizes, request), chunk, context)
     return Plan(request, budget, cal, sizes, cand, where, memory(sizes, where, request),
                 decode_estimate(sizes, ops, cal, request.fill),
                 prompt_estimate(sizes, ops, cal, chunk))
+
+
+def kv_reads(sizes: ModelSizes, request: PlanRequest) -> list[float]:
+    """Per layer, the KV bytes one decoded token reads at the request's context fill: a
+    sliding-window layer reads at most its window."""
+    c = sizes.config
+    per_token = kv_bytes_per_token_layer(c, request.kv_type)
+    return [per_token * (min(request.fill, c.sliding_window) if c.sliding_window and swa
+                         else request.fill) for swa in c.swa_layers]
 
 
 def candidates(n_layer: int, request: PlanRequest, has_gpu: bool) -> list[Candidate]:

@@ -1,7 +1,7 @@
 """The num_gpu sweep: at each number of GPU layers, the planner's predicted prompt and decode
 tokens/s beside the measured ones, the auto plan's pick, and how close it came to the best.
 
-    python scripts/sweep_gpu.py MODEL [--points 0,8,16,all] [-p 256] [-n 64] [-r 3] [--json]
+    python scripts/sweep_gpu.py MODEL [--points 0,8,16,all] [-p 256] [-n 64] [-d 0] [-r 3] [--json]
                                       [--json-out FILE.json]
 
 MODEL: a pullable name (smollm2, gemma3), a stored model or a .gguf path. Each point N loads
@@ -10,7 +10,9 @@ of the same placement: the same layers, head and KV on the GPU), measures it as
 `tandem bench -p P -n N --num-gpu N` does (runtime/bench.py: the serving engine's paged path,
 CUDA graphs when every layer is on the GPU), and frees it before the next. The decode
 prediction assumes the context the tg test averages (n_gen / 2 tokens). The auto point
-(num_gpu -1) is the plan `tandem run` would use.
+(num_gpu -1) is the plan `tandem run` would use. The machine's speeds are calibrated afresh
+at the start (runtime/devices.py), so predictions and measurements share the machine's
+state.
 
 Reported per point: predicted and measured tg and pp tokens/s and the prediction's error
 (predicted / measured − 1; goal within ±15%); for the all-GPU point the weights' GB/s and
@@ -85,7 +87,7 @@ def sweep(model: str, points: list[int], spec: BenchSpec) -> dict:
     gguf = _open_gguf(path)  # held for the whole sweep: its CPU panels are made once
     config = ModelConfig.from_metadata(gguf.metadata, gguf.tensors.keys())
     sizes = ModelSizes.from_tensors(config, gguf.tensors)
-    devices = detect()
+    devices = detect(recalibrate=True)  # this machine's speeds now, beside the measurements
     rows = []
     for n in points:
         try:
@@ -114,6 +116,7 @@ def summarize(model: str, rows: list[dict], devices, n_layer: int, spec: BenchSp
     full = next((r for r in measured if r["gpu_layers"] == n_layer), None)
     return {
         "model": model, "n_layer": n_layer, "n_prompt": spec.n_prompt, "n_gen": spec.n_gen,
+        "n_depth": spec.n_depth,
         "gpus": [g.name for g in devices.gpus], "vram_bw": cal.vram_bw, "ram_bw": cal.ram_bw,
         "points": rows,
         "best_num_gpu": best["num_gpu"] if best else None,
@@ -129,7 +132,8 @@ def _f(x: float | None, fmt: str = "{:.1f}") -> str:
 
 
 def format_report(r: dict) -> str:
-    lines = [f"{r['model']}: {r['n_layer']} layers; pp{r['n_prompt']} and tg{r['n_gen']}; "
+    at = f" @ d{r['n_depth']}" if r["n_depth"] else ""
+    lines = [f"{r['model']}: {r['n_layer']} layers; pp{r['n_prompt']} and tg{r['n_gen']}{at}; "
              f"GPUs {r['gpus'] or 'none'}; VRAM {r['vram_bw'] / 1e9:.0f} GB/s, RAM "
              f"{r['ram_bw'] / 1e9:.1f} GB/s (calibration)",
              "| num_gpu | placement | head | graphs | tg predicted | tg measured | tg error "
@@ -163,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
                                      "the auto plan is always added on a GPU machine")
     ap.add_argument("-p", "--n-prompt", type=int, default=256)
     ap.add_argument("-n", "--n-gen", type=int, default=64)
+    ap.add_argument("-d", "--n-depth", type=int, default=0,
+                    help="tokens already in the cache when each test starts (bench's -d)")
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("-t", "--threads", type=int)
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--json-out", type=Path, help="also write the JSON report to this file")
     args = ap.parse_args(argv)
-    spec = BenchSpec(args.model, args.n_prompt, args.n_gen, args.threads, args.repetitions)
+    spec = BenchSpec(args.model, args.n_prompt, args.n_gen, args.threads, args.repetitions,
+                     n_depth=args.n_depth)
     spec.validate()
     if args.threads:
         torch.set_num_threads(args.threads)

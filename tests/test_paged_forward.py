@@ -85,6 +85,22 @@ def test_decode_group_masks_padding_and_window():
     assert batch.logit_rows.tolist() == [0, 1, 3]
 
 
+def test_sliding_window_chunks_equal_the_whole_context(model):
+    """A sliding-window layer's prefill chunk reads only the last `window` positions before
+    it (the rest are masked anyway): chunks at depth give the logits of a single pass over
+    a contiguous cache, which attends over every key with the mask."""
+    c = dataclasses.replace(model.config, sliding_window=8, swa_layers=(True, False))
+    windowed = Model(model._gguf, c)
+    tokens = torch.randint(0, 50, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    pool = KVPool(c, 3)
+    with torch.inference_mode():
+        got = [windowed.forward_batch(ForwardBatch.build([(tokens[a:b], a, [2, 0, 1], True)]),
+                                      pool)[0] for a, b in ((0, 13), (13, 30), (30, 40))]
+        whole = windowed.forward(torch.tensor(tokens), 0, KVCache(c, 64), all_logits=True)
+    for row, end in zip(got, (13, 30, 40), strict=True):
+        torch.testing.assert_close(row, whole[end - 1], rtol=1e-4, atol=1e-4)
+
+
 def test_unwritten_pool_memory_never_reaches_the_logits(model, monkeypatch):
     """The pool is torch.empty memory: slots not yet written may hold inf or NaN. Decodes of
     sequences of different lengths in one step through the gathered path (a q8_0 pool's, or

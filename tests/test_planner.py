@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, replace
@@ -169,25 +170,38 @@ def test_kv_type_q8_0_takes_34_bytes_per_32_values() -> None:
 
 def test_cpu_decode_time_is_bytes_over_bandwidth_plus_fixed_costs() -> None:
     s = sizes(layer_mb=12, head_mb=6)
-    cal = replace(Calibration(), ram_bw=10e9, cpu_efficiency=0.5, cpu_layer_s=1e-4)
+    cal = replace(Calibration(), ram_bw=10e9, cpu_efficiency=0.5, cpu_kv_efficiency=0.25,
+                  cpu_layer_s=1e-4)
     req = small_request(ctx_fill=100)
     p = plan(s, machine(None, cal=cal), req)
     kv = 8 * 100 * kv_bytes_per_token_layer(s.config, "f16")
     weights = sum(t.nbytes for t in s.tensors if t.name != "token_embd.weight")
     row = s.embd.nbytes / s.config.vocab_size
-    expected = (weights + kv + row) / 5e9 + 8 * 1e-4
+    expected = (weights + row) / 5e9 + kv / 2.5e9 + 8 * 1e-4  # the KV at attention's rate
     assert p.decode.tokens_per_s == pytest.approx(1 / expected, rel=1e-9)
+
+
+def test_sliding_window_layers_read_at_most_their_window_of_kv() -> None:
+    from runtime.planner import kv_reads
+
+    s = sizes(layer_mb=12, head_mb=6, n_layer=4)
+    swa = dataclasses.replace(s, config=dataclasses.replace(
+        s.config, sliding_window=64, swa_layers=(True, True, False, True)))
+    per = kv_bytes_per_token_layer(s.config, "f16")
+    assert kv_reads(s, small_request(ctx_fill=200)) == [200 * per] * 4
+    assert kv_reads(swa, small_request(ctx_fill=200)) == [64 * per, 64 * per, 200 * per, 64 * per]
 
 
 def test_cpu_prompt_time_uses_each_types_rate_and_the_elementwise_ops() -> None:
     """Per prompt token on the CPU: weight FLOPs at their type's measured native rate (Q4_0
-    here), attention FLOPs at the float32 rate, the layers' activation bytes at
+    here), attention FLOPs over the context (the decode fill, num_ctx / 2, plus half a chunk)
+    at attention's rate, the norms at the float32 rate, the layers' activation bytes at
     cpu_act_share of ram_bw, and the weights read once per chunk."""
     from runtime.plan_cost import activation_bytes_per_token
 
     s = sizes(layer_mb=12, head_mb=6)
     cal = replace(BYTES_ONLY, ram_bw=10e9, cpu_efficiency=0.5, cpu_flops=1e11,
-                  cpu_type_flops={str(Q4_0): 4e11}, cpu_act_share=0.25)
+                  cpu_type_flops={str(Q4_0): 4e11}, cpu_act_share=0.25, cpu_attn_flops=5e10)
     req = small_request()
     p = plan(s, machine(None, cal=cal), req)
     c, chunk = s.config, req.num_batch
@@ -196,9 +210,10 @@ def test_cpu_prompt_time_uses_each_types_rate_and_the_elementwise_ops() -> None:
     weight_flops = sum(2.0 * t.n_elements for t in blocks) + 2.0 * head.n_elements / chunk
     norm_flops = sum(2.0 * t.n_elements for t in s.tensors if t.ggml_type == F32) \
         - 2.0 * s.named("output_norm.weight").n_elements * (1 - 1 / chunk)
-    attn = c.n_layer * 2.0 * c.n_head * (c.head_dim + c.head_dim_v) * chunk / 2
+    context = req.num_ctx / 2 + chunk / 2
+    attn = c.n_layer * 2.0 * c.n_head * (c.head_dim + c.head_dim_v) * context
     read = sum(t.nbytes for t in s.tensors if t.name != "token_embd.weight")
-    expected = (weight_flops / 4e11 + (attn + norm_flops) / 1e11
+    expected = (weight_flops / 4e11 + attn / 5e10 + norm_flops / 1e11
                 + c.n_layer * activation_bytes_per_token(s) / 2.5e9 + read / 5e9 / chunk)
     assert 1 / p.prompt.tokens_per_s == pytest.approx(expected, rel=1e-6)
     slower = plan(s, machine(None, cal=replace(cal, cpu_type_flops={})), req)
@@ -262,6 +277,7 @@ def test_calibration_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(devices, "measure_ram_bw", lambda: calls.append("ram") or 17e9)
     monkeypatch.setattr(devices, "measure_cpu_flops", lambda: calls.append("cpu") or 3e11)
     monkeypatch.setattr(devices, "measure_cpu_type_flops", lambda: {"2": 6e11})
+    monkeypatch.setattr(devices, "measure_cpu_attn_flops", lambda: 9e10)
     first = devices.calibrate(gpus=())
     assert (first.ram_bw, first.cpu_flops) == (17e9, 3e11) and calls == ["ram", "cpu"]
     assert first.source("ram_bw") == "measured" and first.source("vram_bw") == "assumed"
@@ -284,6 +300,7 @@ def test_cached_calibration_keeps_measurements_not_assumptions(tmp_path, monkeyp
     monkeypatch.setattr(devices, "measure_ram_bw", lambda: 17e9)
     monkeypatch.setattr(devices, "measure_cpu_flops", lambda: 3e11)
     monkeypatch.setattr(devices, "measure_cpu_type_flops", lambda: {"2": 6e11})
+    monkeypatch.setattr(devices, "measure_cpu_attn_flops", lambda: 9e10)
     devices.calibrate(gpus=())
     path = tmp_path / "calibration.json"
     saved = json.loads(path.read_text())
