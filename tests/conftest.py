@@ -3,8 +3,10 @@ llama.cpp reference fixtures from ../shared/fixtures."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,16 @@ def model_path(name: str) -> Path:
     from loaders.pull import pull
 
     return pull(name)
+
+
+def load_script(name: str):
+    """scripts/NAME.py imported as a module NAME (registered in sys.modules: dataclasses
+    look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def fixture(name: str) -> dict:

@@ -5,15 +5,14 @@ vocabulary once."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from gguf import GGMLQuantizationType as T
 
 from loaders.gguf_file import GGUFFile
@@ -31,21 +30,12 @@ from runtime.errors import InvalidParameterError
 from runtime.kv_cache import KVCache
 from runtime.loaded_model import LoadedModel
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_synthetic_gguf.py"
 TINY = ["--layers", "2", "--dim", "64", "--ffn", "128", "--heads", "4", "--kv-heads", "2"]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("make_synthetic_gguf", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def synth():
-    return load_script()
+    return load_script("make_synthetic_gguf")
 
 
 @pytest.fixture(scope="module")
@@ -238,16 +228,9 @@ def test_mean_std_is_the_sample_standard_deviation():
     assert mean_std([5.0]) == (5.0, 0.0)
 
 
-SWEEP = Path(__file__).resolve().parent.parent / "scripts" / "sweep_gpu.py"
-
-
 @pytest.fixture(scope="module")
 def sweep_script():
-    spec = importlib.util.spec_from_file_location("sweep_gpu", SWEEP)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sweep_gpu")
 
 
 def test_sweep_points(sweep_script):

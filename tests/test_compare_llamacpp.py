@@ -4,23 +4,16 @@ the summary arithmetic. Well under a second."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "compare_llamacpp.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare_llamacpp", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compare_llamacpp")
 
 
 # two lines as llama-bench -o jsonl prints them (tools/llama-bench/llama-bench.cpp,
