@@ -237,12 +237,18 @@ class Model:
 
         k_pages, v_pages, k_scale, v_scale = pool.pages(i)
         kv_write(k, v, k_pages, v_pages, b.slots, k_scale, v_scale)
+        d = b.decode
+        if d is None:
+            return self._attend_chunks(i, b, pool, q, window)
+        only = not b.seqs  # decodes only: row b is sequence b, no gather or scatter
+        att = paged_attention_decode((q if only else q[d.rows]).contiguous(), k_pages, v_pages,
+                                     d.tables, d.lengths, self.config.attn_scale, window,
+                                     k_scale, v_scale)  # (B, H, Dv)
+        att = att.reshape(att.shape[0], -1)
+        if only:
+            return att
         out = self._attend_chunks(i, b, pool, q, window)
-        if (d := b.decode) is not None:
-            att = paged_attention_decode(q[d.rows].contiguous(), k_pages, v_pages, d.tables,
-                                         d.lengths.to(torch.int32), self.config.attn_scale,
-                                         window, k_scale, v_scale)  # (B, H, Dv)
-            out[d.rows] = att.reshape(att.shape[0], -1)
+        out[d.rows] = att
         return out
 
     def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:

@@ -105,8 +105,8 @@ def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
                            scale: float, window: int = 0, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, n_head, D), pools (num_blocks, 16, n_head_kv, D|Dv) f16 (or int8 with k_scale,
-    v_scale: a q8_0 pool), block_tables (B, max_blocks) int32, context_lens (B,) int32, each
-    ≥ 1 → (B, n_head, Dv) float32. window 0: no sliding window."""
+    v_scale: a q8_0 pool), block_tables (B, max_blocks) and context_lens (B,) int32 or
+    int64, each length ≥ 1 → (B, n_head, Dv) float32. window 0: no sliding window."""
     _check(q, k_pool, v_pool, block_tables, context_lens, k_scale, v_scale)
     bsz, n_head, d = q.shape
     n_head_kv, dv = k_pool.shape[2], v_pool.shape[3]
