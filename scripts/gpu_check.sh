@@ -11,7 +11,9 @@
 #   scripts/gpu_check.sh        from the repository. With network: pip install -e '.[test]'
 #                               first. Without (the device tool): run scripts/prepare_gpu_run.sh
 #                               on a machine with network first and carry .gpu-run.
-# Env: OUT (outputs; default gpu-check/), QUICK=1 (skip the 7B), TANDEM_HOME (default /tmp).
+# Env: OUT (outputs; default gpu-check/), QUICK=1 (skip the 7B), TANDEM_HOME (default /tmp),
+#      DRY=1 (no CUDA needed: every step's plumbing on the CPU, the kernels interpreted, the
+#      sweeps at num_gpu 0 only; to check this script before spending device time).
 # Outputs: $OUT/log.txt (everything), bench_gpu.json, sweep_<model>.json — 5 files.
 # Real SmolLM2/gemma3 cannot be pulled without network; their measurements need a machine
 # that can pull them: python3 scripts/sweep_gpu.py smollm2 (and gemma3).
@@ -26,9 +28,14 @@ if [ -d .gpu-run/whl ]; then  # carried wheels (no network here)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-run/whl/*.whl
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
-python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" \
-    || exit 1
-unset TRITON_INTERPRET  # the kernels compile for the GPU
+if [ -n "${DRY:-}" ]; then
+    QUICK=1 points="--points 0"
+else
+    python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA')" \
+        || exit 1
+    unset TRITON_INTERPRET  # the kernels compile for the GPU
+    points=""
+fi
 tok=.gpu-run/tokenizer.gguf
 [ -f "$tok" ] || tok=""  # with network, make_synthetic_gguf.py pulls SmolLM2's tokenizer
 models=/tmp/tandem-gpu-models
@@ -59,9 +66,9 @@ step synth-models 300 bash -c "$(declare -f synth)"'
     synth smollm2-shape smollm2 q8_0 && synth llama-1b-q4_0 1b q4_0 &&
     { [ -n "$QUICK" ] || synth llama-7b-q4_0 7b q4_0; }'
 step sweep-smollm2 180 python3 scripts/sweep_gpu.py "$models/smollm2-shape.gguf" -p 256 -n 64 \
-    -r 3 --json-out "$out/sweep_smollm2-shape.json"
+    -r 3 $points --json-out "$out/sweep_smollm2-shape.json"
 step sweep-1b 180 python3 scripts/sweep_gpu.py "$models/llama-1b-q4_0.gguf" -p 256 -n 64 -r 3 \
-    --json-out "$out/sweep_llama-1b-q4_0.json"
+    $points --json-out "$out/sweep_llama-1b-q4_0.json"
 if [ -z "${QUICK:-}" ]; then
     step sweep-7b 300 python3 scripts/sweep_gpu.py "$models/llama-7b-q4_0.gguf" -p 128 -n 32 \
         -r 2 --points 0,8,16,24,32 --json-out "$out/sweep_llama-7b-q4_0.json"
