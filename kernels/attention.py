@@ -3,6 +3,9 @@
 Queries at positions start … start+T-1 attend to keys 0 … start+T-1, except that a
 sliding-window layer masks keys whose distance from the query is ≥ window (ggml's rule).
 Grouped-query attention: each of the n_head_kv heads serves n_head / n_head_kv query heads.
+
+The native paged-KV kernels (kernels/native/paged_attention.cpp) are reached from here too:
+decode attention straight from the f16 pages, and the write of new keys and values into them.
 """
 
 import functools

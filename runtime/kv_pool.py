@@ -119,11 +119,11 @@ class KVPool:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # slots: (T,) int64; k: (T, Hkv, D), v: (T, Hkv, Dv) float32
-        ks, vs = self.k[layer], self.v[layer]
-        if not ks.quantized and kv_write_f16(k, v, ks.data, vs.data, slots):
-            return
-        self.k[layer].write(slots, k)
-        self.v[layer].write(slots, v)
+        keys, values = self.k[layer], self.v[layer]
+        if not keys.quantized and kv_write_f16(k, v, keys.data, values.data, slots):
+            return  # both in one native call
+        keys.write(slots, k)
+        values.write(slots, v)
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at `slots` (L,), in position order: (L, Hkv, D), (L, Hkv, Dv)."""
