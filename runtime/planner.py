@@ -205,21 +205,21 @@ def evaluate(sizes: ModelSizes, cand: Candidate, pins: list[re.Pattern], budget:
              cal: Calibration, request: PlanRequest) -> Plan:
     where = place(sizes, cand, pins)
     chunk = min(request.num_batch, request.num_ctx)
-    context = [r / kv_bytes_per_token_layer(sizes.config, request.kv_type) + chunk / 2
-               for r in kv_reads(sizes, request)]  # the decode fill (windowed) + half a chunk
-    ops = forward_ops(sizes, where, kv_reads(sizes, request), chunk, context)
+    seen, per_token = attended(sizes, request), kv_bytes_per_token_layer(sizes.config,
+                                                                          request.kv_type)
+    ops = forward_ops(sizes, where, [n * per_token for n in seen], chunk,
+                      [n + chunk / 2 for n in seen])  # a prompt token: the fill + half a chunk
     return Plan(request, budget, cal, sizes, cand, where, memory(sizes, where, request),
                 decode_estimate(sizes, ops, cal, request.fill),
                 prompt_estimate(sizes, ops, cal, chunk))
 
 
-def kv_reads(sizes: ModelSizes, request: PlanRequest) -> list[float]:
-    """Per layer, the KV bytes one decoded token reads at the request's context fill: a
-    sliding-window layer reads at most its window."""
+def attended(sizes: ModelSizes, request: PlanRequest) -> list[int]:
+    """Per layer, the positions a token decoded at the request's context fill attends to: a
+    sliding-window layer at most its window."""
     c = sizes.config
-    per_token = kv_bytes_per_token_layer(c, request.kv_type)
-    return [per_token * (min(request.fill, c.sliding_window) if c.sliding_window and swa
-                         else request.fill) for swa in c.swa_layers]
+    return [min(request.fill, c.sliding_window) if c.sliding_window and swa else request.fill
+            for swa in c.swa_layers]
 
 
 def candidates(n_layer: int, request: PlanRequest, has_gpu: bool) -> list[Candidate]:
