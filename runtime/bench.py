@@ -21,8 +21,8 @@ through the planner (0: none; -1: the planner's choice); by default the model is
 weights_gb_s is, for tg, the bytes of packed matmul weights one token reads (every block's
 q, k, v, o, gate, up and down, the output head, and one row of token_embd unless the head is
 the embedding itself) times tokens/s: the rate at which decoding streams weights from RAM
-and VRAM, the figure bounded by memory bandwidth. Norms and the KV cache are left out (they are small
-at these lengths).
+and VRAM, the figure bounded by memory bandwidth. Norms and the KV cache are left out (they
+are small at these lengths).
 
 Every figure is a mean ± sample standard deviation over `repetitions` runs after one
 warm-up run of each test (which also builds the native kernel and faults the mmapped
