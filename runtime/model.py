@@ -155,7 +155,9 @@ class Model:
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache,
                 all_logits: bool = False) -> torch.Tensor:
         """One sequence with a contiguous KVCache (tests, perplexity): tokens (T,) int64 at
-        positions start … start+T-1 → logits (T or 1, V) float32."""
+        positions start … start+T-1 → logits (T or 1, V) float32. The cache is on the CPU, so
+        a GPU layer's keys and values cross to it every call: a reference path, not a fast
+        one (the engine's forward_batch keeps each layer's KV on its device)."""
         positions = torch.arange(start, start + tokens.shape[0])
         # One new token on an f16 cache: the engine's decode kernel, the contiguous slab read
         # as pages 0, 1, 2, … (a table of consecutive blocks).
@@ -173,8 +175,9 @@ class Model:
                                              self.config.attn_scale, window)
                 if out is not None:
                     return out
-            keys, values = cache.read(i, n)
-            return attention(q, keys, values, start, window, self.config.attn_scale)
+            keys, values = cache.read(i, n)  # the cache is on the CPU; a GPU layer's q is not
+            return attention(q, cross(keys, q.device), cross(values, q.device), start, window,
+                             self.config.attn_scale)
 
         with forward_threads():
             x = self._layers(tokens, positions, attend)
