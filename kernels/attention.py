@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from kernels import native_loader
 
 
-def causal_mask(start: int, n_query: int, n_key: int, window: int) -> torch.Tensor | None:
-    """(T, L) boolean mask, True where attention is allowed; None when nothing is masked."""
+def causal_mask(start: int, n_query: int, n_key: int, window: int,
+                device: torch.device | None = None) -> torch.Tensor | None:
+    """(T, L) boolean mask on `device`, True where attention is allowed; None when nothing
+    is masked."""
     if n_query == 1 and (window == 0 or n_key <= window):
         return None
-    q_pos = torch.arange(start, start + n_query)[:, None]  # (T, 1)
-    k_pos = torch.arange(n_key)[None, :]  # (1, L)
+    q_pos = torch.arange(start, start + n_query, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(n_key, device=device)[None, :]  # (1, L)
     allowed = k_pos <= q_pos
     if window:
         allowed &= (q_pos - k_pos) < window
@@ -32,7 +34,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
               window: int, scale: float) -> torch.Tensor:
     # q: (T, H, D), k: (L, Hkv, D), v: (L, Hkv, Dv) → (T, H * Dv)
     n_query, n_key = q.shape[0], k.shape[0]
-    mask = causal_mask(start, n_query, n_key, window)
+    mask = causal_mask(start, n_query, n_key, window, q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
