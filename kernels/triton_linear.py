@@ -23,11 +23,14 @@ from quant.dequant import dequantize
 
 @dataclass
 class Stack:
-    """A group's stacked linear, and its members with their output widths, in order."""
+    """A group's stacked linear and its members, in order."""
 
     linear: TritonLinear
-    widths: tuple[int, ...]
     members: list[TritonLinear] = field(default_factory=list)
+
+    @property
+    def widths(self) -> list[int]:
+        return [m.out_features for m in self.members]
 
 
 class TritonLinear:
@@ -51,8 +54,7 @@ class TritonLinear:
         ggml_type; biases all None or all given. → one TritonLinear per weight, in order."""
         whole = cls(torch.cat(weights), ggml_type, in_features,
                     torch.cat(biases) if biases[0] is not None else None, device)
-        widths = tuple(w.shape[0] for w in weights)
-        stack = Stack(whole, widths)
+        stack = Stack(whole)
         members, start = [], 0
         for w, b in zip(weights, biases, strict=True):
             rows = slice(start, start + w.shape[0])

@@ -23,6 +23,7 @@ step eagerly: everything but the capture itself is tested on the CPU (tests/test
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -67,16 +68,16 @@ class _Staged:
         self._pairs = []
         for dtype in dict.fromkeys(dt for _, dt in shapes.values()):
             names = [n for n, (_, dt) in shapes.items() if dt == dtype]
-            total = sum(_numel(shapes[n][0]) for n in names)
+            total = sum(math.prod(shapes[n][0]) for n in names)
             host = torch.zeros(total, dtype=dtype, pin_memory=pin)
             dev = torch.zeros(total, dtype=dtype, device=device)
             self._pairs.append((host, dev))
             at = 0
             for n in names:
                 shape = shapes[n][0]
-                self.host[n] = host[at:at + _numel(shape)].view(shape)
-                self.dev[n] = dev[at:at + _numel(shape)].view(shape)
-                at += _numel(shape)
+                self.host[n] = host[at:at + math.prod(shape)].view(shape)
+                self.dev[n] = dev[at:at + math.prod(shape)].view(shape)
+                at += math.prod(shape)
         self._copied = torch.cuda.Event() if pin else None
 
     def wait(self) -> None:
@@ -89,13 +90,6 @@ class _Staged:
             dev.copy_(host, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 @dataclass

@@ -45,6 +45,17 @@ def fixture(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.fixture(scope="module")
+def native():
+    """This CPU's best native build (the one PackedLinear and Model use)."""
+    from kernels import native_loader
+
+    module = native_loader.load()
+    if module is None:
+        pytest.skip("the native kernel could not be built (no compiler?); see the log")
+    return module
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     return model_path("smollm2")

@@ -48,15 +48,6 @@ def row_bytes(name: str, k: int) -> int:
     return block_format(T[name]).row_bytes(k)
 
 
-@pytest.fixture(scope="module")
-def native():
-    """This CPU's best build (the one PackedLinear and Model use)."""
-    module = native_loader.load()
-    if module is None:
-        pytest.skip("the native kernel could not be built (no compiler?); see the log")
-    return module
-
-
 @pytest.fixture(scope="module", params=["native", "scalar"])
 def build(request):
     """This CPU's best build and the portable scalar one: interleave/deinterleave are in both."""
