@@ -24,8 +24,16 @@ from dataclasses import dataclass
 import torch
 from gguf import GGMLQuantizationType as T
 
-VEC_DOT = {T.Q4_0: "Q8_0", T.Q5_0: "Q8_0", T.Q8_0: "Q8_0", T.Q4_1: "Q8_1", T.Q5_1: "Q8_1",
-           T.Q4_K: "Q8_K", T.Q5_K: "Q8_K", T.Q6_K: "Q8_K"}
+VEC_DOT = {
+    T.Q4_0: "Q8_0",
+    T.Q5_0: "Q8_0",
+    T.Q8_0: "Q8_0",
+    T.Q4_1: "Q8_1",
+    T.Q5_1: "Q8_1",
+    T.Q4_K: "Q8_K",
+    T.Q5_K: "Q8_K",
+    T.Q6_K: "Q8_K",
+}
 ACT_KIND = {"Q8_0": 0, "Q8_1": 1, "Q8_K": 2}  # the native quantize_activations' numbering
 
 
@@ -75,7 +83,7 @@ def quantize_acts(x: torch.Tensor, ggml_type: int) -> Acts:
 
 
 def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
-    return blocks[..., at:at + 2].contiguous().view(torch.float16).squeeze(-1).float()
+    return blocks[..., at : at + 2].contiguous().view(torch.float16).squeeze(-1).float()
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -86,7 +94,7 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 def _bits32(qh: torch.Tensor) -> torch.Tensor:
     """(..., 4) bytes of a little-endian u32 → (..., 32): bit j of it."""
     j = torch.arange(32)
-    return ((qh[..., j // 8].long() >> (j % 8)) & 1)
+    return (qh[..., j // 8].long() >> (j % 8)) & 1
 
 
 def _k4_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,11 +121,15 @@ def _q6_values(blocks: torch.Tensor) -> torch.Tensor:
     """Q6_K values (..., 16, 16) in -32..31."""
     halves = []
     for h in range(2):
-        ql = blocks[..., 64 * h:64 * h + 64].long()
-        qh = blocks[..., 128 + 32 * h:160 + 32 * h].long()
+        ql = blocks[..., 64 * h : 64 * h + 64].long()
+        qh = blocks[..., 128 + 32 * h : 160 + 32 * h].long()
         a, b = ql[..., :32], ql[..., 32:]
-        halves += [(a & 0xF) | ((qh & 3) << 4), (b & 0xF) | (((qh >> 2) & 3) << 4),
-                   (a >> 4) | (((qh >> 4) & 3) << 4), (b >> 4) | (((qh >> 6) & 3) << 4)]
+        halves += [
+            (a & 0xF) | ((qh & 3) << 4),
+            (b & 0xF) | (((qh >> 2) & 3) << 4),
+            (a >> 4) | (((qh >> 4) & 3) << 4),
+            (b >> 4) | (((qh >> 6) & 3) << 4),
+        ]
     v = torch.cat(halves, -1) - 32  # (..., 256)
     return v.reshape(*v.shape[:-1], 16, 16)
 
@@ -128,7 +140,9 @@ def _idot(qw: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nb...l,mb...l->mnb...", qw.double(), qx.double())
 
 
-def reference(x: torch.Tensor, w: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(
+    x: torch.Tensor, w: torch.Tensor, ggml_type: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, magnitude), both (M, N) float64: y = Σ over blocks of llama.cpp's per-block terms,
     magnitude = Σ of their absolute values (the scale of float32 summation error)."""
     qt = T(ggml_type)
@@ -154,14 +168,17 @@ def reference(x: torch.Tensor, w: torch.Tensor, ggml_type: int) -> tuple[torch.T
             terms.append((_half(blocks, 2)[None] * a.s[:, None, :]).double())
     elif qt in (T.Q4_K, T.Q5_K):
         q5 = qt == T.Q5_K
-        qw = _k_values(blocks[..., 48:176] if q5 else blocks[..., 16:144],
-                       blocks[..., 16:48] if q5 else None)  # (N, nb, 8, 32)
+        qw = _k_values(
+            blocks[..., 48:176] if q5 else blocks[..., 16:144], blocks[..., 16:48] if q5 else None
+        )  # (N, nb, 8, 32)
         sc, mn = _k4_scales(blocks[..., 4:16])  # (N, nb, 8)
         isum = (_idot(qw, a.q.reshape(m, nb, 8, 32)) * sc[None].double()).sum(-1)
         pair_sums = a.bsums.reshape(m, nb, 8, 2).sum(-1)  # Σq per 32-element sub-block
         imin = (mn[None].double() * pair_sums[:, None].double()).sum(-1)
-        terms = [(_half(blocks, 0)[None] * dx).double() * isum,
-                 -(_half(blocks, 2)[None] * dx).double() * imin]
+        terms = [
+            (_half(blocks, 0)[None] * dx).double() * isum,
+            -(_half(blocks, 2)[None] * dx).double() * imin,
+        ]
     elif qt == T.Q6_K:
         sc = blocks[..., 192:208].contiguous().view(torch.int8).double()  # (N, nb, 16)
         isum = (_idot(_q6_values(blocks), a.q.reshape(m, nb, 16, 16)) * sc[None]).sum(-1)

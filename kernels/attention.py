@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from kernels import native_loader
 
 
-def causal_mask(start: int, n_query: int, n_key: int, window: int,
-                device: torch.device | None = None) -> torch.Tensor | None:
+def causal_mask(
+    start: int, n_query: int, n_key: int, window: int, device: torch.device | None = None
+) -> torch.Tensor | None:
     """(T, L) boolean mask on `device`, True where attention is allowed; None when nothing
     is masked."""
     if n_query == 1 and (window == 0 or n_key <= window):
@@ -30,32 +31,48 @@ def causal_mask(start: int, n_query: int, n_key: int, window: int,
     return allowed
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
-              window: int, scale: float) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int, scale: float
+) -> torch.Tensor:
     # q: (T, H, D), k: (L, Hkv, D), v: (L, Hkv, Dv) → (T, H * Dv)
     n_query, n_key = q.shape[0], k.shape[0]
     mask = causal_mask(start, n_query, n_key, window, q.device)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
     )  # (1, H, T, Dv)
     return out[0].transpose(0, 1).reshape(n_query, -1)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """One query per sequence over padded contexts, in one call.
     q: (B, H, D), k: (B, L, Hkv, D), v: (B, L, Hkv, Dv), mask: (B, 1, 1, L) → (B, H * Dv)"""
     out = F.scaled_dot_product_attention(
-        q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+        q[:, :, None, :],
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        scale=scale,
         enable_gqa=q.shape[1] != k.shape[2],
     )  # (B, H, 1, Dv)
     return out.reshape(q.shape[0], -1)
 
 
-def paged_decode_attention(q: torch.Tensor, k_slab: torch.Tensor, v_slab: torch.Tensor,
-                           tables: torch.Tensor, lengths: torch.Tensor, scale: float,
-                           window: int) -> torch.Tensor | None:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_slab: torch.Tensor,
+    v_slab: torch.Tensor,
+    tables: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    window: int,
+) -> torch.Tensor | None:
     """One query per sequence straight from the f16 pages, by the native kernel
     (kernels/native/paged_attention.cpp): batch-invariant, no gather or padding. None when the
     native build is unavailable or the tensors are not CPU ones (the caller then gathers).
@@ -64,19 +81,29 @@ def paged_decode_attention(q: torch.Tensor, k_slab: torch.Tensor, v_slab: torch.
     module = _native_module()
     if module is None or q.device.type != "cpu" or k_slab.device.type != "cpu":
         return None
-    return module.paged_decode_attention(q.float(), k_slab, v_slab, tables, lengths.long(),
-                                         scale, window)
+    return module.paged_decode_attention(
+        q.float(), k_slab, v_slab, tables, lengths.long(), scale, window
+    )
 
 
-def kv_write_f16(k: torch.Tensor, v: torch.Tensor, k_slab: torch.Tensor, v_slab: torch.Tensor,
-                 slots: torch.Tensor) -> bool:
+def kv_write_f16(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_slab: torch.Tensor,
+    v_slab: torch.Tensor,
+    slots: torch.Tensor,
+) -> bool:
     """New keys and values into their f16 slab rows by the native kernel, in one call: k
     (T, Hkv, D), v (T, Hkv, Dv) float32, slabs (slots, Hkv, D|Dv) float16, slots (T,) int64
     (negative: skipped). False when the native build is unavailable or a tensor is not a
     float32 CPU one (the caller then writes with torch)."""
     module = _native_module()
-    if (module is None or not (k.is_cpu and k_slab.is_cpu and slots.is_cpu)
-            or k.dtype != torch.float32 or v.dtype != torch.float32):
+    if (
+        module is None
+        or not (k.is_cpu and k_slab.is_cpu and slots.is_cpu)
+        or k.dtype != torch.float32
+        or v.dtype != torch.float32
+    ):
         return False
     module.kv_write_f16(k, v, k_slab, v_slab, slots)
     return True

@@ -32,8 +32,9 @@ class LayerOps:
     act_mul: Callable
 
 
-CPU_OPS = LayerOps("cpu", small_ops.rms_norm, small_ops.add_rms_norm, small_ops.rope_qk,
-                   small_ops.act_mul)
+CPU_OPS = LayerOps(
+    "cpu", small_ops.rms_norm, small_ops.add_rms_norm, small_ops.rope_qk, small_ops.act_mul
+)
 
 
 @functools.cache

@@ -48,20 +48,28 @@ _scratch = _Scratch()
 class PackedLinear:
     """A linear layer over packed GGML rows: weight (N, row_bytes) uint8 → out_features N."""
 
-    def __init__(self, weight: torch.Tensor, ggml_type: int, in_features: int,
-                 bias: torch.Tensor | None = None, native: bool = True,
-                 panels: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        ggml_type: int,
+        in_features: int,
+        bias: torch.Tensor | None = None,
+        native: bool = True,
+        panels: torch.Tensor | None = None,
+    ) -> None:
         """`panels`: `interleave(weight, ggml_type)`, when the caller made (or shares) them;
         products and row lookups then read those and never touch `weight` again."""
         fmt = block_format(ggml_type)
         if weight.dtype != torch.uint8 or weight.shape[1] != fmt.row_bytes(in_features):
-            raise ValueError(f"packed weight {tuple(weight.shape)} does not hold rows of "
-                             f"{in_features} {fmt.name} elements")
-        self.weight = weight            # (N, row_bytes) uint8, packed
+            raise ValueError(
+                f"packed weight {tuple(weight.shape)} does not hold rows of "
+                f"{in_features} {fmt.name} elements"
+            )
+        self.weight = weight  # (N, row_bytes) uint8, packed
         self.ggml_type = ggml_type
         self.in_features = in_features
         self.out_features = weight.shape[0]
-        self.bias = bias                # (N,) float32 or None
+        self.bias = bias  # (N,) float32 or None
         self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * in_features))
         module = native_loader.load() if native and native_loader.enabled() else None
         self._native = module.qmatmul if module and module.supports(int(ggml_type)) else None
@@ -71,9 +79,13 @@ class PackedLinear:
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows `ids` (an embedding lookup): (T,) → (T, in_features)."""
         if self.panels is not None:
-            packed = self._module.deinterleave(self.panels, ids.reshape(-1).to(torch.int64),
-                                               int(self.ggml_type), self.in_features,
-                                               self.out_features)
+            packed = self._module.deinterleave(
+                self.panels,
+                ids.reshape(-1).to(torch.int64),
+                int(self.ggml_type),
+                self.in_features,
+                self.out_features,
+            )
             return dequantize(packed, self.ggml_type).reshape(*ids.shape, self.in_features)
         return dequantize(self.weight[ids], self.ggml_type)
 
@@ -82,8 +94,9 @@ class PackedLinear:
         if x.device.type != "cpu":  # a CPU-pinned weight inside a GPU layer
             return cross(self(cross(x, torch.device("cpu"))), x.device)
         if self.panels is not None:
-            y = self._module.imatmul_many(x.contiguous(), [self.panels], [self.out_features],
-                                          int(self.ggml_type))[0]
+            y = self._module.imatmul_many(
+                x.contiguous(), [self.panels], [self.out_features], int(self.ggml_type)
+            )[0]
             return y + self.bias if self.bias is not None else y
         if self._native is not None:
             y = self._native(x.contiguous(), self.weight, self.ggml_type)
@@ -91,9 +104,9 @@ class PackedLinear:
         n, step = self.out_features, self.rows_per_chunk
         y = torch.empty(x.shape[0], n, dtype=torch.float32)
         for start in range(0, n, step):
-            rows = self.weight[start:start + step]
+            rows = self.weight[start : start + step]
             w = dequantize(rows, self.ggml_type, out=_scratch.take(rows.shape[0], self.in_features))
-            y[:, start:start + rows.shape[0]] = x @ w.T  # (M, n_chunk)
+            y[:, start : start + rows.shape[0]] = x @ w.T  # (M, n_chunk)
         if self.bias is not None:
             y += self.bias
         return y
@@ -119,19 +132,26 @@ def matmuls(linears: list, x: torch.Tensor) -> list[torch.Tensor]:
         return stacked
     first = linears[0]
     panels = first.panels is not None if type(first) is PackedLinear else False
-    fusable = (x.device.type == "cpu" and all(
-        type(lin) is PackedLinear and lin._native is not None
+    fusable = x.device.type == "cpu" and all(
+        type(lin) is PackedLinear
+        and lin._native is not None
         and (lin.panels is not None) == panels
-        and lin.ggml_type == first.ggml_type and lin.in_features == first.in_features
-        for lin in linears))
+        and lin.ggml_type == first.ggml_type
+        and lin.in_features == first.in_features
+        for lin in linears
+    )
     if not fusable or len(linears) == 1:
         return [lin(x) for lin in linears]
     module = native_loader.load()
     if panels:
-        ys = module.imatmul_many(x.contiguous(), [lin.panels for lin in linears],
-                                 [lin.out_features for lin in linears], int(first.ggml_type))
+        ys = module.imatmul_many(
+            x.contiguous(),
+            [lin.panels for lin in linears],
+            [lin.out_features for lin in linears],
+            int(first.ggml_type),
+        )
     else:
-        ys = module.qmatmul_many(x.contiguous(), [lin.weight for lin in linears],
-                                 int(first.ggml_type))
-    return [y + lin.bias if lin.bias is not None else y
-            for y, lin in zip(ys, linears, strict=True)]
+        ys = module.qmatmul_many(
+            x.contiguous(), [lin.weight for lin in linears], int(first.ggml_type)
+        )
+    return [y + lin.bias if lin.bias is not None else y for y, lin in zip(ys, linears, strict=True)]

@@ -22,8 +22,10 @@ class LoraLinear:
         self.in_features, self.out_features = base.in_features, base.out_features
         for d in self.deltas:
             if d.a.shape[1] != self.in_features or d.b.shape[0] != self.out_features:
-                raise ValueError(f"LoRA pair A {tuple(d.a.shape)}, B {tuple(d.b.shape)} does "
-                                 f"not fit a {self.out_features}x{self.in_features} weight")
+                raise ValueError(
+                    f"LoRA pair A {tuple(d.a.shape)}, B {tuple(d.b.shape)} does "
+                    f"not fit a {self.out_features}x{self.in_features} weight"
+                )
         self._on: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:

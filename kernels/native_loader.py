@@ -49,12 +49,19 @@ import torch
 log = logging.getLogger(__name__)
 
 NATIVE = Path(__file__).resolve().parent / "native"
-SOURCES = (NATIVE / "qmatmul.cpp", NATIVE / "interleaved.cpp", NATIVE / "small_ops.cpp",
-           NATIVE / "paged_attention.cpp")
+SOURCES = (
+    NATIVE / "qmatmul.cpp",
+    NATIVE / "interleaved.cpp",
+    NATIVE / "small_ops.cpp",
+    NATIVE / "paged_attention.cpp",
+)
 HEADERS = (NATIVE / "common.h",)
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
-ISA_FLAGS = {"avx512vnni": AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
-             "avx2": AVX2_FLAGS, "scalar": []}
+ISA_FLAGS = {
+    "avx512vnni": AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+    "avx2": AVX2_FLAGS,
+    "scalar": [],
+}
 FALLBACK = {"avx512vnni": "avx2", "avx2": "scalar"}  # when a build fails, the next one down
 COMMON_FLAGS = ["-O3", "-fno-math-errno"]
 
@@ -99,7 +106,9 @@ def chosen_isa() -> str:
     if not wanted:
         return best
     if wanted not in ORDER:
-        log.warning("TANDEM_NATIVE_ISA=%s is not one of %s; using %s", wanted, ", ".join(ORDER), best)
+        log.warning(
+            "TANDEM_NATIVE_ISA=%s is not one of %s; using %s", wanted, ", ".join(ORDER), best
+        )
         return best
     if ORDER.index(wanted) > ORDER.index(best):
         log.warning("TANDEM_NATIVE_ISA=%s: this CPU runs at most %s; using that", wanted, best)
@@ -127,8 +136,13 @@ def _build(isa: str) -> ModuleType:
     start, build_dir = time.perf_counter(), _build_dir(name)
     if not (Path(build_dir) / f"{name}.so").exists():
         log.info("building tandem's CPU kernel %s (once; about a minute)", name)
-    module = load_extension(name=name, sources=[str(src) for src in SOURCES], extra_cflags=flags,
-                            build_directory=build_dir, verbose=False)
+    module = load_extension(
+        name=name,
+        sources=[str(src) for src in SOURCES],
+        extra_cflags=flags,
+        build_directory=build_dir,
+        verbose=False,
+    )
     log.debug("native qmatmul %s ready in %.1f s", name, time.perf_counter() - start)
     return module
 
@@ -138,8 +152,11 @@ def _build_or_warn(isa: str) -> ModuleType | None:
         return _build(isa)
     except Exception as e:  # no compiler, no ninja, a broken toolchain: fall back
         lines = str(e).strip().splitlines()
-        log.warning("native CPU kernel unavailable (%s build failed: %s); using the torch "
-                    "dequantize path", isa, lines[-1] if lines else type(e).__name__)
+        log.warning(
+            "native CPU kernel unavailable (%s build failed: %s); using the torch dequantize path",
+            isa,
+            lines[-1] if lines else type(e).__name__,
+        )
         return None
 
 
@@ -179,6 +196,8 @@ def qmatmul(x: torch.Tensor, w: torch.Tensor, ggml_type: int) -> torch.Tensor:
     float32. Raises RuntimeError where the kernel is unavailable (check `supports` first)."""
     module = load() if enabled() else None
     if module is None:
-        raise RuntimeError("the native qmatmul kernel is unavailable (TANDEM_NATIVE=0 or the "
-                           "build failed; see the logged warning)")
+        raise RuntimeError(
+            "the native qmatmul kernel is unavailable (TANDEM_NATIVE=0 or the "
+            "build failed; see the logged warning)"
+        )
     return module.qmatmul(x, w, int(ggml_type))

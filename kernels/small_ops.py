@@ -52,8 +52,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> t
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
 
 
-def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """rope(q) and rope(k) by the same tables, in one native call."""
     module = _native(q, k, cos, sin)
     if module is not None:
@@ -62,8 +63,9 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return rope(q, cos, sin, neox), rope(k, cos, sin, neox)
 
 
-def add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + a, rms_norm(x + a)): a residual add and the norm that follows it, bit for bit the
     two ops apart. x, a: (..., D) float32, weight: (D,)."""
     module = _native(x, a, weight)
@@ -79,7 +81,7 @@ def gelu_ggml(x: torch.Tensor) -> torch.Tensor:
     tanh-form GELU of x rounded to fp16, computed in float32 and rounded to fp16 (its lookup
     table over every fp16 value)."""
     v = x.half().float()
-    g = (0.5 * v * (1.0 + torch.tanh(0.7978845608028654 * v * (1.0 + 0.044715 * v * v))))
+    g = 0.5 * v * (1.0 + torch.tanh(0.7978845608028654 * v * (1.0 + 0.044715 * v * v)))
     g = g.half().to(x.dtype)
     return torch.where(x <= -10.0, torch.zeros_like(x), torch.where(x >= 10.0, x, g))
 

@@ -34,8 +34,14 @@ class Stack:
 
 
 class TritonLinear:
-    def __init__(self, weight: torch.Tensor, ggml_type: int, in_features: int,
-                 bias: torch.Tensor | None, device: torch.device) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        ggml_type: int,
+        in_features: int,
+        bias: torch.Tensor | None,
+        device: torch.device,
+    ) -> None:
         from kernels.triton.qmatmul import qmatmul  # sets up Triton's interpreter without CUDA
 
         self._qmatmul = qmatmul
@@ -48,18 +54,34 @@ class TritonLinear:
         self.stack: Stack | None = None  # set on the members of a stacked group
 
     @classmethod
-    def stacked(cls, weights: list[torch.Tensor], ggml_type: int, in_features: int,
-                biases: list[torch.Tensor | None], device: torch.device) -> list[TritonLinear]:
+    def stacked(
+        cls,
+        weights: list[torch.Tensor],
+        ggml_type: int,
+        in_features: int,
+        biases: list[torch.Tensor | None],
+        device: torch.device,
+    ) -> list[TritonLinear]:
         """Members over one device weight: weights[i] (N_i, row_bytes) on the host, one
         ggml_type; biases all None or all given. → one TritonLinear per weight, in order."""
-        whole = cls(torch.cat(weights), ggml_type, in_features,
-                    torch.cat(biases) if biases[0] is not None else None, device)
+        whole = cls(
+            torch.cat(weights),
+            ggml_type,
+            in_features,
+            torch.cat(biases) if biases[0] is not None else None,
+            device,
+        )
         stack = Stack(whole)
         members, start = [], 0
         for w, b in zip(weights, biases, strict=True):
             rows = slice(start, start + w.shape[0])
-            member = cls(whole.weight[rows], ggml_type, in_features,
-                         whole.bias[rows] if b is not None else None, device)
+            member = cls(
+                whole.weight[rows],
+                ggml_type,
+                in_features,
+                whole.bias[rows] if b is not None else None,
+                device,
+            )
             member.stack = stack
             members.append(member)
             start = rows.stop
@@ -73,8 +95,9 @@ class TritonLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: (M, K) float32 on any device → (M, N) float32 on x's device
         home = x.device
-        y = self._qmatmul(cross(x, self.device).contiguous(), self.weight, self.ggml_type,
-                          self.bias)
+        y = self._qmatmul(
+            cross(x, self.device).contiguous(), self.weight, self.ggml_type, self.bias
+        )
         return cross(y, home)
 
 
@@ -84,7 +107,10 @@ def run_stacked(linears: list, x: torch.Tensor) -> list[torch.Tensor] | None:
     (M, N_i) of the stack's (M, ΣN_i) output."""
     first = linears[0]
     stack = first.stack if type(first) is TritonLinear else None
-    if stack is None or len(linears) != len(stack.members) or any(
-            lin is not member for lin, member in zip(linears, stack.members, strict=False)):
+    if (
+        stack is None
+        or len(linears) != len(stack.members)
+        or any(lin is not member for lin, member in zip(linears, stack.members, strict=False))
+    ):
         return None
     return list(stack.linear(x).split(stack.widths, dim=1))

@@ -56,9 +56,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
         _LLAMA3_PRE,
     ),
     **dict.fromkeys(("dbrx", "smaug-bpe"), PreTokenizer((_LLAMA3,))),
-    **dict.fromkeys(
-        ("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan"), _QWEN2_PRE
-    ),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan"), _QWEN2_PRE),
 }
 
 

@@ -26,24 +26,24 @@ class ModelConfig:
     n_ff: int
     n_head: int
     n_head_kv: int
-    head_dim: int            # key/query head size
-    head_dim_v: int          # value head size
+    head_dim: int  # key/query head size
+    head_dim_v: int  # value head size
     n_ctx_train: int
     vocab_size: int
     rms_eps: float
     rope_base: float
-    rope_base_swa: float     # rope base of sliding-window layers (== rope_base when none)
-    rope_scale: float        # linear rope scaling factor (1.0: none)
-    rope_neox: bool          # rotate halves (NEOX) rather than adjacent pairs
-    sliding_window: int      # 0: no sliding-window layers
+    rope_base_swa: float  # rope base of sliding-window layers (== rope_base when none)
+    rope_scale: float  # linear rope scaling factor (1.0: none)
+    rope_neox: bool  # rotate halves (NEOX) rather than adjacent pairs
+    sliding_window: int  # 0: no sliding-window layers
     swa_layers: tuple[bool, ...]
-    activation: str          # "silu" | "gelu_tanh"
+    activation: str  # "silu" | "gelu_tanh"
     qk_norm: bool
-    post_norms: bool         # post-attention and post-FFN norms (gemma)
-    embed_scale: float       # token embeddings are multiplied by this (gemma: sqrt(n_embd))
-    attn_scale: float        # softmax(q·k * attn_scale)
-    tied_head: bool          # no output.weight: the head reuses token_embd
-    attn_bias: bool          # q/k/v projections carry biases (qwen2)
+    post_norms: bool  # post-attention and post-FFN norms (gemma)
+    embed_scale: float  # token embeddings are multiplied by this (gemma: sqrt(n_embd))
+    attn_scale: float  # softmax(q·k * attn_scale)
+    tied_head: bool  # no output.weight: the head reuses token_embd
+    attn_bias: bool  # q/k/v projections carry biases (qwen2)
 
     @property
     def kv_dim(self) -> int:
@@ -60,17 +60,25 @@ class ModelConfig:
         n_embd, n_head = get("embedding_length"), get("attention.head_count")
         n_head_kv = get("attention.head_count_kv", n_head)
         n_layer = get("block_count")
-        for key, value in (("embedding_length", n_embd), ("attention.head_count", n_head),
-                           ("attention.head_count_kv", n_head_kv), ("block_count", n_layer)):
+        for key, value in (
+            ("embedding_length", n_embd),
+            ("attention.head_count", n_head),
+            ("attention.head_count_kv", n_head_kv),
+            ("block_count", n_layer),
+        ):
             _check_positive(arch, key, value)
         if n_head % n_head_kv:
-            raise GGUFError(f"metadata key '{arch}.attention.head_count' ({n_head}) is not a "
-                            f"multiple of '{arch}.attention.head_count_kv' ({n_head_kv})")
+            raise GGUFError(
+                f"metadata key '{arch}.attention.head_count' ({n_head}) is not a "
+                f"multiple of '{arch}.attention.head_count_kv' ({n_head_kv})"
+            )
         head_dim = get("attention.key_length", n_embd // n_head)
-        for key, value in (("attention.key_length", head_dim),
-                           ("attention.value_length", get("attention.value_length", head_dim)),
-                           ("feed_forward_length", get("feed_forward_length")),
-                           ("context_length", get("context_length", 2048))):
+        for key, value in (
+            ("attention.key_length", head_dim),
+            ("attention.value_length", get("attention.value_length", head_dim)),
+            ("feed_forward_length", get("feed_forward_length")),
+            ("context_length", get("context_length", 2048)),
+        ):
             _check_positive(arch, key, value)
         gemma = arch == "gemma3"
         window = get("attention.sliding_window", 0) if gemma else 0

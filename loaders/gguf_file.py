@@ -81,8 +81,9 @@ class GGUFFile:
         try:
             return self.tensors[name]
         except KeyError:
-            raise GGUFError(f"{self.path}: no tensor named {name!r} "
-                            f"(the file has {len(self.tensors)} tensors)") from None
+            raise GGUFError(
+                f"{self.path}: no tensor named {name!r} (the file has {len(self.tensors)} tensors)"
+            ) from None
 
     def tensor_bytes(self, name: str) -> torch.Tensor:
         """The tensor's raw bytes: a 1-D uint8 view of the mapping (read-only in fact)."""
@@ -92,8 +93,9 @@ class GGUFFile:
         with warnings.catch_warnings():
             # torch warns (once) that the buffer is read-only; that is by design here
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            return torch.frombuffer(self._mmap, dtype=torch.uint8, count=info.nbytes,
-                                    offset=info.offset)
+            return torch.frombuffer(
+                self._mmap, dtype=torch.uint8, count=info.nbytes, offset=info.offset
+            )
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor as a uint8 (n_rows, row_bytes) view: one row per ne0-long row."""
@@ -136,10 +138,16 @@ class GGUFFile:
     def __enter__(self) -> GGUFFile:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"GGUFFile({str(self.path)!r}, version={self.version}, "
-                f"{len(self.metadata)} keys, {len(self.tensors)} tensors)")
+        return (
+            f"GGUFFile({str(self.path)!r}, version={self.version}, "
+            f"{len(self.metadata)} keys, {len(self.tensors)} tensors)"
+        )

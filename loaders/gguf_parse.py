@@ -44,9 +44,19 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 # value type -> struct/numpy format of one value (bool is a byte: 0 false, else true)
-_FORMATS = {VT.UINT8: "B", VT.INT8: "b", VT.UINT16: "H", VT.INT16: "h", VT.UINT32: "I",
-            VT.INT32: "i", VT.FLOAT32: "f", VT.BOOL: "B", VT.UINT64: "Q", VT.INT64: "q",
-            VT.FLOAT64: "d"}
+_FORMATS = {
+    VT.UINT8: "B",
+    VT.INT8: "b",
+    VT.UINT16: "H",
+    VT.INT16: "h",
+    VT.UINT32: "I",
+    VT.INT32: "i",
+    VT.FLOAT32: "f",
+    VT.BOOL: "B",
+    VT.UINT64: "Q",
+    VT.INT64: "q",
+    VT.FLOAT64: "d",
+}
 _SCALARS = {t: (struct.Struct("<" + f), np.dtype("<" + f)) for t, f in _FORMATS.items()}
 # the fewest bytes one value of each type can take (bounds counts before allocating)
 _MIN_SIZE: dict[int, int] = {t: s.size for t, (s, _) in _SCALARS.items()}
@@ -127,8 +137,10 @@ class _Cursor:
 
     def need(self, n: int, what: str) -> None:
         if n > self.end - self.pos:
-            self.fail(f"truncated: {what} at offset {self.pos} needs {n} bytes but only "
-                      f"{self.end - self.pos} remain (file size {self.end})")
+            self.fail(
+                f"truncated: {what} at offset {self.pos} needs {n} bytes but only "
+                f"{self.end - self.pos} remain (file size {self.end})"
+            )
 
     def u32(self, what: str) -> int:
         self.need(4, what)
@@ -147,15 +159,17 @@ class _Cursor:
         if n > cap:
             self.fail(f"{what} {n} exceeds the limit of {cap}")
         if n * min_size > self.end - self.pos:
-            self.fail(f"{what} {n} cannot fit in the {self.end - self.pos} bytes that remain "
-                      f"at offset {self.pos} (file size {self.end})")
+            self.fail(
+                f"{what} {n} cannot fit in the {self.end - self.pos} bytes that remain "
+                f"at offset {self.pos} (file size {self.end})"
+            )
 
     def text(self, what: str, cap: int) -> str:
         n = self.u64(f"{what} length")
         if n > cap:
             self.fail(f"{what} length {n} exceeds the limit of {cap} bytes")
         self.need(n, what)
-        raw = self.src[self.pos:self.pos + n]  # bytes: no export of the buffer lingers
+        raw = self.src[self.pos : self.pos + n]  # bytes: no export of the buffer lingers
         try:
             value = raw.decode()
         except UnicodeDecodeError:
@@ -191,7 +205,7 @@ def _string_array(cur: _Cursor, n: int, what: str) -> list[str]:
             stop = pos + 8 + length
             if stop > end or length > MAX_STRING_BYTES:
                 break
-            append(src[pos + 8:stop].decode())
+            append(src[pos + 8 : stop].decode())
             pos = stop
         else:
             cur.pos = pos
@@ -274,8 +288,10 @@ def _tensor_nbytes(cur: _Cursor, name: str, shape: tuple[int, ...], ggml_type: i
     except (ValueError, KeyError):
         cur.fail(f"{label} has unknown ggml type {ggml_type}")
     if shape[0] % block_size:
-        cur.fail(f"{label} row length {shape[0]} is not a multiple of the {qtype.name} "
-                 f"block size {block_size}")
+        cur.fail(
+            f"{label} row length {shape[0]} is not a multiple of the {qtype.name} "
+            f"block size {block_size}"
+        )
     return n_elements // block_size * type_size
 
 
@@ -311,8 +327,10 @@ def _read_tensors(cur: _Cursor, n_tensors: int, alignment: int) -> tuple[dict, i
     for name, ggml_type, shape, rel_offset, nbytes in raw.values():
         start = data_offset + rel_offset
         if start + nbytes > cur.end:
-            cur.fail(f"tensor {_show(name)} data [offset {start}, size {nbytes}] extends past "
-                     f"the end of the file (size {cur.end})")
+            cur.fail(
+                f"tensor {_show(name)} data [offset {start}, size {nbytes}] extends past "
+                f"the end of the file (size {cur.end})"
+            )
         tensors[name] = TensorInfo(name, ggml_type, tuple(shape), start, nbytes)
     return tensors, data_offset
 

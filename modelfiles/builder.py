@@ -29,9 +29,15 @@ from runtime.errors import GGUFError, ModelfileError, ModelNotFoundError, Unsupp
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 
 
-def create_model(store: Store, name: ModelName, mf: Modelfile, base_dir: Path,
-                 quantize: str | None = None, progress: Progress | None = None,
-                 from_path: Path | None = None) -> Manifest:
+def create_model(
+    store: Store,
+    name: ModelName,
+    mf: Modelfile,
+    base_dir: Path,
+    quantize: str | None = None,
+    progress: Progress | None = None,
+    from_path: Path | None = None,
+) -> Manifest:
     """Build `name` from the parsed Modelfile `mf` and store it; `from_path` (a GGUF) stands
     in for the FROM line (used for the built-in models)."""
     say = progress or (lambda message: None)
@@ -41,14 +47,20 @@ def create_model(store: Store, name: ModelName, mf: Modelfile, base_dir: Path,
     model, quantization = base.model, base.quantization
     if quantize:
         model, quantization = _quantize(store, model, quantize, say), target_type(quantize).name
-    adapters = base.adapters + [_import_adapter(store, a, base_dir, model, say)
-                                for a in mf.adapters]
+    adapters = base.adapters + [
+        _import_adapter(store, a, base_dir, model, say) for a in mf.adapters
+    ]
     manifest = Manifest(
-        model=model, adapters=adapters, parameters={**base.parameters, **mf.parameters},
+        model=model,
+        adapters=adapters,
+        parameters={**base.parameters, **mf.parameters},
         template=mf.template if mf.template is not None else base.template,
         system=mf.system if mf.system is not None else base.system,
-        license=base.license + mf.license, messages=mf.messages or base.messages,
-        parent=base.parent, quantization=quantization)
+        license=base.license + mf.license,
+        messages=mf.messages or base.messages,
+        parent=base.parent,
+        quantization=quantization,
+    )
     say("writing manifest")
     store.put(name, manifest)
     say("success")
@@ -64,7 +76,8 @@ def ensure_builtin(store: Store, name: ModelName, progress: Progress | None = No
         stored = ", ".join(str(n) for n, _ in store.list()) or "none"
         raise ModelNotFoundError(
             f"model {str(name)!r} is not known; stored models: {stored}; pullable models: "
-            f"{', '.join(sorted(KNOWN))} (or give the path of a .gguf file)")
+            f"{', '.join(sorted(KNOWN))} (or give the path of a .gguf file)"
+        )
     path = pull(name.name)
     mf = read_modelfile(BUILTIN_DIR / f"{name.name}.Modelfile")
     return create_model(store, name, mf, BUILTIN_DIR, progress=progress, from_path=path)
@@ -87,8 +100,11 @@ def _base(store: Store, mf: Modelfile, base_dir: Path, say: Progress) -> Manifes
         return _import_gguf(store, path, say)
     name = ModelName.maybe(mf.from_)
     if name is None or _looks_like_path(mf.from_):
-        raise ModelfileError(f"FROM {mf.from_}: no such file (relative paths start at the "
-                             f"Modelfile's directory, {base_dir})", mf.from_line)
+        raise ModelfileError(
+            f"FROM {mf.from_}: no such file (relative paths start at the "
+            f"Modelfile's directory, {base_dir})",
+            mf.from_line,
+        )
     say(f"using base model {name}")
     try:
         inherited = ensure_builtin(store, name)
@@ -116,12 +132,13 @@ def _import(store: Store, path: Path, say: Progress) -> Layer:
     return store.import_file(path, say)
 
 
-def _import_adapter(store: Store, text: str, base_dir: Path, base: Layer,
-                    say: Progress) -> Layer:
+def _import_adapter(store: Store, text: str, base_dir: Path, base: Layer, say: Progress) -> Layer:
     path = _local_path(text, base_dir)
     if path is None:
-        raise ModelfileError(f"ADAPTER {text}: no such file (relative paths start at the "
-                             f"Modelfile's directory, {base_dir})")
+        raise ModelfileError(
+            f"ADAPTER {text}: no such file (relative paths start at the "
+            f"Modelfile's directory, {base_dir})"
+        )
     try:
         _check_fits(LoraAdapter.read(path), store.blob_path(base))
     except (GGUFError, UnsupportedError) as err:
@@ -140,15 +157,18 @@ def _check_fits(adapter: LoraAdapter, base_path: Path) -> None:
             want = (weight.b.shape[0], weight.a.shape[1])  # (out, in)
             if info is None or tuple(reversed(info.shape)) != want:
                 have = "missing" if info is None else f"{tuple(reversed(info.shape))}"
-                raise UnsupportedError(f"it changes {name} as {want}, but the model's {name} "
-                                       f"is {have}; was it made for this base model?")
+                raise UnsupportedError(
+                    f"it changes {name} as {want}, but the model's {name} "
+                    f"is {have}; was it made for this base model?"
+                )
 
 
 def _quantize(store: Store, model: Layer, target: str, say: Progress) -> Layer:
     target_type(target)  # an unknown type fails before any work
     store.blobs.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=store.blobs, prefix="quantize-", suffix=".partial",
-                                     delete=False) as tmp:
+    with tempfile.NamedTemporaryFile(
+        dir=store.blobs, prefix="quantize-", suffix=".partial", delete=False
+    ) as tmp:
         out = Path(tmp.name)
     try:
         say(f"quantizing model to {target.upper()}")

@@ -28,9 +28,16 @@ from modelfiles.go_tokens import TOKEN, Token, number, unquote
 from runtime.errors import TemplateError
 
 _COMPARE = {"ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
-_HELPERS = {"eq": "_go_eq", "len": "_go_len", "index": "_go_index", "slice": "_go_slice",
-            "print": "_go_sprint", "println": "_go_sprintln", "printf": "_go_printf",
-            "json": "_go_json"}
+_HELPERS = {
+    "eq": "_go_eq",
+    "len": "_go_len",
+    "index": "_go_index",
+    "slice": "_go_slice",
+    "print": "_go_sprint",
+    "println": "_go_sprintln",
+    "printf": "_go_printf",
+    "json": "_go_json",
+}
 _SPACE = " \t\r\n"  # what {{- and -}} trim (Go's definition of white space there)
 _UNSUPPORTED = ("define", "template", "block", "call", "html", "js", "urlquery")
 
@@ -80,7 +87,9 @@ class _Translator:
             self._text(text.rstrip(_SPACE) if trim_before else text)
             pos, trim_next = self._action(start + (4 if trim_before else 2))
         if self.blocks:
-            raise self._error(f"{{{{ {self.blocks[-1].kind} }}}} is never closed with {{{{ end }}}}")
+            raise self._error(
+                f"{{{{ {self.blocks[-1].kind} }}}} is never closed with {{{{ end }}}}"
+            )
         return Translation("".join(self.out), self.fields)
 
     def _text(self, text: str) -> None:
@@ -122,7 +131,7 @@ class _Translator:
                 return tokens, self._skip_space(pos) + 3, True
             match = TOKEN.match(self.source, pos)
             if not match:
-                raise self._error(f"unexpected {self.source[pos:pos + 10]!r} in an action")
+                raise self._error(f"unexpected {self.source[pos : pos + 10]!r} in an action")
             if match.lastgroup != "space":
                 tokens.append(Token(match.lastgroup or "", match.group()))
             pos = match.end()
@@ -137,14 +146,21 @@ class _Translator:
         head = tokens[0].text if tokens[0].kind == "ident" else ""
         if head in _UNSUPPORTED:
             raise self._error(f"{head!r} is not supported in tandem's Go-template subset")
-        handler = {"if": self._if, "else": self._else, "end": self._end, "range": self._range,
-                   "with": self._with, "break": self._loop_control,
-                   "continue": self._loop_control}.get(head)
+        handler = {
+            "if": self._if,
+            "else": self._else,
+            "end": self._end,
+            "range": self._range,
+            "with": self._with,
+            "break": self._loop_control,
+            "continue": self._loop_control,
+        }.get(head)
         if handler:
             handler(tokens)
         elif len(tokens) >= 2 and tokens[0].kind == "var" and tokens[1].text in (":=", "="):
-            self.out.append(f"{{% set {self._var(tokens[0].text)} = "
-                            f"{self._pipeline(tokens[2:])} %}}")
+            self.out.append(
+                f"{{% set {self._var(tokens[0].text)} = {self._pipeline(tokens[2:])} %}}"
+            )
         else:
             self.out.append("{{ _go_print(" + self._pipeline(tokens) + ") }}")
 
@@ -170,8 +186,11 @@ class _Translator:
             raise self._error("{{ end }} without an open if, range or with")
         block = self.blocks.pop()
         self.dot = block.dot
-        self.out.append({"if": "{% endif %}", "range": "{% endfor %}",
-                         "with": "{% endif %}{% endwith %}"}[block.kind])
+        self.out.append(
+            {"if": "{% endif %}", "range": "{% endfor %}", "with": "{% endif %}{% endwith %}"}[
+                block.kind
+            ]
+        )
 
     def _range(self, tokens: list[Token]) -> None:
         rest, names = tokens[1:], []
@@ -180,7 +199,7 @@ class _Translator:
             names = [t.text for t in rest[:split] if t.kind == "var"]
             if not 1 <= len(names) <= 2:
                 raise self._error("range declares one or two variables: $i, $m := ...")
-            rest = rest[split + 1:]
+            rest = rest[split + 1 :]
         self.counter += 1
         key = self._var(names[0]) if len(names) == 2 else f"_k{self.counter}"
         item = self._var(names[-1]) if names else f"_d{self.counter}"
@@ -254,7 +273,7 @@ class _Translator:
             tok = tokens[i]
             if tok.kind == "punct" and tok.text == "(":
                 close = self._matching(tokens, i)
-                expr, i = "(" + self._pipeline(tokens[i + 1:close]) + ")", close + 1
+                expr, i = "(" + self._pipeline(tokens[i + 1 : close]) + ")", close + 1
             else:
                 expr, i = self._operand(tok), i + 1
             if tok.kind in ("punct", "var") and i < len(tokens) and tokens[i].kind == "field":

@@ -78,12 +78,19 @@ class Manifest:
             data["adapters"] = [Layer(**a) for a in data.get("adapters", [])]
             return cls(**data)
         except (ValueError, TypeError, KeyError, AttributeError) as err:
-            raise ModelNotFoundError(f"the manifest {where} is damaged ({err}); remove it with "
-                                     "`tandem rm` and create the model again") from None
+            raise ModelNotFoundError(
+                f"the manifest {where} is damaged ({err}); remove it with "
+                "`tandem rm` and create the model again"
+            ) from None
 
     def to_modelfile(self, blob_path: Any) -> Modelfile:
         """The Modelfile this manifest would be created from, FROM its blob (as ollama shows)."""
-        return Modelfile(from_=str(blob_path(self.model)), parameters=dict(self.parameters),
-                         template=self.template, system=self.system,
-                         adapters=[str(blob_path(a)) for a in self.adapters],
-                         license=list(self.license), messages=[dict(m) for m in self.messages])
+        return Modelfile(
+            from_=str(blob_path(self.model)),
+            parameters=dict(self.parameters),
+            template=self.template,
+            system=self.system,
+            adapters=[str(blob_path(a)) for a in self.adapters],
+            license=list(self.license),
+            messages=[dict(m) for m in self.messages],
+        )

@@ -30,10 +30,12 @@ class ModelName:
         if not _NAME.fullmatch(name) or ".." in name:
             raise InvalidParameterError(
                 f"model name {text!r} is not valid: use letters, digits, '_', '-' and '.', "
-                "starting with a letter or digit, optionally followed by :tag")
+                "starting with a letter or digit, optionally followed by :tag"
+            )
         if not _TAG.fullmatch(tag):
             raise InvalidParameterError(
-                f"model tag in {text!r} is not valid: use letters, digits, '_', '-' and '.'")
+                f"model tag in {text!r} is not valid: use letters, digits, '_', '-' and '.'"
+            )
         return cls(name, tag)
 
     @classmethod

@@ -46,13 +46,35 @@ from typing import Any
 from runtime.errors import InvalidParameterError
 from runtime.sampling_params import OLLAMA_OPTIONS, SamplingParams
 
-_BOOL = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True,
-         "0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False}
+_BOOL = {
+    "1": True,
+    "t": True,
+    "T": True,
+    "TRUE": True,
+    "true": True,
+    "True": True,
+    "0": False,
+    "f": False,
+    "F": False,
+    "FALSE": False,
+    "false": False,
+    "False": False,
+}
 _INT = re.compile(r"[+-]?[0-9]+")
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _DEVICE = re.compile(r"cpu|gpu|cuda(?::[0-9]+)?")
 
 
@@ -65,34 +87,47 @@ class Parameter:
     low: float = -math.inf  # smallest allowed value (ints and sizes)
 
 
-PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
-    Parameter("num_ctx", "int", 2048, low=1),
-    Parameter("num_predict", "int", -1, low=-2),
-    Parameter("num_keep", "int", 4, low=-1),
-    Parameter("temperature", "float", 0.8),
-    Parameter("top_k", "int", 40),
-    Parameter("top_p", "float", 0.9),
-    Parameter("min_p", "float", 0.0),
-    Parameter("repeat_penalty", "float", 1.1),
-    Parameter("repeat_last_n", "int", 64),
-    Parameter("presence_penalty", "float", 0.0),
-    Parameter("frequency_penalty", "float", 0.0),
-    Parameter("seed", "int", -1),
-    Parameter("stop", "str", None, repeated=True),
-    Parameter("num_gpu", "int", -1, low=-1),
-    Parameter("num_thread", "int", 0, low=0),
-    Parameter("num_batch", "int", 512, low=1),
-    Parameter("use_mmap", "bool", None),
-    Parameter("gpu_memory", "size", None, low=0),
-    Parameter("pin", "pin", None, repeated=True),
-)}
+PARAMETERS: dict[str, Parameter] = {
+    p.name: p
+    for p in (
+        Parameter("num_ctx", "int", 2048, low=1),
+        Parameter("num_predict", "int", -1, low=-2),
+        Parameter("num_keep", "int", 4, low=-1),
+        Parameter("temperature", "float", 0.8),
+        Parameter("top_k", "int", 40),
+        Parameter("top_p", "float", 0.9),
+        Parameter("min_p", "float", 0.0),
+        Parameter("repeat_penalty", "float", 1.1),
+        Parameter("repeat_last_n", "int", 64),
+        Parameter("presence_penalty", "float", 0.0),
+        Parameter("frequency_penalty", "float", 0.0),
+        Parameter("seed", "int", -1),
+        Parameter("stop", "str", None, repeated=True),
+        Parameter("num_gpu", "int", -1, low=-1),
+        Parameter("num_thread", "int", 0, low=0),
+        Parameter("num_batch", "int", 512, low=1),
+        Parameter("use_mmap", "bool", None),
+        Parameter("gpu_memory", "size", None, low=0),
+        Parameter("pin", "pin", None, repeated=True),
+    )
+}
 
 # ollama's own parameters that tandem has no use for: accepted, type-checked, dropped.
 IGNORED: dict[str, str] = {
-    "typical_p": "float", "tfs_z": "float", "mirostat": "int", "mirostat_tau": "float",
-    "mirostat_eta": "float", "penalize_newline": "bool", "numa": "bool", "main_gpu": "int",
-    "use_mlock": "bool", "low_vram": "bool", "f16_kv": "bool", "logits_all": "bool",
-    "vocab_only": "bool", "num_gqa": "int",
+    "typical_p": "float",
+    "tfs_z": "float",
+    "mirostat": "int",
+    "mirostat_tau": "float",
+    "mirostat_eta": "float",
+    "penalize_newline": "bool",
+    "numa": "bool",
+    "main_gpu": "int",
+    "use_mlock": "bool",
+    "low_vram": "bool",
+    "f16_kv": "bool",
+    "logits_all": "bool",
+    "vocab_only": "bool",
+    "num_gqa": "int",
 }
 
 
@@ -139,8 +174,9 @@ def _pin(text: str) -> str:
     pattern, sep, device = text.rpartition("=")
     device = device.strip().lower()
     if not sep or not pattern or not _DEVICE.fullmatch(device):
-        raise ValueError(f"expected PATTERN=DEVICE with DEVICE one of cpu, gpu, cuda, cuda:N, "
-                         f"got {text!r}")
+        raise ValueError(
+            f"expected PATTERN=DEVICE with DEVICE one of cpu, gpu, cuda, cuda:N, got {text!r}"
+        )
     try:
         re.compile(pattern)
     except re.error as err:

@@ -87,17 +87,19 @@ def _split(text: str) -> tuple[str, str, str]:
     match = re.search(r"[ \t]", text)
     if not match:
         return text, "", ""
-    return text[:match.start()], match.group(), text[match.end():]
+    return text[: match.start()], match.group(), text[match.end() :]
 
 
 def _instruction(mf: Modelfile, keyword: str, rest: str, lines: _Lines) -> None:
     line_no, upper = lines.line_no, keyword.upper()
     if upper in _UNSUPPORTED_INSTRUCTIONS:
-        raise ModelfileError(f"{upper} is an ollama instruction tandem does not support; "
-                             "remove it", line_no)
+        raise ModelfileError(
+            f"{upper} is an ollama instruction tandem does not support; remove it", line_no
+        )
     if upper not in INSTRUCTIONS + _IGNORED_INSTRUCTIONS:
-        raise ModelfileError(f"unknown instruction {keyword!r}; use one of "
-                             f"{', '.join(INSTRUCTIONS)}", line_no)
+        raise ModelfileError(
+            f"unknown instruction {keyword!r}; use one of {', '.join(INSTRUCTIONS)}", line_no
+        )
     if upper in ("PARAMETER", "MESSAGE"):
         name, _, rest = _split(rest.lstrip(" \t"))
         if not name:
@@ -121,8 +123,11 @@ def _instruction(mf: Modelfile, keyword: str, rest: str, lines: _Lines) -> None:
 
 def _from(mf: Modelfile, value: str, line_no: int) -> None:
     if mf.from_line:
-        raise ModelfileError(f"a second FROM (the first is on line {mf.from_line}); tandem "
-                             "builds a model from one base: keep one FROM", line_no)
+        raise ModelfileError(
+            f"a second FROM (the first is on line {mf.from_line}); tandem "
+            "builds a model from one base: keep one FROM",
+            line_no,
+        )
     mf.from_, mf.from_line = value, line_no
 
 
@@ -138,8 +143,9 @@ def _parameter(mf: Modelfile, name: str, text: str, line_no: int) -> None:
     except (ValueError, InvalidParameterError) as err:
         raise ModelfileError(f"bad value for PARAMETER {key}: {err}", line_no) from None
     if key in params.IGNORED:
-        mf.warnings.append(f"line {line_no}: parameter {key} is ollama's but tandem does not "
-                           "use it; ignored")
+        mf.warnings.append(
+            f"line {line_no}: parameter {key} is ollama's but tandem does not use it; ignored"
+        )
     elif params.PARAMETERS[key].repeated:
         mf.parameters.setdefault(key, []).append(value)
     else:
@@ -175,5 +181,10 @@ def _append(attr: str) -> Callable[[Modelfile, str, int], None]:
     return handler
 
 
-_HANDLERS = {"FROM": _from, "TEMPLATE": _template, "SYSTEM": _set("system"),
-             "ADAPTER": _append("adapters"), "LICENSE": _append("license")}
+_HANDLERS = {
+    "FROM": _from,
+    "TEMPLATE": _template,
+    "SYSTEM": _set("system"),
+    "ADAPTER": _append("adapters"),
+    "LICENSE": _append("license"),
+}

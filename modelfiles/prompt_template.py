@@ -63,8 +63,13 @@ def _go_index(value: Any, *keys: Any) -> Any:
 
 def _go_slice(value: Any, *bounds: int) -> Any:
     """slice x i j: x[i:j]; slice x i: x[i:] (a third bound, the capacity, changes nothing)."""
-    return value[bounds[0]:bounds[1]] if len(bounds) >= 2 else value[bounds[0]:] if bounds \
+    return (
+        value[bounds[0] : bounds[1]]
+        if len(bounds) >= 2
+        else value[bounds[0] :]
+        if bounds
         else value
+    )
 
 
 def _go_sprint(*values: Any) -> str:
@@ -92,8 +97,9 @@ def _go_printf(fmt: str, *args: Any) -> str:
                 out.append("%")
             elif pending:
                 value = pending.pop(0)
-                out.append(json.dumps(value, ensure_ascii=False) if verb == "q"
-                           else _go_print(value))
+                out.append(
+                    json.dumps(value, ensure_ascii=False) if verb == "q" else _go_print(value)
+                )
             else:
                 out.append(f"%!{verb}(MISSING)")
             i += 2
@@ -107,9 +113,18 @@ def _go_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-HELPERS = {"_go_print": _go_print, "_go_range": _go_range, "_go_eq": _go_eq, "_go_len": _go_len,
-           "_go_index": _go_index, "_go_slice": _go_slice, "_go_sprint": _go_sprint,
-           "_go_sprintln": _go_sprintln, "_go_printf": _go_printf, "_go_json": _go_json}
+HELPERS = {
+    "_go_print": _go_print,
+    "_go_range": _go_range,
+    "_go_eq": _go_eq,
+    "_go_len": _go_len,
+    "_go_index": _go_index,
+    "_go_slice": _go_slice,
+    "_go_sprint": _go_sprint,
+    "_go_sprintln": _go_sprintln,
+    "_go_printf": _go_printf,
+    "_go_json": _go_json,
+}
 
 
 def _collate(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
@@ -133,13 +148,14 @@ class GoTemplate:
         self.uses_messages = "messages" in fields
         jinja = translation.jinja
         if not self.uses_messages and "response" not in fields:
-            jinja += "{{ _go_print(_root[\"Response\"]) }}"
+            jinja += '{{ _go_print(_root["Response"]) }}'
         self.source = source
         self.bos_token, self.eos_token = bos_token, eos_token
         self._template = ChatTemplate(jinja, bos_token=bos_token, eos_token=eos_token)
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-               **extra: Any) -> str:
+    def render(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
         """The prompt for `messages` (Go templates always end where the answer begins, so
         add_generation_prompt has no effect)."""
         if not self.uses_messages:
@@ -156,8 +172,9 @@ class GoTemplate:
         out, turn = [], {"System": "", "Prompt": "", "Response": ""}
         for m in merged:
             role, content = m["Role"], m["Content"]
-            if (role == "system" and (turn["Prompt"] or turn["Response"])) or \
-                    (role == "user" and turn["Response"]):
+            if (role == "system" and (turn["Prompt"] or turn["Response"])) or (
+                role == "user" and turn["Response"]
+            ):
                 out.append(self._execute(messages, turn))
                 turn = {"System": "", "Prompt": "", "Response": ""}
             key = {"system": "System", "user": "Prompt", "assistant": "Response"}.get(role)

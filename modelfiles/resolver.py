@@ -45,7 +45,16 @@ def resolve(ref: str | Path, store: Store | None = None) -> ModelSpec:
     blobs = [store.blob_path(layer) for layer in (manifest.model, *manifest.adapters)]
     missing = [b for b in blobs if not b.is_file()]
     if missing:
-        raise ModelNotFoundError(f"model {text!r} is stored but its blob {missing[0].name} is "
-                                 "gone; create (or pull) the model again")
-    return ModelSpec(text, blobs[0], blobs[1:], dict(manifest.parameters), manifest.template,
-                     manifest.system, [dict(m) for m in manifest.messages])
+        raise ModelNotFoundError(
+            f"model {text!r} is stored but its blob {missing[0].name} is "
+            "gone; create (or pull) the model again"
+        )
+    return ModelSpec(
+        text,
+        blobs[0],
+        blobs[1:],
+        dict(manifest.parameters),
+        manifest.template,
+        manifest.system,
+        [dict(m) for m in manifest.messages],
+    )

@@ -90,10 +90,14 @@ class Store:
         manifest = self.get(name)
         if manifest is None:
             stored = ", ".join(str(n) for n, _ in self.list()) or "none"
-            how = (f"pull it with `tandem pull {name.name}`" if name.name in KNOWN
-                   else "create it with `tandem create NAME -f Modelfile`")
-            raise ModelNotFoundError(f"model {str(name)!r} is not in the store "
-                                     f"(stored models: {stored}); {how}")
+            how = (
+                f"pull it with `tandem pull {name.name}`"
+                if name.name in KNOWN
+                else "create it with `tandem create NAME -f Modelfile`"
+            )
+            raise ModelNotFoundError(
+                f"model {str(name)!r} is not in the store (stored models: {stored}); {how}"
+            )
         return manifest
 
     def put(self, name: ModelName, manifest: Manifest) -> None:
@@ -108,8 +112,11 @@ class Store:
 
     def list(self) -> list[tuple[ModelName, Manifest]]:
         """Every stored model, most recently written first."""
-        names = sorted(self._names(), key=lambda n: (self.manifest_path(n).stat().st_mtime,
-                                                     str(n)), reverse=True)
+        names = sorted(
+            self._names(),
+            key=lambda n: (self.manifest_path(n).stat().st_mtime, str(n)),
+            reverse=True,
+        )
         found = [(name, self.get(name)) for name in names]
         return [(n, m) for n, m in found if m is not None]
 

@@ -34,12 +34,14 @@ def read_value(first: str, next_line: NextLine, line_no: int) -> str:
     while True:
         text = acc.strip()
         if len(text) >= 2 * len(delim) and text.endswith(delim):
-            return text[len(delim):-len(delim)]
+            return text[len(delim) : -len(delim)]
         more = next_line()
         if more is None:
             raise ModelfileError(
                 f"the value opened with {delim} here is never closed; end it with {delim} "
-                "at the end of a line", line_no)
+                "at the end of a line",
+                line_no,
+            )
         acc += "\n" + more
 
 
@@ -54,13 +56,17 @@ def _reads_back(candidate: str, value: str) -> bool:
 def quote(value: str) -> str:
     """`value` as Modelfile text that reads back as exactly `value`."""
     if "\r" in value:
-        raise ModelfileError(f"cannot write {value[:40]!r}… in a Modelfile: it holds a carriage "
-                             "return (Modelfiles end lines at \\r)")
+        raise ModelfileError(
+            f"cannot write {value[:40]!r}… in a Modelfile: it holds a carriage "
+            "return (Modelfiles end lines at \\r)"
+        )
     if value and value == value.strip() and "\n" not in value and not value.startswith('"'):
         return value
     for delim in ('"', '"""'):
         candidate = delim + value + delim
         if _reads_back(candidate, value):
             return candidate
-    raise ModelfileError(f"cannot write {value[:40]!r}… in a Modelfile: a line of it ends with "
-                         'both " and """ (Modelfile values have no escapes)')
+    raise ModelfileError(
+        f"cannot write {value[:40]!r}… in a Modelfile: a line of it ends with "
+        'both " and """ (Modelfile values have no escapes)'
+    )

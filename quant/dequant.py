@@ -68,7 +68,7 @@ def _packed(x: torch.Tensor) -> torch.Tensor:
 
 def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
     """The fp16 field at byte `at` of every block, as float32: (n, 1)."""
-    return blocks[:, at:at + 2].view(torch.float16).float()
+    return blocks[:, at : at + 2].view(torch.float16).float()
 
 
 # Each dequantizer works on whole blocks at once with contiguous integer ops on 2-, 4- or
@@ -242,10 +242,15 @@ def dequantize(data: torch.Tensor, ggml_type: int, out: torch.Tensor | None = No
         return blocks.view(torch.float32).view(shape)
     if out is None:
         out = torch.empty(shape, dtype=torch.float32, device=data.device)
-    elif (out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous()
-          or out.device != data.device):
-        raise ValueError(f"out must be a contiguous float32 tensor of shape {shape} on "
-                         f"{data.device}")
+    elif (
+        out.shape != shape
+        or out.dtype != torch.float32
+        or not out.is_contiguous()
+        or out.device != data.device
+    ):
+        raise ValueError(
+            f"out must be a contiguous float32 tensor of shape {shape} on {data.device}"
+        )
     flat = out.view(n_blocks, fmt.block_size)  # (n, block_size)
     if fmt.name == "F32":
         flat.copy_(blocks.view(torch.float32))
@@ -253,5 +258,5 @@ def dequantize(data: torch.Tensor, ggml_type: int, out: torch.Tensor | None = No
     fn = DEQUANTIZERS[fmt.ggml_type]
     step = max(1, CHUNK_ELEMENTS // fmt.block_size)
     for start in range(0, n_blocks, step):
-        fn(blocks[start:start + step], flat[start:start + step])
+        fn(blocks[start : start + step], flat[start : start + step])
     return out

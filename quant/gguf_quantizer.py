@@ -28,8 +28,11 @@ from quant.quantize import quantize
 from runtime.errors import UnsupportedError
 
 TARGETS: dict[str, T] = {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q8_0": T.Q8_0}
-_FILE_TYPES = {T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
-               T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+_FILE_TYPES = {
+    T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+}
 _FLOATS = (T.F32, T.F16, T.BF16)
 _KEEP = ("_norm", "ffn_gate_inp", "pos_embd")  # name parts llama.cpp leaves unquantized
 _SET_BY_WRITER = ("general.architecture", "general.alignment", "general.file_type")
@@ -46,8 +49,12 @@ def target_type(name: str) -> T:
 
 
 def quantizes(info: TensorInfo) -> bool:
-    return (info.ggml_type in _FLOATS and len(info.shape) >= 2 and info.shape[0] % 32 == 0
-            and not any(part in info.name for part in _KEEP))
+    return (
+        info.ggml_type in _FLOATS
+        and len(info.shape) >= 2
+        and info.shape[0] % 32 == 0
+        and not any(part in info.name for part in _KEEP)
+    )
 
 
 def quantize_gguf(src: Path, dst: Path, target: str, progress: Progress | None = None) -> str:
@@ -57,9 +64,11 @@ def quantize_gguf(src: Path, dst: Path, target: str, progress: Progress | None =
     chosen = {info.name for info in source.tensors.values() if quantizes(info)}
     if not chosen:
         kinds = sorted({type_name(i.ggml_type) for i in source.tensors.values()})
-        raise UnsupportedError(f"{src.name} has no F32/F16/BF16 weight matrices to quantize "
-                               f"(its tensors are {', '.join(kinds)}); --quantize needs an "
-                               "unquantized GGUF")
+        raise UnsupportedError(
+            f"{src.name} has no F32/F16/BF16 weight matrices to quantize "
+            f"(its tensors are {', '.join(kinds)}); --quantize needs an "
+            "unquantized GGUF"
+        )
     writer = gguf.GGUFWriter(str(dst), source.metadata["general.architecture"])
     if source.alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
         writer.add_custom_alignment(source.alignment)
@@ -70,19 +79,24 @@ def quantize_gguf(src: Path, dst: Path, target: str, progress: Progress | None =
         nbytes = info.n_rows * _row_bytes(out, info.shape[0])
         # the shape in elements, outermost first (a non-uint8 dtype keeps gguf-py from
         # reading it as a shape in bytes)
-        writer.add_tensor_info(info.name, list(reversed(info.shape)), np.dtype(np.float32),
-                               nbytes, raw_dtype=T(out))
+        writer.add_tensor_info(
+            info.name, list(reversed(info.shape)), np.dtype(np.float32), nbytes, raw_dtype=T(out)
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for n, info in enumerate(source.tensors.values(), 1):
-        writer.write_tensor_data(_tensor_bytes(source, info, qtype if info.name in chosen else None))
+        writer.write_tensor_data(
+            _tensor_bytes(source, info, qtype if info.name in chosen else None)
+        )
         if progress and info.name in chosen:
             progress(f"quantizing {info.name} [{n}/{len(source.tensors)}]")
     writer.close()
     before = sorted({type_name(source.tensors[name].ggml_type) for name in chosen})
-    return f"quantized {len(chosen)} of {len(source.tensors)} tensors from " \
-           f"{'/'.join(before)} to {qtype.name}"
+    return (
+        f"quantized {len(chosen)} of {len(source.tensors)} tensors from "
+        f"{'/'.join(before)} to {qtype.name}"
+    )
 
 
 def _row_bytes(ggml_type: int, n: int) -> int:
@@ -106,8 +120,10 @@ def _copy_metadata(src: Path, source: GGUFFile, writer: gguf.GGUFWriter) -> None
         types = fields[key].types
         if types[0] == VT.ARRAY:
             if len(types) != 2:
-                raise UnsupportedError(f"{src.name}: metadata {key!r} is a nested array, which "
-                                       "quantizing does not copy")
+                raise UnsupportedError(
+                    f"{src.name}: metadata {key!r} is a nested array, which "
+                    "quantizing does not copy"
+                )
             if not value:
                 continue  # gguf-py cannot write an empty array
             writer.add_key_value(key, value, VT.ARRAY, sub_type=types[1])

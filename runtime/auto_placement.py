@@ -22,27 +22,44 @@ from runtime.device_map import DeviceMap
 log = logging.getLogger(__name__)
 
 
-def auto_placement(num_ctx: int, num_parallel: int = 1, num_gpu: int = -1,
-                   gpu_memory: int | None = None, pins: tuple[str, ...] = (),
-                   kv_type: str = "f16"):
+def auto_placement(
+    num_ctx: int,
+    num_parallel: int = 1,
+    num_gpu: int = -1,
+    gpu_memory: int | None = None,
+    pins: tuple[str, ...] = (),
+    kv_type: str = "f16",
+):
     """→ placement(gguf, config) → DeviceMap, for LoadedModel.load."""
 
     def placement(gguf: GGUFFile, config: ModelConfig) -> DeviceMap:
         if num_gpu == 0 or not torch.cuda.is_available():
             if num_gpu > 0:
-                log.warning("num_gpu=%d asks for GPU layers but there is no CUDA device; "
-                            "every layer runs on the CPU", num_gpu)
+                log.warning(
+                    "num_gpu=%d asks for GPU layers but there is no CUDA device; "
+                    "every layer runs on the CPU",
+                    num_gpu,
+                )
             return DeviceMap.cpu_only(config.n_layer)
         from runtime.devices import detect
         from runtime.model_sizes import ModelSizes
         from runtime.planner import PlanRequest, plan
 
-        request = PlanRequest(num_ctx=num_ctx, num_parallel=num_parallel, num_gpu=num_gpu,
-                              gpu_memory=gpu_memory, pins=tuple(pins), kv_type=kv_type)
+        request = PlanRequest(
+            num_ctx=num_ctx,
+            num_parallel=num_parallel,
+            num_gpu=num_gpu,
+            gpu_memory=gpu_memory,
+            pins=tuple(pins),
+            kv_type=kv_type,
+        )
         chosen = plan(ModelSizes.from_tensors(config, gguf.tensors), detect(), request)
         devices = DeviceMap.from_placement(chosen.placement)
-        log.info("placement: %s (predicted decode %.1f tok/s)", devices.describe(),
-                 chosen.decode.tokens_per_s)
+        log.info(
+            "placement: %s (predicted decode %.1f tok/s)",
+            devices.describe(),
+            chosen.decode.tokens_per_s,
+        )
         return devices
 
     return placement

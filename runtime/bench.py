@@ -68,16 +68,18 @@ class BenchSpec:
         if self.n_prompt < 0 or self.n_gen < 0 or self.n_depth < 0:
             raise InvalidParameterError("-p, -n and -d are token counts: give 0 or more")
         if self.n_prompt == 0 and self.n_gen == 0:
-            raise InvalidParameterError("-p 0 and -n 0 leave nothing to measure; give either "
-                                        "a prompt length or a number of tokens to generate")
+            raise InvalidParameterError(
+                "-p 0 and -n 0 leave nothing to measure; give either "
+                "a prompt length or a number of tokens to generate"
+            )
         if self.threads is not None and self.threads < 1:
             raise InvalidParameterError(f"--threads must be at least 1, not {self.threads}")
         if self.num_gpu is not None and self.num_gpu < -1:
-            raise InvalidParameterError(f"--num-gpu must be -1 (auto), 0 or a layer count, "
-                                        f"not {self.num_gpu}")
+            raise InvalidParameterError(
+                f"--num-gpu must be -1 (auto), 0 or a layer count, not {self.num_gpu}"
+            )
         if self.repetitions < 1:
-            raise InvalidParameterError(f"--repetitions must be at least 1, not "
-                                        f"{self.repetitions}")
+            raise InvalidParameterError(f"--repetitions must be at least 1, not {self.repetitions}")
 
 
 @dataclass
@@ -114,8 +116,12 @@ def weight_bytes_per_token(lm: LoadedModel) -> int:
     """Packed bytes of the matmul weights one decoded token reads: all blocks' linears, the
     head, and one embedding row (none extra when the head is the tied embedding)."""
     model = lm.model
-    linears = [v for block in model.blocks for v in vars(block).values()
-               if isinstance(v, PackedLinear | TritonLinear)]
+    linears = [
+        v
+        for block in model.blocks
+        for v in vars(block).values()
+        if isinstance(v, PackedLinear | TritonLinear)
+    ]
     total = sum(lin.weight.numel() for lin in linears) + model.head.weight.numel()
     if not lm.config.tied_head:
         total += model.embed.weight[0].numel()  # the one row looked up
@@ -146,8 +152,9 @@ class Bench:
         self.model = lm.model
         self.n_ctx = bench_context(spec)
         self.table = list(range(self.n_ctx // BLOCK_SIZE))  # one sequence's blocks, in order
-        self.pool = KVPool(lm.config, len(self.table), "f16",
-                           [block.device for block in self.model.blocks])
+        self.pool = KVPool(
+            lm.config, len(self.table), "f16", [block.device for block in self.model.blocks]
+        )
         self.graphs = DecodeGraphs.for_engine(self.model, self.pool, self.n_ctx, 1)
         self.bos = lm.tokenizer.bos_id if lm.tokenizer.bos_id is not None else 0
         self.generator = torch.Generator().manual_seed(spec.seed)
@@ -170,7 +177,7 @@ class Bench:
         tokens = self.prompt_tokens(depth).tolist() if depth else []
         with torch.inference_mode():
             for start in range(0, depth, 512):
-                self.forward(tokens[start:start + 512], start)
+                self.forward(tokens[start : start + 512], start)
 
     def time_prompt(self, n: int) -> float:
         """Seconds for one forward of an n-token prompt at the depth (BOS first when the
@@ -179,8 +186,9 @@ class Bench:
         self.fill_to_depth()
         tokens = self.prompt_tokens(n)
         if depth:
-            tokens[0] = int(torch.randint(0, self.lm.config.vocab_size, (1,),
-                                          generator=self.generator))
+            tokens[0] = int(
+                torch.randint(0, self.lm.config.vocab_size, (1,), generator=self.generator)
+            )
         with torch.inference_mode():
             start = time.perf_counter()
             self.forward(tokens.tolist(), depth)
@@ -201,21 +209,31 @@ class Bench:
     def run(self) -> BenchResult:
         spec = self.spec
         result = BenchResult(
-            self.lm.name, str(self.lm.path), self.lm.path.stat().st_size, kernel_name(),
-            torch.get_num_threads(), spec.n_prompt, spec.n_gen, spec.repetitions,
-            weight_bytes_per_token(self.lm), n_depth=spec.n_depth,
+            self.lm.name,
+            str(self.lm.path),
+            self.lm.path.stat().st_size,
+            kernel_name(),
+            torch.get_num_threads(),
+            spec.n_prompt,
+            spec.n_gen,
+            spec.repetitions,
+            weight_bytes_per_token(self.lm),
+            n_depth=spec.n_depth,
             placement=self.model.devices.describe(),
             gpu_layers=sum(b.triton for b in self.model.blocks),
-            cuda_graphs=self.graphs is not None)
+            cuda_graphs=self.graphs is not None,
+        )
         if spec.n_prompt:
             self.time_prompt(spec.n_prompt)  # warm-up
-            result.pp_samples = [spec.n_prompt / self.time_prompt(spec.n_prompt)
-                                 for _ in range(spec.repetitions)]
+            result.pp_samples = [
+                spec.n_prompt / self.time_prompt(spec.n_prompt) for _ in range(spec.repetitions)
+            ]
             result.pp_tok_s, result.pp_tok_s_std = mean_std(result.pp_samples)
         if spec.n_gen:
             self.time_generation(min(spec.n_gen, 2))  # warm-up (captures the decode graph)
-            result.tg_samples = [spec.n_gen / self.time_generation(spec.n_gen)
-                                 for _ in range(spec.repetitions)]
+            result.tg_samples = [
+                spec.n_gen / self.time_generation(spec.n_gen) for _ in range(spec.repetitions)
+            ]
             result.tg_tok_s, result.tg_tok_s_std = mean_std(result.tg_samples)
             gb = [result.weight_bytes_per_token * s / 1e9 for s in result.tg_samples]
             result.weights_gb_s, result.weights_gb_s_std = mean_std(gb)
@@ -256,6 +274,8 @@ def format_table(r: BenchResult) -> str:
     if r.pp_tok_s is not None:
         rows.append(lead + f"| pp{r.n_prompt}{at} | {r.pp_tok_s:.2f} ± {r.pp_tok_s_std:.2f} | |")
     if r.tg_tok_s is not None:
-        rows.append(lead + f"| tg{r.n_gen}{at} | {r.tg_tok_s:.2f} ± {r.tg_tok_s_std:.2f} "
-                           f"| {r.weights_gb_s:.2f} ± {r.weights_gb_s_std:.2f} |")
+        rows.append(
+            lead + f"| tg{r.n_gen}{at} | {r.tg_tok_s:.2f} ± {r.tg_tok_s_std:.2f} "
+            f"| {r.weights_gb_s:.2f} ± {r.weights_gb_s_std:.2f} |"
+        )
     return "\n".join(rows)

@@ -28,7 +28,7 @@ def block_keys(token_ids: Sequence[int], n_blocks: int) -> list[int]:
     """Chained hashes of the first n_blocks full blocks of token_ids."""
     keys, parent = [], -1
     for b in range(n_blocks):
-        parent = hash((parent, tuple(token_ids[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE])))
+        parent = hash((parent, tuple(token_ids[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE])))
         keys.append(parent)
     return keys
 

@@ -60,8 +60,9 @@ class _Staged:
     """Named tensors in one host buffer per dtype and its device mirror: fill .host[name],
     then upload() copies each dtype's whole buffer in one transfer."""
 
-    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 device: torch.device) -> None:
+    def __init__(
+        self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], device: torch.device
+    ) -> None:
         pin = device.type == "cuda"
         self.host: dict[str, torch.Tensor] = {}
         self.dev: dict[str, torch.Tensor] = {}
@@ -75,8 +76,8 @@ class _Staged:
             at = 0
             for n in names:
                 shape = shapes[n][0]
-                self.host[n] = host[at:at + math.prod(shape)].view(shape)
-                self.dev[n] = dev[at:at + math.prod(shape)].view(shape)
+                self.host[n] = host[at : at + math.prod(shape)].view(shape)
+                self.dev[n] = dev[at : at + math.prod(shape)].view(shape)
                 at += math.prod(shape)
         self._copied = torch.cuda.Event() if pin else None
 
@@ -102,8 +103,9 @@ class _Bucket:
 
 
 class DecodeGraphs:
-    def __init__(self, model, pool: KVPool, max_blocks: int, max_batch: int,
-                 capture: bool | None = None) -> None:
+    def __init__(
+        self, model, pool: KVPool, max_blocks: int, max_batch: int, capture: bool | None = None
+    ) -> None:
         """model: every block on the GPU (see `unsupported`); max_blocks: block-table width
         (num_ctx / 16, rounded up); capture: CUDA graphs (default: when the model is on a
         CUDA device), else the static-buffer step runs eagerly."""
@@ -134,8 +136,14 @@ class DecodeGraphs:
         """Logits (n, V) of a decode-only batch of n sequences; None when this step is not
         one the graphs take (the caller then runs Model.forward_batch)."""
         d, n = batch.decode, batch.tokens.shape[0]
-        if (self.failed or d is None or batch.seqs or n > self.sizes[-1]
-                or d.tables.shape[1] > self.max_blocks or batch.logit_rows.shape[0] != n):
+        if (
+            self.failed
+            or d is None
+            or batch.seqs
+            or n > self.sizes[-1]
+            or d.tables.shape[1] > self.max_blocks
+            or batch.logit_rows.shape[0] != n
+        ):
             return None
         bucket = self._bucket(next(b for b in self.sizes if b >= n))
         self._fill(bucket, batch)
@@ -161,8 +169,11 @@ class DecodeGraphs:
             for swa in self.model.rope_tables(torch.zeros(1, dtype=torch.int64)):
                 shapes[f"cos{swa:d}"] = ((rows, 1, c.head_dim // 2), f32)
                 shapes[f"sin{swa:d}"] = ((rows, 1, c.head_dim // 2), f32)
-            shapes |= {"slots": ((rows,), i64), "lengths": ((rows,), i64),
-                       "tables": ((rows, self.max_blocks), i64)}
+            shapes |= {
+                "slots": ((rows,), i64),
+                "lengths": ((rows,), i64),
+                "tables": ((rows, self.max_blocks), i64),
+            }
             staged = _Staged(shapes, self.device)
             staged.host["slots"].fill_(-1)  # until filled: padding rows only
             staged.host["lengths"].fill_(1)
@@ -184,16 +195,18 @@ class DecodeGraphs:
         h["lengths"][:n] = d.lengths
         h["lengths"][n:] = 1
         h["tables"].zero_()
-        h["tables"][:n, :d.tables.shape[1]] = d.tables
+        h["tables"][:n, : d.tables.shape[1]] = d.tables
         staged.upload()
 
     # ---- the step --------------------------------------------------------------------
     def _step(self, bucket: _Bucket) -> torch.Tensor:
         v = bucket.inputs.dev
-        tables = {swa: (v[f"cos{swa:d}"], v[f"sin{swa:d}"])
-                  for swa in (False, True) if f"cos{swa:d}" in v}
-        return self.model.decode_on_gpu(v["x"], tables, self.pool, v["slots"], v["tables"],
-                                        v["lengths"], self.with_head)
+        tables = {
+            swa: (v[f"cos{swa:d}"], v[f"sin{swa:d}"]) for swa in (False, True) if f"cos{swa:d}" in v
+        }
+        return self.model.decode_on_gpu(
+            v["x"], tables, self.pool, v["slots"], v["tables"], v["lengths"], self.with_head
+        )
 
     def _capture(self, bucket: _Bucket) -> None:
         """Warm up on a side stream (compiling the kernels), then capture the step."""
@@ -210,5 +223,6 @@ class DecodeGraphs:
             bucket.graph = graph
         except Exception as err:  # keep serving: every later step runs eagerly
             self.failed = f"{type(err).__name__}: {err}"
-            log.warning("CUDA graph capture failed (%s); decode steps run without graphs",
-                        self.failed)
+            log.warning(
+                "CUDA graph capture failed (%s); decode steps run without graphs", self.failed
+            )

@@ -35,16 +35,26 @@ class DeviceMap:
     @classmethod
     def from_placement(cls, placement, gpu: torch.device | None = None) -> DeviceMap:
         """From the planner's Placement (runtime.plan_cost): tensors, head, kv per layer."""
-        return cls(dict(placement.tensors), tuple(placement.kv), placement.head,
-                   gpu or gpu_device())
+        return cls(
+            dict(placement.tensors), tuple(placement.kv), placement.head, gpu or gpu_device()
+        )
 
     @classmethod
-    def last_layers(cls, tensor_names, n_layer: int, n_gpu: int, head_gpu: bool = False,
-                    gpu: torch.device | None = None) -> DeviceMap:
+    def last_layers(
+        cls,
+        tensor_names,
+        n_layer: int,
+        n_gpu: int,
+        head_gpu: bool = False,
+        gpu: torch.device | None = None,
+    ) -> DeviceMap:
         """The last n_gpu layers (weights and KV) on the GPU, as llama.cpp's -ngl does."""
         first = n_layer - n_gpu
-        tensors = {name: GPU for name in tensor_names
-                   if name.startswith("blk.") and int(name.split(".")[1]) >= first}
+        tensors = {
+            name: GPU
+            for name in tensor_names
+            if name.startswith("blk.") and int(name.split(".")[1]) >= first
+        }
         layers = tuple(GPU if i >= first else CPU for i in range(n_layer))
         return cls(tensors, layers, GPU if head_gpu else CPU, gpu or gpu_device())
 
@@ -64,7 +74,7 @@ class DeviceMap:
         gpu_layers = [i for i, w in enumerate(self.layers) if w == GPU]
         if not self.uses_gpu:
             return None
-        moved = set(gpu_layers[:max(1, len(gpu_layers) // 2)]) if gpu_layers else set()
+        moved = set(gpu_layers[: max(1, len(gpu_layers) // 2)]) if gpu_layers else set()
         layers = tuple(CPU if i in moved else w for i, w in enumerate(self.layers))
         tensors = {n: (CPU if _layer_of(n) in moved else w) for n, w in self.tensors.items()}
         head = self.head if GPU in layers else CPU

@@ -25,9 +25,22 @@ import torch
 from loaders.pull import tandem_home
 from runtime.errors import InvalidParameterError
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -37,8 +50,9 @@ def parse_size(text: str | int) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*", str(text))
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _UNITS:
-        raise InvalidParameterError(f"cannot read the size {text!r}: write a number and a unit "
-                                    "such as 6GB, 6GiB, 512MiB")
+        raise InvalidParameterError(
+            f"cannot read the size {text!r}: write a number and a unit such as 6GB, 6GiB, 512MiB"
+        )
     return int(float(m.group(1)) * _UNITS[unit])
 
 
@@ -55,18 +69,18 @@ class Calibration:
     """Speeds of this machine (bytes/s, FLOP/s, seconds). `sources[name]` says "measured"
     or "assumed" for each figure."""
 
-    ram_bw: float = 20e9            # RAM read bandwidth (DESIGN.md's measured figure)
-    cpu_flops: float = 50e9         # float32 matmul rate of the CPU
-    vram_bw: float = 300e9          # GPU memory read bandwidth (a mid-range consumer card)
-    gpu_flops: float = 20e12        # float16 tensor-core matmul rate
-    h2d_bw: float = 12e9            # host → device copy (PCIe 3/4 x16, pinned)
-    link_latency_s: float = 20e-6   # one hand-off across the link, synchronised
-    cpu_layer_s: float = 100e-6     # fixed cost of one layer on the CPU (op dispatch)
-    gpu_layer_s: float = 50e-6      # fixed cost of one layer on the GPU (~10 kernel launches)
-    cpu_efficiency: float = 0.85    # fraction of ram_bw a decode matmul reaches: the AVX-512
+    ram_bw: float = 20e9  # RAM read bandwidth (DESIGN.md's measured figure)
+    cpu_flops: float = 50e9  # float32 matmul rate of the CPU
+    vram_bw: float = 300e9  # GPU memory read bandwidth (a mid-range consumer card)
+    gpu_flops: float = 20e12  # float16 tensor-core matmul rate
+    h2d_bw: float = 12e9  # host → device copy (PCIe 3/4 x16, pinned)
+    link_latency_s: float = 20e-6  # one hand-off across the link, synchronised
+    cpu_layer_s: float = 100e-6  # fixed cost of one layer on the CPU (op dispatch)
+    gpu_layer_s: float = 50e-6  # fixed cost of one layer on the GPU (~10 kernel launches)
+    cpu_efficiency: float = 0.85  # fraction of ram_bw a decode matmul reaches: the AVX-512
     # panel kernels' matmuls read 22.4-22.7 GB/s of a measured 24.8 on this project's VM
     # (scripts/decode_profile.py); the AVX2 build ~0.65, the row kernels ~0.4, llama.cpp 0.72
-    gpu_efficiency: float = 0.7     # fraction of vram_bw (the goal the GEMV kernels are set)
+    gpu_efficiency: float = 0.7  # fraction of vram_bw (the goal the GEMV kernels are set)
     cpu_kv_efficiency: float = 0.19  # fraction of ram_bw at which CPU decode attention goes
     # through the KV: 3.1-4.8 GB/s of a measured 21 GB/s at 1-2k tokens of context on this
     # project's VM (smollm2, 1.1B; 2 threads): it converts and multiplies, not only reads
@@ -123,6 +137,7 @@ def detect(calibrated: bool = True, recalibrate: bool = False) -> Devices:
 
 # ---- measurement -----------------------------------------------------------------------
 
+
 def _best_seconds(fn, repeats: int, sync=lambda: None) -> float:
     """The fastest of `repeats` timed calls of fn (after one warm-up call)."""
     fn()
@@ -169,8 +184,9 @@ def measure_cpu_type_flops(rows: int = 64, n: int = 2048) -> dict[str, float]:
     return rates
 
 
-def measure_cpu_attn_flops(rows: int = 64, context: int = 1024, heads: int = 8,
-                           kv_heads: int = 2, dim: int = 64) -> float:
+def measure_cpu_attn_flops(
+    rows: int = 64, context: int = 1024, heads: int = 8, kv_heads: int = 2, dim: int = 64
+) -> float:
     """Prefill attention's rate (FLOP/s) as a prompt chunk at that depth runs it: `rows`
     causal queries over `context` keys whose f16 pages are gathered and widened first
     (runtime/kv_pool.py), then torch's SDPA (kernels/attention.py)."""
@@ -197,8 +213,9 @@ def measure_gpu(index: int = 0) -> dict[str, float]:
     return {
         "vram_bw": x.numel() * 4 / _best_seconds(x.sum, 10, sync),
         "gpu_flops": 2 * 4096**3 / _best_seconds(lambda: a @ a, 10, sync),
-        "h2d_bw": host.numel() * 4 / _best_seconds(lambda: host.to(dev, non_blocking=True),
-                                                    5, sync),
+        "h2d_bw": host.numel()
+        * 4
+        / _best_seconds(lambda: host.to(dev, non_blocking=True), 5, sync),
         "link_latency_s": _best_seconds(lambda: tiny.to(dev).cpu(), 20, sync) / 2,
     }
 
@@ -207,8 +224,10 @@ def _signature(gpus: tuple[Gpu, ...]) -> str:
     """What the cached figures depend on: the CPU, RAM size, GPUs, torch and thread count."""
     ram_gib = round(psutil.virtual_memory().total / 2**30)
     names = ",".join(g.name for g in gpus) or "no-gpu"
-    return (f"{platform.machine()}|{platform.processor()}|{os.cpu_count()}|{ram_gib}GiB|"
-            f"{names}|torch {torch.__version__}|{torch.get_num_threads()} threads")
+    return (
+        f"{platform.machine()}|{platform.processor()}|{os.cpu_count()}|{ram_gib}GiB|"
+        f"{names}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    )
 
 
 def _cache_path():
@@ -234,8 +253,11 @@ def calibrate(gpus: tuple[Gpu, ...] | None = None, force: bool = False) -> Calib
                 return _from_cache(cached["calibration"])
         except (ValueError, TypeError, KeyError, AttributeError):
             pass  # unreadable or from an older layout: measure again
-    measured = {"ram_bw": measure_ram_bw(), "cpu_flops": measure_cpu_flops(),
-                "cpu_attn_flops": measure_cpu_attn_flops()}
+    measured = {
+        "ram_bw": measure_ram_bw(),
+        "cpu_flops": measure_cpu_flops(),
+        "cpu_attn_flops": measure_cpu_attn_flops(),
+    }
     if rates := measure_cpu_type_flops():
         measured["cpu_type_flops"] = rates
     if gpus:

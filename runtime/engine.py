@@ -68,7 +68,8 @@ class Engine:
                 raise EngineClosedError("the engine is shut down; no new requests are taken")
             if self._stats.waiting + len(self._incoming) >= self.options.max_waiting:
                 raise QueueFullError(
-                    f"{self.options.max_waiting} requests are already waiting; retry shortly")
+                    f"{self.options.max_waiting} requests are already waiting; retry shortly"
+                )
             request_id = f"req-{next(self._ids)}"
             self._incoming.append((request_id, list(prompt_ids), params, sink))
             self._cond.notify()
@@ -93,8 +94,9 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._incoming or self._aborts or self._closed
-                           or self.core.has_unfinished):
+                while not (
+                    self._incoming or self._aborts or self._closed or self.core.has_unfinished
+                ):
                     self._cond.wait()
                 if self._closed:
                     break
@@ -128,8 +130,9 @@ class Engine:
         error = TandemError(f"internal error: {err}")
         events = []
         for request_id in list(self.core.requests):
-            events += [Event(e.request_id, e.index, error=error)
-                       for e in self.core.abort(request_id)]
+            events += [
+                Event(e.request_id, e.index, error=error) for e in self.core.abort(request_id)
+            ]
         return events
 
     def _deliver(self, events: list[Event]) -> None:

@@ -89,7 +89,7 @@ class ForwardBatch:
             positions.append(torch.arange(start, start + n))
             if n == 1:  # a decode: one slot to write; its context is read through its table
                 slots.append(slots_for(table, start, start + 1))
-                decodes.append((row, start + 1, table[:-(-(start + 1) // BLOCK_SIZE)]))
+                decodes.append((row, start + 1, table[: -(-(start + 1) // BLOCK_SIZE)]))
             else:
                 context = slots_for(table, 0, start + n)
                 slots.append(context[start:])
@@ -97,9 +97,14 @@ class ForwardBatch:
             row += n
             if wants_logits:
                 logit_rows.append(row - 1)
-        return cls(torch.tensor(tokens, dtype=torch.int64), torch.cat(positions),
-                   torch.cat(slots), seqs, torch.tensor(logit_rows, dtype=torch.int64),
-                   _decode_group(decodes))
+        return cls(
+            torch.tensor(tokens, dtype=torch.int64),
+            torch.cat(positions),
+            torch.cat(slots),
+            seqs,
+            torch.tensor(logit_rows, dtype=torch.int64),
+            _decode_group(decodes),
+        )
 
     def on(self, device: torch.device) -> ForwardBatch:
         """This batch's index tensors on `device` (itself on the CPU), made once per device."""
@@ -109,8 +114,13 @@ class ForwardBatch:
         if device not in cache:
             seqs = [SeqRows(s.row, s.n, s.start, s.context_slots.to(device)) for s in self.seqs]
             cache[device] = ForwardBatch(
-                self.tokens, self.positions, self.slots.to(device), seqs, self.logit_rows,
-                self.decode.to(device) if self.decode is not None else None)
+                self.tokens,
+                self.positions,
+                self.slots.to(device),
+                seqs,
+                self.logit_rows,
+                self.decode.to(device) if self.decode is not None else None,
+            )
         return cache[device]
 
 
@@ -119,6 +129,7 @@ def _decode_group(decodes: list[tuple[int, int, list[int]]]) -> DecodeGroup | No
         return None
     tables = torch.zeros(len(decodes), max(len(t) for _, _, t in decodes), dtype=torch.int32)
     for b, (_, _, table) in enumerate(decodes):
-        tables[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
-    return DecodeGroup(torch.tensor([r for r, _, _ in decodes]),
-                       torch.tensor([n for _, n, _ in decodes]), tables)
+        tables[b, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    return DecodeGroup(
+        torch.tensor([r for r, _, _ in decodes]), torch.tensor([n for _, n, _ in decodes]), tables
+    )

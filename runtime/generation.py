@@ -21,8 +21,9 @@ __all__ = ["Delta", "Generation", "Timings"]
 
 
 class Generation:
-    def __init__(self, lm: LoadedModel, prompt_ids: list[int], params: SamplingParams,
-                 n_ctx: int) -> None:
+    def __init__(
+        self, lm: LoadedModel, prompt_ids: list[int], params: SamplingParams, n_ctx: int
+    ) -> None:
         self.lm, self.n_ctx = lm, n_ctx
         self.seq = Sequence(0, prompt_ids, params, lm.tokenizer, n_ctx)
         self.timings = self.seq.timings

@@ -37,19 +37,22 @@ def kv_bytes_per_token(config: ModelConfig, kv_cache_type: str) -> int:
 class _Slab:
     """One layer's keys or values: (slots, H, D) in f16, or int8 values + f16 scales."""
 
-    def __init__(self, slots: int, heads: int, dim: int, quantized: bool,
-                 device: torch.device) -> None:
+    def __init__(
+        self, slots: int, heads: int, dim: int, quantized: bool, device: torch.device
+    ) -> None:
         self.quantized = quantized
         if quantized:
             self.q = torch.empty(slots, heads, dim, dtype=torch.int8, device=device)
-            self.scale = torch.empty(slots, heads, dim // QBLOCK, dtype=torch.float16,
-                                     device=device)
+            self.scale = torch.empty(
+                slots, heads, dim // QBLOCK, dtype=torch.float16, device=device
+            )
         else:
             self.data = torch.empty(slots, heads, dim, dtype=torch.float16, device=device)
 
     def pages(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The slab as (num_blocks, BLOCK_SIZE, H, D) pages (the GPU kernels' layout): f16
         values and None, or q8_0's int8 values and float16 scales (…, D/32)."""
+
         def paged(t: torch.Tensor) -> torch.Tensor:
             return t.view(-1, BLOCK_SIZE, *t.shape[1:])
 
@@ -82,24 +85,33 @@ class _Slab:
         return (q * self.scale[slots].float()[..., None]).flatten(-2)
 
     def copy_block(self, src: int, dst: int) -> None:
-        s, d = slice(src * BLOCK_SIZE, (src + 1) * BLOCK_SIZE), slice(dst * BLOCK_SIZE,
-                                                                     (dst + 1) * BLOCK_SIZE)
-        for t in ((self.q, self.scale) if self.quantized else (self.data,)):
+        s, d = (
+            slice(src * BLOCK_SIZE, (src + 1) * BLOCK_SIZE),
+            slice(dst * BLOCK_SIZE, (dst + 1) * BLOCK_SIZE),
+        )
+        for t in (self.q, self.scale) if self.quantized else (self.data,):
             t[d] = t[s]
 
 
 class KVPool:
-    def __init__(self, config: ModelConfig, num_blocks: int, kv_cache_type: str = "f16",
-                 devices: list[torch.device] | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        kv_cache_type: str = "f16",
+        devices: list[torch.device] | None = None,
+    ) -> None:
         """devices: per layer, where its pages live (default: all on the CPU)."""
         if kv_cache_type not in KV_CACHE_TYPES:
             raise InvalidParameterError(
-                f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache_type!r}")
+                f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache_type!r}"
+            )
         quantized = kv_cache_type == "q8_0"
         if quantized and (config.head_dim % QBLOCK or config.head_dim_v % QBLOCK):
             raise InvalidParameterError(
                 f"kv_cache_type q8_0 needs head sizes divisible by {QBLOCK}; this model has "
-                f"{config.head_dim}/{config.head_dim_v}: use f16")
+                f"{config.head_dim}/{config.head_dim_v}: use f16"
+            )
         self.kv_cache_type = kv_cache_type
         self.num_blocks = num_blocks
         self.devices = devices or [torch.device("cpu")] * config.n_layer
@@ -114,8 +126,11 @@ class KVPool:
         return sum(s.nbytes for s in (*self.k, *self.v))
 
     def nbytes_on(self, device: torch.device) -> int:
-        return sum(k.nbytes + v.nbytes for k, v, d in zip(self.k, self.v, self.devices,
-                                                         strict=True) if d == device)
+        return sum(
+            k.nbytes + v.nbytes
+            for k, v, d in zip(self.k, self.v, self.devices, strict=True)
+            if d == device
+        )
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # slots: (T,) int64; k: (T, Hkv, D), v: (T, Hkv, Dv) float32
@@ -129,8 +144,9 @@ class KVPool:
         """Keys and values at `slots` (L,), in position order: (L, Hkv, D), (L, Hkv, Dv)."""
         return self.k[layer].read(slots), self.v[layer].read(slots)
 
-    def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                         torch.Tensor | None]:
+    def pages(
+        self, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """A layer's keys and values as pages for the GPU kernels: (k pages, v pages, k
         scales, v scales), the scales None for an f16 pool."""
         (k, ks), (v, vs) = self.k[layer].pages(), self.v[layer].pages()

@@ -58,8 +58,9 @@ class LLM:
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return self.lm.tokenizer.encode(text, add_special=add_special)
 
-    def generate(self, prompts: str | Sequence[str],
-                 params: SamplingParams | None = None) -> list[RequestOutput]:
+    def generate(
+        self, prompts: str | Sequence[str], params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
         if isinstance(prompts, str):
             prompts = [prompts]
         params = params or SamplingParams()
@@ -87,13 +88,17 @@ class LLM:
         finally:
             self.engine.abort(request_id)  # a no-op when it finished
 
-    def _run(self, prompts: list[tuple[str | None, list[int]]],
-             params: SamplingParams) -> list[RequestOutput]:
+    def _run(
+        self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams
+    ) -> list[RequestOutput]:
         outputs, ids = [], []
         for prompt, prompt_ids in prompts:
             logprobs = [] if params.logprobs is not None else None
-            out = RequestOutput(prompt, prompt_ids, [CompletionOutput(i, "", [], None, logprobs)
-                                                     for i in range(params.n)])
+            out = RequestOutput(
+                prompt,
+                prompt_ids,
+                [CompletionOutput(i, "", [], None, logprobs) for i in range(params.n)],
+            )
             outputs.append(out)
             ids.append(f"gen-{next(self._ids)}")
         try:

@@ -51,14 +51,17 @@ class EngineOptions:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}")
         if self.kv_cache_type not in KV_CACHE_TYPES:
-            raise InvalidParameterError(f"kv_cache_type must be one of "
-                                        f"{', '.join(KV_CACHE_TYPES)}, got {self.kv_cache_type!r}")
+            raise InvalidParameterError(
+                f"kv_cache_type must be one of "
+                f"{', '.join(KV_CACHE_TYPES)}, got {self.kv_cache_type!r}"
+            )
         if self.num_blocks is None:
             self.num_blocks = -(-self.num_ctx * self.num_parallel // BLOCK_SIZE)
         if self.num_blocks * BLOCK_SIZE < self.num_ctx:
             raise InvalidParameterError(
                 f"num_blocks {self.num_blocks} holds {self.num_blocks * BLOCK_SIZE} tokens, fewer "
-                f"than one num_ctx ({self.num_ctx}); raise num_blocks or lower num_ctx")
+                f"than one num_ctx ({self.num_ctx}); raise num_blocks or lower num_ctx"
+            )
 
 
 @dataclass
@@ -101,21 +104,34 @@ class LLMEngine:
         self.lm = lm
         self.options = options = options or EngineOptions()
         self.num_ctx = min(options.num_ctx, lm.config.n_ctx_train)
-        self.pool = KVPool(lm.config, options.num_blocks, options.kv_cache_type,
-                           [block.device for block in lm.model.blocks])
-        self.graphs = DecodeGraphs.for_engine(lm.model, self.pool, self.num_ctx,
-                                              options.max_num_seqs)
+        self.pool = KVPool(
+            lm.config,
+            options.num_blocks,
+            options.kv_cache_type,
+            [block.device for block in lm.model.blocks],
+        )
+        self.graphs = DecodeGraphs.for_engine(
+            lm.model, self.pool, self.num_ctx, options.max_num_seqs
+        )
         self.blocks = BlockManager(options.num_blocks)
         self.scheduler = Scheduler(self.blocks, options.max_num_seqs, options.max_step_tokens)
         self.requests: dict[str, _Request] = {}
         self._owner: dict[int, tuple[_Request, int]] = {}  # seq id → (request, index)
         self._seq_ids = itertools.count()
         f16_bytes = options.num_blocks * BLOCK_SIZE * kv_bytes_per_token(lm.config, "f16")
-        self.stats = EngineStats(kv_bytes=self.pool.nbytes, kv_cache_type=options.kv_cache_type,
-                                 kv_bytes_saved=f16_bytes - self.pool.nbytes)
-        log.info("KV cache: %d blocks of %d tokens, %s, %.1f MiB (f16 would take %.1f MiB)",
-                 options.num_blocks, BLOCK_SIZE, options.kv_cache_type, self.pool.nbytes / 2**20,
-                 f16_bytes / 2**20)
+        self.stats = EngineStats(
+            kv_bytes=self.pool.nbytes,
+            kv_cache_type=options.kv_cache_type,
+            kv_bytes_saved=f16_bytes - self.pool.nbytes,
+        )
+        log.info(
+            "KV cache: %d blocks of %d tokens, %s, %.1f MiB (f16 would take %.1f MiB)",
+            options.num_blocks,
+            BLOCK_SIZE,
+            options.kv_cache_type,
+            self.pool.nbytes / 2**20,
+            f16_bytes / 2**20,
+        )
 
     # ---- requests ------------------------------------------------------------------
     @property
@@ -128,7 +144,8 @@ class LLMEngine:
             raise InvalidParameterError(f"request id {request_id!r} is already in use")
         if len(self.scheduler.waiting) >= self.options.max_waiting:
             raise QueueFullError(
-                f"{self.options.max_waiting} requests are already waiting; retry shortly")
+                f"{self.options.max_waiting} requests are already waiting; retry shortly"
+            )
         request = _Request(request_id, list(prompt_ids), params, open=params.n)
         self.requests[request_id] = request
         self.scheduler.add(self._new_sequence(request, 0, params))
@@ -145,8 +162,10 @@ class LLMEngine:
             if not seq.finished:
                 events.append(Event(request_id, index, seq.abort()))
         if 0 < len(request.seqs) < request.params.n:  # samples not forked yet end too
-            events += [Event(request_id, i, Delta(None, "", finish_reason="abort"))
-                       for i in range(len(request.seqs), request.params.n)]
+            events += [
+                Event(request_id, i, Delta(None, "", finish_reason="abort"))
+                for i in range(len(request.seqs), request.params.n)
+            ]
         return events
 
     # ---- the step ------------------------------------------------------------------
@@ -155,9 +174,17 @@ class LLMEngine:
         if not step.scheduled:
             return []
         self.pool.copy_blocks(step.copies)
-        batch = ForwardBatch.build([
-            (seq.token_ids[seq.num_computed:seq.num_computed + n], seq.num_computed,
-             self.blocks.table(seq.seq_id), n == seq.pending) for seq, n in step.scheduled])
+        batch = ForwardBatch.build(
+            [
+                (
+                    seq.token_ids[seq.num_computed : seq.num_computed + n],
+                    seq.num_computed,
+                    self.blocks.table(seq.seq_id),
+                    n == seq.pending,
+                )
+                for seq, n in step.scheduled
+            ]
+        )
         now = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -186,7 +213,8 @@ class LLMEngine:
                 events += self._sample(seq, logits[row])
                 row += 1
         self.stats.generation_tokens_total += sum(
-            1 for e in events if e.delta is not None and e.delta.token_id is not None)
+            1 for e in events if e.delta is not None and e.delta.token_id is not None
+        )
         return events
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> list[Event]:
@@ -222,8 +250,9 @@ class LLMEngine:
         return children
 
     def _new_sequence(self, request: _Request, index: int, params: SamplingParams) -> Sequence:
-        seq = Sequence(next(self._seq_ids), request.prompt_ids, params, self.lm.tokenizer,
-                       self.num_ctx)
+        seq = Sequence(
+            next(self._seq_ids), request.prompt_ids, params, self.lm.tokenizer, self.num_ctx
+        )
         request.seqs[index] = seq
         self._owner[seq.seq_id] = (request, index)
         return seq
@@ -246,15 +275,20 @@ class LLMEngine:
             if seq.seq_id not in self._owner:
                 continue
             request, _ = self._owner[seq.seq_id]
-            events += [Event(e.request_id, e.index, error=error)
-                       for e in self.abort(request.request_id)]
+            events += [
+                Event(e.request_id, e.index, error=error) for e in self.abort(request.request_id)
+            ]
         return events
 
     def snapshot(self) -> EngineStats:
         """A copy of the statistics with the current occupancy."""
         s = self.scheduler
-        return replace(self.stats, running=len(s.running), waiting=len(s.waiting),
-                       kv_blocks_free=self.blocks.num_free,
-                       kv_blocks_used=self.blocks.num_blocks - self.blocks.num_free,
-                       preemptions_total=s.preemptions_total,
-                       prefix_cache_hits_total=s.cached_tokens_total)
+        return replace(
+            self.stats,
+            running=len(s.running),
+            waiting=len(s.waiting),
+            kv_blocks_free=self.blocks.num_free,
+            kv_blocks_used=self.blocks.num_blocks - self.blocks.num_free,
+            preemptions_total=s.preemptions_total,
+            prefix_cache_hits_total=s.cached_tokens_total,
+        )

@@ -81,8 +81,19 @@ class LoadedModel:
         placement = placement or _planned(spec.parameters)
         model = _build_model(gguf, config, placement(gguf, config))
         attach_adapters(model, adapters)  # wraps this model's layers; the base stays shared
-        return cls(spec.name, spec.path, gguf, config, tokenizer, template, model,
-                   time.perf_counter() - start, spec.parameters, spec.system, spec.messages)
+        return cls(
+            spec.name,
+            spec.path,
+            gguf,
+            config,
+            tokenizer,
+            template,
+            model,
+            time.perf_counter() - start,
+            spec.parameters,
+            spec.system,
+            spec.messages,
+        )
 
     def sampling_defaults(self, base: SamplingParams) -> SamplingParams:
         """`base` with the model's sampling PARAMETERs applied; a request's own options are
@@ -122,8 +133,12 @@ def _build_model(gguf: GGUFFile, config: ModelConfig, devices: DeviceMap) -> Mod
             fewer = devices.fewer_gpu_layers()
             if fewer is None:
                 raise
-            log.warning("GPU allocation failed with %s (%s); retrying with %s",
-                        devices.describe(), str(err).splitlines()[0], fewer.describe())
+            log.warning(
+                "GPU allocation failed with %s (%s); retrying with %s",
+                devices.describe(),
+                str(err).splitlines()[0],
+                fewer.describe(),
+            )
             devices = fewer
             gc.collect()
             if torch.cuda.is_available():
@@ -136,10 +151,13 @@ def _planned(parameters: dict) -> Placement:
         pattern, device = pin_rule(rule)
         if device == "cpu":  # the planner places everything else itself
             pins.append(pattern.pattern)
-    return auto_placement(num_ctx=int(parameters.get("num_ctx") or DEFAULT_NUM_CTX),
-                          num_parallel=DEFAULT_NUM_PARALLEL,
-                          num_gpu=int(parameters.get("num_gpu", -1)),
-                          gpu_memory=parameters.get("gpu_memory"), pins=tuple(pins))
+    return auto_placement(
+        num_ctx=int(parameters.get("num_ctx") or DEFAULT_NUM_CTX),
+        num_parallel=DEFAULT_NUM_PARALLEL,
+        num_gpu=int(parameters.get("num_gpu", -1)),
+        gpu_memory=parameters.get("gpu_memory"),
+        pins=tuple(pins),
+    )
 
 
 # One mapping per GGUF file, shared by every model loaded from it: custom models on one base
@@ -156,8 +174,9 @@ def _open_gguf(path: Path) -> GGUFFile:
     return gguf
 
 
-def _template(spec: ModelSpec, gguf: GGUFFile, config: ModelConfig,
-              tokenizer: Tokenizer) -> ChatTemplate | GoTemplate:
+def _template(
+    spec: ModelSpec, gguf: GGUFFile, config: ModelConfig, tokenizer: Tokenizer
+) -> ChatTemplate | GoTemplate:
     """The Modelfile's TEMPLATE, else the GGUF's chat template, else the architecture's."""
     bos = tokenizer.token_str(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
     eos = tokenizer.token_str(tokenizer.eos_id) if tokenizer.eos_id is not None else ""

@@ -17,8 +17,15 @@ from loaders.lora_adapter import LoraAdapter, LoraWeight
 from runtime.errors import UnsupportedError
 from runtime.model import Model
 
-_FIELDS = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o",
-           "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down"}
+_FIELDS = {
+    "attn_q": "q",
+    "attn_k": "k",
+    "attn_v": "v",
+    "attn_output": "o",
+    "ffn_gate": "gate",
+    "ffn_up": "up",
+    "ffn_down": "down",
+}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
@@ -27,8 +34,10 @@ def attach_adapters(model: Model, adapters: list[LoraAdapter]) -> None:
     deltas: dict[str, list[LoraWeight]] = defaultdict(list)
     for adapter in adapters:
         if adapter.arch and adapter.arch != model.config.arch:
-            raise UnsupportedError(f"{adapter.path.name} is a LoRA for {adapter.arch}, but the "
-                                   f"model is {model.config.arch}")
+            raise UnsupportedError(
+                f"{adapter.path.name} is a LoRA for {adapter.arch}, but the "
+                f"model is {model.config.arch}"
+            )
         for name, weight in adapter.weights.items():
             deltas[name].append(weight)
     for name, weights in deltas.items():
@@ -43,13 +52,16 @@ def _wrap(model: Model, name: str, weights: list[LoraWeight]) -> None:
     elif name == "output.weight" and not model.config.tied_head:
         model.head = _checked(name, model.head, weights)
     else:
-        raise UnsupportedError(f"the adapter changes {name!r}, which tandem cannot adapt "
-                               "(it adapts blk.N attention and FFN weights and output.weight)")
+        raise UnsupportedError(
+            f"the adapter changes {name!r}, which tandem cannot adapt "
+            "(it adapts blk.N attention and FFN weights and output.weight)"
+        )
 
 
 def _checked(name: str, base, weights: list[LoraWeight]) -> LoraLinear:
     try:
         return LoraLinear(base, weights)
     except ValueError as err:
-        raise UnsupportedError(f"the adapter does not fit {name}: {err}; was it made for "
-                               "this base model?") from None
+        raise UnsupportedError(
+            f"the adapter does not fit {name}: {err}; was it made for this base model?"
+        ) from None

@@ -55,20 +55,23 @@ class Block:
 
 
 class Model:
-    def __init__(self, gguf: GGUFFile, config: ModelConfig,
-                 devices: DeviceMap | None = None) -> None:
+    def __init__(
+        self, gguf: GGUFFile, config: ModelConfig, devices: DeviceMap | None = None
+    ) -> None:
         self.config = config
         self._gguf = gguf
         self.devices = devices or DeviceMap.cpu_only(config.n_layer)
         head_where = self.devices.head
         # The lookup runs on the CPU; a tied head on the CPU is this same layer, in panels.
-        self.embed = self._linear("token_embd.weight", where=CPU,
-                                  panels=config.tied_head and head_where == CPU)
+        self.embed = self._linear(
+            "token_embd.weight", where=CPU, panels=config.tied_head and head_where == CPU
+        )
         self.head_device = self.devices.device(head_where)
         self.head_ops = triton_ops() if head_where == GPU else CPU_OPS
         if config.tied_head:
-            self.head = self.embed if head_where == CPU else self._linear(
-                "token_embd.weight", where=GPU)
+            self.head = (
+                self.embed if head_where == CPU else self._linear("token_embd.weight", where=GPU)
+            )
         else:
             self.head = self._linear("output.weight", where=head_where)
         self.output_norm = self._vector("output_norm.weight", self.head_device)
@@ -80,12 +83,14 @@ class Model:
     # ---- loading -------------------------------------------------------------------
     def _info(self, name: str):
         if name not in self._gguf.tensors:
-            raise GGUFError(f"{self._gguf.path.name}: tensor '{name}' is missing "
-                            f"for a {self.config.arch} model")
+            raise GGUFError(
+                f"{self._gguf.path.name}: tensor '{name}' is missing for a {self.config.arch} model"
+            )
         return self._gguf.tensors[name]
 
-    def _linear(self, name: str, bias: str | None = None, where: str | None = None,
-                panels: bool = True) -> PackedLinear | TritonLinear:
+    def _linear(
+        self, name: str, bias: str | None = None, where: str | None = None, panels: bool = True
+    ) -> PackedLinear | TritonLinear:
         """A packed weight on its device: Triton's on the GPU; on the CPU the native path,
         over 16-row panels made once per file (see kernels/linear.py) unless `panels` is
         False (a lookup-only embedding) or the build has no panel kernel for the type."""
@@ -105,14 +110,22 @@ class Model:
         biased), so that they run as one launch; else one by one."""
         infos = [self._info(n) for n in names]
         biased = [b is not None and b in self._gguf.tensors for b in biases]
-        if (all(self.devices.of_tensor(n) == GPU for n in names) and len(set(biased)) == 1
-                and len({(i.ggml_type, i.shape[0]) for i in infos}) == 1):
+        if (
+            all(self.devices.of_tensor(n) == GPU for n in names)
+            and len(set(biased)) == 1
+            and len({(i.ggml_type, i.shape[0]) for i in infos}) == 1
+        ):
             device = self.devices.device(GPU)
             return TritonLinear.stacked(
-                [self._gguf.tensor(n) for n in names], infos[0].ggml_type, infos[0].shape[0],
-                [self._vector(b, device) if on else None for b, on in zip(biases, biased,
-                                                                          strict=True)],
-                device)
+                [self._gguf.tensor(n) for n in names],
+                infos[0].ggml_type,
+                infos[0].shape[0],
+                [
+                    self._vector(b, device) if on else None
+                    for b, on in zip(biases, biased, strict=True)
+                ],
+                device,
+            )
         return [self._linear(n, b) for n, b in zip(names, biases, strict=True)]
 
     def _panels(self, name: str) -> torch.Tensor | None:
@@ -129,15 +142,23 @@ class Model:
         p, c = f"blk.{i}.", self.config
         where = self.devices.layers[i]
         dev = self.devices.device(where)
-        q, k, v = self._linears([p + f"attn_{x}.weight" for x in "qkv"],
-                                [p + f"attn_{x}.bias" for x in "qkv"])
+        q, k, v = self._linears(
+            [p + f"attn_{x}.weight" for x in "qkv"], [p + f"attn_{x}.bias" for x in "qkv"]
+        )
         gate, up = self._linears([p + "ffn_gate.weight", p + "ffn_up.weight"], [None, None])
         block = Block(
             attn_norm=self._vector(p + "attn_norm.weight", dev),
-            q=q, k=k, v=v, o=self._linear(p + "attn_output.weight"),
+            q=q,
+            k=k,
+            v=v,
+            o=self._linear(p + "attn_output.weight"),
             ffn_norm=self._vector(p + "ffn_norm.weight", dev),
-            gate=gate, up=up, down=self._linear(p + "ffn_down.weight"),
-            device=dev, triton=where == GPU, ops=triton_ops() if where == GPU else CPU_OPS,
+            gate=gate,
+            up=up,
+            down=self._linear(p + "ffn_down.weight"),
+            device=dev,
+            triton=where == GPU,
+            ops=triton_ops() if where == GPU else CPU_OPS,
         )
         if c.qk_norm:
             block.q_norm = self._vector(p + "attn_q_norm.weight", dev)
@@ -152,8 +173,9 @@ class Model:
         return self._gguf.file_size - self._gguf.data_offset
 
     # ---- forward -------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache,
-                all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, start: int, cache: KVCache, all_logits: bool = False
+    ) -> torch.Tensor:
         """One sequence with a contiguous KVCache (tests, perplexity): tokens (T,) int64 at
         positions start … start+T-1 → logits (T or 1, V) float32. The cache is on the CPU, so
         a GPU layer's keys and values cross to it every call: a reference path, not a fast
@@ -163,21 +185,29 @@ class Model:
         # as pages 0, 1, 2, … (a table of consecutive blocks).
         n = start + tokens.shape[0]
         blocks = -(-n // PAGE)
-        paged = (tokens.shape[0] == 1 and cache.dtype == torch.float16
-                 and blocks * PAGE <= cache.n_ctx)  # the kernel wants whole pages in the slab
+        paged = (
+            tokens.shape[0] == 1 and cache.dtype == torch.float16 and blocks * PAGE <= cache.n_ctx
+        )  # the kernel wants whole pages in the slab
         table = torch.arange(blocks, dtype=torch.int32)[None] if paged else None
         length = torch.tensor([n])
 
         def attend(i, q, k, v, window):
             cache.write(i, start, k, v)
             if paged and self.blocks[i].device.type == "cpu":
-                out = paged_decode_attention(q, cache.k[i], cache.v[i], table, length,
-                                             self.config.attn_scale, window)
+                out = paged_decode_attention(
+                    q, cache.k[i], cache.v[i], table, length, self.config.attn_scale, window
+                )
                 if out is not None:
                     return out
             keys, values = cache.read(i, n)  # the cache is on the CPU; a GPU layer's q is not
-            return attention(q, cross(keys, q.device), cross(values, q.device), start, window,
-                             self.config.attn_scale)
+            return attention(
+                q,
+                cross(keys, q.device),
+                cross(values, q.device),
+                start,
+                window,
+                self.config.attn_scale,
+            )
 
         with forward_threads():
             x = self._layers(tokens, positions, attend)
@@ -205,8 +235,9 @@ class Model:
             x = self._layers(batch.tokens, batch.positions, attend)
             return self.logits(x[batch.logit_rows.to(x.device)])
 
-    def _attend_chunks(self, i: int, b: ForwardBatch, pool: KVPool, q: torch.Tensor,
-                       window: int) -> torch.Tensor:
+    def _attend_chunks(
+        self, i: int, b: ForwardBatch, pool: KVPool, q: torch.Tensor, window: int
+    ) -> torch.Tensor:
         """The output buffer (T, H*Dv), with the prefill chunks' attention filled in: each
         chunk's queries over its sequence's pages so far (the decode rows are left to fill)."""
         out = q.new_empty(q.shape[0], q.shape[1] * self.config.head_dim_v)
@@ -215,8 +246,9 @@ class Model:
             # a sliding window: the chunk's first query sees back to start − window + 1 only
             first = max(0, s.start + 1 - window) if window else 0
             keys, values = pool.read(i, s.context_slots[first:])
-            out[rows] = attention(q[rows], keys, values, s.start - first, window,
-                                  self.config.attn_scale)
+            out[rows] = attention(
+                q[rows], keys, values, s.start - first, window, self.config.attn_scale
+            )
         return out
 
     def _decode_attention(self, i: int, pool: KVPool, q: torch.Tensor, d, window: int):
@@ -229,8 +261,13 @@ class Model:
             if out is not None:
                 return out
         keys, values = pool.read(i, d.slots)  # (B*L, Hkv, D)
-        return decode_attention(q, keys.unflatten(0, (-1, d.width)),
-                                values.unflatten(0, (-1, d.width)), d.mask(window), scale)
+        return decode_attention(
+            q,
+            keys.unflatten(0, (-1, d.width)),
+            values.unflatten(0, (-1, d.width)),
+            d.mask(window),
+            scale,
+        )
 
     def _attend_triton(self, i, b: ForwardBatch, pool: KVPool, q, k, v, window):
         """A GPU layer's attention (f16 or q8_0 pages): the KV-write kernel, paged decode
@@ -244,9 +281,17 @@ class Model:
         if d is None:
             return self._attend_chunks(i, b, pool, q, window)
         only = not b.seqs  # decodes only: row b is sequence b, no gather or scatter
-        att = paged_attention_decode((q if only else q[d.rows]).contiguous(), k_pages, v_pages,
-                                     d.tables, d.lengths, self.config.attn_scale, window,
-                                     k_scale, v_scale)  # (B, H, Dv)
+        att = paged_attention_decode(
+            (q if only else q[d.rows]).contiguous(),
+            k_pages,
+            v_pages,
+            d.tables,
+            d.lengths,
+            self.config.attn_scale,
+            window,
+            k_scale,
+            v_scale,
+        )  # (B, H, Dv)
         att = att.reshape(att.shape[0], -1)
         if only:
             return att
@@ -297,9 +342,16 @@ class Model:
                 x, h = x + f, None
         return cross(x, self.head_device)
 
-    def decode_on_gpu(self, x: torch.Tensor, tables: dict, pool: KVPool, slots: torch.Tensor,
-                      block_tables: torch.Tensor, lengths: torch.Tensor,
-                      with_head: bool) -> torch.Tensor:
+    def decode_on_gpu(
+        self,
+        x: torch.Tensor,
+        tables: dict,
+        pool: KVPool,
+        slots: torch.Tensor,
+        block_tables: torch.Tensor,
+        lengths: torch.Tensor,
+        with_head: bool,
+    ) -> torch.Tensor:
         """One decode step of B sequences on a model whose blocks all run on the GPU, every
         input already there: x (B, E) embeddings, tables from rope_tables, slots (B,) where
         each new K/V goes (negative: a padding row, not written), block_tables (B, W) and
@@ -312,9 +364,17 @@ class Model:
         def attend(i, q, k, v, window):
             k_pages, v_pages, k_scale, v_scale = pool.pages(i)
             kv_write(k, v, k_pages, v_pages, slots, k_scale, v_scale)
-            out = paged_attention_decode(q.contiguous(), k_pages, v_pages, block_tables,
-                                         lengths, self.config.attn_scale, window, k_scale,
-                                         v_scale)
+            out = paged_attention_decode(
+                q.contiguous(),
+                k_pages,
+                v_pages,
+                block_tables,
+                lengths,
+                self.config.attn_scale,
+                window,
+                k_scale,
+                v_scale,
+            )
             return out.reshape(out.shape[0], -1)  # (B, H * Dv)
 
         x = self.blocks_forward(x, tables, attend)
@@ -324,8 +384,9 @@ class Model:
         """Final hidden states (R, E) → logits (R, V), on the head's device."""
         return self.head(self.head_ops.rms_norm(x, self.output_norm, self.config.rms_eps))
 
-    def _block_forward(self, i, b: Block, x, h, rope, tables, window,
-                       attend) -> tuple[torch.Tensor, torch.Tensor]:
+    def _block_forward(
+        self, i, b: Block, x, h, rope, tables, window, attend
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One block on x (T, E) whose attention-normed form is h: → (x after the attention's
         residual add, the FFN's output f); the caller adds f (with the next block's norm)."""
         c, n, ops = self.config, x.shape[0], b.ops

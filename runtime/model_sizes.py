@@ -21,9 +21,22 @@ from runtime.errors import InvalidParameterError
 from runtime.kv_pool import KV_CACHE_TYPES, QBLOCK, kv_bytes_per_token
 
 # forward order of a layer's tensors (by name after "blk.N."); unknown names come last
-_ORDER = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm", "KV",
-          "attn_output", "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down",
-          "post_ffw_norm")
+_ORDER = (
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_q_norm",
+    "attn_k_norm",
+    "KV",
+    "attn_output",
+    "post_attention_norm",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+    "post_ffw_norm",
+)
 KV_RANK = _ORDER.index("KV")
 _LAYER = re.compile(r"blk\.(\d+)\.([a-z_]+)")
 
@@ -70,7 +83,9 @@ class ModelSizes:
         sized = []
         for name, info in tensors.items():
             layer, group, rank = _classify(name)
-            sized.append(TensorSize(name, info.nbytes, info.n_elements, info.ggml_type, layer, group, rank))
+            sized.append(
+                TensorSize(name, info.nbytes, info.n_elements, info.ggml_type, layer, group, rank)
+            )
         return cls(config, tuple(sized))
 
     def layer_tensors(self, i: int) -> list[TensorSize]:
@@ -98,12 +113,15 @@ def kv_bytes_per_token_layer(config: ModelConfig, kv_type: str) -> int:
     """Bytes one token position takes in one layer's KV (keys and values), as KVPool stores
     them: f16, or q8_0 (34 bytes per 32 values; head sizes must be multiples of 32)."""
     if kv_type not in KV_CACHE_TYPES:
-        raise InvalidParameterError(f"KV type must be one of {', '.join(KV_CACHE_TYPES)}, "
-                                    f"got {kv_type!r}")
+        raise InvalidParameterError(
+            f"KV type must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_type!r}"
+        )
     if kv_type == "q8_0" and (config.head_dim % QBLOCK or config.head_dim_v % QBLOCK):
-        raise InvalidParameterError(f"KV type q8_0 needs head sizes divisible by {QBLOCK}; "
-                                    f"this model has {config.head_dim}/{config.head_dim_v}: "
-                                    "use f16")
+        raise InvalidParameterError(
+            f"KV type q8_0 needs head sizes divisible by {QBLOCK}; "
+            f"this model has {config.head_dim}/{config.head_dim_v}: "
+            "use f16"
+        )
     return kv_bytes_per_token(config, kv_type) // config.n_layer
 
 
@@ -116,8 +134,9 @@ def activation_bytes(config: ModelConfig, num_batch: int) -> int:
     """float32 activations of one layer for num_batch tokens: hidden, residual and norm
     copies, q/k/v and attention output, gate/up/product."""
     c = config
-    width = (3 * c.n_embd + c.n_head * c.head_dim + 2 * c.kv_dim + c.n_head * c.head_dim_v
-             + 3 * c.n_ff)
+    width = (
+        3 * c.n_embd + c.n_head * c.head_dim + 2 * c.kv_dim + c.n_head * c.head_dim_v + 3 * c.n_ff
+    )
     return 4 * num_batch * width
 
 

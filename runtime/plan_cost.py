@@ -53,8 +53,7 @@ class Placement:
 
 def _weights(t: TensorSize, device: str, layer: int | None, share: float = 1.0) -> Op:
     """A matmul (or norm) over tensor t: its bytes read, 2 FLOPs per element × share."""
-    return Op(device, layer, "weights", t.nbytes, t.nbytes, 2.0 * t.n_elements * share,
-              t.ggml_type)
+    return Op(device, layer, "weights", t.nbytes, t.nbytes, 2.0 * t.n_elements * share, t.ggml_type)
 
 
 def activation_bytes_per_token(sizes: ModelSizes) -> float:
@@ -65,8 +64,9 @@ def activation_bytes_per_token(sizes: ModelSizes) -> float:
     return 4.0 * (10 * c.n_embd + 4 * c.n_ff)
 
 
-def forward_ops(sizes: ModelSizes, where: Placement, kv_read: list[float], chunk: int,
-                context: list[float]) -> list[Op]:
+def forward_ops(
+    sizes: ModelSizes, where: Placement, kv_read: list[float], chunk: int, context: list[float]
+) -> list[Op]:
     """The forward pass as Ops in order: embedding row, each layer's tensors with its
     attention over the KV at KV_RANK, then the head (output_norm, output or tied token_embd).
     kv_read: per layer, bytes of its KV read per decoded token; chunk: prompt tokens per pass;
@@ -109,32 +109,43 @@ def decode_estimate(sizes: ModelSizes, ops: list[Op], cal: Calibration, fill: in
     """Tokens/s of one sequence decoding at `fill` tokens of context."""
     lines, seconds = [], {}
     for dev, bw, eff, kv_eff, name in (
-            (GPU, cal.vram_bw, cal.gpu_efficiency, cal.gpu_efficiency, "vram_bw"),
-            (CPU, cal.ram_bw, cal.cpu_efficiency, cal.cpu_kv_efficiency, "ram_bw")):
+        (GPU, cal.vram_bw, cal.gpu_efficiency, cal.gpu_efficiency, "vram_bw"),
+        (CPU, cal.ram_bw, cal.cpu_efficiency, cal.cpu_kv_efficiency, "ram_bw"),
+    ):
         total = sum(op.read_bytes for op in ops if op.device == dev)
         kv = sum(op.read_bytes for op in ops if op.device == dev and op.kind == "kv")
         if total == 0:
             continue
         seconds[f"{dev} reads"] = (total - kv) / (bw * eff) + kv / (bw * kv_eff)
-        how = (f"{_gbs(bw * eff)} ({eff:.0%} of {_gbs(bw)}, {cal.source(name)})" if eff == kv_eff
-               else f"{_gbs(bw * eff)} ({eff:.0%} of {_gbs(bw)}, {cal.source(name)}), the KV "
-                    f"at {_gbs(bw * kv_eff)} (attention, {kv_eff:.0%})")
-        lines.append(f"{dev.upper()} reads {format_size(total)} per token ({format_size(kv)} "
-                     f"of it KV at {fill} tokens of context) at {how} = "
-                     f"{_ms(seconds[f'{dev} reads'])}")
+        how = (
+            f"{_gbs(bw * eff)} ({eff:.0%} of {_gbs(bw)}, {cal.source(name)})"
+            if eff == kv_eff
+            else f"{_gbs(bw * eff)} ({eff:.0%} of {_gbs(bw)}, {cal.source(name)}), the KV "
+            f"at {_gbs(bw * kv_eff)} (attention, {kv_eff:.0%})"
+        )
+        lines.append(
+            f"{dev.upper()} reads {format_size(total)} per token ({format_size(kv)} "
+            f"of it KV at {fill} tokens of context) at {how} = "
+            f"{_ms(seconds[f'{dev} reads'])}"
+        )
     n_gpu, n_cpu = _layers_on(ops, GPU), _layers_on(ops, CPU)
     seconds["layers"] = n_gpu * cal.gpu_layer_s + n_cpu * cal.cpu_layer_s
-    lines.append(f"fixed costs: {n_gpu} GPU layers × {cal.gpu_layer_s * 1e6:.0f} µs + {n_cpu} "
-                 f"CPU layers × {cal.cpu_layer_s * 1e6:.0f} µs = {_ms(seconds['layers'])}")
+    lines.append(
+        f"fixed costs: {n_gpu} GPU layers × {cal.gpu_layer_s * 1e6:.0f} µs + {n_cpu} "
+        f"CPU layers × {cal.cpu_layer_s * 1e6:.0f} µs = {_ms(seconds['layers'])}"
+    )
     hops = _handoffs(ops)
     c = sizes.config
     moved = 4 * c.n_embd * (hops - (ops[-1].device == GPU)) + 4 * c.vocab_size * (
-        ops[-1].device == GPU)
+        ops[-1].device == GPU
+    )
     seconds["hand-offs"] = hops * cal.link_latency_s + moved / cal.h2d_bw
     if hops:
-        lines.append(f"{hops} hand-offs between devices × {cal.link_latency_s * 1e6:.0f} µs "
-                     f"({cal.source('link_latency_s')}) + {format_size(moved)} at "
-                     f"{_gbs(cal.h2d_bw)} = {_ms(seconds['hand-offs'])}")
+        lines.append(
+            f"{hops} hand-offs between devices × {cal.link_latency_s * 1e6:.0f} µs "
+            f"({cal.source('link_latency_s')}) + {format_size(moved)} at "
+            f"{_gbs(cal.h2d_bw)} = {_ms(seconds['hand-offs'])}"
+        )
     total = sum(seconds.values())
     lines.append(f"→ {_ms(total)} per token = {1 / total:.1f} tokens/s")
     return Estimate(1 / total, seconds, tuple(lines))
@@ -152,8 +163,9 @@ def prompt_estimate(sizes: ModelSizes, ops: list[Op], cal: Calibration, chunk: i
     """Tokens/s of prompt processing in chunks of `chunk` tokens."""
     lines, seconds = [], {}
     for dev, rate, bw, eff, name in (
-            (GPU, cal.gpu_flops, cal.vram_bw, cal.gpu_efficiency, "gpu_flops"),
-            (CPU, cal.cpu_flops, cal.ram_bw, cal.cpu_efficiency, "cpu_flops")):
+        (GPU, cal.gpu_flops, cal.vram_bw, cal.gpu_efficiency, "gpu_flops"),
+        (CPU, cal.cpu_flops, cal.ram_bw, cal.cpu_efficiency, "cpu_flops"),
+    ):
         mine = [op for op in ops if op.device == dev]
         flops = sum(op.flops for op in mine)
         weights = sum(op.weight_bytes for op in mine)
@@ -162,22 +174,29 @@ def prompt_estimate(sizes: ModelSizes, ops: list[Op], cal: Calibration, chunk: i
         if dev == CPU:  # per type; and the elementwise ops, which the GPU's rate covers
             compute = sum(op.flops / _cpu_rate(op, cal) for op in mine)
             act = sum(op.act_bytes for op in mine) / (bw * cal.cpu_act_share)
-            how = (f"the native kernels' rate per type ({cal.source('cpu_type_flops')}; "
-                   f"{flops / compute / 1e12:.2f} TFLOP/s here) + elementwise ops "
-                   f"{_ms(act)} ({cal.cpu_act_share:.0%} of {_gbs(bw)})")
+            how = (
+                f"the native kernels' rate per type ({cal.source('cpu_type_flops')}; "
+                f"{flops / compute / 1e12:.2f} TFLOP/s here) + elementwise ops "
+                f"{_ms(act)} ({cal.cpu_act_share:.0%} of {_gbs(bw)})"
+            )
         else:
             compute, act = flops / rate, 0.0
             how = f"{rate / 1e12:.2f} TFLOP/s ({cal.source(name)})"
         seconds[f"{dev} compute"] = compute + act + weights / (bw * eff) / chunk
-        lines.append(f"{dev.upper()}: {flops / 1e9:.3f} GFLOP per token at {how} + "
-                     f"{format_size(weights)} of weights read once per {chunk}-token chunk = "
-                     f"{_ms(seconds[f'{dev} compute'])}")
+        lines.append(
+            f"{dev.upper()}: {flops / 1e9:.3f} GFLOP per token at {how} + "
+            f"{format_size(weights)} of weights read once per {chunk}-token chunk = "
+            f"{_ms(seconds[f'{dev} compute'])}"
+        )
     fixed = _layers_on(ops, GPU) * cal.gpu_layer_s + _layers_on(ops, CPU) * cal.cpu_layer_s
     hops = _handoffs(ops)
     seconds["layers and hand-offs"] = (fixed + hops * cal.link_latency_s) / chunk + (
-        hops * 4 * sizes.config.n_embd / cal.h2d_bw)
-    lines.append(f"fixed costs and {hops} hand-offs shared by the chunk = "
-                 f"{_ms(seconds['layers and hand-offs'])}")
+        hops * 4 * sizes.config.n_embd / cal.h2d_bw
+    )
+    lines.append(
+        f"fixed costs and {hops} hand-offs shared by the chunk = "
+        f"{_ms(seconds['layers and hand-offs'])}"
+    )
     total = sum(seconds.values())
     lines.append(f"→ {_ms(total)} per prompt token = {1 / total:.1f} tokens/s")
     return Estimate(1 / total, seconds, tuple(lines))

@@ -15,29 +15,42 @@ _SPEEDS = ("ram_bw", "vram_bw", "h2d_bw", "cpu_flops", "gpu_flops", "link_latenc
 
 
 def _group_device(plan: Plan, layer: int, group: str) -> str:
-    """"gpu", "cpu", or "gpu+cpu" when pins split the group."""
-    devs = {plan.placement.tensors[t.name] for t in plan.sizes.layer_tensors(layer)
-            if t.group == group}
+    """ "gpu", "cpu", or "gpu+cpu" when pins split the group."""
+    devs = {
+        plan.placement.tensors[t.name] for t in plan.sizes.layer_tensors(layer) if t.group == group
+    }
     return "+".join(sorted(devs, reverse=True)) or "-"
 
 
 def layer_rows(plan: Plan) -> list[dict]:
-    return [{"index": i, "attn": _group_device(plan, i, "attn"), "kv": plan.placement.kv[i],
-             "ffn": _group_device(plan, i, "ffn")} for i in range(plan.sizes.config.n_layer)]
+    return [
+        {
+            "index": i,
+            "attn": _group_device(plan, i, "attn"),
+            "kv": plan.placement.kv[i],
+            "ffn": _group_device(plan, i, "ffn"),
+        }
+        for i in range(plan.sizes.config.n_layer)
+    ]
 
 
 def plan_dict(plan: Plan, model: str) -> dict:
     c, req, b = plan.sizes.config, plan.request, plan.budgets
-    mem = {d: {**asdict(m), "total": m.total, "budget": budget}
-           for d, m, budget in ((GPU, plan.memory[GPU], b.gpu), (CPU, plan.memory[CPU], b.ram))}
+    mem = {
+        d: {**asdict(m), "total": m.total, "budget": budget}
+        for d, m, budget in ((GPU, plan.memory[GPU], b.gpu), (CPU, plan.memory[CPU], b.ram))
+    }
     cal = plan.calibration
     return {
-        "model": model, "arch": c.arch, "n_layer": c.n_layer,
+        "model": model,
+        "arch": c.arch,
+        "n_layer": c.n_layer,
         "weight_bytes": plan.sizes.total_bytes,
         "request": {**asdict(req), "pins": list(req.pins), "ctx_fill": req.fill},
         "budgets": {"gpu": b.gpu, "gpu_note": b.gpu_note, "ram": b.ram, "ram_note": b.ram_note},
         "num_gpu_layers": plan.candidate.n_gpu,
-        "head": plan.placement.head, "token_embd": CPU,
+        "head": plan.placement.head,
+        "token_embd": CPU,
         "layers": layer_rows(plan),
         "tensors": dict(plan.placement.tensors),
         "memory": mem,
@@ -49,9 +62,11 @@ def plan_dict(plan: Plan, model: str) -> dict:
             "decode_reasoning": list(plan.decode.lines),
             "prompt_reasoning": list(plan.prompt.lines),
         },
-        "calibration": {**{k: getattr(cal, k) for k in _SPEEDS},
-                        "cpu_type_flops": _type_rates(cal),
-                        "sources": {k: cal.source(k) for k in (*_SPEEDS, "cpu_type_flops")}},
+        "calibration": {
+            **{k: getattr(cal, k) for k in _SPEEDS},
+            "cpu_type_flops": _type_rates(cal),
+            "sources": {k: cal.source(k) for k in (*_SPEEDS, "cpu_type_flops")},
+        },
         "sweep": plan.sweep,
     }
 
@@ -67,8 +82,7 @@ def _layer_ranges(rows: list[dict]) -> list[str]:
         if i == len(rows) or _devices(rows[i]) != _devices(rows[start]):
             r = rows[start]
             span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
-            lines.append(f"  layers {span:<7} attn {r['attn']:<8} KV {r['kv']:<4} "
-                         f"ffn {r['ffn']}")
+            lines.append(f"  layers {span:<7} attn {r['attn']:<8} KV {r['kv']:<4} ffn {r['ffn']}")
             start = i
     return lines
 
@@ -102,12 +116,18 @@ def plan_text(plan: Plan, model: str) -> str:
         f"prompt: {plan.prompt.tokens_per_s:.1f} tokens/s predicted",
         *(f"  {line}" for line in plan.prompt.lines),
         "",
-        "speeds: " + ", ".join(f"{k} {_speed(k, getattr(cal, k))} ({cal.source(k)})"
-                               for k in _SPEEDS),
+        "speeds: "
+        + ", ".join(f"{k} {_speed(k, getattr(cal, k))} ({cal.source(k)})" for k in _SPEEDS),
     ]
     if cal.cpu_type_flops:
-        lines.append("CPU prompt matmuls (native, " + cal.source("cpu_type_flops") + "): " + ", ".join(
-            f"{name} {rate / 1e12:.2f} TFLOP/s" for name, rate in _type_rates(cal).items()))
+        lines.append(
+            "CPU prompt matmuls (native, "
+            + cal.source("cpu_type_flops")
+            + "): "
+            + ", ".join(
+                f"{name} {rate / 1e12:.2f} TFLOP/s" for name, rate in _type_rates(cal).items()
+            )
+        )
     return "\n".join(lines)
 
 
@@ -137,22 +157,28 @@ def run_plan_command(args) -> int:
     from runtime.model_sizes import ModelSizes
     from runtime.planner import PlanRequest, plan
 
-    flags = PlanRequest(num_ctx=args.num_ctx or 4096, num_parallel=args.num_parallel,
-                        num_gpu=-1 if args.num_gpu is None else args.num_gpu,
-                        pins=tuple(args.pin), kv_type=args.kv_type,
-                        gpu_memory=parse_size(args.gpu_memory) if args.gpu_memory else None)
+    flags = PlanRequest(
+        num_ctx=args.num_ctx or 4096,
+        num_parallel=args.num_parallel,
+        num_gpu=-1 if args.num_gpu is None else args.num_gpu,
+        pins=tuple(args.pin),
+        kv_type=args.kv_type,
+        gpu_memory=parse_size(args.gpu_memory) if args.gpu_memory else None,
+    )
     flags.validate()  # before the pull or the calibration
     spec = resolve_spec(args.model)
     request = _with_modelfile(flags, args, spec.parameters)
     name, path = spec.name, spec.path
     with GGUFFile(path) as gguf:
         sizes = ModelSizes.from_tensors(
-            ModelConfig.from_metadata(gguf.metadata, gguf.tensors.keys()), gguf.tensors)
+            ModelConfig.from_metadata(gguf.metadata, gguf.tensors.keys()), gguf.tensors
+        )
     devices = detect(recalibrate=args.recalibrate)
     if args.gpu_bandwidth:
         cal = devices.calibration
-        cal = replace(cal, vram_bw=args.gpu_bandwidth * 1e9,
-                      sources={**cal.sources, "vram_bw": "given"})
+        cal = replace(
+            cal, vram_bw=args.gpu_bandwidth * 1e9, sources={**cal.sources, "vram_bw": "given"}
+        )
         devices = replace(devices, calibration=cal)
     result = plan(sizes, devices, request)
     print(json.dumps(plan_dict(result, name), indent=1) if args.json else plan_text(result, name))

@@ -66,11 +66,11 @@ class PlanRequest:
     def validate(self) -> None:
         for name in ("num_ctx", "num_parallel", "num_batch"):
             if getattr(self, name) < 1:
-                raise InvalidParameterError(f"{name} must be at least 1, got "
-                                            f"{getattr(self, name)}")
+                raise InvalidParameterError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_gpu < -1:
-            raise InvalidParameterError(f"num_gpu must be -1 (auto), 0 (CPU only) or a number "
-                                        f"of layers, got {self.num_gpu}")
+            raise InvalidParameterError(
+                f"num_gpu must be -1 (auto), 0 (CPU only) or a number of layers, got {self.num_gpu}"
+            )
         if self.gpu_memory is not None and self.gpu_memory <= 0:
             raise InvalidParameterError("gpu_memory must be a positive size such as 6GB")
 
@@ -120,8 +120,9 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return all(self.memory[d].total <= b for d, b in ((GPU, self.budgets.gpu),
-                                                          (CPU, self.budgets.ram)))
+        return all(
+            self.memory[d].total <= b for d, b in ((GPU, self.budgets.gpu), (CPU, self.budgets.ram))
+        )
 
 
 def budgets(devices: Devices, request: PlanRequest) -> Budgets:
@@ -131,8 +132,9 @@ def budgets(devices: Devices, request: PlanRequest) -> Budgets:
     if not devices.gpus:
         if cap is None:
             return Budgets(0, ram, "no GPU found", ram_note)
-        return Budgets(cap, ram, f"gpu_memory {format_size(cap)}, no GPU here: planning only",
-                       ram_note)
+        return Budgets(
+            cap, ram, f"gpu_memory {format_size(cap)}, no GPU here: planning only", ram_note
+        )
     gpu = devices.gpus[0]
     margin = max(GPU_MARGIN_MIN, int(GPU_MARGIN_FRACTION * gpu.total_bytes))
     usable = max(0, gpu.free_bytes - margin)
@@ -148,11 +150,14 @@ def compile_pins(patterns: tuple[str, ...], sizes: ModelSizes) -> list[re.Patter
         try:
             rx = re.compile(pattern)
         except re.error as err:
-            raise InvalidParameterError(f"pin {pattern!r} is not a valid regular expression: "
-                                        f"{err}") from None
+            raise InvalidParameterError(
+                f"pin {pattern!r} is not a valid regular expression: {err}"
+            ) from None
         if not any(rx.search(t.name) for t in sizes.tensors):
-            raise InvalidParameterError(f"pin {pattern!r} matches no tensor of this model "
-                                        "(names look like blk.3.ffn_up.weight)")
+            raise InvalidParameterError(
+                f"pin {pattern!r} matches no tensor of this model "
+                "(names look like blk.3.ffn_up.weight)"
+            )
         compiled.append(rx)
     return compiled
 
@@ -183,8 +188,10 @@ def _buffers(sizes: ModelSizes, where: Placement, request: PlanRequest) -> dict:
         on_gpu += sizes.head_tensors()
     if not on_gpu and GPU not in where.kv:
         return {GPU: 0, CPU: cpu}
-    dequant = max((4 * t.n_elements for t in on_gpu
-                   if t.ggml_type not in GPU_KERNEL_TYPES | FLOAT_TYPES), default=0)
+    dequant = max(
+        (4 * t.n_elements for t in on_gpu if t.ggml_type not in GPU_KERNEL_TYPES | FLOAT_TYPES),
+        default=0,
+    )
     return {GPU: common + dequant, CPU: cpu}
 
 
@@ -195,39 +202,63 @@ def memory(sizes: ModelSizes, where: Placement, request: PlanRequest) -> dict:
     if sizes.config.tied_head and where.head == GPU:
         weights[GPU] += sizes.embd.nbytes  # the head's own copy; the lookup keeps the mmap
     per_layer = kv_slots(request.num_ctx, request.num_parallel) * kv_bytes_per_token_layer(
-        sizes.config, request.kv_type)
+        sizes.config, request.kv_type
+    )
     kv = {d: per_layer * where.kv.count(d) for d in (GPU, CPU)}
     buffers = _buffers(sizes, where, request)
     return {d: Memory(weights[d], kv[d], buffers[d]) for d in (GPU, CPU)}
 
 
-def evaluate(sizes: ModelSizes, cand: Candidate, pins: list[re.Pattern], budget: Budgets,
-             cal: Calibration, request: PlanRequest) -> Plan:
+def evaluate(
+    sizes: ModelSizes,
+    cand: Candidate,
+    pins: list[re.Pattern],
+    budget: Budgets,
+    cal: Calibration,
+    request: PlanRequest,
+) -> Plan:
     where = place(sizes, cand, pins)
     chunk = min(request.num_batch, request.num_ctx)
-    seen, per_token = attended(sizes, request), kv_bytes_per_token_layer(sizes.config,
-                                                                          request.kv_type)
-    ops = forward_ops(sizes, where, [n * per_token for n in seen], chunk,
-                      [n + chunk / 2 for n in seen])  # a prompt token: the fill + half a chunk
-    return Plan(request, budget, cal, sizes, cand, where, memory(sizes, where, request),
-                decode_estimate(sizes, ops, cal, request.fill),
-                prompt_estimate(sizes, ops, cal, chunk))
+    seen, per_token = (
+        attended(sizes, request),
+        kv_bytes_per_token_layer(sizes.config, request.kv_type),
+    )
+    ops = forward_ops(
+        sizes, where, [n * per_token for n in seen], chunk, [n + chunk / 2 for n in seen]
+    )  # a prompt token: the fill + half a chunk
+    return Plan(
+        request,
+        budget,
+        cal,
+        sizes,
+        cand,
+        where,
+        memory(sizes, where, request),
+        decode_estimate(sizes, ops, cal, request.fill),
+        prompt_estimate(sizes, ops, cal, chunk),
+    )
 
 
 def attended(sizes: ModelSizes, request: PlanRequest) -> list[int]:
     """Per layer, the positions a token decoded at the request's context fill attends to: a
     sliding-window layer at most its window."""
     c = sizes.config
-    return [min(request.fill, c.sliding_window) if c.sliding_window and swa else request.fill
-            for swa in c.swa_layers]
+    return [
+        min(request.fill, c.sliding_window) if c.sliding_window and swa else request.fill
+        for swa in c.swa_layers
+    ]
 
 
 def candidates(n_layer: int, request: PlanRequest, has_gpu: bool) -> list[Candidate]:
     if not has_gpu or request.num_gpu == 0:
         return [Candidate(0, False, False)]
     counts = range(n_layer + 1) if request.num_gpu < 0 else [min(request.num_gpu, n_layer)]
-    return [Candidate(n, head, kv) for n in counts for head in (False, True)
-            for kv in ((True, False) if n else (False,))]
+    return [
+        Candidate(n, head, kv)
+        for n in counts
+        for head in (False, True)
+        for kv in ((True, False) if n else (False,))
+    ]
 
 
 def plan(sizes: ModelSizes, devices: Devices, request: PlanRequest) -> Plan:
@@ -237,18 +268,28 @@ def plan(sizes: ModelSizes, devices: Devices, request: PlanRequest) -> Plan:
     pins = compile_pins(request.pins, sizes)
     budget = budgets(devices, request)
     if request.num_gpu > 0 and budget.gpu == 0:
-        raise PlanError(f"num_gpu={request.num_gpu} asks for GPU layers but {budget.gpu_note}: "
-                        "give gpu_memory (e.g. --gpu-memory 6GB) to plan for a GPU, or use "
-                        "num_gpu 0")
+        raise PlanError(
+            f"num_gpu={request.num_gpu} asks for GPU layers but {budget.gpu_note}: "
+            "give gpu_memory (e.g. --gpu-memory 6GB) to plan for a GPU, or use "
+            "num_gpu 0"
+        )
     options = candidates(sizes.config.n_layer, request, budget.gpu > 0)
     plans = [evaluate(sizes, c, pins, budget, devices.calibration, request) for c in options]
     fitting = [p for p in plans if p.fits]
     if not fitting:
         auto = replace(request, num_gpu=-1)  # what would fit, for the message
-        others = [evaluate(sizes, c, pins, budget, devices.calibration, auto)
-                  for c in candidates(sizes.config.n_layer, auto, budget.gpu > 0)]
-        raise PlanError(refusal(plans, max((q.candidate.n_gpu for q in others if q.fits),
-                                           default=None), request, budget))
+        others = [
+            evaluate(sizes, c, pins, budget, devices.calibration, auto)
+            for c in candidates(sizes.config.n_layer, auto, budget.gpu > 0)
+        ]
+        raise PlanError(
+            refusal(
+                plans,
+                max((q.candidate.n_gpu for q in others if q.fits), default=None),
+                request,
+                budget,
+            )
+        )
     best = max(fitting, key=lambda p: (p.decode.tokens_per_s, -p.memory[GPU].total))
     best.sweep = sweep(plans)
     return best
@@ -260,33 +301,50 @@ def sweep(plans: list[Plan]) -> list[dict]:
     rows = {}
     for p in sorted(plans, key=lambda p: (p.fits, p.decode.tokens_per_s)):
         rows[p.candidate.n_gpu] = p
-    return [{"num_gpu": n, "fits": p.fits, "head_gpu": p.placement.head == GPU,
-             "kv_gpu": p.candidate.kv_gpu, "gpu_bytes": p.memory[GPU].total,
-             "ram_bytes": p.memory[CPU].total, "decode_tokens_per_s": p.decode.tokens_per_s,
-             "prompt_tokens_per_s": p.prompt.tokens_per_s} for n, p in sorted(rows.items())]
+    return [
+        {
+            "num_gpu": n,
+            "fits": p.fits,
+            "head_gpu": p.placement.head == GPU,
+            "kv_gpu": p.candidate.kv_gpu,
+            "gpu_bytes": p.memory[GPU].total,
+            "ram_bytes": p.memory[CPU].total,
+            "decode_tokens_per_s": p.decode.tokens_per_s,
+            "prompt_tokens_per_s": p.prompt.tokens_per_s,
+        }
+        for n, p in sorted(rows.items())
+    ]
 
 
 def _describe(m: Memory) -> str:
-    return (f"{format_size(m.total)} (weights {format_size(m.weights)}, KV {format_size(m.kv)}, "
-            f"buffers {format_size(m.buffers)})")
+    return (
+        f"{format_size(m.total)} (weights {format_size(m.weights)}, KV {format_size(m.kv)}, "
+        f"buffers {format_size(m.buffers)})"
+    )
 
 
 def refusal(plans: list[Plan], most: int | None, request: PlanRequest, budget: Budgets) -> str:
     """Why nothing fits, with the numbers of the closest candidate and what to lower; `most`:
     the most GPU layers any plan fits (None: none fits at all)."""
+
     def over(p: Plan) -> int:
-        return (max(0, p.memory[GPU].total - budget.gpu)
-                + max(0, p.memory[CPU].total - budget.ram))
+        return max(0, p.memory[GPU].total - budget.gpu) + max(0, p.memory[CPU].total - budget.ram)
 
     p = min(plans, key=over)
-    kv_note = (f"the KV for num_ctx {request.num_ctx} × num_parallel {request.num_parallel} "
-               f"({request.kv_type}) is {format_size(p.memory[GPU].kv + p.memory[CPU].kv)}")
+    kv_note = (
+        f"the KV for num_ctx {request.num_ctx} × num_parallel {request.num_parallel} "
+        f"({request.kv_type}) is {format_size(p.memory[GPU].kv + p.memory[CPU].kv)}"
+    )
     if p.memory[CPU].total > budget.ram:
-        return (f"the model does not fit: even the best split needs {_describe(p.memory[CPU])} "
-                f"of RAM but {format_size(budget.ram)} is usable ({budget.ram_note}); "
-                f"{kv_note}: lower num_ctx or num_parallel, use kv type q8_0, or put more "
-                "on the GPU (num_gpu, gpu_memory)")
+        return (
+            f"the model does not fit: even the best split needs {_describe(p.memory[CPU])} "
+            f"of RAM but {format_size(budget.ram)} is usable ({budget.ram_note}); "
+            f"{kv_note}: lower num_ctx or num_parallel, use kv type q8_0, or put more "
+            "on the GPU (num_gpu, gpu_memory)"
+        )
     lower = f"lower num_gpu to at most {most}" if most else "use num_gpu 0"
-    return (f"num_gpu={request.num_gpu} needs at least {_describe(p.memory[GPU])} of GPU "
-            f"memory but the budget is {format_size(budget.gpu)} ({budget.gpu_note}); "
-            f"{kv_note}: {lower}, or lower num_ctx or num_parallel")
+    return (
+        f"num_gpu={request.num_gpu} needs at least {_describe(p.memory[GPU])} of GPU "
+        f"memory but the budget is {format_size(budget.gpu)} ({budget.gpu_note}); "
+        f"{kv_note}: {lower}, or lower num_ctx or num_parallel"
+    )

@@ -25,8 +25,14 @@ HELP = """Available commands:
 
 
 class Repl:
-    def __init__(self, llm: LLM, params: SamplingParams, raw: bool = False,
-                 verbose: bool = False, out: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        llm: LLM,
+        params: SamplingParams,
+        raw: bool = False,
+        verbose: bool = False,
+        out: TextIO | None = None,
+    ) -> None:
         self.llm, self.params, self.raw, self.verbose = llm, params, raw, verbose
         self.out = out or sys.stdout  # looked up now, so a redirected stdout is honoured
         self.messages: list[dict[str, str]] = []
@@ -57,14 +63,17 @@ class Repl:
         def rate(n: int, s: float) -> str:
             return f"{n / s:.2f} tokens/s" if s > 0 else "n/a"
 
-        print(f"total duration:       {total:.3f}s\n"
-              f"load duration:        {self.llm.lm.load_seconds:.3f}s\n"
-              f"prompt eval count:    {t.prompt_tokens} token(s)\n"
-              f"prompt eval duration: {t.prompt_seconds:.3f}s\n"
-              f"prompt eval rate:     {rate(t.prompt_tokens, t.prompt_seconds)}\n"
-              f"eval count:           {t.eval_tokens} token(s)\n"
-              f"eval duration:        {t.eval_seconds:.3f}s\n"
-              f"eval rate:            {rate(t.eval_tokens, t.eval_seconds)}", file=sys.stderr)
+        print(
+            f"total duration:       {total:.3f}s\n"
+            f"load duration:        {self.llm.lm.load_seconds:.3f}s\n"
+            f"prompt eval count:    {t.prompt_tokens} token(s)\n"
+            f"prompt eval duration: {t.prompt_seconds:.3f}s\n"
+            f"prompt eval rate:     {rate(t.prompt_tokens, t.prompt_seconds)}\n"
+            f"eval count:           {t.eval_tokens} token(s)\n"
+            f"eval duration:        {t.eval_seconds:.3f}s\n"
+            f"eval rate:            {rate(t.eval_tokens, t.eval_seconds)}",
+            file=sys.stderr,
+        )
 
     def loop(self, stdin: TextIO = sys.stdin) -> int:
         while True:
@@ -137,6 +146,9 @@ class Repl:
                 print(f"{f.name:20} {getattr(self.params, f.name)}", file=self.out)
             return
         c = self.llm.lm.config
-        print(f"  Model\n    architecture   {c.arch}\n    parameters     {c.n_layer} layers, "
-              f"{c.n_embd} embedding\n    context length {c.n_ctx_train}\n"
-              f"    file           {self.llm.lm.path}", file=self.out)
+        print(
+            f"  Model\n    architecture   {c.arch}\n    parameters     {c.n_layer} layers, "
+            f"{c.n_embd} embedding\n    context length {c.n_ctx_train}\n"
+            f"    file           {self.llm.lm.path}",
+            file=self.out,
+        )

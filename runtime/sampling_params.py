@@ -181,5 +181,6 @@ def _token_ids(ids: Any) -> list[int]:
 # ollama's defaults (its docs' PARAMETER table): what `tandem run`, the ollama API and the
 # OpenAI API start from, before a Modelfile's PARAMETERs and then the request's own settings,
 # so a model answers the same whichever way it is asked.
-OLLAMA_DEFAULTS = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1,
-                                 repeat_last_n=64, max_tokens=None)
+OLLAMA_DEFAULTS = SamplingParams(
+    temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1, repeat_last_n=64, max_tokens=None
+)

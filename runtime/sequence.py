@@ -43,12 +43,19 @@ def check_prompt(prompt_ids: list[int], n_ctx: int) -> None:
     if len(prompt_ids) >= n_ctx:
         raise ContextLengthError(
             f"the prompt has {len(prompt_ids)} tokens but the context holds {n_ctx}; "
-            f"shorten the prompt or raise num_ctx")
+            f"shorten the prompt or raise num_ctx"
+        )
 
 
 class Sequence:
-    def __init__(self, seq_id: int, prompt_ids: list[int], params: SamplingParams,
-                 tokenizer: Tokenizer, n_ctx: int) -> None:
+    def __init__(
+        self,
+        seq_id: int,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        n_ctx: int,
+    ) -> None:
         check_prompt(prompt_ids, n_ctx)
         self.seq_id, self.params, self.n_ctx = seq_id, params, n_ctx
         self.token_ids = list(prompt_ids)  # prompt + generated; the last may lack its KV
@@ -65,7 +72,7 @@ class Sequence:
 
     @property
     def generated(self) -> list[int]:
-        return self.token_ids[self.num_prompt:]
+        return self.token_ids[self.num_prompt :]
 
     @property
     def pending(self) -> int:

@@ -28,7 +28,7 @@ def measure(lm: LoadedModel, batch: int, context: int, steps: int) -> float:
     engine = LLMEngine(lm, EngineOptions(num_ctx=context + steps + 64, max_num_seqs=batch))
     params = SamplingParams(temperature=0, max_tokens=context + steps, ignore_eos=True)
     for i in range(batch):
-        ids = lm.tokenizer.encode(f"Story {i}: once upon a time " * 4)[:context // 2]
+        ids = lm.tokenizer.encode(f"Story {i}: once upon a time " * 4)[: context // 2]
         engine.add_request(str(i), ids, params)
     while engine.stats.generation_tokens_total < batch * (context // 2):  # grow the contexts
         engine.step()
@@ -52,8 +52,11 @@ def main() -> None:
     kind = "gathered SDPA" if args.gathered_attention else "native paged"
     for b in args.batch:
         rate = measure(lm, b, args.context, args.steps)
-        print(f"{lm.name[:24]}: batch {b:3d}, context ~{args.context}, {kind} attention: "
-              f"{rate:7.1f} tok/s aggregate", flush=True)
+        print(
+            f"{lm.name[:24]}: batch {b:3d}, context ~{args.context}, {kind} attention: "
+            f"{rate:7.1f} tok/s aggregate",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

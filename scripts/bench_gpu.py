@@ -45,9 +45,14 @@ def bench_matmul(qtype: int, n: int, k: int, vram_bw: float) -> dict:
     gemv_ms = do_bench(lambda: qmatmul(x1, w, qtype))
     gemm_ms = do_bench(lambda: qmatmul(x512, w, qtype))
     gbs = w.numel() / (gemv_ms * 1e-3) / 1e9
-    return {"n": n, "k": k, "gemv_us": gemv_ms * 1e3, "gemv_GBps": gbs,
-            "gemv_share_of_bandwidth": gbs * 1e9 / vram_bw,
-            "gemm_512_TFLOPs": 2 * 512 * n * k / (gemm_ms * 1e-3) / 1e12}
+    return {
+        "n": n,
+        "k": k,
+        "gemv_us": gemv_ms * 1e3,
+        "gemv_GBps": gbs,
+        "gemv_share_of_bandwidth": gbs * 1e9 / vram_bw,
+        "gemm_512_TFLOPs": 2 * 512 * n * k / (gemm_ms * 1e-3) / 1e12,
+    }
 
 
 def bench_attention(vram_bw: float, batch: int = 16, ctx: int = 2048) -> dict:
@@ -64,8 +69,13 @@ def bench_attention(vram_bw: float, batch: int = 16, ctx: int = 2048) -> dict:
     q = torch.randn(batch, n_head, d, device="cuda")
     ms = do_bench(lambda: paged_attention_decode(q, k_pool, v_pool, tables, lens, d**-0.5))
     gbs = 2 * k_pool.numel() * 2 / (ms * 1e-3) / 1e9
-    return {"batch": batch, "ctx": ctx, "us": ms * 1e3, "kv_GBps": gbs,
-            "share_of_bandwidth": gbs * 1e9 / vram_bw}
+    return {
+        "batch": batch,
+        "ctx": ctx,
+        "us": ms * 1e3,
+        "kv_GBps": gbs,
+        "share_of_bandwidth": gbs * 1e9 / vram_bw,
+    }
 
 
 def main() -> int:
@@ -79,28 +89,42 @@ def main() -> int:
         return 2
     from runtime.devices import measure_gpu
 
-    shapes = ([tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
-              if args.shapes else SHAPES)
+    shapes = (
+        [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    )
     card = measure_gpu(0)
-    rows = [{"type": name, **bench_matmul(q, n, k, card["vram_bw"])}
-            for name, q in TYPES.items() for n, k in shapes]
-    report = {"device": torch.cuda.get_device_name(0), "measured": card, "matmul": rows,
-              "attention": bench_attention(card["vram_bw"])}
+    rows = [
+        {"type": name, **bench_matmul(q, n, k, card["vram_bw"])}
+        for name, q in TYPES.items()
+        for n, k in shapes
+    ]
+    report = {
+        "device": torch.cuda.get_device_name(0),
+        "measured": card,
+        "matmul": rows,
+        "attention": bench_attention(card["vram_bw"]),
+    }
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
-    print(f"{report['device']}: read bandwidth {card['vram_bw'] / 1e9:.0f} GB/s, "
-          f"fp16 matmul {card['gpu_flops'] / 1e12:.0f} TFLOP/s, host→device "
-          f"{card['h2d_bw'] / 1e9:.1f} GB/s, hand-off {card['link_latency_s'] * 1e6:.0f} µs")
+    print(
+        f"{report['device']}: read bandwidth {card['vram_bw'] / 1e9:.0f} GB/s, "
+        f"fp16 matmul {card['gpu_flops'] / 1e12:.0f} TFLOP/s, host→device "
+        f"{card['h2d_bw'] / 1e9:.1f} GB/s, hand-off {card['link_latency_s'] * 1e6:.0f} µs"
+    )
     print(f"{'type':6}{'N x K':>14}{'GEMV µs':>10}{'GB/s':>8}{'share':>8}{'GEMM TFLOP/s':>14}")
     for r in rows:
-        print(f"{r['type']:6}{r['n']:>8}x{r['k']:<5}{r['gemv_us']:>10.1f}{r['gemv_GBps']:>8.0f}"
-              f"{r['gemv_share_of_bandwidth']:>8.0%}{r['gemm_512_TFLOPs']:>14.1f}")
+        print(
+            f"{r['type']:6}{r['n']:>8}x{r['k']:<5}{r['gemv_us']:>10.1f}{r['gemv_GBps']:>8.0f}"
+            f"{r['gemv_share_of_bandwidth']:>8.0%}{r['gemm_512_TFLOPs']:>14.1f}"
+        )
     a = report["attention"]
-    print(f"paged attention, {a['batch']} sequences × {a['ctx']} tokens: {a['us']:.0f} µs, "
-          f"{a['kv_GBps']:.0f} GB/s of KV ({a['share_of_bandwidth']:.0%})")
+    print(
+        f"paged attention, {a['batch']} sequences × {a['ctx']} tokens: {a['us']:.0f} µs, "
+        f"{a['kv_GBps']:.0f} GB/s of KV ({a['share_of_bandwidth']:.0%})"
+    )
     return 0
 
 

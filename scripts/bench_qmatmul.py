@@ -42,8 +42,16 @@ SHAPES = [
 ]
 TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
 # byte offsets of the fp16 scales in one block (ggml-common.h)
-HALF_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-               "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+HALF_FIELDS = {
+    "Q4_0": [0],
+    "Q4_1": [0, 2],
+    "Q5_0": [0],
+    "Q5_1": [0, 2],
+    "Q8_0": [0],
+    "Q4_K": [0, 2],
+    "Q5_K": [0, 2],
+    "Q6_K": [208],
+}
 
 
 def random_weight(name: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -52,12 +60,13 @@ def random_weight(name: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
     blocks = rng.integers(0, 256, (n * (k // fmt.block_size), fmt.type_size), dtype=np.uint8)
     for at in HALF_FIELDS[name]:
         scale = rng.uniform(1e-3, 1e-2, blocks.shape[0]).astype(np.float16)
-        blocks[:, at:at + 2] = scale.view(np.uint8).reshape(-1, 2)
+        blocks[:, at : at + 2] = scale.view(np.uint8).reshape(-1, 2)
     return torch.from_numpy(blocks.reshape(n, -1))
 
 
-def timings(fn, x: torch.Tensor, copies: list[torch.Tensor], budget_s: float,
-            min_reps: int = 3) -> tuple[float, float]:
+def timings(
+    fn, x: torch.Tensor, copies: list[torch.Tensor], budget_s: float, min_reps: int = 3
+) -> tuple[float, float]:
     """(best, median) seconds of fn(x, w) over calls cycling w through `copies`."""
     fn(x, copies[0])  # warm-up (page faults, the first-call build)
     times: list[float] = []
@@ -74,8 +83,12 @@ def timings(fn, x: torch.Tensor, copies: list[torch.Tensor], budget_s: float,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--types", nargs="+", default=TYPES)
-    ap.add_argument("--shapes", nargs="+", default=None,
-                    help="substrings of shape labels to keep (smollm2, 1.1b, 7b, head)")
+    ap.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        help="substrings of shape labels to keep (smollm2, 1.1b, 7b, head)",
+    )
     ap.add_argument("--prefill", type=int, default=64, help="tokens of the prefill case")
     ap.add_argument("--no-torch", action="store_true", help="skip the (slow) torch path")
     ap.add_argument("--threads", type=int, default=None)
@@ -87,13 +100,19 @@ def main() -> None:
     t0 = time.perf_counter()
     if not native_loader.available():
         sys.exit("native kernel unavailable (see the warning above)")
-    print(f"native build: {native_loader.load().ISA}, ready in {time.perf_counter() - t0:.1f} s;"
-          f" threads {torch.get_num_threads()}")
+    print(
+        f"native build: {native_loader.load().ISA}, ready in {time.perf_counter() - t0:.1f} s;"
+        f" threads {torch.get_num_threads()}"
+    )
     mp = args.prefill
-    print(f"GB/s: packed weight bytes / time per call at M=1; tok/s: {mp} / time per call at "
-          f"M={mp}; best (median) over the calls")
-    head = (f"{'shape':23} {'type':5} {'MB':>6} | {'rows GB/s':>14} {'panels GB/s':>14} "
-            f"{'torch GB/s':>12} | {'rows tok/s':>15} {'panels tok/s':>15} {'torch tok/s':>13}")
+    print(
+        f"GB/s: packed weight bytes / time per call at M=1; tok/s: {mp} / time per call at "
+        f"M={mp}; best (median) over the calls"
+    )
+    head = (
+        f"{'shape':23} {'type':5} {'MB':>6} | {'rows GB/s':>14} {'panels GB/s':>14} "
+        f"{'torch GB/s':>12} | {'rows tok/s':>15} {'panels tok/s':>15} {'torch tok/s':>13}"
+    )
     print(head)
     print("-" * len(head))
     for label, k, n, only in SHAPES:
@@ -121,8 +140,11 @@ def main() -> None:
                 return PackedLinear(w, qt, k, native=False)(x)
 
             cols = []
-            for fn, those, skip in ((native, copies, False), (panels, panel_copies, not has_panels),
-                                    (torch_path, copies, args.no_torch)):
+            for fn, those, skip in (
+                (native, copies, False),
+                (panels, panel_copies, not has_panels),
+                (torch_path, copies, args.no_torch),
+            ):
                 if skip:
                     cols.append((float("nan"),) * 4)
                     continue
@@ -131,9 +153,12 @@ def main() -> None:
                 cols.append((mb / 1e3 / b1, mb / 1e3 / m1, mp / bp, mp / m_p))
             del panel_copies
             (ng, ngm, nt, ntm), (pg, pgm, pt, ptm), (tg, tgm, tt, ttm) = cols
-            print(f"{label:23} {name:5} {mb:6.2f} | {ng:6.2f} ({ngm:5.2f}) {pg:6.2f} ({pgm:5.2f}) "
-                  f"{tg:5.2f} ({tgm:4.2f}) | {nt:7.0f} ({ntm:5.0f}) {pt:7.0f} ({ptm:5.0f}) "
-                  f"{tt:6.0f} ({ttm:5.0f})", flush=True)
+            print(
+                f"{label:23} {name:5} {mb:6.2f} | {ng:6.2f} ({ngm:5.2f}) {pg:6.2f} ({pgm:5.2f}) "
+                f"{tg:5.2f} ({tgm:4.2f}) | {nt:7.0f} ({ntm:5.0f}) {pt:7.0f} ({ptm:5.0f}) "
+                f"{tt:6.0f} ({ttm:5.0f})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -24,14 +24,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 PROMPTS = [
-    "Explain why the sky is blue.", "Write a haiku about autumn.",
-    "What is the capital of Australia?", "Give three tips for learning a language.",
-    "Describe a cat to someone who has never seen one.", "How does a bicycle stay upright?",
-    "Summarize the plot of Romeo and Juliet.", "What is a prime number?",
-    "List some uses of baking soda.", "Why do we have seasons?",
-    "Tell me a short story about a robot.", "What makes bread rise?",
-    "How do airplanes fly?", "What is the difference between weather and climate?",
-    "Suggest a name for a coffee shop.", "Why is exercise good for you?",
+    "Explain why the sky is blue.",
+    "Write a haiku about autumn.",
+    "What is the capital of Australia?",
+    "Give three tips for learning a language.",
+    "Describe a cat to someone who has never seen one.",
+    "How does a bicycle stay upright?",
+    "Summarize the plot of Romeo and Juliet.",
+    "What is a prime number?",
+    "List some uses of baking soda.",
+    "Why do we have seasons?",
+    "Tell me a short story about a robot.",
+    "What makes bread rise?",
+    "How do airplanes fly?",
+    "What is the difference between weather and climate?",
+    "Suggest a name for a coffee shop.",
+    "Why is exercise good for you?",
 ]
 
 
@@ -55,11 +63,20 @@ class Level:
 
 
 def one_request(url: str, model: str, prompt: str, max_tokens: int) -> Result:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
-    req = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    req = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
     start = time.perf_counter()
     ttft, chunks, usage = None, 0, None
     with urllib.request.urlopen(req, timeout=600) as resp:
@@ -89,12 +106,22 @@ def run_level(url: str, model: str, concurrency: int, rounds: int, max_tokens: i
         results = list(pool.map(lambda p: one_request(url, model, p, max_tokens), prompts))
     wall = time.perf_counter() - start
     tokens = sum(r.tokens for r in results)
-    rates = [(r.tokens - 1) / (r.seconds - r.ttft) for r in results
-             if r.tokens > 1 and r.seconds > r.ttft]
+    rates = [
+        (r.tokens - 1) / (r.seconds - r.ttft)
+        for r in results
+        if r.tokens > 1 and r.seconds > r.ttft
+    ]
     ttfts = [r.ttft for r in results]
-    return Level(concurrency, len(results), wall, tokens, tokens / wall,
-                 percentile(ttfts, 0.5), percentile(ttfts, 0.95),
-                 statistics.fmean(rates) if rates else 0.0)
+    return Level(
+        concurrency,
+        len(results),
+        wall,
+        tokens,
+        tokens / wall,
+        percentile(ttfts, 0.5),
+        percentile(ttfts, 0.95),
+        statistics.fmean(rates) if rates else 0.0,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,19 +137,34 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url.rstrip("/")
     for _ in range(args.warmup):
         one_request(url, args.model, PROMPTS[0], 4)
-    levels = [run_level(url, args.model, int(c), args.rounds, args.max_tokens)
-              for c in args.concurrency.split(",")]
+    levels = [
+        run_level(url, args.model, int(c), args.rounds, args.max_tokens)
+        for c in args.concurrency.split(",")
+    ]
     if args.json:
-        print(json.dumps({"url": url, "model": args.model, "max_tokens": args.max_tokens,
-                          "levels": [asdict(lv) for lv in levels]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "url": url,
+                    "model": args.model,
+                    "max_tokens": args.max_tokens,
+                    "levels": [asdict(lv) for lv in levels],
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"{url}  model={args.model}  max_tokens={args.max_tokens}")
-    print(f"{'conc':>4} {'reqs':>5} {'tokens':>7} {'wall s':>7} {'agg tok/s':>9} "
-          f"{'ttft p50':>8} {'ttft p95':>8} {'stream tok/s':>12}")
+    print(
+        f"{'conc':>4} {'reqs':>5} {'tokens':>7} {'wall s':>7} {'agg tok/s':>9} "
+        f"{'ttft p50':>8} {'ttft p95':>8} {'stream tok/s':>12}"
+    )
     for lv in levels:
-        print(f"{lv.concurrency:>4} {lv.requests:>5} {lv.tokens:>7} {lv.wall_seconds:>7.2f} "
-              f"{lv.aggregate_tok_s:>9.1f} {lv.ttft_p50_s:>8.3f} {lv.ttft_p95_s:>8.3f} "
-              f"{lv.stream_tok_s:>12.1f}")
+        print(
+            f"{lv.concurrency:>4} {lv.requests:>5} {lv.tokens:>7} {lv.wall_seconds:>7.2f} "
+            f"{lv.aggregate_tok_s:>9.1f} {lv.ttft_p50_s:>8.3f} {lv.ttft_p95_s:>8.3f} "
+            f"{lv.stream_tok_s:>12.1f}"
+        )
     return 0
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+
 def candidates() -> list[Path]:
     """Where llama-bench is looked for when --llama-bench is not given."""
     built = sorted(Path("/tmp/lcpp").glob("**/build/bin/llama-bench"))
@@ -47,8 +48,10 @@ def find_llama_bench(given: str | None) -> Path:
     for path in candidates():
         if os.access(path, os.X_OK):
             return path
-    sys.exit("llama-bench not found: build llama.cpp (../shared/tools/build-llamacpp.sh, or "
-             "cmake --build build --target llama-bench in its source) and pass --llama-bench")
+    sys.exit(
+        "llama-bench not found: build llama.cpp (../shared/tools/build-llamacpp.sh, or "
+        "cmake --build build --target llama-bench in its source) and pass --llama-bench"
+    )
 
 
 def tandem_home() -> Path:
@@ -60,9 +63,20 @@ def model_file(ref: str, synthetic: Path) -> Path:
     if ref == "synthetic":
         if not synthetic.is_file():
             print(f"writing {synthetic} (a minute or two)", file=sys.stderr, flush=True)
-            subprocess.run([sys.executable, str(REPO / "scripts" / "make_synthetic_gguf.py"),
-                            "--size", "1b", "--type", "q4_0", "--out", str(synthetic)],
-                           check=True, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(REPO / "scripts" / "make_synthetic_gguf.py"),
+                    "--size",
+                    "1b",
+                    "--type",
+                    "q4_0",
+                    "--out",
+                    str(synthetic),
+                ],
+                check=True,
+                stderr=subprocess.DEVNULL,
+            )
         return synthetic
     from modelfiles.resolver import resolve
 
@@ -71,16 +85,47 @@ def model_file(ref: str, synthetic: Path) -> Path:
 
 def run_tandem(path: Path, p: int, n: int, threads: int, depth: int = 0) -> dict:
     """One `tandem bench -r 1 --json` process → its JSON result."""
-    cmd = [sys.executable, "-m", "runtime.cli", "bench", str(path), "-p", str(p), "-n", str(n),
-           "-d", str(depth), "-t", str(threads), "-r", "1", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "runtime.cli",
+        "bench",
+        str(path),
+        "-p",
+        str(p),
+        "-n",
+        str(n),
+        "-d",
+        str(depth),
+        "-t",
+        str(threads),
+        "-r",
+        "1",
+        "--json",
+    ]
     out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def run_llama(binary: Path, path: Path, p: int, n: int, threads: int, depth: int = 0) -> dict:
     """One `llama-bench -r 1 -o jsonl` process → {"pp": tok/s, "tg": tok/s}."""
-    cmd = [str(binary), "-m", str(path), "-p", str(p), "-n", str(n), "-t", str(threads),
-           "-d", str(depth), "-r", "1", "-o", "jsonl"]
+    cmd = [
+        str(binary),
+        "-m",
+        str(path),
+        "-p",
+        str(p),
+        "-n",
+        str(n),
+        "-t",
+        str(threads),
+        "-d",
+        str(depth),
+        "-r",
+        "1",
+        "-o",
+        "jsonl",
+    ]
     env = dict(os.environ, LD_LIBRARY_PATH=str(binary.parent))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     result = {}
@@ -117,23 +162,34 @@ def compare(models: dict[str, Path], binary: Path, args: argparse.Namespace) -> 
     for r in range(args.rounds):
         for name, path in models.items():
             runs[name]["tandem"].append(run_tandem(path, args.p, args.n, args.threads, args.d))
-            runs[name]["llama"].append(run_llama(binary, path, args.p, args.n, args.threads,
-                                                 args.d))
+            runs[name]["llama"].append(
+                run_llama(binary, path, args.p, args.n, args.threads, args.d)
+            )
             t, ll = runs[name]["tandem"][-1], runs[name]["llama"][-1]
-            print(f"round {r + 1} {name}: tandem pp {t['pp_tok_s']:.1f} tg {t['tg_tok_s']:.1f}"
-                  f" | llama.cpp pp {ll['pp']:.1f} tg {ll['tg']:.1f}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"round {r + 1} {name}: tandem pp {t['pp_tok_s']:.1f} tg {t['tg_tok_s']:.1f}"
+                f" | llama.cpp pp {ll['pp']:.1f} tg {ll['tg']:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
     return [summarize(name, models[name], runs[name]) for name in models]
 
 
 def summarize(name: str, path: Path, runs: dict) -> dict:
     t, ll = runs["tandem"], runs["llama"]
     per_token = t[0]["weight_bytes_per_token"]
-    row = {"model": name, "path": str(path), "file_bytes": path.stat().st_size,
-           "kernel": t[0]["kernel"], "weight_bytes_per_token": per_token,
-           "tandem": {"pp": stats([x["pp_tok_s"] for x in t]),
-                      "tg": stats([x["tg_tok_s"] for x in t])},
-           "llamacpp": {"pp": stats([x["pp"] for x in ll]), "tg": stats([x["tg"] for x in ll])}}
+    row = {
+        "model": name,
+        "path": str(path),
+        "file_bytes": path.stat().st_size,
+        "kernel": t[0]["kernel"],
+        "weight_bytes_per_token": per_token,
+        "tandem": {
+            "pp": stats([x["pp_tok_s"] for x in t]),
+            "tg": stats([x["tg_tok_s"] for x in t]),
+        },
+        "llamacpp": {"pp": stats([x["pp"] for x in ll]), "tg": stats([x["tg"] for x in ll])},
+    }
     for test in ("pp", "tg"):
         row[f"{test}_ratio"] = row["tandem"][test]["mean"] / row["llamacpp"][test]["mean"]
     row["tandem_gb_s"] = per_token * row["tandem"]["tg"]["mean"] / 1e9
@@ -144,8 +200,10 @@ def summarize(name: str, path: Path, runs: dict) -> dict:
 def format_table(report: dict) -> str:
     at = f"@d{report['n_depth']}" if report.get("n_depth") else ""
     p, n, ram = f"{report['n_prompt']}{at}", f"{report['n_gen']}{at}", report["ram_gb_s"]
-    head = (f"| model | MB/token | pp{p} tandem | pp{p} llama.cpp | pp ratio | tg{n} tandem | "
-            f"tg{n} llama.cpp | tg ratio | GB/s tandem | GB/s llama.cpp | tandem/RAM |")
+    head = (
+        f"| model | MB/token | pp{p} tandem | pp{p} llama.cpp | pp ratio | tg{n} tandem | "
+        f"tg{n} llama.cpp | tg ratio | GB/s tandem | GB/s llama.cpp | tandem/RAM |"
+    )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in report["models"]:
         t, ll = r["tandem"], r["llamacpp"]
@@ -153,13 +211,17 @@ def format_table(report: dict) -> str:
         def ms(s):
             return f"{s['mean']:.1f} ± {s['std']:.1f}"
 
-        lines.append(f"| {r['model']} | {r['weight_bytes_per_token'] / 1e6:.1f} | {ms(t['pp'])} "
-                     f"| {ms(ll['pp'])} | {r['pp_ratio']:.2f} | {ms(t['tg'])} | {ms(ll['tg'])} "
-                     f"| {r['tg_ratio']:.2f} | {r['tandem_gb_s']:.2f} | {r['llamacpp_gb_s']:.2f}"
-                     f" | {r['tandem_gb_s'] / ram:.0%} |")
-    lines.append(f"\nRAM read bandwidth ({report['threads']} threads, 1 GiB sum, best): "
-                 f"{ram:.1f} GB/s (before {report['ram_before']:.1f}, after "
-                 f"{report['ram_after']:.1f}); kernel: {report['models'][0]['kernel']}")
+        lines.append(
+            f"| {r['model']} | {r['weight_bytes_per_token'] / 1e6:.1f} | {ms(t['pp'])} "
+            f"| {ms(ll['pp'])} | {r['pp_ratio']:.2f} | {ms(t['tg'])} | {ms(ll['tg'])} "
+            f"| {r['tg_ratio']:.2f} | {r['tandem_gb_s']:.2f} | {r['llamacpp_gb_s']:.2f}"
+            f" | {r['tandem_gb_s'] / ram:.0%} |"
+        )
+    lines.append(
+        f"\nRAM read bandwidth ({report['threads']} threads, 1 GiB sum, best): "
+        f"{ram:.1f} GB/s (before {report['ram_before']:.1f}, after "
+        f"{report['ram_after']:.1f}); kernel: {report['models'][0]['kernel']}"
+    )
     return "\n".join(lines)
 
 
@@ -172,8 +234,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved A B rounds")
     ap.add_argument("--llama-bench", help="path of llama.cpp's llama-bench binary")
-    ap.add_argument("--synthetic", type=Path,
-                    default=tandem_home() / "synthetic" / "llama-1b-q4_0.gguf")
+    ap.add_argument(
+        "--synthetic", type=Path, default=tandem_home() / "synthetic" / "llama-1b-q4_0.gguf"
+    )
     ap.add_argument("--json", action="store_true")
     return ap.parse_args(argv)
 
@@ -187,9 +250,18 @@ def main(argv: list[str] | None = None) -> None:
     before = ram_bandwidth(args.threads)
     rows = compare(models, binary, args)
     after = ram_bandwidth(args.threads)
-    report = {"threads": args.threads, "n_prompt": args.p, "n_gen": args.n, "n_depth": args.d,
-              "rounds": args.rounds, "llama_bench": str(binary), "ram_gb_s": max(before, after),
-              "ram_before": before, "ram_after": after, "models": rows}
+    report = {
+        "threads": args.threads,
+        "n_prompt": args.p,
+        "n_gen": args.n,
+        "n_depth": args.d,
+        "rounds": args.rounds,
+        "llama_bench": str(binary),
+        "ram_gb_s": max(before, after),
+        "ram_before": before,
+        "ram_after": after,
+        "models": rows,
+    }
     print(json.dumps(report, indent=1) if args.json else format_table(report))
 
 

@@ -47,11 +47,14 @@ class MatmulTimer:
                 self.seconds += time.perf_counter() - start
                 self.calls += 1
                 self._depth -= 1
+
         return timed
 
     def install(self) -> list:
-        saved = [(linear.PackedLinear, "__call__", linear.PackedLinear.__call__),
-                 (model_mod, "matmuls", model_mod.matmuls)]
+        saved = [
+            (linear.PackedLinear, "__call__", linear.PackedLinear.__call__),
+            (model_mod, "matmuls", model_mod.matmuls),
+        ]
         for owner, name, fn in saved:
             setattr(owner, name, self.wrap(fn))
         return saved
@@ -71,10 +74,14 @@ def profile(name: str, tokens: int) -> dict:
             setattr(owner, attr, fn)
     matmul = timer.seconds
     return {
-        "model": name, "tokens": tokens, "threads": torch.get_num_threads(),
-        "tok_s": tokens / plain, "step_ms": 1e3 * plain / tokens,
+        "model": name,
+        "tokens": tokens,
+        "threads": torch.get_num_threads(),
+        "tok_s": tokens / plain,
+        "step_ms": 1e3 * plain / tokens,
         "instrumented_step_ms": 1e3 * timed / tokens,
-        "matmul_ms": 1e3 * matmul / tokens, "matmul_calls_per_step": timer.calls / tokens,
+        "matmul_ms": 1e3 * matmul / tokens,
+        "matmul_calls_per_step": timer.calls / tokens,
         "outside_matmuls_ms": 1e3 * (timed - matmul) / tokens,
         "outside_share": (timed - matmul) / timed,
         "matmul_gb_s": weight_bytes_per_token(lm) * tokens / matmul / 1e9,
@@ -95,11 +102,13 @@ def main() -> None:
         print(json.dumps(rows, indent=1))
         return
     for r in rows:
-        print(f"{r['model']}: {r['tok_s']:.1f} tok/s, step {r['step_ms']:.2f} ms; instrumented "
-              f"{r['instrumented_step_ms']:.2f} ms = matmuls {r['matmul_ms']:.2f} ms "
-              f"({r['matmul_calls_per_step']:.0f} calls, {r['matmul_gb_s']:.1f} GB/s of "
-              f"weights) + outside {r['outside_matmuls_ms']:.2f} ms "
-              f"({100 * r['outside_share']:.0f}% of the step)")
+        print(
+            f"{r['model']}: {r['tok_s']:.1f} tok/s, step {r['step_ms']:.2f} ms; instrumented "
+            f"{r['instrumented_step_ms']:.2f} ms = matmuls {r['matmul_ms']:.2f} ms "
+            f"({r['matmul_calls_per_step']:.0f} calls, {r['matmul_gb_s']:.1f} GB/s of "
+            f"weights) + outside {r['outside_matmuls_ms']:.2f} ms "
+            f"({100 * r['outside_share']:.0f}% of the step)"
+        )
 
 
 if __name__ == "__main__":

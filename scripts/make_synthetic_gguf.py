@@ -57,11 +57,17 @@ class Shape:
     ctx: int
 
 
-SHAPES = {"1b": Shape(22, 2048, 5632, 32, 4, 2048), "7b": Shape(32, 4096, 11008, 32, 32, 4096),
-          "smollm2": Shape(30, 576, 1536, 9, 3, 8192)}
+SHAPES = {
+    "1b": Shape(22, 2048, 5632, 32, 4, 2048),
+    "7b": Shape(32, 4096, 11008, 32, 32, 4096),
+    "smollm2": Shape(30, 576, 1536, 9, 3, 8192),
+}
 TYPES = {"q4_0": T.Q4_0, "q4_k": T.Q4_K, "q8_0": T.Q8_0}
-FILE_TYPES = {T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-              T.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M}
+FILE_TYPES = {
+    T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    T.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M,
+}
 WEIGHT_STD = 0.02
 Q4K_D = WEIGHT_STD / 218  # see the module docstring
 CHUNK_ELEMENTS = 1 << 24  # float32 elements generated at once (64 MB)
@@ -73,15 +79,17 @@ def tensor_plan(s: Shape, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
     plan: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (vocab, s.dim))]
     for i in range(s.layers):
         p = f"blk.{i}."
-        plan += [(p + "attn_norm.weight", (s.dim,)),
-                 (p + "attn_q.weight", (s.dim, s.dim)),
-                 (p + "attn_k.weight", (s.kv_heads * head_dim, s.dim)),
-                 (p + "attn_v.weight", (s.kv_heads * head_dim, s.dim)),
-                 (p + "attn_output.weight", (s.dim, s.dim)),
-                 (p + "ffn_norm.weight", (s.dim,)),
-                 (p + "ffn_gate.weight", (s.ffn, s.dim)),
-                 (p + "ffn_up.weight", (s.ffn, s.dim)),
-                 (p + "ffn_down.weight", (s.dim, s.ffn))]
+        plan += [
+            (p + "attn_norm.weight", (s.dim,)),
+            (p + "attn_q.weight", (s.dim, s.dim)),
+            (p + "attn_k.weight", (s.kv_heads * head_dim, s.dim)),
+            (p + "attn_v.weight", (s.kv_heads * head_dim, s.dim)),
+            (p + "attn_output.weight", (s.dim, s.dim)),
+            (p + "ffn_norm.weight", (s.dim,)),
+            (p + "ffn_gate.weight", (s.ffn, s.dim)),
+            (p + "ffn_up.weight", (s.ffn, s.dim)),
+            (p + "ffn_down.weight", (s.dim, s.ffn)),
+        ]
     return plan + [("output_norm.weight", (s.dim,)), ("output.weight", (vocab, s.dim))]
 
 
@@ -104,10 +112,10 @@ def random_matrix(rows: int, cols: int, qtype: T, seed: int) -> np.ndarray:
     for r in range(0, rows, step):
         n = min(step, rows - r)
         if qtype == T.Q4_K:
-            out[r:r + n] = random_q4_k(n * cols // 256, np_gen).reshape(n, -1)
+            out[r : r + n] = random_q4_k(n * cols // 256, np_gen).reshape(n, -1)
         else:
             w = torch.randn(n, cols, generator=torch_gen) * WEIGHT_STD  # (n, cols) float32
-            out[r:r + n] = quantize(w, int(qtype)).numpy()
+            out[r : r + n] = quantize(w, int(qtype)).numpy()
     return out
 
 
@@ -149,8 +157,7 @@ def write_header(writer: gguf.GGUFWriter, s: Shape, qtype: T, vocab: int, name: 
     writer.add_file_type(int(FILE_TYPES[qtype]))
 
 
-def make(out: Path, s: Shape, qtype: T, tokenizer_src: Path, seed: int = 0,
-         log=print) -> Path:
+def make(out: Path, s: Shape, qtype: T, tokenizer_src: Path, seed: int = 0, log=print) -> Path:
     """Write the synthetic model to `out`, one tensor in memory at a time."""
     writer = gguf.GGUFWriter(str(out), "llama")
     vocab = copy_tokenizer(tokenizer_src, writer)
@@ -158,8 +165,9 @@ def make(out: Path, s: Shape, qtype: T, tokenizer_src: Path, seed: int = 0,
     plan = tensor_plan(s, vocab)
     for name, shape in plan:
         raw = T.F32 if len(shape) == 1 else qtype
-        nbytes = 4 * shape[0] if len(shape) == 1 else shape[0] * block_format(raw).row_bytes(
-            shape[1])
+        nbytes = (
+            4 * shape[0] if len(shape) == 1 else shape[0] * block_format(raw).row_bytes(shape[1])
+        )
         writer.add_tensor_info(name, list(shape), np.dtype(np.float32), nbytes, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -198,24 +206,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, required=True)
     for flag in ("layers", "dim", "ffn", "heads", "kv-heads"):
         ap.add_argument(f"--{flag}", type=int, help=f"override the size's {flag} (tests)")
-    ap.add_argument("--tokenizer-from", type=Path,
-                    help="a GGUF whose tokenizer.* keys to copy (default: pulled SmolLM2)")
+    ap.add_argument(
+        "--tokenizer-from",
+        type=Path,
+        help="a GGUF whose tokenizer.* keys to copy (default: pulled SmolLM2)",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokenizer-only", action="store_true",
-                    help="write only the tokenizer keys (of --tokenizer-from) to --out")
+    ap.add_argument(
+        "--tokenizer-only",
+        action="store_true",
+        help="write only the tokenizer keys (of --tokenizer-from) to --out",
+    )
     return ap.parse_args(argv)
 
 
 def shape_of(args: argparse.Namespace) -> Shape:
     """The size's shape with any overrides; refuses shapes that cannot form a model."""
-    overrides = {k: getattr(args, k) for k in ("layers", "dim", "ffn", "heads", "kv_heads")
-                 if getattr(args, k) is not None}
+    overrides = {
+        k: getattr(args, k)
+        for k in ("layers", "dim", "ffn", "heads", "kv_heads")
+        if getattr(args, k) is not None
+    }
     s = replace(SHAPES[args.size], **overrides)
     block = block_format(int(TYPES[args.type])).block_size
-    if min(s.layers, s.dim, s.ffn, s.heads, s.kv_heads) < 1 or s.dim % s.heads or \
-            s.heads % s.kv_heads or s.dim % block or s.ffn % block:
-        sys.exit(f"bad shape {s}: dim and ffn must be multiples of {block} ({args.type}), dim "
-                 "a multiple of heads, heads a multiple of kv-heads")
+    if (
+        min(s.layers, s.dim, s.ffn, s.heads, s.kv_heads) < 1
+        or s.dim % s.heads
+        or s.heads % s.kv_heads
+        or s.dim % block
+        or s.ffn % block
+    ):
+        sys.exit(
+            f"bad shape {s}: dim and ffn must be multiples of {block} ({args.type}), dim "
+            "a multiple of heads, heads a multiple of kv-heads"
+        )
     return s
 
 
@@ -227,8 +251,14 @@ def main(argv: list[str] | None = None) -> None:
         write_tokenizer_only(src, args.out)
         return
     s = shape_of(args)
-    make(args.out, s, TYPES[args.type], src, args.seed,
-         log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    make(
+        args.out,
+        s,
+        TYPES[args.type],
+        src,
+        args.seed,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
     print(f"{args.out}: {args.out.stat().st_size / 1e9:.3f} GB")
 
 

@@ -35,10 +35,15 @@ def measure(model: str, tokens: int, num_ctx: int) -> dict:
     kv = KVCache(llm.lm.config, num_ctx).nbytes
     size = llm.lm.path.stat().st_size
     return {
-        "model": model, "file_bytes": size, "kv_cache_bytes": kv, "rss_added_bytes": added,
-        "budget_bytes": int(1.3 * size + kv), "within_budget": added <= 1.3 * size + kv,
+        "model": model,
+        "file_bytes": size,
+        "kv_cache_bytes": kv,
+        "rss_added_bytes": added,
+        "budget_bytes": int(1.3 * size + kv),
+        "within_budget": added <= 1.3 * size + kv,
         "prompt_tok_s": t.prompt_tokens / t.prompt_seconds,
-        "decode_tok_s": t.eval_tokens / t.eval_seconds, "decode_tokens": t.eval_tokens,
+        "decode_tok_s": t.eval_tokens / t.eval_seconds,
+        "decode_tokens": t.eval_tokens,
         "weights_gb_s": llm.lm.model.weight_bytes * t.eval_tokens / t.eval_seconds / 1e9,
         "threads": __import__("torch").get_num_threads(),
     }
@@ -56,20 +61,33 @@ def main() -> None:
         print(json.dumps(measure(args.models[0], args.tokens, args.num_ctx)))
         return
     for model in args.models:  # a fresh process each, so one load's memory cannot hide another's
-        cmd = [sys.executable, __file__, model, "--child", "--tokens", str(args.tokens),
-               "--num-ctx", str(args.num_ctx)]
-        res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                        cwd=REPO).stdout.strip().splitlines()[-1])
+        cmd = [
+            sys.executable,
+            __file__,
+            model,
+            "--child",
+            "--tokens",
+            str(args.tokens),
+            "--num-ctx",
+            str(args.num_ctx),
+        ]
+        res = json.loads(
+            subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         if args.json:
             print(json.dumps(res))
             continue
         mb = 1 / 2**20
-        print(f"{model}: decode {res['decode_tok_s']:.2f} tok/s ({res['weights_gb_s']:.2f} GB/s "
-              f"of weights), prompt {res['prompt_tok_s']:.1f} tok/s, {res['threads']} threads; "
-              f"RSS added {res['rss_added_bytes'] * mb:.0f} MiB vs budget "
-              f"{res['budget_bytes'] * mb:.0f} MiB (file {res['file_bytes'] * mb:.0f} MiB + KV "
-              f"{res['kv_cache_bytes'] * mb:.0f} MiB): "
-              f"{'ok' if res['within_budget'] else 'OVER'}")
+        print(
+            f"{model}: decode {res['decode_tok_s']:.2f} tok/s ({res['weights_gb_s']:.2f} GB/s "
+            f"of weights), prompt {res['prompt_tok_s']:.1f} tok/s, {res['threads']} threads; "
+            f"RSS added {res['rss_added_bytes'] * mb:.0f} MiB vs budget "
+            f"{res['budget_bytes'] * mb:.0f} MiB (file {res['file_bytes'] * mb:.0f} MiB + KV "
+            f"{res['kv_cache_bytes'] * mb:.0f} MiB): "
+            f"{'ok' if res['within_budget'] else 'OVER'}"
+        )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,12 @@ def parse_points(text: str | None, n_layer: int, has_gpu: bool) -> list[int]:
 
 def predict(sizes: ModelSizes, spec: BenchSpec, num_gpu: int):
     """The planner's plan at this num_gpu for the bench's context and fill."""
-    request = PlanRequest(num_ctx=bench_context(spec), num_parallel=1, num_gpu=num_gpu,
-                          ctx_fill=spec.n_depth + max(1, spec.n_gen // 2))
+    request = PlanRequest(
+        num_ctx=bench_context(spec),
+        num_parallel=1,
+        num_gpu=num_gpu,
+        ctx_fill=spec.n_depth + max(1, spec.n_gen // 2),
+    )
     return plan(sizes, detect(), request)
 
 
@@ -96,15 +100,23 @@ def sweep(model: str, points: list[int], spec: BenchSpec) -> dict:
             rows.append({"num_gpu": n, "refused": str(err)})
             continue
         m = measure(BenchSpec(**{**spec.__dict__, "num_gpu": n}))
-        rows.append({
-            "num_gpu": n, "gpu_layers": m["gpu_layers"], "placement": m["placement"],
-            "head_gpu": p.placement.head == "gpu", "cuda_graphs": m["cuda_graphs"],
-            "tg_predicted": p.decode.tokens_per_s, "tg_measured": m["tg_tok_s"],
-            "tg_measured_std": m["tg_tok_s_std"],
-            "tg_error": error(p.decode.tokens_per_s, m["tg_tok_s"]),
-            "pp_predicted": p.prompt.tokens_per_s, "pp_measured": m["pp_tok_s"],
-            "pp_error": error(p.prompt.tokens_per_s, m["pp_tok_s"]),
-            "weights_gb_s": m["weights_gb_s"]})
+        rows.append(
+            {
+                "num_gpu": n,
+                "gpu_layers": m["gpu_layers"],
+                "placement": m["placement"],
+                "head_gpu": p.placement.head == "gpu",
+                "cuda_graphs": m["cuda_graphs"],
+                "tg_predicted": p.decode.tokens_per_s,
+                "tg_measured": m["tg_tok_s"],
+                "tg_measured_std": m["tg_tok_s_std"],
+                "tg_error": error(p.decode.tokens_per_s, m["tg_tok_s"]),
+                "pp_predicted": p.prompt.tokens_per_s,
+                "pp_measured": m["pp_tok_s"],
+                "pp_error": error(p.prompt.tokens_per_s, m["pp_tok_s"]),
+                "weights_gb_s": m["weights_gb_s"],
+            }
+        )
     return summarize(model, rows, devices, config.n_layer, spec)
 
 
@@ -115,15 +127,21 @@ def summarize(model: str, rows: list[dict], devices, n_layer: int, spec: BenchSp
     auto = next((r for r in rows if r["num_gpu"] == -1 and r.get("tg_measured")), None)
     full = next((r for r in measured if r["gpu_layers"] == n_layer), None)
     return {
-        "model": model, "n_layer": n_layer, "n_prompt": spec.n_prompt, "n_gen": spec.n_gen,
+        "model": model,
+        "n_layer": n_layer,
+        "n_prompt": spec.n_prompt,
+        "n_gen": spec.n_gen,
         "n_depth": spec.n_depth,
-        "gpus": [g.name for g in devices.gpus], "vram_bw": cal.vram_bw, "ram_bw": cal.ram_bw,
+        "gpus": [g.name for g in devices.gpus],
+        "vram_bw": cal.vram_bw,
+        "ram_bw": cal.ram_bw,
         "points": rows,
         "best_num_gpu": best["num_gpu"] if best else None,
         "auto_gpu_layers": auto["gpu_layers"] if auto else None,
         "auto_share_of_best": auto["tg_measured"] / best["tg_measured"] if auto and best else None,
-        "full_gpu_share_of_vram_bw": (full["weights_gb_s"] * 1e9 / cal.vram_bw
-                                      if full and devices.gpus else None),
+        "full_gpu_share_of_vram_bw": (
+            full["weights_gb_s"] * 1e9 / cal.vram_bw if full and devices.gpus else None
+        ),
     }
 
 
@@ -133,12 +151,14 @@ def _f(x: float | None, fmt: str = "{:.1f}") -> str:
 
 def format_report(r: dict) -> str:
     at = f" @ d{r['n_depth']}" if r["n_depth"] else ""
-    lines = [f"{r['model']}: {r['n_layer']} layers; pp{r['n_prompt']} and tg{r['n_gen']}{at}; "
-             f"GPUs {r['gpus'] or 'none'}; VRAM {r['vram_bw'] / 1e9:.0f} GB/s, RAM "
-             f"{r['ram_bw'] / 1e9:.1f} GB/s (calibration)",
-             "| num_gpu | placement | head | graphs | tg predicted | tg measured | tg error "
-             "| pp predicted | pp measured | pp error | weights GB/s |",
-             "|" + "---|" * 11]
+    lines = [
+        f"{r['model']}: {r['n_layer']} layers; pp{r['n_prompt']} and tg{r['n_gen']}{at}; "
+        f"GPUs {r['gpus'] or 'none'}; VRAM {r['vram_bw'] / 1e9:.0f} GB/s, RAM "
+        f"{r['ram_bw'] / 1e9:.1f} GB/s (calibration)",
+        "| num_gpu | placement | head | graphs | tg predicted | tg measured | tg error "
+        "| pp predicted | pp measured | pp error | weights GB/s |",
+        "|" + "---|" * 11,
+    ]
     for p in r["points"]:
         name = "auto" if p["num_gpu"] == -1 else str(p["num_gpu"])
         if "refused" in p:
@@ -149,33 +169,47 @@ def format_report(r: dict) -> str:
             f"{'yes' if p['cuda_graphs'] else 'no'} | {_f(p['tg_predicted'])} | "
             f"{_f(p['tg_measured'])} ± {_f(p['tg_measured_std'])} | "
             f"{_f(p['tg_error'], '{:+.0%}')} | {_f(p['pp_predicted'])} | {_f(p['pp_measured'])} "
-            f"| {_f(p['pp_error'], '{:+.0%}')} | {_f(p['weights_gb_s'], '{:.2f}')} |")
+            f"| {_f(p['pp_error'], '{:+.0%}')} | {_f(p['weights_gb_s'], '{:.2f}')} |"
+        )
     if r["auto_share_of_best"] is not None:
-        lines.append(f"auto plan: {r['auto_gpu_layers']} GPU layers, "
-                     f"{r['auto_share_of_best']:.0%} of the best point's tg "
-                     f"(num_gpu {r['best_num_gpu']})")
+        lines.append(
+            f"auto plan: {r['auto_gpu_layers']} GPU layers, "
+            f"{r['auto_share_of_best']:.0%} of the best point's tg "
+            f"(num_gpu {r['best_num_gpu']})"
+        )
     if r["full_gpu_share_of_vram_bw"] is not None:
-        lines.append(f"all layers on the GPU: weights read at "
-                     f"{r['full_gpu_share_of_vram_bw']:.0%} of the card's measured bandwidth")
+        lines.append(
+            f"all layers on the GPU: weights read at "
+            f"{r['full_gpu_share_of_vram_bw']:.0%} of the card's measured bandwidth"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
-    ap.add_argument("--points", help="comma-separated num_gpu values ('all': every layer); "
-                                     "the auto plan is always added on a GPU machine")
+    ap.add_argument(
+        "--points",
+        help="comma-separated num_gpu values ('all': every layer); "
+        "the auto plan is always added on a GPU machine",
+    )
     ap.add_argument("-p", "--n-prompt", type=int, default=256)
     ap.add_argument("-n", "--n-gen", type=int, default=64)
-    ap.add_argument("-d", "--n-depth", type=int, default=0,
-                    help="tokens already in the cache when each test starts (bench's -d)")
+    ap.add_argument(
+        "-d",
+        "--n-depth",
+        type=int,
+        default=0,
+        help="tokens already in the cache when each test starts (bench's -d)",
+    )
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("-t", "--threads", type=int)
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--json-out", type=Path, help="also write the JSON report to this file")
     args = ap.parse_args(argv)
-    spec = BenchSpec(args.model, args.n_prompt, args.n_gen, args.threads, args.repetitions,
-                     n_depth=args.n_depth)
+    spec = BenchSpec(
+        args.model, args.n_prompt, args.n_gen, args.threads, args.repetitions, n_depth=args.n_depth
+    )
     spec.validate()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -41,8 +41,7 @@ def synth():
 @pytest.fixture(scope="module")
 def tiny_path(synth, smollm2_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic") / "tiny-q4_0.gguf"
-    synth.main([*TINY, "--type", "q4_0", "--out", str(out), "--tokenizer-from",
-                str(smollm2_path)])
+    synth.main([*TINY, "--type", "q4_0", "--out", str(out), "--tokenizer-from", str(smollm2_path)])
     return out
 
 
@@ -104,8 +103,22 @@ def test_shape_overrides_that_cannot_form_a_model_are_refused(synth, tmp_path):
     with pytest.raises(SystemExit, match="multiples of 256"):
         synth.main([*TINY, "--type", "q4_k", "--out", str(tmp_path / "x.gguf")])
     with pytest.raises(SystemExit, match="multiple of kv-heads"):
-        synth.main(["--layers", "1", "--dim", "64", "--ffn", "64", "--heads", "4",
-                    "--kv-heads", "3", "--out", str(tmp_path / "x.gguf")])
+        synth.main(
+            [
+                "--layers",
+                "1",
+                "--dim",
+                "64",
+                "--ffn",
+                "64",
+                "--heads",
+                "4",
+                "--kv-heads",
+                "3",
+                "--out",
+                str(tmp_path / "x.gguf"),
+            ]
+        )
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -174,16 +187,16 @@ def test_depth_starts_both_tests_from_a_filled_cache(tiny_path, restore_threads)
     bench.time_prompt(4)
     assert calls == [(512, 0), (88, 512), (4, 600)]
     lm.model.forward_batch = forward_batch
-    r = Bench(lm, BenchSpec(str(tiny_path), n_prompt=4, n_gen=3, n_depth=600,
-                            repetitions=1)).run()
+    r = Bench(lm, BenchSpec(str(tiny_path), n_prompt=4, n_gen=3, n_depth=600, repetitions=1)).run()
     assert r.n_depth == 600 and r.pp_tok_s > 0 and r.tg_tok_s > 0
     table = format_table(r)
     assert "| pp4 @ d600 |" in table and "| tg3 @ d600 |" in table
 
 
 def test_cli_json_and_skipped_test(tiny_path, capsys, restore_threads):
-    assert main(["bench", str(tiny_path), "-p", "0", "-n", "2", "-r", "1", "-t", "1",
-                 "--json"]) == 0
+    assert (
+        main(["bench", str(tiny_path), "-p", "0", "-n", "2", "-r", "1", "-t", "1", "--json"]) == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["pp_tok_s"] is None and out["tg_tok_s"] > 0 and out["weights_gb_s"] > 0
     assert (out["n_prompt"], out["n_gen"], out["threads"]) == (0, 2, 1)
@@ -203,18 +216,24 @@ def test_num_gpu_places_layers_before_measuring(tiny_path, monkeypatch, restore_
         return real(**kw)
 
     monkeypatch.setattr(bench_module, "auto_placement", spy)
-    assert main(["bench", str(tiny_path), "-p", "0", "-n", "2", "-r", "1", "--num-gpu", "0",
-                 "--json"]) == 0
+    assert (
+        main(["bench", str(tiny_path), "-p", "0", "-n", "2", "-r", "1", "--num-gpu", "0", "--json"])
+        == 0
+    )
     assert asked == [{"num_ctx": 16, "num_gpu": 0}]
 
 
-@pytest.mark.parametrize("flags, fields, words", [
-    (["-p", "-1"], {"n_prompt": -1}, "0 or more"),
-    (["-d", "-5"], {"n_depth": -5}, "0 or more"),
-    (["-p", "0", "-n", "0"], {"n_prompt": 0, "n_gen": 0}, "nothing to measure"),
-    (["-t", "0"], {"threads": 0}, "--threads"),
-    (["-r", "0"], {"repetitions": 0}, "--repetitions"),
-    (["--num-gpu", "-2"], {"num_gpu": -2}, "--num-gpu")])
+@pytest.mark.parametrize(
+    "flags, fields, words",
+    [
+        (["-p", "-1"], {"n_prompt": -1}, "0 or more"),
+        (["-d", "-5"], {"n_depth": -5}, "0 or more"),
+        (["-p", "0", "-n", "0"], {"n_prompt": 0, "n_gen": 0}, "nothing to measure"),
+        (["-t", "0"], {"threads": 0}, "--threads"),
+        (["-r", "0"], {"repetitions": 0}, "--repetitions"),
+        (["--num-gpu", "-2"], {"num_gpu": -2}, "--num-gpu"),
+    ],
+)
 def test_bad_flags_are_refused_before_loading(flags, fields, words, capsys):
     with pytest.raises(InvalidParameterError, match=words):
         BenchSpec("m", **fields).validate()
@@ -243,11 +262,30 @@ def test_sweep_points(sweep_script):
     assert sweep.parse_points("0", 22, has_gpu=False) == [0]
 
 
-def test_sweep_measures_and_predicts_the_cpu_point(sweep_script, tiny_path, tmp_path,
-                                                   capsys, restore_threads):
+def test_sweep_measures_and_predicts_the_cpu_point(
+    sweep_script, tiny_path, tmp_path, capsys, restore_threads
+):
     out = tmp_path / "sweep.json"
-    assert sweep_script.main([str(tiny_path), "--points", "0", "-p", "8", "-n", "4", "-r", "1",
-                              "-t", "1", "--json-out", str(out)]) == 0
+    assert (
+        sweep_script.main(
+            [
+                str(tiny_path),
+                "--points",
+                "0",
+                "-p",
+                "8",
+                "-n",
+                "4",
+                "-r",
+                "1",
+                "-t",
+                "1",
+                "--json-out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     (point,) = report["points"]
     assert point["num_gpu"] == 0 and point["placement"] == "100% CPU"

@@ -22,9 +22,15 @@ from runtime.sampling_params import SamplingParams
 
 def tandem(*args: str, stdin: str | None = None, timeout: float = 300):
     env = {**os.environ, "TANDEM_HOME": os.environ["TANDEM_HOME"]}
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=REPO, env=env,
-                          input=stdin if stdin is not None else "", capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "runtime.cli", *args],
+        cwd=REPO,
+        env=env,
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def no_traceback(res) -> bool:
@@ -33,9 +39,19 @@ def no_traceback(res) -> bool:
 
 # -- the command line ------------------------------------------------------------------------
 
+
 def test_run_raw_greedy_verbose(smollm2_path):
-    res = tandem("run", str(smollm2_path), "The capital of France is", "--raw",
-                 "--temperature", "0", "--num-predict", "8", "--verbose")
+    res = tandem(
+        "run",
+        str(smollm2_path),
+        "The capital of France is",
+        "--raw",
+        "--temperature",
+        "0",
+        "--num-predict",
+        "8",
+        "--verbose",
+    )
     assert res.returncode == 0, res.stderr
     # llama.cpp's greedy continuation begins with the token " Paris"
     assert res.stdout.startswith(" Paris"), res.stdout
@@ -49,15 +65,25 @@ def test_run_raw_greedy_verbose(smollm2_path):
 
 
 def test_run_reads_prompt_from_stdin(smollm2_path):
-    res = tandem("run", str(smollm2_path), "--raw", "--temperature", "0", "--num-predict", "1",
-                 stdin="The capital of France is")
+    res = tandem(
+        "run",
+        str(smollm2_path),
+        "--raw",
+        "--temperature",
+        "0",
+        "--num-predict",
+        "1",
+        stdin="The capital of France is",
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout == " Paris\n"
     assert "eval rate" not in res.stderr  # timings only with --verbose
 
 
-@pytest.mark.parametrize("flag, value, name", [("--temperature", "-1", "temperature"),
-                                               ("--temperature", "nan", "temperature")])
+@pytest.mark.parametrize(
+    "flag, value, name",
+    [("--temperature", "-1", "temperature"), ("--temperature", "nan", "temperature")],
+)
 def test_run_bad_flag_value(flag, value, name):
     res = tandem("run", "smollm2", "hi", flag, value)
     assert res.returncode != 0
@@ -122,6 +148,7 @@ def test_main_in_process(capsys):
 
 # -- the interactive Repl ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def llm(smollm2_path):
     return LLM(smollm2_path, num_ctx=512)
@@ -139,15 +166,17 @@ def make_repl(llm: LLM, params: SamplingParams = RUN_DEFAULTS) -> Repl:
 
 def test_repl_conversation(llm):
     repl = make_repl(llm)
-    code, out = session(repl,
-                        "/set parameter temperature 0",
-                        "/set parameter num_predict 4",
-                        "/show parameters",
-                        '"""',
-                        "Say hi",
-                        'to me"""',
-                        "/bye",
-                        "this line is never read")
+    code, out = session(
+        repl,
+        "/set parameter temperature 0",
+        "/set parameter num_predict 4",
+        "/show parameters",
+        '"""',
+        "Say hi",
+        'to me"""',
+        "/bye",
+        "this line is never read",
+    )
     assert code == 0
     assert "Set parameter 'temperature' to '0'" in out
     assert "Set parameter 'num_predict' to '4'" in out
@@ -174,16 +203,18 @@ def test_repl_conversation(llm):
 def test_repl_commands_and_errors(llm):
     repl = make_repl(llm)
     repl.messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    code, out = session(repl,
-                        "/set parameter bogus 1",
-                        "/set parameter temperature hot",
-                        "/set parameter stop END",
-                        "/set parameter seed -1",
-                        "/foo",
-                        "",
-                        "/show info",
-                        "/?",
-                        "/clear")  # no /bye: end of input ends the loop
+    code, out = session(
+        repl,
+        "/set parameter bogus 1",
+        "/set parameter temperature hot",
+        "/set parameter stop END",
+        "/set parameter seed -1",
+        "/foo",
+        "",
+        "/show info",
+        "/?",
+        "/clear",
+    )  # no /bye: end of input ends the loop
     assert code == 0
     errors = [line for line in out.splitlines() if "Error:" in line]
     assert len(errors) == 2, out

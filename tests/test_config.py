@@ -106,8 +106,15 @@ def test_missing_architecture_is_unsupported():
         ModelConfig.from_metadata({}, [])
 
 
-@pytest.mark.parametrize("key", ["llama.block_count", "llama.embedding_length",
-                                 "llama.attention.head_count", "llama.feed_forward_length"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "llama.block_count",
+        "llama.embedding_length",
+        "llama.attention.head_count",
+        "llama.feed_forward_length",
+    ],
+)
 def test_missing_required_key_names_it(smollm2_file, key):
     md = dict(smollm2_file.metadata)
     del md[key]
@@ -116,10 +123,15 @@ def test_missing_required_key_names_it(smollm2_file, key):
     assert key in str(info.value)
 
 
-@pytest.mark.parametrize("key, value", [("llama.attention.head_count", 0),
-                                        ("llama.attention.head_count_kv", 0),
-                                        ("llama.block_count", -1),
-                                        ("llama.embedding_length", "576")])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("llama.attention.head_count", 0),
+        ("llama.attention.head_count_kv", 0),
+        ("llama.block_count", -1),
+        ("llama.embedding_length", "576"),
+    ],
+)
 def test_nonsense_shape_is_a_typed_error(smollm2_file, key, value):
     """A hostile or broken file gives a TandemError naming the key, not a ZeroDivisionError."""
     md = {**smollm2_file.metadata, key: value}

@@ -32,26 +32,36 @@ def write_tiny(path) -> None:
         return (g.standard_normal(shape) * scale).astype(np.float32)
 
     writer = gguf.GGUFWriter(str(path), "llama")
-    for key, value in (("block_count", LAYERS), ("context_length", 256),
-                       ("embedding_length", E), ("feed_forward_length", FF),
-                       ("attention.head_count", H), ("attention.head_count_kv", HKV)):
+    for key, value in (
+        ("block_count", LAYERS),
+        ("context_length", 256),
+        ("embedding_length", E),
+        ("feed_forward_length", FF),
+        ("attention.head_count", H),
+        ("attention.head_count_kv", HKV),
+    ):
         writer.add_uint32(f"llama.{key}", value)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(V)
-    tensors = {"token_embd.weight": (rnd(V, E, scale=1.0), QT.Q8_0),
-               "output_norm.weight": (1 + rnd(E), QT.F32), "output.weight": (rnd(V, E), QT.Q4_0)}
+    tensors = {
+        "token_embd.weight": (rnd(V, E, scale=1.0), QT.Q8_0),
+        "output_norm.weight": (1 + rnd(E), QT.F32),
+        "output.weight": (rnd(V, E), QT.Q4_0),
+    }
     for i in range(LAYERS):
         p = f"blk.{i}."
-        tensors |= {p + "attn_norm.weight": (1 + rnd(E), QT.F32),
-                    p + "ffn_norm.weight": (1 + rnd(E), QT.F32),
-                    p + "attn_q.weight": (rnd(H * D, E), QT.Q8_0),
-                    p + "attn_k.weight": (rnd(HKV * D, E), QT.Q8_0),
-                    p + "attn_v.weight": (rnd(HKV * D, E), QT.Q4_0),
-                    p + "attn_output.weight": (rnd(E, H * D), QT.Q8_0),
-                    p + "ffn_gate.weight": (rnd(FF, E), QT.Q4_0),
-                    p + "ffn_up.weight": (rnd(FF, E), QT.Q8_0),
-                    p + "ffn_down.weight": (rnd(E, FF), QT.Q8_0)}
+        tensors |= {
+            p + "attn_norm.weight": (1 + rnd(E), QT.F32),
+            p + "ffn_norm.weight": (1 + rnd(E), QT.F32),
+            p + "attn_q.weight": (rnd(H * D, E), QT.Q8_0),
+            p + "attn_k.weight": (rnd(HKV * D, E), QT.Q8_0),
+            p + "attn_v.weight": (rnd(HKV * D, E), QT.Q4_0),
+            p + "attn_output.weight": (rnd(E, H * D), QT.Q8_0),
+            p + "ffn_gate.weight": (rnd(FF, E), QT.Q4_0),
+            p + "ffn_up.weight": (rnd(FF, E), QT.Q8_0),
+            p + "ffn_down.weight": (rnd(E, FF), QT.Q8_0),
+        }
     for name, (array, qtype) in tensors.items():
         if qtype == QT.F32:
             writer.add_tensor(name, array)
@@ -79,8 +89,13 @@ def new_pool(model: Model, n_seqs: int, kv: str = "f16") -> KVPool:
     return KVPool(model.config, n_seqs * TABLE, kv, [b.device for b in model.blocks])
 
 
-def decode_run(model: Model, prompts: list[list[int]], schedule: list[list[int]],
-               graphs_for=None, kv: str = "f16") -> list[torch.Tensor]:
+def decode_run(
+    model: Model,
+    prompts: list[list[int]],
+    schedule: list[list[int]],
+    graphs_for=None,
+    kv: str = "f16",
+) -> list[torch.Tensor]:
     """Prefill every prompt, then one decode step per entry of `schedule` (the indices of the
     sequences that step), greedy; → each step's logits (graphs_for(pool) runs the decodes)."""
     pool = new_pool(model, len(prompts), kv)
@@ -126,8 +141,7 @@ def test_graph_steps_equal_forward_batch(on_gpu, kv):
 
 
 def test_steps_the_graphs_do_not_take_are_handed_back(on_gpu):
-    graphs = DecodeGraphs(on_gpu, new_pool(on_gpu, 2), max_blocks=2, max_batch=2,
-                          capture=False)
+    graphs = DecodeGraphs(on_gpu, new_pool(on_gpu, 2), max_blocks=2, max_batch=2, capture=False)
     prefill = ForwardBatch.build([([1, 2, 3], 0, [0, 1], True)])
     mixed = ForwardBatch.build([([1], 3, [0, 1], True), ([4, 5], 0, [2, 3], True)])
     wide = ForwardBatch.build([([1], 40, [0, 1, 2], True)])  # a table past max_blocks
@@ -180,11 +194,13 @@ def test_hybrid_tiny_model_agrees_with_all_cpu(on_gpu):
     so logits agree to within the quantization's error, not bit for bit."""
     gguf_file = on_gpu._gguf
     names = gguf_file.tensors.keys()
-    hybrid = Model(gguf_file, on_gpu.config, DeviceMap.last_layers(names, LAYERS, 1,
-                                                                    head_gpu=True))
+    hybrid = Model(gguf_file, on_gpu.config, DeviceMap.last_layers(names, LAYERS, 1, head_gpu=True))
     cpu = Model(gguf_file, on_gpu.config, DeviceMap.cpu_only(LAYERS))
     assert [b.triton for b in hybrid.blocks] == [False, True]
     schedule = [[0, 1, 2], [1], [0, 2]]
-    for got, want in zip(decode_run(hybrid, PROMPTS[:3], schedule),
-                         decode_run(cpu, PROMPTS[:3], schedule), strict=True):
+    for got, want in zip(
+        decode_run(hybrid, PROMPTS[:3], schedule),
+        decode_run(cpu, PROMPTS[:3], schedule),
+        strict=True,
+    ):
         torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0.1)  # seen: ≤ 0.06

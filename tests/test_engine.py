@@ -18,8 +18,13 @@ from runtime.loaded_model import LoadedModel
 from runtime.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):",
-           "The three primary colors are", "Water boils at"]
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +43,9 @@ def alone(lm):
     return out
 
 
-def run(engine: LLMEngine, requests: dict[str, list[int]], params=GREEDY,
-        on_step=None) -> dict[tuple[str, int], list[int]]:
+def run(
+    engine: LLMEngine, requests: dict[str, list[int]], params=GREEDY, on_step=None
+) -> dict[tuple[str, int], list[int]]:
     """Add every request, step to the end; → generated ids per (request, sample index)."""
     for rid, ids in requests.items():
         engine.add_request(rid, ids, params)
@@ -85,8 +91,9 @@ def record_steps(engine: LLMEngine) -> list:
 def test_long_prompt_is_chunked_while_decodes_continue(lm):
     engine = LLMEngine(lm, EngineOptions(num_ctx=512, max_step_tokens=32))
     steps = record_steps(engine)
-    engine.add_request("short", encode(lm, "Hello"), SamplingParams(temperature=0, max_tokens=40,
-                                                                    ignore_eos=True))
+    engine.add_request(
+        "short", encode(lm, "Hello"), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    )
     engine.step()  # prefill of the short prompt; from now on it decodes
     short = engine.requests["short"].seqs[0].seq_id
     long_ids = encode(lm, "The quick brown fox jumps over the lazy dog. " * 20)
@@ -150,8 +157,11 @@ def test_n_samples_fork_and_share_the_prompt(lm):
     assert sorted(out) == [("r", 0), ("r", 1), ("r", 2)]
     # sample i equals a lone request seeded seed + i
     for i in range(3):
-        lone = run(LLMEngine(lm, EngineOptions(num_ctx=256)), {"x": ids},
-                   SamplingParams(temperature=1.0, seed=11 + i, max_tokens=6, ignore_eos=True))
+        lone = run(
+            LLMEngine(lm, EngineOptions(num_ctx=256)),
+            {"x": ids},
+            SamplingParams(temperature=1.0, seed=11 + i, max_tokens=6, ignore_eos=True),
+        )
         assert out[("r", i)] == lone[("x", 0)]
     assert len({tuple(v) for v in out.values()}) > 1
 
@@ -159,8 +169,9 @@ def test_n_samples_fork_and_share_the_prompt(lm):
 def test_fork_shares_blocks_until_written(lm):
     engine = LLMEngine(lm, EngineOptions(num_ctx=256))
     ids = encode(lm, "Tell me a story")  # < 16 tokens: one partial block
-    engine.add_request("r", ids, SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=4,
-                                                ignore_eos=True))
+    engine.add_request(
+        "r", ids, SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=4, ignore_eos=True)
+    )
     engine.step()  # prefill, then the fork
     seqs = engine.requests["r"].seqs
     t0, t1 = engine.blocks.table(seqs[0].seq_id), engine.blocks.table(seqs[1].seq_id)
@@ -218,8 +229,9 @@ def test_q8_0_kv_saves_memory_and_stays_close(lm):
 def test_abort_frees_blocks_and_touches_nothing_else(lm, alone):
     engine = LLMEngine(lm, EngineOptions(num_ctx=256))
     engine.add_request("keep", encode(lm, PROMPTS[0]), GREEDY)
-    engine.add_request("drop", encode(lm, PROMPTS[1]), SamplingParams(temperature=0,
-                                                                      max_tokens=100))
+    engine.add_request(
+        "drop", encode(lm, PROMPTS[1]), SamplingParams(temperature=0, max_tokens=100)
+    )
     kept = []
     for _ in range(3):
         kept += [e.delta.token_id for e in engine.step() if e.request_id == "keep"]
@@ -267,6 +279,7 @@ def test_threaded_engine_serves_concurrent_submissions(lm, alone):
                 finished.append(prompt)
                 if len(finished) == len(PROMPTS):
                     done.set()
+
         return sink
 
     try:
@@ -293,8 +306,9 @@ def test_threaded_engine_survives_a_failing_step(lm, monkeypatch):
             done.set()
 
     try:
-        monkeypatch.setattr(engine.core.scheduler, "schedule",
-                            lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+        monkeypatch.setattr(
+            engine.core.scheduler, "schedule", lambda: (_ for _ in ()).throw(RuntimeError("boom"))
+        )
         engine.submit(encode(lm, "Hello"), GREEDY, sink)
         assert done.wait(30) and "internal error: boom" in str(errors[0])
         monkeypatch.undo()  # the engine still serves the next request

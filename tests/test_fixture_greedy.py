@@ -24,7 +24,7 @@ from conftest import fixture, model_path
 
 from runtime import LLM, SamplingParams
 
-GAP_TOL = 0.5       # llama.cpp -fa off vs its fixtures: divergences at gaps up to 0.483
+GAP_TOL = 0.5  # llama.cpp -fa off vs its fixtures: divergences at gaps up to 0.483
 # llama.cpp -fa off vs its fixtures: mean |Δ logprob| 0.094 (SmolLM2) / 0.125 (Gemma3);
 # tandem measured 0.078 / 0.109 (fp32 torch path) and 0.089 / 0.132 (native int8 path).
 MEAN_TOL = 0.2
@@ -60,9 +60,11 @@ def reports(request) -> tuple[str, list[dict]]:
         report = compare(case, completion.token_ids, completion.logprobs)
         report.update(case=case, text=completion.text, ids=completion.token_ids)
         diffs = report["diffs"]
-        print(f"{name} {case['prompt']!r}: matched {report['matched']}/24, diverged at "
-              f"{report['diverged_at']} (gap {report['gap']}), mean |Δ| "
-              f"{sum(diffs) / max(len(diffs), 1):.3f}, worst {max(diffs, default=0):.3f}")
+        print(
+            f"{name} {case['prompt']!r}: matched {report['matched']}/24, diverged at "
+            f"{report['diverged_at']} (gap {report['gap']}), mean |Δ| "
+            f"{sum(diffs) / max(len(diffs), 1):.3f}, worst {max(diffs, default=0):.3f}"
+        )
         out.append(report)
     return name, out
 
@@ -84,7 +86,9 @@ def test_top5_logprobs_within_llama_cpp_noise(reports):
     diffs = [d for r in rows for d in r["diffs"]]
     mean = sum(diffs) / len(diffs)
     matched = sum(r["matched"] for r in rows)
-    print(f"{name}: {matched}/240 steps matched (llama.cpp -fa off: 171 SmolLM2, 145 Gemma3); "
-          f"{len(diffs)} logprobs compared, mean |Δ| {mean:.4f}, worst {max(diffs):.4f}")
+    print(
+        f"{name}: {matched}/240 steps matched (llama.cpp -fa off: 171 SmolLM2, 145 Gemma3); "
+        f"{len(diffs)} logprobs compared, mean |Δ| {mean:.4f}, worst {max(diffs):.4f}"
+    )
     assert mean < MEAN_TOL
     assert max(diffs) < WORST_TOL

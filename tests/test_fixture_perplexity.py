@@ -25,15 +25,15 @@ def perplexity(lm: LoadedModel, text: str, n_ctx: int, n_chunks: int) -> list[fl
     tokens = lm.tokenizer.encode(text, add_special=True)
     nll, count, running = 0.0, 0, []
     for i in range(n_chunks):
-        chunk = tokens[i * n_ctx:(i + 1) * n_ctx]
+        chunk = tokens[i * n_ctx : (i + 1) * n_ctx]
         if lm.tokenizer.add_bos:
             chunk[0] = lm.tokenizer.bos_id
         with torch.inference_mode():
             logits = lm.model.forward(torch.tensor(chunk), 0, KVCache(lm.config, n_ctx), True)
         logp = torch.log_softmax(logits.double(), -1)  # (n_ctx, V)
         first = n_ctx // 2
-        targets = torch.tensor(chunk[first + 1:])
-        picked = logp[first:n_ctx - 1].gather(1, targets[:, None])
+        targets = torch.tensor(chunk[first + 1 :])
+        picked = logp[first : n_ctx - 1].gather(1, targets[:, None])
         nll -= picked.sum().item()
         count += len(targets)
         running.append(math.exp(nll / count))

@@ -35,7 +35,9 @@ def smollm2(smollm2_path: Path):
 
 
 def test_smollm2_metadata_matches_gguf_reader(smollm2: GGUFFile, smollm2_reader) -> None:
-    expected = {k: f.contents() for k, f in smollm2_reader.fields.items() if not k.startswith("GGUF.")}
+    expected = {
+        k: f.contents() for k, f in smollm2_reader.fields.items() if not k.startswith("GGUF.")
+    }
     assert list(smollm2.metadata) == list(expected)
     for key, value in expected.items():
         assert smollm2.metadata[key] == value, key
@@ -60,8 +62,9 @@ def test_smollm2_tensors_match_gguf_reader(smollm2: GGUFFile, smollm2_reader) ->
 
 
 @pytest.mark.parametrize("pick", [0, 1, -1])
-def test_smollm2_tensor_views_equal_gguf_reader_bytes(smollm2: GGUFFile, smollm2_reader,
-                                                      pick: int) -> None:
+def test_smollm2_tensor_views_equal_gguf_reader_bytes(
+    smollm2: GGUFFile, smollm2_reader, pick: int
+) -> None:
     ref = smollm2_reader.tensors[pick]
     info = smollm2.tensors[ref.name]
     view = smollm2.tensor(ref.name)
@@ -125,8 +128,9 @@ def test_views_outlive_close(smollm2_path: Path) -> None:
         assert bytes(v.numpy()) == before
         print("ok")
     """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
@@ -169,7 +173,12 @@ def test_synthetic_gguf_round_trips(tmp_path: Path) -> None:
     with GGUFFile(path) as f:
         m = f.metadata
         assert m["general.architecture"] == "llama"
-        assert (m["t.u8"], m["t.i16"], m["t.u32"], m["t.i64"]) == (200, -300, 4_000_000_000, -(2**62))
+        assert (m["t.u8"], m["t.i16"], m["t.u32"], m["t.i64"]) == (
+            200,
+            -300,
+            4_000_000_000,
+            -(2**62),
+        )
         assert (m["t.f32"], m["t.f64"], m["t.bool"], m["t.str"]) == (0.125, 1e300, True, "héllo ✓")
         assert m["t.strs"] == ["a", "", "ü", "<0x0A>"]
         assert m["t.ints"] == [1, -2, 3] and m["t.floats"] == [0.5, -1.25]

@@ -34,8 +34,7 @@ def last_two(gguf, config) -> DeviceMap:
     return dataclasses.replace(base, tensors=tensors)
 
 
-def greedy(lm: LoadedModel, prompts: list[str] = PROMPTS,
-           kv: str = "f16") -> dict[str, list[int]]:
+def greedy(lm: LoadedModel, prompts: list[str] = PROMPTS, kv: str = "f16") -> dict[str, list[int]]:
     engine = LLMEngine(lm, EngineOptions(num_ctx=128, kv_cache_type=kv))
     for p in prompts:  # together: the decode steps batch the sequences
         engine.add_request(p, lm.tokenizer.encode(p), GREEDY)

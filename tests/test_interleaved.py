@@ -59,8 +59,10 @@ def build(request):
 
 def need_kernel(module, name: str) -> None:
     if not module.interleaved_supports(int(T[name])):
-        pytest.skip(f"this build ({native_loader.cpu_isa()}) has no panel kernel for {name}: "
-                    "imatmul needs AVX2 (or AVX-512 F/BW/VL and VNNI)")
+        pytest.skip(
+            f"this build ({native_loader.cpu_isa()}) has no panel kernel for {name}: "
+            "imatmul needs AVX2 (or AVX-512 F/BW/VL and VNNI)"
+        )
 
 
 def imatmul(module, x: torch.Tensor, panels: torch.Tensor, n: int, name: str) -> torch.Tensor:
@@ -76,6 +78,7 @@ def check_same_numerics(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, name:
 
 
 # ---------------------------------------------------------------- 1. layout round trip
+
 
 @pytest.mark.parametrize("name", PANELED)
 @pytest.mark.parametrize("k", [512, 768])
@@ -113,6 +116,7 @@ def test_scalar_and_native_builds_make_the_same_panels(native, name):
 
 # ---------------------------------------------------------------- 2. against the oracle
 
+
 @pytest.fixture(scope="module", params=["native", "avx2"])
 def kernel(request):
     """The panel kernels of this CPU's best build, and of the AVX2 build (8 rows per pass,
@@ -147,11 +151,13 @@ def test_avx2_and_avx512_kernels_give_the_same_bits(native, name):
     x, w = activations(13, K, seed_of(name, 80)), weights(name, N, K, seed_of(name, 81))
     panels = native.interleave(w, qt)
     for m in (1, 3, 13):
-        assert torch.equal(imatmul(native, x[:m], panels, N, name),
-                           imatmul(avx2, x[:m], panels, N, name)), m
+        assert torch.equal(
+            imatmul(native, x[:m], panels, N, name), imatmul(avx2, x[:m], panels, N, name)
+        ), m
 
 
 # ---------------------------------------------------------------- 3. batch invariance
+
 
 @pytest.mark.parametrize("name", PANELED)
 def test_imatmul_is_batch_invariant(kernel, name):
@@ -163,13 +169,14 @@ def test_imatmul_is_batch_invariant(kernel, name):
     panels = kernel.interleave(w, int(T[name]))
     y = imatmul(kernel, x, panels, N, name)
     for t in range(m):
-        assert torch.equal(imatmul(kernel, x[t:t + 1], panels, N, name)[0], y[t]), t
+        assert torch.equal(imatmul(kernel, x[t : t + 1], panels, N, name)[0], y[t]), t
     for count in range(1, m):
         assert torch.equal(imatmul(kernel, x[:count], panels, N, name), y[:count]), count
     assert torch.equal(imatmul(kernel, x[5:12], panels, N, name), y[5:12])
 
 
 # ---------------------------------------------------------------- 4. many weights, threads
+
 
 @pytest.mark.parametrize("name", PANELED)
 @pytest.mark.parametrize("m", [1, 13])
@@ -196,6 +203,7 @@ def test_imatmul_many_equals_separate_calls_and_any_thread_count(native, name, m
 
 
 # ---------------------------------------------------------------- 5. errors
+
 
 def test_imatmul_rejects_mismatched_panels_and_counts(native):
     need_kernel(native, "Q4_0")
@@ -254,6 +262,7 @@ def test_builds_without_panel_kernels_refuse_imatmul():
 
 
 # ---------------------------------------------------------------- 6. PackedLinear
+
 
 @pytest.mark.parametrize("name", PANELED)
 def test_packed_linear_over_panels(native, name):
@@ -316,6 +325,7 @@ def test_matmuls_fuses_paneled_linears(native, name, monkeypatch):
 
 # ---------------------------------------------------------------- 7. GGUFFile
 
+
 def write_q4_0_gguf(path, rows: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     import gguf
 
@@ -370,6 +380,7 @@ def test_gguf_file_derived_and_release_pages(tmp_path):
 
 # ---------------------------------------------------------------- 8. the real model
 
+
 def test_models_on_one_file_share_their_panels(smollm2_path, native):
     from loaders.config import ModelConfig
     from loaders.gguf_file import GGUFFile
@@ -392,17 +403,25 @@ def test_models_on_one_file_share_their_panels(smollm2_path, native):
     if not native.interleaved_supports(int(first.blocks[0].q.ggml_type)):
         return  # no panel kernels in this build: nothing is shared but the mapping
 
-    for a, b in ((first.blocks[0].q, second.blocks[0].q), (first.blocks[-1].down,
-                                                           second.blocks[-1].down),
-                 (first.embed, second.embed)):
+    for a, b in (
+        (first.blocks[0].q, second.blocks[0].q),
+        (first.blocks[-1].down, second.blocks[-1].down),
+        (first.embed, second.embed),
+    ):
         assert a.panels.data_ptr() == b.panels.data_ptr()
     # The panels hold the file's rows (read again from the file after release_pages).
-    for name, lin in (("blk.0.attn_q.weight", first.blocks[0].q),
-                      ("token_embd.weight", first.embed)):
+    for name, lin in (
+        ("blk.0.attn_q.weight", first.blocks[0].q),
+        ("token_embd.weight", first.embed),
+    ):
         packed = gguf_file.tensor(name)
         ids = torch.tensor([0, 1, 15, 16, packed.shape[0] - 1])
-        assert torch.equal(native.deinterleave(lin.panels, ids, int(lin.ggml_type),
-                                               lin.in_features, lin.out_features), packed[ids])
+        assert torch.equal(
+            native.deinterleave(
+                lin.panels, ids, int(lin.ggml_type), lin.in_features, lin.out_features
+            ),
+            packed[ids],
+        )
     q = first.blocks[0].q
     x = activations(2, q.in_features, 3)
     assert torch.equal(q(x), second.blocks[0].q(x))

@@ -28,8 +28,9 @@ def llm(smollm2_path):
 @pytest.fixture(scope="module")
 def greedy(llm):
     """Greedy continuations of both prompts, with the top-3 logprobs of every step."""
-    return llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS,
-                                                logprobs=3))
+    return llm.generate(
+        PROMPTS, SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, logprobs=3)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,7 @@ def sampled(llm):
 
 # -- generate ------------------------------------------------------------------------------
 
+
 def test_generate_returns_one_output_per_prompt(llm, greedy):
     assert len(greedy) == len(PROMPTS)
     for prompt, req in zip(PROMPTS, greedy, strict=True):
@@ -50,8 +52,7 @@ def test_generate_returns_one_output_per_prompt(llm, greedy):
         out = req.outputs[0]
         assert out.index == 0
         assert len(out.token_ids) == GREEDY_TOKENS
-        assert all(isinstance(t, int) and 0 <= t < llm.tokenizer.vocab_size
-                   for t in out.token_ids)
+        assert all(isinstance(t, int) and 0 <= t < llm.tokenizer.vocab_size for t in out.token_ids)
         assert out.finish_reason == "length"
         assert out.text == llm.tokenizer.decode(out.token_ids)
         assert out.text
@@ -97,6 +98,7 @@ def test_logprobs(greedy):
 
 # -- seeds and n ---------------------------------------------------------------------------
 
+
 def test_same_seed_same_tokens(llm, sampled):
     assert len(sampled.token_ids) == 16
     params = SamplingParams(temperature=1.0, seed=7, max_tokens=16, ignore_eos=True)
@@ -124,6 +126,7 @@ def test_n_samples(llm):
 
 
 # -- stop strings --------------------------------------------------------------------------
+
 
 def boundary_stop(llm, token_ids: list[int], text: str) -> tuple[str, int]:
     """A stop string spanning a token boundary (the last char of one token's text and the
@@ -176,6 +179,7 @@ def test_chat_rejects_bad_messages(llm, messages):
 
 
 # -- errors --------------------------------------------------------------------------------
+
 
 def test_prompt_longer_than_context(llm):
     prompt = "hello " * 600

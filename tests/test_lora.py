@@ -28,9 +28,13 @@ RANK, ALPHA = 4, 8.0
 TOKENS = [5, 17, 42, 8, 29, 11, 3]
 
 
-def write_adapter(path: Path, pairs: dict[str, tuple[np.ndarray, np.ndarray]],
-                  alpha: float | None = ALPHA, arch: str = "llama",
-                  dtype=np.float16) -> None:
+def write_adapter(
+    path: Path,
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]],
+    alpha: float | None = ALPHA,
+    arch: str = "llama",
+    dtype=np.float16,
+) -> None:
     """An adapter as convert_lora_to_gguf.py lays it out: A (r, in), B (out, r)."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type("adapter")
@@ -48,9 +52,13 @@ def write_adapter(path: Path, pairs: dict[str, tuple[np.ndarray, np.ndarray]],
 
 def random_pairs(weights: dict[str, np.ndarray], names: list[str], seed: int = 1):
     g = np.random.default_rng(seed)
-    return {n: ((g.standard_normal((RANK, weights[n].shape[1])) * 0.3).astype(np.float32),
-                (g.standard_normal((weights[n].shape[0], RANK)) * 0.3).astype(np.float32))
-            for n in names}
+    return {
+        n: (
+            (g.standard_normal((RANK, weights[n].shape[1])) * 0.3).astype(np.float32),
+            (g.standard_normal((weights[n].shape[0], RANK)) * 0.3).astype(np.float32),
+        )
+        for n in names
+    }
 
 
 def write_merged(path: Path, weights: dict[str, np.ndarray], pairs, scale: float) -> None:
@@ -83,8 +91,7 @@ def logits(lm: LoadedModel) -> torch.Tensor:
         return lm.model.forward(torch.tensor(TOKENS), 0, cache, all_logits=True)
 
 
-ADAPTED = ["blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.ffn_down.weight",
-           "output.weight"]
+ADAPTED = ["blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.ffn_down.weight", "output.weight"]
 
 
 @pytest.fixture
@@ -126,7 +133,9 @@ def test_runtime_lora_equals_the_merged_weights(tiny):
     assert (plain - want).abs().max() > 0.1  # the adapter does change the output
     # one copy of the base: the same mapping, the same weight bytes, wrapped not copied
     assert tuned.gguf is base.gguf
-    assert tuned.model.blocks[0].q.base.weight.data_ptr() == base.model.blocks[0].q.weight.data_ptr()
+    assert (
+        tuned.model.blocks[0].q.base.weight.data_ptr() == base.model.blocks[0].q.weight.data_ptr()
+    )
     assert tuned.model.blocks[0].k is not base.model.blocks[0].k  # own Block, not adapted
     assert tuned.model.blocks[0].k.weight.data_ptr() == base.model.blocks[0].k.weight.data_ptr()
 
@@ -143,12 +152,14 @@ def test_alpha_absent_means_scale_one(tiny):
 
 def test_adapters_that_do_not_fit_are_refused_at_create(tiny):
     tmp_path, weights, _ = tiny
-    write_adapter(tmp_path / "qwen.gguf", random_pairs(weights, ["blk.0.attn_q.weight"]),
-                  arch="qwen2")
+    write_adapter(
+        tmp_path / "qwen.gguf", random_pairs(weights, ["blk.0.attn_q.weight"]), arch="qwen2"
+    )
     with pytest.raises(ModelfileError, match="qwen2"):
         create("x", "FROM tiny.gguf\nADAPTER qwen.gguf\n", tmp_path)
-    bad = {"blk.0.attn_q.weight": (np.zeros((RANK, 32), np.float32),
-                                   np.zeros((64, RANK), np.float32))}
+    bad = {
+        "blk.0.attn_q.weight": (np.zeros((RANK, 32), np.float32), np.zeros((64, RANK), np.float32))
+    }
     write_adapter(tmp_path / "shape.gguf", bad)
     with pytest.raises(ModelfileError, match="made for this base"):
         create("x", "FROM tiny.gguf\nADAPTER shape.gguf\n", tmp_path)
@@ -170,9 +181,15 @@ def test_two_custom_models_hold_one_copy_of_smollm2(tmp_path, monkeypatch, smoll
     (home / "models" / "blobs").mkdir(parents=True)
     os.symlink(smollm2_path, home / "models" / "blobs" / smollm2_path.name)
     g = np.random.default_rng(0)
-    write_adapter(tmp_path / "q.gguf", {"blk.0.attn_q.weight": (
-        (g.standard_normal((RANK, 576)) * 0.01).astype(np.float32),
-        (g.standard_normal((576, RANK)) * 0.01).astype(np.float32))})
+    write_adapter(
+        tmp_path / "q.gguf",
+        {
+            "blk.0.attn_q.weight": (
+                (g.standard_normal((RANK, 576)) * 0.01).astype(np.float32),
+                (g.standard_normal((576, RANK)) * 0.01).astype(np.float32),
+            )
+        },
+    )
     create("terse", "FROM smollm2\nSYSTEM Be terse.\n", tmp_path)
     create("tuned", "FROM smollm2\nADAPTER q.gguf\nSYSTEM Be kind.\n", tmp_path)
     size = smollm2_path.stat().st_size
@@ -183,8 +200,10 @@ def test_two_custom_models_hold_one_copy_of_smollm2(tmp_path, monkeypatch, smoll
     second = LoadedModel.load("tuned")
     logits(second)
     two = _rss() - before
-    print(f"\nRSS: +{one / 2**20:.1f} MiB after the first model, +{two / 2**20:.1f} MiB "
-          f"after both (the GGUF is {size / 2**20:.1f} MiB)")
+    print(
+        f"\nRSS: +{one / 2**20:.1f} MiB after the first model, +{two / 2**20:.1f} MiB "
+        f"after both (the GGUF is {size / 2**20:.1f} MiB)"
+    )
     assert second.gguf is first.gguf
     # the second model adds its own tokenizer tables (measured ≈ 18 MiB for SmolLM2's 49k
     # BPE vocabulary), norms and adapter: not another copy of the 94 MiB of weights

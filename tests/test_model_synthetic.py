@@ -24,18 +24,30 @@ def make_weights(arch: str, seed: int = 0) -> dict[str, np.ndarray]:
     def rnd(*shape: int, scale: float = 0.2) -> np.ndarray:
         return (g.standard_normal(shape) * scale).astype(np.float32)
 
-    w = {"token_embd.weight": rnd(V, E, scale=1.0), "output_norm.weight": 1 + rnd(E),
-         "output.weight": rnd(V, E)}
+    w = {
+        "token_embd.weight": rnd(V, E, scale=1.0),
+        "output_norm.weight": 1 + rnd(E),
+        "output.weight": rnd(V, E),
+    }
     for i in range(LAYERS):
         p = f"blk.{i}."
-        w |= {p + "attn_norm.weight": 1 + rnd(E), p + "ffn_norm.weight": 1 + rnd(E),
-              p + "attn_q.weight": rnd(H * D, E), p + "attn_k.weight": rnd(HKV * D, E),
-              p + "attn_v.weight": rnd(HKV * D, E), p + "attn_output.weight": rnd(E, H * D),
-              p + "ffn_gate.weight": rnd(FF, E), p + "ffn_up.weight": rnd(FF, E),
-              p + "ffn_down.weight": rnd(E, FF)}
+        w |= {
+            p + "attn_norm.weight": 1 + rnd(E),
+            p + "ffn_norm.weight": 1 + rnd(E),
+            p + "attn_q.weight": rnd(H * D, E),
+            p + "attn_k.weight": rnd(HKV * D, E),
+            p + "attn_v.weight": rnd(HKV * D, E),
+            p + "attn_output.weight": rnd(E, H * D),
+            p + "ffn_gate.weight": rnd(FF, E),
+            p + "ffn_up.weight": rnd(FF, E),
+            p + "ffn_down.weight": rnd(E, FF),
+        }
         if arch == "qwen2":
-            w |= {p + "attn_q.bias": rnd(H * D), p + "attn_k.bias": rnd(HKV * D),
-                  p + "attn_v.bias": rnd(HKV * D)}
+            w |= {
+                p + "attn_q.bias": rnd(H * D),
+                p + "attn_k.bias": rnd(HKV * D),
+                p + "attn_v.bias": rnd(HKV * D),
+            }
     return w
 
 
@@ -70,7 +82,7 @@ def reference_logits(w: dict[str, np.ndarray], tokens: list[int], neox: bool) ->
         pos = torch.arange(n, dtype=torch.float64)[:, None]
         ang = pos * 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
         c, s = ang.cos().float()[:, None, :], ang.sin().float()[:, None, :]
-        a, b = (x[..., : D // 2], x[..., D // 2:]) if neox else (x[..., 0::2], x[..., 1::2])
+        a, b = (x[..., : D // 2], x[..., D // 2 :]) if neox else (x[..., 0::2], x[..., 1::2])
         ra, rb = a * c - b * s, a * s + b * c
         return torch.cat((ra, rb), -1) if neox else torch.stack((ra, rb), -1).flatten(-2)
 
@@ -79,8 +91,7 @@ def reference_logits(w: dict[str, np.ndarray], tokens: list[int], neox: bool) ->
     for i in range(LAYERS):
         p = f"blk.{i}."
         h = norm(x, t[p + "attn_norm.weight"])
-        proj = {k: h @ t[p + f"attn_{k}.weight"].T + t.get(p + f"attn_{k}.bias", 0)
-                for k in "qkv"}
+        proj = {k: h @ t[p + f"attn_{k}.weight"].T + t.get(p + f"attn_{k}.bias", 0) for k in "qkv"}
         q = rope(proj["q"].view(n, H, D))
         k = rope(proj["k"].view(n, HKV, D)).repeat_interleave(H // HKV, 1)
         v = proj["v"].view(n, HKV, D).repeat_interleave(H // HKV, 1)
@@ -111,8 +122,10 @@ def test_forward_matches_plain_transformer(tmp_path, arch):
         # the same sequence fed as a 4-token prefill and then one token at a time
         cache = KVCache(config, 32, dtype=torch.float32)
         steps = [model.forward(torch.tensor(tokens[:4]), 0, cache, all_logits=True)]
-        steps += [model.forward(torch.tensor([tok]), pos, cache) for pos, tok in
-                  enumerate(tokens[4:], start=4)]
+        steps += [
+            model.forward(torch.tensor([tok]), pos, cache)
+            for pos, tok in enumerate(tokens[4:], start=4)
+        ]
     # float32 end to end; only summation order differs from the reference
     torch.testing.assert_close(whole, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.cat(steps), ref, rtol=1e-4, atol=1e-4)

@@ -33,8 +33,16 @@ from quant.quantize import quantize
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 QUANTIZABLE = ("Q4_0", "Q4_1", "Q8_0")  # quant.quantize makes these from random floats
-HALF_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-               "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+HALF_FIELDS = {
+    "Q4_0": [0],
+    "Q4_1": [0, 2],
+    "Q5_0": [0],
+    "Q5_1": [0, 2],
+    "Q8_0": [0],
+    "Q4_K": [0, 2],
+    "Q5_K": [0, 2],
+    "Q6_K": [208],
+}
 
 
 @pytest.fixture(scope="module", params=["native", "avx2", "scalar"])
@@ -61,7 +69,7 @@ def weights(name: str, n: int, k: int, seed: int) -> torch.Tensor:
     blocks = rng.integers(0, 256, (n * (k // fmt.block_size), fmt.type_size), dtype=np.uint8)
     for at in HALF_FIELDS[name]:
         scale = rng.choice([-1, 1], len(blocks)) * 10.0 ** rng.uniform(-4, -2, len(blocks))
-        blocks[:, at:at + 2] = scale.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        blocks[:, at : at + 2] = scale.astype(np.float16).view(np.uint8).reshape(-1, 2)
     return torch.from_numpy(blocks.reshape(n, -1))
 
 
@@ -97,7 +105,7 @@ def test_batch_invariant(kernel, name):
     x, w = activations(m, k, 70), weights(name, n, k, 71)
     y = kernel.qmatmul(x, w, int(T[name]))
     for t in range(m):
-        assert torch.equal(kernel.qmatmul(x[t:t + 1], w, int(T[name]))[0], y[t]), t
+        assert torch.equal(kernel.qmatmul(x[t : t + 1], w, int(T[name]))[0], y[t]), t
     assert torch.equal(kernel.qmatmul(x[5:10], w, int(T[name])), y[5:10])
 
 
@@ -140,8 +148,8 @@ def test_larger_shape_threads_and_strided_weights(kernel, name):
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
     wide = torch.zeros(n, w.shape[1] + 64, dtype=torch.uint8)
-    wide[:, 16:16 + w.shape[1]] = w
-    assert torch.equal(kernel.qmatmul(x, wide[:, 16:16 + w.shape[1]], qt), one)
+    wide[:, 16 : 16 + w.shape[1]] = w
+    assert torch.equal(kernel.qmatmul(x, wide[:, 16 : 16 + w.shape[1]], qt), one)
     assert torch.equal(kernel.qmatmul(x.T.contiguous().T, w, qt), one)  # non-contiguous x
     check_same_numerics(one[:2], x[:2], w, name)
 
@@ -179,8 +187,10 @@ def test_concurrent_callers(kernel):
     calls one at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = [(activations(m, 512, i), weights(name, 64, 512, i), int(T[name]))
-            for i, (name, m) in enumerate([("Q4_0", 1), ("Q4_K", 3), ("Q8_0", 1), ("Q6_K", 5)] * 3)]
+    jobs = [
+        (activations(m, 512, i), weights(name, 64, 512, i), int(T[name]))
+        for i, (name, m) in enumerate([("Q4_0", 1), ("Q4_K", 3), ("Q8_0", 1), ("Q6_K", 5)] * 3)
+    ]
     want = [kernel.qmatmul(*job) for job in jobs]
     with ThreadPoolExecutor(4) as pool:
         for _ in range(5):
@@ -207,8 +217,9 @@ def test_loader_api_and_disable(kernel, monkeypatch):
         pytest.skip("no native build for this CPU")
     x, w = activations(2, 256, 3), weights("Q4_K", 5, 256, 3)
     assert native_loader.available() and native_loader.supports(int(T.Q4_K))
-    assert torch.equal(native_loader.qmatmul(x, w, int(T.Q4_K)),
-                       native_loader.load().qmatmul(x, w, int(T.Q4_K)))
+    assert torch.equal(
+        native_loader.qmatmul(x, w, int(T.Q4_K)), native_loader.load().qmatmul(x, w, int(T.Q4_K))
+    )
     monkeypatch.setenv("TANDEM_NATIVE", "0")
     assert not native_loader.available() and not native_loader.supports(int(T.Q4_K))
     with pytest.raises(RuntimeError, match="unavailable"):
@@ -279,8 +290,11 @@ def test_linear_matmuls_fuse_only_what_matches():
     k = 256
     x = activations(3, k, 5)
     lins = [PackedLinear(weights("Q8_0", n, k, 60 + n), int(T.Q8_0), k) for n in (16, 8)]
-    lins.append(PackedLinear(weights("Q4_0", 8, k, 70), int(T.Q4_0), k,
-                             bias=torch.arange(8, dtype=torch.float32)))
+    lins.append(
+        PackedLinear(
+            weights("Q4_0", 8, k, 70), int(T.Q4_0), k, bias=torch.arange(8, dtype=torch.float32)
+        )
+    )
     for group in (lins[:2], lins):  # one type: fused; mixed types: separate calls
         for y, lin in zip(matmuls(group, x), group, strict=True):
             assert torch.equal(y, lin(x))
@@ -315,9 +329,12 @@ def test_every_kernel_source_is_package_data():
 
     root = Path(native_loader.__file__).resolve().parent.parent
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"]["kernels"]
+        "package-data"
+    ]["kernels"]
     for src in native_loader.SOURCES + native_loader.HEADERS:
         rel = src.relative_to(root / "kernels").as_posix()
         assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} is not package data"
-    on_disk = {p.name for p in (root / "kernels" / "native").iterdir() if p.suffix in (".cpp", ".h")}
+    on_disk = {
+        p.name for p in (root / "kernels" / "native").iterdir() if p.suffix in (".cpp", ".h")
+    }
     assert on_disk == {p.name for p in native_loader.SOURCES + native_loader.HEADERS}

@@ -36,8 +36,13 @@ def reference(q, k, v, tables, lengths, scale, window):
         slots = tables[b].long()[pos // PAGE] * PAGE + pos % PAGE
         keep = pos >= n - window if window else torch.ones(n, dtype=torch.bool)
         keys, values = k[slots][keep].float(), v[slots][keep].float()  # (L, Hkv, D)
-        o = F.scaled_dot_product_attention(q[b][:, None, :], keys.transpose(0, 1),
-                                           values.transpose(0, 1), scale=scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            q[b][:, None, :],
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            scale=scale,
+            enable_gqa=True,
+        )
         outs.append(o.reshape(-1))
     return torch.stack(outs)
 
@@ -53,15 +58,18 @@ def test_matches_sdpa_over_gathered_keys(window):
     q, k, v, tables, lengths = setup([1, 17, 70, 33, 160])
     got = paged_decode_attention(q, k, v, tables, lengths, 0.125, window)
     # float32 softmax and sums in another order than SDPA's
-    torch.testing.assert_close(got, reference(q, k, v, tables, lengths, 0.125, window),
-                               rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(
+        got, reference(q, k, v, tables, lengths, 0.125, window), rtol=1e-5, atol=2e-6
+    )
 
 
 def test_each_sequence_alone_equals_the_batch_bit_for_bit():
     q, k, v, tables, lengths = setup([5, 130, 64, 16], h=9, hkv=3)
     batch = paged_decode_attention(q, k, v, tables, lengths, 0.1, 0)
     for b in range(4):
-        alone = paged_decode_attention(q[b:b + 1], k, v, tables[b:b + 1], lengths[b:b + 1], 0.1, 0)
+        alone = paged_decode_attention(
+            q[b : b + 1], k, v, tables[b : b + 1], lengths[b : b + 1], 0.1, 0
+        )
         assert torch.equal(alone[0], batch[b])
 
 

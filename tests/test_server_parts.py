@@ -25,40 +25,75 @@ USER = [{"role": "user", "content": "hi"}]
 
 # -- OpenAI bodies ---------------------------------------------------------------------------
 
+
 def test_chat_fields_map_to_sampling_params():
-    req = parse_chat({"model": "m", "messages": USER, "temperature": 0.5, "top_p": 0.9,
-                      "n": 2, "stop": "x", "seed": 4, "max_completion_tokens": 7,
-                      "max_tokens": 99, "logprobs": True, "top_logprobs": 3, "user": "u",
-                      "stream": True, "stream_options": {"include_usage": True}})
-    assert req.changes == {"temperature": 0.5, "top_p": 0.9, "n": 2, "stop": "x", "seed": 4,
-                           "max_tokens": 7, "logprobs": 3}
+    req = parse_chat(
+        {
+            "model": "m",
+            "messages": USER,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "n": 2,
+            "stop": "x",
+            "seed": 4,
+            "max_completion_tokens": 7,
+            "max_tokens": 99,
+            "logprobs": True,
+            "top_logprobs": 3,
+            "user": "u",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    assert req.changes == {
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "n": 2,
+        "stop": "x",
+        "seed": 4,
+        "max_tokens": 7,
+        "logprobs": 3,
+    }
     assert req.stream and req.include_usage and req.want_logprobs
 
 
 def test_chat_content_parts_and_developer_role():
-    req = parse_chat({"model": "m", "messages": [
-        {"role": "developer", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-    ]})
-    assert req.messages == [{"role": "system", "content": "be brief"},
-                            {"role": "user", "content": "ab"}]
+    req = parse_chat(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
+            ],
+        }
+    )
+    assert req.messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "ab"},
+    ]
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": [{"type": "function"}]}, "tools"),
-    ({"logit_bias": {"1": 5}}, "logit_bias"),
-    ({"frobnicate": True}, "frobnicate"),
-    ({"temperature": 3}, "temperature"),
-    ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"top_logprobs": 2}, "top_logprobs"),
-    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ({"stream": "yes"}, "stream"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0]"),
-    ({"model": ""}, "model"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"frobnicate": True}, "frobnicate"),
+        ({"temperature": 3}, "temperature"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"stream": "yes"}, "stream"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0]"),
+        ({"model": ""}, "model"),
+    ],
+)
 def test_chat_refusals_name_the_field(body, param):
     with pytest.raises(RequestFieldError) as info:
         parse_chat({"model": "m", "messages": USER, **body})
@@ -66,8 +101,17 @@ def test_chat_refusals_name_the_field(body, param):
 
 
 def test_off_values_are_accepted():
-    parse_chat({"model": "m", "messages": USER, "tools": [], "tool_choice": "none",
-                "response_format": {"type": "text"}, "logit_bias": {}, "store": False})
+    parse_chat(
+        {
+            "model": "m",
+            "messages": USER,
+            "tools": [],
+            "tool_choice": "none",
+            "response_format": {"type": "text"},
+            "logit_bias": {},
+            "store": False,
+        }
+    )
     parse_completion({"model": "m", "prompt": "x", "echo": False, "best_of": 1, "suffix": None})
 
 
@@ -99,35 +143,62 @@ def test_bad_sampling_values_name_the_field_after_validation():
 
 # -- ollama bodies and options ----------------------------------------------------------------
 
+
 def test_ollama_chat_and_generate_parsing():
     chat = parse_ollama_chat({"model": "m", "messages": USER, "stream": False, "think": False})
     assert not chat.stream and chat.messages == USER and not chat.load_only
     assert parse_ollama_chat({"model": "m"}).load_only
     gen = parse_generate({"model": "m", "prompt": "p", "system": "s"})
-    assert gen.stream and gen.messages == [{"role": "system", "content": "s"},
-                                           {"role": "user", "content": "p"}]
+    assert gen.stream and gen.messages == [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "p"},
+    ]
     raw = parse_generate({"model": "m", "prompt": "p", "raw": True, "context": [1, 2]})
     assert raw.raw_prompt == "p" and raw.context == [1, 2] and not raw.messages
     assert parse_generate({"model": "m"}).load_only
 
 
-@pytest.mark.parametrize("body", [
-    {"format": "json"}, {"images": ["aGk="]}, {"template": "{{ .Prompt }}"}, {"suffix": "x"},
-    {"think": True}, {"unknown": 1}, {"context": [1, "a"]}, {"raw": 1}, {"stream": "no"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"format": "json"},
+        {"images": ["aGk="]},
+        {"template": "{{ .Prompt }}"},
+        {"suffix": "x"},
+        {"think": True},
+        {"unknown": 1},
+        {"context": [1, "a"]},
+        {"raw": 1},
+        {"stream": "no"},
+    ],
+)
 def test_ollama_generate_refusals(body):
     with pytest.raises(RequestFieldError):
         parse_generate({"model": "m", "prompt": "p", **body})
 
 
 def test_ollama_options():
-    opts = parse_options({"temperature": 0, "num_predict": 5, "num_ctx": 128, "num_thread": 4,
-                          "mirostat": 0, "typical_p": 1.0})
+    opts = parse_options(
+        {
+            "temperature": 0,
+            "num_predict": 5,
+            "num_ctx": 128,
+            "num_thread": 4,
+            "mirostat": 0,
+            "typical_p": 1.0,
+        }
+    )
     assert opts.num_ctx == 128 and opts.sampling == {"temperature": 0, "num_predict": 5}
     params = opts.params(SamplingParams())
     assert params.temperature == 0 and params.max_tokens == 5
-    for bad in ({"no_such": 1}, {"mirostat": 2}, {"typical_p": 0.5}, {"num_ctx": 0},
-                {"num_ctx": "big"}, [1]):
+    for bad in (
+        {"no_such": 1},
+        {"mirostat": 2},
+        {"typical_p": 0.5},
+        {"num_ctx": 0},
+        {"num_ctx": "big"},
+        [1],
+    ):
         with pytest.raises(InvalidParameterError):
             parse_options(bad)
     with pytest.raises(RequestFieldError) as info:
@@ -148,10 +219,21 @@ def test_fit_context():
 
 # -- keep_alive, addresses, ps -------------------------------------------------------------
 
-@pytest.mark.parametrize("value, seconds", [
-    (5, 5.0), ("5m", 300.0), ("1h30m", 5400.0), ("250ms", 0.25), ("0", 0.0), (0, 0.0),
-    ("3600", 3600.0), (-1, math.inf), ("-1m", math.inf),
-])
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [
+        (5, 5.0),
+        ("5m", 300.0),
+        ("1h30m", 5400.0),
+        ("250ms", 0.25),
+        ("0", 0.0),
+        (0, 0.0),
+        ("3600", 3600.0),
+        (-1, math.inf),
+        ("-1m", math.inf),
+    ],
+)
 def test_keep_alive(value, seconds):
     assert parse_keep_alive(value) == seconds
 
@@ -183,15 +265,24 @@ def test_ps_formatting():
     assert until("2030-01-01T00:00:01.5Z", now) == "1 second from now"
     assert until("9999-12-31T23:59:59Z", now) == "Forever"
     assert until("2029-12-31T00:00:00Z", now) == "Stopping..."
-    table = format_table([{"name": "m", "digest": "0123456789abcdef", "size": 2_000_000,
-                           "size_vram": 0, "context_length": 512,
-                           "expires_at": "9999-12-31T23:59:59Z"}]).splitlines()
+    table = format_table(
+        [
+            {
+                "name": "m",
+                "digest": "0123456789abcdef",
+                "size": 2_000_000,
+                "size_vram": 0,
+                "context_length": 512,
+                "expires_at": "9999-12-31T23:59:59Z",
+            }
+        ]
+    ).splitlines()
     assert table[0].split() == ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]
-    assert table[1].split() == ["m", "0123456789ab", "2.0", "MB", "100%", "CPU", "512",
-                                "Forever"]
+    assert table[1].split() == ["m", "0123456789ab", "2.0", "MB", "100%", "CPU", "512", "Forever"]
 
 
 # -- metrics ---------------------------------------------------------------------------------
+
 
 def test_histogram_buckets_are_cumulative():
     h = Histogram("lat_seconds", "latency", (0.1, 1.0))
@@ -199,12 +290,17 @@ def test_histogram_buckets_are_cumulative():
         h.observe(v)
     lines = h.render()
     assert lines[:2] == ["# HELP lat_seconds latency", "# TYPE lat_seconds histogram"]
-    assert lines[2:] == ['lat_seconds_bucket{le="0.1"} 2', 'lat_seconds_bucket{le="1.0"} 3',
-                         'lat_seconds_bucket{le="+Inf"} 4', "lat_seconds_sum 3.65",
-                         "lat_seconds_count 4"]
+    assert lines[2:] == [
+        'lat_seconds_bucket{le="0.1"} 2',
+        'lat_seconds_bucket{le="1.0"} 3',
+        'lat_seconds_bucket{le="+Inf"} 4',
+        "lat_seconds_sum 3.65",
+        "lat_seconds_count 4",
+    ]
 
 
 # -- error mapping ---------------------------------------------------------------------------
+
 
 def test_errors_map_to_status_and_bodies():
     import json
@@ -218,8 +314,12 @@ def test_errors_map_to_status_and_bodies():
     closed = ollama_error(EngineClosedError("shut down"))
     assert closed.status_code == 503 and json.loads(closed.body) == {"error": "shut down"}
     long = json.loads(openai_error(ContextLengthError("too long")).body)["error"]
-    assert long == {"message": "too long", "type": "invalid_request_error", "param": None,
-                    "code": "context_length_exceeded"}
+    assert long == {
+        "message": "too long",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "context_length_exceeded",
+    }
     missing = openai_error(ModelNotFoundError("no model 'x'"))
     assert missing.status_code == 404
     assert json.loads(missing.body)["error"]["code"] == "model_not_found"

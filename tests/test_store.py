@@ -49,22 +49,41 @@ def write_tiny_llama(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
     def rnd(*shape):
         return (g.standard_normal(shape) * 0.2).astype(np.float32)
 
-    w = {"token_embd.weight": rnd(v, E), "output_norm.weight": 1 + rnd(E), "output.weight": rnd(v, E)}
-    for name, shape in (("attn_q", (E, E)), ("attn_k", (E, E)), ("attn_v", (E, E)),
-                        ("attn_output", (E, E)), ("ffn_gate", (FF, E)), ("ffn_up", (FF, E)),
-                        ("ffn_down", (E, FF))):
+    w = {
+        "token_embd.weight": rnd(v, E),
+        "output_norm.weight": 1 + rnd(E),
+        "output.weight": rnd(v, E),
+    }
+    for name, shape in (
+        ("attn_q", (E, E)),
+        ("attn_k", (E, E)),
+        ("attn_v", (E, E)),
+        ("attn_output", (E, E)),
+        ("ffn_gate", (FF, E)),
+        ("ffn_up", (FF, E)),
+        ("ffn_down", (E, FF)),
+    ):
         w[f"blk.0.{name}.weight"] = rnd(*shape)
     w["blk.0.attn_norm.weight"] = 1 + rnd(E)
     w["blk.0.ffn_norm.weight"] = 1 + rnd(E)
     writer = gguf.GGUFWriter(str(path), "llama")
-    for add, value in ((writer.add_block_count, LAYERS), (writer.add_context_length, 256),
-                       (writer.add_embedding_length, E), (writer.add_feed_forward_length, FF),
-                       (writer.add_head_count, H), (writer.add_head_count_kv, H),
-                       (writer.add_rope_freq_base, 10000.0), (writer.add_layer_norm_rms_eps, 1e-6),
-                       (writer.add_tokenizer_model, "gpt2"), (writer.add_tokenizer_pre, "gpt-2"),
-                       (writer.add_token_list, TOKENS), (writer.add_token_merges, ["a b"]),
-                       (writer.add_token_types, [3, 3, 3] + [1] * (len(TOKENS) - 3)),
-                       (writer.add_eos_token_id, 2), (writer.add_add_bos_token, False)):
+    for add, value in (
+        (writer.add_block_count, LAYERS),
+        (writer.add_context_length, 256),
+        (writer.add_embedding_length, E),
+        (writer.add_feed_forward_length, FF),
+        (writer.add_head_count, H),
+        (writer.add_head_count_kv, H),
+        (writer.add_rope_freq_base, 10000.0),
+        (writer.add_layer_norm_rms_eps, 1e-6),
+        (writer.add_tokenizer_model, "gpt2"),
+        (writer.add_tokenizer_pre, "gpt-2"),
+        (writer.add_token_list, TOKENS),
+        (writer.add_token_merges, ["a b"]),
+        (writer.add_token_types, [3, 3, 3] + [1] * (len(TOKENS) - 3)),
+        (writer.add_eos_token_id, 2),
+        (writer.add_add_bos_token, False),
+    ):
         add(value)
     for name, array in w.items():
         writer.add_tensor(name, array)
@@ -111,10 +130,12 @@ def blobs(home: Path) -> set[str]:
 
 # ---- create, list, show, cp, rm ---------------------------------------------------------
 
+
 def test_create_list_show_cp_rm_through_the_cli(home, workdir, capsys):
     (workdir / "Modelfile").write_text(
         "FROM ./tiny.gguf\nPARAMETER temperature 0.3\nPARAMETER stop <|im_end|>\n"
-        "SYSTEM You are terse.\nLICENSE MIT\nMESSAGE user hi\nMESSAGE assistant yo\n")
+        "SYSTEM You are terse.\nLICENSE MIT\nMESSAGE user hi\nMESSAGE assistant yo\n"
+    )
     assert main(["create", "tiny", "-f", str(workdir / "Modelfile")]) == 0
     out = capsys.readouterr().out
     assert "copying file" in out and "writing manifest" in out and out.endswith("success\n")
@@ -127,8 +148,9 @@ def test_create_list_show_cp_rm_through_the_cli(home, workdir, capsys):
     assert size.endswith("KB") and "ago" in modified
 
     assert main(["show", "tiny", "--parameters"]) == 0
-    assert capsys.readouterr().out == ('temperature                    0.3\n'
-                                       'stop                           "<|im_end|>"\n')
+    assert capsys.readouterr().out == (
+        'temperature                    0.3\nstop                           "<|im_end|>"\n'
+    )
     assert main(["show", "tiny", "--system"]) == 0
     assert capsys.readouterr().out == "You are terse.\n"
     assert main(["show", "tiny", "--license"]) == 0
@@ -193,12 +215,18 @@ def test_names():
 
 # ---- inheritance (ollama's semantics) ---------------------------------------------------
 
+
 def test_from_a_stored_model_inherits_and_overrides(home, workdir):
-    base = create("base", "FROM tiny.gguf\nPARAMETER temperature 0.5\nPARAMETER top_k 7\n"
-                  "PARAMETER stop a\nSYSTEM base system\nTEMPLATE {{ .Prompt }}\nLICENSE L0\n"
-                  "MESSAGE user u0\n", workdir)
-    child = create("child", "FROM base\nPARAMETER temperature 0.1\nPARAMETER stop b\n"
-                   "LICENSE L1\n", workdir)
+    base = create(
+        "base",
+        "FROM tiny.gguf\nPARAMETER temperature 0.5\nPARAMETER top_k 7\n"
+        "PARAMETER stop a\nSYSTEM base system\nTEMPLATE {{ .Prompt }}\nLICENSE L0\n"
+        "MESSAGE user u0\n",
+        workdir,
+    )
+    child = create(
+        "child", "FROM base\nPARAMETER temperature 0.1\nPARAMETER stop b\nLICENSE L1\n", workdir
+    )
     assert child.model == base.model
     assert child.parameters == {"temperature": 0.1, "top_k": 7, "stop": ["b"]}
     assert (child.system, child.template) == ("base system", "{{ .Prompt }}")
@@ -210,16 +238,23 @@ def test_from_a_stored_model_inherits_and_overrides(home, workdir):
 
 # ---- show --modelfile round trip ------------------------------------------------------------
 
-_WORDS = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r"),
-                 max_size=20).filter(lambda s: '"' not in s)
+_WORDS = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\r"), max_size=20
+).filter(lambda s: '"' not in s)
 
 
-@settings(max_examples=15, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(system=st.none() | _WORDS, temperature=st.floats(0, 2), stops=st.lists(
-    _WORDS.filter(lambda s: s.strip() != ""), max_size=2), messages=st.lists(_WORDS, max_size=2))
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    system=st.none() | _WORDS,
+    temperature=st.floats(0, 2),
+    stops=st.lists(_WORDS.filter(lambda s: s.strip() != ""), max_size=2),
+    messages=st.lists(_WORDS, max_size=2),
+)
 def test_property_show_modelfile_parses_back_to_the_same_manifest(
-        home, workdir, capsys, system, temperature, stops, messages):
+    home, workdir, capsys, system, temperature, stops, messages
+):
     lines = ["FROM tiny.gguf", f"PARAMETER temperature {temperature!r}"]
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines += [f'SYSTEM """{system}"""'] if system is not None else []
@@ -234,6 +269,7 @@ def test_property_show_modelfile_parses_back_to_the_same_manifest(
 
 
 # ---- quantize on create -----------------------------------------------------------------------
+
 
 def test_create_quantize_q8_0_from_f32_and_load(home, workdir, capsys):
     (workdir / "Modelfile").write_text("FROM ./tiny.gguf\n")
@@ -267,8 +303,10 @@ def test_create_quantize_q8_0_from_f32_and_load(home, workdir, capsys):
 def test_create_quantize_4_bit(home, workdir, qtype):
     manifest = create(f"tiny-{qtype}", "FROM tiny.gguf\n", workdir, quantize=qtype)
     quantized = GGUFFile(Store().blob_path(manifest.model))
-    assert quantized.tensors["blk.0.attn_q.weight"].ggml_type == gguf.GGMLQuantizationType[
-        qtype.upper()]
+    assert (
+        quantized.tensors["blk.0.attn_q.weight"].ggml_type
+        == gguf.GGMLQuantizationType[qtype.upper()]
+    )
     LoadedModel.load(f"tiny-{qtype}")
 
 
@@ -282,10 +320,15 @@ def test_quantize_errors(home, workdir):
 
 # ---- the model at run time: precedence and the conversation ---------------------------------
 
+
 def test_loaded_model_uses_template_system_messages_and_parameters(home, workdir):
-    create("tpl", 'FROM tiny.gguf\nTEMPLATE """{{ range .Messages }}[{{ .Role }}]{{ .Content }}'
-           '{{ end }}[assistant]"""\nSYSTEM sys\nMESSAGE user u0\nMESSAGE assistant a0\n'
-           "PARAMETER temperature 0.25\nPARAMETER num_predict 3\nPARAMETER num_ctx 64\n", workdir)
+    create(
+        "tpl",
+        'FROM tiny.gguf\nTEMPLATE """{{ range .Messages }}[{{ .Role }}]{{ .Content }}'
+        '{{ end }}[assistant]"""\nSYSTEM sys\nMESSAGE user u0\nMESSAGE assistant a0\n'
+        "PARAMETER temperature 0.25\nPARAMETER num_predict 3\nPARAMETER num_ctx 64\n",
+        workdir,
+    )
     lm = LoadedModel.load("tpl")
     assert lm.parameters["num_ctx"] == 64 and lm.system == "sys"
     text = lm.template.render(lm.conversation([{"role": "user", "content": "q"}]))
@@ -304,8 +347,10 @@ def test_loaded_model_uses_template_system_messages_and_parameters(home, workdir
     assert SamplingParams.from_options({"temperature": 0.9}, params).temperature == 0.9
     # without a TEMPLATE: the GGUF's (none here), then the architecture's ChatML
     create("plain", "FROM tiny.gguf\n", workdir)
-    assert LoadedModel.load("plain").template.render([{"role": "user", "content": "q"}]) == \
-        "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        LoadedModel.load("plain").template.render([{"role": "user", "content": "q"}])
+        == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_unknown_names_list_stored_and_pullable(home, workdir):
@@ -343,19 +388,37 @@ def test_pirate_end_to_end(home, tmp_path, smollm2_path, capsys):
     # a real `tandem run` in its own process (Repl binds sys.stdout when first imported, so
     # capsys cannot see it once another test imported it); --num-ctx 512 overrides the
     # Modelfile's 4096 to keep the test quick
-    run = subprocess.run([sys.executable, "-m", "runtime.cli", "run", "pirate", question,
-                          "--num-predict", "24", "--num-ctx", "512"], cwd=REPO, input="",
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TANDEM_HOME": str(home)})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runtime.cli",
+            "run",
+            "pirate",
+            question,
+            "--num-predict",
+            "24",
+            "--num-ctx",
+            "512",
+        ],
+        cwd=REPO,
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TANDEM_HOME": str(home)},
+    )
     assert run.returncode == 0, run.stderr
     answer = run.stdout
     assert answer.strip() and "<|im_end|>" not in answer and "<|im_start|>" not in answer
 
     lm = LoadedModel.load("pirate")
     ids = lm.chat_prompt_ids([{"role": "user", "content": question}])
-    expected = ("<|im_start|>system\nYou are a pirate. Answer in one sentence.<|im_end|>\n"
-                "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\nArr, ahoy!<|im_end|>\n"
-                f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+    expected = (
+        "<|im_start|>system\nYou are a pirate. Answer in one sentence.<|im_end|>\n"
+        "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\nArr, ahoy!<|im_end|>\n"
+        f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert ids == lm.tokenizer.encode(expected, add_special=False, parse_special=True)
     # temperature 0 from the Modelfile: the same answer again, through the offline API
     from runtime.cli import RUN_DEFAULTS
@@ -363,8 +426,9 @@ def test_pirate_end_to_end(home, tmp_path, smollm2_path, capsys):
     from runtime.sampling_params import SamplingParams
 
     llm = LLM("pirate", num_ctx=512)
-    params = SamplingParams.from_options({"num_predict": 24},
-                                         llm.lm.sampling_defaults(RUN_DEFAULTS))
+    params = SamplingParams.from_options(
+        {"num_predict": 24}, llm.lm.sampling_defaults(RUN_DEFAULTS)
+    )
     assert params.temperature == 0 and params.stop == ["<|im_end|>"]  # replaces smollm2's
     again = llm.chat([{"role": "user", "content": question}], params).outputs[0].text
     assert again + "\n" == answer
@@ -379,7 +443,8 @@ def test_pirate_end_to_end(home, tmp_path, smollm2_path, capsys):
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(
-            model="pirate", messages=[{"role": "user", "content": question}], max_tokens=24)
+            model="pirate", messages=[{"role": "user", "content": question}], max_tokens=24
+        )
         assert reply.choices[0].message.content == again
         assert reply.usage.prompt_tokens == len(ids)
     finally:
@@ -389,8 +454,12 @@ def test_pirate_end_to_end(home, tmp_path, smollm2_path, capsys):
 
 
 def test_plan_takes_the_modelfile_placement_settings(home, workdir, capsys):
-    create("planned", 'FROM tiny.gguf\nPARAMETER num_ctx 64\nPARAMETER num_gpu 1\n'
-           'PARAMETER gpu_memory 200MB\nPARAMETER pin "blk\\.0\\.ffn_.*=cpu"\n', workdir)
+    create(
+        "planned",
+        "FROM tiny.gguf\nPARAMETER num_ctx 64\nPARAMETER num_gpu 1\n"
+        'PARAMETER gpu_memory 200MB\nPARAMETER pin "blk\\.0\\.ffn_.*=cpu"\n',
+        workdir,
+    )
     capsys.readouterr()
     assert main(["plan", "planned", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

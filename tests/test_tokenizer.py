@@ -24,8 +24,15 @@ HAS_CONTROL_TEXT = {
     "smollm2": {"<|im_start|>user\nhi<|im_end|>"},
     "gemma3": {"<start_of_turn>user\nhello<end_of_turn>", "<s> </s> <unk>"},
 }
-MULTIBYTE = ["emoji 🙂 🚀 👍🏽 👨\u200d👩\u200d👧", "中文分词测试", "日本語のテキストです",
-             "한국어 문장입니다", "héllo wörld café naïve", "math: ∑ ∫ √ ≤ ≥ ≠ ∞", "🦙🧬 𝔘𝔫𝔦"]
+MULTIBYTE = [
+    "emoji 🙂 🚀 👍🏽 👨\u200d👩\u200d👧",
+    "中文分词测试",
+    "日本語のテキストです",
+    "한국어 문장입니다",
+    "héllo wörld café naïve",
+    "math: ∑ ∫ √ ≤ ≥ ≠ ∞",
+    "🦙🧬 𝔘𝔫𝔦",
+]
 RARE = "\U00013000"  # EGYPTIAN HIEROGLYPH A001: four single-byte tokens in both vocabularies
 
 
@@ -48,8 +55,11 @@ def _tok(request: pytest.FixtureRequest, model: str) -> Tokenizer:
 
 
 def _cases(key: str) -> list:
-    return [pytest.param(m, i, id=f"{m}-{i}-{e.get('text', e.get('prompt'))[:24]!r}")
-            for m in MODELS for i, e in enumerate(FIXTURES[m][key])]
+    return [
+        pytest.param(m, i, id=f"{m}-{i}-{e.get('text', e.get('prompt'))[:24]!r}")
+        for m in MODELS
+        for i, e in enumerate(FIXTURES[m][key])
+    ]
 
 
 # ---------------------------------------------------------------- llama.cpp's ids
@@ -86,29 +96,50 @@ def test_decode_encode_round_trip(request, model: str, i: int) -> None:
 @pytest.mark.parametrize("model", MODELS)
 def test_control_tokens_decode_only_when_asked(request, model: str) -> None:
     tok = _tok(request, model)
-    text = {"smollm2": "<|im_start|>user\nhi<|im_end|>",
-            "gemma3": "<start_of_turn>user\nhello<end_of_turn>"}[model]
+    text = {
+        "smollm2": "<|im_start|>user\nhi<|im_end|>",
+        "gemma3": "<start_of_turn>user\nhello<end_of_turn>",
+    }[model]
     ids = tok.encode(text, add_special=False)
     assert tok.decode(ids, skip_special=False) == text
     assert tok.decode(ids) == text.split(">", 1)[1].rsplit("<", 1)[0]
 
 
-SPECIAL_BITS = ["<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<html>",
-                "</s>", "<0x41>", "\n\n", "   ", "\t\t", " ", "\u2581"]
+SPECIAL_BITS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<html>",
+    "</s>",
+    "<0x41>",
+    "\n\n",
+    "   ",
+    "\t\t",
+    " ",
+    "\u2581",
+]
 TEXTS = st.lists(st.one_of(st.text(max_size=12), st.sampled_from(SPECIAL_BITS)), max_size=8)
 
 
 @pytest.fixture(scope="module")
 def byte_alphabets(smollm2_tok: Tokenizer, gemma3_tok: Tokenizer) -> dict[int, set[int]]:
-    return {id(tok): {p[0] for i in range(tok.vocab_size) if len(p := tok.token_bytes(i)) == 1}
-            for tok in (smollm2_tok, gemma3_tok)}
+    return {
+        id(tok): {p[0] for i in range(tok.vocab_size) if len(p := tok.token_bytes(i)) == 1}
+        for tok in (smollm2_tok, gemma3_tok)
+    }
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(parts=TEXTS)
-def test_round_trip_property(smollm2_tok: Tokenizer, gemma3_tok: Tokenizer,
-                             byte_alphabets: dict[int, set[int]], parts: list[str]) -> None:
+def test_round_trip_property(
+    smollm2_tok: Tokenizer,
+    gemma3_tok: Tokenizer,
+    byte_alphabets: dict[int, set[int]],
+    parts: list[str],
+) -> None:
     # Gemma3's byte fallback covers all 256 bytes. SmolLM2's byte-level vocabulary lacks 21
     # byte values (e.g. 0xF1, the lead byte of U+40000..U+7FFFF); llama.cpp drops such
     # bytes, and so do we, so the property holds only for text made of its bytes.
@@ -125,7 +156,8 @@ def test_round_trip_property(smollm2_tok: Tokenizer, gemma3_tok: Tokenizer,
 
 
 def test_unrepresentable_bytes_are_dropped_like_llama_cpp(
-        smollm2_tok: Tokenizer, byte_alphabets: dict[int, set[int]]) -> None:
+    smollm2_tok: Tokenizer, byte_alphabets: dict[int, set[int]]
+) -> None:
     assert 0xF1 not in byte_alphabets[id(smollm2_tok)]
     assert smollm2_tok.decode(smollm2_tok.encode("\U00040000", add_special=False)) == "\ufffd" * 3
 
@@ -200,7 +232,10 @@ def test_token_bytes_and_str(smollm2_tok: Tokenizer, gemma3_tok: Tokenizer) -> N
     assert smollm2_tok.token_str(hello[0]) == "\u0120hello"
     assert gemma3_tok.token_bytes(gemma3_tok.encode(" world", add_special=False)[0]) == b" world"
     byte_id = gemma3_tok.encode(RARE, add_special=False)[0]
-    assert gemma3_tok.token_str(byte_id).startswith("<0x") and len(gemma3_tok.token_bytes(byte_id)) == 1
+    assert (
+        gemma3_tok.token_str(byte_id).startswith("<0x")
+        and len(gemma3_tok.token_bytes(byte_id)) == 1
+    )
     assert gemma3_tok.token_bytes(203) == b"<s>"  # user-defined: its text, always
     with pytest.raises(TokenizerError):
         gemma3_tok.token_bytes(gemma3_tok.vocab_size)
@@ -234,21 +269,37 @@ def test_encoding_speed(smollm2_tok: Tokenizer, gemma3_tok: Tokenizer) -> None:
 
 def _bpe_md(**over) -> dict:
     chars = [chr(c) for c in range(0x21, 0x7F)] + ["\u0120"]
-    md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
-          "tokenizer.ggml.tokens": ["<|endoftext|>", *chars, "ab", "abc", "\u0120a"],
-          "tokenizer.ggml.merges": ["a b", "ab c", "\u0120 a"],
-          "tokenizer.ggml.eos_token_id": 0}
+    md = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.tokens": ["<|endoftext|>", *chars, "ab", "abc", "\u0120a"],
+        "tokenizer.ggml.merges": ["a b", "ab c", "\u0120 a"],
+        "tokenizer.ggml.eos_token_id": 0,
+    }
     md["tokenizer.ggml.token_type"] = [3] + [1] * (len(md["tokenizer.ggml.tokens"]) - 1)
     md.update(over)
     return md
 
 
 def _spm_md(**over) -> dict:
-    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)),
-              "\u2581", "a", "b", "\u2581a", "ab", "\u2581ab"]
-    md = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
-          "tokenizer.ggml.scores": [0.0] * 259 + [-1.0, -2.0, -3.0, -1.5, -0.5, -0.1],
-          "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * 6}
+    tokens = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        *(f"<0x{b:02X}>" for b in range(256)),
+        "\u2581",
+        "a",
+        "b",
+        "\u2581a",
+        "ab",
+        "\u2581ab",
+    ]
+    md = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": [0.0] * 259 + [-1.0, -2.0, -3.0, -1.5, -0.5, -0.1],
+        "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * 6,
+    }
     md.update(over)
     return md
 
@@ -264,7 +315,11 @@ def test_synthetic_spm_space_prefix_and_byte_fallback() -> None:
     tok = Tokenizer.from_metadata(_spm_md())
     ids = tok.encode("ab é")
     assert ids[0] == 1 and [tok.token_str(i) for i in ids[1:]] == [
-        "\u2581ab", "\u2581", "<0xC3>", "<0xA9>"]
+        "\u2581ab",
+        "\u2581",
+        "<0xC3>",
+        "<0xA9>",
+    ]
     assert tok.decode(ids) == "ab é"  # the prefixed space is dropped again after BOS
     no_prefix = Tokenizer.from_metadata(_spm_md(**{"tokenizer.ggml.add_space_prefix": False}))
     assert [no_prefix.token_str(i) for i in no_prefix.encode("ab", add_special=False)] == ["ab"]
@@ -282,8 +337,9 @@ def test_unsupported_pre_tokenizer_lists_supported() -> None:
     assert "tekken" in str(err.value) and "llama-bpe" in str(err.value)
 
 
-@pytest.mark.parametrize("missing", ["tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                                     "tokenizer.ggml.model"])
+@pytest.mark.parametrize(
+    "missing", ["tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.model"]
+)
 def test_missing_metadata_is_tokenizer_error(missing: str) -> None:
     md = _bpe_md()
     del md[missing]

@@ -22,8 +22,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     from triton.runtime.interpreter import InterpretedFunction
 
     if not isinstance(tl.zeros, InterpretedFunction):  # triton was imported before the flag
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; set it in the "
-                    "environment of this test run", pytrace=False)
+        pytest.fail(
+            "triton was imported before TRITON_INTERPRET=1 was set; set it in the "
+            "environment of this test run",
+            pytrace=False,
+        )
 
 from kernels.attention import attention  # noqa: E402
 from kernels.norm import rms_norm as rms_norm_ref  # noqa: E402
@@ -56,7 +59,7 @@ def random_weight(qtype: int, n: int, k: int, gen: torch.Generator) -> torch.Ten
     blocks = torch.randint(0, 256, (n, k // qk, size), dtype=torch.uint8, generator=gen)
     for at in F16_FIELDS[qtype]:
         d = (torch.rand(n, k // qk, generator=gen) * 0.02 + 1e-3).half()
-        blocks[:, :, at:at + 2] = d.view(torch.uint8).view(n, k // qk, 2)
+        blocks[:, :, at : at + 2] = d.view(torch.uint8).view(n, k // qk, 2)
     return blocks.view(n, -1)
 
 
@@ -131,22 +134,28 @@ def paged_case(lens: list[int], n_head: int, n_head_kv: int, d: int, gen: torch.
     return q, k_pool, v_pool, tables
 
 
-@pytest.mark.parametrize("n_head,n_head_kv,d,window", [(4, 2, 32, 0), (4, 1, 64, 20),
-                                                       (3, 3, 16, 0)])
+@pytest.mark.parametrize(
+    "n_head,n_head_kv,d,window", [(4, 2, 32, 0), (4, 1, 64, 20), (3, 3, 16, 0)]
+)
 def test_paged_attention_matches_reference(n_head, n_head_kv, d, window) -> None:
     gen = torch.Generator().manual_seed(n_head * 100 + d + window)
     lens = [1, 17, 45]  # one token; a page and one; a partly filled third page
     q, k_pool, v_pool, tables = paged_case(lens, n_head, n_head_kv, d, gen)
     scale = d**-0.5
-    out = paged_attention_decode(q.to(DEVICE), k_pool.to(DEVICE), v_pool.to(DEVICE),
-                                 tables.to(DEVICE), torch.tensor(lens, dtype=torch.int32,
-                                                                 device=DEVICE),
-                                 scale, window).cpu()
+    out = paged_attention_decode(
+        q.to(DEVICE),
+        k_pool.to(DEVICE),
+        v_pool.to(DEVICE),
+        tables.to(DEVICE),
+        torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+        scale,
+        window,
+    ).cpu()
     for b, n in enumerate(lens):
         pos = torch.arange(n)
         keys = k_pool[tables[b, pos // PAGE].long(), pos % PAGE].float()  # (n, Hkv, D)
         values = v_pool[tables[b, pos // PAGE].long(), pos % PAGE].float()
-        ref = attention(q[b:b + 1], keys, values, n - 1, window, scale).view(n_head, d)
+        ref = attention(q[b : b + 1], keys, values, n - 1, window, scale).view(n_head, d)
         # float32 softmax and sums over ≤ 45 exactly-represented f16 values: ~1e-6 relative;
         # 1e-5 leaves room for the online softmax's different summation order
         torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
@@ -170,13 +179,32 @@ def q8_pools(n_blocks: int, n_head_kv: int, d: int, dv: int):
     from loaders.config import ModelConfig
     from runtime.kv_pool import KVPool
 
-    config = ModelConfig(arch="llama", n_layer=1, n_embd=64, n_ff=64, n_head=n_head_kv,
-                         n_head_kv=n_head_kv, head_dim=d, head_dim_v=dv, n_ctx_train=256,
-                         vocab_size=8, rms_eps=1e-6, rope_base=1e4, rope_neox=False,
-                         rope_scale=1.0, rope_base_swa=1e4, sliding_window=0,
-                         swa_layers=(False,), activation="silu", qk_norm=False,
-                         post_norms=False, embed_scale=1.0, attn_scale=d**-0.5,
-                         tied_head=False, attn_bias=False)
+    config = ModelConfig(
+        arch="llama",
+        n_layer=1,
+        n_embd=64,
+        n_ff=64,
+        n_head=n_head_kv,
+        n_head_kv=n_head_kv,
+        head_dim=d,
+        head_dim_v=dv,
+        n_ctx_train=256,
+        vocab_size=8,
+        rms_eps=1e-6,
+        rope_base=1e4,
+        rope_neox=False,
+        rope_scale=1.0,
+        rope_base_swa=1e4,
+        sliding_window=0,
+        swa_layers=(False,),
+        activation="silu",
+        qk_norm=False,
+        post_norms=False,
+        embed_scale=1.0,
+        attn_scale=d**-0.5,
+        tied_head=False,
+        attn_bias=False,
+    )
     return KVPool(config, n_blocks, "q8_0")
 
 
@@ -213,14 +241,22 @@ def test_paged_attention_reads_q8_0_pages(window: int) -> None:
     slots = torch.arange(k_f16.shape[0] * PAGE)
     pool.write(0, slots, k_f16.flatten(0, 1).float(), v_f16.flatten(0, 1).float())
     kp, vp, ks, vs = (t.to(DEVICE) for t in pool.pages(0))
-    out = paged_attention_decode(q.to(DEVICE), kp, vp, tables.to(DEVICE),
-                                 torch.tensor(lens, dtype=torch.int32, device=DEVICE),
-                                 d**-0.5, window, ks, vs).cpu()
+    out = paged_attention_decode(
+        q.to(DEVICE),
+        kp,
+        vp,
+        tables.to(DEVICE),
+        torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+        d**-0.5,
+        window,
+        ks,
+        vs,
+    ).cpu()
     for b, n in enumerate(lens):
         pos = torch.arange(n)
         at = tables[b, pos // PAGE].long() * PAGE + pos % PAGE
         keys, values = pool.read(0, at)  # (n, Hkv, D) float32, dequantized on the CPU
-        ref = attention(q[b:b + 1], keys, values, n - 1, window, d**-0.5).view(n_head, d)
+        ref = attention(q[b : b + 1], keys, values, n - 1, window, d**-0.5).view(n_head, d)
         torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
 
 
@@ -252,11 +288,21 @@ def test_gemv_large_shape_on_cuda(name: str) -> None:
     assert ((y - x.double() @ dense.t()).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("model,names", [
-    ("smollm2", ["blk.0.attn_q.weight", "blk.0.ffn_down.weight"]),  # Q4_1
-    ("gemma3", ["blk.0.attn_q.weight", "blk.0.attn_output.weight",  # Q5_0, Q4_K
-                "blk.0.ffn_down.weight", "blk.0.attn_v.weight"]),  # Q6_K, Q8_0
-])
+@pytest.mark.parametrize(
+    "model,names",
+    [
+        ("smollm2", ["blk.0.attn_q.weight", "blk.0.ffn_down.weight"]),  # Q4_1
+        (
+            "gemma3",
+            [
+                "blk.0.attn_q.weight",
+                "blk.0.attn_output.weight",  # Q5_0, Q4_K
+                "blk.0.ffn_down.weight",
+                "blk.0.attn_v.weight",
+            ],
+        ),  # Q6_K, Q8_0
+    ],
+)
 def test_gemv_on_real_model_tensors(model: str, names: list[str], request) -> None:
     """The real files' blocks (scales as trained, not random) through the GEMV."""
     from loaders.gguf_file import GGUFFile
@@ -306,8 +352,7 @@ def test_add_rms_norm_matches_reference_out_of_place(shape) -> None:
     torch.testing.assert_close(h.cpu(), rms_ref(x + a, w, 1e-5), rtol=1e-5, atol=1e-6)
 
 
-def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             neox: bool) -> torch.Tensor:
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
     """kernels/small_ops.rope's torch formula: x (T, H, D), cos/sin (T, 1, D/2)."""
     half = x.shape[-1] // 2
     if neox:
@@ -338,8 +383,7 @@ def test_rope_qk_matches_reference(neox: bool, d: int) -> None:
     torch.testing.assert_close(rq.cpu(), rope_ref(q, cos, sin, neox), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rk.cpu(), rope_ref(k, cos, sin, neox), rtol=1e-5, atol=1e-6)
     # (T, D/2) tables give the same rotation
-    rq2, rk2 = rope_qk(q.to(DEVICE), k.to(DEVICE), cos[:, 0].to(DEVICE), sin[:, 0].to(DEVICE),
-                       neox)
+    rq2, rk2 = rope_qk(q.to(DEVICE), k.to(DEVICE), cos[:, 0].to(DEVICE), sin[:, 0].to(DEVICE), neox)
     assert torch.equal(rq2, rq) and torch.equal(rk2, rk)
 
 
@@ -351,8 +395,9 @@ def test_act_mul_matches_torch(gelu: bool) -> None:
     # gate and up: the two halves of a fused gate_up output (non-contiguous views);
     # 5 × 300 elements: two 1024-element blocks, the second partly masked
     gate_up = torch.randn(5, 600, generator=gen) * 4
-    gate_up[0, :10] = torch.tensor([30.0, -30.0, 20.0, -20.0, 10.0, -10.0, 100.0, -100.0,
-                                    0.0, -3.0])  # far tails: no inf/NaN from exp
+    gate_up[0, :10] = torch.tensor(
+        [30.0, -30.0, 20.0, -20.0, 10.0, -10.0, 100.0, -100.0, 0.0, -3.0]
+    )  # far tails: no inf/NaN from exp
     g, up = gate_up[:, :300], gate_up[:, 300:]
     y = act_mul(g.to(DEVICE), up.to(DEVICE), gelu).cpu()
     ref = (F.gelu(g, approximate="tanh") if gelu else F.silu(g)) * up
@@ -393,7 +438,9 @@ def test_stacked_linears_equal_separate_ones(m: int) -> None:
     x = torch.randn(m, 128, generator=gen).to(DEVICE)
     for got, want in zip(matmuls(members, x), [lin(x) for lin in alone], strict=True):
         assert torch.equal(got, want)
-    assert members[0].weight.data_ptr() + 64 * members[0].weight.shape[1] \
-        == members[1].weight.data_ptr()  # views of one stack
+    assert (
+        members[0].weight.data_ptr() + 64 * members[0].weight.shape[1]
+        == members[1].weight.data_ptr()
+    )  # views of one stack
     assert run_stacked(members[::-1], x) is None and run_stacked(members[:2], x) is None
     assert run_stacked(alone, x) is None

@@ -25,9 +25,12 @@ def _interpret_without_cuda() -> None:
     if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ:
         return
     if "triton" in sys.modules:
-        warnings.warn("triton was imported before TRITON_INTERPRET was set and there is no "
-                      "CUDA device: set TRITON_INTERPRET=1 in the environment to run "
-                      "tandem's Triton kernels in the interpreter", stacklevel=3)
+        warnings.warn(
+            "triton was imported before TRITON_INTERPRET was set and there is no "
+            "CUDA device: set TRITON_INTERPRET=1 in the environment to run "
+            "tandem's Triton kernels in the interpreter",
+            stacklevel=3,
+        )
     os.environ["TRITON_INTERPRET"] = "1"
 
 
@@ -41,5 +44,16 @@ from kernels.triton.qmatmul import has_kernel, interpreted, qmatmul  # noqa: E40
 from kernels.triton.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from kernels.triton.rope import rope_qk  # noqa: E402
 
-__all__ = ["PAGE", "act_mul", "add_rms_norm", "dequant_rows", "has_kernel", "interpreted",
-           "kv_write", "paged_attention_decode", "qmatmul", "rms_norm", "rope_qk"]
+__all__ = [
+    "PAGE",
+    "act_mul",
+    "add_rms_norm",
+    "dequant_rows",
+    "has_kernel",
+    "interpreted",
+    "kv_write",
+    "paged_attention_decode",
+    "qmatmul",
+    "rms_norm",
+    "rope_qk",
+]

@@ -35,8 +35,10 @@ def act_mul(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
     """gate, up (M, F) (or any shape, the same for both) → silu(gate)·up, or the tanh-form
     gelu(gate)·up when `gelu`, float32 of the same shape."""
     if gate.shape != up.shape:
-        raise ValueError(f"act_mul wants gate and up of the same shape (M, F); got "
-                         f"{tuple(gate.shape)}, {tuple(up.shape)}")
+        raise ValueError(
+            f"act_mul wants gate and up of the same shape (M, F); got "
+            f"{tuple(gate.shape)}, {tuple(up.shape)}"
+        )
     g, u = gate.contiguous(), up.contiguous()
     y = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     n = y.numel()

@@ -12,16 +12,26 @@ from kernels.triton.qmatmul import interpreted
 
 
 @triton.jit
-def _rows_kernel(w_ptr, ids_ptr, out_ptr, K, row_bytes, stride_out,
-                 QTYPE: tl.constexpr, QK: tl.constexpr, TYPE_SIZE: tl.constexpr,
-                 NB: tl.constexpr):
+def _rows_kernel(
+    w_ptr,
+    ids_ptr,
+    out_ptr,
+    K,
+    row_bytes,
+    stride_out,
+    QTYPE: tl.constexpr,
+    QK: tl.constexpr,
+    TYPE_SIZE: tl.constexpr,
+    NB: tl.constexpr,
+):
     t = tl.program_id(0)  # one output row per program
     row = tl.load(ids_ptr + t + tl.arange(0, 1))  # (1,) the weight row to unpack
     n_blocks = K // QK
     for b0 in range(0, n_blocks, NB):
         blk = b0 + tl.arange(0, NB)
-        w = dequant_tile(w_ptr, row, row >= 0, row_bytes, blk, blk < n_blocks,
-                         QTYPE, QK, TYPE_SIZE, 1, NB)  # (1, NB·QK)
+        w = dequant_tile(
+            w_ptr, row, row >= 0, row_bytes, blk, blk < n_blocks, QTYPE, QK, TYPE_SIZE, 1, NB
+        )  # (1, NB·QK)
         ks = b0 * QK + tl.arange(0, NB * QK)
         tl.store(out_ptr + t * stride_out + ks[None, :], w, mask=(ks < K)[None, :])
 
@@ -33,7 +43,16 @@ def dequant_rows(weight: torch.Tensor, ids: torch.Tensor, ggml_type: int) -> tor
     out = torch.empty(ids.shape[0], k, dtype=torch.float32, device=weight.device)
     if ids.numel():
         nb = max(1, (1024 if interpreted() else 256) // qk)
-        _rows_kernel[(ids.shape[0],)](weight.contiguous(), ids.to(torch.int64).contiguous(),
-                                      out, k, weight.shape[1], out.stride(0),
-                                      int(ggml_type), qk, type_size, NB=nb)
+        _rows_kernel[(ids.shape[0],)](
+            weight.contiguous(),
+            ids.to(torch.int64).contiguous(),
+            out,
+            k,
+            weight.shape[1],
+            out.stride(0),
+            int(ggml_type),
+            qk,
+            type_size,
+            NB=nb,
+        )
     return out

@@ -26,8 +26,14 @@ import triton.language as tl
 # GGML type numbers (gguf.GGMLQuantizationType) of the formats unpacked here.
 Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 2, 3, 6, 8, 12, 14
 # type → (elements per block QK, bytes per block)
-GEOMETRY = {Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q8_0: (32, 34),
-            Q4_K: (256, 144), Q6_K: (256, 210)}
+GEOMETRY = {
+    Q4_0: (32, 18),
+    Q4_1: (32, 20),
+    Q5_0: (32, 22),
+    Q8_0: (32, 34),
+    Q4_K: (256, 144),
+    Q6_K: (256, 210),
+}
 
 
 @triton.jit
@@ -127,12 +133,23 @@ def dequant_blocks(base, mask, QTYPE: tl.constexpr, QK: tl.constexpr):
 
 
 @triton.jit
-def dequant_tile(w_ptr, rows, row_mask, row_bytes, blk, blk_mask,
-                 QTYPE: tl.constexpr, QK: tl.constexpr, TYPE_SIZE: tl.constexpr,
-                 BN: tl.constexpr, NB: tl.constexpr):
+def dequant_tile(
+    w_ptr,
+    rows,
+    row_mask,
+    row_bytes,
+    blk,
+    blk_mask,
+    QTYPE: tl.constexpr,
+    QK: tl.constexpr,
+    TYPE_SIZE: tl.constexpr,
+    BN: tl.constexpr,
+    NB: tl.constexpr,
+):
     """Rows `rows` (BN,) × blocks `blk` (NB,) of a packed (N, row_bytes) uint8 weight →
     (BN, NB·QK) float32, the elements of those blocks in row order."""
-    base = w_ptr + rows.to(tl.int64)[:, None, None] * row_bytes \
-        + (blk * TYPE_SIZE)[None, :, None]  # (BN, NB, 1)
+    base = (
+        w_ptr + rows.to(tl.int64)[:, None, None] * row_bytes + (blk * TYPE_SIZE)[None, :, None]
+    )  # (BN, NB, 1)
     mask = row_mask[:, None, None] & blk_mask[None, :, None]
     return tl.reshape(dequant_blocks(base, mask, QTYPE, QK), (BN, NB * QK))

@@ -35,9 +35,23 @@ def interpreted() -> bool:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, stride_xm, stride_ym,
-                 QTYPE: tl.constexpr, QK: tl.constexpr, TYPE_SIZE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    row_bytes,
+    stride_xm,
+    stride_ym,
+    QTYPE: tl.constexpr,
+    QK: tl.constexpr,
+    TYPE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NB: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) weight rows = outputs
     row_mask = rows < N
     ms = tl.arange(0, BLOCK_M)  # (BM,) rows of x
@@ -47,20 +61,41 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, stride_xm, stride_ym,
     for b0 in range(0, n_blocks, NB):
         blk = b0 + tl.arange(0, NB)
         blk_mask = blk < n_blocks
-        w = dequant_tile(w_ptr, rows, row_mask, row_bytes, blk, blk_mask,
-                         QTYPE, QK, TYPE_SIZE, BLOCK_N, NB)  # (BN, BK)
+        w = dequant_tile(
+            w_ptr, rows, row_mask, row_bytes, blk, blk_mask, QTYPE, QK, TYPE_SIZE, BLOCK_N, NB
+        )  # (BN, BK)
         ks = b0 * QK + tl.arange(0, NB * QK)  # (BK,)
-        x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :],
-                    mask=m_mask[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
+        x = tl.load(
+            x_ptr + ms[:, None] * stride_xm + ks[None, :],
+            mask=m_mask[:, None] & (ks < K)[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # (BM, BN)
-    tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], acc,
-             mask=m_mask[:, None] & row_mask[None, :])
+    tl.store(
+        y_ptr + ms[:, None] * stride_ym + rows[None, :],
+        acc,
+        mask=m_mask[:, None] & row_mask[None, :],
+    )
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, stride_xm, stride_ym,
-                 QTYPE: tl.constexpr, QK: tl.constexpr, TYPE_SIZE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+def _gemm_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    row_bytes,
+    stride_xm,
+    stride_ym,
+    QTYPE: tl.constexpr,
+    QK: tl.constexpr,
+    TYPE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NB: tl.constexpr,
+):
     ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     m_mask, row_mask = ms < M, rows < N
@@ -68,14 +103,21 @@ def _gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, stride_xm, stride_ym,
     n_blocks = K // QK
     for b0 in range(0, n_blocks, NB):
         blk = b0 + tl.arange(0, NB)
-        w = dequant_tile(w_ptr, rows, row_mask, row_bytes, blk, blk < n_blocks,
-                         QTYPE, QK, TYPE_SIZE, BLOCK_N, NB)  # (BN, BK)
+        w = dequant_tile(
+            w_ptr, rows, row_mask, row_bytes, blk, blk < n_blocks, QTYPE, QK, TYPE_SIZE, BLOCK_N, NB
+        )  # (BN, BK)
         ks = b0 * QK + tl.arange(0, NB * QK)
-        x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :],
-                    mask=m_mask[:, None] & (ks < K)[None, :], other=0.0)  # (BM, BK)
+        x = tl.load(
+            x_ptr + ms[:, None] * stride_xm + ks[None, :],
+            mask=m_mask[:, None] & (ks < K)[None, :],
+            other=0.0,
+        )  # (BM, BK)
         acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)  # (BM, BN)
-    tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], acc,
-             mask=m_mask[:, None] & row_mask[None, :])
+    tl.store(
+        y_ptr + ms[:, None] * stride_ym + rows[None, :],
+        acc,
+        mask=m_mask[:, None] & row_mask[None, :],
+    )
 
 
 def has_kernel(ggml_type: int) -> bool:
@@ -114,17 +156,22 @@ def _dense(weight: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor:
     return dequantize(weight, ggml_type)
 
 
-def qmatmul(x: torch.Tensor, weight: torch.Tensor, ggml_type: int,
-            bias: torch.Tensor | None = None) -> torch.Tensor:
+def qmatmul(
+    x: torch.Tensor, weight: torch.Tensor, ggml_type: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """x (M, K) float · Wᵀ → (M, N) float32, W packed (N, row_bytes) uint8 on x's device."""
     fmt = block_format(ggml_type)  # UnsupportedError for a type tandem cannot read
     if x.dim() != 2 or weight.dim() != 2 or weight.dtype != torch.uint8:
-        raise ValueError(f"qmatmul wants x (M, K) and a uint8 (N, row_bytes) weight, got "
-                         f"{tuple(x.shape)} and {tuple(weight.shape)} {weight.dtype}")
+        raise ValueError(
+            f"qmatmul wants x (M, K) and a uint8 (N, row_bytes) weight, got "
+            f"{tuple(x.shape)} and {tuple(weight.shape)} {weight.dtype}"
+        )
     k = x.shape[1]
     if weight.shape[1] != fmt.row_bytes(k):
-        raise ValueError(f"weight rows of {weight.shape[1]} bytes do not hold {k} {fmt.name} "
-                         f"elements ({fmt.row_bytes(k)} bytes)")
+        raise ValueError(
+            f"weight rows of {weight.shape[1]} bytes do not hold {k} {fmt.name} "
+            f"elements ({fmt.row_bytes(k)} bytes)"
+        )
     if not has_kernel(ggml_type):
         y = x.float() @ _dense(weight, ggml_type, k).float().t()
     else:

@@ -25,9 +25,28 @@ def _rotate(src, stride_d, dst, ia, ib, mask, cos, sin):
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, H, HALF,
-                 sq_t, sq_h, sq_d, sk_t, sk_h, sk_d, sqo_t, sqo_h, sko_t, sko_h,
-                 NEOX: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rope_kernel(
+    q_ptr,
+    k_ptr,
+    qo_ptr,
+    ko_ptr,
+    cos_ptr,
+    sin_ptr,
+    H,
+    HALF,
+    sq_t,
+    sq_h,
+    sq_d,
+    sk_t,
+    sk_h,
+    sk_d,
+    sqo_t,
+    sqo_h,
+    sko_t,
+    sko_h,
+    NEOX: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     t, h = tl.program_id(0), tl.program_id(1)  # token t; head h of q (h < H) or k (h − H)
     i = tl.arange(0, BLOCK_H)  # pair index, over D/2
     mask = i < HALF
@@ -38,29 +57,49 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, H, HALF,
     else:
         ia, ib = 2 * i, 2 * i + 1
     if h < H:
-        _rotate(q_ptr + t * sq_t + h * sq_h, sq_d, qo_ptr + t * sqo_t + h * sqo_h,
-                ia, ib, mask, cos, sin)
+        _rotate(
+            q_ptr + t * sq_t + h * sq_h,
+            sq_d,
+            qo_ptr + t * sqo_t + h * sqo_h,
+            ia,
+            ib,
+            mask,
+            cos,
+            sin,
+        )
     else:
         hk = h - H
-        _rotate(k_ptr + t * sk_t + hk * sk_h, sk_d, ko_ptr + t * sko_t + hk * sko_h,
-                ia, ib, mask, cos, sin)
+        _rotate(
+            k_ptr + t * sk_t + hk * sk_h,
+            sk_d,
+            ko_ptr + t * sko_t + hk * sko_h,
+            ia,
+            ib,
+            mask,
+            cos,
+            sin,
+        )
 
 
 def _table(c: torch.Tensor, n: int, half: int, name: str) -> torch.Tensor:
     """cos or sin (T, 1, D/2) or (T, D/2) → (T, D/2) float32, contiguous."""
     if tuple(c.shape) not in ((n, 1, half), (n, half)):
-        raise ValueError(f"{name} must be (T, 1, D/2) or (T, D/2) = ({n}, 1, {half}); "
-                         f"got {tuple(c.shape)}")
+        raise ValueError(
+            f"{name} must be (T, 1, D/2) or (T, D/2) = ({n}, 1, {half}); got {tuple(c.shape)}"
+        )
     return c.reshape(n, half).to(torch.float32).contiguous()
 
 
-def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q (T, H, D), k (T, Hkv, D) (any strides), cos/sin (T, 1, D/2) or (T, D/2) → rotated
     (T, H, D), (T, Hkv, D) float32, new contiguous tensors."""
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"rope_qk wants q (T, H, D) and k (T, Hkv, D) with the same T and "
-                         f"D; got {tuple(q.shape)}, {tuple(k.shape)}")
+        raise ValueError(
+            f"rope_qk wants q (T, H, D) and k (T, Hkv, D) with the same T and "
+            f"D; got {tuple(q.shape)}, {tuple(k.shape)}"
+        )
     n, n_q, d = q.shape
     n_k = k.shape[1]
     if d % 2:
@@ -71,7 +110,21 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     ko = torch.empty(k.shape, dtype=torch.float32, device=k.device)
     if n and half and n_q + n_k:
         _rope_kernel[(n, n_q + n_k)](
-            q, k, qo, ko, cos, sin, n_q, half, *q.stride(), *k.stride(),
-            qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
-            NEOX=bool(neox), BLOCK_H=triton.next_power_of_2(half))
+            q,
+            k,
+            qo,
+            ko,
+            cos,
+            sin,
+            n_q,
+            half,
+            *q.stride(),
+            *k.stride(),
+            qo.stride(0),
+            qo.stride(1),
+            ko.stride(0),
+            ko.stride(1),
+            NEOX=bool(neox),
+            BLOCK_H=triton.next_power_of_2(half),
+        )
     return qo, ko

@@ -17,8 +17,9 @@ def parse_address(value: str) -> tuple[str, int]:
     try:
         port = parts.port or DEFAULT_PORT
     except ValueError:
-        raise InvalidParameterError(f"TANDEM_HOST={value!r} has a bad port; write host:port, "
-                                    f"e.g. 127.0.0.1:{DEFAULT_PORT}") from None
+        raise InvalidParameterError(
+            f"TANDEM_HOST={value!r} has a bad port; write host:port, e.g. 127.0.0.1:{DEFAULT_PORT}"
+        ) from None
     return parts.hostname or DEFAULT_HOST, port
 
 

@@ -58,8 +58,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.registry.close()
 
 
-def create_app(options: RegistryOptions | None = None, preload: str | None = None,
-               registry: ModelRegistry | None = None) -> FastAPI:
+def create_app(
+    options: RegistryOptions | None = None,
+    preload: str | None = None,
+    registry: ModelRegistry | None = None,
+) -> FastAPI:
     app = FastAPI(title="tandem", lifespan=_lifespan)
     app.state.tandem = ServerState(registry or ModelRegistry(options), preload=preload)
     app.include_router(openai_api.router)
@@ -82,16 +85,21 @@ async def health(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> PlainTextResponse:
     state = server_state(request)
     engines = [(m.name, m.engine.stats()) for m in state.registry.loaded()]
-    return PlainTextResponse(state.metrics.render(engines),
-                             media_type="text/plain; version=0.0.4; charset=utf-8")
+    return PlainTextResponse(
+        state.metrics.render(engines), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )
 
 
 async def root() -> PlainTextResponse:
     return PlainTextResponse("tandem is running")
 
 
-def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, model: str | None = None,
-          options: RegistryOptions | None = None) -> None:
+def serve(
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    model: str | None = None,
+    options: RegistryOptions | None = None,
+) -> None:
     """Run the server until interrupted."""
     import uvicorn
 

@@ -64,14 +64,19 @@ def chat_logprobs(tok: Tokenizer, entries: list[TokenLogprob]) -> dict:
 
 def completion_logprobs(tok: Tokenizer, entries: list[TokenLogprob], offset: int = 0) -> dict:
     """`offset`: characters of completion text before the first of these tokens."""
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
-                            "text_offset": []}
+    out: dict[str, list] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
     for e in entries:
         text = _piece(tok, e.token_id).decode("utf-8", "replace")
         out["tokens"].append(text)
         out["token_logprobs"].append(e.logprob)
-        out["top_logprobs"].append({_piece(tok, t).decode("utf-8", "replace"): lp
-                                    for t, lp in e.top})
+        out["top_logprobs"].append(
+            {_piece(tok, t).decode("utf-8", "replace"): lp for t, lp in e.top}
+        )
         out["text_offset"].append(offset)
         offset += len(text)
     return out

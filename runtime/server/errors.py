@@ -1,9 +1,9 @@
 """HTTP errors: a TandemError as an OpenAI error object or an ollama {"error": ...} body.
 
-    ModelNotFoundError            -> 404  (OpenAI code "model_not_found")
-    QueueFullError, EngineClosed  -> 503  with Retry-After
-    ContextLengthError            -> 400  (OpenAI code "context_length_exceeded")
-    any other TandemError         -> 400  invalid_request_error
+ModelNotFoundError            -> 404  (OpenAI code "model_not_found")
+QueueFullError, EngineClosed  -> 503  with Retry-After
+ContextLengthError            -> 400  (OpenAI code "context_length_exceeded")
+any other TandemError         -> 400  invalid_request_error
 """
 
 from __future__ import annotations
@@ -53,8 +53,14 @@ def openai_error_body(err: TandemError) -> dict:
     elif isinstance(err, ModelNotFoundError):
         code = "model_not_found"
     kind = "invalid_request_error" if status < 500 else "service_unavailable_error"
-    return {"error": {"message": str(err), "type": kind,
-                      "param": getattr(err, "param", None), "code": code}}
+    return {
+        "error": {
+            "message": str(err),
+            "type": kind,
+            "param": getattr(err, "param", None),
+            "code": code,
+        }
+    }
 
 
 def openai_error(err: TandemError) -> JSONResponse:

@@ -22,11 +22,14 @@ ENGINE_GAUGES = (
     ("kv_blocks_used", "tandem_kv_blocks_used", "gauge", "KV cache blocks in use"),
     ("kv_blocks_free", "tandem_kv_blocks_free", "gauge", "KV cache blocks free"),
     ("kv_bytes", "tandem_kv_cache_bytes", "gauge", "bytes the KV pool spans"),
-    ("kv_bytes_saved", "tandem_kv_cache_bytes_saved", "gauge",
-     "bytes the KV cache type saves against f16"),
+    (
+        "kv_bytes_saved",
+        "tandem_kv_cache_bytes_saved",
+        "gauge",
+        "bytes the KV cache type saves against f16",
+    ),
     ("prompt_tokens_total", "tandem_prompt_tokens_total", "counter", "prompt tokens processed"),
-    ("generation_tokens_total", "tandem_generation_tokens_total", "counter",
-     "tokens generated"),
+    ("generation_tokens_total", "tandem_generation_tokens_total", "counter", "tokens generated"),
     ("preemptions_total", "tandem_preemptions_total", "counter", "sequences preempted"),
 )
 
@@ -83,10 +86,16 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str]] = Counter()  # (endpoint, status) -> count
         self.aborted = 0
-        self.ttft = Histogram("tandem_time_to_first_token_seconds",
-                              "time from request arrival to its first token", TTFT_BUCKETS)
-        self.itl = Histogram("tandem_inter_token_latency_seconds",
-                             "time between successive tokens of one sample", ITL_BUCKETS)
+        self.ttft = Histogram(
+            "tandem_time_to_first_token_seconds",
+            "time from request arrival to its first token",
+            TTFT_BUCKETS,
+        )
+        self.itl = Histogram(
+            "tandem_inter_token_latency_seconds",
+            "time between successive tokens of one sample",
+            ITL_BUCKETS,
+        )
         self._lock = threading.Lock()
 
     def count_request(self, endpoint: str, status: int) -> None:
@@ -99,14 +108,20 @@ class ServerMetrics:
 
     def render(self, engines: Iterable[tuple[str, object]]) -> str:
         """The exposition text; `engines` yields (model name, EngineStats)."""
-        lines = ["# HELP tandem_requests_total HTTP requests answered, by endpoint and status",
-                 "# TYPE tandem_requests_total counter"]
+        lines = [
+            "# HELP tandem_requests_total HTTP requests answered, by endpoint and status",
+            "# TYPE tandem_requests_total counter",
+        ]
         with self._lock:
             for (endpoint, status), n in sorted(self.requests.items()):
-                lines.append(f"tandem_requests_total{_labels({'endpoint': endpoint, 'status': status})} {n}")
-            lines += ["# HELP tandem_requests_aborted_total requests cancelled by their client",
-                      "# TYPE tandem_requests_aborted_total counter",
-                      f"tandem_requests_aborted_total {self.aborted}"]
+                lines.append(
+                    f"tandem_requests_total{_labels({'endpoint': endpoint, 'status': status})} {n}"
+                )
+            lines += [
+                "# HELP tandem_requests_aborted_total requests cancelled by their client",
+                "# TYPE tandem_requests_aborted_total counter",
+                f"tandem_requests_aborted_total {self.aborted}",
+            ]
         lines += self._engine_lines(list(engines))
         lines += self.ttft.render() + self.itl.render()
         return "\n".join(lines) + "\n"

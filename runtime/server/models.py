@@ -54,8 +54,11 @@ class ServedModel:
         if not devices.uses_gpu or devices.gpu.type != "cuda":
             return 0
         tensors = self.lm.gguf.tensors
-        weights = sum(tensors[n].nbytes for n, where in devices.tensors.items()
-                      if where == "gpu" and n in tensors)
+        weights = sum(
+            tensors[n].nbytes
+            for n, where in devices.tensors.items()
+            if where == "gpu" and n in tensors
+        )
         return weights + self.engine.core.pool.nbytes_on(devices.gpu)
 
     def expired(self, now: float) -> bool:
@@ -80,8 +83,11 @@ def normalize(ref: str) -> str:
 
 
 class ModelRegistry:
-    def __init__(self, options: RegistryOptions | None = None,
-                 loader: Callable[[str], LoadedModel] = LoadedModel.load) -> None:
+    def __init__(
+        self,
+        options: RegistryOptions | None = None,
+        loader: Callable[[str], LoadedModel] = LoadedModel.load,
+    ) -> None:
         self.options = options or RegistryOptions()
         self._loader = loader
         self._models: dict[str, ServedModel] = {}
@@ -123,8 +129,14 @@ class ModelRegistry:
         lm = self._loader(name)
         wanted = lm.parameters.get("num_ctx") or self.options.num_ctx
         num_ctx = min(int(wanted), lm.config.n_ctx_train)
-        engine = Engine(lm, EngineOptions(num_ctx=num_ctx, max_num_seqs=self.options.max_num_seqs,
-                                          kv_cache_type=self.options.kv_cache_type))
+        engine = Engine(
+            lm,
+            EngineOptions(
+                num_ctx=num_ctx,
+                max_num_seqs=self.options.max_num_seqs,
+                kv_cache_type=self.options.kv_cache_type,
+            ),
+        )
         log.info("loaded %s (%s, num_ctx %d) in %.2fs", name, lm.path, num_ctx, lm.load_seconds)
         return ServedModel(name, lm, engine, time.time(), self.options.keep_alive)
 

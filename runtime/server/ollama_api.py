@@ -48,8 +48,9 @@ async def _serve(request: Request, kind: str) -> Response:
         body = await read_json(request)
         req = parse_chat(body) if kind == "chat" else parse_generate(body)
         options = parse_options(body.get("options"))
-        keep_alive = None if body.get("keep_alive") is None else parse_keep_alive(
-            body["keep_alive"])
+        keep_alive = (
+            None if body.get("keep_alive") is None else parse_keep_alive(body["keep_alive"])
+        )
         served, load_seconds = await state.registry.get(req.model, keep_alive)
         stream = RequestStream(state.registry, served, state.metrics, arrived)
         try:
@@ -86,8 +87,15 @@ def _load_reply(req: OllamaPrompt, kind: str) -> dict:
 
 
 class _Reply:
-    def __init__(self, req: OllamaPrompt, kind: str, stream: RequestStream, ids: list[int],
-                 arrived: float, load_seconds: float) -> None:
+    def __init__(
+        self,
+        req: OllamaPrompt,
+        kind: str,
+        stream: RequestStream,
+        ids: list[int],
+        arrived: float,
+        load_seconds: float,
+    ) -> None:
         self.req, self.kind, self.stream, self.ids = req, kind, stream, ids
         self.arrived, self.load_seconds = arrived, load_seconds
         self.choice = Choice(0)
@@ -152,7 +160,7 @@ async def show_model(request: Request) -> Response:
         body = await read_json(request)
         name = (body.get("model") or body.get("name")) if isinstance(body, dict) else None
         if not isinstance(name, str) or not name:
-            raise RequestFieldError("model", "give the model to show as {\"model\": NAME}")
+            raise RequestFieldError("model", 'give the model to show as {"model": NAME}')
         return JSONResponse(await asyncio.to_thread(_show, name))
     except TandemError as err:
         return ollama_error(err)

@@ -15,11 +15,29 @@ from runtime.loaded_model import LoadedModel
 from runtime.server.errors import RequestFieldError
 
 CHAT_FIELDS = {"model", "messages", "tools", "format", "options", "stream", "keep_alive", "think"}
-GENERATE_FIELDS = {"model", "prompt", "suffix", "images", "format", "options", "system",
-                   "template", "context", "stream", "raw", "keep_alive", "think"}
-OFF_ONLY = {"tools": "tool calling", "format": "structured output (format)",
-            "images": "images", "suffix": "suffix (insertion)",
-            "template": "a per-request template (use the model's own)", "think": "thinking"}
+GENERATE_FIELDS = {
+    "model",
+    "prompt",
+    "suffix",
+    "images",
+    "format",
+    "options",
+    "system",
+    "template",
+    "context",
+    "stream",
+    "raw",
+    "keep_alive",
+    "think",
+}
+OFF_ONLY = {
+    "tools": "tool calling",
+    "format": "structured output (format)",
+    "images": "images",
+    "suffix": "suffix (insertion)",
+    "template": "a per-request template (use the model's own)",
+    "think": "thinking",
+}
 ROLES = {"system", "user", "assistant"}
 
 
@@ -49,8 +67,11 @@ class OllamaPrompt:
     @staticmethod
     def _check(lm: LoadedModel, context: list[int]) -> list[int]:
         if any(t >= lm.tokenizer.vocab_size for t in context):
-            raise RequestFieldError("context", "context holds token ids outside this model's "
-                                    "vocabulary; pass the context this model returned")
+            raise RequestFieldError(
+                "context",
+                "context holds token ids outside this model's "
+                "vocabulary; pass the context this model returned",
+            )
         return list(context)
 
 
@@ -59,8 +80,10 @@ def _common(body: Any, allowed: set[str]) -> OllamaPrompt:
         raise RequestFieldError(None, "the request body must be a JSON object")
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise RequestFieldError(unknown[0], f"unknown field(s) {', '.join(unknown)}; "
-                                f"known fields: {', '.join(sorted(allowed))}")
+        raise RequestFieldError(
+            unknown[0],
+            f"unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(allowed))}",
+        )
     for name, what in OFF_ONLY.items():
         if body.get(name) not in (None, "", [], False):
             raise RequestFieldError(name, f"{what} is not supported; leave {name} out")
@@ -85,8 +108,9 @@ def parse_chat(body: Any) -> OllamaPrompt:
 def _message(i: int, m: Any) -> dict:
     where = f"messages[{i}]"
     if not isinstance(m, dict) or m.get("role") not in ROLES:
-        raise RequestFieldError(where, f"{where} must be an object whose role is one of "
-                                f"{', '.join(sorted(ROLES))}")
+        raise RequestFieldError(
+            where, f"{where} must be an object whose role is one of {', '.join(sorted(ROLES))}"
+        )
     for name in ("images", "tool_calls", "thinking"):
         if m.get(name):
             raise RequestFieldError(where, f"{where}.{name} is not supported")
@@ -105,9 +129,11 @@ def parse_generate(body: Any) -> OllamaPrompt:
         raise RequestFieldError("system", "system must be a string")
     context = body.get("context") or []
     if not isinstance(context, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in context):
-        raise RequestFieldError("context", "context must be the list of token ids a previous "
-                                "/api/generate returned")
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in context
+    ):
+        raise RequestFieldError(
+            "context", "context must be the list of token ids a previous /api/generate returned"
+        )
     req.context = context
     raw = body.get("raw", False)
     if not isinstance(raw, bool):
@@ -116,5 +142,6 @@ def parse_generate(body: Any) -> OllamaPrompt:
         req.raw_prompt = prompt or None
     elif prompt:
         req.messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}]
+            {"role": "user", "content": prompt}
+        ]
     return req

@@ -29,8 +29,10 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
     state = server_state(request)
-    data = [{"id": name, "object": "model", "created": created, "owned_by": "tandem"}
-            for name, created in state.model_names()]
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "tandem"}
+        for name, created in state.model_names()
+    ]
     return {"object": "list", "data": data}
 
 
@@ -57,13 +59,17 @@ async def _serve(request: Request, kind: str) -> Response:
     state.metrics.count_request(endpoint, 200)
     reply = _Reply(req, shape, stream, kind)
     if req.stream:
-        return StreamingResponse(reply.sse(request), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            reply.sse(request),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
     return await reply.whole(request)
 
 
-async def _start(state: ServerState, req: OpenAIRequest, kind: str,
-                 arrived: float) -> tuple[RequestStream, Shape]:
+async def _start(
+    state: ServerState, req: OpenAIRequest, kind: str, arrived: float
+) -> tuple[RequestStream, Shape]:
     served, _ = await state.registry.get(req.model)
     stream = RequestStream(state.registry, served, state.metrics, arrived)
     try:
@@ -88,8 +94,10 @@ def _completion_ids(lm, prompt: str | list[int]) -> list[int]:
         return lm.tokenizer.encode(prompt, add_special=True)
     bad = [t for t in prompt if t >= lm.tokenizer.vocab_size]
     if bad:
-        raise RequestFieldError("prompt", f"token id {bad[0]} is outside the vocabulary "
-                                f"(0..{lm.tokenizer.vocab_size - 1})")
+        raise RequestFieldError(
+            "prompt",
+            f"token id {bad[0]} is outside the vocabulary (0..{lm.tokenizer.vocab_size - 1})",
+        )
     return prompt
 
 
@@ -100,14 +108,14 @@ def _check_fits(ids: list[int], params: SamplingParams, num_ctx: int) -> None:
         raise ContextLengthError(
             f"this model's context holds {num_ctx} tokens, but the prompt has {len(ids)} "
             f"and max_tokens asks for {params.max_tokens or 1} more; shorten the prompt "
-            f"or lower max_tokens")
+            f"or lower max_tokens"
+        )
 
 
 class _Reply:
     """One request's answer, whole or streamed."""
 
-    def __init__(self, req: OpenAIRequest, shape: Shape, stream: RequestStream,
-                 kind: str) -> None:
+    def __init__(self, req: OpenAIRequest, shape: Shape, stream: RequestStream, kind: str) -> None:
         self.req, self.shape, self.stream, self.kind = req, shape, stream, kind
         self.id = shape.id_prefix + uuid.uuid4().hex[:24]
         self.created = int(time.time())
@@ -118,12 +126,20 @@ class _Reply:
 
     def usage(self) -> dict:
         done = sum(len(c.token_ids) for c in self.choices.values())
-        return {"prompt_tokens": self.stream.prompt_tokens, "completion_tokens": done,
-                "total_tokens": self.stream.prompt_tokens + done}
+        return {
+            "prompt_tokens": self.stream.prompt_tokens,
+            "completion_tokens": done,
+            "total_tokens": self.stream.prompt_tokens + done,
+        }
 
     def _envelope(self, obj: str, choices: list[dict]) -> dict:
-        out = {"id": self.id, "object": obj, "created": self.created,
-               "model": self.req.model, "choices": choices}
+        out = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.req.model,
+            "choices": choices,
+        }
         if self.kind == "chat":
             out["system_fingerprint"] = None
         return out

@@ -21,13 +21,28 @@ from runtime.server.errors import RequestFieldError
 
 # OpenAI field -> SamplingParams field, for fields passed through unchanged
 PASS_THROUGH = {
-    "n": "n", "stop": "stop", "seed": "seed", "temperature": "temperature", "top_p": "top_p",
-    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-    "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
-    "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids",
+    "n": "n",
+    "stop": "stop",
+    "seed": "seed",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "ignore_eos": "ignore_eos",
+    "stop_token_ids": "stop_token_ids",
 }
-IGNORED = {"user", "store", "metadata", "service_tier", "safety_identifier",
-           "prompt_cache_key", "parallel_tool_calls"}
+IGNORED = {
+    "user",
+    "store",
+    "metadata",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "parallel_tool_calls",
+}
 
 
 def _empty(v: Any) -> bool:
@@ -45,8 +60,10 @@ OFF_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tool_choice": (_off_tool_choice, "tool calling is not supported"),
     "function_call": (_off_tool_choice, "function calling is not supported"),
     "logit_bias": (_empty, "logit_bias is not supported"),
-    "response_format": (lambda v: v is None or v == {"type": "text"},
-                        "only {\"type\": \"text\"} is supported (no JSON mode or json_schema)"),
+    "response_format": (
+        lambda v: v is None or v == {"type": "text"},
+        'only {"type": "text"} is supported (no JSON mode or json_schema)',
+    ),
     "modalities": (lambda v: v in (None, ["text"]), "only text output is supported"),
     "audio": (_empty, "audio output is not supported"),
     "prediction": (_empty, "predicted outputs are not supported"),
@@ -57,10 +74,24 @@ OFF_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
     "suffix": (_empty, "suffix (insertion) is not supported"),
 }
 COMMON = {"model", "stream", "stream_options", "max_tokens", *PASS_THROUGH, *IGNORED}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
-                        "functions", "tool_choice", "function_call", "logit_bias",
-                        "response_format", "modalities", "audio", "prediction",
-                        "web_search_options", "reasoning_effort", "verbosity"}
+CHAT_FIELDS = COMMON | {
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "functions",
+    "tool_choice",
+    "function_call",
+    "logit_bias",
+    "response_format",
+    "modalities",
+    "audio",
+    "prediction",
+    "web_search_options",
+    "reasoning_effort",
+    "verbosity",
+}
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of", "logit_bias"}
 ROLES = {"system", "developer", "user", "assistant"}
 
@@ -87,8 +118,9 @@ class OpenAIRequest:
             raise
         except InvalidParameterError as err:  # messages start with the field's name
             name = str(err).split(" ", 1)[0]
-            raise RequestFieldError(name if name in PASS_THROUGH or name == "max_tokens"
-                                    else None, str(err)) from None
+            raise RequestFieldError(
+                name if name in PASS_THROUGH or name == "max_tokens" else None, str(err)
+            ) from None
 
 
 def parse_chat(body: Any) -> OpenAIRequest:
@@ -118,8 +150,10 @@ def parse_completion(body: Any) -> OpenAIRequest:
         req.changes["logprobs"] = _logprob_count("logprobs", body["logprobs"])
     best_of = body.get("best_of")
     if best_of is not None and best_of != req.changes.get("n", 1):
-        raise RequestFieldError("best_of", "best_of must equal n (server-side ranking of "
-                                "extra samples is not supported)")
+        raise RequestFieldError(
+            "best_of",
+            "best_of must equal n (server-side ranking of extra samples is not supported)",
+        )
     return req
 
 
@@ -128,8 +162,9 @@ def _check_fields(body: Any, allowed: set[str]) -> None:
         raise RequestFieldError(None, "the request body must be a JSON object")
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise RequestFieldError(unknown[0], f"unknown or unsupported field(s): "
-                                f"{', '.join(unknown)}; remove them")
+        raise RequestFieldError(
+            unknown[0], f"unknown or unsupported field(s): {', '.join(unknown)}; remove them"
+        )
     for name, (accepts, why) in OFF_ONLY.items():
         if name in body and not accepts(body[name]):
             raise RequestFieldError(name, f"{name}={body[name]!r} is not supported: {why}")
@@ -145,15 +180,18 @@ def _common(body: dict) -> OpenAIRequest:
         if not req.stream:
             raise RequestFieldError("stream_options", "stream_options needs stream: true")
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise RequestFieldError("stream_options",
-                                    'stream_options must be {"include_usage": true|false}')
+            raise RequestFieldError(
+                "stream_options", 'stream_options must be {"include_usage": true|false}'
+            )
         req.include_usage = _bool(options, "include_usage")
     temperature = body.get("temperature")
     if isinstance(temperature, (int, float)) and not 0 <= temperature <= 2:
-        raise RequestFieldError("temperature", f"temperature must be from 0 to 2, "
-                                f"got {temperature!r}")
-    req.changes = {PASS_THROUGH[k]: v for k, v in body.items()
-                   if k in PASS_THROUGH and v is not None}
+        raise RequestFieldError(
+            "temperature", f"temperature must be from 0 to 2, got {temperature!r}"
+        )
+    req.changes = {
+        PASS_THROUGH[k]: v for k, v in body.items() if k in PASS_THROUGH and v is not None
+    }
     return req
 
 
@@ -172,27 +210,33 @@ def _first(body: dict, *names: str) -> Any:
 
 def _logprob_count(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
-        raise RequestFieldError(name, f"{name} must be an integer from 0 to {MAX_LOGPROBS}, "
-                                f"got {value!r}")
+        raise RequestFieldError(
+            name, f"{name} must be an integer from 0 to {MAX_LOGPROBS}, got {value!r}"
+        )
     return value
 
 
 def _messages(messages: Any) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise RequestFieldError("messages", "messages must be a non-empty list of "
-                                "{role, content} objects")
+        raise RequestFieldError(
+            "messages", "messages must be a non-empty list of {role, content} objects"
+        )
     return [_message(i, m) for i, m in enumerate(messages)]
 
 
 def _message(i: int, m: Any) -> dict:
     where = f"messages[{i}]"
     if not isinstance(m, dict) or m.get("role") not in ROLES:
-        raise RequestFieldError(where, f"{where} must be an object whose role is one of "
-                                f"{', '.join(sorted(ROLES))}")
+        raise RequestFieldError(
+            where, f"{where} must be an object whose role is one of {', '.join(sorted(ROLES))}"
+        )
     extra = sorted(set(m) - {"role", "content", "name"})
     if extra:
-        raise RequestFieldError(where, f"{where} has unsupported field(s) {', '.join(extra)} "
-                                "(tool calls and audio are not supported)")
+        raise RequestFieldError(
+            where,
+            f"{where} has unsupported field(s) {', '.join(extra)} "
+            "(tool calls and audio are not supported)",
+        )
     role = "system" if m["role"] == "developer" else m["role"]
     return {"role": role, "content": _content(where, m.get("content"))}
 
@@ -201,11 +245,16 @@ def _content(where: str, content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        if all(isinstance(p, dict) and p.get("type") == "text" and
-               isinstance(p.get("text"), str) for p in content):
+        if all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content
+        ):
             return "".join(p["text"] for p in content)
-        raise RequestFieldError(where, f"{where}.content parts must all be "
-                                '{"type": "text", "text": ...}; images and audio are not supported')
+        raise RequestFieldError(
+            where,
+            f"{where}.content parts must all be "
+            '{"type": "text", "text": ...}; images and audio are not supported',
+        )
     raise RequestFieldError(where, f"{where}.content must be a string or a list of text parts")
 
 
@@ -214,8 +263,13 @@ def _prompt(prompt: Any) -> str | list[int]:
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
         return prompt
-    if (isinstance(prompt, list) and prompt and
-            all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)):
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
+    ):
         return prompt
-    raise RequestFieldError("prompt", "prompt must be a non-empty string or a list of token ids "
-                            "(one prompt per request)")
+    raise RequestFieldError(
+        "prompt",
+        "prompt must be a non-empty string or a list of token ids (one prompt per request)",
+    )

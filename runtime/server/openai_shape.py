@@ -16,23 +16,32 @@ class ChatShape:
         self.tok, self.want_logprobs = tok, want_logprobs
 
     def choice(self, c: Choice) -> dict:
-        return {"index": c.index,
-                "message": {"role": "assistant", "content": c.text, "refusal": None},
-                "logprobs": chat_logprobs(self.tok, c.logprobs) if self.want_logprobs else None,
-                "finish_reason": c.finish_reason}
+        return {
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text, "refusal": None},
+            "logprobs": chat_logprobs(self.tok, c.logprobs) if self.want_logprobs else None,
+            "finish_reason": c.finish_reason,
+        }
 
     def opening(self, index: int) -> dict | None:
-        return {"index": index, "delta": {"role": "assistant", "content": ""},
-                "logprobs": None, "finish_reason": None}
+        return {
+            "index": index,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
 
     def piece(self, c: Choice, text: str, added: list[TokenLogprob]) -> dict:
         logprobs = chat_logprobs(self.tok, added) if self.want_logprobs and added else None
-        return {"index": c.index, "delta": {"content": text}, "logprobs": logprobs,
-                "finish_reason": None}
+        return {
+            "index": c.index,
+            "delta": {"content": text},
+            "logprobs": logprobs,
+            "finish_reason": None,
+        }
 
     def ending(self, c: Choice) -> dict:
-        return {"index": c.index, "delta": {}, "logprobs": None,
-                "finish_reason": c.finish_reason}
+        return {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
 
 
 class CompletionShape:
@@ -45,8 +54,12 @@ class CompletionShape:
 
     def choice(self, c: Choice) -> dict:
         logprobs = completion_logprobs(self.tok, c.logprobs) if self.want_logprobs else None
-        return {"index": c.index, "text": c.text, "logprobs": logprobs,
-                "finish_reason": c.finish_reason}
+        return {
+            "index": c.index,
+            "text": c.text,
+            "logprobs": logprobs,
+            "finish_reason": c.finish_reason,
+        }
 
     def opening(self, index: int) -> dict | None:
         return None
@@ -54,9 +67,11 @@ class CompletionShape:
     def piece(self, c: Choice, text: str, added: list[TokenLogprob]) -> dict:
         logprobs = None
         if self.want_logprobs and added:
-            before = c.logprobs[:len(c.logprobs) - len(added)]
-            offset = sum(len(self.tok.piece(e.token_id, special=True).decode("utf-8", "replace"))
-                         for e in before)
+            before = c.logprobs[: len(c.logprobs) - len(added)]
+            offset = sum(
+                len(self.tok.piece(e.token_id, special=True).decode("utf-8", "replace"))
+                for e in before
+            )
             logprobs = completion_logprobs(self.tok, added, offset)
         return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": None}
 

@@ -18,8 +18,10 @@ def fetch_ps(url: str, timeout: float = 5.0) -> list[dict]:
         with urllib.request.urlopen(f"{url}/api/ps", timeout=timeout) as resp:
             return json.loads(resp.read())["models"]
     except (urllib.error.URLError, OSError, ValueError, KeyError) as err:
-        raise ServerUnreachableError(f"no tandem server answered at {url} ({err}); start one "
-                                     "with `tandem serve` or set TANDEM_HOST") from None
+        raise ServerUnreachableError(
+            f"no tandem server answered at {url} ({err}); start one "
+            "with `tandem serve` or set TANDEM_HOST"
+        ) from None
 
 
 def human_size(n: int) -> str:
@@ -30,7 +32,7 @@ def human_size(n: int) -> str:
 
 
 def processor(size: int, size_vram: int) -> str:
-    """"100% CPU", "100% GPU" or "40%/60% CPU/GPU", from the bytes held in VRAM."""
+    """ "100% CPU", "100% GPU" or "40%/60% CPU/GPU", from the bytes held in VRAM."""
     gpu = round(100 * size_vram / size) if size else 0
     if gpu <= 0:
         return "100% CPU"
@@ -55,10 +57,18 @@ def until(expires_at: str, now: dt.datetime | None = None) -> str:
 
 
 def format_table(models: list[dict]) -> str:
-    rows = [COLUMNS] + [(m["name"], m["digest"][:12], human_size(m["size"]),
-                         processor(m["size"], m.get("size_vram", 0)),
-                         str(m.get("context_length", "")), until(m["expires_at"]))
-                        for m in models]
+    rows = [COLUMNS] + [
+        (
+            m["name"],
+            m["digest"][:12],
+            human_size(m["size"]),
+            processor(m["size"], m.get("size_vram", 0)),
+            str(m.get("context_length", "")),
+            until(m["expires_at"]),
+        )
+        for m in models
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    return "\n".join("    ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
+    return "\n".join(
+        "    ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )

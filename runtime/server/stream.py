@@ -29,13 +29,15 @@ Disconnected = Callable[[], Awaitable[bool]]
 
 
 def finished(event: Event) -> bool:
-    return event.error is not None or (event.delta is not None and
-                                       event.delta.finish_reason is not None)
+    return event.error is not None or (
+        event.delta is not None and event.delta.finish_reason is not None
+    )
 
 
 class RequestStream:
-    def __init__(self, registry: ModelRegistry, served: ServedModel, metrics: ServerMetrics,
-                 arrived: float) -> None:
+    def __init__(
+        self, registry: ModelRegistry, served: ServedModel, metrics: ServerMetrics, arrived: float
+    ) -> None:
         self.registry, self.served, self.metrics = registry, served, metrics
         self.arrived = arrived  # time.perf_counter() when the request came in
         self.request_id: str | None = None
