@@ -10,11 +10,13 @@ on this project's VM 1.2–2.3× faster for decode, 2–4× for prefill with AVX
 
 Otherwise the torch reference path: W stays packed (uint8 rows of GGML blocks, a zero-copy
 view of the mmapped GGUF); each call dequantizes row chunks of W to float32 (quant.dequant,
-which implements ggml's block layouts, ggml-common.h) into one reused scratch buffer and
-multiplies them, so at most CHUNK_BYTES of float32 weights exist at once.
+which implements ggml's block layouts, ggml-common.h) into a reused per-thread scratch buffer
+and multiplies them, so at most CHUNK_BYTES of float32 weights exist at once.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -27,10 +29,11 @@ from quant.formats import block_format
 CHUNK_BYTES = 16 << 20  # float32 bytes of dequantized weight alive at once
 
 
-class _Scratch:
-    """One float32 buffer reused by every PackedLinear call (a fresh large allocation per
-    call costs more in page faults than the dequantization itself). Model execution runs on
-    one thread, so one buffer per process is enough."""
+class _Scratch(threading.local):
+    """A float32 buffer reused by every PackedLinear call of one thread (a fresh large
+    allocation per call costs more in page faults than the dequantization itself). One per
+    thread, not per process: the server runs one engine thread per model, and two models'
+    forwards at once must not dequantize into the same buffer. A thread's buffer goes with it."""
 
     def __init__(self) -> None:
         self.buf = torch.empty(0, dtype=torch.float32)

@@ -33,6 +33,8 @@ the second core whenever the OS gives it one (quiet VM: 0.5 MB Q4_0 GEMV 68 → 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -41,6 +43,7 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -126,6 +129,25 @@ def _build_dir(name: str) -> str:
     return str(path)
 
 
+@contextlib.contextmanager
+def _build_lock(build_dir: str) -> Iterator[None]:
+    """One build at a time across processes, by an flock the kernel drops when its holder
+    dies. torch's own marker (`lock` in the build directory, a file that exists while a build
+    runs) outlives a killed build and then makes every later process wait on it forever;
+    holding the flock proves no live tandem process is building, so a marker found then is
+    stale and removed."""
+    with open(Path(build_dir) / "tandem.flock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            stale = Path(build_dir) / "lock"
+            if stale.exists():
+                log.warning("removing a stale build lock left by a killed build: %s", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+
+
 def _build(isa: str) -> ModuleType:
     from torch.utils.cpp_extension import load as load_extension
 
@@ -136,13 +158,14 @@ def _build(isa: str) -> ModuleType:
     start, build_dir = time.perf_counter(), _build_dir(name)
     if not (Path(build_dir) / f"{name}.so").exists():
         log.info("building tandem's CPU kernel %s (once; about a minute)", name)
-    module = load_extension(
-        name=name,
-        sources=[str(src) for src in SOURCES],
-        extra_cflags=flags,
-        build_directory=build_dir,
-        verbose=False,
-    )
+    with _build_lock(build_dir):
+        module = load_extension(
+            name=name,
+            sources=[str(src) for src in SOURCES],
+            extra_cflags=flags,
+            build_directory=build_dir,
+            verbose=False,
+        )
     log.debug("native qmatmul %s ready in %.1f s", name, time.perf_counter() - start)
     return module
 

@@ -10,6 +10,7 @@ merge rank (its index in `tokenizer.ggml.merges`), the leftmost one on ties.
 from __future__ import annotations
 
 import heapq
+from array import array
 from dataclasses import dataclass
 
 import regex
@@ -26,6 +27,14 @@ _QWEN2 = (
     _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+
+class TooManyTokens(Exception):
+    """Raised by the backends' `encode(..., limit)` once the limit is certainly exceeded."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} tokens")
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,7 @@ class BPEModel:
         self.pre = pre
         self._regexes = [regex.compile(r) for r in pre.regexes]
         self._cache: dict[str, tuple[int, ...]] = {}
+        self._max_token_bytes: int | None = None
 
     def split_words(self, text: str) -> list[str]:
         """Apply the pre-tokenizer regexes in sequence (matches and gaps both kept)."""
@@ -152,19 +162,36 @@ class BPEModel:
             pieces = out
         return pieces
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of one raw-text fragment (no special-token handling here)."""
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """Token ids of one raw-text fragment (no special-token handling here). With `limit`,
+        stops with TooManyTokens as soon as more than `limit` ids are certain: a word longer
+        than (limit + 1) × the longest token is refused before it is merged."""
         ids: list[int] = []
+        longest = self.max_token_bytes
         for word in self.split_words(text):
             enc = byte_encode(word)
+            if limit is not None and len(enc) > (limit - len(ids) + 1) * longest:
+                raise TooManyTokens(limit)
             cached = self._cache.get(enc)
             if cached is None:
                 cached = tuple(self._encode_word(enc))
-                if len(self._cache) >= self._CACHE_LIMIT:
-                    self._cache.clear()
-                self._cache[enc] = cached
+                if len(enc) <= 256:  # a long word is not worth keeping (nor its memory)
+                    if len(self._cache) >= self._CACHE_LIMIT:
+                        self._cache.clear()
+                    self._cache[enc] = cached
             ids.extend(cached)
+            if limit is not None and len(ids) > limit:
+                raise TooManyTokens(limit)
         return ids
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The most input bytes one token covers (each byte-level character is one byte).
+        A byte with no token of its own (e.g. 0x04 in some vocabularies) yields no id, as in
+        llama.cpp; the token limits still count it, so a text of nothing else is refused."""
+        if self._max_token_bytes is None:
+            self._max_token_bytes = max((len(t) for t in self.token_to_id), default=1)
+        return self._max_token_bytes
 
     def _encode_word(self, word: str) -> list[int]:
         if self.pre.ignore_merges and word in self.token_to_id:
@@ -181,31 +208,46 @@ class BPEModel:
         return ids
 
     def _merge(self, word: str) -> list[str]:
-        """Merge adjacent symbols by lowest rank (leftmost on ties) until none applies."""
+        """Merge adjacent symbols by lowest rank (leftmost on ties) until none applies.
+
+        O(n log n) in the word's length with about 60 bytes per character: heap entries are
+        single ints (rank << 32 | left position; a rank names one pair, so an entry is still
+        current exactly when the pair now at `left` has that rank) and the links are arrays.
+        """
         syms: list[str] = list(word)
-        if len(syms) < 2:
+        n = len(syms)
+        if n < 2:
             return syms
-        nxt = [*range(1, len(syms)), -1]
-        prv = list(range(-1, len(syms) - 1))
-        heap: list[tuple[int, int, int, str]] = []
-
-        def push(left: int, right: int) -> None:
-            if left < 0 or right < 0:
-                return
-            rank = self.ranks.get((syms[left], syms[right]))
+        nxt = array("q", range(1, n + 1))
+        nxt[n - 1] = -1
+        prv = array("q", range(-1, n - 1))
+        ranks = self.ranks
+        heap: list[int] = []
+        for i in range(n - 1):
+            rank = ranks.get((syms[i], syms[i + 1]))
             if rank is not None:
-                heapq.heappush(heap, (rank, left, right, syms[left] + syms[right]))
-
-        for i in range(len(syms) - 1):
-            push(i, i + 1)
+                heap.append(rank << 32 | i)
+        heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
         while heap:
-            _, left, right, merged = heapq.heappop(heap)
-            if not syms[left] or not syms[right] or syms[left] + syms[right] != merged:
+            key = pop(heap)
+            left = key & 0xFFFFFFFF
+            right = nxt[left]
+            if right < 0 or not syms[left]:
+                continue
+            if ranks.get((syms[left], syms[right])) != key >> 32:
                 continue  # outdated: one side has been merged since
-            syms[left], syms[right] = merged, ""
-            nxt[left] = nxt[right]
-            if nxt[right] >= 0:
-                prv[nxt[right]] = left
-            push(prv[left], left)
-            push(left, nxt[left])
+            syms[left], syms[right] = syms[left] + syms[right], ""
+            after = nxt[right]
+            nxt[left] = after
+            if after >= 0:
+                prv[after] = left
+                rank = ranks.get((syms[left], syms[after]))
+                if rank is not None:
+                    push(heap, rank << 32 | left)
+            before = prv[left]
+            if before >= 0:
+                rank = ranks.get((syms[before], syms[left]))
+                if rank is not None:
+                    push(heap, rank << 32 | before)
         return [s for s in syms if s]

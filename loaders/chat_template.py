@@ -13,19 +13,33 @@ for the Gemma family, ChatML for everything else.
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from datetime import datetime
 from typing import Any
 
 import jinja2
 from jinja2 import nodes
 from jinja2.ext import Extension
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import SecurityError
 
-from runtime.errors import InvalidParameterError, TemplateError
+from loaders.template_sandbox import (
+    DEFAULT_BUDGET,
+    BudgetedSandbox,
+    BudgetExceeded,
+    RenderBudget,
+    check_text,
+    render_metered,
+)
+from runtime.errors import InvalidParameterError, TemplateBudgetError, TemplateError
 
-# Largest string/list a template may build with `*`, and largest integer with `**`.
-_MAX_REPEAT = 1_000_000
-_MAX_POW_BITS = 1 << 16
+# What every template renders once at load: a render over budget here fails the load.
+SAMPLE_CONVERSATION = (
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Hello!"},
+    {"role": "assistant", "content": "Hi! How can I help?"},
+    {"role": "user", "content": "What is 2 + 2?"},
+)
 
 # Gemma's turn format, as published with Gemma 2/3 (tokenizer_config.json): text starts with BOS,
 # a system message becomes a prefix (plus a blank line) of the first user turn, the assistant
@@ -76,39 +90,9 @@ class _GenerationTag(Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox; it also fails on any unsafe attribute, even one only printed, and
-    refuses `*` and `**` results big enough to exhaust memory."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
-            _check_repeat(left, right)
-            _check_repeat(right, left)
-        elif operator == "**" and _is_int(left) and _is_int(right):
-            if right > 0 and abs(left) > 1 and abs(left).bit_length() * right > _MAX_POW_BITS:
-                raise SecurityError(f"{left} ** {right} is too large for a chat template")
-        return super().call_binop(context, operator, left, right)
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
-        """Fail at once (jinja2 would hand back an Undefined that prints as "")."""
-        raise SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
-        )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_repeat(seq: Any, count: Any) -> None:
-    if isinstance(seq, (str, list, tuple)) and _is_int(count) and len(seq) * count > _MAX_REPEAT:
-        raise SecurityError(f"repeating a sequence {count} times is too large for a chat template")
-
-
 def _raise_exception(message: Any) -> None:
-    raise TemplateError(f"chat template refused the messages: {message}")
+    check_text(message)
+    raise TemplateError(f"chat template refused the messages: {str(message)[:500]}")
 
 
 def _tojson(
@@ -124,14 +108,16 @@ def _tojson(
 
 
 def _strftime_now(fmt: str) -> str:
+    if not isinstance(fmt, str) or len(fmt) > 1000:
+        raise TemplateError("strftime_now takes a format string of at most 1000 characters")
     return datetime.now().strftime(fmt)
 
 
-def _environment() -> _Sandbox:
-    env = _Sandbox(
+def _environment() -> BudgetedSandbox:
+    env = BudgetedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationTag]
     )
-    env.filters["tojson"] = _tojson
+    env.add_filter("tojson", _tojson)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -166,18 +152,43 @@ def _validate(messages: Any) -> None:
 class ChatTemplate:
     """A compiled, sandboxed chat template; `render` turns messages into a prompt string."""
 
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = "") -> None:
+    def __init__(
+        self,
+        source: str,
+        bos_token: str = "",
+        eos_token: str = "",
+        budget: RenderBudget = DEFAULT_BUDGET,
+        check: bool = True,
+    ) -> None:
+        """Compile `source`; with `check`, also render SAMPLE_CONVERSATION once so that a
+        template that cannot render even that within `budget` fails here, at load (a template
+        that merely refuses the sample, e.g. one that forbids system messages, is accepted)."""
         if not isinstance(source, str):
             raise TemplateError(f"chat template must be a string, got {type(source).__name__}")
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self.budget = budget
         try:
             self._template = _environment().from_string(source)
         except jinja2.TemplateSyntaxError as err:
             raise _syntax_error(source, err) from None
         except jinja2.TemplateError as err:
             raise TemplateError(f"chat template does not compile: {err}") from None
+        except RecursionError:
+            raise TemplateError("chat template does not compile: nested too deeply") from None
+        if check:
+            self.check_budget(lambda: self.render([dict(m) for m in SAMPLE_CONVERSATION]))
+
+    @staticmethod
+    def check_budget(render: Any) -> None:
+        """Run a sample render: over budget raises, any other refusal is the sample's fault."""
+        try:
+            render()
+        except TemplateBudgetError as err:
+            raise TemplateBudgetError(f"{err} (rendering a sample conversation at load)") from None
+        except TemplateError:
+            pass
 
     def render(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
@@ -194,21 +205,31 @@ class ChatTemplate:
             "add_generation_prompt": bool(add_generation_prompt),
         }
         try:
-            return self._template.render(**context)
+            return render_metered(self._template, self.budget, context, (messages, extra))
+        except BudgetExceeded as err:
+            raise TemplateBudgetError(
+                f"chat template exceeded its render budget: {err}; the template (or a request "
+                "this large) cannot be rendered"
+            ) from None
         except TemplateError:
             raise
         except SecurityError as err:
             raise TemplateError(
-                f"chat template tried something the sandbox forbids: {err}"
+                f"chat template tried something the sandbox forbids: {_short(err)}"
             ) from None
         except jinja2.UndefinedError as err:
-            raise TemplateError(f"chat template used an undefined value: {err}") from None
+            raise TemplateError(f"chat template used an undefined value: {_short(err)}") from None
         except jinja2.TemplateError as err:
-            raise TemplateError(f"chat template failed to render: {err}") from None
+            raise TemplateError(f"chat template failed to render: {_short(err)}") from None
         except Exception as err:  # TypeError, KeyError, ZeroDivisionError, ... from template code
             raise TemplateError(
-                f"chat template failed to render: {type(err).__name__}: {err}"
+                f"chat template failed to render: {type(err).__name__}: {_short(err)}"
             ) from None
+
+
+def _short(err: BaseException) -> str:
+    text = str(err)
+    return text if len(text) <= 500 else text[:500] + "..."
 
 
 def _metadata_template(metadata: dict[str, Any]) -> str | None:
@@ -224,3 +245,77 @@ def template_for(
     """The GGUF's own tokenizer.chat_template if it has one, else the built-in for `arch`."""
     source = _metadata_template(metadata) or builtin_template(arch)
     return ChatTemplate(source, bos_token=bos_token, eos_token=eos_token)
+
+
+_SENTINEL_MARK = "\U0010fffd"  # a private-use character no template transforms
+
+
+def prompt_ids(
+    template: Any,
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    max_tokens: int | None = None,
+    **extra: Any,
+) -> list[int]:
+    """Render `messages` with `template` and tokenize the prompt so that only the template's
+    own markup can produce control tokens: special-token texts inside message fields (and in
+    `extra`, e.g. tools) are tokenized as plain text. BOS is added unless the template wrote
+    it. With max_tokens, ContextLengthError once the prompt certainly exceeds it.
+
+    How: such texts are replaced by numbered sentinels before rendering; the rendered text is
+    tokenized piece by piece, markup with special-token parsing and each sentinel's original
+    text without it (runs of text are still tokenized as one). Content without special-token
+    texts renders and tokenizes exactly as before."""
+    found: set[str] = set()
+    for value in _strings((messages, extra)):
+        found.update(tokenizer.special_texts_in(value))
+    if not found:
+        text = template.render(messages, add_generation_prompt=True, **extra)
+        return tokenizer.encode(
+            text, add_special=_adds_bos(template, text), parse_special=True, max_tokens=max_tokens
+        )
+    nonce = f"{secrets.randbelow(10**12):012d}"
+    table: list[str] = []
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(found, key=lambda t: -len(t))))
+
+    def hide(match: re.Match[str]) -> str:
+        table.append(match.group())
+        return f"{_SENTINEL_MARK}{nonce}:{len(table) - 1}{_SENTINEL_MARK}"
+
+    def neutral(value: Any) -> Any:
+        if isinstance(value, str):
+            return pattern.sub(hide, value)
+        if isinstance(value, dict):
+            return {k: neutral(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [neutral(v) for v in value]
+        return value
+
+    text = template.render(
+        neutral(messages), add_generation_prompt=True, **{k: neutral(v) for k, v in extra.items()}
+    )
+    pieces = re.split(f"{_SENTINEL_MARK}{nonce}:(\\d+){_SENTINEL_MARK}", text)
+    segments = [
+        (piece, True) if k % 2 == 0 else (table[int(piece)], False)
+        for k, piece in enumerate(pieces)
+        if piece
+    ]
+    return tokenizer.encode_segments(segments, _adds_bos(template, text), max_tokens)
+
+
+def _adds_bos(template: Any, text: str) -> bool:
+    bos = template.bos_token
+    return not (bos and text.startswith(bos))
+
+
+def _strings(value: Any) -> list[str]:
+    out, stack = [], [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return out

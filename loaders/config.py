@@ -8,10 +8,12 @@ their own rope base, tied head).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from loaders.gguf_check import check_block_count, check_tensors, check_vocab
+from loaders.gguf_parse import GGUFArray, TensorInfo
 from runtime.errors import GGUFError, UnsupportedError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -50,54 +52,60 @@ class ModelConfig:
         return self.n_head_kv * self.head_dim
 
     @classmethod
-    def from_metadata(cls, md: dict[str, Any], tensor_names: Collection[str]) -> ModelConfig:
+    def from_metadata(
+        cls, md: dict[str, Any], tensors: Collection[str] | Mapping[str, TensorInfo]
+    ) -> ModelConfig:
+        """The config of a model file, checked against its tensor table before anything is
+        sized by it. `tensors`: the file's tensor names, or its name → TensorInfo mapping
+        (`GGUFFile.tensors`, or its `.keys()`: a dict's keys view carries the dict), which
+        also checks every tensor's shape against the metadata (loaders/gguf_check.py)."""
         arch = md.get("general.architecture")
-        if arch not in SUPPORTED:
+        if not isinstance(arch, str) or arch not in SUPPORTED:
             raise UnsupportedError(
-                f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED)})"
+                f"unsupported architecture {_show(arch)} (supported: {', '.join(SUPPORTED)})"
             )
-        get = _getter(md, arch)
-        n_embd, n_head = get("embedding_length"), get("attention.head_count")
-        n_head_kv = get("attention.head_count_kv", n_head)
-        n_layer = get("block_count")
-        for key, value in (
-            ("embedding_length", n_embd),
-            ("attention.head_count", n_head),
-            ("attention.head_count_kv", n_head_kv),
-            ("block_count", n_layer),
-        ):
-            _check_positive(arch, key, value)
+        infos = _infos(tensors)
+        names = infos.keys() if infos is not None else tensors
+        get = _Getter(md, arch)
+        n_embd, n_head = get.integer("embedding_length"), get.integer("attention.head_count")
+        n_head_kv = get.integer("attention.head_count_kv", n_head)
+        n_layer = get.integer("block_count")
+        check_block_count(arch, n_layer, names)  # before anything is built per layer
         if n_head % n_head_kv:
             raise GGUFError(
                 f"metadata key '{arch}.attention.head_count' ({n_head}) is not a "
                 f"multiple of '{arch}.attention.head_count_kv' ({n_head_kv})"
             )
-        head_dim = get("attention.key_length", n_embd // n_head)
-        for key, value in (
-            ("attention.key_length", head_dim),
-            ("attention.value_length", get("attention.value_length", head_dim)),
-            ("feed_forward_length", get("feed_forward_length")),
-            ("context_length", get("context_length", 2048)),
-        ):
-            _check_positive(arch, key, value)
+        if "attention.key_length" not in get and n_embd % n_head:
+            raise GGUFError(
+                f"metadata key '{arch}.embedding_length' ({n_embd}) is not a multiple of "
+                f"'{arch}.attention.head_count' ({n_head}) and there is no key_length"
+            )
+        head_dim = get.integer("attention.key_length", n_embd // n_head)
+        head_dim_v = get.integer("attention.value_length", head_dim)
+        n_ff = get.integer("feed_forward_length")
+        n_ctx_train = get.integer("context_length", 2048)
+        vocab_size, n_tokens = _vocab_size(md, arch)
+        check_vocab(arch, vocab_size, n_tokens)
         gemma = arch == "gemma3"
-        window = get("attention.sliding_window", 0) if gemma else 0
-        scaling = md.get(f"{arch}.rope.scaling.type")
-        factor = float(md.get(f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
-        return cls(
+        window = get.integer("attention.sliding_window", 0, positive=False) if gemma else 0
+        rope_base = get.number("rope.freq_base", 10000.0)
+        scaling = get.text("rope.scaling.type", "none")
+        factor = get.number("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
+        config = cls(
             arch=arch,
             n_layer=n_layer,
             n_embd=n_embd,
-            n_ff=get("feed_forward_length"),
+            n_ff=n_ff,
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim=head_dim,
-            head_dim_v=get("attention.value_length", head_dim),
-            n_ctx_train=get("context_length", 2048),
-            vocab_size=_vocab_size(md, arch),
-            rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_base=float(get("rope.freq_base", 10000.0)),
-            rope_base_swa=10000.0 if window else float(get("rope.freq_base", 10000.0)),
+            head_dim_v=head_dim_v,
+            n_ctx_train=n_ctx_train,
+            vocab_size=vocab_size,
+            rms_eps=get.number("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_base=rope_base,
+            rope_base_swa=10000.0 if window else rope_base,
             rope_scale=factor,
             rope_neox=arch in ("qwen2", "gemma3"),
             sliding_window=window,
@@ -108,34 +116,111 @@ class ModelConfig:
             post_norms=gemma,
             embed_scale=math.sqrt(n_embd) if gemma else 1.0,
             attn_scale=1.0 / math.sqrt(head_dim),
-            tied_head="output.weight" not in tensor_names,
-            attn_bias="blk.0.attn_q.bias" in tensor_names,
+            tied_head="output.weight" not in names,
+            attn_bias="blk.0.attn_q.bias" in names,
         )
+        if infos is not None:
+            check_tensors(config, infos)
+        return config
 
 
-def _getter(md: dict[str, Any], arch: str):
-    missing = object()
+def _infos(tensors: Collection[str] | Mapping[str, Any]) -> Mapping[str, TensorInfo] | None:
+    """The name → TensorInfo mapping behind `tensors`, when it has one."""
+    mapping = tensors if isinstance(tensors, Mapping) else getattr(tensors, "mapping", None)
+    if isinstance(mapping, Mapping) and all(isinstance(v, TensorInfo) for v in mapping.values()):
+        return mapping
+    return None
 
-    def get(key: str, default: Any = missing) -> Any:
-        value = md.get(f"{arch}.{key}", default)
-        if value is missing:
-            raise GGUFError(f"metadata key '{arch}.{key}' is missing; the file is incomplete")
-        if isinstance(value, list) and value:  # per-layer arrays: tandem takes the first
-            value = value[0]
+
+def _show(value: Any) -> str:
+    """A short rendering of an offending metadata value and its type."""
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:60] + "..."
+    return f"{text} ({_type_name(value)})"
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a bool"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (GGUFArray, list)):
+        return f"an array of {len(value)}"
+    return type(value).__name__
+
+
+class _Getter:
+    """`{arch}.KEY` values, each checked to have the type the key needs."""
+
+    _missing = object()
+
+    def __init__(self, md: dict[str, Any], arch: str) -> None:
+        self.md, self.arch = md, arch
+
+    def __contains__(self, key: str) -> bool:
+        return f"{self.arch}.{key}" in self.md
+
+    def _get(self, key: str, default: Any) -> tuple[str, Any]:
+        full = f"{self.arch}.{key}"
+        value = self.md.get(full, default)
+        if value is self._missing:
+            raise GGUFError(f"metadata key '{full}' is missing; the file is incomplete")
+        return full, value
+
+    def _scalar(self, full: str, value: Any, kind: str) -> Any:
+        """A per-layer array stands for its one value when every layer has the same."""
+        if isinstance(value, (GGUFArray, list)) and value:
+            first = value[0]
+            if any(v != first for v in value):
+                raise UnsupportedError(
+                    f"metadata key '{full}' differs between layers, which tandem does not "
+                    f"support (it must be {kind})"
+                )
+            return first
         return value
 
-    return get
+    def integer(self, key: str, default: Any = _missing, positive: bool = True) -> int:
+        full, value = self._get(key, default)
+        value = self._scalar(full, value, "a positive integer")
+        if isinstance(value, bool) or not isinstance(value, int) or value < int(positive):
+            what = "a positive integer" if positive else "a non-negative integer"
+            raise GGUFError(f"metadata key '{full}' must be {what}, got {_show(value)}")
+        return value
+
+    def number(self, key: str, default: Any = _missing) -> float:
+        full, value = self._get(key, default)
+        value = self._scalar(full, value, "a finite number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise GGUFError(f"metadata key '{full}' must be a number, got {_show(value)}")
+        if not math.isfinite(value) or value <= 0:
+            raise GGUFError(f"metadata key '{full}' must be a positive number, got {value!r}")
+        return float(value)
+
+    def text(self, key: str, default: Any = _missing) -> str:
+        full, value = self._get(key, default)
+        if not isinstance(value, str):
+            raise GGUFError(f"metadata key '{full}' must be a string, got {_show(value)}")
+        return value
 
 
-def _check_positive(arch: str, key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise GGUFError(f"metadata key '{arch}.{key}' must be a positive integer, got {value!r}")
-
-
-def _vocab_size(md: dict[str, Any], arch: str) -> int:
-    if f"{arch}.vocab_size" in md:
-        return int(md[f"{arch}.vocab_size"])
+def _vocab_size(md: dict[str, Any], arch: str) -> tuple[int, int | None]:
+    """(the vocabulary size, the token list's length or None when there is none)."""
     tokens = md.get("tokenizer.ggml.tokens")
-    if not tokens:
+    if tokens is not None and not isinstance(tokens, (GGUFArray, list)):
+        raise GGUFError(
+            f"metadata key 'tokenizer.ggml.tokens' must be an array, got {_show(tokens)}"
+        )
+    n_tokens = len(tokens) if tokens is not None else None
+    key = f"{arch}.vocab_size"
+    if key in md:
+        value = md[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise GGUFError(f"metadata key '{key}' must be a positive integer, got {_show(value)}")
+        return value, n_tokens
+    if not n_tokens:
         raise GGUFError("metadata has neither a vocab_size nor tokenizer.ggml.tokens")
-    return len(tokens)
+    return n_tokens, n_tokens

@@ -12,13 +12,25 @@ u64; KV = key string, value type u32, value; string = u64 length + UTF-8; array 
 u32, count u64, items; tensor info = name, n_dims u32, ne[n_dims] u64 (ne[0] contiguous),
 ggml type u32, offset u64 relative to the data section, which starts at the header end
 rounded up to `general.alignment` (default 32).
+
+Memory stays proportional to the header: arrays are kept compact, never as Python lists
+(a list of ints costs 8-36 bytes per 1-4 byte item, a list of short strings ~60 bytes per
+~10): numeric arrays as `NumericArray` (one read-only numpy array, a copy, so nothing keeps
+the mapping), string arrays as `StringArray` (the array's bytes, one copy, plus one int64
+offset per item: at most twice the bytes it came from). Both are read-only Sequences whose
+items are plain Python values, so `len`, indexing, iteration, `==` with a list and
+gguf-py's writer work as on lists; `.tolist()` gives the list. Counts of metadata keys,
+tensors and nested arrays are capped far above real files, because each costs hundreds of
+bytes of Python objects for a few bytes of file.
 """
 
 from __future__ import annotations
 
+import array
 import math
 import mmap
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -30,12 +42,13 @@ from runtime.errors import GGUFError
 VT = gguf.GGUFValueType
 
 SUPPORTED_VERSIONS = (2, 3)
-MAX_KV = 1 << 20  # metadata entries
-MAX_TENSORS = 1 << 20
+MAX_KV = 1 << 16  # metadata entries (real files: tens)
+MAX_TENSORS = 1 << 16  # real files: hundreds to a few thousand
 MAX_KEY_BYTES = 1 << 16  # keys and tensor names
 MAX_STRING_BYTES = 64 << 20  # one string value (chat templates are tens of KB)
 MAX_ARRAY_ITEMS = 1 << 24  # 64x the largest real vocab; also bounded by the bytes left
 MAX_ARRAY_DEPTH = 3  # an array of arrays of arrays, no deeper
+MAX_INNER_ARRAYS = 1 << 12  # arrays inside arrays, in the whole header (llama.cpp reads none)
 MAX_DIMS = 4
 MAX_ELEMENTS = (1 << 63) - 1  # ggml counts elements in int64
 SHOW_CHARS = 80  # how much of an offending string an error message shows
@@ -95,11 +108,98 @@ class GGUFHeader:
     """The parsed, validated header of a GGUF file."""
 
     version: int
-    metadata: dict[str, Any]  # plain Python values: str, int, float, bool, (nested) lists
+    metadata: dict[str, Any]  # str, int, float, bool; arrays: GGUFArray (nested: lists of them)
     metadata_types: dict[str, gguf.GGUFValueType]  # each key's top-level value type
     tensors: dict[str, TensorInfo]  # in file order
     alignment: int
     data_offset: int  # absolute start of the data section
+
+
+class GGUFArray(Sequence):
+    """A read-only, compact GGUF metadata array; items are plain Python values."""
+
+    __slots__ = ()
+    __hash__ = None  # type: ignore[assignment]  # compared by value, like a list
+
+    def tolist(self) -> list:
+        return list(self)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (str, bytes)) or not isinstance(other, (Sequence, np.ndarray)):
+            return NotImplemented
+        if len(self) != len(other):
+            return False
+        return all(a == b for a, b in zip(self, other, strict=True))
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(v) for v in self[:4])
+        more = f", ... ({len(self)} items)" if len(self) > 4 else ""
+        return f"{type(self).__name__}([{head}{more}])"
+
+
+class NumericArray(GGUFArray):
+    """A numeric (or bool) array: one read-only numpy array, `.values`."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: np.ndarray) -> None:
+        values.flags.writeable = False
+        self.values = values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return NumericArray(self.values[index])
+        return self.values[index].item()
+
+    def __iter__(self) -> Iterator:
+        for start in range(0, len(self.values), 1 << 16):  # bounded temporary lists
+            yield from self.values[start : start + (1 << 16)].tolist()
+
+    def tolist(self) -> list:
+        return self.values.tolist()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.values if dtype is None else self.values.astype(dtype)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, NumericArray):
+            return bool(np.array_equal(self.values, other.values))
+        return super().__eq__(other)
+
+
+class StringArray(GGUFArray):
+    """A string array as the file holds it: `raw` is the items' bytes, each preceded by its
+    u64 length; item i is raw[starts[i] + 8 : starts[i + 1]] (UTF-8, checked when parsed)."""
+
+    __slots__ = ("raw", "starts")
+
+    def __init__(self, raw: bytes, starts: np.ndarray) -> None:
+        starts.flags.writeable = False
+        self.raw, self.starts = raw, starts  # starts: n + 1 int64, the last is len(raw)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"string array index {index} out of range ({n} items)")
+        index %= n
+        return self.raw[int(self.starts[index]) + 8 : int(self.starts[index + 1])].decode()
+
+    def __iter__(self) -> Iterator[str]:
+        raw, bounds = self.raw, self.starts.tolist()
+        for i in range(len(bounds) - 1):
+            yield raw[bounds[i] + 8 : bounds[i + 1]].decode()
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.raw) + self.starts.nbytes
 
 
 def _show(value: str | bytes) -> str:
@@ -123,7 +223,7 @@ class _BytesSlicer:
 class _Cursor:
     """A bounds-checked read position in the buffer; every read checks the bytes remain."""
 
-    __slots__ = ("buf", "src", "pos", "end", "source")
+    __slots__ = ("buf", "src", "pos", "end", "source", "inner_arrays")
 
     def __init__(self, buf: memoryview, src: Any, source: str | None) -> None:
         self.buf = buf
@@ -131,6 +231,7 @@ class _Cursor:
         self.pos = 0
         self.end = len(buf)
         self.source = source
+        self.inner_arrays = 0  # arrays read inside arrays so far (capped: MAX_INNER_ARRAYS)
 
     def fail(self, problem: str) -> NoReturn:
         raise GGUFError(f"{self.source}: {problem}" if self.source else problem)
@@ -186,33 +287,37 @@ def _scalar(cur: _Cursor, vtype: int, what: str) -> Any:
     return value != 0 if vtype == VT.BOOL else value
 
 
-def _numeric_array(cur: _Cursor, itype: int, n: int) -> list:
+def _numeric_array(cur: _Cursor, itype: int, n: int) -> NumericArray:
     dtype = _SCALARS[itype][1]
     arr = np.frombuffer(cur.buf, dtype=dtype, count=n, offset=cur.pos)
     cur.pos += n * dtype.itemsize
-    return (arr != 0).tolist() if itype == VT.BOOL else arr.tolist()
+    # a copy (native byte order): nothing may keep the file mapping alive or read it later
+    return NumericArray(arr != 0 if itype == VT.BOOL else arr.astype(dtype.newbyteorder("=")))
 
 
-def _string_array(cur: _Cursor, n: int, what: str) -> list[str]:
-    """A tight loop for the big tokenizer arrays (262k strings in well under a second)."""
-    buf, src, pos, end = cur.buf, cur.src, cur.pos, cur.end
+def _string_array(cur: _Cursor, n: int, what: str) -> StringArray:
+    """A tight loop for the big tokenizer arrays (262k strings in well under a second):
+    each item's length and UTF-8 are checked; only its offset is kept (8 bytes per item)."""
+    buf, src, first, pos, end = cur.buf, cur.src, cur.pos, cur.pos, cur.end
     unpack = _U64.unpack_from
-    out: list[str] = []
-    append = out.append
+    starts = array.array("q")
+    append = starts.append
     try:
         for _ in range(n):
             length = unpack(buf, pos)[0]  # struct.error when fewer than 8 bytes remain
             stop = pos + 8 + length
             if stop > end or length > MAX_STRING_BYTES:
                 break
-            append(src[pos + 8 : stop].decode())
+            src[pos + 8 : stop].decode()  # validates; the text is made again when read
+            append(pos - first)
             pos = stop
         else:
             cur.pos = pos
-            return out
+            append(pos - first)
+            return StringArray(bytes(src[first:pos]), np.frombuffer(starts, dtype=np.int64))
     except (struct.error, UnicodeDecodeError):
         pass
-    _bad_string(cur, pos, f"{what}[{len(out)}]")
+    _bad_string(cur, pos, f"{what}[{len(starts)}]")
 
 
 def _bad_string(cur: _Cursor, pos: int, what: str) -> NoReturn:
@@ -234,6 +339,9 @@ def _array(cur: _Cursor, depth: int, what: str) -> list:
         return _numeric_array(cur, itype, n)
     if itype == VT.STRING:
         return _string_array(cur, n, what)
+    cur.inner_arrays += n
+    if cur.inner_arrays > MAX_INNER_ARRAYS:
+        cur.fail(f"{what}: more than {MAX_INNER_ARRAYS} arrays nested in arrays")
     return [_array(cur, depth + 1, f"{what}[{i}]") for i in range(n)]
 
 

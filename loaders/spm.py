@@ -10,7 +10,9 @@ the leftmost pair on ties. A final symbol that is not a token falls back to byte
 from __future__ import annotations
 
 import heapq
+from array import array
 
+from loaders.bpe import TooManyTokens
 from runtime.errors import TokenizerError
 
 SPACE = "\u2581"
@@ -38,6 +40,13 @@ class SPMModel:
         self.token_to_id = token_to_id
         self.scores = scores
         self.byte_ids = [self._byte_id(b, unk_id) for b in range(256)]
+        # Merge priority: the dense rank of each token's score, best first (ties share one).
+        distinct = sorted(set(scores), reverse=True)
+        rank = {s: r for r, s in enumerate(distinct)}
+        self._order = [rank[s] for s in scores]
+        longest = max((len(t) for t in token_to_id), default=1)
+        # The most input characters one token covers (byte tokens cover one).
+        self.max_token_chars = max(longest, 1)
 
     def _byte_id(self, b: int, unk_id: int | None) -> int | None:
         tid = self.token_to_id.get(byte_token_text(b))
@@ -45,10 +54,14 @@ class SPMModel:
             tid = self.token_to_id.get(chr(b))
         return unk_id if tid is None else tid
 
-    def encode(self, text: str, add_space_prefix: bool) -> list[int]:
-        """Token ids of one raw-text fragment (no special-token handling here)."""
+    def encode(self, text: str, add_space_prefix: bool, limit: int | None = None) -> list[int]:
+        """Token ids of one raw-text fragment (no special-token handling here). With `limit`,
+        a fragment longer than (limit + 1) × the longest token is refused before merging and
+        TooManyTokens raised once more than `limit` ids result."""
         if add_space_prefix:
             text = " " + text
+        if limit is not None and len(text) > (limit + 1) * self.max_token_chars:
+            raise TooManyTokens(limit)
         text = text.replace(" ", SPACE)
         ids: list[int] = []
         for sym in self._merge(text):
@@ -57,6 +70,8 @@ class SPMModel:
                 ids.append(tid)
             else:
                 ids.extend(self._bytes(sym))
+        if limit is not None and len(ids) > limit:
+            raise TooManyTokens(limit)
         return ids
 
     def _bytes(self, sym: str) -> list[int]:
@@ -69,38 +84,48 @@ class SPMModel:
         return out
 
     def _merge(self, text: str) -> list[str]:
-        """Merge the best-scoring adjacent pair (leftmost on ties) until none is a token."""
+        """Merge the best-scoring adjacent pair (leftmost on ties) until none is a token.
+
+        Heap entries are single ints (the pair's score order << 32 | left position); an
+        entry is current when the pair now at `left` forms a token of that score order (a
+        pair of equal score at the same place merges the same way). Links are arrays.
+        """
         n = len(text)
         if n < 2:
             return [text] if text else []
-        start = list(range(n))
-        size = [1] * n
-        nxt = [*range(1, n), -1]
-        prv = list(range(-1, n - 1))
-        heap: list[tuple[float, int, int, int]] = []
-        vocab, scores = self.token_to_id, self.scores
+        size = array("q", bytes(8 * n))
+        for i in range(n):
+            size[i] = 1
+        nxt = array("q", range(1, n + 1))
+        nxt[n - 1] = -1
+        prv = array("q", range(-1, n - 1))
+        vocab, order = self.token_to_id, self._order
 
-        def push(left: int, right: int) -> None:
-            if left < 0 or right < 0:
-                return
-            total = size[left] + size[right]
-            tid = vocab.get(text[start[left] : start[left] + total])
-            if tid is not None:
-                heapq.heappush(heap, (-scores[tid], left, right, total))
+        def key(left: int, right: int) -> int | None:
+            tid = vocab.get(text[left : right + size[right]])
+            return None if tid is None else order[tid] << 32 | left
 
-        for i in range(n - 1):
-            push(i, i + 1)
+        heap = [k for i in range(n - 1) if (k := key(i, i + 1)) is not None]
+        heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
         while heap:
-            _, left, right, total = heapq.heappop(heap)
-            if size[left] == 0 or size[right] == 0 or size[left] + size[right] != total:
+            entry = pop(heap)
+            left = entry & 0xFFFFFFFF
+            right = nxt[left]
+            if right < 0 or size[left] == 0 or key(left, right) != entry:
                 continue  # outdated: one side has been merged since
-            size[left], size[right] = total, 0
-            nxt[left] = nxt[right]
-            if nxt[right] >= 0:
-                prv[nxt[right]] = left
-            push(prv[left], left)
-            push(left, nxt[left])
-        return [text[start[i] : start[i] + size[i]] for i in range(n) if size[i]]
+            size[left] += size[right]
+            size[right] = 0
+            after = nxt[right]
+            nxt[left] = after
+            if after >= 0:
+                prv[after] = left
+                if (k := key(left, after)) is not None:
+                    push(heap, k)
+            before = prv[left]
+            if before >= 0 and (k := key(before, left)) is not None:
+                push(heap, k)
+        return [text[i : i + size[i]] for i in range(n) if size[i]]
 
 
 def piece_bytes(text: str) -> bytes:

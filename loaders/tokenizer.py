@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loaders import bpe, spm
-from runtime.errors import TokenizerError, UnsupportedError
+from runtime.errors import ContextLengthError, TokenizerError, UnsupportedError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SUPPORTED_MODELS = ("gpt2", "llama")
@@ -135,6 +135,32 @@ def _per_token(md: dict[str, Any], key: str, n: int, default: Any) -> list:
     return values[:n]
 
 
+def _too_many(max_tokens: int) -> ContextLengthError:
+    return ContextLengthError(
+        f"the text is longer than {max_tokens} tokens; shorten it or raise the limit (num_ctx)"
+    )
+
+
+_GROUP = 4  # special-token texts are grouped by their first _GROUP characters
+
+
+def _prefix_groups(specials: list[tuple[int, str]]) -> list[tuple[str, list[tuple[int, str]]]]:
+    """The specials grouped by prefix, so that one substring search rules out a whole group
+    (Gemma has 6000+ `<unused…>` tokens); groups and members keep the longest-first order."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for tid, text in specials:
+        groups.setdefault(text[:_GROUP], []).append((tid, text))
+    return list(groups.items())
+
+
+def _present(groups: list[tuple[str, list[tuple[int, str]]]], text: str) -> list[tuple[int, str]]:
+    """The specials that occur in text, in the specials' longest-first order."""
+    found = [m for prefix, members in groups if prefix in text for m in members if m[1] in text]
+    if len(groups) > 1:
+        found.sort(key=lambda m: (-len(m[1]), m[0]))
+    return found
+
+
 def _special_id(md: dict[str, Any], name: str, n: int, default: int | None) -> int | None:
     value = md.get(f"{_K}{name}_token_id")
     if isinstance(value, int) and 0 <= value < n:
@@ -176,6 +202,8 @@ class Tokenizer:
         )
         self._specials = [(i, tokens[i]) for i in order]
         self._user_defined = [(i, t) for i, t in self._specials if types[i] == USER_DEFINED]
+        self._special_groups = _prefix_groups(self._specials)
+        self._user_groups = _prefix_groups(self._user_defined)
         self._pieces: dict[int, bytes] = {}
 
     @classmethod
@@ -259,9 +287,8 @@ class Tokenizer:
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
         """Split text around special tokens: longest token text first, all occurrences."""
         parts: list[str | int] = [text] if text else []
-        for tid, ttext in self._specials if parse_special else self._user_defined:
-            if ttext not in text:
-                continue
+        groups = self._special_groups if parse_special else self._user_groups
+        for tid, ttext in _present(groups, text):
             out: list[str | int] = []
             for part in parts:
                 if isinstance(part, int) or ttext not in part:
@@ -277,24 +304,85 @@ class Tokenizer:
 
     # -- public API -------------------------------------------------------------------
 
-    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        """Token ids of text; add_special adds BOS/EOS as the model asks."""
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for: text longer than
+        n × max_token_chars certainly has more than n tokens, so a caller can refuse it
+        before tokenizing (e.g. a server, against num_ctx)."""
+        if self._max_token_chars is None:
+            longest = max((len(t) for _, t in self._specials), default=1)
+            if self.model == "llama":
+                backend = self.backend.max_token_chars
+            else:
+                backend = self.backend.max_token_bytes
+            self._max_token_chars = max(longest, backend, 1)
+        return self._max_token_chars
+
+    _max_token_chars: int | None = None
+
+    def encode(
+        self,
+        text: str,
+        add_special: bool = True,
+        parse_special: bool = True,
+        max_tokens: int | None = None,
+    ) -> list[int]:
+        """Token ids of text; add_special adds BOS/EOS as the model asks. parse_special
+        makes CONTROL-token texts in `text` control tokens (as llama.cpp does for raw
+        prompts); without it they are plain text. With max_tokens, ContextLengthError as
+        soon as the count certainly exceeds it, without tokenizing the rest."""
+        return self.encode_segments([(text, parse_special)], add_special, max_tokens)
+
+    def encode_segments(
+        self,
+        segments: Sequence[tuple[str, bool]],
+        add_special: bool = True,
+        max_tokens: int | None = None,
+    ) -> list[int]:
+        """Token ids of the concatenated (text, parse_special) segments: special tokens are
+        recognised only inside segments whose flag is set, and text runs that meet across
+        segments are tokenized as one (so "as text" segments tokenize exactly as if their
+        special-token texts were ordinary characters)."""
+        if max_tokens is not None:
+            chars = sum(len(t) for t, _ in segments)
+            if chars > (max_tokens + 1) * self.max_token_chars:
+                raise _too_many(max_tokens)
+        parts: list[str | int] = []
+        for text, parse_special in segments:
+            for part in self._partition(text, parse_special):
+                if isinstance(part, str) and parts and isinstance(parts[-1], str):
+                    parts[-1] += part
+                else:
+                    parts.append(part)
         ids: list[int] = []
         if add_special and self.add_bos:
             ids.append(self.bos_id)  # type: ignore[arg-type]
         prev_special = True
-        for part in self._partition(text, parse_special):
-            if isinstance(part, int):
-                ids.append(part)
-                prev_special = True
-            elif self.model == "llama":
-                ids.extend(self.backend.encode(part, self.add_space_prefix and prev_special))
-                prev_special = False
-            else:
-                ids.extend(self.backend.encode(part))
+        try:
+            for part in parts:
+                left = None if max_tokens is None else max_tokens - len(ids)
+                if isinstance(part, int):
+                    ids.append(part)
+                    prev_special = True
+                elif self.model == "llama":
+                    prefix = self.add_space_prefix and prev_special
+                    ids.extend(self.backend.encode(part, prefix, left))
+                    prev_special = False
+                else:
+                    ids.extend(self.backend.encode(part, left))
+                if max_tokens is not None and len(ids) > max_tokens:
+                    raise bpe.TooManyTokens(max_tokens)
+        except bpe.TooManyTokens:
+            raise _too_many(max_tokens) from None  # type: ignore[arg-type]
         if add_special and self.add_eos:
             ids.append(self.eos_id)  # type: ignore[arg-type]
+            if max_tokens is not None and len(ids) > max_tokens:
+                raise _too_many(max_tokens)
         return ids
+
+    def special_texts_in(self, text: str) -> list[str]:
+        """The CONTROL/UNKNOWN/USER_DEFINED token texts that occur in text, longest first."""
+        return [t for _, t in _present(self._special_groups, text)]
 
     def token_str(self, token_id: int) -> str:
         """The raw vocabulary string of a token."""

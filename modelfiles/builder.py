@@ -11,9 +11,9 @@ given; ADAPTERs and LICENSEs add to the inherited ones.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from pathlib import Path
 
+from loaders.blobs import partial
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from loaders.lora_adapter import LoraAdapter
@@ -165,14 +165,9 @@ def _check_fits(adapter: LoraAdapter, base_path: Path) -> None:
 
 def _quantize(store: Store, model: Layer, target: str, say: Progress) -> Layer:
     target_type(target)  # an unknown type fails before any work
-    store.blobs.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=store.blobs, prefix="quantize-", suffix=".partial", delete=False
-    ) as tmp:
-        out = Path(tmp.name)
-    try:
+    source = store.check_blob(model)
+    # the partial file stays locked while the quantizer writes it (through its own handle)
+    with partial(store.blobs, "quantize-") as (_, out):
         say(f"quantizing model to {target.upper()}")
-        say(quantize_gguf(store.blob_path(model), out, target, say))
+        say(quantize_gguf(source, out, target, say))
         return store.adopt(out, say)
-    finally:
-        out.unlink(missing_ok=True)

@@ -297,10 +297,13 @@ class _Translator:
             return self.dot
         if tok.kind == "var":
             return "_root" if tok.text == "$" else self._var(tok.text)
-        if tok.kind in ("string", "raw"):
-            return json.dumps(unquote(tok.text), ensure_ascii=False)
-        if tok.kind == "number":
-            return number(tok.text)
+        if tok.kind in ("string", "raw", "number"):
+            try:
+                if tok.kind == "number":
+                    return number(tok.text)
+                return json.dumps(unquote(tok.text), ensure_ascii=False)
+            except TemplateError as err:
+                raise self._error(str(err)) from None
         if tok.kind == "ident" and tok.text in ("true", "false", "nil"):
             return {"true": "true", "false": "false", "nil": "none"}[tok.text]
         if tok.kind == "ident":

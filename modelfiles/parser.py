@@ -137,16 +137,10 @@ def _parameter(mf: Modelfile, name: str, text: str, line_no: int) -> None:
         known = ", ".join(params.PARAMETERS)
         raise ModelfileError(f"unknown parameter {name!r}; known parameters: {known}", line_no)
     try:
-        value = params.parse_value(key, text)
-        if key in params.PARAMETERS:
-            params.check_sampling({key: value})
+        value = params.parse_value(key, text)  # typed, in range, and supported
     except (ValueError, InvalidParameterError) as err:
         raise ModelfileError(f"bad value for PARAMETER {key}: {err}", line_no) from None
-    if key in params.IGNORED:
-        mf.warnings.append(
-            f"line {line_no}: parameter {key} is ollama's but tandem does not use it; ignored"
-        )
-    elif params.PARAMETERS[key].repeated:
+    if params.PARAMETERS[key].repeated:
         mf.parameters.setdefault(key, []).append(value)
     else:
         mf.parameters[key] = value

@@ -15,36 +15,47 @@ ChatTemplate. The data follow ollama's template.Execute:
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-from loaders.chat_template import ChatTemplate
+from loaders.chat_template import SAMPLE_CONVERSATION, ChatTemplate
+from loaders.template_sandbox import check_text, meter
 from modelfiles.go_template import translate
 
+_VERB = re.compile(r"(%.)", re.S)
 # Marks where the answer begins in the last turn (a private-use code point pair).
 _CUT = "\ue000response\ue001"
 
 
 def _go_print(value: Any) -> str:
     """fmt.Sprint's form of the values templates print."""
+    if not isinstance(value, str):
+        check_text(value)
+    return _go_format(value)
+
+
+def _go_format(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
-        return "[" + " ".join(_go_print(v) for v in value) + "]"
+        return "[" + " ".join(_go_format(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "map[" + " ".join(f"{k}:{_go_print(v)}" for k, v in sorted(value.items())) + "]"
+        return "map[" + " ".join(f"{k}:{_go_format(v)}" for k, v in sorted(value.items())) + "]"
     return str(value)
 
 
-def _go_range(value: Any) -> list[tuple[Any, Any]]:
+def _go_range(value: Any) -> Any:
+    """(key, item) pairs; an integer n ranges lazily over 0..n-1 (each step is metered)."""
     if value is None or not value:
         return []
     if isinstance(value, dict):
+        meter().step(len(value))
         return sorted(value.items())
     if isinstance(value, int) and not isinstance(value, bool):
-        return [(i, i) for i in range(value)]
-    return list(enumerate(value))
+        return ((i, i) for i in range(value))
+    return enumerate(value)
 
 
 def _go_eq(first: Any, *others: Any) -> bool:
@@ -74,42 +85,44 @@ def _go_slice(value: Any, *bounds: int) -> Any:
 
 def _go_sprint(*values: Any) -> str:
     # Sprint adds a space between operands when neither side is a string
+    check_text(*values)
     out = ""
     for i, v in enumerate(values):
         if i and not isinstance(v, str) and not isinstance(values[i - 1], str):
             out += " "
-        out += _go_print(v)
+        out += _go_format(v)
     return out
 
 
 def _go_sprintln(*values: Any) -> str:
-    return " ".join(_go_print(v) for v in values) + "\n"
+    check_text(*values)
+    return " ".join(_go_format(v) for v in values) + "\n"
 
 
 def _go_printf(fmt: str, *args: Any) -> str:
     """Sprintf for the verbs templates use: %s %v %d %q %%."""
+    size = check_text(fmt, *args)
+    parts = _VERB.split(str(fmt))
+    meter().step(len(parts))  # one step per verb: a huge format string is refused
+    meter().allow(size + 5 * len(parts), "a printf result")
     out, pending = [], list(args)
-    i = 0
-    while i < len(fmt):
-        if fmt[i] == "%" and i + 1 < len(fmt):
-            verb = fmt[i + 1]
-            if verb == "%":
-                out.append("%")
-            elif pending:
-                value = pending.pop(0)
-                out.append(
-                    json.dumps(value, ensure_ascii=False) if verb == "q" else _go_print(value)
-                )
-            else:
-                out.append(f"%!{verb}(MISSING)")
-            i += 2
+    for k, part in enumerate(parts):
+        if k % 2 == 0:
+            out.append(part)
             continue
-        out.append(fmt[i])
-        i += 1
+        verb = part[1]
+        if verb == "%":
+            out.append("%")
+        elif pending:
+            value = pending.pop(0)
+            out.append(json.dumps(value, ensure_ascii=False) if verb == "q" else _go_format(value))
+        else:
+            out.append(f"%!{verb}(MISSING)")
     return "".join(out)
 
 
 def _go_json(value: Any) -> str:
+    check_text(value)
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -151,7 +164,8 @@ class GoTemplate:
             jinja += '{{ _go_print(_root["Response"]) }}'
         self.source = source
         self.bos_token, self.eos_token = bos_token, eos_token
-        self._template = ChatTemplate(jinja, bos_token=bos_token, eos_token=eos_token)
+        self._template = ChatTemplate(jinja, bos_token=bos_token, eos_token=eos_token, check=False)
+        ChatTemplate.check_budget(lambda: self.render([dict(m) for m in SAMPLE_CONVERSATION]))
 
     def render(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any

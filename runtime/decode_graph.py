@@ -16,7 +16,7 @@ are computed and dropped. Block tables are max_blocks wide (num_ctx / 16).
 A bucket is captured the first time a step of its size comes, after two warm-up runs that
 compile the Triton kernels for its shapes (a few hundred ms once). Steps that are not
 decode-only, are wider than max_blocks or larger than the largest bucket return None, and the
-caller runs Model.forward_batch. Without CUDA, capture=False runs the very same static-buffer
+caller (runtime/model_runner.py) runs the model eagerly. Without CUDA, capture=False runs the very same static-buffer
 step eagerly: everything but the capture itself is tested on the CPU (tests/test_decode_graph.py).
 """
 
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.triton_linear import TritonLinear
+from runtime.attention_backends import LayerAttention
 from runtime.block_manager import BLOCK_SIZE
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_pool import KVPool
@@ -134,7 +135,7 @@ class DecodeGraphs:
 
     def run(self, batch: ForwardBatch) -> torch.Tensor | None:
         """Logits (n, V) of a decode-only batch of n sequences; None when this step is not
-        one the graphs take (the caller then runs Model.forward_batch)."""
+        one the graphs take (the caller then runs the model eagerly)."""
         d, n = batch.decode, batch.tokens.shape[0]
         if (
             self.failed
@@ -200,13 +201,15 @@ class DecodeGraphs:
 
     # ---- the step --------------------------------------------------------------------
     def _step(self, bucket: _Bucket) -> torch.Tensor:
+        """The model's layers on the static inputs: logits (rows, V) with_head, else the
+        final hidden state (rows, E)."""
         v = bucket.inputs.dev
         tables = {
             swa: (v[f"cos{swa:d}"], v[f"sin{swa:d}"]) for swa in (False, True) if f"cos{swa:d}" in v
         }
-        return self.model.decode_on_gpu(
-            v["x"], tables, self.pool, v["slots"], v["tables"], v["lengths"], self.with_head
-        )
+        step = ForwardBatch.decode_only(v["slots"], v["tables"], v["lengths"])
+        x = self.model.layers(v["x"], tables, LayerAttention(self.model.blocks, step, self.pool))
+        return self.model.logits(x) if self.with_head else x
 
     def _capture(self, bucket: _Bucket) -> None:
         """Warm up on a side stream (compiling the kernels), then capture the step."""

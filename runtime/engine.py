@@ -1,7 +1,7 @@
 """Engine: one model's LLMEngine driven by a single background thread — the thread-safe
 API the server uses.
 
-    engine = Engine(lm, EngineOptions(num_ctx=4096, max_num_seqs=16))
+    engine = Engine(lm, lm.options.engine_options())  # the model's resolved RunOptions
     handle = engine.submit(prompt_ids, params, sink)   # sink(Event) is called from the
                                                        # engine thread, one Event per token
     engine.abort(handle.request_id)                    # stop at the next step, free its KV
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from runtime.errors import EngineClosedError, QueueFullError, TandemError
-from runtime.llm_engine import EngineOptions, EngineStats, Event, LLMEngine
+from runtime.llm_engine import EngineOptions, EngineStats, Event, LLMEngine, as_tandem_error
 from runtime.loaded_model import LoadedModel
 from runtime.sampling_params import SamplingParams
 from runtime.sequence import check_prompt
@@ -105,16 +105,21 @@ class Engine:
             events = []
             for request_id, ids, params, sink in incoming:
                 events += self._add(request_id, ids, params, sink)
-            for request_id in aborts:
-                events += self.core.abort(request_id)
             try:
-                events += self.core.step()
-            except Exception as err:  # a bug outside the forward: fail what runs, keep serving
+                for request_id in aborts:
+                    events += self.core.abort(request_id)
+                events += self.core.step()  # fails only what a failure touched; never raises
+            except Exception as err:  # a bug outside the step's own guards: fail what runs
                 log.exception("engine step failed")
-                events += self._fail_all(err)
+                events += self.core.fail_all(err)
             self._deliver(events)
+            try:
+                stats = self.core.snapshot()
+            except Exception:
+                log.exception("engine statistics failed")
+                stats = self._stats
             with self._cond:
-                self._stats = self.core.snapshot()
+                self._stats = stats
         for request_id in list(self.core.requests):
             self._deliver(self.core.abort(request_id))
 
@@ -122,18 +127,11 @@ class Engine:
         self._sinks[request_id] = sink
         try:
             self.core.add_request(request_id, ids, params)
-        except TandemError as err:  # QueueFullError or a bad request: only this one fails
-            return [Event(request_id, i, error=err) for i in range(params.n)]
+        except Exception as err:  # QueueFullError, a bad request or a bug: only this one fails
+            if not isinstance(err, TandemError):
+                log.exception("adding %s failed", request_id)
+            return [Event(request_id, i, error=as_tandem_error(err)) for i in range(params.n)]
         return []
-
-    def _fail_all(self, err: Exception) -> list[Event]:
-        error = TandemError(f"internal error: {err}")
-        events = []
-        for request_id in list(self.core.requests):
-            events += [
-                Event(e.request_id, e.index, error=error) for e in self.core.abort(request_id)
-            ]
-        return events
 
     def _deliver(self, events: list[Event]) -> None:
         for event in events:

@@ -69,3 +69,21 @@ class ServerUnreachableError(TandemError):
 class PlanError(TandemError):
     """The model does not fit the devices as asked: the message gives the numbers and what to
     lower (num_ctx, num_parallel, num_gpu)."""
+
+
+class InternalError(TandemError):
+    """A bug or an unexpected failure inside tandem (HTTP 500)."""
+
+
+class NonFiniteLogitsError(InternalError):
+    """The model produced NaN or +inf logits for a sequence: its numerics broke down, so that
+    request fails (HTTP 500) and the others in the same step go on."""
+
+
+class TooManyStopsError(InvalidParameterError):
+    """A request gave more stop strings, or longer ones, than the engine accepts."""
+
+
+class TemplateBudgetError(TemplateError):
+    """A chat template went over its render budget (steps, time, or the size of what it
+    builds); the template, not the request, has to change (or the request is far too big)."""

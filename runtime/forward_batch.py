@@ -1,4 +1,4 @@
-"""ForwardBatch: one engine step's input to Model.forward_batch.
+"""ForwardBatch: one engine step's input to the model (runtime/model_runner.py).
 
 The new tokens of every scheduled sequence are concatenated into rows 0 … T-1; each sequence
 (SeqRows) has a contiguous run of rows, the positions they take, the KV slots they write,
@@ -32,13 +32,14 @@ class DecodeGroup:
     """B one-token sequences: their block tables and context lengths. The padded context
     slots (for the gathered-SDPA fallback) are derived from those only when asked for."""
 
-    rows: torch.Tensor  # (B,) int64: their rows in the batch
+    rows: torch.Tensor | None  # (B,) int64: their rows in the batch (None: rows 0 … B-1)
     lengths: torch.Tensor  # (B,) int64: context lengths (the query is at position length-1)
     tables: torch.Tensor  # (B, max_blocks) int32: block tables, padding → 0
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> DecodeGroup:
-        return DecodeGroup(self.rows.to(device), self.lengths.to(device), self.tables.to(device))
+        rows = self.rows.to(device) if self.rows is not None else None
+        return DecodeGroup(rows, self.lengths.to(device), self.tables.to(device))
 
     @functools.cached_property
     def width(self) -> int:
@@ -106,9 +107,20 @@ class ForwardBatch:
             _decode_group(decodes),
         )
 
+    @classmethod
+    def decode_only(
+        cls, slots: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor
+    ) -> ForwardBatch:
+        """B one-token sequences whose index tensors are already on their device (a CUDA
+        graph's static inputs): slots (B,), tables (B, W), lengths (B,). Only what attention
+        reads is set."""
+        empty = slots.new_empty(0)
+        return cls(empty, empty, slots, [], empty, DecodeGroup(None, lengths, tables))
+
     def on(self, device: torch.device) -> ForwardBatch:
-        """This batch's index tensors on `device` (itself on the CPU), made once per device."""
-        if device.type == "cpu":
+        """This batch's index tensors on `device` (itself on the CPU or where they are
+        already), made once per device."""
+        if device.type == "cpu" or self.slots.device == device:
             return self
         cache = self.__dict__.setdefault("_copies", {})
         if device not in cache:

@@ -16,13 +16,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modelfiles.parameters import OPTIONS
+from modelfiles.resolver import ModelSpec, resolve
 from runtime.errors import InvalidParameterError
-from runtime.llm_engine import EngineOptions, LLMEngine
+from runtime.llm_engine import LLMEngine
 from runtime.loaded_model import LoadedModel
+from runtime.run_options import RunOptions
 from runtime.sampling_params import SamplingParams
 from runtime.sequence import Delta, Timings
-
-DEFAULT_NUM_CTX = 4096
 
 
 @dataclass
@@ -45,10 +46,27 @@ class RequestOutput:
 class LLM:
     """A model and its engine in this thread: generate() batches all prompts together."""
 
-    def __init__(self, model: str | Path, num_ctx: int = DEFAULT_NUM_CTX, **options) -> None:
-        self.lm = LoadedModel.load(model)
-        self.num_ctx = min(num_ctx, self.lm.config.n_ctx_train)
-        self.engine = LLMEngine(self.lm, EngineOptions(num_ctx=self.num_ctx, **options))
+    def __init__(
+        self,
+        model: str | Path | ModelSpec,
+        num_ctx: int | None = None,
+        options: RunOptions | None = None,
+        **settings,
+    ) -> None:
+        """`settings` by option name (num_parallel, kv_cache_type, num_thread, num_batch,
+        num_gpu, …; modelfiles/parameters.py) override the Modelfile's PARAMETERs, as flags
+        do; other names (num_blocks, max_waiting) go to EngineOptions. `options`: settings
+        already resolved (then num_ctx and option names in `settings` are not accepted)."""
+        spec = model if isinstance(model, ModelSpec) else resolve(model)
+        flags = {k: settings.pop(k) for k in list(settings) if k in OPTIONS}
+        if options is None:
+            options = RunOptions.resolve(spec.parameters, {"num_ctx": num_ctx, **flags})
+        elif num_ctx is not None or flags:
+            raise InvalidParameterError("give settings either as RunOptions or by name, not both")
+        self.lm = LoadedModel.load(spec, options=options)
+        self.options = self.lm.options  # clamped to the model's trained context
+        self.num_ctx = self.options.num_ctx
+        self.engine = LLMEngine(self.lm, self.options.engine_options(**settings))
         self._ids = itertools.count()
 
     @property

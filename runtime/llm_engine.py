@@ -7,7 +7,7 @@
     engine.abort("r1")                             # → its final "abort" events
 
 Each step: the scheduler picks tokens (continuous batching, chunked prefill, preemption),
-copy-on-write pages are copied, one Model.forward_batch runs them all, and every sequence
+copy-on-write pages are copied, one ModelRunner.run runs them all, and every sequence
 whose pending tokens are now computed samples its next token. A request with n > 1
 prefills once; at its first sample the other n-1 samples fork from it, sharing its blocks.
 Not thread-safe: runtime.engine.Engine drives it from one thread.
@@ -22,12 +22,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from modelfiles.parameters import default
 from runtime.block_manager import BLOCK_SIZE, BlockManager
-from runtime.decode_graph import DecodeGraphs
-from runtime.errors import InvalidParameterError, QueueFullError, TandemError
-from runtime.forward_batch import ForwardBatch
-from runtime.kv_pool import KV_CACHE_TYPES, KVPool, kv_bytes_per_token
+from runtime.errors import InternalError, InvalidParameterError, QueueFullError, TandemError
+from runtime.kv_pool import KV_CACHE_TYPES, kv_bytes_per_token
 from runtime.loaded_model import LoadedModel
+from runtime.model_runner import ModelRunner
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import Scheduler, Step
 from runtime.sequence import Delta, Sequence, check_prompt
@@ -37,13 +37,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EngineOptions:
-    num_ctx: int = 4096  # tokens per sequence
-    num_parallel: int = 4  # the KV pool holds num_ctx × num_parallel tokens (unless num_blocks)
-    max_num_seqs: int = 16  # sequences computed together in one step
+    num_ctx: int = default("num_ctx")  # tokens per sequence
+    # the KV pool holds num_ctx × num_parallel tokens (unless num_blocks)
+    num_parallel: int = default("num_parallel")
+    max_num_seqs: int = default("max_num_seqs")  # sequences computed together in one step
     max_waiting: int = 512  # requests waiting beyond this are refused (QueueFullError → 503)
-    kv_cache_type: str = "f16"  # or "q8_0"
+    kv_cache_type: str = default("kv_cache_type")  # or "q8_0"
     num_blocks: int | None = None  # KV pool size in BLOCK_SIZE-token blocks
-    max_step_tokens: int = 512  # per-step token budget (chunked prefill)
+    max_step_tokens: int = default("num_batch")  # per-step token budget (chunked prefill)
 
     def __post_init__(self) -> None:
         for name in ("num_ctx", "num_parallel", "max_num_seqs", "max_waiting", "max_step_tokens"):
@@ -104,14 +105,12 @@ class LLMEngine:
         self.lm = lm
         self.options = options = options or EngineOptions()
         self.num_ctx = min(options.num_ctx, lm.config.n_ctx_train)
-        self.pool = KVPool(
-            lm.config,
+        self.runner = ModelRunner(
+            lm.model,
             options.num_blocks,
             options.kv_cache_type,
-            [block.device for block in lm.model.blocks],
-        )
-        self.graphs = DecodeGraphs.for_engine(
-            lm.model, self.pool, self.num_ctx, options.max_num_seqs
+            self.num_ctx,
+            options.max_num_seqs,
         )
         self.blocks = BlockManager(options.num_blocks)
         self.scheduler = Scheduler(self.blocks, options.max_num_seqs, options.max_step_tokens)
@@ -120,16 +119,16 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         f16_bytes = options.num_blocks * BLOCK_SIZE * kv_bytes_per_token(lm.config, "f16")
         self.stats = EngineStats(
-            kv_bytes=self.pool.nbytes,
+            kv_bytes=self.runner.kv_bytes,
             kv_cache_type=options.kv_cache_type,
-            kv_bytes_saved=f16_bytes - self.pool.nbytes,
+            kv_bytes_saved=f16_bytes - self.runner.kv_bytes,
         )
         log.info(
             "KV cache: %d blocks of %d tokens, %s, %.1f MiB (f16 would take %.1f MiB)",
             options.num_blocks,
             BLOCK_SIZE,
             options.kv_cache_type,
-            self.pool.nbytes / 2**20,
+            self.runner.kv_bytes / 2**20,
             f16_bytes / 2**20,
         )
 
@@ -147,8 +146,9 @@ class LLMEngine:
                 f"{self.options.max_waiting} requests are already waiting; retry shortly"
             )
         request = _Request(request_id, list(prompt_ids), params, open=params.n)
+        seq = self._new_sequence(request, 0, params)  # may refuse params (stop strings)
         self.requests[request_id] = request
-        self.scheduler.add(self._new_sequence(request, 0, params))
+        self.scheduler.add(seq)
         self.stats.requests_total += 1
 
     def abort(self, request_id: str) -> list[Event]:
@@ -170,27 +170,22 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------
     def step(self) -> list[Event]:
-        step = self.scheduler.schedule()
+        """Run one step → its events. Never raises: a failure fails only the requests it
+        touched (a bad sample: that request; the forward: the step's requests; scheduling:
+        every request), unexpected ones as InternalError, and the engine goes on."""
+        try:
+            step = self.scheduler.schedule()
+        except Exception as err:
+            log.exception("scheduling failed")
+            return self.fail_all(err)
         if not step.scheduled:
             return []
-        self.pool.copy_blocks(step.copies)
-        batch = ForwardBatch.build(
-            [
-                (
-                    seq.token_ids[seq.num_computed : seq.num_computed + n],
-                    seq.num_computed,
-                    self.blocks.table(seq.seq_id),
-                    n == seq.pending,
-                )
-                for seq, n in step.scheduled
-            ]
-        )
         now = time.perf_counter()
         try:
+            self.runner.copy_blocks(step.copies)
+            batch = self.runner.prepare(step.scheduled, self.blocks.table)
             with torch.inference_mode():
-                logits = self.graphs.run(batch) if self.graphs is not None else None
-                if logits is None:
-                    logits = self.lm.model.forward_batch(batch, self.pool)
+                logits = self.runner.run(batch)
         except Exception as err:  # a bug must not take the engine down: fail this step's requests
             log.exception("forward failed")
             return self._fail_step(step, err)
@@ -201,17 +196,25 @@ class LLMEngine:
         events, row = [], 0
         elapsed = time.perf_counter() - started
         for seq, n in step.scheduled:
-            seq.num_computed += n
-            self.blocks.register(seq.seq_id, seq.token_ids, seq.num_computed)
-            prefill = seq.num_computed <= seq.num_prompt
-            if prefill:
-                self.stats.prompt_tokens_total += n
-                seq.timings.prompt_seconds += elapsed
-            else:
-                seq.timings.eval_seconds += elapsed
-            if seq.pending == 0:
-                events += self._sample(seq, logits[row])
-                row += 1
+            has_row = n == seq.pending  # the batch asked for this chunk's last logits
+            row += has_row
+            if seq.seq_id not in self._owner:  # its request already failed in this step
+                continue
+            try:
+                seq.num_computed += n
+                self.blocks.register(seq.seq_id, seq.token_ids, seq.num_computed)
+                prefill = seq.num_computed <= seq.num_prompt
+                if prefill:
+                    self.stats.prompt_tokens_total += n
+                    seq.timings.prompt_seconds += elapsed
+                else:
+                    seq.timings.eval_seconds += elapsed
+                if has_row:
+                    events += self._sample(seq, logits[row - 1])
+            except Exception as err:  # only this sequence's request fails
+                if not isinstance(err, TandemError):
+                    log.exception("processing sequence %d failed", seq.seq_id)
+                events += self._fail_request(seq, err)
         self.stats.generation_tokens_total += sum(
             1 for e in events if e.delta is not None and e.delta.token_id is not None
         )
@@ -223,13 +226,14 @@ class LLMEngine:
         forks = self._fork(request, seq) if first and index == 0 and request.params.n > 1 else []
         events = []
         for s in [seq, *forks]:
+            index = self._owner[s.seq_id][1]
             try:
                 delta = s.next(logits)
-            except TandemError as err:
-                self._finish(s)
-                events.append(Event(request.request_id, self._owner[s.seq_id][1], error=err))
-                continue
-            events.append(Event(request.request_id, self._owner[s.seq_id][1], delta))
+            except Exception as err:  # the whole request fails; what came before stands
+                if not isinstance(err, TandemError):
+                    log.exception("sampling sequence %d failed", s.seq_id)
+                return events + self._fail_request(s, err)
+            events.append(Event(request.request_id, index, delta))
             if delta.finish_reason:
                 self._finish(s)
         return events
@@ -253,6 +257,7 @@ class LLMEngine:
         seq = Sequence(
             next(self._seq_ids), request.prompt_ids, params, self.lm.tokenizer, self.num_ctx
         )
+        seq.group = request.request_id  # the scheduler shares steps out by request
         request.seqs[index] = seq
         self._owner[seq.seq_id] = (request, index)
         return seq
@@ -269,15 +274,35 @@ class LLMEngine:
         self._owner.pop(seq.seq_id, None)
 
     def _fail_step(self, step: Step, err: Exception) -> list[Event]:
-        error = err if isinstance(err, TandemError) else TandemError(f"internal error: {err}")
         events = []
         for seq, _ in step.scheduled:
-            if seq.seq_id not in self._owner:
-                continue
-            request, _ = self._owner[seq.seq_id]
-            events += [
-                Event(e.request_id, e.index, error=error) for e in self.abort(request.request_id)
-            ]
+            events += self._fail_request(seq, err)
+        return events
+
+    def _fail_request(self, seq: Sequence, err: Exception) -> list[Event]:
+        """End seq's whole request with an error event for each of its open samples (none if
+        the request is already gone); everything it held is freed."""
+        owner = self._owner.get(seq.seq_id)
+        if owner is None:
+            return []
+        error = as_tandem_error(err)
+        return [Event(e.request_id, e.index, error=error) for e in self.abort(owner[0].request_id)]
+
+    def fail_all(self, err: Exception) -> list[Event]:
+        """End every request with an error (when a failure cannot be pinned on some)."""
+        error = as_tandem_error(err)
+        events = []
+        for request_id, request in list(self.requests.items()):
+            try:
+                events += [
+                    Event(e.request_id, e.index, error=error) for e in self.abort(request_id)
+                ]
+            except Exception:  # freeing failed too: forget the request regardless
+                log.exception("aborting %s failed", request_id)
+                self.requests.pop(request_id, None)
+                for seq in request.seqs.values():
+                    self._owner.pop(seq.seq_id, None)
+                events += [Event(request_id, i, error=error) for i in range(request.params.n)]
         return events
 
     def snapshot(self) -> EngineStats:
@@ -292,3 +317,10 @@ class LLMEngine:
             preemptions_total=s.preemptions_total,
             prefix_cache_hits_total=s.cached_tokens_total,
         )
+
+
+def as_tandem_error(err: Exception) -> TandemError:
+    """A typed error as it is; anything else is a bug inside tandem: InternalError (HTTP 500)."""
+    if isinstance(err, TandemError):
+        return err
+    return InternalError(f"internal error: {err} ({type(err).__name__})")

@@ -19,25 +19,22 @@ from pathlib import Path
 
 import torch
 
-from loaders.chat_template import ChatTemplate, template_for
+from loaders.chat_template import ChatTemplate, prompt_ids, template_for
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from loaders.lora_adapter import LoraAdapter
 from loaders.tokenizer import Tokenizer
-from modelfiles.parameters import pin_rule
 from modelfiles.prompt_template import GoTemplate
 from modelfiles.resolver import ModelSpec
 from modelfiles.resolver import resolve as resolve_spec
-from runtime.auto_placement import auto_placement
+from runtime.auto_placement import planned
 from runtime.device_map import DeviceMap
 from runtime.lora import attach_adapters
-from runtime.model import Model
+from runtime.models import Model, build_model
+from runtime.run_options import RunOptions
 from runtime.sampling_params import OLLAMA_OPTIONS, SamplingParams
 
 log = logging.getLogger(__name__)
-
-DEFAULT_NUM_CTX = 4096  # what the planner budgets KV for when the Modelfile sets no num_ctx
-DEFAULT_NUM_PARALLEL = 4  # the engine's default (EngineOptions.num_parallel)
 
 # Decides where each part of a model runs, from its file and config.
 Placement = Callable[[GGUFFile, ModelConfig], DeviceMap]
@@ -60,27 +57,43 @@ class LoadedModel:
     model: Model
     load_seconds: float
     # What a Modelfile adds (empty for a bare GGUF file): PARAMETERs by ollama
-    # name, typed (e.g. {"temperature": 0.3, "num_ctx": 4096, "stop": ["<|im_end|>"]}),
+    # name, typed (e.g. {"temperature": 0.3, "num_ctx": 8192, "stop": ["<|im_end|>"]}),
     # and the SYSTEM prompt and MESSAGEs that open every conversation.
     parameters: dict = field(default_factory=dict)
     system: str | None = None
     messages: list[dict] = field(default_factory=list)
+    # The run's settings, resolved once (defaults ▸ Modelfile ▸ flags) and clamped to the
+    # model's trained context: the planner, the engine and the threads follow these.
+    options: RunOptions = field(default_factory=RunOptions)
 
     @classmethod
-    def load(cls, ref: str | Path, placement: Placement | None = None) -> LoadedModel:
-        """placement(gguf, config) → DeviceMap decides where each part runs (default: the
-        planner's choice under the Modelfile's num_gpu, gpu_memory and pins where there is
-        a CUDA device, else everything on the CPU)."""
-        spec = resolve_spec(ref)
+    def load(
+        cls,
+        ref: str | Path | ModelSpec,
+        placement: Placement | None = None,
+        options: RunOptions | None = None,
+        base: dict | None = None,
+    ) -> LoadedModel:
+        """`ref`: a path, a model name, or a ModelSpec already resolved. `options`: the run's
+        settings, already resolved with the Modelfile's PARAMETERs (default: resolved here,
+        `base` ▸ the Modelfile). placement(gguf, config) → DeviceMap decides where each part
+        runs (default: the planner's choice for `options` where there is a CUDA device, else
+        everything on the CPU)."""
+        spec = ref if isinstance(ref, ModelSpec) else resolve_spec(ref)
+        if options is None:
+            options = RunOptions.resolve(spec.parameters, base=base)
         start = time.perf_counter()
         adapters = [LoraAdapter.read(path) for path in spec.adapters]
         gguf = _open_gguf(spec.path)
         config = ModelConfig.from_metadata(gguf.metadata, gguf.tensors.keys())
         tokenizer = Tokenizer.from_metadata(gguf.metadata)
         template = _template(spec, gguf, config, tokenizer)
-        placement = placement or _planned(spec.parameters)
+        options = options.for_model(config.n_ctx_train)
+        placement = placement or planned(options.plan_request())
         model = _build_model(gguf, config, placement(gguf, config))
+        model.num_threads = options.num_thread
         attach_adapters(model, adapters)  # wraps this model's layers; the base stays shared
+        gguf.detach()  # the weights now own their memory: a truncated file cannot SIGBUS us
         return cls(
             spec.name,
             spec.path,
@@ -93,6 +106,7 @@ class LoadedModel:
             spec.parameters,
             spec.system,
             spec.messages,
+            options,
         )
 
     def sampling_defaults(self, base: SamplingParams) -> SamplingParams:
@@ -114,13 +128,13 @@ class LoadedModel:
             head = [{"role": "system", "content": self.system}]
         return [*head, *self.messages, *messages]
 
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict], max_tokens: int | None = None) -> list[int]:
         """Render the conversation (SYSTEM and MESSAGEs first) with the chat template and
-        tokenize, adding BOS only once."""
-        text = self.template.render(self.conversation(messages), add_generation_prompt=True)
-        bos = self.template.bos_token
-        add_special = not (bos and text.startswith(bos))
-        return self.tokenizer.encode(text, add_special=add_special, parse_special=True)
+        tokenize, adding BOS only once. Only the template's markup yields control tokens:
+        special-token texts inside messages are plain text (loaders.chat_template.prompt_ids).
+        With max_tokens, ContextLengthError as soon as the prompt certainly exceeds it."""
+        conversation = self.conversation(messages)
+        return prompt_ids(self.template, self.tokenizer, conversation, max_tokens=max_tokens)
 
 
 def _build_model(gguf: GGUFFile, config: ModelConfig, devices: DeviceMap) -> Model:
@@ -128,7 +142,7 @@ def _build_model(gguf: GGUFFile, config: ModelConfig, devices: DeviceMap) -> Mod
     VRAM since it was measured), again with fewer GPU layers, saying so."""
     while True:
         try:
-            return Model(gguf, config, devices)
+            return build_model(gguf, config, devices)
         except torch.OutOfMemoryError as err:
             fewer = devices.fewer_gpu_layers()
             if fewer is None:
@@ -143,21 +157,6 @@ def _build_model(gguf: GGUFFile, config: ModelConfig, devices: DeviceMap) -> Mod
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-
-
-def _planned(parameters: dict) -> Placement:
-    pins = []
-    for rule in parameters.get("pin") or []:
-        pattern, device = pin_rule(rule)
-        if device == "cpu":  # the planner places everything else itself
-            pins.append(pattern.pattern)
-    return auto_placement(
-        num_ctx=int(parameters.get("num_ctx") or DEFAULT_NUM_CTX),
-        num_parallel=DEFAULT_NUM_PARALLEL,
-        num_gpu=int(parameters.get("num_gpu", -1)),
-        gpu_memory=parameters.get("gpu_memory"),
-        pins=tuple(pins),
-    )
 
 
 # One mapping per GGUF file, shared by every model loaded from it: custom models on one base

@@ -1,6 +1,6 @@
 """Attaching LoRA adapters to a loaded Model: each adapted weight's layer is wrapped in a
 LoraLinear (kernels/lora_linear.py), in the model's own Block objects; the base layers
-themselves — views of the mapped GGUF — are shared, not copied.
+themselves (the weights loaded once per file, runtime/models/weights.py) are shared, not copied.
 
 Adaptable weights: every block's attn_q/k/v/output and ffn_gate/up/down, and output.weight
 when the model has its own head. Adapters for anything else (token_embd, norms) are refused
@@ -15,7 +15,7 @@ from collections import defaultdict
 from kernels.lora_linear import LoraLinear
 from loaders.lora_adapter import LoraAdapter, LoraWeight
 from runtime.errors import UnsupportedError
-from runtime.model import Model
+from runtime.models import Model
 
 _FIELDS = {
     "attn_q": "q",

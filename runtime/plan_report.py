@@ -46,7 +46,12 @@ def plan_dict(plan: Plan, model: str) -> dict:
         "arch": c.arch,
         "n_layer": c.n_layer,
         "weight_bytes": plan.sizes.total_bytes,
-        "request": {**asdict(req), "pins": list(req.pins), "ctx_fill": req.fill},
+        "request": {
+            **asdict(req),
+            "pins": list(req.pins),
+            "gpu_pins": list(req.gpu_pins),
+            "ctx_fill": req.fill,
+        },
         "budgets": {"gpu": b.gpu, "gpu_note": b.gpu_note, "ram": b.ram, "ram_note": b.ram_note},
         "num_gpu_layers": plan.candidate.n_gpu,
         "head": plan.placement.head,
@@ -147,7 +152,9 @@ def _speed(name: str, value: float) -> str:
 
 
 def run_plan_command(args) -> int:
-    """`tandem plan`: plan the model for this machine (or a GPU of --gpu-memory) and print."""
+    """`tandem plan`: plan the model for this machine (or a GPU of --gpu-memory) and print:
+    the plan `tandem run` and `tandem serve` would make, from the same RunOptions (defaults
+    ▸ the Modelfile's PARAMETERs ▸ these flags; --pin patterns add to the Modelfile's pins)."""
     from dataclasses import replace
 
     from loaders.config import ModelConfig
@@ -155,24 +162,26 @@ def run_plan_command(args) -> int:
     from modelfiles.resolver import resolve as resolve_spec
     from runtime.devices import detect, parse_size
     from runtime.model_sizes import ModelSizes
-    from runtime.planner import PlanRequest, plan
+    from runtime.planner import plan
+    from runtime.run_options import RunOptions
 
-    flags = PlanRequest(
-        num_ctx=args.num_ctx or 4096,
-        num_parallel=args.num_parallel,
-        num_gpu=-1 if args.num_gpu is None else args.num_gpu,
-        pins=tuple(args.pin),
-        kv_type=args.kv_type,
-        gpu_memory=parse_size(args.gpu_memory) if args.gpu_memory else None,
-    )
-    flags.validate()  # before the pull or the calibration
+    flags = {
+        "num_ctx": args.num_ctx,
+        "num_parallel": args.num_parallel,
+        "num_gpu": args.num_gpu,
+        "kv_cache_type": args.kv_cache_type,
+        "num_batch": args.num_batch,
+        "gpu_memory": parse_size(args.gpu_memory) if args.gpu_memory else None,
+    }
+    RunOptions.resolve(flags=flags).plan_request().validate()  # before the pull or calibration
     spec = resolve_spec(args.model)
-    request = _with_modelfile(flags, args, spec.parameters)
-    name, path = spec.name, spec.path
-    with GGUFFile(path) as gguf:
-        sizes = ModelSizes.from_tensors(
-            ModelConfig.from_metadata(gguf.metadata, gguf.tensors.keys()), gguf.tensors
-        )
+    with GGUFFile(spec.path) as gguf:
+        config = ModelConfig.from_metadata(gguf.metadata, gguf.tensors.keys())
+        sizes = ModelSizes.from_tensors(config, gguf.tensors)
+    options = RunOptions.resolve(spec.parameters, flags).for_model(config.n_ctx_train)
+    request = options.plan_request()
+    request = replace(request, pins=request.pins + tuple(args.pin))
+    request.validate()
     devices = detect(recalibrate=args.recalibrate)
     if args.gpu_bandwidth:
         cal = devices.calibration
@@ -181,28 +190,6 @@ def run_plan_command(args) -> int:
         )
         devices = replace(devices, calibration=cal)
     result = plan(sizes, devices, request)
+    name = spec.name
     print(json.dumps(plan_dict(result, name), indent=1) if args.json else plan_text(result, name))
     return 0
-
-
-def _with_modelfile(request, args, parameters: dict):
-    """The Modelfile's num_ctx, num_gpu, gpu_memory and cpu pins where no flag was given
-    (pins add up): the plan `tandem run` and `tandem serve` would make for this model."""
-    from dataclasses import replace
-
-    from modelfiles.parameters import pin_rule
-
-    changes = {}
-    if args.num_ctx is None and parameters.get("num_ctx"):
-        changes["num_ctx"] = int(parameters["num_ctx"])
-    if args.num_gpu is None and parameters.get("num_gpu") is not None:
-        changes["num_gpu"] = int(parameters["num_gpu"])
-    if args.gpu_memory is None and parameters.get("gpu_memory"):
-        changes["gpu_memory"] = int(parameters["gpu_memory"])
-    pins = [pin_rule(rule) for rule in parameters.get("pin") or []]
-    cpu_pins = tuple(p.pattern for p, device in pins if device == "cpu")
-    if cpu_pins:
-        changes["pins"] = request.pins + cpu_pins
-    out = replace(request, **changes)
-    out.validate()
-    return out

@@ -5,7 +5,8 @@ Candidates have llama.cpp's shape of split — the last n layers on the GPU (n =
 or exactly num_gpu) — and two more choices: the head on the GPU or not, and the GPU layers'
 KV in VRAM or in RAM (in RAM it frees VRAM for weights at the price of two hand-offs per
 layer). Tensors matching a pin (a regular expression searched in the tensor name, as
-llama.cpp's --override-tensor) stay on the CPU in every candidate. Each candidate's memory
+llama.cpp's --override-tensor) stay on the CPU in every candidate; those matching a GPU pin
+go to the GPU in every candidate (refused when there is no GPU budget). Each candidate's memory
 per device is counted (weights, KV for num_ctx × num_parallel, compute buffers) and its
 speed predicted by runtime/plan_cost.py; the fastest that fits wins. None fitting raises
 PlanError with the numbers and what to lower.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from modelfiles.parameters import default
 from runtime.devices import Calibration, Devices, format_size
 from runtime.errors import InvalidParameterError, PlanError
 from runtime.model_sizes import (
@@ -54,13 +56,14 @@ FLOAT_TYPES = frozenset({0, 1, 30})  # F32, F16, BF16: used in place
 
 @dataclass(frozen=True)
 class PlanRequest:
-    num_ctx: int = 4096
-    num_parallel: int = 1
-    num_gpu: int = -1  # -1 auto; 0 CPU only; N layers on the GPU
+    num_ctx: int = default("num_ctx")
+    num_parallel: int = 1  # one sequence (what `tandem run` holds); RunOptions gives its own
+    num_gpu: int = default("num_gpu")  # -1 auto; 0 CPU only; N layers on the GPU
     gpu_memory: int | None = None  # a cap on VRAM use, bytes
     pins: tuple[str, ...] = ()  # tensor-name patterns kept on the CPU
-    kv_type: str = "f16"
-    num_batch: int = 512  # prompt tokens per forward pass
+    gpu_pins: tuple[str, ...] = ()  # tensor-name patterns put on the GPU in every candidate
+    kv_type: str = default("kv_cache_type")
+    num_batch: int = default("num_batch")  # prompt tokens per forward pass
     ctx_fill: int | None = None  # context the decode prediction assumes (default num_ctx/2)
 
     def validate(self) -> None:
@@ -162,16 +165,26 @@ def compile_pins(patterns: tuple[str, ...], sizes: ModelSizes) -> list[re.Patter
     return compiled
 
 
-def place(sizes: ModelSizes, cand: Candidate, pins: list[re.Pattern]) -> Placement:
+def place(
+    sizes: ModelSizes,
+    cand: Candidate,
+    pins: list[re.Pattern],
+    gpu_pins: list[re.Pattern] | None = None,
+) -> Placement:
+    """`pins` keep matching tensors on the CPU, `gpu_pins` put them on the GPU (a CPU pin
+    wins where both match); a GPU-pinned head tensor takes the head to the GPU."""
     n_layer = sizes.config.n_layer
     first_gpu = n_layer - cand.n_gpu
     pinned = {t.name for t in sizes.tensors if any(rx.search(t.name) for rx in pins)}
+    to_gpu = {
+        t.name for t in sizes.tensors if any(rx.search(t.name) for rx in gpu_pins or ())
+    } - pinned
     head_names = {t.name for t in sizes.head_tensors()}
-    head = GPU if cand.head_gpu and not (pinned & head_names) else CPU
+    head = GPU if (cand.head_gpu or to_gpu & head_names) and not (pinned & head_names) else CPU
     tensors = {}
     for t in sizes.tensors:
         on_gpu = t.layer is not None and t.layer >= first_gpu
-        tensors[t.name] = GPU if on_gpu and t.name not in pinned else CPU
+        tensors[t.name] = GPU if (on_gpu and t.name not in pinned) or t.name in to_gpu else CPU
     if not sizes.config.tied_head:
         tensors.update(dict.fromkeys(head_names, head))
     tensors[sizes.embd.name] = CPU  # the lookup runs on the CPU (a tied head's copy: `head`)
@@ -216,8 +229,9 @@ def evaluate(
     budget: Budgets,
     cal: Calibration,
     request: PlanRequest,
+    gpu_pins: list[re.Pattern] | None = None,
 ) -> Plan:
-    where = place(sizes, cand, pins)
+    where = place(sizes, cand, pins, gpu_pins)
     chunk = min(request.num_batch, request.num_ctx)
     seen, per_token = (
         attended(sizes, request),
@@ -266,6 +280,15 @@ def plan(sizes: ModelSizes, devices: Devices, request: PlanRequest) -> Plan:
     request.validate()
     kv_bytes_per_token_layer(sizes.config, request.kv_type)  # a bad KV type fails first
     pins = compile_pins(request.pins, sizes)
+    gpu_pins = compile_pins(request.gpu_pins, sizes)
+    for rx in gpu_pins:
+        if not sizes.config.tied_head and all(
+            t.name == sizes.embd.name for t in sizes.tensors if rx.search(t.name)
+        ):
+            raise InvalidParameterError(
+                f"pin {rx.pattern}=gpu matches only {sizes.embd.name}, whose lookup runs on "
+                "the CPU; pin layer or head tensors to the GPU"
+            )
     budget = budgets(devices, request)
     if request.num_gpu > 0 and budget.gpu == 0:
         raise PlanError(
@@ -273,13 +296,20 @@ def plan(sizes: ModelSizes, devices: Devices, request: PlanRequest) -> Plan:
             "give gpu_memory (e.g. --gpu-memory 6GB) to plan for a GPU, or use "
             "num_gpu 0"
         )
+    if gpu_pins and budget.gpu == 0:
+        raise PlanError(
+            f"pin {request.gpu_pins[0]}=gpu asks for the GPU but {budget.gpu_note}: "
+            "give gpu_memory (e.g. --gpu-memory 6GB) to plan for a GPU, or pin to cpu"
+        )
     options = candidates(sizes.config.n_layer, request, budget.gpu > 0)
-    plans = [evaluate(sizes, c, pins, budget, devices.calibration, request) for c in options]
+    plans = [
+        evaluate(sizes, c, pins, budget, devices.calibration, request, gpu_pins) for c in options
+    ]
     fitting = [p for p in plans if p.fits]
     if not fitting:
         auto = replace(request, num_gpu=-1)  # what would fit, for the message
         others = [
-            evaluate(sizes, c, pins, budget, devices.calibration, auto)
+            evaluate(sizes, c, pins, budget, devices.calibration, auto, gpu_pins)
             for c in candidates(sizes.config.n_layer, auto, budget.gpu > 0)
         ]
         raise PlanError(

@@ -11,9 +11,10 @@ import sys
 import time
 from typing import TextIO
 
-from runtime.errors import TandemError
+from modelfiles.parameters import OPTIONS, SAMPLING, UNSUPPORTED, parse_value
+from runtime.errors import InvalidParameterError, TandemError
 from runtime.llm import LLM
-from runtime.sampling_params import SamplingParams
+from runtime.sampling_params import OLLAMA_OPTIONS, SamplingParams
 from runtime.sequence import Timings
 
 HELP = """Available commands:
@@ -128,15 +129,22 @@ class Repl:
             print(f"Unknown command '{words[0]}'. Type /? for help", file=self.out)
 
     def _set(self, name: str, text: str) -> None:
-        value: object = text
-        for cast in (int, float):
-            try:
-                value = cast(text)
-                break
-            except ValueError:
-                continue
+        """A sampling option of the table, typed and checked as a Modelfile PARAMETER is."""
+        option = OPTIONS.get(name)
+        if option is None or option.effect != SAMPLING:
+            fixed = option is not None and option.effect != UNSUPPORTED
+            raise InvalidParameterError(
+                f"{name} is set when the model loads: give it as a flag (--"
+                f"{name.replace('_', '-')}) or a Modelfile PARAMETER"
+                if fixed
+                else f"unknown sampling parameter {name!r}; known: {', '.join(OLLAMA_OPTIONS)}"
+            )
+        try:
+            value = parse_value(name, text)
+        except ValueError as err:
+            raise InvalidParameterError(f"{name}: {err}") from None
         if name == "stop":
-            value = [*self.params.stop, text]
+            value = [*self.params.stop, value]
         self.params = SamplingParams.from_options({name: value}, self.params)
         print(f"Set parameter '{name}' to '{text}'", file=self.out)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.errors import InvalidParameterError
+from runtime.errors import InvalidParameterError, NonFiniteLogitsError
 from runtime.sampling_params import SamplingParams
 
 _NUCLEUS_START = 1024  # first top-k slice tried for top_p on CPU
@@ -56,6 +56,13 @@ class Sampler:
                 f"logits must be a non-empty 1-D tensor (V,), got shape {tuple(logits.shape)}"
             )
         raw = logits.float()
+        # max propagates NaN: one reduction finds NaN, +inf, or nothing left to choose
+        # (all -inf), any of which would otherwise break the draw or return garbage.
+        best = float(raw.max())
+        if not math.isfinite(best):
+            raise NonFiniteLogitsError(
+                f"the model produced non-finite logits (max {best}); this request cannot go on"
+            )
         x = self._penalize(raw, history)
         if self.params.temperature == 0.0:
             token = int(torch.argmax(x))

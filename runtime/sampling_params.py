@@ -12,25 +12,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelfiles.parameters import OPTIONS, SAMPLING
 from runtime.errors import InvalidParameterError
 
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_SEED = 2**64 - 1
 
-# ollama option name -> SamplingParams field.
+# ollama option name -> SamplingParams field (the sampling rows of the option table).
 OLLAMA_OPTIONS: dict[str, str] = {
-    "temperature": "temperature",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "min_p": "min_p",
-    "repeat_penalty": "repetition_penalty",
-    "repeat_last_n": "repeat_last_n",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-    "seed": "seed",
-    "stop": "stop",
-    "num_predict": "max_tokens",
+    o.name: o.field for o in OPTIONS.values() if o.effect == SAMPLING and o.field
 }
 
 
@@ -178,9 +169,9 @@ def _token_ids(ids: Any) -> list[int]:
     return list(ids)
 
 
-# ollama's defaults (its docs' PARAMETER table): what `tandem run`, the ollama API and the
+# The option table's sampling defaults (ollama's): what `tandem run`, the ollama API and the
 # OpenAI API start from, before a Modelfile's PARAMETERs and then the request's own settings,
 # so a model answers the same whichever way it is asked.
-OLLAMA_DEFAULTS = SamplingParams(
-    temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1, repeat_last_n=64, max_tokens=None
+OLLAMA_DEFAULTS = SamplingParams.from_options(
+    {name: OPTIONS[name].default for name in OLLAMA_OPTIONS if OPTIONS[name].default is not None}
 )

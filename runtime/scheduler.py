@@ -1,15 +1,27 @@
 """Scheduler: which sequences compute how many tokens in the next engine step.
 
-Continuous batching under a per-step token budget (max_step_tokens):
-1. Running sequences first, oldest first: a decoding sequence takes 1 token, one still
-   prefilling takes what is left of its prompt up to the remaining budget (chunked prefill),
-   so decodes never wait behind a long prompt.
-2. Then waiting sequences are admitted, in arrival order, while the budget, max_num_seqs
-   (counting all n samples of a request) and the free KV blocks allow. Admission first takes
-   the sequence's cached prefix blocks (prefix caching).
-When a running sequence needs a block and none is free, the newest running sequence is
-preempted: its blocks are freed and it goes back to the head of the waiting queue with all
-its tokens (prompt + generated so far) to recompute; no admissions happen in that step.
+Continuous batching under a per-step token budget (max_step_tokens) and at most max_num_seqs
+sequences per step, shared out fairly between requests (a request is a group: its n samples):
+
+1. Every group running or waiting gets a share of the step: share = max_num_seqs // groups
+   sequences and fair = max_step_tokens // groups tokens in all (the whole step when alone).
+   Running groups take their share first, in turns that rotate from step to step; within a
+   group the samples scheduled longest ago go first. A decoding sequence takes 1 token, one
+   still prefilling takes what is left of its prompt up to its fair tokens (chunked prefill),
+   so decodes never wait behind a long prompt and a long prompt never starves the others.
+2. Then waiting sequences are admitted, requests not yet running first, then in arrival
+   order, while the step's sequences, the budget, the free KV blocks, and max_num_seqs running
+   requests allow. Admission first takes the sequence's cached prefix blocks (prefix caching).
+3. What the shares left unused goes to whoever can use it: more prefill tokens to the step's
+   prefilling sequences, more sequences of the running groups (a request with n samples uses
+   every sequence of the step when nobody else is there).
+So a request's n samples or long prompt delay a newcomer by at most one step.
+
+A running sequence that needs a block when none is free preempts the newest running sequence
+not yet given room in this step (possibly itself): its blocks are freed and it goes back to
+the head of the waiting queue with all its tokens (prompt + generated so far) to recompute;
+no admissions happen in that step. A shortage is BlockManager.prepare_append returning None,
+never an exception.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions_total = 0
         self.cached_tokens_total = 0  # prompt tokens served from the prefix cache
+        self.steps = 0  # schedule() calls so far: rotates the groups' turns
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -57,32 +70,92 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.free(seq.seq_id)
 
+    # ---- the step ------------------------------------------------------------------
     def schedule(self) -> Step:
-        step, budget = Step(), self.max_step_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.pending, budget)
-            if self._make_room(seq, n, step):
+        step = Step()
+        self.steps += 1
+        groups = self._running_groups()
+        waiting_groups = {seq.group for seq in self.waiting} - set(groups)
+        n_groups = max(1, len(groups) + len(waiting_groups))
+        share = max(1, self.max_num_seqs // n_groups)
+        fair = max(1, self.max_step_tokens // n_groups)
+        planned: dict[int, int] = {}  # seq id → index in step.scheduled
+        budget = self.max_step_tokens
+
+        # 1. running groups, their share each (share sequences, fair tokens in all)
+        for members in groups.values():
+            tokens = fair
+            for seq in members[:share]:
+                if min(budget, tokens) <= 0 or len(step.scheduled) >= self.max_num_seqs:
+                    break
+                if seq not in self.running:  # preempted earlier in this step
+                    continue
+                n = min(seq.pending, tokens, budget)
+                if self._make_room(seq, n, step, planned):
+                    planned[seq.seq_id] = len(step.scheduled)
+                    step.scheduled.append((seq, n))
+                    budget -= n
+                    tokens -= n
+
+        # 2. admissions
+        if not step.preempted:
+            budget = self._admit(step, budget, fair, planned, groups)
+
+        # 3. what is left: more prefill, then more sequences of the running groups
+        for i, (seq, n) in enumerate(step.scheduled):
+            extra = min(seq.pending - n, budget)
+            if extra > 0:
+                copies = self.blocks.prepare_append(seq.seq_id, seq.num_computed + n, extra)
+                if copies is not None:
+                    step.copies += copies
+                    step.scheduled[i] = (seq, n + extra)
+                    budget -= extra
+        for members in groups.values():
+            for seq in members[share:]:
+                if budget <= 0 or len(step.scheduled) >= self.max_num_seqs:
+                    break
+                if seq not in self.running or seq.seq_id in planned:
+                    continue
+                n = min(seq.pending, budget)
+                copies = self.blocks.prepare_append(seq.seq_id, seq.num_computed, n)
+                if copies is None:
+                    break
+                step.copies += copies
+                planned[seq.seq_id] = len(step.scheduled)
                 step.scheduled.append((seq, n))
                 budget -= n
-                i += 1
-        if not step.preempted:
-            self._admit(step, budget)
+
+        for seq, _ in step.scheduled:
+            seq.last_scheduled = self.steps
         return step
 
-    def _make_room(self, seq: Sequence, n: int, step: Step) -> bool:
-        """Blocks for seq's next n tokens, preempting the newest sequences if needed.
-        → False when seq itself had to be preempted."""
+    def _running_groups(self) -> dict[object, list[Sequence]]:
+        """The running sequences by group: the groups in turns that rotate each step (in
+        order of arrival otherwise), each group's members scheduled longest ago first."""
+        groups: dict[object, list[Sequence]] = {}
+        for seq in self.running:
+            groups.setdefault(seq.group, []).append(seq)
+        keys = list(groups)
+        if keys:
+            turn = self.steps % len(keys)
+            keys = keys[turn:] + keys[:turn]
+        return {
+            key: sorted(groups[key], key=lambda s: s.last_scheduled)  # stable: oldest first
+            for key in keys
+        }
+
+    def _make_room(self, seq: Sequence, n: int, step: Step, planned: dict[int, int]) -> bool:
+        """Blocks for seq's next n tokens, preempting the newest running sequences not yet
+        given room in this step if needed. → False when seq itself had to be preempted."""
         while True:
-            try:
-                step.copies += self.blocks.prepare_append(seq.seq_id, seq.num_computed, n)
+            copies = self.blocks.prepare_append(seq.seq_id, seq.num_computed, n)
+            if copies is not None:
+                step.copies += copies
                 return True
-            except MemoryError:
-                victim = self.running[-1]
-                self._preempt(victim, step)
-                if victim is seq:
-                    return False
+            victim = next(s for s in reversed(self.running) if s.seq_id not in planned)
+            self._preempt(victim, step)
+            if victim is seq:
+                return False
 
     def _preempt(self, seq: Sequence, step: Step) -> None:
         self.running.remove(seq)
@@ -92,22 +165,36 @@ class Scheduler:
         step.preempted.append(seq)
         self.preemptions_total += 1
 
-    def _admit(self, step: Step, budget: int) -> None:
-        while self.waiting and budget > 0:
-            seq = self.waiting[0]
-            samples = seq.params.n if not seq.generated else 1  # forks come after prefill
-            if self.running and len(self.running) + samples > self.max_num_seqs:
-                return
+    def _admit(
+        self,
+        step: Step,
+        budget: int,
+        fair: int,
+        planned: dict[int, int],
+        groups: dict[object, list[Sequence]],
+    ) -> int:
+        """Admit waiting sequences: a request with nothing running before the others, then in
+        queue order. → the budget left."""
+        running_groups = set(groups)
+        while self.waiting and budget > 0 and len(step.scheduled) < self.max_num_seqs:
+            seq = next((s for s in self.waiting if s.group not in running_groups), None)
+            if seq is None:
+                seq = self.waiting[0]
+            if seq.group not in running_groups and len(running_groups) >= self.max_num_seqs:
+                return budget
             cached = self.blocks.open(seq.seq_id, seq.token_ids)
-            n = min(len(seq.token_ids) - cached, budget)
-            try:
-                step.copies += self.blocks.prepare_append(seq.seq_id, cached, n)
-            except MemoryError:
+            n = min(len(seq.token_ids) - cached, fair, budget)
+            copies = self.blocks.prepare_append(seq.seq_id, cached, n)
+            if copies is None:
                 self.blocks.free(seq.seq_id)
-                return
+                return budget
+            step.copies += copies
             seq.num_computed = cached
             self.cached_tokens_total += cached
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.running.append(seq)
+            running_groups.add(seq.group)
+            planned[seq.seq_id] = len(step.scheduled)
             step.scheduled.append((seq, n))
             budget -= n
+        return budget

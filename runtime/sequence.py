@@ -63,6 +63,10 @@ class Sequence:
         self.num_computed = 0  # positions whose KV is written
         self.finished: str | None = None
         self.timings = Timings(prompt_tokens=len(prompt_ids))
+        # Scheduling: sequences of one group (a request's n samples) share its turn; the
+        # step this one was last scheduled in orders the samples within a group.
+        self.group: object = seq_id
+        self.last_scheduled = -1
         self._sampler = Sampler(params)
         self._decoder = StreamDecoder(tokenizer)
         self._stop = StopMatcher(params.stop)

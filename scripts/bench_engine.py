@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import runtime.model as model_module  # noqa: E402
+import runtime.attention_backends as attention_backends  # noqa: E402
 from runtime.llm_engine import EngineOptions, LLMEngine  # noqa: E402
 from runtime.loaded_model import LoadedModel  # noqa: E402
 from runtime.sampling_params import SamplingParams  # noqa: E402
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--gathered-attention", action="store_true")
     args = ap.parse_args()
     if args.gathered_attention:
-        model_module.paged_decode_attention = lambda *a, **k: None
+        attention_backends.paged_decode_attention = lambda *a, **k: None
     lm = LoadedModel.load(args.model)
     kind = "gathered SDPA" if args.gathered_attention else "native paged"
     for b in args.batch:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import load_script
 from gguf import GGMLQuantizationType as T
+from reference_model import KVCache, forward
 
 from loaders.gguf_file import GGUFFile
 from quant.dequant import dequantize
@@ -27,7 +28,6 @@ from runtime.bench import (
 )
 from runtime.cli import main
 from runtime.errors import InvalidParameterError
-from runtime.kv_cache import KVCache
 from runtime.loaded_model import LoadedModel
 
 TINY = ["--layers", "2", "--dim", "64", "--ffn", "128", "--heads", "4", "--kv-heads", "2"]
@@ -75,7 +75,7 @@ def test_synthetic_model_loads_tokenizes_and_runs(tiny_path, smollm2_path):
     text = "The history of the printing press"
     assert lm.tokenizer.encode(text) == LoadedModel.load(smollm2_path).tokenizer.encode(text)
     with torch.inference_mode():
-        logits = lm.model.forward(torch.tensor([1, 500, 7000]), 0, KVCache(lm.config, 8))
+        logits = forward(lm.model, torch.tensor([1, 500, 7000]), 0, KVCache(lm.config, 8))
     assert logits.shape == (1, lm.config.vocab_size) and torch.isfinite(logits).all()
 
 
@@ -153,17 +153,17 @@ def test_generation_feeds_back_its_own_greedy_tokens(tiny_path):
     lm = LoadedModel.load(tiny_path)
     bench = Bench(lm, BenchSpec(str(tiny_path), n_prompt=0, n_gen=3))
     fed = []
-    forward_batch = lm.model.forward_batch
+    run = bench.runner.run
 
-    def spy(batch, pool):  # the engine's path: one sequence's rows into the paged pool
+    def spy(batch):  # the engine's path: one sequence's rows into the paged pool
         fed.append((batch.tokens.tolist(), int(batch.positions[0])))
-        return forward_batch(batch, pool)
+        return run(batch)
 
-    lm.model.forward_batch = spy
+    bench.runner.run = spy
     bench.time_generation(3)
     assert [start for _, start in fed] == [0, 1, 2] and fed[0][0] == [lm.tokenizer.bos_id]
     with torch.inference_mode():  # the second token is the argmax after BOS
-        first = lm.model.forward(torch.tensor([lm.tokenizer.bos_id]), 0, KVCache(lm.config, 16))
+        first = forward(lm.model, torch.tensor([lm.tokenizer.bos_id]), 0, KVCache(lm.config, 16))
     assert fed[1][0] == [int(first[-1].argmax())]
 
 
@@ -174,19 +174,18 @@ def test_depth_starts_both_tests_from_a_filled_cache(tiny_path, restore_threads)
     bench = Bench(lm, BenchSpec(str(tiny_path), n_prompt=4, n_gen=3, n_depth=600))
     assert bench.n_ctx == 608  # max(4, 3) + 600, in whole 16-token pages
     calls = []
-    forward_batch = lm.model.forward_batch
+    run = bench.runner.run
 
-    def spy(batch, pool):
+    def spy(batch):
         calls.append((batch.tokens.shape[0], int(batch.positions[0])))
-        return forward_batch(batch, pool)
+        return run(batch)
 
-    lm.model.forward_batch = spy
+    bench.runner.run = spy
     bench.time_generation(3)
     assert calls == [(512, 0), (88, 512), (1, 600), (1, 601), (1, 602)]
     calls.clear()
     bench.time_prompt(4)
     assert calls == [(512, 0), (88, 512), (4, 600)]
-    lm.model.forward_batch = forward_batch
     r = Bench(lm, BenchSpec(str(tiny_path), n_prompt=4, n_gen=3, n_depth=600, repetitions=1)).run()
     assert r.n_depth == 600 and r.pp_tok_s > 0 and r.tg_tok_s > 0
     table = format_table(r)

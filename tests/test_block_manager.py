@@ -3,8 +3,6 @@ prefix hits, copy-on-write and eviction order."""
 
 from __future__ import annotations
 
-import pytest
-
 from runtime.block_manager import BLOCK_SIZE, BlockManager
 
 B = BLOCK_SIZE
@@ -117,17 +115,44 @@ def test_copy_on_write_of_a_shared_partial_block():
     assert bm.table(1) == [0, 1] and bm.ref[:4] == [3, 1, 1, 1]
 
 
-def test_out_of_blocks_raises_and_changes_nothing():
+def test_out_of_blocks_is_a_return_value_and_changes_nothing():
     bm = BlockManager(2)
     fill(bm, 1, tokens(B + 1))
     bm.open(2, tokens(3, 100))
-    with pytest.raises(MemoryError):
-        bm.prepare_append(2, 0, B + 1)  # needs 2 blocks, 0 free
+    assert bm.prepare_append(2, 0, B + 1) is None  # needs 2 blocks, 0 free
     assert bm.table(2) == [] and bm.num_free == 0 and bm.ref == [1, 1]
     bm.fork(1, 3)
-    with pytest.raises(MemoryError):  # a copy-on-write needs a free block too
-        bm.prepare_append(3, B + 1, 1)
+    assert bm.prepare_append(3, B + 1, 1) is None  # a copy-on-write needs a free block too
     assert bm.table(3) == [0, 1] and bm.ref == [2, 2]
+
+
+def test_prefix_keys_are_cryptographic_not_hash(monkeypatch):
+    """Even if Python's hash() collided for every block, different tokens share no KV: the
+    key is sha256 of the parent key and the token ids, so only equal prefixes hit."""
+    import runtime.block_manager as module
+
+    monkeypatch.setattr(module, "hash", lambda _: 0, raising=False)  # every hash() collides
+    bm = BlockManager(8)
+    fill(bm, 1, tokens(2 * B + 1, 0))
+    assert bm.open(2, tokens(2 * B + 1, 500)) == 0  # different tokens: no hit
+    assert bm.table(2) == []
+    assert bm.open(3, tokens(B, 0) + tokens(B + 1, 500)) == B  # shares only the equal block
+    assert bm.table(3) == [0]
+
+
+def test_prefix_keys_chain_the_parent_and_are_stable():
+    a, b = tokens(B, 0), tokens(B, 100)
+    k1 = module_keys(a + b)
+    assert k1 == module_keys(a + b)  # a deterministic digest (not salted per process)
+    assert len(k1[0]) == 32  # sha256
+    assert module_keys(b + b)[1] != k1[1]  # equal block, different parent: different key
+    assert module_keys(a + b, keys=[k1[0]]) == k1  # computed keys are extended, not redone
+
+
+def module_keys(ids, keys=None):
+    from runtime.block_manager import block_keys
+
+    return block_keys(ids, len(ids) // B, keys)
 
 
 def test_register_keeps_the_first_copy_of_equal_content():

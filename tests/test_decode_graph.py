@@ -1,6 +1,6 @@
 """DecodeGraphs (runtime/decode_graph.py) on a tiny synthetic llama whose blocks and head are
 all on the "GPU" (Triton's kernels, in its interpreter here, on quantized Q8_0/Q4_0 linears):
-decode steps through the static, padded buffers give the logits Model.forward_batch gives,
+decode steps through the static, padded buffers give the logits the eager step gives,
 step after step (so padding rows write no KV), at batch sizes that pad (3 → 4, 5 → 6) and
 that do not. Steps the graphs do not take are handed back. The capture itself needs CUDA:
 test_graph_replay_on_cuda (gpu marker) checks it on the same model."""
@@ -19,7 +19,8 @@ from runtime.decode_graph import DecodeGraphs, buckets, unsupported
 from runtime.device_map import DeviceMap
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_pool import KVPool
-from runtime.model import Model
+from runtime.model_runner import ModelRunner
+from runtime.models import Model, build_model
 
 E, H, HKV, D, FF, V, LAYERS = 64, 2, 1, 32, 96, 70, 2
 PAGE, TABLE = 16, 4  # blocks per sequence here
@@ -74,15 +75,19 @@ def write_tiny(path) -> None:
 
 
 @pytest.fixture(scope="module")
-def on_gpu(tmp_path_factory):
-    """The tiny model with every block and the head on the "GPU"."""
-    pytest.importorskip("kernels.triton")  # sets TRITON_INTERPRET before triton loads
+def gguf_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("graph") / "tiny.gguf"
     write_tiny(path)
-    gguf_file = GGUFFile(path)
+    return GGUFFile(path)
+
+
+@pytest.fixture(scope="module")
+def on_gpu(gguf_file):
+    """The tiny model with every block and the head on the "GPU"."""
+    pytest.importorskip("kernels.triton")  # sets TRITON_INTERPRET before triton loads
     config = ModelConfig.from_metadata(gguf_file.metadata, gguf_file.tensors.keys())
     devices = DeviceMap.last_layers(gguf_file.tensors.keys(), LAYERS, LAYERS, head_gpu=True)
-    return Model(gguf_file, config, devices)
+    return build_model(gguf_file, config, devices)
 
 
 def new_pool(model: Model, n_seqs: int, kv: str = "f16") -> KVPool:
@@ -97,22 +102,22 @@ def decode_run(
     kv: str = "f16",
 ) -> list[torch.Tensor]:
     """Prefill every prompt, then one decode step per entry of `schedule` (the indices of the
-    sequences that step), greedy; → each step's logits (graphs_for(pool) runs the decodes)."""
-    pool = new_pool(model, len(prompts), kv)
-    graphs = graphs_for(pool) if graphs_for else None
+    sequences that step), greedy; → each step's logits (through graphs_for(pool) when given,
+    else every step eagerly)."""
+    runner = ModelRunner(model, len(prompts) * TABLE, kv, graphs=False)
+    runner.graphs = graphs_for(runner.pool) if graphs_for else None
     tables = [list(range(s * TABLE, (s + 1) * TABLE)) for s in range(len(prompts))]
     seqs = [list(p) for p in prompts]
     done = [0] * len(prompts)
     out = []
     with torch.inference_mode():
         first = ForwardBatch.build([(s, 0, t, True) for s, t in zip(seqs, tables, strict=True)])
-        for s, row in zip(seqs, model.forward_batch(first, pool), strict=True):
+        for s, row in zip(seqs, runner.run(first), strict=True):
             s.append(int(row.argmax()))
         done = [len(s) - 1 for s in seqs]
         for step in schedule:
             batch = ForwardBatch.build([([seqs[i][-1]], done[i], tables[i], True) for i in step])
-            logits = graphs.run(batch) if graphs else model.forward_batch(batch, pool)
-            assert logits is not None
+            logits = runner.run(batch)
             out.append(logits)
             for i, row in zip(step, logits, strict=True):
                 seqs[i].append(int(row.argmax()))
@@ -151,10 +156,9 @@ def test_steps_the_graphs_do_not_take_are_handed_back(on_gpu):
     assert not graphs._buckets
 
 
-def test_only_all_gpu_models_are_graphed(on_gpu, tmp_path):
+def test_only_all_gpu_models_are_graphed(on_gpu, gguf_file):
     assert unsupported(on_gpu) is None
-    gguf_file = on_gpu._gguf
-    cpu = Model(gguf_file, on_gpu.config, DeviceMap.cpu_only(LAYERS))
+    cpu = build_model(gguf_file, on_gpu.config, DeviceMap.cpu_only(LAYERS))
     assert unsupported(cpu) == "layer 0 runs on the CPU"
     with pytest.raises(ValueError, match="every layer on the GPU"):
         DecodeGraphs(cpu, new_pool(cpu, 1), 4, 4, capture=False)
@@ -172,7 +176,7 @@ def test_buckets():
 @pytest.mark.gpu
 def test_graph_replay_on_cuda(on_gpu):
     """On a CUDA card (the tiny model is then on cuda:0): every bucket is captured, and the
-    replayed steps give forward_batch's logits."""
+    replayed steps give the eager steps' logits."""
     made = []
 
     def graphs_for(pool):
@@ -187,15 +191,16 @@ def test_graph_replay_on_cuda(on_gpu):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
 
 
-def test_hybrid_tiny_model_agrees_with_all_cpu(on_gpu):
+def test_hybrid_tiny_model_agrees_with_all_cpu(on_gpu, gguf_file):
     """Layer 0 on the CPU, layer 1 and the head on the "GPU" (a real one where there is
     CUDA): prefill chunks and decodes cross devices at the layer boundary and come back for
     sampling. The paths differ in numerics (int8 activations on the CPU, float32 in Triton),
     so logits agree to within the quantization's error, not bit for bit."""
-    gguf_file = on_gpu._gguf
     names = gguf_file.tensors.keys()
-    hybrid = Model(gguf_file, on_gpu.config, DeviceMap.last_layers(names, LAYERS, 1, head_gpu=True))
-    cpu = Model(gguf_file, on_gpu.config, DeviceMap.cpu_only(LAYERS))
+    hybrid = build_model(
+        gguf_file, on_gpu.config, DeviceMap.last_layers(names, LAYERS, 1, head_gpu=True)
+    )
+    cpu = build_model(gguf_file, on_gpu.config, DeviceMap.cpu_only(LAYERS))
     assert [b.triton for b in hybrid.blocks] == [False, True]
     schedule = [[0, 1, 2], [1], [0, 2]]
     for got, want in zip(

@@ -8,11 +8,11 @@ import threading
 
 import pytest
 from conftest import FIXTURES
+from reference_model import Generation
 
 from runtime.block_manager import BLOCK_SIZE
 from runtime.engine import Engine
 from runtime.errors import ContextLengthError, InvalidParameterError, QueueFullError
-from runtime.generation import Generation
 from runtime.llm_engine import EngineOptions, LLMEngine
 from runtime.loaded_model import LoadedModel
 from runtime.sampling_params import SamplingParams
@@ -105,8 +105,8 @@ def test_long_prompt_is_chunked_while_decodes_continue(lm):
         assert "short" in {e.request_id for e in events}  # a token for "short" every step
     prefill = steps[1:]
     assert len(prefill) == -(-len(long_ids) // 31)  # 31 prompt tokens + 1 decode per step
-    for step in prefill:
-        assert step[0] == (short, 1)
+    for step in prefill:  # (the order within a step rotates between requests)
+        assert (short, 1) in step
         assert sum(n for _, n in step) <= 32
 
 
@@ -212,7 +212,7 @@ def first_token_top5(engine: LLMEngine, prompts: list[list[int]]) -> list[dict[i
 def test_q8_0_kv_saves_memory_and_stays_close(lm):
     f16 = LLMEngine(lm, EngineOptions(num_ctx=256))
     q8 = LLMEngine(lm, EngineOptions(num_ctx=256, kv_cache_type="q8_0"))
-    assert q8.pool.nbytes / f16.pool.nbytes == pytest.approx(34 / 64, rel=0.01)
+    assert q8.runner.kv_bytes / f16.runner.kv_bytes == pytest.approx(34 / 64, rel=0.01)
     text = (FIXTURES / "apache-2.0.txt").read_text()[:2000]
     ids = encode(lm, text)
     prompts = [ids[:n] for n in (24, 60, 100, 150)]

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 from conftest import FIXTURES, fixture, model_path
+from reference_model import KVCache, forward
 
-from runtime.kv_cache import KVCache
 from runtime.loaded_model import LoadedModel
 
 REL_TOL = 0.02
@@ -29,7 +29,7 @@ def perplexity(lm: LoadedModel, text: str, n_ctx: int, n_chunks: int) -> list[fl
         if lm.tokenizer.add_bos:
             chunk[0] = lm.tokenizer.bos_id
         with torch.inference_mode():
-            logits = lm.model.forward(torch.tensor(chunk), 0, KVCache(lm.config, n_ctx), True)
+            logits = forward(lm.model, torch.tensor(chunk), 0, KVCache(lm.config, n_ctx), True)
         logp = torch.log_softmax(logits.double(), -1)  # (n_ctx, V)
         first = n_ctx // 2
         targets = torch.tensor(chunk[first + 1 :])

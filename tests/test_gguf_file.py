@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from loaders.gguf_file import GGUFFile
-from loaders.gguf_parse import parse_gguf
+from loaders.gguf_parse import GGUFArray, parse_gguf
 from runtime.errors import GGUFError, TandemError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,8 +40,13 @@ def test_smollm2_metadata_matches_gguf_reader(smollm2: GGUFFile, smollm2_reader)
     }
     assert list(smollm2.metadata) == list(expected)
     for key, value in expected.items():
-        assert smollm2.metadata[key] == value, key
-        assert type(smollm2.metadata[key]) is type(value), key
+        got = smollm2.metadata[key]
+        assert got == value, key
+        if isinstance(value, list):  # arrays are compact GGUFArrays; tolist() is the list
+            assert isinstance(got, GGUFArray) and got.tolist() == value, key
+            assert {type(v) for v in got.tolist()} == {type(v) for v in value}, key
+        else:
+            assert type(got) is type(value), key
     assert smollm2.version == 3
     assert smollm2.metadata["general.architecture"] == "llama"
     assert len(smollm2.metadata["tokenizer.ggml.tokens"]) == 49152

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loaders.gguf_file import GGUFFile
-from loaders.gguf_parse import parse_gguf
+from loaders.gguf_parse import NumericArray, StringArray, parse_gguf
 from runtime.errors import GGUFError
 
 VT = gguf.GGUFValueType
@@ -266,6 +266,15 @@ CASES: dict[str, tuple[bytes, str]] = {
         with_ti(ti(b"", (8,), QT.F32, 128)),
         "tensor #2 at offset \\d+ has an empty name",
     ),
+    "too-many-inner-arrays": (
+        with_kv(kv("n", VT.ARRAY, u32(VT.ARRAY) + u64(5000) + (u32(VT.UINT8) + u64(0)) * 5000)),
+        "value of key 'n': more than 4096 arrays nested in arrays",
+    ),
+    "n-kv-over-cap": (build(n_kv=(1 << 16) + 1), "metadata count 65537 exceeds the limit of 65536"),
+    "n-tensors-over-cap": (
+        build(n_tensors=(1 << 16) + 1),
+        "tensor count 65537 exceeds the limit of 65536",
+    ),
     "all-ones-after-magic": (b"GGUF" + b"\xff" * 200, "unsupported GGUF version 4294967295"),
     "all-ones-counts": (
         b"GGUF" + u32(3) + b"\xff" * 200,
@@ -301,7 +310,8 @@ def test_base_file_is_valid() -> None:
         ("b", (32, 2), 68),
     ]
     assert header.data_offset == DATA_START
-    assert parse_gguf(with_kv(kv("deep", VT.ARRAY, nested(3)))).metadata["deep"] == [[[1]]]
+    deep = parse_gguf(with_kv(kv("deep", VT.ARRAY, nested(3)))).metadata["deep"]
+    assert deep == [[[1]]] and isinstance(deep[0][0], NumericArray)
     aligned = build(
         BASE_KVS + [kv_u32("general.alignment", 64)],
         [ti("a", (8,), QT.F32, 0), ti("b", (32, 2), QT.Q8_0, 64)],
@@ -408,3 +418,40 @@ def test_fuzz_real_header(smollm2_image: tuple[bytearray, int, int]) -> None:
             buf[: header_end + 16] = saved
 
     run()
+
+
+def test_arrays_are_compact_read_only_sequences_of_plain_values() -> None:
+    """Arrays parse into GGUFArrays (issue 13: lists cost 8-36 bytes per 1-4 byte item): the
+    items are plain Python values, nothing refers to the parsed buffer, nothing is writable."""
+    words = ["a", "", "ü", "<0x0A>", "héllo ✓"]
+    raw = b"".join(gstr(w) for w in words)
+    buf = bytearray(
+        build(
+            BASE_KVS
+            + [
+                kv("w", VT.ARRAY, u32(VT.STRING) + u64(len(words)) + raw),
+                kv("i", VT.ARRAY, u32(VT.INT32) + u64(3) + struct.pack("<3i", 1, -2, 3)),
+                kv("f", VT.ARRAY, u32(VT.FLOAT32) + u64(2) + struct.pack("<2f", 0.5, -1.25)),
+                kv("b", VT.ARRAY, u32(VT.BOOL) + u64(3) + b"\x01\x00\x07"),
+                kv("e", VT.ARRAY, u32(VT.UINT64) + u64(0)),
+            ]
+        )
+    )
+    md = parse_gguf(buf).metadata
+    w, i, f, b, e = (md[k] for k in "wifbe")
+    buf[:] = bytes(len(buf))  # the parsed values do not read the buffer
+    assert isinstance(w, StringArray) and w == words and w.tolist() == words
+    assert len(w) == 5 and w[2] == "ü" and w[-1] == "héllo ✓" and w[1:3] == ["", "ü"]
+    assert list(w) == words and w != words[:4] and w != "a"
+    with pytest.raises(IndexError):
+        w[5]
+    assert w.nbytes == len(raw) + 8 * (len(words) + 1)
+    assert i == [1, -2, 3] and [type(x) for x in i] == [int] * 3 and i[-1] == 3
+    assert f == [0.5, -1.25] and type(f[0]) is float
+    assert b == [True, False, True] and type(b[2]) is bool
+    assert e == [] and not e and len(e) == 0
+    assert i[1:] == [-2, 3] and isinstance(i[1:], NumericArray)
+    with pytest.raises(ValueError):
+        i.values[0] = 5  # read-only
+    with pytest.raises(TypeError):
+        hash(w)

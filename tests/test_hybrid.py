@@ -110,7 +110,7 @@ def test_device_map_views(hybrid):
 def test_out_of_memory_at_load_retries_with_fewer_gpu_layers(smollm2_path, monkeypatch, caplog):
     import runtime.loaded_model as loaded_model
 
-    real, tried = loaded_model.Model, []
+    real, tried = loaded_model.build_model, []
 
     def tight_gpu(gguf, config, devices):  # a GPU that holds at most 3 layers
         tried.append(devices.layers.count(GPU))
@@ -118,7 +118,7 @@ def test_out_of_memory_at_load_retries_with_fewer_gpu_layers(smollm2_path, monke
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(gguf, config, DeviceMap.cpu_only(config.n_layer))
 
-    monkeypatch.setattr(loaded_model, "Model", tight_gpu)
+    monkeypatch.setattr(loaded_model, "build_model", tight_gpu)
     all_gpu = lambda g, c: DeviceMap.last_layers(g.tensors.keys(), c.n_layer, 24)  # noqa: E731
     with caplog.at_level("WARNING"):
         LoadedModel.load(smollm2_path, all_gpu)

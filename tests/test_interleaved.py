@@ -384,11 +384,11 @@ def test_gguf_file_derived_and_release_pages(tmp_path):
 def test_models_on_one_file_share_their_panels(smollm2_path, native):
     from loaders.config import ModelConfig
     from loaders.gguf_file import GGUFFile
-    from runtime.model import Model
+    from runtime.models import build_model
 
     gguf_file = GGUFFile(smollm2_path)
     config = ModelConfig.from_metadata(gguf_file.metadata, gguf_file.tensors.keys())
-    first, second = Model(gguf_file, config), Model(gguf_file, config)
+    first, second = build_model(gguf_file, config), build_model(gguf_file, config)
     assert config.tied_head and first.head is first.embed
 
     names = ("q", "k", "v", "o", "gate", "up", "down")

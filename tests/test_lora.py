@@ -13,6 +13,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from reference_model import KVCache, forward
 from test_store import fresh_home, write_tiny_llama
 
 from loaders.lora_adapter import LoraAdapter
@@ -21,7 +22,6 @@ from modelfiles.names import ModelName
 from modelfiles.parser import parse_modelfile
 from modelfiles.store import Store
 from runtime.errors import ModelfileError, UnsupportedError
-from runtime.kv_cache import KVCache
 from runtime.loaded_model import LoadedModel
 
 RANK, ALPHA = 4, 8.0
@@ -88,7 +88,7 @@ def write_merged(path: Path, weights: dict[str, np.ndarray], pairs, scale: float
 def logits(lm: LoadedModel) -> torch.Tensor:
     with torch.inference_mode():
         cache = KVCache(lm.config, 32, dtype=torch.float32)
-        return lm.model.forward(torch.tensor(TOKENS), 0, cache, all_logits=True)
+        return forward(lm.model, torch.tensor(TOKENS), 0, cache, all_logits=True)
 
 
 ADAPTED = ["blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.ffn_down.weight", "output.weight"]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_model import KVCache, forward
 
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
-from runtime.kv_cache import KVCache
-from runtime.model import Model
+from runtime.models import build_model
 
 E, H, HKV, D, FF, V, LAYERS = 64, 4, 2, 16, 96, 50, 2
 
@@ -113,17 +113,17 @@ def test_forward_matches_plain_transformer(tmp_path, arch):
     config = ModelConfig.from_metadata(gguf_file.metadata, gguf_file.tensors.keys())
     assert config.attn_bias == (arch == "qwen2") and config.rope_neox == (arch == "qwen2")
     assert not config.tied_head
-    model = Model(gguf_file, config)
+    model = build_model(gguf_file, config)
     tokens = [3, 17, 42, 8, 29, 11]
     ref = reference_logits(weights, tokens, neox=config.rope_neox)
     with torch.inference_mode():
         cache = KVCache(config, 32, dtype=torch.float32)
-        whole = model.forward(torch.tensor(tokens), 0, cache, all_logits=True)
+        whole = forward(model, torch.tensor(tokens), 0, cache, all_logits=True)
         # the same sequence fed as a 4-token prefill and then one token at a time
         cache = KVCache(config, 32, dtype=torch.float32)
-        steps = [model.forward(torch.tensor(tokens[:4]), 0, cache, all_logits=True)]
+        steps = [forward(model, torch.tensor(tokens[:4]), 0, cache, all_logits=True)]
         steps += [
-            model.forward(torch.tensor([tok]), pos, cache)
+            forward(model, torch.tensor([tok]), pos, cache)
             for pos, tok in enumerate(tokens[4:], start=4)
         ]
     # float32 end to end; only summation order differs from the reference

@@ -128,9 +128,9 @@ def test_quoted_values(text, value):
         ("num_batch 1", "num_batch", 1),
         ("num_gpu 1", "num_gpu", 1),
         ("use_mmap true", "use_mmap", True),
-        ("use_mmap F", "use_mmap", False),
+        ("use_mmap T", "use_mmap", True),
         ("num_thread 1", "num_thread", 1),
-        ("num_keep 1", "num_keep", 1),
+        ("num_keep 4", "num_keep", 4),
         ("seed 1", "seed", 1),
         ("num_predict -1", "num_predict", -1),
         ("top_k 1", "top_k", 1),
@@ -154,7 +154,7 @@ def test_quoted_values(text, value):
         ("gpu_memory 512mb", "gpu_memory", 512 * 10**6),
         ("gpu_memory 1000", "gpu_memory", 1000),
         (r'pin "blk\.1[0-9]\.ffn_.*=CPU"', "pin", [r"blk\.1[0-9]\.ffn_.*=cpu"]),
-        ("pin token_embd=cuda:1", "pin", ["token_embd=cuda:1"]),
+        ("pin token_embd=cuda:0", "pin", ["token_embd=cuda:0"]),
         ("NUM_CTX 8", "num_ctx", 8),
     ],
 )
@@ -199,11 +199,13 @@ def test_line_endings_and_encodings():
         decode(b"FROM \xff\xfe\xfd"[1:])
 
 
-def test_ignored_ollama_parameters_warn():
+def test_unsupported_ollama_parameters_only_at_their_off_value():
     mf = parse_modelfile("FROM x\nPARAMETER mirostat 0\nREQUIRES 0.6.0\n")
-    assert mf.parameters == {}
-    assert any("mirostat" in w and "line 2" in w for w in mf.warnings)
+    assert mf.parameters == {"mirostat": 0}  # what tandem does anyway
     assert any("REQUIRES" in w and "line 3" in w for w in mf.warnings)
+    with pytest.raises(ModelfileError, match="mirostat 2 is not supported") as err:
+        parse_modelfile("FROM x\nPARAMETER mirostat 2\n")
+    assert err.value.line == 2
 
 
 # ---- errors, each with its line -------------------------------------------------------------
@@ -322,7 +324,7 @@ _PARAM_VALUE = {
     "presence_penalty": st.floats(-2, 2),
     "seed": st.integers(-1, 2**63),
     "stop": st.lists(_NONEMPTY, min_size=1, max_size=3),
-    "use_mmap": st.booleans(),
+    "use_mmap": st.just(True),  # false is refused: the file is always mapped
     "gpu_memory": st.integers(0, 1 << 40),
     "pin": st.lists(
         st.sampled_from([r"blk\.[0-9]+\.ffn_.*=cpu", "token_embd=cuda:0"]), min_size=1, max_size=2

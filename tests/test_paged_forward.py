@@ -1,4 +1,4 @@
-"""The paged batched forward (KVPool + ForwardBatch) on a tiny synthetic llama: sequences of
+"""The paged batched forward (ModelRunner: KVPool + ForwardBatch) on a tiny synthetic llama: sequences of
 different lengths — prefill chunks and decodes mixed in one step, pages scattered over the
 pool — give the logits each sequence gets alone over a contiguous cache. Plus the KV pool's
 storage types and page copies."""
@@ -9,29 +9,36 @@ import dataclasses
 
 import pytest
 import torch
+from reference_model import KVCache, forward
 from test_model_synthetic import make_weights, write_gguf
 
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from runtime.block_manager import BLOCK_SIZE
 from runtime.forward_batch import ForwardBatch
-from runtime.kv_cache import KVCache
 from runtime.kv_pool import KVPool, kv_bytes_per_token, slots_for
-from runtime.model import Model
+from runtime.model_runner import ModelRunner
+from runtime.models import Model, build_model
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def gguf_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("paged") / "llama.gguf"
     write_gguf(path, "llama", make_weights("llama", seed=3))
-    gguf_file = GGUFFile(path)
-    return Model(gguf_file, ModelConfig.from_metadata(gguf_file.metadata, gguf_file.tensors.keys()))
+    return GGUFFile(path)
+
+
+@pytest.fixture(scope="module")
+def model(gguf_file):
+    return build_model(
+        gguf_file, ModelConfig.from_metadata(gguf_file.metadata, gguf_file.tensors.keys())
+    )
 
 
 def alone(model: Model, tokens: list[int]) -> torch.Tensor:
     """Logits (T, V) of every position of one sequence over a contiguous f16 cache."""
     with torch.inference_mode():
-        return model.forward(torch.tensor(tokens), 0, KVCache(model.config, 64), all_logits=True)
+        return forward(model, torch.tensor(tokens), 0, KVCache(model.config, 64), all_logits=True)
 
 
 def test_mixed_batch_equals_each_sequence_alone(model):
@@ -39,7 +46,7 @@ def test_mixed_batch_equals_each_sequence_alone(model):
     seqs = [torch.randint(0, 50, (n,), generator=g).tolist() for n in (40, 7, 23)]
     # scattered, interleaved pages: seq 0 takes blocks 5, 0, 7; seq 1 block 3; seq 2 blocks 6, 1
     tables = [[5, 0, 7], [3], [6, 1]]
-    pool = KVPool(model.config, 8)
+    runner = ModelRunner(model, 8)
     done = [0, 0, 0]
     got: list[list[torch.Tensor]] = [[], [], []]
     # step 1: prefill chunks of 20, 6 and 23 tokens; steps 2…: 20 more for seq 0, then decodes
@@ -58,7 +65,7 @@ def test_mixed_batch_equals_each_sequence_alone(model):
             if not items:
                 break
             batch = ForwardBatch.build(items)
-            logits = model.forward_batch(batch, pool)
+            logits = runner.run(batch)
             for s, row in zip(owners, logits, strict=True):
                 got[s].append((done[s] - 1, row))
     for s, tokens in enumerate(seqs):
@@ -87,20 +94,20 @@ def test_decode_group_masks_padding_and_window():
     assert batch.logit_rows.tolist() == [0, 1, 3]
 
 
-def test_sliding_window_chunks_equal_the_whole_context(model):
+def test_sliding_window_chunks_equal_the_whole_context(model, gguf_file):
     """A sliding-window layer's prefill chunk reads only the last `window` positions before
     it (the rest are masked anyway): chunks at depth give the logits of a single pass over
     a contiguous cache, which attends over every key with the mask."""
     c = dataclasses.replace(model.config, sliding_window=8, swa_layers=(True, False))
-    windowed = Model(model._gguf, c)
+    windowed = build_model(gguf_file, c)
     tokens = torch.randint(0, 50, (40,), generator=torch.Generator().manual_seed(5)).tolist()
-    pool = KVPool(c, 3)
+    runner = ModelRunner(windowed, 3)
     with torch.inference_mode():
         got = [
-            windowed.forward_batch(ForwardBatch.build([(tokens[a:b], a, [2, 0, 1], True)]), pool)[0]
+            runner.run(ForwardBatch.build([(tokens[a:b], a, [2, 0, 1], True)]))[0]
             for a, b in ((0, 13), (13, 30), (30, 40))
         ]
-        whole = windowed.forward(torch.tensor(tokens), 0, KVCache(c, 64), all_logits=True)
+        whole = forward(windowed, torch.tensor(tokens), 0, KVCache(c, 64), all_logits=True)
     for row, end in zip(got, (13, 30, 40), strict=True):
         torch.testing.assert_close(row, whole[end - 1], rtol=1e-4, atol=1e-4)
 
@@ -110,27 +117,25 @@ def test_unwritten_pool_memory_never_reaches_the_logits(model, monkeypatch):
     sequences of different lengths in one step through the gathered path (a q8_0 pool's, or
     any without the native kernel; forced here) give the same logits over a NaN-filled pool
     as over a zeroed one. Before the fix, q8_0 decoding changed from run to run."""
-    import runtime.model as model_module
+    import runtime.attention_backends as backends
 
-    monkeypatch.setattr(model_module, "paged_decode_attention", lambda *a, **k: None)
+    monkeypatch.setattr(backends, "paged_decode_attention", lambda *a, **k: None)
     seqs, tables = [[1, 2, 3, 4, 5, 6, 7], [8, 9]], [[0], [1]]
 
     def decode_logits(fill: float) -> torch.Tensor:
-        pool = KVPool(model.config, 2)
-        for slab in (*pool.k, *pool.v):
+        runner = ModelRunner(model, 2)
+        for slab in (*runner.pool.k, *runner.pool.v):
             slab.data.fill_(fill)
         with torch.inference_mode():
-            model.forward_batch(
+            runner.run(
                 ForwardBatch.build(
                     [(s[:-1], 0, t, False) for s, t in zip(seqs, tables, strict=True)]
-                ),
-                pool,
+                )
             )
-            return model.forward_batch(
+            return runner.run(
                 ForwardBatch.build(
                     [([s[-1]], len(s) - 1, t, True) for s, t in zip(seqs, tables, strict=True)]
-                ),
-                pool,
+                )
             )
 
     clean, dirty = decode_logits(0.0), decode_logits(float("nan"))

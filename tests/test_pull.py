@@ -69,7 +69,9 @@ def registry(tmp_path, monkeypatch, home):
 
 
 def leftovers(home: Path) -> list[Path]:
-    return sorted(p for p in home.rglob("*") if p.is_file())
+    """Every file under `home` but lock files and blob verification records."""
+    kept = {home / "models" / "locks", home / "models" / "verified"}
+    return sorted(p for p in home.rglob("*") if p.is_file() and p.parent not in kept)
 
 
 def test_pull_writes_verified_blob(home, registry):

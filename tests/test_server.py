@@ -419,7 +419,7 @@ def test_ollama_generate_not_streamed(server, lm):
         "model": MODEL,
         "prompt": "Why is the sky blue?",
         "stream": False,
-        "options": {"temperature": 0, "num_predict": 5, "num_ctx": 256, "num_thread": 2},
+        "options": {"temperature": 0, "num_predict": 5, "num_ctx": 256, "num_batch": 512},
     }
     out = httpx2.post(f"{server.url}/api/generate", json=body, timeout=60).json()
     assert out["done"] and out["response"] and out["done_reason"] in ("stop", "length")

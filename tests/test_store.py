@@ -19,6 +19,7 @@ import torch
 from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference_model import KVCache, forward
 
 from loaders.gguf_file import GGUFFile
 from loaders.pull import KNOWN
@@ -33,7 +34,6 @@ from runtime.errors import (
     ModelNotFoundError,
     UnsupportedError,
 )
-from runtime.kv_cache import KVCache
 from runtime.loaded_model import LoadedModel
 
 # a tiny llama with a byte-level BPE vocabulary: enough for LoadedModel, chat templates, run
@@ -291,8 +291,8 @@ def test_create_quantize_q8_0_from_f32_and_load(home, workdir, capsys):
     q8, f32 = LoadedModel.load("tiny-q8"), LoadedModel.load(workdir / "tiny.gguf")
     tokens = torch.tensor(q8.tokenizer.encode("abc def", add_special=False))
     with torch.inference_mode():
-        a = q8.model.forward(tokens, 0, KVCache(q8.config, 32, dtype=torch.float32), True)
-        b = f32.model.forward(tokens, 0, KVCache(f32.config, 32, dtype=torch.float32), True)
+        a = forward(q8.model, tokens, 0, KVCache(q8.config, 32, dtype=torch.float32), True)
+        b = forward(f32.model, tokens, 0, KVCache(f32.config, 32, dtype=torch.float32), True)
     # Q8_0 keeps ~2.5 significant digits per weight (and the native kernel also quantizes
     # activations to int8): a relative error of a few 1e-3 on logits of size ~1
     assert (a - b).abs().max() < 0.05 * b.abs().max()

@@ -3,6 +3,8 @@
 ModelNotFoundError            -> 404  (OpenAI code "model_not_found")
 QueueFullError, EngineClosed  -> 503  with Retry-After
 ContextLengthError            -> 400  (OpenAI code "context_length_exceeded")
+HTTPStatusError               -> its own status (403 Host/Origin, 413 body, 415 type, 404/405)
+InternalError                 -> 500  (OpenAI type "server_error")
 any other TandemError         -> 400  invalid_request_error
 """
 
@@ -13,6 +15,7 @@ from fastapi.responses import JSONResponse
 from runtime.errors import (
     ContextLengthError,
     EngineClosedError,
+    InternalError,
     InvalidParameterError,
     ModelNotFoundError,
     QueueFullError,
@@ -28,7 +31,19 @@ class RequestFieldError(InvalidParameterError):
         self.param = param
 
 
+class HTTPStatusError(TandemError):
+    """A refusal decided by the HTTP layer, with its own status (403, 404, 405, 413, 415)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def status_of(err: TandemError) -> int:
+    if isinstance(err, HTTPStatusError):
+        return err.status
+    if isinstance(err, InternalError):
+        return 500
     if isinstance(err, ModelNotFoundError):
         return 404
     if isinstance(err, (QueueFullError, EngineClosedError)):
@@ -52,7 +67,12 @@ def openai_error_body(err: TandemError) -> dict:
         code = "context_length_exceeded"
     elif isinstance(err, ModelNotFoundError):
         code = "model_not_found"
-    kind = "invalid_request_error" if status < 500 else "service_unavailable_error"
+    if status == 500:
+        kind = "server_error"
+    elif status < 500:
+        kind = "invalid_request_error"
+    else:
+        kind = "service_unavailable_error"
     return {
         "error": {
             "message": str(err),
@@ -69,3 +89,8 @@ def openai_error(err: TandemError) -> JSONResponse:
 
 def ollama_error(err: TandemError) -> JSONResponse:
     return JSONResponse({"error": str(err)}, status_of(err), headers=_headers(err))
+
+
+def error_for_path(path: str, err: TandemError) -> JSONResponse:
+    """`err` in the shape of the API that `path` belongs to (OpenAI under /v1, else ollama)."""
+    return openai_error(err) if path.startswith("/v1") else ollama_error(err)

@@ -2,6 +2,7 @@
 
 A number is seconds; a string is a number of seconds ("3600", "-1") or a Go-style duration
 ("5m", "1h30m", "250ms"). Negative means forever (math.inf); 0 unloads when the request ends.
+Non-finite values (NaN, 1e400) are refused; FOREVER seconds (31 years) or more mean forever.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from runtime.server.errors import RequestFieldError
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _ALLOWED = 'a number of seconds, or a duration such as "5m", "1h" or "-1" (forever)'
+FOREVER = 1e9  # seconds
 
 
 def parse_keep_alive(value: object) -> float:
@@ -21,9 +23,9 @@ def parse_keep_alive(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise RequestFieldError("keep_alive", f"keep_alive must be {_ALLOWED}, got {value!r}")
     seconds = _duration(value.strip()) if isinstance(value, str) else float(value)
-    if seconds is None or math.isnan(seconds):
+    if seconds is None or not math.isfinite(seconds):
         raise RequestFieldError("keep_alive", f"keep_alive must be {_ALLOWED}, got {value!r}")
-    return math.inf if seconds < 0 else seconds
+    return math.inf if seconds < 0 or seconds >= FOREVER else seconds
 
 
 def _duration(text: str) -> float | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from importlib import metadata
@@ -17,17 +18,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loaders.gguf_file import GGUFFile
 from modelfiles.resolver import resolve as resolve_spec
-from runtime.errors import TandemError
+from runtime.errors import GGUFError, InternalError, TandemError
 from runtime.sampling_params import OLLAMA_DEFAULTS
 from runtime.server.choice import Choice
 from runtime.server.errors import RequestFieldError, ollama_error, status_of
 from runtime.server.keep_alive import parse_keep_alive
+from runtime.server.limits import check_prompt_chars
 from runtime.server.ollama_info import local_models, now_iso, ps_entry, show
 from runtime.server.ollama_options import fit_context, parse_options
 from runtime.server.ollama_prompt import OllamaPrompt, parse_chat, parse_generate
 from runtime.server.state import read_json, server_state
 from runtime.server.stream import RequestStream
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -58,8 +61,10 @@ async def _serve(request: Request, kind: str) -> Response:
                 stream.close()
                 state.metrics.count_request(endpoint, 200)
                 return JSONResponse(_load_reply(req, kind))
-            ids = await asyncio.to_thread(req.prompt_ids, served.lm)
-            params = options.params(served.lm.sampling_defaults(OLLAMA_DEFAULTS))
+            chars, tokens = req.size()
+            check_prompt_chars(chars, tokens, served.num_ctx, served.max_token_chars)
+            ids = await asyncio.to_thread(req.prompt_ids, served.lm, served.num_ctx)
+            params = options.params(served.lm.sampling_defaults(OLLAMA_DEFAULTS), served.lm.options)
             params = fit_context(params, len(ids), options.num_ctx, served.num_ctx)
             stream.submit(ids, params)
         except BaseException:
@@ -133,15 +138,19 @@ class _Reply:
         return JSONResponse(self._final(self.choice.text))
 
     async def ndjson(self, request: Request) -> AsyncIterator[str]:
-        async for event in self.stream.events(request.is_disconnected):
-            if event.error is not None:
-                yield _line({"error": str(event.error)})
-                return
-            self.choice.add(event.delta, False)
-            if self.choice.finish_reason is not None:
-                yield _line(self._final(event.delta.text))
-            elif event.delta.text:
-                yield _line(self._piece(event.delta.text, False))
+        try:
+            async for event in self.stream.events(request.is_disconnected):
+                if event.error is not None:
+                    yield _line({"error": str(event.error)})
+                    return
+                self.choice.add(event.delta, False)
+                if self.choice.finish_reason is not None:
+                    yield _line(self._final(event.delta.text))
+                elif event.delta.text:
+                    yield _line(self._piece(event.delta.text, False))
+        except Exception as err:  # the status line is sent: say so in the stream, end it
+            log.exception("stream for %s failed", self.req.model)
+            yield _line({"error": str(InternalError(f"internal error ({type(err).__name__})"))})
 
 
 def _line(obj: dict) -> str:
@@ -161,14 +170,20 @@ async def show_model(request: Request) -> Response:
         name = (body.get("model") or body.get("name")) if isinstance(body, dict) else None
         if not isinstance(name, str) or not name:
             raise RequestFieldError("model", 'give the model to show as {"model": NAME}')
-        return JSONResponse(await asyncio.to_thread(_show, name))
+        key = server_state(request).registry.reference(name)  # what a client may name
+        return JSONResponse(await asyncio.to_thread(_show, key))
     except TandemError as err:
         return ollama_error(err)
 
 
-def _show(name: str) -> dict:
-    spec = resolve_spec(name)
-    with GGUFFile(spec.path) as file:
+def _show(key: str) -> dict:
+    spec = resolve_spec(key)
+    try:
+        file = GGUFFile(spec.path)
+    except GGUFError as err:  # say nothing of what the file holds (the log has it)
+        log.warning("/api/show %s: %s", key, err)
+        raise GGUFError(f"{key} is not a usable GGUF model file") from None
+    with file:
         return show(spec, file)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import logging
 import math
 import time
 from pathlib import Path
@@ -16,8 +17,10 @@ from loaders.chat_template import builtin_template
 from loaders.gguf_file import GGUFFile
 from modelfiles.resolver import ModelSpec
 from modelfiles.store import Store
+from runtime.errors import TandemError
 from runtime.server.models import ServedModel
 
+log = logging.getLogger(__name__)
 FOREVER = "9999-12-31T23:59:59Z"  # expires_at of a model kept loaded without limit
 
 
@@ -85,15 +88,13 @@ def tags_entry(name: str, path: Path, size: int, modified: float) -> dict:
 def local_models(loaded: list[ServedModel]) -> list[dict]:
     """/api/tags: every stored model, then loaded ones the store does not hold (paths)."""
     store = Store()
-    out = [
-        tags_entry(
-            str(name),
-            store.blob_path(m.model),
-            m.model.size,
-            store.manifest_path(name).stat().st_mtime,
-        )
-        for name, m in store.list()
-    ]
+    out = []
+    for name, m in store.list():  # damaged manifests are left out (and logged) by the store
+        try:
+            mtime = store.manifest_path(name).stat().st_mtime
+            out.append(tags_entry(str(name), store.blob_path(m.model), m.model.size, mtime))
+        except (TandemError, OSError) as err:  # its blob is gone or unreadable
+            log.warning("/api/tags: skipping %s: %s", name, err)
     seen = {e["name"] for e in out}
     out += [
         tags_entry(m.name, m.lm.path, m.lm.gguf.file_size, m.lm.path.stat().st_mtime)
@@ -128,7 +129,8 @@ def _parameters_text(parameters: dict) -> str:
 def show(spec: ModelSpec, file: GGUFFile) -> dict:
     """/api/show for a resolved model, without loading it."""
     md = file.metadata
-    info = {k: v for k, v in md.items() if not isinstance(v, (list, bytes))}
+    # scalars only: arrays (the vocabulary, merges: megabytes) are left out, as ollama does
+    info = {k: v for k, v in md.items() if isinstance(v, (str, int, float, bool))}
     arch = str(md.get("general.architecture", ""))
     gguf_template = md.get("tokenizer.chat_template")
     template = (

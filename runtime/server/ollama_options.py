@@ -1,63 +1,62 @@
-"""ollama request `options`: sampling options go through SamplingParams.from_options; the
-others are accepted when they cannot change the output here, or refused.
+"""ollama request `options`, read by the option table (modelfiles/parameters.py OPTIONS):
 
-    num_ctx                 at most the loaded context (the server's --num-ctx or the
-                            Modelfile's); a smaller value limits this request to it
-    num_batch, num_thread, num_gpu, main_gpu, use_mmap, use_mlock, low_vram, numa, f16_kv,
-    num_keep, penalize_newline, mirostat_eta, mirostat_tau
-                            accepted: they only tune speed or memory, or have no effect
-                            unless a refused feature is on
-    typical_p, tfs_z, mirostat, vocab_only, logits_all, embedding_only
-                            accepted at their "off" value only
+    sampling     applied to this request (SamplingParams.from_options)
+    num_ctx      at most the loaded context (the server's --num-ctx or the Modelfile's); a
+                 smaller value limits this request to it
+    num_gpu, num_thread, num_batch
+                 fixed when the model loads: accepted when they restate the loaded value,
+                 refused otherwise (set them in a Modelfile, or as server flags)
+    unsupported  (mirostat, typical_p, use_mmap, …) accepted only at the value that means
+                 what tandem does anyway, refused with the reason otherwise
+
+Anything else (tandem's own settings and Modelfile extensions included) is an unknown option.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
+from modelfiles.parameters import LOAD, OPTIONS, SAMPLING, UNSUPPORTED
 from runtime.errors import ContextLengthError, InvalidParameterError
-from runtime.sampling_params import OLLAMA_OPTIONS, SamplingParams
+from runtime.sampling_params import SamplingParams
 from runtime.server.errors import RequestFieldError
+from runtime.server.limits import check_stop
 
-NO_EFFECT = {
-    "num_batch",
-    "num_thread",
-    "num_gpu",
-    "main_gpu",
-    "use_mmap",
-    "use_mlock",
-    "low_vram",
-    "numa",
-    "f16_kv",
-    "num_keep",
-    "penalize_newline",
-    "mirostat_eta",
-    "mirostat_tau",
-}
-OFF_VALUES: dict[str, Any] = {
-    "typical_p": 1.0,
-    "tfs_z": 1.0,
-    "mirostat": 0,
-    "vocab_only": False,
-    "logits_all": False,
-    "embedding_only": False,
-}
-KNOWN = set(OLLAMA_OPTIONS) | NO_EFFECT | set(OFF_VALUES) | {"num_ctx"}
+if TYPE_CHECKING:
+    from runtime.run_options import RunOptions
+
+KNOWN = {name for name, o in OPTIONS.items() if o.request}
 
 
 @dataclass
 class OllamaOptions:
     sampling: dict[str, Any]
     num_ctx: int | None = None
+    load: dict[str, Any] = field(default_factory=dict)  # num_gpu, num_thread, num_batch given
 
-    def params(self, base: SamplingParams) -> SamplingParams:
+    def params(self, base: SamplingParams, loaded: RunOptions | None = None) -> SamplingParams:
+        """`base` with this request's sampling options; with `loaded` (the model's settings),
+        load-time options that differ from it are refused."""
+        if loaded is not None:
+            self.check_loaded(loaded)
         try:
             return SamplingParams.from_options(self.sampling, base)
         except RequestFieldError:
             raise
         except InvalidParameterError as err:
             raise RequestFieldError("options", str(err)) from None
+
+    def check_loaded(self, loaded: RunOptions) -> None:
+        values = loaded.load_values()
+        for name, value in self.load.items():
+            if value != values[name]:
+                raise RequestFieldError(
+                    "options",
+                    f"option {name}={value!r} differs from the {values[name]!r} this model was "
+                    f"loaded with, and tandem does not reload a model per request; leave it "
+                    f"out, or set PARAMETER {name} in a Modelfile (tandem create)",
+                )
 
 
 def parse_options(options: Any) -> OllamaOptions:
@@ -71,20 +70,24 @@ def parse_options(options: Any) -> OllamaOptions:
             "options",
             f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(KNOWN))}",
         )
-    for name, off in OFF_VALUES.items():
-        if name in options and options[name] is not None and options[name] != off:
+    check_stop(options.get("stop"), "options.stop")  # before anything reads the list
+    given = {k: v for k, v in options.items() if v is not None}
+    for name, value in given.items():
+        option = OPTIONS[name]
+        if option.effect == UNSUPPORTED:
+            try:
+                option.check(value)
+            except ValueError as err:
+                raise RequestFieldError("options", str(err)) from None
+        elif option.effect == LOAD and (
+            isinstance(value, bool) or not isinstance(value, int) or not option.low <= value
+        ):
             raise RequestFieldError(
-                "options",
-                f"option {name}={options[name]!r} is not "
-                f"supported; leave it out or set it to {off!r}",
+                "options", f"{name} must be an integer >= {int(option.low)}, got {value!r}"
             )
-    num_ctx = options.get("num_ctx")
-    if num_ctx is not None and (
-        isinstance(num_ctx, bool) or not isinstance(num_ctx, int) or num_ctx < 1
-    ):
-        raise RequestFieldError("options", f"num_ctx must be an integer >= 1, got {num_ctx!r}")
-    sampling = {k: v for k, v in options.items() if k in OLLAMA_OPTIONS and v is not None}
-    return OllamaOptions(sampling, num_ctx)
+    sampling = {k: v for k, v in given.items() if OPTIONS[k].effect == SAMPLING}
+    load = {k: v for k, v in given.items() if OPTIONS[k].effect == LOAD and k != "num_ctx"}
+    return OllamaOptions(sampling, given.get("num_ctx"), load)
 
 
 def fit_context(

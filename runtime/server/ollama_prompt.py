@@ -49,15 +49,23 @@ class OllamaPrompt:
     raw_prompt: str | None = None  # generate with raw: true
     context: list[int] = field(default_factory=list)  # generate: ids of an earlier exchange
 
+    def size(self) -> tuple[int, int]:
+        """(characters, token ids) of the request's own prompt, before any template."""
+        chars = len(self.raw_prompt or "") + sum(len(m["content"]) for m in self.messages)
+        return chars, len(self.context)
+
     @property
     def load_only(self) -> bool:
         return not self.messages and not self.raw_prompt and not self.context
 
-    def prompt_ids(self, lm: LoadedModel) -> list[int]:
+    def prompt_ids(self, lm: LoadedModel, max_tokens: int | None = None) -> list[int]:
+        """The prompt's ids; with max_tokens (the context), tokenizing stops with
+        ContextLengthError as soon as the prompt cannot fit."""
         if self.raw_prompt is not None:
-            ids = lm.tokenizer.encode(self.raw_prompt, add_special=not self.context)
+            add = not self.context
+            ids = lm.tokenizer.encode(self.raw_prompt, add_special=add, max_tokens=max_tokens)
         elif self.messages:
-            ids = lm.chat_prompt_ids(self.messages)
+            ids = lm.chat_prompt_ids(self.messages, max_tokens)
             if self.context and ids[:1] == [lm.tokenizer.bos_id]:
                 ids = ids[1:]
         else:

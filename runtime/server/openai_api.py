@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,15 +14,17 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from runtime.errors import ContextLengthError, TandemError
+from runtime.errors import ContextLengthError, InternalError, TandemError
 from runtime.sampling_params import SamplingParams
 from runtime.server.choice import Choice
 from runtime.server.errors import RequestFieldError, openai_error, openai_error_body, status_of
+from runtime.server.limits import check_prompt_chars
 from runtime.server.openai_request import OpenAIRequest, parse_chat, parse_completion
 from runtime.server.openai_shape import ChatShape, CompletionShape, Shape
 from runtime.server.state import ServerState, read_json, server_state
 from runtime.server.stream import RequestStream
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -74,11 +77,13 @@ async def _start(
     stream = RequestStream(state.registry, served, state.metrics, arrived)
     try:
         lm = served.lm
+        chars, tokens = _prompt_size(req)
+        check_prompt_chars(chars, tokens, served.num_ctx, served.max_token_chars)
         if kind == "chat":
-            ids = await asyncio.to_thread(lm.chat_prompt_ids, req.messages)
+            ids = await asyncio.to_thread(lm.chat_prompt_ids, req.messages, served.num_ctx)
             params = req.params(lm, None)
         else:
-            ids = await asyncio.to_thread(_completion_ids, lm, req.prompt)
+            ids = await asyncio.to_thread(_completion_ids, lm, req.prompt, served.num_ctx)
             params = req.params(lm, COMPLETIONS_DEFAULT_MAX_TOKENS)
         _check_fits(ids, params, served.num_ctx)
         stream.submit(ids, params)
@@ -89,9 +94,18 @@ async def _start(
     return stream, shape_cls(lm.tokenizer, req.want_logprobs)
 
 
-def _completion_ids(lm, prompt: str | list[int]) -> list[int]:
-    if isinstance(prompt, str):
-        return lm.tokenizer.encode(prompt, add_special=True)
+def _prompt_size(req: OpenAIRequest) -> tuple[int, int]:
+    """(characters, token ids) of the request's own prompt, before any template."""
+    if req.messages is not None:
+        return sum(len(m["content"]) for m in req.messages), 0
+    if isinstance(req.prompt, str):
+        return len(req.prompt), 0
+    return 0, len(req.prompt or [])
+
+
+def _completion_ids(lm, prompt: str | list[int], num_ctx: int) -> list[int]:
+    if isinstance(prompt, str):  # tokenizing stops once the prompt cannot fit num_ctx
+        return lm.tokenizer.encode(prompt, add_special=True, max_tokens=num_ctx)
     bad = [t for t in prompt if t >= lm.tokenizer.vocab_size]
     if bad:
         raise RequestFieldError(
@@ -160,12 +174,16 @@ class _Reply:
             opening = self.shape.opening(index)
             if opening is not None:
                 yield self._chunk([opening])
-        async for event in self.stream.events(request.is_disconnected):
-            if event.error is not None:
-                yield _data(openai_error_body(event.error))
-                continue
-            for chunk in self._event_chunks(event):
-                yield chunk
+        try:
+            async for event in self.stream.events(request.is_disconnected):
+                if event.error is not None:
+                    yield _data(openai_error_body(event.error))
+                    continue
+                for chunk in self._event_chunks(event):
+                    yield chunk
+        except Exception as err:  # the status line is sent: say so in the stream, end it
+            log.exception("stream %s failed", self.id)
+            yield _data(openai_error_body(InternalError(f"internal error ({type(err).__name__})")))
         if self.req.include_usage:
             body = self._envelope(self.shape.chunk_object, [])
             body["usage"] = self.usage()

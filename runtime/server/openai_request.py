@@ -18,6 +18,7 @@ from runtime.errors import InvalidParameterError
 from runtime.loaded_model import LoadedModel
 from runtime.sampling_params import MAX_LOGPROBS, OLLAMA_DEFAULTS, SamplingParams
 from runtime.server.errors import RequestFieldError
+from runtime.server.limits import check_n, check_stop, check_stop_token_ids
 
 # OpenAI field -> SamplingParams field, for fields passed through unchanged
 PASS_THROUGH = {
@@ -189,6 +190,9 @@ def _common(body: dict) -> OpenAIRequest:
         raise RequestFieldError(
             "temperature", f"temperature must be from 0 to 2, got {temperature!r}"
         )
+    check_n(body.get("n"))
+    check_stop(body.get("stop"))
+    check_stop_token_ids(body.get("stop_token_ids"))
     req.changes = {
         PASS_THROUGH[k]: v for k, v in body.items() if k in PASS_THROUGH and v is not None
     }

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 
 from runtime.errors import ServerUnreachableError
+from runtime.terminal import printable
 
 COLUMNS = ("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL")
 
@@ -42,9 +43,12 @@ def processor(size: int, size_vram: int) -> str:
 
 
 def until(expires_at: str, now: dt.datetime | None = None) -> str:
-    when = dt.datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
     now = now or dt.datetime.now(dt.timezone.utc)
-    seconds = (when - now).total_seconds()
+    try:
+        when = dt.datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+        seconds = (when - now).total_seconds()
+    except (ValueError, AttributeError, TypeError):
+        return "?"  # a server's odd answer is not worth a traceback
     if seconds > 100 * 365 * 86400:
         return "Forever"
     if seconds < 1:
@@ -57,14 +61,18 @@ def until(expires_at: str, now: dt.datetime | None = None) -> str:
 
 
 def format_table(models: list[dict]) -> str:
+    """The table; what the server said is shown inert (terminal escapes made visible)."""
     rows = [COLUMNS] + [
-        (
-            m["name"],
-            m["digest"][:12],
-            human_size(m["size"]),
-            processor(m["size"], m.get("size_vram", 0)),
-            str(m.get("context_length", "")),
-            until(m["expires_at"]),
+        tuple(
+            printable(cell)
+            for cell in (
+                m["name"],
+                str(m["digest"])[:12],
+                human_size(m["size"]),
+                processor(m["size"], m.get("size_vram", 0)),
+                str(m.get("context_length", "")),
+                until(m["expires_at"]),
+            )
         )
         for m in models
     ]

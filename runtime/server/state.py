@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,9 +46,63 @@ def server_state(request: Request) -> ServerState:
     return request.app.state.tandem
 
 
-async def read_json(request: Request) -> Any:
-    raw = await request.body()
+MAX_DEPTH = 64  # arrays and objects nested deeper than this are refused
+MAX_INT = 2**64  # integers of this size or more are refused (no field takes one)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise RequestFieldError(None, f"the number {text[:40]} is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 20 or abs(value := int(text)) >= MAX_INT:
+        raise RequestFieldError(None, f"the integer {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise RequestFieldError(None, f"{name} is not a JSON number; give a finite number")
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest in `value` (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON, bounded: numbers finite and of sane size (no NaN, Infinity,
+    1e400 or 4000-digit integers), nesting at most MAX_DEPTH deep; RequestFieldError else."""
     try:
-        return json.loads(raw)
+        value = json.loads(
+            raw,
+            parse_float=_finite,
+            parse_int=_bounded_int,
+            parse_constant=_no_constant,
+        )
+    except RecursionError:
+        value = None
+        deep = True
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RequestFieldError(None, f"the request body is not valid JSON ({err})") from None
+    else:
+        deep = _depth(value) > MAX_DEPTH
+    if deep:
+        raise RequestFieldError(
+            None, f"the request body nests arrays or objects more than {MAX_DEPTH} deep"
+        )
+    return value
+
+
+async def read_json(request: Request) -> Any:
+    """The body as bounded JSON (parse_json); the Guard has already limited its size."""
+    return parse_json(await request.body())

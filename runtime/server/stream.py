@@ -7,6 +7,11 @@ event loop through an asyncio.Queue (the engine's sink only calls loop.call_soon
         ...
     # leaving the loop early (client gone, generator closed or cancelled) aborts the request
 
+Admission is decided in `submit`, before any response header is sent: the samples a model
+holds (running or queued, from submit until their last event is back on the loop) never pass
+the engine's max_waiting, so the engine's own queue check cannot fail a request after it
+was accepted; past that, QueueFullError (503 + Retry-After).
+
 Time to first token and inter-token latency are measured here, as events reach the loop.
 The model is released (its keep-alive clock restarts) once every sample has finished or the
 request was aborted, whichever comes first, exactly once.
@@ -19,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from runtime.engine import Event
+from runtime.errors import QueueFullError
 from runtime.sampling_params import SamplingParams
 from runtime.server.metrics import ServerMetrics
 from runtime.server.models import ModelRegistry, ServedModel
@@ -50,14 +56,23 @@ class RequestStream:
         self._first_token = True
         self._last_token: dict[int, float] = {}
         self._released = False
+        self._admitted = 0  # samples counted in served.admitted until their last event
         self._next_poll = time.monotonic() + POLL_SECONDS
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        served, limit = self.served, self.served.engine.options.max_waiting
         try:
-            handle = self.served.engine.submit(prompt_ids, params, self._sink)
+            if served.admitted + params.n > limit:
+                raise QueueFullError(
+                    f"{limit} requests are already running or waiting for "
+                    f"{served.name}; retry shortly"
+                )
+            handle = served.engine.submit(prompt_ids, params, self._sink)
         except BaseException:
             self._release()
             raise
+        served.admitted += params.n
+        self._admitted = params.n
         self.request_id, self.prompt_tokens = handle.request_id, handle.prompt_tokens
         self.samples = self._unfinished = self._unconsumed = params.n
 
@@ -82,6 +97,9 @@ class RequestStream:
         self._queue.put_nowait(event)
         if finished(event):
             self._unfinished -= 1
+            if self._admitted:
+                self._admitted -= 1
+                self.served.admitted -= 1
             if self._unfinished == 0:
                 self._release()
 

@@ -1,0 +1,154 @@
+"""Plausibility of a model GGUF: its hyperparameters against its tensor table, before
+anything is built per layer or per token.
+
+A header can claim anything (`block_count = 2^31`, a head count that does not divide the
+projections, 40 000 output rows for a 49 152-token vocabulary); the tensor table is bounded
+by the file's bytes. So every size tandem allocates by is first matched against the tensors
+that exist: the block count against the `blk.N.` tensors present, the vocabulary against
+the token list and the embedding and output rows, and every tensor a layer needs against
+the shape the metadata implies (what llama.cpp's llama-model.cpp asks of each tensor, in
+GGUF order: ne0, the contiguous row length, first). Each problem is one line naming the
+tensor or key, what the file holds and what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from runtime.errors import GGUFError, UnsupportedError
+
+if TYPE_CHECKING:
+    from loaders.config import ModelConfig
+    from loaders.gguf_parse import TensorInfo
+
+MAX_VOCAB = 1 << 20  # 4x the largest real vocabulary (gemma3: 262 144)
+
+# tensors that mean an architecture variant tandem does not run
+_UNSUPPORTED_PARTS = {
+    "ffn_gate_inp": "mixture-of-experts layers",
+    "ffn_gate_exps": "mixture-of-experts layers",
+    "ffn_up_exps": "mixture-of-experts layers",
+    "attn_qkv": "fused q/k/v projections",
+}
+
+
+def block_indices(names: Iterable[str]) -> set[int]:
+    """The N of every `blk.N.` tensor name."""
+    out: set[int] = set()
+    for name in names:
+        if name.startswith("blk."):
+            number = name[4:].partition(".")[0]
+            if number.isdecimal() and number.isascii():
+                out.add(int(number))
+    return out
+
+
+def check_block_count(arch: str, n_layer: int, names: Collection[str]) -> None:
+    """`{arch}.block_count` must be the number of blocks whose tensors the file holds."""
+    key = f"metadata key '{arch}.block_count'"
+    if n_layer > len(names):  # each block has several tensors: no need to look further
+        raise GGUFError(
+            f"{key} is {n_layer} but the file has only {len(names)} tensors; "
+            "the block count is corrupt"
+        )
+    present = block_indices(names)
+    beyond = sorted(i for i in present if i >= n_layer)
+    if beyond:
+        raise GGUFError(
+            f"{key} is {n_layer} but the file has tensors for block {beyond[0]} "
+            f"(blk.{beyond[0]}.*); expected blocks 0 to {n_layer - 1}"
+        )
+    if len(present) != n_layer:
+        missing = min(set(range(n_layer)) - present)
+        raise GGUFError(
+            f"{key} is {n_layer} but the file has no tensors for block {missing} "
+            f"(blk.{missing}.*; it holds {len(present)} blocks)"
+        )
+
+
+def check_vocab(arch: str, vocab_size: int, n_tokens: int | None) -> None:
+    """The vocabulary size is sane and matches the token list."""
+    if vocab_size > MAX_VOCAB:
+        raise UnsupportedError(
+            f"a vocabulary of {vocab_size} tokens exceeds tandem's limit of {MAX_VOCAB}"
+        )
+    if n_tokens is not None and n_tokens != vocab_size:
+        raise GGUFError(
+            f"metadata key '{arch}.vocab_size' is {vocab_size} but tokenizer.ggml.tokens "
+            f"holds {n_tokens} tokens; expected them to be equal"
+        )
+
+
+def expected_shapes(c: ModelConfig, names: Collection[str]) -> dict[str, tuple[tuple, str]]:
+    """Each tensor the model reads → (its GGUF shape, the metadata the shape comes from)."""
+    a = c.arch
+    emb = f"{a}.embedding_length={c.n_embd}"
+    vocab = f"vocabulary size {c.vocab_size}"
+    q_out, kv_k, kv_v = c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v
+    heads_q = f"{a}.attention.head_count={c.n_head} x key_length {c.head_dim}"
+    heads_k = f"{a}.attention.head_count_kv={c.n_head_kv} x key_length {c.head_dim}"
+    heads_v = f"{a}.attention.head_count_kv={c.n_head_kv} x value_length {c.head_dim_v}"
+    heads_o = f"{a}.attention.head_count={c.n_head} x value_length {c.head_dim_v}"
+    ff = f"{a}.feed_forward_length={c.n_ff}"
+    out: dict[str, tuple[tuple, str]] = {
+        "token_embd.weight": ((c.n_embd, c.vocab_size), f"{emb}, {vocab}"),
+        "output_norm.weight": ((c.n_embd,), emb),
+    }
+    if not c.tied_head:
+        out["output.weight"] = ((c.n_embd, c.vocab_size), f"{emb}, {vocab}")
+    for i in range(c.n_layer):
+        p = f"blk.{i}."
+        layer = {
+            "attn_norm.weight": ((c.n_embd,), emb),
+            "attn_q.weight": ((c.n_embd, q_out), f"{emb}, {heads_q}"),
+            "attn_k.weight": ((c.n_embd, kv_k), f"{emb}, {heads_k}"),
+            "attn_v.weight": ((c.n_embd, kv_v), f"{emb}, {heads_v}"),
+            "attn_output.weight": ((c.n_head * c.head_dim_v, c.n_embd), f"{heads_o}, {emb}"),
+            "ffn_norm.weight": ((c.n_embd,), emb),
+            "ffn_gate.weight": ((c.n_embd, c.n_ff), f"{emb}, {ff}"),
+            "ffn_up.weight": ((c.n_embd, c.n_ff), f"{emb}, {ff}"),
+            "ffn_down.weight": ((c.n_ff, c.n_embd), f"{ff}, {emb}"),
+        }
+        if c.qk_norm:
+            layer["attn_q_norm.weight"] = ((c.head_dim,), heads_q)
+            layer["attn_k_norm.weight"] = ((c.head_dim,), heads_k)
+        if c.post_norms:
+            layer["post_attention_norm.weight"] = ((c.n_embd,), emb)
+            layer["post_ffw_norm.weight"] = ((c.n_embd,), emb)
+        for name, expected in layer.items():
+            out[p + name] = expected
+        for x, size, why in (("q", q_out, heads_q), ("k", kv_k, heads_k), ("v", kv_v, heads_v)):
+            if f"{p}attn_{x}.bias" in names:  # optional: read when present
+                out[f"{p}attn_{x}.bias"] = ((size,), why)
+    return out
+
+
+def _trim(shape: Iterable[int]) -> tuple[int, ...]:
+    """A shape without trailing 1s: ggml pads every shape to 4 dims with 1s."""
+    dims = list(shape)
+    while len(dims) > 1 and dims[-1] == 1:
+        dims.pop()
+    return tuple(dims)
+
+
+def check_tensors(c: ModelConfig, tensors: Mapping[str, TensorInfo]) -> None:
+    """Every tensor the model reads is present with the shape its metadata implies."""
+    for name in tensors:
+        part = name.split(".")[2] if name.startswith("blk.") and name.count(".") >= 2 else ""
+        if part in _UNSUPPORTED_PARTS:
+            raise UnsupportedError(
+                f"tensor '{name}': {_UNSUPPORTED_PARTS[part]} are not supported by tandem "
+                f"for {c.arch}"
+            )
+    for name, (shape, why) in expected_shapes(c, tensors.keys()).items():
+        info = tensors.get(name)
+        if info is None:
+            raise GGUFError(
+                f"tensor '{name}' is missing; a {c.arch} model with {c.n_layer} blocks needs it"
+            )
+        if _trim(info.shape) != _trim(shape):
+            raise GGUFError(
+                f"tensor '{name}' has shape {list(info.shape)} but {list(shape)} was "
+                f"expected from the metadata ({why})"
+            )

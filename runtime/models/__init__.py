@@ -1,0 +1,31 @@
+"""Architectures: one file each, its tensor names and layer math (a Model subclass), found
+by the GGUF's `general.architecture`.
+
+    model = build_model(gguf, config, devices)
+"""
+
+from __future__ import annotations
+
+from loaders.config import ModelConfig
+from loaders.gguf_file import GGUFFile
+from runtime.device_map import DeviceMap
+from runtime.errors import UnsupportedError
+from runtime.models.base import Block, Model
+from runtime.models.gemma3 import Gemma3
+from runtime.models.llama import Llama
+
+__all__ = ["ARCHITECTURES", "Block", "Model", "build_model"]
+
+ARCHITECTURES: dict[str, type[Model]] = {
+    arch: cls for cls in (Llama, Gemma3) for arch in cls.architectures
+}
+
+
+def build_model(gguf: GGUFFile, config: ModelConfig, devices: DeviceMap | None = None) -> Model:
+    """The model of `config.arch` with its weights loaded onto `devices` (default: CPU)."""
+    cls = ARCHITECTURES.get(config.arch)
+    if cls is None:
+        raise UnsupportedError(
+            f"unsupported architecture {config.arch!r} (supported: {', '.join(ARCHITECTURES)})"
+        )
+    return cls(gguf, config, devices)

@@ -1,0 +1,150 @@
+"""Model: a decoder-only transformer over packed GGUF weights, the parts every architecture
+shares — token embeddings, the layer loop across devices, the output norm and head.
+
+An architecture (runtime/models/llama.py, gemma3.py) subclasses it with two methods: which
+tensors make one layer (`load_block`) and that layer's math (`block_forward`). Execution state
+(KV pages, CUDA graphs, the step's inputs) is not here: ModelRunner (runtime/model_runner.py)
+owns it and hands the layer loop an `attend(i, q, k, v, window) → (T, H * Dv)` for the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kernels.crossing import cross
+from kernels.layer_ops import CPU_OPS, LayerOps, triton_ops
+from kernels.linear import PackedLinear
+from kernels.rope import Rope
+from loaders.config import ModelConfig
+from loaders.gguf_file import GGUFFile
+from runtime.attention_backends import CPUPagedAttention, PagedAttention, TritonPagedAttention
+from runtime.device_map import CPU, GPU, DeviceMap
+from runtime.models.weights import WeightLoader
+
+# attend(layer, q (T, H, D), k (T, Hkv, D), v (T, Hkv, Dv), window) → (T, H * Dv)
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass
+class Block:
+    """One transformer layer's weights, and where and how it runs."""
+
+    attn_norm: torch.Tensor
+    q: PackedLinear
+    k: PackedLinear
+    v: PackedLinear
+    o: PackedLinear
+    ffn_norm: torch.Tensor
+    gate: PackedLinear
+    up: PackedLinear
+    down: PackedLinear
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None
+    post_ffn_norm: torch.Tensor | None = None
+    device: torch.device = torch.device("cpu")  # where its activations and KV live
+    triton: bool = False  # a GPU layer: Triton's kernels
+    ops: LayerOps = CPU_OPS  # its norms, RoPE and activation: Triton's on a GPU layer
+    attention: PagedAttention | None = None  # its attention backend
+
+
+class Model:
+    """Subclasses set `architectures` and implement load_block and block_forward."""
+
+    architectures: tuple[str, ...] = ()
+    num_threads: int = 0  # CPU threads its forward uses (num_thread; 0: torch's count)
+
+    def __init__(
+        self, gguf: GGUFFile, config: ModelConfig, devices: DeviceMap | None = None
+    ) -> None:
+        self.config = c = config
+        self.devices = devices = devices or DeviceMap.cpu_only(config.n_layer)
+        self.weight_bytes = gguf.file_size - gguf.data_offset
+        w = WeightLoader(gguf, config, devices)
+        head_where = devices.head
+        # The lookup runs on the CPU; a tied head on the CPU is this same layer, in panels.
+        self.embed = w.linear(
+            "token_embd.weight", where=CPU, panels=c.tied_head and head_where == CPU
+        )
+        self.head_device = devices.device(head_where)
+        self.head_ops = triton_ops() if head_where == GPU else CPU_OPS
+        if c.tied_head:
+            self.head = (
+                self.embed if head_where == CPU else w.linear("token_embd.weight", where=GPU)
+            )
+        else:
+            self.head = w.linear("output.weight", where=head_where)
+        self.output_norm = w.vector("output_norm.weight", self.head_device)
+        backends = {
+            CPU: CPUPagedAttention(c.attn_scale, c.head_dim_v),
+            GPU: (
+                TritonPagedAttention(c.attn_scale, c.head_dim_v) if GPU in devices.layers else None
+            ),
+        }
+        self.blocks = []
+        for i, where in enumerate(devices.layers):
+            block = self.load_block(w, i, f"blk.{i}.", devices.device(where))
+            block.triton = where == GPU
+            block.ops = triton_ops() if block.triton else CPU_OPS
+            block.attention = backends[where]
+            self.blocks.append(block)
+        self.rope = Rope(c.head_dim, c.rope_base, c.rope_neox, c.rope_scale)
+        self.rope_swa = Rope(c.head_dim, c.rope_base_swa, c.rope_neox)
+
+    # ---- what an architecture describes ----------------------------------------------
+    def load_block(self, w: WeightLoader, i: int, p: str, device: torch.device) -> Block:
+        """Layer i's weights (tensor names start with p = "blk.{i}."); norms on `device`."""
+        raise NotImplementedError
+
+    def block_forward(
+        self, i: int, b: Block, x, h, rope: Rope, tables, window: int, attend: Attend
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i on x (T, E) whose attention-normed form is h: → (x after the attention's
+        residual add, the FFN's output f); the caller adds f (with the next layer's norm)."""
+        raise NotImplementedError
+
+    # ---- the forward ---------------------------------------------------------------
+    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (T,) → their scaled embeddings (T, E) float32, on the CPU."""
+        x = self.embed.rows(tokens)
+        return x * self.config.embed_scale if self.config.embed_scale != 1.0 else x
+
+    def rope_tables(self, positions: torch.Tensor) -> dict[bool, tuple[torch.Tensor, ...]]:
+        """positions (T,) → {sliding-window layer?: (cos, sin) (T, 1, D/2)}, on the CPU."""
+        tables = {False: self.rope.tables(positions)}
+        if self.config.sliding_window:
+            tables[True] = self.rope_swa.tables(positions)
+        return tables
+
+    def layers(self, x: torch.Tensor, tables: dict, attend: Attend) -> torch.Tensor:
+        """Every layer on x (T, E) with rope tables from rope_tables → hidden (T, E) on the
+        head's device. The hidden state moves only where consecutive layers' devices differ;
+        on a model whose layers and tables are all on the GPU already, nothing moves (and
+        nothing here reads back to the host: the step can be captured in a CUDA graph)."""
+        c = self.config
+        on_device: dict = {}
+        h = None  # the next layer's normed input, when made together with its residual add
+        for i, block in enumerate(self.blocks):
+            swa = bool(c.swa_layers[i]) and bool(c.sliding_window)
+            key = (block.device, swa)
+            if key not in on_device:
+                on_device[key] = tuple(cross(t, block.device) for t in tables[swa])
+            rope = self.rope_swa if swa else self.rope
+            window = c.sliding_window if c.swa_layers[i] else 0
+            x = cross(x, block.device)
+            if h is None:
+                h = block.ops.rms_norm(x, block.attn_norm, c.rms_eps)
+            x, f = self.block_forward(i, block, x, h, rope, on_device[key], window, attend)
+            after = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
+            if after is not None and after.device == block.device:
+                x, h = block.ops.add_rms_norm(x, f, after.attn_norm, c.rms_eps)
+            else:
+                x, h = x + f, None
+        return cross(x, self.head_device)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (R, E) → logits (R, V), on the head's device."""
+        return self.head(self.head_ops.rms_norm(x, self.output_norm, self.config.rms_eps))

@@ -1,0 +1,43 @@
+"""gemma3: the llama layer plus per-head RMSNorm of q and k, norms after attention and after
+the feed-forward, GELU (tanh) gating, embeddings scaled by √E, and sliding-window layers
+(five in six) with their own RoPE base; the head is tied to the embeddings. (The scalars —
+window, bases, scales — are read in loaders/config.py.)
+
+    h = norm(x);  q, k = qnorm(q(h)), knorm(k(h));  x += norm(o(attention(rope(q), rope(k), v(h))))
+    h = norm(x);  x += norm(down(gelu(gate(h)) · up(h)))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.linear import matmuls
+from runtime.models.base import Block
+from runtime.models.llama import Llama
+from runtime.models.weights import WeightLoader
+
+
+class Gemma3(Llama):
+    architectures = ("gemma3",)
+
+    def load_block(self, w: WeightLoader, i: int, p: str, device: torch.device) -> Block:
+        block = super().load_block(w, i, p, device)
+        block.q_norm = w.vector(p + "attn_q_norm.weight", device)
+        block.k_norm = w.vector(p + "attn_k_norm.weight", device)
+        block.post_attn_norm = w.vector(p + "post_attention_norm.weight", device)
+        block.post_ffn_norm = w.vector(p + "post_ffw_norm.weight", device)
+        return block
+
+    def block_forward(self, i, b, x, h, rope, tables, window, attend):
+        c, n, ops = self.config, x.shape[0], b.ops
+        q, k, v = matmuls([b.q, b.k, b.v], h)
+        q = q.view(n, c.n_head, c.head_dim)
+        k = k.view(n, c.n_head_kv, c.head_dim)
+        v = v.view(n, c.n_head_kv, c.head_dim_v)
+        q, k = ops.rms_norm(q, b.q_norm, c.rms_eps), ops.rms_norm(k, b.k_norm, c.rms_eps)
+        q, k = ops.rope_qk(q, k, *tables, rope.neox)
+        a = ops.rms_norm(b.o(attend(i, q, k, v, window)), b.post_attn_norm, c.rms_eps)
+        x, h = ops.add_rms_norm(x, a, b.ffn_norm, c.rms_eps)
+        gate, up = matmuls([b.gate, b.up], h)
+        f = b.down(ops.act_mul(gate, up, gelu=True))
+        return x, ops.rms_norm(f, b.post_ffn_norm, c.rms_eps)
