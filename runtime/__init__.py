@@ -15,7 +15,7 @@ def __getattr__(name: str) -> Any:
 
         return LLM
     if name == "SamplingParams":
-        from runtime.sampling_params import SamplingParams
+        from runtime.engine.sampling_params import SamplingParams
 
         return SamplingParams
     raise AttributeError(name)

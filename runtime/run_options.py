@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from modelfiles.parameters import LOAD, OPTIONS, SAMPLING, SETTING, default, pin_rule
+from runtime.engine.sampling_params import OLLAMA_DEFAULTS, SamplingParams
 from runtime.errors import InvalidParameterError
-from runtime.sampling_params import OLLAMA_DEFAULTS, SamplingParams
 
 if TYPE_CHECKING:
-    from runtime.llm_engine import EngineOptions
-    from runtime.planner import PlanRequest
+    from runtime.engine.llm_engine import EngineOptions
+    from runtime.placement.planner import PlanRequest
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class RunOptions:
         return options
 
     def validate(self) -> None:
-        from runtime.kv_pool import KV_CACHE_TYPES
+        from runtime.execution.kv_pool import KV_CACHE_TYPES
 
         if self.kv_cache_type not in KV_CACHE_TYPES:
             raise InvalidParameterError(
@@ -96,7 +96,7 @@ class RunOptions:
         return dataclasses.replace(self, num_ctx=n_ctx_train)
 
     def plan_request(self) -> PlanRequest:
-        from runtime.planner import PlanRequest
+        from runtime.placement.planner import PlanRequest
 
         return PlanRequest(
             num_ctx=self.num_ctx,
@@ -110,7 +110,7 @@ class RunOptions:
         )
 
     def engine_options(self, **overrides: Any) -> EngineOptions:
-        from runtime.llm_engine import EngineOptions
+        from runtime.engine.llm_engine import EngineOptions
 
         return EngineOptions(
             **{

@@ -4,7 +4,7 @@
 
 For each GGML type with a kernel and each (N, K) weight shape: the decode GEMV (x: 1 row)
 as packed weight bytes read per second, and that as a share of the card's read bandwidth
-(a float32 sum over 1 GiB, runtime/devices.py); the prefill GEMM (512 rows) in TFLOP/s;
+(a float32 sum over 1 GiB, runtime/placement/devices.py); the prefill GEMM (512 rows) in TFLOP/s;
 paged decode attention as KV bytes read per second. Needs CUDA (it cannot run under the
 interpreter: the figures would mean nothing). Timings: triton.testing.do_bench (median).
 """
@@ -87,7 +87,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from runtime.devices import measure_gpu
+    from runtime.placement.devices import measure_gpu
 
     shapes = (
         [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES

@@ -10,7 +10,7 @@ synthetic). "synthetic" is the 1.1B llama-shaped Q4_0 of scripts/make_synthetic_
 Each round runs, per model, one `tandem bench -r 1` process and then one `llama-bench -r 1`
 process (A B A B …), so drift in a shared machine's load hits both alike; each process does
 its own warm-up. Figures are mean ± sample std over the rounds. Both tools' GB/s use the
-bytes of weights one token reads as tandem bench counts them (runtime/bench.py), so the GB/s
+bytes of weights one token reads as tandem bench counts them (runtime/cli/bench.py), so the GB/s
 ratio equals the tg ratio. RAM bandwidth: the best of several sums of a 1 GiB float32 tensor
 (the figure ../shared/DESIGN.md quotes), with the same threads, before and after the models.
 
@@ -88,7 +88,7 @@ def run_tandem(path: Path, p: int, n: int, threads: int, depth: int = 0) -> dict
     cmd = [
         sys.executable,
         "-m",
-        "runtime.cli",
+        "runtime.cli.main",
         "bench",
         str(path),
         "-p",

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernels import linear  # noqa: E402
 from runtime import model as model_mod  # noqa: E402
-from runtime.bench import Bench, BenchSpec, weight_bytes_per_token  # noqa: E402
+from runtime.cli.bench import Bench, BenchSpec, weight_bytes_per_token  # noqa: E402
 from runtime.loaded_model import LoadedModel  # noqa: E402
 
 

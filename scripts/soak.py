@@ -640,7 +640,7 @@ class ManagedServer:
             else [
                 sys.executable,
                 "-c",
-                "import sys; from runtime.cli import main; sys.exit(main())",
+                "import sys; from runtime.cli.main import main; sys.exit(main())",
             ]
         )
         self.cmd = head + ["serve", "--model", model, "--host", "127.0.0.1", "--port", str(port)]

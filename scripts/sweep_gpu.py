@@ -7,11 +7,11 @@ tokens/s beside the measured ones, the auto plan's pick, and how close it came t
 MODEL: a pullable name (smollm2, gemma3), a stored model or a .gguf path. Each point N loads
 the model placed by the planner with num_gpu = N (so the prediction and the measurement are
 of the same placement: the same layers, head and KV on the GPU), measures it as
-`tandem bench -p P -n N --num-gpu N` does (runtime/bench.py: the serving engine's paged path,
+`tandem bench -p P -n N --num-gpu N` does (runtime/cli/bench.py: the serving engine's paged path,
 CUDA graphs when every layer is on the GPU), and frees it before the next. The decode
 prediction assumes the context the tg test averages (n_gen / 2 tokens). The auto point
 (num_gpu -1) is the plan `tandem run` would use. The machine's speeds are calibrated afresh
-at the start (runtime/devices.py), so predictions and measurements share the machine's
+at the start (runtime/placement/devices.py), so predictions and measurements share the machine's
 state.
 
 Reported per point: predicted and measured tg and pp tokens/s and the prediction's error
@@ -34,12 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loaders.config import ModelConfig  # noqa: E402
-from runtime.bench import Bench, BenchSpec, bench_context  # noqa: E402
-from runtime.devices import detect  # noqa: E402
+from runtime.cli.bench import Bench, BenchSpec, bench_context  # noqa: E402
 from runtime.errors import PlanError  # noqa: E402
 from runtime.loaded_model import LoadedModel, _open_gguf, resolve  # noqa: E402
-from runtime.model_sizes import ModelSizes  # noqa: E402
-from runtime.planner import PlanRequest, plan  # noqa: E402
+from runtime.placement.devices import detect  # noqa: E402
+from runtime.placement.model_sizes import ModelSizes  # noqa: E402
+from runtime.placement.planner import PlanRequest, plan  # noqa: E402
 
 
 def default_points(n_layer: int, has_gpu: bool) -> list[int]:
@@ -69,7 +69,7 @@ def predict(sizes: ModelSizes, spec: BenchSpec, num_gpu: int):
 
 
 def measure(spec: BenchSpec) -> dict:
-    from runtime.auto_placement import auto_placement
+    from runtime.placement.auto_placement import auto_placement
 
     placement = auto_placement(num_ctx=bench_context(spec), num_gpu=spec.num_gpu)
     lm = LoadedModel.load(spec.model, placement)

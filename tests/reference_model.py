@@ -2,7 +2,7 @@
 
 `forward(model, tokens, start, cache)` runs a Model's layers with attention over a KVCache
 (one slab per layer, on the CPU) instead of the paged pool, and `Generation` generates one
-sequence on its own with it. The engine's paged, batched path (runtime/model_runner.py) is
+sequence on its own with it. The engine's paged, batched path (runtime/execution/model_runner.py) is
 tested against these; perplexity is measured with them.
 """
 
@@ -18,10 +18,10 @@ from kernels.attention import attention, paged_decode_attention
 from kernels.crossing import cross
 from kernels.thread_policy import forward_threads
 from loaders.config import ModelConfig
-from runtime.block_manager import BLOCK_SIZE
+from runtime.engine.block_manager import BLOCK_SIZE
+from runtime.engine.sampling_params import SamplingParams
+from runtime.engine.sequence import Delta, Sequence
 from runtime.models import Model
-from runtime.sampling_params import SamplingParams
-from runtime.sequence import Delta, Sequence
 
 if TYPE_CHECKING:
     from runtime.loaded_model import LoadedModel

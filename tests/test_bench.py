@@ -1,4 +1,4 @@
-"""`tandem bench` (runtime/bench.py) and the synthetic-model generator
+"""`tandem bench` (runtime/cli/bench.py) and the synthetic-model generator
 (scripts/make_synthetic_gguf.py), on a tiny synthetic file (2 layers, dim 64) written with
 SmolLM2's tokenizer; about 15 s on a quiet 2-core machine, most of it parsing SmolLM2's
 vocabulary once."""
@@ -18,7 +18,7 @@ from reference_model import KVCache, forward
 
 from loaders.gguf_file import GGUFFile
 from quant.dequant import dequantize
-from runtime.bench import (
+from runtime.cli.bench import (
     Bench,
     BenchSpec,
     format_table,
@@ -26,7 +26,7 @@ from runtime.bench import (
     run_bench,
     weight_bytes_per_token,
 )
-from runtime.cli import main
+from runtime.cli.main import main
 from runtime.errors import InvalidParameterError
 from runtime.loaded_model import LoadedModel
 
@@ -205,7 +205,7 @@ def test_cli_json_and_skipped_test(tiny_path, capsys, restore_threads):
 def test_num_gpu_places_layers_before_measuring(tiny_path, monkeypatch, restore_threads):
     """--num-gpu N loads through the planner with num_gpu N (without CUDA: all on the CPU,
     with a warning); the result says where the layers ran."""
-    import runtime.bench as bench_module
+    import runtime.cli.bench as bench_module
 
     asked = []
     real = bench_module.auto_placement

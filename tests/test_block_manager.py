@@ -3,7 +3,7 @@ prefix hits, copy-on-write and eviction order."""
 
 from __future__ import annotations
 
-from runtime.block_manager import BLOCK_SIZE, BlockManager
+from runtime.engine.block_manager import BLOCK_SIZE, BlockManager
 
 B = BLOCK_SIZE
 
@@ -129,7 +129,7 @@ def test_out_of_blocks_is_a_return_value_and_changes_nothing():
 def test_prefix_keys_are_cryptographic_not_hash(monkeypatch):
     """Even if Python's hash() collided for every block, different tokens share no KV: the
     key is sha256 of the parent key and the token ids, so only equal prefixes hit."""
-    import runtime.block_manager as module
+    import runtime.engine.block_manager as module
 
     monkeypatch.setattr(module, "hash", lambda _: 0, raising=False)  # every hash() collides
     bm = BlockManager(8)
@@ -150,7 +150,7 @@ def test_prefix_keys_chain_the_parent_and_are_stable():
 
 
 def module_keys(ids, keys=None):
-    from runtime.block_manager import block_keys
+    from runtime.engine.block_manager import block_keys
 
     return block_keys(ids, len(ids) // B, keys)
 

@@ -15,15 +15,15 @@ from conftest import REPO
 
 from loaders.pull import KNOWN
 from runtime import LLM
-from runtime.cli import RUN_DEFAULTS, main
-from runtime.repl import Repl
-from runtime.sampling_params import SamplingParams
+from runtime.cli.main import RUN_DEFAULTS, main
+from runtime.cli.repl import Repl
+from runtime.engine.sampling_params import SamplingParams
 
 
 def tandem(*args: str, stdin: str | None = None, timeout: float = 300):
     env = {**os.environ, "TANDEM_HOME": os.environ["TANDEM_HOME"]}
     return subprocess.run(
-        [sys.executable, "-m", "runtime.cli", *args],
+        [sys.executable, "-m", "runtime.cli.main", *args],
         cwd=REPO,
         env=env,
         input=stdin if stdin is not None else "",

@@ -1,4 +1,4 @@
-"""DecodeGraphs (runtime/decode_graph.py) on a tiny synthetic llama whose blocks and head are
+"""DecodeGraphs (runtime/execution/decode_graph.py) on a tiny synthetic llama whose blocks and head are
 all on the "GPU" (Triton's kernels, in its interpreter here, on quantized Q8_0/Q4_0 linears):
 decode steps through the static, padded buffers give the logits the eager step gives,
 step after step (so padding rows write no KV), at batch sizes that pad (3 → 4, 5 → 6) and
@@ -15,12 +15,12 @@ from gguf import GGMLQuantizationType as QT
 
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
-from runtime.decode_graph import DecodeGraphs, buckets, unsupported
-from runtime.device_map import DeviceMap
-from runtime.forward_batch import ForwardBatch
-from runtime.kv_pool import KVPool
-from runtime.model_runner import ModelRunner
+from runtime.execution.decode_graph import DecodeGraphs, buckets, unsupported
+from runtime.execution.forward_batch import ForwardBatch
+from runtime.execution.kv_pool import KVPool
+from runtime.execution.model_runner import ModelRunner
 from runtime.models import Model, build_model
+from runtime.placement.device_map import DeviceMap
 
 E, H, HKV, D, FF, V, LAYERS = 64, 2, 1, 32, 96, 70, 2
 PAGE, TABLE = 16, 4  # blocks per sequence here

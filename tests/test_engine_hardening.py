@@ -14,18 +14,18 @@ import time
 import pytest
 import torch
 
-from runtime.block_manager import BlockManager
+from runtime.engine.block_manager import BlockManager
+from runtime.engine.sampler import Sampler
+from runtime.engine.sampling_params import SamplingParams
+from runtime.engine.scheduler import Scheduler
+from runtime.engine.sequence import Sequence
+from runtime.engine.stop import MAX_STOP_CHARS, MAX_STOPS, StopMatcher
 from runtime.errors import (
     InternalError,
     InvalidParameterError,
     NonFiniteLogitsError,
     TooManyStopsError,
 )
-from runtime.sampler import Sampler
-from runtime.sampling_params import SamplingParams
-from runtime.scheduler import Scheduler
-from runtime.sequence import Sequence
-from runtime.stop import MAX_STOP_CHARS, MAX_STOPS, StopMatcher
 
 # ---- the scheduler: fairness (no model needed) -----------------------------------------
 
@@ -243,7 +243,7 @@ def lm(smollm2_path):
 @pytest.fixture(scope="module")
 def alone(lm):
     """ "The capital of France is", greedy, 8 tokens, on its own."""
-    from runtime.llm_engine import EngineOptions, LLMEngine
+    from runtime.engine.llm_engine import EngineOptions, LLMEngine
 
     engine = LLMEngine(lm, EngineOptions(num_ctx=256))
     out, _ = _run(engine, {"good": (lm.tokenizer.encode("The capital of France is"), GREEDY)})
@@ -299,7 +299,7 @@ def test_a_failing_sample_fails_its_request_alone(lm, alone, monkeypatch, make_l
     0.8, a bug, a typed error): it ends with one error per sample; the other's output is what
     it is alone; every block is freed (before: a KeyError from the error path, the failing
     request never answered and the healthy one got "internal error: 18")."""
-    from runtime.llm_engine import EngineOptions, LLMEngine
+    from runtime.engine.llm_engine import EngineOptions, LLMEngine
 
     _poison(monkeypatch, make_logits)
     engine = LLMEngine(lm, EngineOptions(num_ctx=256))
@@ -316,7 +316,7 @@ def test_a_failing_sample_fails_its_request_alone(lm, alone, monkeypatch, make_l
 
 
 def test_a_failing_forward_fails_its_step_and_frees_everything(lm, alone, monkeypatch):
-    from runtime.llm_engine import EngineOptions, LLMEngine
+    from runtime.engine.llm_engine import EngineOptions, LLMEngine
 
     engine = LLMEngine(lm, EngineOptions(num_ctx=256))
     ids = lm.tokenizer.encode("The capital of France is")
@@ -342,8 +342,8 @@ def test_a_failing_forward_fails_its_step_and_frees_everything(lm, alone, monkey
 def test_threaded_engine_fails_one_request_and_serves_the_other(lm, alone, monkeypatch):
     """Through the threaded Engine (what the server uses): the failing request's sink gets an
     InternalError, the other one's stream is what it is alone, and the engine thread lives."""
-    from runtime.engine import Engine
-    from runtime.llm_engine import EngineOptions
+    from runtime.engine.engine import Engine
+    from runtime.engine.llm_engine import EngineOptions
 
     _poison(monkeypatch, _raise(KeyError(18)))
     engine = Engine(lm, EngineOptions(num_ctx=256))
@@ -378,9 +378,9 @@ def test_threaded_engine_fails_one_request_and_serves_the_other(lm, alone, monke
 def test_a_request_the_engine_cannot_add_fails_alone(lm, monkeypatch):
     """A bug while adding a request (not a typed refusal) fails that request with an
     InternalError; the engine thread goes on and the request leaves nothing behind."""
-    from runtime import llm_engine
-    from runtime.engine import Engine
-    from runtime.llm_engine import EngineOptions
+    from runtime.engine import llm_engine
+    from runtime.engine.engine import Engine
+    from runtime.engine.llm_engine import EngineOptions
 
     engine = Engine(lm, EngineOptions(num_ctx=256))
     errors, done = [], threading.Event()
@@ -498,8 +498,8 @@ def test_scratch_is_not_shared_between_threads():
 def test_two_models_in_two_threads_match_each_alone(lm, gemma3_path):
     """SmolLM2 and Gemma3 served by two threaded Engines at once (the server's layout) give
     the greedy tokens each gives alone."""
-    from runtime.engine import Engine
-    from runtime.llm_engine import EngineOptions
+    from runtime.engine.engine import Engine
+    from runtime.engine.llm_engine import EngineOptions
     from runtime.loaded_model import LoadedModel
 
     gemma = LoadedModel.load(gemma3_path)

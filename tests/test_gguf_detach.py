@@ -145,7 +145,7 @@ def test_served_model_survives_its_file_truncated(smollm2_path: Path, tmp_path: 
         f"""
         import json, os
         from runtime.llm import LLM
-        from runtime.sampling_params import SamplingParams
+        from runtime.engine.sampling_params import SamplingParams
         llm = LLM({str(copy)!r}, num_ctx=256)
         params = SamplingParams(max_tokens=4, temperature=0)
         first = llm.generate("The capital of France is", params)[0].outputs[0].token_ids

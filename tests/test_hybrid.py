@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from kernels.crossing import cross
-from runtime.device_map import CPU, GPU, DeviceMap
-from runtime.kv_pool import KVPool
-from runtime.llm_engine import EngineOptions, LLMEngine
+from runtime.engine.llm_engine import EngineOptions, LLMEngine
+from runtime.engine.sampling_params import SamplingParams
+from runtime.execution.kv_pool import KVPool
 from runtime.loaded_model import LoadedModel
-from runtime.sampling_params import SamplingParams
+from runtime.placement.device_map import CPU, GPU, DeviceMap
 
 PROMPTS = ["The capital of France is", "Water boils at"]
 GREEDY = SamplingParams(temperature=0, max_tokens=4)

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from loaders.config import ModelConfig
-from runtime.cli import main
-from runtime.devices import Calibration, Devices, Gpu, parse_size
+from runtime.cli.main import main
 from runtime.errors import InvalidParameterError, PlanError
-from runtime.model_sizes import ModelSizes, kv_bytes_per_token_layer
-from runtime.plan_cost import CPU, GPU
-from runtime.planner import PlanRequest, plan
+from runtime.placement.devices import Calibration, Devices, Gpu, parse_size
+from runtime.placement.model_sizes import ModelSizes, kv_bytes_per_token_layer
+from runtime.placement.plan_cost import CPU, GPU
+from runtime.placement.planner import PlanRequest, plan
 
 MB = 10**6
 Q4_0, F32 = 2, 0
@@ -228,7 +228,7 @@ def test_cpu_prompt_time_uses_each_types_rate_and_the_elementwise_ops() -> None:
     here), attention FLOPs over the context (the decode fill, num_ctx / 2, plus half a chunk)
     at attention's rate, the norms at the float32 rate, the layers' activation bytes at
     cpu_act_share of ram_bw, and the weights read once per chunk."""
-    from runtime.plan_cost import activation_bytes_per_token
+    from runtime.placement.plan_cost import activation_bytes_per_token
 
     s = sizes(layer_mb=12, head_mb=6)
     cal = replace(
@@ -324,7 +324,7 @@ def test_plan_command_text(smollm2_path, capsys) -> None:
 
 
 def test_calibration_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:
-    from runtime import devices
+    from runtime.placement import devices
 
     monkeypatch.setenv("TANDEM_HOME", str(tmp_path))
     calls = []
@@ -348,7 +348,7 @@ def test_cached_calibration_keeps_measurements_not_assumptions(tmp_path, monkeyp
     today's; measured figures are kept."""
     import json
 
-    from runtime import devices
+    from runtime.placement import devices
 
     monkeypatch.setenv("TANDEM_HOME", str(tmp_path))
     monkeypatch.setattr(devices, "measure_ram_bw", lambda: 17e9)

@@ -147,7 +147,10 @@ def test_a_request_may_restate_load_options_but_not_change_them():
 # ---- each default written once -----------------------------------------------------------
 
 # 4096s that are not a context length: a matrix size and a measurement note
-NOT_A_DEFAULT = {("runtime/devices.py", "randn(4096, 4096"), ("runtime/devices.py", "4096**3")}
+NOT_A_DEFAULT = {
+    ("runtime/placement/devices.py", "randn(4096, 4096"),
+    ("runtime/placement/devices.py", "4096**3"),
+}
 NOT_A_DEFAULT |= {("quant/dequant.py", "(4096, 4096)")}
 
 

@@ -451,7 +451,7 @@ def test_ollama_model_endpoints(server, capsys):
     assert entry["size"] > 0 and entry["digest"].startswith("b179c952")
     assert httpx2.get(f"{server.url}/api/version").json()["version"]
 
-    from runtime.cli import main
+    from runtime.cli.main import main
 
     assert main(["ps", "--host", server.url.removeprefix("http://")]) == 0
     out = capsys.readouterr().out.splitlines()

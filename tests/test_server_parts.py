@@ -8,8 +8,9 @@ import math
 
 import pytest
 
+from runtime.cli.ps import format_table, human_size, processor, until
+from runtime.engine.sampling_params import SamplingParams
 from runtime.errors import ContextLengthError, InvalidParameterError
-from runtime.sampling_params import SamplingParams
 from runtime.server.address import base_url, parse_address
 from runtime.server.errors import RequestFieldError
 from runtime.server.keep_alive import parse_keep_alive
@@ -18,7 +19,6 @@ from runtime.server.ollama_options import fit_context, parse_options
 from runtime.server.ollama_prompt import parse_chat as parse_ollama_chat
 from runtime.server.ollama_prompt import parse_generate
 from runtime.server.openai_request import parse_chat, parse_completion
-from runtime.server.ps import format_table, human_size, processor, until
 
 USER = [{"role": "user", "content": "hi"}]
 

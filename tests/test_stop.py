@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from runtime.engine.stop import StopMatcher
 from runtime.errors import InvalidParameterError
-from runtime.stop import StopMatcher
 
 
 def run(stops: list[str], pieces: list[str]) -> tuple[str, StopMatcher]:

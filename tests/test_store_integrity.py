@@ -31,11 +31,11 @@ from modelfiles.names import ModelName
 from modelfiles.parser import parse_modelfile, read_modelfile
 from modelfiles.resolver import resolve
 from modelfiles.store import Store
-from runtime.cli import main
+from runtime.cli.main import main
+from runtime.cli.ps import format_table
 from runtime.errors import ModelNotFoundError
 from runtime.server.app import create_app
 from runtime.server.models import ModelRegistry
-from runtime.server.ps import format_table
 
 ESC = "\x1b[2J"
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
-from runtime.device_map import DeviceMap
 from runtime.errors import UnsupportedError
 from runtime.models.base import Block, Model
 from runtime.models.gemma3 import Gemma3
 from runtime.models.llama import Llama
+from runtime.placement.device_map import DeviceMap
 
 __all__ = ["ARCHITECTURES", "Block", "Model", "build_model"]
 

@@ -3,7 +3,7 @@ shares — token embeddings, the layer loop across devices, the output norm and 
 
 An architecture (runtime/models/llama.py, gemma3.py) subclasses it with two methods: which
 tensors make one layer (`load_block`) and that layer's math (`block_forward`). Execution state
-(KV pages, CUDA graphs, the step's inputs) is not here: ModelRunner (runtime/model_runner.py)
+(KV pages, CUDA graphs, the step's inputs) is not here: ModelRunner (runtime/execution/model_runner.py)
 owns it and hands the layer loop an `attend(i, q, k, v, window) → (T, H * Dv)` for the step.
 """
 
@@ -20,9 +20,13 @@ from kernels.linear import PackedLinear
 from kernels.rope import Rope
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
-from runtime.attention_backends import CPUPagedAttention, PagedAttention, TritonPagedAttention
-from runtime.device_map import CPU, GPU, DeviceMap
+from runtime.execution.attention_backends import (
+    CPUPagedAttention,
+    PagedAttention,
+    TritonPagedAttention,
+)
 from runtime.models.weights import WeightLoader
+from runtime.placement.device_map import CPU, GPU, DeviceMap
 
 # attend(layer, q (T, H, D), k (T, Hkv, D), v (T, Hkv, Dv), window) → (T, H * Dv)
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]

@@ -21,8 +21,8 @@ from kernels.triton_linear import TritonLinear
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile, TensorInfo
 from quant.dequant import dequantize
-from runtime.device_map import GPU, DeviceMap
 from runtime.errors import GGUFError
+from runtime.placement.device_map import GPU, DeviceMap
 
 
 class WeightLoader:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from loaders.tokenizer import Tokenizer
-from runtime.sequence import Delta, Timings
+from runtime.engine.sequence import Delta, Timings
 
 
 @dataclass

@@ -8,7 +8,7 @@ layer). Tensors matching a pin (a regular expression searched in the tensor name
 llama.cpp's --override-tensor) stay on the CPU in every candidate; those matching a GPU pin
 go to the GPU in every candidate (refused when there is no GPU budget). Each candidate's memory
 per device is counted (weights, KV for num_ctx × num_parallel, compute buffers) and its
-speed predicted by runtime/plan_cost.py; the fastest that fits wins. None fitting raises
+speed predicted by runtime/placement/plan_cost.py; the fastest that fits wins. None fitting raises
 PlanError with the numbers and what to lower.
 
     memory per device = weights placed there + KV of the layers whose KV is there
@@ -24,9 +24,9 @@ import re
 from dataclasses import dataclass, field, replace
 
 from modelfiles.parameters import default
-from runtime.devices import Calibration, Devices, format_size
 from runtime.errors import InvalidParameterError, PlanError
-from runtime.model_sizes import (
+from runtime.placement.devices import Calibration, Devices, format_size
+from runtime.placement.model_sizes import (
     ModelSizes,
     activation_bytes,
     kv_bytes_per_token_layer,
@@ -34,7 +34,7 @@ from runtime.model_sizes import (
     logits_bytes,
     scores_bytes,
 )
-from runtime.plan_cost import (
+from runtime.placement.plan_cost import (
     CPU,
     GPU,
     Estimate,

@@ -16,7 +16,7 @@ are computed and dropped. Block tables are max_blocks wide (num_ctx / 16).
 A bucket is captured the first time a step of its size comes, after two warm-up runs that
 compile the Triton kernels for its shapes (a few hundred ms once). Steps that are not
 decode-only, are wider than max_blocks or larger than the largest bucket return None, and the
-caller (runtime/model_runner.py) runs the model eagerly. Without CUDA, capture=False runs the very same static-buffer
+caller (runtime/execution/model_runner.py) runs the model eagerly. Without CUDA, capture=False runs the very same static-buffer
 step eagerly: everything but the capture itself is tested on the CPU (tests/test_decode_graph.py).
 """
 
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from kernels.triton_linear import TritonLinear
-from runtime.attention_backends import LayerAttention
-from runtime.block_manager import BLOCK_SIZE
-from runtime.forward_batch import ForwardBatch
-from runtime.kv_pool import KVPool
+from runtime.engine.block_manager import BLOCK_SIZE
+from runtime.execution.attention_backends import LayerAttention
+from runtime.execution.forward_batch import ForwardBatch
+from runtime.execution.kv_pool import KVPool
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from collections.abc import Sequence
 
 from loaders.pull import KNOWN, pull, pullable
 from modelfiles.parameters import OPTIONS, default
-from runtime.cli_store import COMMANDS as STORE_COMMANDS
-from runtime.cli_store import add_store_commands
+from runtime.cli.store_commands import COMMANDS as STORE_COMMANDS
+from runtime.cli.store_commands import add_store_commands
+from runtime.engine.sampling_params import OLLAMA_DEFAULTS
 from runtime.errors import TandemError
-from runtime.sampling_params import OLLAMA_DEFAULTS
 
 RUN_DEFAULTS = OLLAMA_DEFAULTS  # what `tandem run` starts from (before Modelfile and flags)
 # The flags `tandem run` takes from the option table (besides the sampling ones above).
@@ -145,7 +145,7 @@ def add_bench_command(sub) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from runtime.bench import BenchSpec, format_table, run_bench
+    from runtime.cli.bench import BenchSpec, format_table, run_bench
 
     spec = BenchSpec(
         args.model,
@@ -162,7 +162,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from runtime.plan_report import run_plan_command
+    from runtime.placement.plan_report import run_plan_command
 
     return run_plan_command(args)
 
@@ -221,7 +221,7 @@ def add_server_commands(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from runtime.devices import parse_size
+    from runtime.placement.devices import parse_size
     from runtime.server.address import server_address
     from runtime.server.app import serve
     from runtime.server.keep_alive import parse_keep_alive
@@ -243,14 +243,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     options.settings()  # validate before the server starts
     logging.getLogger("runtime.server").setLevel(logging.INFO)
-    logging.getLogger("runtime.llm_engine").setLevel(logging.INFO)  # the KV cache size
+    logging.getLogger("runtime.engine.llm_engine").setLevel(logging.INFO)  # the KV cache size
     serve(host, port, args.model, options, max_body=parse_size(args.max_body_size))
     return 0
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
+    from runtime.cli.ps import fetch_ps, format_table
     from runtime.server.address import base_url, parse_address, server_address
-    from runtime.server.ps import fetch_ps, format_table
 
     host, port = parse_address(args.host) if args.host else server_address()
     print(format_table(fetch_ps(base_url(host, port))))
@@ -262,7 +262,7 @@ def run_flags(args: argparse.Namespace) -> dict:
     names = ("temperature", "num_predict", "seed", *RUN_SETTINGS)
     flags = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if "gpu_memory" in flags:
-        from runtime.devices import parse_size
+        from runtime.placement.devices import parse_size
 
         flags["gpu_memory"] = parse_size(flags["gpu_memory"])
     return {"num_parallel": 1, **flags}  # one conversation: a KV pool of one context
@@ -270,8 +270,8 @@ def run_flags(args: argparse.Namespace) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from modelfiles.resolver import resolve
+    from runtime.cli.repl import Repl
     from runtime.llm import LLM
-    from runtime.repl import Repl
     from runtime.run_options import RunOptions
 
     flags = run_flags(args)

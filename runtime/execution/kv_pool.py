@@ -19,7 +19,7 @@ import torch
 
 from kernels.attention import kv_write_f16
 from loaders.config import ModelConfig
-from runtime.block_manager import BLOCK_SIZE
+from runtime.engine.block_manager import BLOCK_SIZE
 from runtime.errors import InvalidParameterError
 
 KV_CACHE_TYPES = ("f16", "q8_0")

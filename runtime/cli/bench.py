@@ -12,7 +12,7 @@ depth (-d, llama-bench's -d) both tests start from a cache already holding that 
 (BOS, then random ids, prefilled untimed in chunks of 512), at positions depth, depth + 1, …:
 "pp512 @ d1024", "tg128 @ d1024".
 
-Both run the serving engine's path, a ModelRunner (runtime/model_runner.py): the sequence's KV
+Both run the serving engine's path, a ModelRunner (runtime/execution/model_runner.py): the sequence's KV
 in a paged pool on each layer's device, and on a model entirely on a CUDA GPU the decode step
 replayed as a CUDA graph. --num-gpu N (llama-bench's -ngl) places N layers on the GPU
 through the planner (0: none; -1: the planner's choice); by default the model is placed as
@@ -41,12 +41,12 @@ import torch
 from kernels import native_loader
 from kernels.linear import PackedLinear
 from kernels.triton_linear import TritonLinear
-from runtime.auto_placement import auto_placement
-from runtime.block_manager import BLOCK_SIZE
+from runtime.engine.block_manager import BLOCK_SIZE
 from runtime.errors import InvalidParameterError
-from runtime.forward_batch import ForwardBatch
+from runtime.execution.forward_batch import ForwardBatch
+from runtime.execution.model_runner import ModelRunner
 from runtime.loaded_model import LoadedModel
-from runtime.model_runner import ModelRunner
+from runtime.placement.auto_placement import auto_placement
 
 
 @dataclass(frozen=True)

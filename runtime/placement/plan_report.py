@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from runtime.devices import format_size
-from runtime.plan_cost import CPU, GPU
-from runtime.planner import Plan
+from runtime.placement.devices import format_size
+from runtime.placement.plan_cost import CPU, GPU
+from runtime.placement.planner import Plan
 
 _SPEEDS = ("ram_bw", "vram_bw", "h2d_bw", "cpu_flops", "gpu_flops", "link_latency_s")
 
@@ -160,9 +160,9 @@ def run_plan_command(args) -> int:
     from loaders.config import ModelConfig
     from loaders.gguf_file import GGUFFile
     from modelfiles.resolver import resolve as resolve_spec
-    from runtime.devices import detect, parse_size
-    from runtime.model_sizes import ModelSizes
-    from runtime.planner import plan
+    from runtime.placement.devices import detect, parse_size
+    from runtime.placement.model_sizes import ModelSizes
+    from runtime.placement.planner import plan
     from runtime.run_options import RunOptions
 
     flags = {

@@ -19,7 +19,7 @@ from modelfiles.manifest import Manifest
 from modelfiles.names import ModelName
 from modelfiles.parameters import PARAMETERS, format_value
 from modelfiles.store import Store
-from runtime.terminal import printable, printable_lines
+from runtime.cli.terminal import printable, printable_lines
 
 # torch, gguf and jinja2 load only when a command needs them (not for `tandem --help`)
 

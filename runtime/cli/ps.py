@@ -8,8 +8,8 @@ import json
 import urllib.error
 import urllib.request
 
+from runtime.cli.terminal import printable
 from runtime.errors import ServerUnreachableError
-from runtime.terminal import printable
 
 COLUMNS = ("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL")
 

@@ -1,4 +1,4 @@
-"""ForwardBatch: one engine step's input to the model (runtime/model_runner.py).
+"""ForwardBatch: one engine step's input to the model (runtime/execution/model_runner.py).
 
 The new tokens of every scheduled sequence are concatenated into rows 0 … T-1; each sequence
 (SeqRows) has a contiguous run of rows, the positions they take, the KV slots they write,
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime.block_manager import BLOCK_SIZE
-from runtime.kv_pool import slots_for
+from runtime.engine.block_manager import BLOCK_SIZE
+from runtime.execution.kv_pool import slots_for
 
 
 @dataclass

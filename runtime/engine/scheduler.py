@@ -29,8 +29,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from runtime.block_manager import BlockManager
-from runtime.sequence import Sequence
+from runtime.engine.block_manager import BlockManager
+from runtime.engine.sequence import Sequence
 
 
 @dataclass

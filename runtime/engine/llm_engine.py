@@ -10,7 +10,7 @@ Each step: the scheduler picks tokens (continuous batching, chunked prefill, pre
 copy-on-write pages are copied, one ModelRunner.run runs them all, and every sequence
 whose pending tokens are now computed samples its next token. A request with n > 1
 prefills once; at its first sample the other n-1 samples fork from it, sharing its blocks.
-Not thread-safe: runtime.engine.Engine drives it from one thread.
+Not thread-safe: runtime.engine.engine.Engine drives it from one thread.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from modelfiles.parameters import default
-from runtime.block_manager import BLOCK_SIZE, BlockManager
+from runtime.engine.block_manager import BLOCK_SIZE, BlockManager
+from runtime.engine.sampling_params import SamplingParams
+from runtime.engine.scheduler import Scheduler, Step
+from runtime.engine.sequence import Delta, Sequence, check_prompt
 from runtime.errors import InternalError, InvalidParameterError, QueueFullError, TandemError
-from runtime.kv_pool import KV_CACHE_TYPES, kv_bytes_per_token
+from runtime.execution.kv_pool import KV_CACHE_TYPES, kv_bytes_per_token
+from runtime.execution.model_runner import ModelRunner
 from runtime.loaded_model import LoadedModel
-from runtime.model_runner import ModelRunner
-from runtime.sampling_params import SamplingParams
-from runtime.scheduler import Scheduler, Step
-from runtime.sequence import Delta, Sequence, check_prompt
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ class DeviceMap:
 
     @classmethod
     def from_placement(cls, placement, gpu: torch.device | None = None) -> DeviceMap:
-        """From the planner's Placement (runtime.plan_cost): tensors, head, kv per layer."""
+        """From the planner's Placement (runtime.placement.plan_cost): tensors, head, kv per layer."""
         return cls(
             dict(placement.tensors), tuple(placement.kv), placement.head, gpu or gpu_device()
         )

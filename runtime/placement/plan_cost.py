@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.devices import Calibration, format_size
-from runtime.model_sizes import KV_RANK, ModelSizes, TensorSize
+from runtime.placement.devices import Calibration, format_size
+from runtime.placement.model_sizes import KV_RANK, ModelSizes, TensorSize
 
 GPU, CPU = "gpu", "cpu"
 

@@ -6,9 +6,9 @@ layer's device), its CUDA graphs, the step's inputs — and the one call that ru
     logits = runner.run(batch)                 # (R, V): one row per batch.logit_rows
 
 `run` replays the decode step as a CUDA graph where it can (every layer on CUDA, a
-decode-only step within the captured sizes; runtime/decode_graph.py), and otherwise runs the
+decode-only step within the captured sizes; runtime/execution/decode_graph.py), and otherwise runs the
 model eagerly: embeddings, every layer with its attention backend over the pool, the head on
-the rows whose logits are wanted. The engine (runtime/llm_engine.py) and `tandem bench` run
+the rows whose logits are wanted. The engine (runtime/engine/llm_engine.py) and `tandem bench` run
 models only through here.
 """
 
@@ -19,11 +19,11 @@ from collections.abc import Callable
 import torch
 
 from kernels.thread_policy import forward_threads
-from runtime.attention_backends import LayerAttention
-from runtime.block_manager import BLOCK_SIZE
-from runtime.decode_graph import DecodeGraphs
-from runtime.forward_batch import ForwardBatch
-from runtime.kv_pool import KVPool
+from runtime.engine.block_manager import BLOCK_SIZE
+from runtime.execution.attention_backends import LayerAttention
+from runtime.execution.decode_graph import DecodeGraphs
+from runtime.execution.forward_batch import ForwardBatch
+from runtime.execution.kv_pool import KVPool
 from runtime.models import Model
 
 

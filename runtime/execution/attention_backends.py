@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from kernels.attention import attention, decode_attention, paged_decode_attention
-from runtime.forward_batch import DecodeGroup, ForwardBatch
-from runtime.kv_pool import KVPool
+from runtime.execution.forward_batch import DecodeGroup, ForwardBatch
+from runtime.execution.kv_pool import KVPool
 
 
 class PagedAttention:

@@ -6,7 +6,7 @@ planner's choice on a machine with CUDA, everything on the CPU without one.
 
 Without CUDA nothing is measured or planned (loading stays as fast as before); asking for
 GPU layers there only logs that they run on the CPU, while a GPU pin (`pin PATTERN=gpu`) is
-refused: it names tensors that must be on a GPU. With CUDA the planner (runtime/planner.py)
+refused: it names tensors that must be on a GPU. With CUDA the planner (runtime/placement/planner.py)
 places layers, head and KV to maximise predicted decode speed within free VRAM, honouring
 num_gpu, gpu_memory and pins; a plan that cannot fit raises PlanError before any allocation.
 """
@@ -20,9 +20,9 @@ import torch
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from modelfiles.parameters import default
-from runtime.device_map import DeviceMap
 from runtime.errors import PlanError
-from runtime.planner import PlanRequest
+from runtime.placement.device_map import DeviceMap
+from runtime.placement.planner import PlanRequest
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,9 @@ def planned(request: PlanRequest):
                     request.num_gpu,
                 )
             return DeviceMap.cpu_only(config.n_layer)
-        from runtime.devices import detect
-        from runtime.model_sizes import ModelSizes
-        from runtime.planner import plan
+        from runtime.placement.devices import detect
+        from runtime.placement.model_sizes import ModelSizes
+        from runtime.placement.planner import plan
 
         chosen = plan(ModelSizes.from_tensors(config, gguf.tensors), detect(), request)
         devices = DeviceMap.from_placement(chosen.placement)

@@ -1,0 +1,3 @@
+"""The `tandem` command line: main.py (argument parsing and the run/pull/serve/plan
+subcommands), store_commands.py (create, list, show, cp, rm), repl.py (the chat), bench.py
+(`tandem bench`), ps.py (`tandem ps`, a client of the server), terminal.py (safe output)."""

@@ -1,0 +1,4 @@
+"""Where a model runs: devices.py (what the machine offers, measured), model_sizes.py (what
+each tensor costs), plan_cost.py (predicted tokens/s), planner.py (the placement that
+maximises it within memory budgets), device_map.py (the result, per tensor and layer),
+auto_placement.py, plan_report.py (`tandem plan`)."""
