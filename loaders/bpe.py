@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import regex
 
-from runtime.errors import TokenizerError, UnsupportedError
+from quant.errors import TokenizerError, UnsupportedError
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"

@@ -4,7 +4,7 @@ Templates come from model files, i.e. from strangers, so they are compiled and r
 inside jinja2's ImmutableSandboxedEnvironment, set up the way HF transformers renders chat
 templates (trim_blocks, lstrip_blocks, loopcontrols, a non-ASCII-preserving `tojson`,
 `raise_exception`, `strftime_now`). Every failure while compiling or rendering surfaces as
-runtime.errors.TemplateError; bad messages as InvalidParameterError.
+quant.errors.TemplateError; bad messages as InvalidParameterError.
 
 When a GGUF carries no template, `builtin_template(arch)` supplies one: Gemma's turn format
 for the Gemma family, ChatML for everything else.
@@ -31,7 +31,7 @@ from loaders.template_sandbox import (
     check_text,
     render_metered,
 )
-from runtime.errors import InvalidParameterError, TemplateBudgetError, TemplateError
+from quant.errors import InvalidParameterError, TemplateBudgetError, TemplateError
 
 # What every template renders once at load: a render over budget here fails the load.
 SAMPLE_CONVERSATION = (

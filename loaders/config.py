@@ -14,7 +14,7 @@ from typing import Any
 
 from loaders.gguf_check import check_block_count, check_tensors, check_vocab
 from loaders.gguf_parse import GGUFArray, TensorInfo
-from runtime.errors import GGUFError, UnsupportedError
+from quant.errors import GGUFError, UnsupportedError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 SUPPORTED = (*LLAMA_FAMILY, "gemma3")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from runtime.errors import GGUFError, UnsupportedError
+from quant.errors import GGUFError, UnsupportedError
 
 if TYPE_CHECKING:
     from loaders.config import ModelConfig

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from loaders.gguf_parse import TensorInfo, parse_gguf
-from runtime.errors import GGUFError
+from quant.errors import GGUFError
 
 __all__ = ["GGUFFile", "TensorInfo"]
 

@@ -37,7 +37,7 @@ from typing import Any, NoReturn
 import gguf
 import numpy as np
 
-from runtime.errors import GGUFError
+from quant.errors import GGUFError
 
 VT = gguf.GGUFValueType
 

@@ -23,7 +23,7 @@ import torch
 
 from loaders.gguf_file import GGUFFile
 from quant.dequant import dequantize
-from runtime.errors import GGUFError, UnsupportedError
+from quant.errors import GGUFError, UnsupportedError
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from loaders.blobs import (
     verify,
     work_dir,
 )
-from runtime.errors import ModelNotFoundError, PullError
+from quant.errors import ModelNotFoundError, PullError
 
 log = logging.getLogger(__name__)
 

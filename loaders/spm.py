@@ -13,7 +13,7 @@ import heapq
 from array import array
 
 from loaders.bpe import TooManyTokens
-from runtime.errors import TokenizerError
+from quant.errors import TokenizerError
 
 SPACE = "\u2581"
 

@@ -17,7 +17,7 @@ are independent) that
 The limits grow with the size of the input (messages, tools), so that a long conversation
 still renders; exceeding any of them raises `BudgetExceeded` (a BaseException, so template
 helpers that catch Exception cannot swallow it), which chat_template.py turns into
-runtime.errors.TemplateBudgetError.
+quant.errors.TemplateBudgetError.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loaders import bpe, spm
-from runtime.errors import ContextLengthError, TokenizerError, UnsupportedError
+from quant.errors import ContextLengthError, TokenizerError, UnsupportedError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SUPPORTED_MODELS = ("gpt2", "llama")

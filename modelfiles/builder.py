@@ -18,13 +18,13 @@ from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from loaders.lora_adapter import LoraAdapter
 from loaders.pull import KNOWN, pull
+from modelfiles.gguf_quantizer import quantize_gguf, target_type
 from modelfiles.manifest import Layer, Manifest
 from modelfiles.modelfile import Modelfile
 from modelfiles.names import DEFAULT_TAG, ModelName
 from modelfiles.parser import read_modelfile
 from modelfiles.store import Progress, Store
-from quant.gguf_quantizer import quantize_gguf, target_type
-from runtime.errors import GGUFError, ModelfileError, ModelNotFoundError, UnsupportedError
+from quant.errors import GGUFError, ModelfileError, ModelNotFoundError, UnsupportedError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 

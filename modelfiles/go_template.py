@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass, field
 
 from modelfiles.go_tokens import TOKEN, Token, number, unquote
-from runtime.errors import TemplateError
+from quant.errors import TemplateError
 
 _COMPARE = {"ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 _HELPERS = {

@@ -10,7 +10,7 @@ import re
 import string
 from dataclasses import dataclass
 
-from runtime.errors import TemplateError
+from quant.errors import TemplateError
 
 TOKEN = re.compile(
     r"""

@@ -28,7 +28,7 @@ from typing import Any
 
 from modelfiles.modelfile import Modelfile
 from modelfiles.parameters import PARAMETERS
-from runtime.errors import ModelNotFoundError
+from quant.errors import ModelNotFoundError
 
 SCHEMA = 1
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")

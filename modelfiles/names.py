@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from runtime.errors import InvalidParameterError
+from quant.errors import InvalidParameterError
 
 DEFAULT_TAG = "latest"
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,79}")

@@ -20,7 +20,7 @@ from modelfiles import parameters as params
 from modelfiles.go_template import translate
 from modelfiles.modelfile import ROLES, Modelfile
 from modelfiles.values import read_value
-from runtime.errors import InvalidParameterError, ModelfileError, TemplateError
+from quant.errors import InvalidParameterError, ModelfileError, TemplateError
 
 INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "ADAPTER", "LICENSE", "MESSAGE")
 # ollama's other instructions: REQUIRES is only ollama's version check; the rest need

@@ -15,7 +15,7 @@ from typing import Any
 from modelfiles.builder import ensure_builtin
 from modelfiles.names import ModelName
 from modelfiles.store import Store
-from runtime.errors import ModelNotFoundError
+from quant.errors import ModelNotFoundError
 
 
 @dataclass

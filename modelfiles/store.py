@@ -46,7 +46,7 @@ from loaders.blobs import (
 from loaders.pull import KNOWN, tandem_home
 from modelfiles.manifest import Layer, Manifest, damaged
 from modelfiles.names import ModelName
-from runtime.errors import ModelNotFoundError
+from quant.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 

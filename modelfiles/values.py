@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from runtime.errors import ModelfileError
+from quant.errors import ModelfileError
 
 # (next line or None at end of file) — what read_value pulls continuation lines from
 NextLine = Callable[[], "str | None"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from runtime.errors import UnsupportedError
+from quant.errors import UnsupportedError
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from gguf import GGMLQuantizationType as T
 
+from quant.errors import UnsupportedError
 from quant.formats import block_format
-from runtime.errors import UnsupportedError
 
 # A quantizer takes blocks (n, block_size) float32 and returns (n, type_size) uint8.
 Quantizer = Callable[[torch.Tensor], torch.Tensor]

@@ -1,7 +1,7 @@
 """tandem's runtime: engine, model execution, sampler, CLI.
 
 `from runtime import LLM, SamplingParams` is the offline API (vLLM's shape). The names load
-lazily so that `runtime.errors` can be imported from anywhere without import cycles.
+lazily, so importing a runtime sub-package does not load the whole engine.
 """
 
 from typing import Any
@@ -15,7 +15,7 @@ def __getattr__(name: str) -> Any:
 
         return LLM
     if name == "SamplingParams":
-        from runtime.engine.sampling_params import SamplingParams
+        from runtime.sampling_params import SamplingParams
 
         return SamplingParams
     raise AttributeError(name)

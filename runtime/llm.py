@@ -18,12 +18,12 @@ from pathlib import Path
 
 from modelfiles.parameters import OPTIONS
 from modelfiles.resolver import ModelSpec, resolve
+from quant.errors import InvalidParameterError
 from runtime.engine.llm_engine import LLMEngine
-from runtime.engine.sampling_params import SamplingParams
 from runtime.engine.sequence import Delta, Timings
-from runtime.errors import InvalidParameterError
 from runtime.loaded_model import LoadedModel
 from runtime.run_options import RunOptions
+from runtime.sampling_params import SamplingParams
 
 
 @dataclass

@@ -27,12 +27,12 @@ from loaders.tokenizer import Tokenizer
 from modelfiles.prompt_template import GoTemplate
 from modelfiles.resolver import ModelSpec
 from modelfiles.resolver import resolve as resolve_spec
-from runtime.engine.sampling_params import OLLAMA_OPTIONS, SamplingParams
 from runtime.models import Model, build_model
 from runtime.models.lora import attach_adapters
 from runtime.placement.auto_placement import planned
 from runtime.placement.device_map import DeviceMap
 from runtime.run_options import RunOptions
+from runtime.sampling_params import OLLAMA_OPTIONS, SamplingParams
 
 log = logging.getLogger(__name__)
 

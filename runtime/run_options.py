@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from modelfiles.parameters import LOAD, OPTIONS, SAMPLING, SETTING, default, pin_rule
-from runtime.engine.sampling_params import OLLAMA_DEFAULTS, SamplingParams
-from runtime.errors import InvalidParameterError
+from quant.errors import InvalidParameterError
+from runtime.kv.kv_pool import BLOCK_SIZE, KV_CACHE_TYPES
+from runtime.sampling_params import OLLAMA_DEFAULTS, SamplingParams
 
 if TYPE_CHECKING:
-    from runtime.engine.llm_engine import EngineOptions
     from runtime.placement.planner import PlanRequest
 
 
@@ -81,8 +81,6 @@ class RunOptions:
         return options
 
     def validate(self) -> None:
-        from runtime.execution.kv_pool import KV_CACHE_TYPES
-
         if self.kv_cache_type not in KV_CACHE_TYPES:
             raise InvalidParameterError(
                 f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, "
@@ -110,8 +108,6 @@ class RunOptions:
         )
 
     def engine_options(self, **overrides: Any) -> EngineOptions:
-        from runtime.engine.llm_engine import EngineOptions
-
         return EngineOptions(
             **{
                 "num_ctx": self.num_ctx,
@@ -136,3 +132,33 @@ def _pins(rules: Any) -> dict[str, tuple[str, ...]]:
         pattern, device = pin_rule(rule)
         (gpu if device == "gpu" else cpu).append(pattern.pattern)
     return {"cpu_pins": tuple(cpu), "gpu_pins": tuple(gpu)}
+
+
+@dataclass
+class EngineOptions:
+    num_ctx: int = default("num_ctx")  # tokens per sequence
+    # the KV pool holds num_ctx × num_parallel tokens (unless num_blocks)
+    num_parallel: int = default("num_parallel")
+    max_num_seqs: int = default("max_num_seqs")  # sequences computed together in one step
+    max_waiting: int = 512  # requests waiting beyond this are refused (QueueFullError → 503)
+    kv_cache_type: str = default("kv_cache_type")  # or "q8_0"
+    num_blocks: int | None = None  # KV pool size in BLOCK_SIZE-token blocks
+    max_step_tokens: int = default("num_batch")  # per-step token budget (chunked prefill)
+
+    def __post_init__(self) -> None:
+        for name in ("num_ctx", "num_parallel", "max_num_seqs", "max_waiting", "max_step_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.kv_cache_type not in KV_CACHE_TYPES:
+            raise InvalidParameterError(
+                f"kv_cache_type must be one of "
+                f"{', '.join(KV_CACHE_TYPES)}, got {self.kv_cache_type!r}"
+            )
+        if self.num_blocks is None:
+            self.num_blocks = -(-self.num_ctx * self.num_parallel // BLOCK_SIZE)
+        if self.num_blocks * BLOCK_SIZE < self.num_ctx:
+            raise InvalidParameterError(
+                f"num_blocks {self.num_blocks} holds {self.num_blocks * BLOCK_SIZE} tokens, fewer "
+                f"than one num_ctx ({self.num_ctx}); raise num_blocks or lower num_ctx"
+            )

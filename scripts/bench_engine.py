@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import runtime.execution.attention_backends as attention_backends  # noqa: E402
+import runtime.kv.attention_backends as attention_backends  # noqa: E402
 from runtime.engine.llm_engine import EngineOptions, LLMEngine  # noqa: E402
-from runtime.engine.sampling_params import SamplingParams  # noqa: E402
 from runtime.loaded_model import LoadedModel  # noqa: E402
+from runtime.sampling_params import SamplingParams  # noqa: E402
 
 
 def measure(lm: LoadedModel, batch: int, context: int, steps: int) -> float:

@@ -30,7 +30,7 @@ def measure(model: str, tokens: int, num_ctx: int) -> dict:
     out = llm.generate(["The history of the printing press"], params)[0].outputs[0]
     t = out.timings
     added = proc.memory_info().rss - before
-    from runtime.execution.kv_pool import kv_bytes_per_token
+    from runtime.kv.kv_pool import kv_bytes_per_token
 
     kv = num_ctx * kv_bytes_per_token(llm.lm.config, "f16")  # one sequence's f16 KV
     size = llm.lm.path.stat().st_size

@@ -34,8 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loaders.config import ModelConfig  # noqa: E402
+from quant.errors import PlanError  # noqa: E402
 from runtime.cli.bench import Bench, BenchSpec, bench_context  # noqa: E402
-from runtime.errors import PlanError  # noqa: E402
 from runtime.loaded_model import LoadedModel, _open_gguf, resolve  # noqa: E402
 from runtime.placement.devices import detect  # noqa: E402
 from runtime.placement.model_sizes import ModelSizes  # noqa: E402

@@ -24,7 +24,7 @@ def load(path: Path) -> str | None:
     from loaders.config import ModelConfig
     from loaders.gguf_file import GGUFFile
     from loaders.tokenizer import Tokenizer
-    from runtime.errors import TandemError
+    from quant.errors import TandemError
 
     try:
         with GGUFFile(path) as f:

@@ -18,10 +18,10 @@ from kernels.attention import attention, paged_decode_attention
 from kernels.crossing import cross
 from kernels.thread_policy import forward_threads
 from loaders.config import ModelConfig
-from runtime.engine.block_manager import BLOCK_SIZE
-from runtime.engine.sampling_params import SamplingParams
 from runtime.engine.sequence import Delta, Sequence
+from runtime.kv.kv_pool import BLOCK_SIZE
 from runtime.models import Model
+from runtime.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from runtime.loaded_model import LoadedModel
@@ -72,7 +72,7 @@ def forward(
 
     def attend(i, q, k, v, window):
         cache.write(i, start, k, v)
-        if paged and model.blocks[i].device.type == "cpu":
+        if paged and model.layers[i].device.type == "cpu":
             out = paged_decode_attention(q, cache.k[i], cache.v[i], table, length, scale, window)
             if out is not None:
                 return out
@@ -80,7 +80,7 @@ def forward(
         return attention(q, cross(keys, q.device), cross(values, q.device), start, window, scale)
 
     with forward_threads(model.num_threads):
-        x = model.layers(model.embed_rows(tokens), model.rope_tables(positions), attend)
+        x = model.run_layers(model.embed_rows(tokens), model.rope_tables(positions), attend)
         return model.logits(x if all_logits else x[-1:])
 
 

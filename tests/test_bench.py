@@ -18,6 +18,7 @@ from reference_model import KVCache, forward
 
 from loaders.gguf_file import GGUFFile
 from quant.dequant import dequantize
+from quant.errors import InvalidParameterError
 from runtime.cli.bench import (
     Bench,
     BenchSpec,
@@ -27,7 +28,6 @@ from runtime.cli.bench import (
     weight_bytes_per_token,
 )
 from runtime.cli.main import main
-from runtime.errors import InvalidParameterError
 from runtime.loaded_model import LoadedModel
 
 TINY = ["--layers", "2", "--dim", "64", "--ffn", "128", "--heads", "4", "--kv-heads", "2"]

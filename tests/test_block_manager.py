@@ -3,7 +3,8 @@ prefix hits, copy-on-write and eviction order."""
 
 from __future__ import annotations
 
-from runtime.engine.block_manager import BLOCK_SIZE, BlockManager
+from runtime.engine.block_manager import BlockManager
+from runtime.kv.kv_pool import BLOCK_SIZE
 
 B = BLOCK_SIZE
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import fixture
 
 from loaders.chat_template import BUILTIN, ChatTemplate, builtin_template, template_for
-from runtime.errors import InvalidParameterError, TemplateError
+from quant.errors import InvalidParameterError, TemplateError
 
 SMOLLM2_CASES = fixture("smollm2")["chat_template"]
 USER = [{"role": "user", "content": "Hi"}]

@@ -17,7 +17,7 @@ from loaders.pull import KNOWN
 from runtime import LLM
 from runtime.cli.main import RUN_DEFAULTS, main
 from runtime.cli.repl import Repl
-from runtime.engine.sampling_params import SamplingParams
+from runtime.sampling_params import SamplingParams
 
 
 def tandem(*args: str, stdin: str | None = None, timeout: float = 300):

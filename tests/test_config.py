@@ -8,7 +8,7 @@ import pytest
 
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
-from runtime.errors import GGUFError, TandemError, UnsupportedError
+from quant.errors import GGUFError, TandemError, UnsupportedError
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from gguf import GGMLQuantizationType as QT
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from runtime.execution.decode_graph import DecodeGraphs, buckets, unsupported
-from runtime.execution.forward_batch import ForwardBatch
-from runtime.execution.kv_pool import KVPool
 from runtime.execution.model_runner import ModelRunner
+from runtime.kv.forward_batch import ForwardBatch
+from runtime.kv.kv_pool import KVPool
 from runtime.models import Model, build_model
 from runtime.placement.device_map import DeviceMap
 
@@ -91,7 +91,7 @@ def on_gpu(gguf_file):
 
 
 def new_pool(model: Model, n_seqs: int, kv: str = "f16") -> KVPool:
-    return KVPool(model.config, n_seqs * TABLE, kv, [b.device for b in model.blocks])
+    return KVPool(model.config, n_seqs * TABLE, kv, [b.device for b in model.layers])
 
 
 def decode_run(
@@ -201,7 +201,7 @@ def test_hybrid_tiny_model_agrees_with_all_cpu(on_gpu, gguf_file):
         gguf_file, on_gpu.config, DeviceMap.last_layers(names, LAYERS, 1, head_gpu=True)
     )
     cpu = build_model(gguf_file, on_gpu.config, DeviceMap.cpu_only(LAYERS))
-    assert [b.triton for b in hybrid.blocks] == [False, True]
+    assert [b.triton for b in hybrid.layers] == [False, True]
     schedule = [[0, 1, 2], [1], [0, 2]]
     for got, want in zip(
         decode_run(hybrid, PROMPTS[:3], schedule),

@@ -10,12 +10,12 @@ import pytest
 from conftest import FIXTURES
 from reference_model import Generation
 
-from runtime.engine.block_manager import BLOCK_SIZE
+from quant.errors import ContextLengthError, InvalidParameterError, QueueFullError
 from runtime.engine.engine import Engine
 from runtime.engine.llm_engine import EngineOptions, LLMEngine
-from runtime.engine.sampling_params import SamplingParams
-from runtime.errors import ContextLengthError, InvalidParameterError, QueueFullError
+from runtime.kv.kv_pool import BLOCK_SIZE
 from runtime.loaded_model import LoadedModel
+from runtime.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 PROMPTS = [

@@ -14,18 +14,18 @@ import time
 import pytest
 import torch
 
-from runtime.engine.block_manager import BlockManager
-from runtime.engine.sampler import Sampler
-from runtime.engine.sampling_params import SamplingParams
-from runtime.engine.scheduler import Scheduler
-from runtime.engine.sequence import Sequence
-from runtime.engine.stop import MAX_STOP_CHARS, MAX_STOPS, StopMatcher
-from runtime.errors import (
+from quant.errors import (
     InternalError,
     InvalidParameterError,
     NonFiniteLogitsError,
     TooManyStopsError,
 )
+from runtime.engine.block_manager import BlockManager
+from runtime.engine.sampler import Sampler
+from runtime.engine.scheduler import Scheduler
+from runtime.engine.sequence import Sequence
+from runtime.engine.stop import MAX_STOP_CHARS, MAX_STOPS, StopMatcher
+from runtime.sampling_params import SamplingParams
 
 # ---- the scheduler: fairness (no model needed) -----------------------------------------
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from loaders.config import ModelConfig
 from loaders.gguf_parse import parse_gguf
-from runtime.errors import GGUFError, TandemError
+from quant.errors import GGUFError, TandemError
 
 EXTREMES = [0, 1, 2, 0x7F, 0xFF, 0x7FFF_FFFF, 0xFFFF_FFFF, 2**31, 2**32, 2**63, 2**64 - 1]
 TIME_LIMIT_S = 1.0

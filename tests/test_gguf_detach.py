@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from loaders.gguf_file import GGUFFile
-from runtime.errors import GGUFError
+from quant.errors import GGUFError
 
 REPO = Path(__file__).resolve().parent.parent
 N_A, N_B = 300_000, 500_000  # float32 elements: several pages each
@@ -55,7 +55,7 @@ TRUNCATE_AND_READ = """
     sys.path.insert(0, "tests")
     from test_gguf_detach import write_file
     from loaders.gguf_file import GGUFFile
-    from runtime.errors import GGUFError
+    from quant.errors import GGUFError
     path = sys.argv[1] if len(sys.argv) > 1 else {path!r}
     a, b = write_file(path)
     f = GGUFFile(path)
@@ -145,7 +145,7 @@ def test_served_model_survives_its_file_truncated(smollm2_path: Path, tmp_path: 
         f"""
         import json, os
         from runtime.llm import LLM
-        from runtime.engine.sampling_params import SamplingParams
+        from runtime.sampling_params import SamplingParams
         llm = LLM({str(copy)!r}, num_ctx=256)
         params = SamplingParams(max_tokens=4, temperature=0)
         first = llm.generate("The capital of France is", params)[0].outputs[0].token_ids

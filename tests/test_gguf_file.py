@@ -17,7 +17,7 @@ import torch
 
 from loaders.gguf_file import GGUFFile
 from loaders.gguf_parse import GGUFArray, parse_gguf
-from runtime.errors import GGUFError, TandemError
+from quant.errors import GGUFError, TandemError
 
 REPO = Path(__file__).resolve().parent.parent
 QT = gguf.GGMLQuantizationType

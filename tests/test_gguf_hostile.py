@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from loaders.gguf_file import GGUFFile
 from loaders.gguf_parse import NumericArray, StringArray, parse_gguf
-from runtime.errors import GGUFError
+from quant.errors import GGUFError
 
 VT = gguf.GGUFValueType
 QT = gguf.GGMLQuantizationType

@@ -19,7 +19,7 @@ from loaders.config import ModelConfig
 from loaders.gguf_check import MAX_VOCAB, block_indices
 from loaders.gguf_file import GGUFFile
 from loaders.lora_adapter import LoraAdapter
-from runtime.errors import GGUFError, TandemError, UnsupportedError
+from quant.errors import GGUFError, TandemError, UnsupportedError
 from runtime.loaded_model import LoadedModel
 
 V = len(TOKENS)

@@ -18,10 +18,10 @@ import torch
 
 from kernels.crossing import cross
 from runtime.engine.llm_engine import EngineOptions, LLMEngine
-from runtime.engine.sampling_params import SamplingParams
-from runtime.execution.kv_pool import KVPool
+from runtime.kv.kv_pool import KVPool
 from runtime.loaded_model import LoadedModel
 from runtime.placement.device_map import CPU, GPU, DeviceMap
+from runtime.sampling_params import SamplingParams
 
 PROMPTS = ["The capital of France is", "Water boils at"]
 GREEDY = SamplingParams(temperature=0, max_tokens=4)
@@ -53,7 +53,7 @@ def hybrid(smollm2_path):
 
 
 def test_placement_of_layers_and_tensors(hybrid):
-    blocks = hybrid.model.blocks
+    blocks = hybrid.model.layers
     assert [b.triton for b in blocks].count(True) == 2 and blocks[28].triton and blocks[29].triton
     assert type(blocks[28].gate).__name__ == "TritonLinear"
     assert blocks[28].ops.name == "triton" and blocks[27].ops.name == "cpu"
@@ -90,7 +90,7 @@ def test_gemma3_hybrid_greedy_equals_all_cpu(gemma3_path):
 
     cpu = greedy(LoadedModel.load(gemma3_path), prompts)
     hybrid = LoadedModel.load(gemma3_path, last_two_plain)
-    assert [b.triton for b in hybrid.model.blocks][-3:] == [False, True, True]
+    assert [b.triton for b in hybrid.model.layers][-3:] == [False, True, True]
     assert greedy(hybrid, prompts) == cpu
 
 
@@ -103,8 +103,8 @@ def test_device_map_views(hybrid):
     assert full.describe() == "100% GPU" and full.head == GPU
     assert all(full.of_tensor(n) == GPU for n in names if n.startswith("blk."))
     assert full.of_tensor("token_embd.weight") == CPU
-    pool = KVPool(c, 4, devices=[b.device for b in hybrid.model.blocks])
-    assert pool.nbytes_on(hybrid.model.blocks[0].device) == pool.nbytes  # all CPU tensors here
+    pool = KVPool(c, 4, devices=[b.device for b in hybrid.model.layers])
+    assert pool.nbytes_on(hybrid.model.layers[0].device) == pool.nbytes  # all CPU tensors here
 
 
 def test_out_of_memory_at_load_retries_with_fewer_gpu_layers(smollm2_path, monkeypatch, caplog):

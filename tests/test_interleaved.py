@@ -345,7 +345,7 @@ def test_gguf_file_derived_and_release_pages(tmp_path):
     import mmap
 
     from loaders.gguf_file import GGUFFile
-    from runtime.errors import GGUFError
+    from quant.errors import GGUFError
 
     path = tmp_path / "q4.gguf"
     small, big = write_q4_0_gguf(path, 256, 2048)  # 256 × 1152 bytes: 72 pages of 4 KiB
@@ -393,25 +393,25 @@ def test_models_on_one_file_share_their_panels(smollm2_path, native):
 
     names = ("q", "k", "v", "o", "gate", "up", "down")
     for model in (first, second):
-        linears = [getattr(b, n) for b in model.blocks for n in names] + [model.embed]
+        linears = [getattr(b, n) for b in model.layers for n in names] + [model.embed]
         for lin in linears:
             assert type(lin) is PackedLinear
             if native.interleaved_supports(int(lin.ggml_type)):
                 assert lin.panels is not None
             else:
                 assert lin.panels is None
-    if not native.interleaved_supports(int(first.blocks[0].q.ggml_type)):
+    if not native.interleaved_supports(int(first.layers[0].q.ggml_type)):
         return  # no panel kernels in this build: nothing is shared but the mapping
 
     for a, b in (
-        (first.blocks[0].q, second.blocks[0].q),
-        (first.blocks[-1].down, second.blocks[-1].down),
+        (first.layers[0].q, second.layers[0].q),
+        (first.layers[-1].down, second.layers[-1].down),
         (first.embed, second.embed),
     ):
         assert a.panels.data_ptr() == b.panels.data_ptr()
     # The panels hold the file's rows (read again from the file after release_pages).
     for name, lin in (
-        ("blk.0.attn_q.weight", first.blocks[0].q),
+        ("blk.0.attn_q.weight", first.layers[0].q),
         ("token_embd.weight", first.embed),
     ):
         packed = gguf_file.tensor(name)
@@ -422,9 +422,9 @@ def test_models_on_one_file_share_their_panels(smollm2_path, native):
             ),
             packed[ids],
         )
-    q = first.blocks[0].q
+    q = first.layers[0].q
     x = activations(2, q.in_features, 3)
-    assert torch.equal(q(x), second.blocks[0].q(x))
+    assert torch.equal(q(x), second.layers[0].q(x))
 
 
 def test_panels_go_with_the_last_model_on_their_file(smollm2_path, native):
@@ -438,8 +438,8 @@ def test_panels_go_with_the_last_model_on_their_file(smollm2_path, native):
     if not native.interleaved_supports(int(T.Q4_1)):
         pytest.skip("no panel kernels in this build")
     first, second = LoadedModel.load(str(smollm2_path)), LoadedModel.load(str(smollm2_path))
-    panels = weakref.ref(first.model.blocks[0].q.panels)
-    assert second.model.blocks[0].q.panels is panels()
+    panels = weakref.ref(first.model.layers[0].q.panels)
+    assert second.model.layers[0].q.panels is panels()
     del first
     gc.collect()
     assert panels() is not None  # the second model still holds its file and the panels

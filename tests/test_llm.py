@@ -7,13 +7,13 @@ import math
 
 import pytest
 
-from runtime import LLM, SamplingParams
-from runtime.errors import (
+from quant.errors import (
     ContextLengthError,
     InvalidParameterError,
     ModelNotFoundError,
     TandemError,
 )
+from runtime import LLM, SamplingParams
 
 PROMPTS = ["The capital of France is", "Once upon a time"]
 GREEDY_TOKENS = 8

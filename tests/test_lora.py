@@ -21,7 +21,7 @@ from modelfiles.builder import create_model
 from modelfiles.names import ModelName
 from modelfiles.parser import parse_modelfile
 from modelfiles.store import Store
-from runtime.errors import ModelfileError, UnsupportedError
+from quant.errors import ModelfileError, UnsupportedError
 from runtime.loaded_model import LoadedModel
 
 RANK, ALPHA = 4, 8.0
@@ -134,10 +134,10 @@ def test_runtime_lora_equals_the_merged_weights(tiny):
     # one copy of the base: the same mapping, the same weight bytes, wrapped not copied
     assert tuned.gguf is base.gguf
     assert (
-        tuned.model.blocks[0].q.base.weight.data_ptr() == base.model.blocks[0].q.weight.data_ptr()
+        tuned.model.layers[0].q.base.weight.data_ptr() == base.model.layers[0].q.weight.data_ptr()
     )
-    assert tuned.model.blocks[0].k is not base.model.blocks[0].k  # own Block, not adapted
-    assert tuned.model.blocks[0].k.weight.data_ptr() == base.model.blocks[0].k.weight.data_ptr()
+    assert tuned.model.layers[0].k is not base.model.layers[0].k  # own Layer, not adapted
+    assert tuned.model.layers[0].k.weight.data_ptr() == base.model.layers[0].k.weight.data_ptr()
 
 
 def test_alpha_absent_means_scale_one(tiny):

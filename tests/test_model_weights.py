@@ -14,9 +14,9 @@ from test_model_synthetic import make_weights, write_gguf
 
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
-from runtime.errors import UnsupportedError
-from runtime.execution.forward_batch import ForwardBatch
+from quant.errors import UnsupportedError
 from runtime.execution.model_runner import ModelRunner
+from runtime.kv.forward_batch import ForwardBatch
 from runtime.models import ARCHITECTURES, build_model
 from runtime.models.gemma3 import Gemma3
 from runtime.models.llama import Llama

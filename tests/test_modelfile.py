@@ -12,7 +12,7 @@ from modelfiles.modelfile import Modelfile
 from modelfiles.parameters import PARAMETERS, parse_value, pin_rule
 from modelfiles.parser import decode, parse_modelfile
 from modelfiles.values import quote
-from runtime.errors import ModelfileError
+from quant.errors import ModelfileError
 
 PIRATE = '''FROM smollm2
 PARAMETER temperature 0.3

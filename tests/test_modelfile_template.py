@@ -11,7 +11,7 @@ import pytest
 from loaders.chat_template import BUILTIN, ChatTemplate
 from modelfiles.go_template import translate
 from modelfiles.prompt_template import GoTemplate
-from runtime.errors import TemplateError
+from quant.errors import TemplateError
 
 # ChatML as ollama's library writes it in Go-template form
 CHATML_GO = """{{- range $i, $_ := .Messages }}

@@ -14,10 +14,9 @@ from test_model_synthetic import make_weights, write_gguf
 
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
-from runtime.engine.block_manager import BLOCK_SIZE
-from runtime.execution.forward_batch import ForwardBatch
-from runtime.execution.kv_pool import KVPool, kv_bytes_per_token, slots_for
 from runtime.execution.model_runner import ModelRunner
+from runtime.kv.forward_batch import ForwardBatch
+from runtime.kv.kv_pool import BLOCK_SIZE, KVPool, kv_bytes_per_token, slots_for
 from runtime.models import Model, build_model
 
 
@@ -117,7 +116,7 @@ def test_unwritten_pool_memory_never_reaches_the_logits(model, monkeypatch):
     sequences of different lengths in one step through the gathered path (a q8_0 pool's, or
     any without the native kernel; forced here) give the same logits over a NaN-filled pool
     as over a zeroed one. Before the fix, q8_0 decoding changed from run to run."""
-    import runtime.execution.attention_backends as backends
+    import runtime.kv.attention_backends as backends
 
     monkeypatch.setattr(backends, "paged_decode_attention", lambda *a, **k: None)
     seqs, tables = [[1, 2, 3, 4, 5, 6, 7], [8, 9]], [[0], [1]]

@@ -13,10 +13,9 @@ from test_store import write_tiny_llama
 from modelfiles.parameters import OPTIONS, PARAMETERS, UNSUPPORTED, format_value
 from modelfiles.parser import parse_modelfile
 from modelfiles.resolver import ModelSpec
+from quant.errors import ModelfileError, PlanError
 from runtime.engine.llm_engine import LLMEngine
 from runtime.engine.sampler import Sampler
-from runtime.engine.sampling_params import SamplingParams
-from runtime.errors import ModelfileError, PlanError
 from runtime.execution import model_runner
 from runtime.llm import LLM
 from runtime.loaded_model import LoadedModel
@@ -25,6 +24,7 @@ from runtime.placement.model_sizes import ModelSizes
 from runtime.placement.plan_cost import CPU, GPU
 from runtime.placement.planner import plan
 from runtime.run_options import RunOptions
+from runtime.sampling_params import SamplingParams
 
 # a non-default Modelfile value for each implemented parameter
 CHANGED = {

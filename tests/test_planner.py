@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from loaders.config import ModelConfig
+from quant.errors import InvalidParameterError, PlanError
 from runtime.cli.main import main
-from runtime.errors import InvalidParameterError, PlanError
 from runtime.placement.devices import Calibration, Devices, Gpu, parse_size
 from runtime.placement.model_sizes import ModelSizes, kv_bytes_per_token_layer
 from runtime.placement.plan_cost import CPU, GPU

@@ -12,7 +12,7 @@ import pytest
 
 from loaders import pull as pull_mod
 from loaders.pull import KNOWN, Pullable, Source, blob_path, pull, pullable, pulled_path
-from runtime.errors import ModelNotFoundError, PullError
+from quant.errors import ModelNotFoundError, PullError
 
 # Two members larger than pull's 1 MiB read chunk, so progress is reported several times.
 PART_A = random.Random(1).randbytes((1 << 20) + 12345)

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from quant.dequant import dequantize
+from quant.errors import UnsupportedError
 from quant.formats import FORMATS, block_format
 from quant.quantize import quantize
-from runtime.errors import UnsupportedError
 
 ALL = [f.name for f in FORMATS.values()]
 # Byte offsets of the fp16 scale fields inside one block (ggml-common.h block_* structs).

@@ -10,9 +10,9 @@ import re
 import pytest
 import torch
 
+from quant.errors import InvalidParameterError
 from runtime.engine.sampler import Sampler
-from runtime.engine.sampling_params import OLLAMA_OPTIONS, SamplingParams
-from runtime.errors import InvalidParameterError
+from runtime.sampling_params import OLLAMA_OPTIONS, SamplingParams
 
 # Probabilities 1/2, 1/4, 1/8, 1/16, 1/16: every truncation below has an exact answer.
 HALVES = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625]))

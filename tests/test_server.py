@@ -16,7 +16,7 @@ import openai
 import pytest
 import uvicorn
 
-from runtime.errors import ModelNotFoundError
+from quant.errors import ModelNotFoundError
 from runtime.server.app import create_app
 from runtime.server.models import ModelRegistry, RegistryOptions
 

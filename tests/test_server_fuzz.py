@@ -14,8 +14,8 @@ import math
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.engine.sampling_params import OLLAMA_DEFAULTS
-from runtime.errors import TandemError
+from quant.errors import TandemError
+from runtime.sampling_params import OLLAMA_DEFAULTS
 from runtime.server import ollama_prompt, openai_request
 from runtime.server.keep_alive import parse_keep_alive
 from runtime.server.ollama_options import parse_options

@@ -422,7 +422,7 @@ def _fake_registry(max_loaded: int, models_dirs: tuple[str, ...] = ()) -> ModelR
 
 
 def test_the_least_recently_used_idle_model_is_unloaded_and_all_busy_is_503():
-    from runtime.errors import QueueFullError
+    from quant.errors import QueueFullError
 
     async def scenario():
         registry = _fake_registry(2)
@@ -613,7 +613,7 @@ def test_an_unknown_model_name_is_refused_before_any_loaded_model_is_unloaded(
 ):
     """Found by scripts/soak.py: six concurrent requests naming models that do not exist
     unloaded the served model (a place was reserved, evicting it, before the name failed)."""
-    from runtime.errors import ModelNotFoundError
+    from quant.errors import ModelNotFoundError
 
     monkeypatch.setenv("TANDEM_HOME", str(tmp_path))
 

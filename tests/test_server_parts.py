@@ -8,9 +8,9 @@ import math
 
 import pytest
 
+from quant.errors import ContextLengthError, InvalidParameterError
 from runtime.cli.ps import format_table, human_size, processor, until
-from runtime.engine.sampling_params import SamplingParams
-from runtime.errors import ContextLengthError, InvalidParameterError
+from runtime.sampling_params import SamplingParams
 from runtime.server.address import base_url, parse_address
 from runtime.server.errors import RequestFieldError
 from runtime.server.keep_alive import parse_keep_alive
@@ -305,7 +305,7 @@ def test_histogram_buckets_are_cumulative():
 def test_errors_map_to_status_and_bodies():
     import json
 
-    from runtime.errors import EngineClosedError, ModelNotFoundError, QueueFullError
+    from quant.errors import EngineClosedError, ModelNotFoundError, QueueFullError
     from runtime.server.errors import ollama_error, openai_error
 
     full = openai_error(QueueFullError("512 requests are waiting", retry_after=3))

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from quant.errors import InvalidParameterError
 from runtime.engine.stop import StopMatcher
-from runtime.errors import InvalidParameterError
 
 
 def run(stops: list[str], pieces: list[str]) -> tuple[str, StopMatcher]:

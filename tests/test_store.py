@@ -27,13 +27,13 @@ from modelfiles.builder import create_model
 from modelfiles.names import ModelName
 from modelfiles.parser import parse_modelfile, read_modelfile
 from modelfiles.store import Store
-from runtime.cli.main import main
-from runtime.errors import (
+from quant.errors import (
     InvalidParameterError,
     ModelfileError,
     ModelNotFoundError,
     UnsupportedError,
 )
+from runtime.cli.main import main
 from runtime.loaded_model import LoadedModel
 
 # a tiny llama with a byte-level BPE vocabulary: enough for LoadedModel, chat templates, run
@@ -340,7 +340,7 @@ def test_loaded_model_uses_template_system_messages_and_parameters(home, workdir
     assert [m["content"] for m in own] == ["mine", "u0", "a0", "q"]
     # PARAMETERs are defaults under a request's own options
     from runtime.cli.main import RUN_DEFAULTS
-    from runtime.engine.sampling_params import SamplingParams
+    from runtime.sampling_params import SamplingParams
 
     params = lm.sampling_defaults(RUN_DEFAULTS)
     assert (params.temperature, params.max_tokens, params.top_k) == (0.25, 3, 40)
@@ -422,8 +422,8 @@ def test_pirate_end_to_end(home, tmp_path, smollm2_path, capsys):
     assert ids == lm.tokenizer.encode(expected, add_special=False, parse_special=True)
     # temperature 0 from the Modelfile: the same answer again, through the offline API
     from runtime.cli.main import RUN_DEFAULTS
-    from runtime.engine.sampling_params import SamplingParams
     from runtime.llm import LLM
+    from runtime.sampling_params import SamplingParams
 
     llm = LLM("pirate", num_ctx=512)
     params = SamplingParams.from_options(

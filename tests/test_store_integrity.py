@@ -31,9 +31,9 @@ from modelfiles.names import ModelName
 from modelfiles.parser import parse_modelfile, read_modelfile
 from modelfiles.resolver import resolve
 from modelfiles.store import Store
+from quant.errors import ModelNotFoundError
 from runtime.cli.main import main
 from runtime.cli.ps import format_table
-from runtime.errors import ModelNotFoundError
 from runtime.server.app import create_app
 from runtime.server.models import ModelRegistry
 

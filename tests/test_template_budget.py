@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from loaders.chat_template import ChatTemplate
 from modelfiles.go_template import translate
 from modelfiles.prompt_template import GoTemplate
-from runtime.errors import TemplateBudgetError, TemplateError
+from quant.errors import TemplateBudgetError, TemplateError
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
 USER = [{"role": "user", "content": "hi"}]

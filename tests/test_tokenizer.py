@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from loaders.detokenizer import StreamDecoder
 from loaders.gguf_file import GGUFFile
 from loaders.tokenizer import Tokenizer
-from runtime.errors import TokenizerError, UnsupportedError
+from quant.errors import TokenizerError, UnsupportedError
 
 MODELS = ("smollm2", "gemma3")
 FIXTURES = {name: fixture(name) for name in MODELS}

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from loaders.chat_template import ChatTemplate, prompt_ids, template_for
 from loaders.gguf_file import GGUFFile
 from loaders.tokenizer import CONTROL, Tokenizer
-from runtime.errors import ContextLengthError
+from quant.errors import ContextLengthError
 
 
 @pytest.fixture(scope="module")

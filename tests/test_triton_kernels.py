@@ -177,7 +177,7 @@ def test_kv_write_places_rows_at_their_slots() -> None:
 def q8_pools(n_blocks: int, n_head_kv: int, d: int, dv: int):
     """A q8_0 KVPool's slabs (the CPU reference writer and reader) and their GPU pages."""
     from loaders.config import ModelConfig
-    from runtime.execution.kv_pool import KVPool
+    from runtime.kv.kv_pool import KVPool
 
     config = ModelConfig(
         arch="llama",

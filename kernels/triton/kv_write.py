@@ -2,7 +2,7 @@
 
 Slot `s` of a layer's pool (num_blocks, PAGE, n_head_kv, D) is block s // PAGE, offset
 s % PAGE (slot_mapping comes from the block tables: block * PAGE + offset). A negative slot
-marks a padding row and is skipped. Two pool types (runtime/execution/kv_pool.py):
+marks a padding row and is skipped. Two pool types (runtime/kv/kv_pool.py):
 
 - float16: values rounded to nearest even on the way in.
 - q8_0 (given the scale pools (num_blocks, PAGE, n_head_kv, D/32) float16): per 32 values of

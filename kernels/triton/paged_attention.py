@@ -3,7 +3,7 @@
 KV layout (one layer): k_pool (num_blocks, PAGE, n_head_kv, D) float16, v_pool (num_blocks,
 PAGE, n_head_kv, Dv) float16, PAGE = 16 token slots per block; or q8_0 pools: int8 values of
 those shapes with float16 scales (num_blocks, PAGE, n_head_kv, D/32), value = q · scale (as
-runtime/execution/kv_pool.py reads them). Sequence b's position p
+runtime/kv/kv_pool.py reads them). Sequence b's position p
 lives in block block_tables[b, p // PAGE] at offset p % PAGE. Its query stands at position
 context_lens[b] − 1 and attends to positions 0 … context_lens[b] − 1, or with a sliding
 window W only to those at distance < W (ggml's rule, as kernels/attention.py).

@@ -18,7 +18,7 @@ replayed as a CUDA graph. --num-gpu N (llama-bench's -ngl) places N layers on th
 through the planner (0: none; -1: the planner's choice); by default the model is placed as
 `tandem run` places it.
 
-weights_gb_s is, for tg, the bytes of packed matmul weights one token reads (every block's
+weights_gb_s is, for tg, the bytes of packed matmul weights one token reads (every layer's
 q, k, v, o, gate, up and down, the output head, and one row of token_embd unless the head is
 the embedding itself) times tokens/s: the rate at which decoding streams weights from RAM
 and VRAM, the figure bounded by memory bandwidth. Norms and the KV cache are left out (they
@@ -41,10 +41,10 @@ import torch
 from kernels import native_loader
 from kernels.linear import PackedLinear
 from kernels.triton_linear import TritonLinear
-from runtime.engine.block_manager import BLOCK_SIZE
-from runtime.errors import InvalidParameterError
-from runtime.execution.forward_batch import ForwardBatch
+from quant.errors import InvalidParameterError
 from runtime.execution.model_runner import ModelRunner
+from runtime.kv.forward_batch import ForwardBatch
+from runtime.kv.kv_pool import BLOCK_SIZE
 from runtime.loaded_model import LoadedModel
 from runtime.placement.auto_placement import auto_placement
 
@@ -117,8 +117,8 @@ def weight_bytes_per_token(lm: LoadedModel) -> int:
     model = lm.model
     linears = [
         v
-        for block in model.blocks
-        for v in vars(block).values()
+        for layer in model.layers
+        for v in vars(layer).values()
         if isinstance(v, PackedLinear | TritonLinear)
     ]
     total = sum(lin.weight.numel() for lin in linears) + model.head.weight.numel()
@@ -213,7 +213,7 @@ class Bench:
             weight_bytes_per_token(self.lm),
             n_depth=spec.n_depth,
             placement=self.model.devices.describe(),
-            gpu_layers=sum(b.triton for b in self.model.blocks),
+            gpu_layers=sum(b.triton for b in self.model.layers),
             cuda_graphs=self.runner.cuda_graphs,
         )
         if spec.n_prompt:

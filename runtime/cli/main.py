@@ -23,10 +23,10 @@ from collections.abc import Sequence
 
 from loaders.pull import KNOWN, pull, pullable
 from modelfiles.parameters import OPTIONS, default
+from quant.errors import TandemError
 from runtime.cli.store_commands import COMMANDS as STORE_COMMANDS
 from runtime.cli.store_commands import add_store_commands
-from runtime.engine.sampling_params import OLLAMA_DEFAULTS
-from runtime.errors import TandemError
+from runtime.sampling_params import OLLAMA_DEFAULTS
 
 RUN_DEFAULTS = OLLAMA_DEFAULTS  # what `tandem run` starts from (before Modelfile and flags)
 # The flags `tandem run` takes from the option table (besides the sampling ones above).
@@ -162,7 +162,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from runtime.placement.plan_report import run_plan_command
+    from runtime.cli.plan_report import run_plan_command
 
     return run_plan_command(args)
 

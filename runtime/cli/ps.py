@@ -8,8 +8,8 @@ import json
 import urllib.error
 import urllib.request
 
+from quant.errors import ServerUnreachableError
 from runtime.cli.terminal import printable
-from runtime.errors import ServerUnreachableError
 
 COLUMNS = ("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL")
 

@@ -12,10 +12,10 @@ import time
 from typing import TextIO
 
 from modelfiles.parameters import OPTIONS, SAMPLING, UNSUPPORTED, parse_value
-from runtime.engine.sampling_params import OLLAMA_OPTIONS, SamplingParams
+from quant.errors import InvalidParameterError, TandemError
 from runtime.engine.sequence import Timings
-from runtime.errors import InvalidParameterError, TandemError
 from runtime.llm import LLM
+from runtime.sampling_params import OLLAMA_OPTIONS, SamplingParams
 
 HELP = """Available commands:
   /set parameter NAME VALUE   set a sampling parameter (e.g. temperature 0.2)

@@ -28,7 +28,8 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
-BLOCK_SIZE = 16
+from runtime.kv.kv_pool import BLOCK_SIZE
+
 ROOT_KEY = b"tandem-kv-prefix"  # the parent key of a sequence's first block
 
 

@@ -23,11 +23,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from quant.errors import EngineClosedError, QueueFullError, TandemError
 from runtime.engine.llm_engine import EngineOptions, EngineStats, Event, LLMEngine, as_tandem_error
-from runtime.engine.sampling_params import SamplingParams
 from runtime.engine.sequence import check_prompt
-from runtime.errors import EngineClosedError, QueueFullError, TandemError
 from runtime.loaded_model import LoadedModel
+from runtime.sampling_params import SamplingParams
 
 __all__ = ["Engine", "EngineOptions", "EngineStats", "Event", "RequestHandle"]
 

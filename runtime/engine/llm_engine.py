@@ -22,47 +22,17 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from modelfiles.parameters import default
-from runtime.engine.block_manager import BLOCK_SIZE, BlockManager
-from runtime.engine.sampling_params import SamplingParams
+from quant.errors import InternalError, InvalidParameterError, QueueFullError, TandemError
+from runtime.engine.block_manager import BlockManager
 from runtime.engine.scheduler import Scheduler, Step
 from runtime.engine.sequence import Delta, Sequence, check_prompt
-from runtime.errors import InternalError, InvalidParameterError, QueueFullError, TandemError
-from runtime.execution.kv_pool import KV_CACHE_TYPES, kv_bytes_per_token
 from runtime.execution.model_runner import ModelRunner
+from runtime.kv.kv_pool import BLOCK_SIZE, kv_bytes_per_token
 from runtime.loaded_model import LoadedModel
+from runtime.run_options import EngineOptions
+from runtime.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineOptions:
-    num_ctx: int = default("num_ctx")  # tokens per sequence
-    # the KV pool holds num_ctx × num_parallel tokens (unless num_blocks)
-    num_parallel: int = default("num_parallel")
-    max_num_seqs: int = default("max_num_seqs")  # sequences computed together in one step
-    max_waiting: int = 512  # requests waiting beyond this are refused (QueueFullError → 503)
-    kv_cache_type: str = default("kv_cache_type")  # or "q8_0"
-    num_blocks: int | None = None  # KV pool size in BLOCK_SIZE-token blocks
-    max_step_tokens: int = default("num_batch")  # per-step token budget (chunked prefill)
-
-    def __post_init__(self) -> None:
-        for name in ("num_ctx", "num_parallel", "max_num_seqs", "max_waiting", "max_step_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.kv_cache_type not in KV_CACHE_TYPES:
-            raise InvalidParameterError(
-                f"kv_cache_type must be one of "
-                f"{', '.join(KV_CACHE_TYPES)}, got {self.kv_cache_type!r}"
-            )
-        if self.num_blocks is None:
-            self.num_blocks = -(-self.num_ctx * self.num_parallel // BLOCK_SIZE)
-        if self.num_blocks * BLOCK_SIZE < self.num_ctx:
-            raise InvalidParameterError(
-                f"num_blocks {self.num_blocks} holds {self.num_blocks * BLOCK_SIZE} tokens, fewer "
-                f"than one num_ctx ({self.num_ctx}); raise num_blocks or lower num_ctx"
-            )
 
 
 @dataclass

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.engine.sampling_params import SamplingParams
-from runtime.errors import InvalidParameterError, NonFiniteLogitsError
+from quant.errors import InvalidParameterError, NonFiniteLogitsError
+from runtime.sampling_params import SamplingParams
 
 _NUCLEUS_START = 1024  # first top-k slice tried for top_p on CPU
 

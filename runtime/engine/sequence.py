@@ -13,10 +13,10 @@ import torch
 
 from loaders.detokenizer import StreamDecoder
 from loaders.tokenizer import Tokenizer
+from quant.errors import ContextLengthError
 from runtime.engine.sampler import Sampler
-from runtime.engine.sampling_params import SamplingParams
 from runtime.engine.stop import StopMatcher
-from runtime.errors import ContextLengthError
+from runtime.sampling_params import SamplingParams
 
 
 @dataclass

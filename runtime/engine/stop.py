@@ -18,7 +18,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Sequence
 
-from runtime.errors import InvalidParameterError, TooManyStopsError
+from quant.errors import InvalidParameterError, TooManyStopsError
 
 MAX_STOPS = 1024  # stop strings per request the engine accepts (the API caps lower)
 MAX_STOP_CHARS = 1024  # characters per stop string

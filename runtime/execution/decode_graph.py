@@ -8,9 +8,9 @@ A CUDA graph replays the whole step with one launch.
 
 Inputs cross through static buffers. Per bucket of B rows (1, 2, 4, 8, then multiples of 16
 up to max_batch): a host staging buffer per dtype (pinned on CUDA), filled from the step's
-embeddings, RoPE tables, KV slots, block tables and context lengths, then copied in one
+embeddings, RoPE tables, KV slots, layer tables and context lengths, then copied in one
 transfer per dtype to the device mirror that the graph reads. A step of n < B sequences pads
-the rest: slot −1 (no KV write), context length 1 over block 0, zero embeddings; their rows
+the rest: slot −1 (no KV write), context length 1 over layer 0, zero embeddings; their rows
 are computed and dropped. Block tables are max_blocks wide (num_ctx / 16).
 
 A bucket is captured the first time a step of its size comes, after two warm-up runs that
@@ -30,10 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from kernels.triton_linear import TritonLinear
-from runtime.engine.block_manager import BLOCK_SIZE
-from runtime.execution.attention_backends import LayerAttention
-from runtime.execution.forward_batch import ForwardBatch
-from runtime.execution.kv_pool import KVPool
+from runtime.kv.attention_backends import LayerAttention
+from runtime.kv.forward_batch import ForwardBatch
+from runtime.kv.kv_pool import BLOCK_SIZE, KVPool
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +47,11 @@ def buckets(max_batch: int) -> list[int]:
 
 def unsupported(model) -> str | None:
     """Why this model cannot run graphed decode steps; None when it can."""
-    for i, block in enumerate(model.blocks):
-        if not block.triton:
+    for i, layer in enumerate(model.layers):
+        if not layer.triton:
             return f"layer {i} runs on the CPU"
         for name in LINEARS:
-            if type(getattr(block, name)) is not TritonLinear:
+            if type(getattr(layer, name)) is not TritonLinear:
                 return f"blk.{i} {name} is not a GPU linear (a CPU pin or a LoRA adapter)"
     return None
 
@@ -107,14 +106,14 @@ class DecodeGraphs:
     def __init__(
         self, model, pool: KVPool, max_blocks: int, max_batch: int, capture: bool | None = None
     ) -> None:
-        """model: every block on the GPU (see `unsupported`); max_blocks: block-table width
+        """model: every layer on the GPU (see `unsupported`); max_blocks: block-table width
         (num_ctx / 16, rounded up); capture: CUDA graphs (default: when the model is on a
         CUDA device), else the static-buffer step runs eagerly."""
         why = unsupported(model)
         if why is not None:
             raise ValueError(f"decode graphs need every layer on the GPU: {why}")
         self.model, self.pool = model, pool
-        self.device = model.blocks[0].device
+        self.device = model.layers[0].device
         self.max_blocks, self.sizes = max_blocks, buckets(max_batch)
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.with_head = model.head_device == self.device
@@ -208,7 +207,9 @@ class DecodeGraphs:
             swa: (v[f"cos{swa:d}"], v[f"sin{swa:d}"]) for swa in (False, True) if f"cos{swa:d}" in v
         }
         step = ForwardBatch.decode_only(v["slots"], v["tables"], v["lengths"])
-        x = self.model.layers(v["x"], tables, LayerAttention(self.model.blocks, step, self.pool))
+        x = self.model.run_layers(
+            v["x"], tables, LayerAttention(self.model.layers, step, self.pool)
+        )
         return self.model.logits(x) if self.with_head else x
 
     def _capture(self, bucket: _Bucket) -> None:

@@ -19,11 +19,10 @@ from collections.abc import Callable
 import torch
 
 from kernels.thread_policy import forward_threads
-from runtime.engine.block_manager import BLOCK_SIZE
-from runtime.execution.attention_backends import LayerAttention
 from runtime.execution.decode_graph import DecodeGraphs
-from runtime.execution.forward_batch import ForwardBatch
-from runtime.execution.kv_pool import KVPool
+from runtime.kv.attention_backends import LayerAttention
+from runtime.kv.forward_batch import ForwardBatch
+from runtime.kv.kv_pool import BLOCK_SIZE, KVPool
 from runtime.models import Model
 
 
@@ -43,7 +42,7 @@ class ModelRunner:
         there is CUDA and every layer is on it, unless TANDEM_CUDA_GRAPHS=0; False: never)."""
         self.model = model
         self.pool = KVPool(
-            model.config, num_blocks, kv_cache_type, [block.device for block in model.blocks]
+            model.config, num_blocks, kv_cache_type, [block.device for block in model.layers]
         )
         num_ctx = num_ctx or num_blocks * BLOCK_SIZE
         self.graphs = (
@@ -92,9 +91,9 @@ class ModelRunner:
                 return logits
         model = self.model
         with forward_threads(model.num_threads):
-            x = model.layers(
+            x = model.run_layers(
                 model.embed_rows(batch.tokens),
                 model.rope_tables(batch.positions),
-                LayerAttention(model.blocks, batch, self.pool),
+                LayerAttention(model.layers, batch, self.pool),
             )
             return model.logits(x[batch.logit_rows.to(x.device)])

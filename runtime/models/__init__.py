@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
-from runtime.errors import UnsupportedError
-from runtime.models.base import Block, Model
+from quant.errors import UnsupportedError
+from runtime.models.base import Layer, Model
 from runtime.models.gemma3 import Gemma3
 from runtime.models.llama import Llama
 from runtime.placement.device_map import DeviceMap
 
-__all__ = ["ARCHITECTURES", "Block", "Model", "build_model"]
+__all__ = ["ARCHITECTURES", "Layer", "Model", "build_model"]
 
 ARCHITECTURES: dict[str, type[Model]] = {
     arch: cls for cls in (Llama, Gemma3) for arch in cls.architectures

@@ -2,7 +2,7 @@
 shares — token embeddings, the layer loop across devices, the output norm and head.
 
 An architecture (runtime/models/llama.py, gemma3.py) subclasses it with two methods: which
-tensors make one layer (`load_block`) and that layer's math (`block_forward`). Execution state
+tensors make one layer (`load_layer`) and that layer's math (`layer_forward`). Execution state
 (KV pages, CUDA graphs, the step's inputs) is not here: ModelRunner (runtime/execution/model_runner.py)
 owns it and hands the layer loop an `attend(i, q, k, v, window) → (T, H * Dv)` for the step.
 """
@@ -20,7 +20,7 @@ from kernels.linear import PackedLinear
 from kernels.rope import Rope
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
-from runtime.execution.attention_backends import (
+from runtime.kv.attention_backends import (
     CPUPagedAttention,
     PagedAttention,
     TritonPagedAttention,
@@ -33,7 +33,7 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Te
 
 
 @dataclass
-class Block:
+class Layer:
     """One transformer layer's weights, and where and how it runs."""
 
     attn_norm: torch.Tensor
@@ -56,7 +56,7 @@ class Block:
 
 
 class Model:
-    """Subclasses set `architectures` and implement load_block and block_forward."""
+    """Subclasses set `architectures` and implement load_layer and layer_forward."""
 
     architectures: tuple[str, ...] = ()
     num_threads: int = 0  # CPU threads its forward uses (num_thread; 0: torch's count)
@@ -88,23 +88,23 @@ class Model:
                 TritonPagedAttention(c.attn_scale, c.head_dim_v) if GPU in devices.layers else None
             ),
         }
-        self.blocks = []
+        self.layers = []
         for i, where in enumerate(devices.layers):
-            block = self.load_block(w, i, f"blk.{i}.", devices.device(where))
-            block.triton = where == GPU
-            block.ops = triton_ops() if block.triton else CPU_OPS
-            block.attention = backends[where]
-            self.blocks.append(block)
+            layer = self.load_layer(w, i, f"blk.{i}.", devices.device(where))
+            layer.triton = where == GPU
+            layer.ops = triton_ops() if layer.triton else CPU_OPS
+            layer.attention = backends[where]
+            self.layers.append(layer)
         self.rope = Rope(c.head_dim, c.rope_base, c.rope_neox, c.rope_scale)
         self.rope_swa = Rope(c.head_dim, c.rope_base_swa, c.rope_neox)
 
     # ---- what an architecture describes ----------------------------------------------
-    def load_block(self, w: WeightLoader, i: int, p: str, device: torch.device) -> Block:
+    def load_layer(self, w: WeightLoader, i: int, p: str, device: torch.device) -> Layer:
         """Layer i's weights (tensor names start with p = "blk.{i}."); norms on `device`."""
         raise NotImplementedError
 
-    def block_forward(
-        self, i: int, b: Block, x, h, rope: Rope, tables, window: int, attend: Attend
+    def layer_forward(
+        self, i: int, b: Layer, x, h, rope: Rope, tables, window: int, attend: Attend
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i on x (T, E) whose attention-normed form is h: → (x after the attention's
         residual add, the FFN's output f); the caller adds f (with the next layer's norm)."""
@@ -123,7 +123,7 @@ class Model:
             tables[True] = self.rope_swa.tables(positions)
         return tables
 
-    def layers(self, x: torch.Tensor, tables: dict, attend: Attend) -> torch.Tensor:
+    def run_layers(self, x: torch.Tensor, tables: dict, attend: Attend) -> torch.Tensor:
         """Every layer on x (T, E) with rope tables from rope_tables → hidden (T, E) on the
         head's device. The hidden state moves only where consecutive layers' devices differ;
         on a model whose layers and tables are all on the GPU already, nothing moves (and
@@ -131,20 +131,20 @@ class Model:
         c = self.config
         on_device: dict = {}
         h = None  # the next layer's normed input, when made together with its residual add
-        for i, block in enumerate(self.blocks):
+        for i, layer in enumerate(self.layers):
             swa = bool(c.swa_layers[i]) and bool(c.sliding_window)
-            key = (block.device, swa)
+            key = (layer.device, swa)
             if key not in on_device:
-                on_device[key] = tuple(cross(t, block.device) for t in tables[swa])
+                on_device[key] = tuple(cross(t, layer.device) for t in tables[swa])
             rope = self.rope_swa if swa else self.rope
             window = c.sliding_window if c.swa_layers[i] else 0
-            x = cross(x, block.device)
+            x = cross(x, layer.device)
             if h is None:
-                h = block.ops.rms_norm(x, block.attn_norm, c.rms_eps)
-            x, f = self.block_forward(i, block, x, h, rope, on_device[key], window, attend)
-            after = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
-            if after is not None and after.device == block.device:
-                x, h = block.ops.add_rms_norm(x, f, after.attn_norm, c.rms_eps)
+                h = layer.ops.rms_norm(x, layer.attn_norm, c.rms_eps)
+            x, f = self.layer_forward(i, layer, x, h, rope, on_device[key], window, attend)
+            after = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            if after is not None and after.device == layer.device:
+                x, h = layer.ops.add_rms_norm(x, f, after.attn_norm, c.rms_eps)
             else:
                 x, h = x + f, None
         return cross(x, self.head_device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels.linear import matmuls
-from runtime.models.base import Block
+from runtime.models.base import Layer
 from runtime.models.llama import Llama
 from runtime.models.weights import WeightLoader
 
@@ -20,15 +20,15 @@ from runtime.models.weights import WeightLoader
 class Gemma3(Llama):
     architectures = ("gemma3",)
 
-    def load_block(self, w: WeightLoader, i: int, p: str, device: torch.device) -> Block:
-        block = super().load_block(w, i, p, device)
-        block.q_norm = w.vector(p + "attn_q_norm.weight", device)
-        block.k_norm = w.vector(p + "attn_k_norm.weight", device)
-        block.post_attn_norm = w.vector(p + "post_attention_norm.weight", device)
-        block.post_ffn_norm = w.vector(p + "post_ffw_norm.weight", device)
-        return block
+    def load_layer(self, w: WeightLoader, i: int, p: str, device: torch.device) -> Layer:
+        layer = super().load_layer(w, i, p, device)
+        layer.q_norm = w.vector(p + "attn_q_norm.weight", device)
+        layer.k_norm = w.vector(p + "attn_k_norm.weight", device)
+        layer.post_attn_norm = w.vector(p + "post_attention_norm.weight", device)
+        layer.post_ffn_norm = w.vector(p + "post_ffw_norm.weight", device)
+        return layer
 
-    def block_forward(self, i, b, x, h, rope, tables, window, attend):
+    def layer_forward(self, i, b, x, h, rope, tables, window, attend):
         c, n, ops = self.config, x.shape[0], b.ops
         q, k, v = matmuls([b.q, b.k, b.v], h)
         q = q.view(n, c.n_head, c.head_dim)

@@ -10,19 +10,19 @@ from __future__ import annotations
 import torch
 
 from kernels.linear import matmuls
-from runtime.models.base import Block, Model
+from runtime.models.base import Layer, Model
 from runtime.models.weights import WeightLoader
 
 
 class Llama(Model):
     architectures = ("llama", "mistral", "qwen2")
 
-    def load_block(self, w: WeightLoader, i: int, p: str, device: torch.device) -> Block:
+    def load_layer(self, w: WeightLoader, i: int, p: str, device: torch.device) -> Layer:
         q, k, v = w.linears(
             [p + f"attn_{x}.weight" for x in "qkv"], [p + f"attn_{x}.bias" for x in "qkv"]
         )
         gate, up = w.linears([p + "ffn_gate.weight", p + "ffn_up.weight"], [None, None])
-        return Block(
+        return Layer(
             attn_norm=w.vector(p + "attn_norm.weight", device),
             q=q,
             k=k,
@@ -35,7 +35,7 @@ class Llama(Model):
             device=device,
         )
 
-    def block_forward(self, i, b, x, h, rope, tables, window, attend):
+    def layer_forward(self, i, b, x, h, rope, tables, window, attend):
         c, n, ops = self.config, x.shape[0], b.ops
         q, k, v = matmuls([b.q, b.k, b.v], h)
         q = q.view(n, c.n_head, c.head_dim)

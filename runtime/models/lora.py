@@ -1,8 +1,8 @@
 """Attaching LoRA adapters to a loaded Model: each adapted weight's layer is wrapped in a
-LoraLinear (kernels/lora_linear.py), in the model's own Block objects; the base layers
+LoraLinear (kernels/lora_linear.py), in the model's own Layer objects; the base layers
 themselves (the weights loaded once per file, runtime/models/weights.py) are shared, not copied.
 
-Adaptable weights: every block's attn_q/k/v/output and ffn_gate/up/down, and output.weight
+Adaptable weights: every layer's attn_q/k/v/output and ffn_gate/up/down, and output.weight
 when the model has its own head. Adapters for anything else (token_embd, norms) are refused
 with UnsupportedError, as is an adapter made for another architecture or another shape.
 """
@@ -14,7 +14,7 @@ from collections import defaultdict
 
 from kernels.lora_linear import LoraLinear
 from loaders.lora_adapter import LoraAdapter, LoraWeight
-from runtime.errors import UnsupportedError
+from quant.errors import UnsupportedError
 from runtime.models import Model
 
 _FIELDS = {
@@ -46,9 +46,9 @@ def attach_adapters(model: Model, adapters: list[LoraAdapter]) -> None:
 
 def _wrap(model: Model, name: str, weights: list[LoraWeight]) -> None:
     match = _BLOCK.fullmatch(name)
-    if match and int(match.group(1)) < len(model.blocks) and match.group(2) in _FIELDS:
-        block, field = model.blocks[int(match.group(1))], _FIELDS[match.group(2)]
-        setattr(block, field, _checked(name, getattr(block, field), weights))
+    if match and int(match.group(1)) < len(model.layers) and match.group(2) in _FIELDS:
+        layer, field = model.layers[int(match.group(1))], _FIELDS[match.group(2)]
+        setattr(layer, field, _checked(name, getattr(layer, field), weights))
     elif name == "output.weight" and not model.config.tied_head:
         model.head = _checked(name, model.head, weights)
     else:

@@ -21,7 +21,7 @@ from kernels.triton_linear import TritonLinear
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile, TensorInfo
 from quant.dequant import dequantize
-from runtime.errors import GGUFError
+from quant.errors import GGUFError
 from runtime.placement.device_map import GPU, DeviceMap
 
 

@@ -20,7 +20,7 @@ import torch
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from modelfiles.parameters import default
-from runtime.errors import PlanError
+from quant.errors import PlanError
 from runtime.placement.device_map import DeviceMap
 from runtime.placement.planner import PlanRequest
 

@@ -23,7 +23,7 @@ import psutil
 import torch
 
 from loaders.pull import tandem_home
-from runtime.errors import InvalidParameterError
+from quant.errors import InvalidParameterError
 
 _UNITS = {
     "": 1,
@@ -189,7 +189,7 @@ def measure_cpu_attn_flops(
 ) -> float:
     """Prefill attention's rate (FLOP/s) as a prompt chunk at that depth runs it: `rows`
     causal queries over `context` keys whose f16 pages are gathered and widened first
-    (runtime/execution/kv_pool.py), then torch's SDPA (kernels/attention.py)."""
+    (runtime/kv/kv_pool.py), then torch's SDPA (kernels/attention.py)."""
     from kernels.attention import attention
 
     q = torch.randn(rows, heads, dim)

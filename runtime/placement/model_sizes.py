@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from loaders.config import ModelConfig
-from runtime.engine.block_manager import BLOCK_SIZE
-from runtime.errors import InvalidParameterError
-from runtime.execution.kv_pool import KV_CACHE_TYPES, QBLOCK, kv_bytes_per_token
+from quant.errors import InvalidParameterError
+from runtime.kv.kv_pool import BLOCK_SIZE, KV_CACHE_TYPES, QBLOCK, kv_bytes_per_token
 
 # forward order of a layer's tensors (by name after "blk.N."); unknown names come last
 _ORDER = (

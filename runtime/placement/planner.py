@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from modelfiles.parameters import default
-from runtime.errors import InvalidParameterError, PlanError
+from quant.errors import InvalidParameterError, PlanError
 from runtime.placement.devices import Calibration, Devices, format_size
 from runtime.placement.model_sizes import (
     ModelSizes,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from urllib.parse import urlsplit
 
-from runtime.errors import InvalidParameterError
+from quant.errors import InvalidParameterError
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 11435
 

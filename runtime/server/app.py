@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.errors import TandemError
+from quant.errors import TandemError
 from runtime.server import ollama_api, openai_api
 from runtime.server.address import DEFAULT_HOST, DEFAULT_PORT
 from runtime.server.errors import HTTPStatusError, error_for_path

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from runtime.errors import (
+from quant.errors import (
     ContextLengthError,
     EngineClosedError,
     InternalError,

@@ -38,7 +38,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from runtime.errors import InternalError, TandemError
+from quant.errors import InternalError, TandemError
 from runtime.server.address import DEFAULT_HOST
 from runtime.server.errors import HTTPStatusError, error_for_path, status_of
 

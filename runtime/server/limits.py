@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from runtime.errors import ContextLengthError
+from quant.errors import ContextLengthError
 from runtime.server.errors import RequestFieldError
 
 MAX_N = 16

@@ -29,8 +29,8 @@ from loaders.pull import KNOWN, pulled_path
 from modelfiles.names import DEFAULT_TAG, ModelName
 from modelfiles.parameters import default
 from modelfiles.store import Store
+from quant.errors import GGUFError, InvalidParameterError, ModelNotFoundError, QueueFullError
 from runtime.engine.engine import Engine
-from runtime.errors import GGUFError, InvalidParameterError, ModelNotFoundError, QueueFullError
 from runtime.loaded_model import LoadedModel
 from runtime.server.limits import max_token_chars
 

@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loaders.gguf_file import GGUFFile
 from modelfiles.resolver import resolve as resolve_spec
-from runtime.engine.sampling_params import OLLAMA_DEFAULTS
-from runtime.errors import GGUFError, InternalError, TandemError
+from quant.errors import GGUFError, InternalError, TandemError
+from runtime.sampling_params import OLLAMA_DEFAULTS
 from runtime.server.choice import Choice
 from runtime.server.errors import RequestFieldError, ollama_error, status_of
 from runtime.server.keep_alive import parse_keep_alive

@@ -17,7 +17,7 @@ from loaders.chat_template import builtin_template
 from loaders.gguf_file import GGUFFile
 from modelfiles.resolver import ModelSpec
 from modelfiles.store import Store
-from runtime.errors import TandemError
+from quant.errors import TandemError
 from runtime.server.models import ServedModel
 
 log = logging.getLogger(__name__)

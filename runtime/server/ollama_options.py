@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from modelfiles.parameters import LOAD, OPTIONS, SAMPLING, UNSUPPORTED
-from runtime.engine.sampling_params import SamplingParams
-from runtime.errors import ContextLengthError, InvalidParameterError
+from quant.errors import ContextLengthError, InvalidParameterError
+from runtime.sampling_params import SamplingParams
 from runtime.server.errors import RequestFieldError
 from runtime.server.limits import check_stop
 

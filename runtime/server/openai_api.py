@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from runtime.engine.sampling_params import SamplingParams
-from runtime.errors import ContextLengthError, InternalError, TandemError
+from quant.errors import ContextLengthError, InternalError, TandemError
+from runtime.sampling_params import SamplingParams
 from runtime.server.choice import Choice
 from runtime.server.errors import RequestFieldError, openai_error, openai_error_body, status_of
 from runtime.server.limits import check_prompt_chars

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.engine.sampling_params import MAX_LOGPROBS, OLLAMA_DEFAULTS, SamplingParams
-from runtime.errors import InvalidParameterError
+from quant.errors import InvalidParameterError
 from runtime.loaded_model import LoadedModel
+from runtime.sampling_params import MAX_LOGPROBS, OLLAMA_DEFAULTS, SamplingParams
 from runtime.server.errors import RequestFieldError
 from runtime.server.limits import check_n, check_stop, check_stop_token_ids
 

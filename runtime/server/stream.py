@@ -23,9 +23,9 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from quant.errors import QueueFullError
 from runtime.engine.engine import Event
-from runtime.engine.sampling_params import SamplingParams
-from runtime.errors import QueueFullError
+from runtime.sampling_params import SamplingParams
 from runtime.server.metrics import ServerMetrics
 from runtime.server.models import ModelRegistry, ServedModel
 

@@ -23,9 +23,9 @@ from gguf import GGUFValueType as VT
 
 from loaders.gguf_file import GGUFFile, TensorInfo
 from quant.dequant import dequantize
+from quant.errors import UnsupportedError
 from quant.formats import type_name
 from quant.quantize import quantize
-from runtime.errors import UnsupportedError
 
 TARGETS: dict[str, T] = {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q8_0": T.Q8_0}
 _FILE_TYPES = {

@@ -8,7 +8,7 @@ and attends over them, chosen per layer at load for the device the layer runs on
 
 Each has write / decode / prefill; `__call__` runs one step's rows of a layer through them:
     q (T, H, D), k (T, Hkv, D), v (T, Hkv, Dv) for the rows of a ForwardBatch → (T, H * Dv)
-Decode rows (one-token sequences) are attended together over their block tables; prefill
+Decode rows (one-token sequences) are attended together over their layer tables; prefill
 chunks one by one over their gathered context (SDPA with the causal / sliding-window mask).
 `LayerAttention` binds a step (batch, pool) to a model's layers: the `attend(i, q, k, v,
 window)` callable that the layer loop (runtime/models/base.py) calls.
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from kernels.attention import attention, decode_attention, paged_decode_attention
-from runtime.execution.forward_batch import DecodeGroup, ForwardBatch
-from runtime.execution.kv_pool import KVPool
+from runtime.kv.forward_batch import DecodeGroup, ForwardBatch
+from runtime.kv.kv_pool import KVPool
 
 
 class PagedAttention:
@@ -133,13 +133,13 @@ class LayerAttention:
     """One step's `attend(i, q, k, v, window)` over a model's layers: layer i's backend on
     the step's rows on its device, its KV in `pool`."""
 
-    __slots__ = ("blocks", "batch", "pool")
+    __slots__ = ("layers", "batch", "pool")
 
-    def __init__(self, blocks: list, batch: ForwardBatch, pool: KVPool) -> None:
-        self.blocks, self.batch, self.pool = blocks, batch, pool
+    def __init__(self, layers: list, batch: ForwardBatch, pool: KVPool) -> None:
+        self.layers, self.batch, self.pool = layers, batch, pool
 
     def __call__(
         self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
     ) -> torch.Tensor:
-        block = self.blocks[i]
-        return block.attention(i, self.batch.on(block.device), self.pool, q, k, v, window)
+        layer = self.layers[i]
+        return layer.attention(i, self.batch.on(layer.device), self.pool, q, k, v, window)

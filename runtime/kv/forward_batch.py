@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime.engine.block_manager import BLOCK_SIZE
-from runtime.execution.kv_pool import slots_for
+from runtime.kv.kv_pool import BLOCK_SIZE, slots_for
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The typed error hierarchy: every error a user can cause says what to change.
 
 All derive from TandemError (a ValueError), so callers may catch one type; the server maps
-them to OpenAI-style error objects with a 4xx status.
+them to OpenAI-style error objects with a 4xx status (InternalError: 500). The module sits in
+the lowest package (quant) so that every package can raise these without importing upward.
 """
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelfiles.parameters import OPTIONS, SAMPLING
-from runtime.errors import InvalidParameterError
+from quant.errors import InvalidParameterError
 
 MAX_N = 128
 MAX_LOGPROBS = 20

@@ -19,11 +19,12 @@ import torch
 
 from kernels.attention import kv_write_f16
 from loaders.config import ModelConfig
-from runtime.engine.block_manager import BLOCK_SIZE
-from runtime.errors import InvalidParameterError
+from quant.errors import InvalidParameterError
 
 KV_CACHE_TYPES = ("f16", "q8_0")
 QBLOCK = 32
+
+BLOCK_SIZE = 16  # token positions per KV block (page); one block id names a page in every layer
 
 
 def kv_bytes_per_token(config: ModelConfig, kv_cache_type: str) -> int:
