@@ -120,11 +120,13 @@ def chosen_isa() -> str:
 
 
 def _build_dir(name: str) -> str:
-    """Where the extension is built: under TANDEM_HOME (default ~/.tandem), per Python and
-    torch version, so one cache serves every model and process of this install."""
+    """Where the extension is built: TANDEM_BUILD_CACHE, else TANDEM_HOME/build (default
+    ~/.tandem), per Python and torch version, so one cache serves every model and process of
+    this install (the tests point every temporary TANDEM_HOME at one cache this way)."""
     home = Path(os.environ.get("TANDEM_HOME") or Path.home() / ".tandem").expanduser()
+    cache = Path(os.environ.get("TANDEM_BUILD_CACHE") or home / "build").expanduser()
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
-    path = home / "build" / "torch_extensions" / tag.replace("+", "_") / name
+    path = cache / "torch_extensions" / tag.replace("+", "_") / name
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
 

@@ -20,6 +20,8 @@ FIXTURE_FILES = {
 
 # Models are pulled once into a cache the test runs share (TANDEM_TEST_HOME overrides).
 os.environ.setdefault("TANDEM_HOME", os.environ.get("TANDEM_TEST_HOME", str(REPO / ".tandem-test")))
+# One native-kernel build for every test, subprocesses and temporary TANDEM_HOMEs included.
+os.environ.setdefault("TANDEM_BUILD_CACHE", str(Path(os.environ["TANDEM_HOME"]) / "build"))
 
 
 def model_path(name: str) -> Path:
