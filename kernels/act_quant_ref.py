@@ -20,6 +20,7 @@ Slow (float64 einsums over every block) and meant for small test shapes only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from gguf import GGMLQuantizationType as T
@@ -165,6 +166,7 @@ def reference(
         scale = (_half(blocks, 0)[None] * dx).double()  # float32 product d_w · d_x
         terms = [scale * _idot(qw, a.q)]
         if qt in (T.Q4_1, T.Q5_1):  # + m_w · s_x
+            assert a.s is not None  # their VEC_DOT is Q8_1, which carries s
             terms.append((_half(blocks, 2)[None] * a.s[:, None, :]).double())
     elif qt in (T.Q4_K, T.Q5_K):
         q5 = qt == T.Q5_K
@@ -172,6 +174,7 @@ def reference(
             blocks[..., 48:176] if q5 else blocks[..., 16:144], blocks[..., 16:48] if q5 else None
         )  # (N, nb, 8, 32)
         sc, mn = _k4_scales(blocks[..., 4:16])  # (N, nb, 8)
+        assert a.bsums is not None  # their VEC_DOT is Q8_K, which carries bsums
         isum = (_idot(qw, a.q.reshape(m, nb, 8, 32)) * sc[None].double()).sum(-1)
         pair_sums = a.bsums.reshape(m, nb, 8, 2).sum(-1)  # Σq per 32-element sub-block
         imin = (mn[None].double() * pair_sums[:, None].double()).sum(-1)
@@ -185,8 +188,9 @@ def reference(
         terms = [(_half(blocks, 208)[None] * dx).double() * isum]
     else:
         raise ValueError(f"no reference for {qt.name}")
-    y = sum(t.sum(-1) for t in terms)
-    magnitude = sum(t.abs().sum(-1) for t in terms)
+    # `terms` is never empty, so both sums are tensors (never sum()'s start, 0)
+    y = cast(torch.Tensor, sum(t.sum(-1) for t in terms))
+    magnitude = cast(torch.Tensor, sum(t.abs().sum(-1) for t in terms))
     return y, magnitude
 
 

@@ -4,9 +4,8 @@ Where the native kernel (kernels/native_loader.py) is built and handles the type
 product with llama.cpp's CPU numerics (activations quantized per block to int8, integer block
 dot products). Two layouts: the GGML rows themselves, read in place from the mapped file; or,
 where the build has panel kernels for the type (AVX-512 or AVX2; kernels/native/interleaved.cpp),
-the same blocks re-laid out once in 16-row panels (`interleave`), the same bytes per row:
-on this project's VM 1.2–2.3× faster for decode, 2–4× for prefill with AVX-512 (AVX2:
-1.0–1.7×).
+the same blocks re-laid out once in 16-row panels (`interleave`), the same bytes per row and
+faster for decode and prefill (measured speed-ups: docs/kernels.md).
 
 Otherwise the torch reference path: W stays packed (uint8 rows of GGML blocks, a zero-copy
 view of the mmapped GGUF); each call dequantizes row chunks of W to float32 (quant.dequant,
@@ -82,6 +81,7 @@ class PackedLinear:
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows `ids` (an embedding lookup): (T,) → (T, in_features)."""
         if self.panels is not None:
+            assert self._module is not None  # panels are kept only with the native module
             packed = self._module.deinterleave(
                 self.panels,
                 ids.reshape(-1).to(torch.int64),
@@ -97,6 +97,7 @@ class PackedLinear:
         if x.device.type != "cpu":  # a CPU-pinned weight inside a GPU layer
             return cross(self(cross(x, torch.device("cpu"))), x.device)
         if self.panels is not None:
+            assert self._module is not None  # panels are kept only with the native module
             y = self._module.imatmul_many(
                 x.contiguous(), [self.panels], [self.out_features], int(self.ggml_type)
             )[0]
@@ -146,6 +147,7 @@ def matmuls(linears: list, x: torch.Tensor) -> list[torch.Tensor]:
     if not fusable or len(linears) == 1:
         return [lin(x) for lin in linears]
     module = native_loader.load()
+    assert module is not None  # fusable: each linear has a native kernel, so the module loaded
     if panels:
         ys = module.imatmul_many(
             x.contiguous(),

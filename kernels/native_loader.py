@@ -1,12 +1,11 @@
-"""The native CPU kernels (kernels/native/: qmatmul.cpp, small_ops.cpp, paged_attention.cpp),
-one extension module built on first use, loaded once.
+"""The native CPU kernels (kernels/native/: qmatmul.cpp, interleaved.cpp, small_ops.cpp,
+paged_attention.cpp), one extension module built on first use, loaded once.
 
 `qmatmul(x, w, ggml_type)` computes x · Wᵀ for W in packed GGML rows with llama.cpp's CPU
 numerics (activations quantized to the type's vec_dot type, integer block dot products; see
 the .cpp's header). It is built through `torch.utils.cpp_extension.load` the first time a
-process asks for it (45–70 s on this project's 2-core VM, ~160 s when it is busy; later
-processes reuse the cached build), under $TANDEM_HOME/build/torch_extensions (TANDEM_HOME
-defaults to ~/.tandem).
+process asks for it (about a minute; later processes reuse the cached build), under
+TANDEM_BUILD_CACHE or $TANDEM_HOME/build (TANDEM_HOME defaults to ~/.tandem).
 
 One build per instruction set, named after it so builds for different CPUs never collide in
 a shared cache: "avx512vnni" (the AVX2 code with VNNI dot products, when the CPU has
@@ -20,15 +19,11 @@ Where the build fails (no compiler, no ninja) one warning is logged and `availab
 False: callers keep the torch dequantize-and-matmul path. TANDEM_NATIVE=0 disables the kernel;
 TANDEM_NATIVE_ISA=avx2 (or scalar) picks a lower build than the CPU's best.
 
-Threads (torch.get_num_threads() of them): the kernel's own small pool, not OpenMP. Measured
-on this project's shared 2-core VM while other jobs kept both cores busy, M=1 Q4_0 GEMVs of
-0.5–25 MB: at::parallel_for (an OpenMP region, and only when built with -fopenmp: it is
-header code, serial without it) had median calls 5–50× slower than one thread, because the
-region's closing barrier waits for a thread the OS has parked for a time slice; torch's
-own ops suffer the same there (the dequantize path fell from 0.6 to 0.01 GB/s at 2
-threads). The pool's caller never waits for a worker that has not started (it only waits
-for chunks a worker has claimed), so a call runs at about one-thread speed at worst and uses
-the second core whenever the OS gives it one (quiet VM: 0.5 MB Q4_0 GEMV 68 → 44 µs).
+Threads (torch.get_num_threads() of them): the kernel's own small pool, not OpenMP, whose
+closing barrier waits for a thread the OS has parked on a busy machine. The pool's caller
+never waits for a worker that has not started (it only waits for chunks a worker has
+claimed), so a call runs at about one-thread speed at worst. The measurements behind this:
+docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -168,6 +163,7 @@ def _build(isa: str) -> ModuleType:
             build_directory=build_dir,
             verbose=False,
         )
+    assert isinstance(module, ModuleType)  # is_python_module=True (the default): not a path
     log.debug("native qmatmul %s ready in %.1f s", name, time.perf_counter() - start)
     return module
 

@@ -3,9 +3,9 @@
 The native matmul kernel runs on its own pool (workers claim chunks and never wait on each
 other); torch's own ops (norms, rope, attention, activations) run as OpenMP teams that end in a
 barrier. Both at once on the same cores contend: a pool worker still spinning after a matmul
-holds the core an OpenMP thread needs, and each small op then waits for a time slice. Measured
-on this project's 2-core VM (tandem bench smollm2 -t 2): decode 45 tok/s at 2 threads, no faster
-than at 1. So during a forward the matmuls get all the threads and torch's ops get one.
+holds the core an OpenMP thread needs, and each small op then waits for a time slice (2 threads
+were measured no faster than 1: docs/kernels.md). So during a forward the matmuls get all the
+threads and torch's ops get one.
 
 Several models may run forwards at once (the server runs one engine thread per model), so the
 toggles must not race. Under OpenMP torch's count is per thread, but torch.set_num_threads also
@@ -49,7 +49,7 @@ def forward_threads(threads: int = 0) -> Iterator[None]:
         _inside += 1
         threads = threads or configured
         lower = module is not None and not (threads == 1 and configured == 1)
-        if lower:
+        if lower and module is not None:  # (lower implies a module; this tells the checker)
             module.set_num_threads(threads)
     try:
         if module is None:

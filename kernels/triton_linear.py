@@ -64,22 +64,25 @@ class TritonLinear:
     ) -> list[TritonLinear]:
         """Members over one device weight: weights[i] (N_i, row_bytes) on the host, one
         ggml_type; biases all None or all given. → one TritonLinear per weight, in order."""
+        given = [b for b in biases if b is not None]
+        if given and len(given) != len(biases):
+            raise ValueError("stacked linears' biases must be all None or all given")
         whole = cls(
             torch.cat(weights),
             ggml_type,
             in_features,
-            torch.cat(biases) if biases[0] is not None else None,
+            torch.cat(given) if given else None,
             device,
         )
         stack = Stack(whole)
         members, start = [], 0
-        for w, b in zip(weights, biases, strict=True):
+        for w, _ in zip(weights, biases, strict=True):
             rows = slice(start, start + w.shape[0])
             member = cls(
                 whole.weight[rows],
                 ggml_type,
                 in_features,
-                whole.bias[rows] if b is not None else None,
+                whole.bias[rows] if whole.bias is not None else None,
                 device,
             )
             member.stack = stack

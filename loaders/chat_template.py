@@ -20,8 +20,8 @@ from typing import Any
 
 import jinja2
 from jinja2 import nodes
+from jinja2.exceptions import SecurityError
 from jinja2.ext import Extension
-from jinja2.sandbox import SecurityError
 
 from loaders.template_sandbox import (
     DEFAULT_BUDGET,

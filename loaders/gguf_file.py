@@ -23,6 +23,7 @@ of any other tensor reads it afresh (refusing with GGUFError if the file changed
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import threading
@@ -105,6 +106,8 @@ class _Memory:
 
     def move(self, src: int, size: int, dst: int) -> None:
         """Move the pages at `src` to `dst`, atomically replacing what was mapped there."""
+        if self.mremap is None:
+            raise OSError(errno.ENOSYS, "mremap is Linux only")
         flags = self.MREMAP_MAYMOVE | self.MREMAP_FIXED
         if self.mremap(src, size, size, flags, dst) in (None, self.FAILED):
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
@@ -219,7 +222,7 @@ class GGUFFile:
         try:
             with open(self.path, "rb") as f:
                 self._check_unchanged(os.fstat(f.fileno()))
-                self._pread(f.fileno(), memoryview(out.numpy()), info.offset)
+                self._pread(f.fileno(), out.numpy().data, info.offset)
         except OSError as e:
             raise GGUFError(f"{self.path}: cannot read tensor {info.name!r}: {e}") from e
         return out

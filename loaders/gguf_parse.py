@@ -57,7 +57,7 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 # value type -> struct/numpy format of one value (bool is a byte: 0 false, else true)
-_FORMATS = {
+_FORMATS: dict[int, str] = {  # keyed by int: the file's type codes are looked up as read
     VT.UINT8: "B",
     VT.INT8: "b",
     VT.UINT16: "H",
@@ -327,7 +327,7 @@ def _bad_string(cur: _Cursor, pos: int, what: str) -> NoReturn:
     cur.fail(f"{what} at offset {pos}: unreadable string")  # not reached
 
 
-def _array(cur: _Cursor, depth: int, what: str) -> list:
+def _array(cur: _Cursor, depth: int, what: str) -> Sequence[Any]:
     if depth > MAX_ARRAY_DEPTH:
         cur.fail(f"{what}: arrays nested deeper than {MAX_ARRAY_DEPTH} levels")
     itype = cur.u32(f"{what} item type")

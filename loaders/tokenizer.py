@@ -263,14 +263,15 @@ class Tokenizer:
         lookup = self.backend.token_to_id
         for role, texts in _ROLE_TEXTS.items():
             if ids[role] is None:
-                ids[role] = next((lookup[t] for t in texts if t in lookup), None)
-                if ids[role] is not None:
-                    self.types[ids[role]] = CONTROL
-        eog = {ids[r] for r in ("fim_pad", "fim_rep", "fim_sep", "eos", "eot", "eom")}
+                found = next((lookup[t] for t in texts if t in lookup), None)
+                ids[role] = found
+                if found is not None:
+                    self.types[found] = CONTROL
+        roles = ("fim_pad", "fim_rep", "fim_sep", "eos", "eot", "eom")
+        eog = {i for r in roles if (i := ids[r]) is not None}
         for text in _EOG_TEXTS & lookup.keys():
             eog.add(lookup[text])
             self.types[lookup[text]] = CONTROL
-        eog.discard(None)
         by_text = {self.tokens[i]: i for i in eog}
         if {"<|end|>", "<|call|>", "<|return|>"} <= by_text.keys() or {
             "<|end|>",

@@ -100,6 +100,7 @@ def _instruction(mf: Modelfile, keyword: str, rest: str, lines: _Lines) -> None:
         raise ModelfileError(
             f"unknown instruction {keyword!r}; use one of {', '.join(INSTRUCTIONS)}", line_no
         )
+    name = ""  # PARAMETER's name or MESSAGE's role
     if upper in ("PARAMETER", "MESSAGE"):
         name, _, rest = _split(rest.lstrip(" \t"))
         if not name:

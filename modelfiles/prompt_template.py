@@ -53,7 +53,9 @@ def _go_range(value: Any) -> Any:
     if isinstance(value, dict):
         meter().step(len(value))
         return sorted(value.items())
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int):
+        if isinstance(value, bool):  # (True; False returned above)
+            raise TypeError("'bool' object is not iterable")  # as enumerate(True) raises
         return ((i, i) for i in range(value))
     return enumerate(value)
 

@@ -196,6 +196,9 @@ class Store:
             path = self.manifest_path(name)
             try:
                 mtime = path.stat().st_mtime
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            try:
                 manifest, why = self.get(name), None
             except FileNotFoundError:
                 continue  # removed meanwhile
@@ -237,7 +240,7 @@ class Store:
             try:
                 manifest = self.get(name)
                 if manifest is None:
-                    self.require(name)  # raises, listing what is stored
+                    manifest = self.require(name)  # raises, listing what is stored
                 layers = {manifest.model, *manifest.adapters}
             except ModelNotFoundError:
                 if not path.is_file():

@@ -2,19 +2,9 @@
 
 One function per type unpacks a chunk of blocks with vectorized torch ops, registered by
 type in DEQUANTIZERS; `dequantize` validates, chunks and dispatches. It runs on every token
-(weights are dequantized chunk by chunk), so it avoids byte-granular strided ops.
-
-Measured on a (4096, 4096)-element matrix, GB/s of packed input, 1 thread of a shared,
-loaded 2-core CPU VM (torch 2.13; figures are indicative, min of 10 runs):
-           fresh output   out= reused   fresh, THP_MEM_ALLOC_ENABLE=1   gguf-py numpy
-    Q4_0       0.18          0.69               0.44                        0.08
-    Q4_1       0.19          0.62               0.41                        0.10
-    Q8_0       0.38          2.00               1.27                        0.24
-    Q4_K       0.17          0.58               0.41                        0.10
-    Q6_K       0.22          0.61               0.44                        0.13
-    Q5_0       0.20          0.52               0.37                        0.11
-A fresh 64 MiB float32 result costs ~40 ms of page faults on that VM, more than the
-unpacking itself: callers on a hot path should pass `out=` (or set THP_MEM_ALLOC_ENABLE=1).
+(weights are dequantized chunk by chunk), so it avoids byte-granular strided ops. A fresh
+float32 result costs page faults that can exceed the unpacking itself: callers on a hot path
+pass `out=`. Measured rates per type: docs/kernels.md.
 """
 
 from __future__ import annotations

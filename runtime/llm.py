@@ -100,6 +100,7 @@ class LLM:
                 for event in self.engine.step():
                     if event.error is not None:
                         raise event.error
+                    assert event.delta is not None  # an Event carries a delta or an error
                     yield event.delta
                     if event.delta.finish_reason:
                         return
@@ -127,6 +128,7 @@ class LLM:
                 for event in self.engine.step():
                     if event.error is not None:
                         raise event.error
+                    assert event.delta is not None  # an Event carries a delta or an error
                     _collect(by_id[event.request_id].outputs[event.index], event.delta, params)
         finally:
             for request_id in ids:
@@ -139,6 +141,8 @@ def _collect(out: CompletionOutput, delta: Delta, params: SamplingParams) -> Non
     if delta.token_id is not None:
         out.token_ids.append(delta.token_id)
         if params.logprobs is not None:
+            assert out.logprobs is not None  # _run gives it a list when params.logprobs is set
+            assert delta.logprob is not None  # a sampled token always has one
             out.logprobs.append({delta.token_id: delta.logprob, **dict(delta.top)})
     if delta.finish_reason:
         out.finish_reason, out.timings = delta.finish_reason, delta.timings

@@ -74,6 +74,7 @@ class RunOptions:
             except ValueError as err:
                 raise InvalidParameterError(str(err)) from None
             if option.effect in (LOAD, SETTING):
+                assert option.field is not None  # every load option and setting names its field
                 changes[option.field] = value
             # UNSUPPORTED at its accepted value: what tandem does anyway
         options = cls(**changes, sampling=SamplingParams.from_options(sampling, OLLAMA_DEFAULTS))

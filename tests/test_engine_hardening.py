@@ -277,9 +277,13 @@ def _poison(monkeypatch, make_error):
     monkeypatch.setattr(Sequence, "next", next_)
 
 
-def _raise(err):
+def _raise(err_type, *args):
+    """A fresh exception per call: an instance made at collection time would keep, through
+    its __traceback__, the frames of the engine step it was raised in (and so the model) for
+    the rest of the session."""
+
     def make(_logits):
-        raise err
+        raise err_type(*args)
 
     return make
 
@@ -288,9 +292,9 @@ def _raise(err):
     "make_logits, error",
     [
         (lambda logits: torch.full_like(logits, math.nan), NonFiniteLogitsError),
-        (_raise(RuntimeError("boom")), InternalError),
-        (_raise(KeyError(18)), InternalError),
-        (_raise(InvalidParameterError("bad history")), InvalidParameterError),
+        (_raise(RuntimeError, "boom"), InternalError),
+        (_raise(KeyError, 18), InternalError),
+        (_raise(InvalidParameterError, "bad history"), InvalidParameterError),
     ],
 )
 @pytest.mark.parametrize("n", [1, 3])
@@ -345,7 +349,7 @@ def test_threaded_engine_fails_one_request_and_serves_the_other(lm, alone, monke
     from runtime.engine.engine import Engine
     from runtime.engine.llm_engine import EngineOptions
 
-    _poison(monkeypatch, _raise(KeyError(18)))
+    _poison(monkeypatch, _raise(KeyError, 18))
     engine = Engine(lm, EngineOptions(num_ctx=256))
     got: dict[str, list] = {"good": [], "bad": []}
     done = {"good": threading.Event(), "bad": threading.Event()}

@@ -26,7 +26,7 @@ from runtime import LLM, SamplingParams
 
 GAP_TOL = 0.5  # llama.cpp -fa off vs its fixtures: divergences at gaps up to 0.483
 # llama.cpp -fa off vs its fixtures: mean |Δ logprob| 0.094 (SmolLM2) / 0.125 (Gemma3);
-# tandem measured 0.078 / 0.109 (fp32 torch path) and 0.089 / 0.132 (native int8 path).
+# tandem's own figures on both kernel paths: docs/numerics.md.
 MEAN_TOL = 0.2
 # A gross-error guard (a broken layer moves logprobs by whole nats). Low-ranked candidates
 # are the noisiest: on Gemma3's "import numpy as np\n" llama.cpp's two attention kernels

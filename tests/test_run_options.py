@@ -14,7 +14,8 @@ from test_store import write_tiny_llama
 
 from modelfiles.parameters import default
 from quant.errors import InvalidParameterError
-from runtime import cli, loaded_model
+from runtime import loaded_model
+from runtime.cli import main as cli
 from runtime.run_options import RunOptions
 from runtime.server.errors import RequestFieldError
 from runtime.server.models import ModelRegistry, RegistryOptions

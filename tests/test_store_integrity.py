@@ -54,7 +54,8 @@ def workdir(tmp_path) -> Path:
 
 
 def create(name: str, text: str, workdir: Path) -> Manifest:
-    mf = workdir / f"{name.replace(':', '_')}.Modelfile"
+    # one Modelfile per writer thread: concurrent writers of one name must not share it
+    mf = workdir / f"{name.replace(':', '_')}-{threading.get_ident()}.Modelfile"
     mf.write_text(text)
     return create_model(Store(), ModelName.parse(name), read_modelfile(mf), workdir)
 

@@ -102,7 +102,7 @@ inline void cpu_relax() { std::this_thread::yield(); }
 // chunk is done. A worker the OS has not scheduled yet (a busy shared machine) never holds
 // a call up: it claims nothing and the caller does its share. That is the difference from
 // an OpenMP region (what at::parallel_for is), whose closing barrier waits for every thread:
-// on this project's loaded 2-core VM that cost milliseconds per call (see the loader's notes).
+// on a loaded machine that costs milliseconds per call (docs/kernels.md).
 // Workers spin ~SPIN_US after a job (calls come in bursts), then sleep on a futex.
 class Pool {
  public:

@@ -344,10 +344,10 @@ void check_type(int64_t type) {
 // Panel memory: slabs of 2 MiB-aligned memory that the kernel is asked to back with
 // transparent huge pages (MADV_HUGEPAGE; where THP is "madvise" only, as on this project's
 // VMs, nothing else gets them). The kernels stream whole tensors, and on 4 KiB pages each
-// page costs a page walk and restarts the hardware prefetcher's stream (measured: a Q4_0
-// GEMV over 0.78 GB at 18.7 GB/s on 4 KiB pages, 22.9 GB/s on huge pages). Small tensors
-// share slabs (most of a small model's are under 2 MiB); a slab is freed with the last
-// tensor carved from it, and only the bytes handed out are ever touched.
+// page costs a page walk and restarts the hardware prefetcher's stream (figures:
+// docs/kernels.md). Small tensors share slabs (most of a small model's are under 2 MiB); a
+// slab is freed with the last tensor carved from it, and only the bytes handed out are ever
+// touched.
 class Slabs {
  public:
   static Slabs& instance() {
@@ -770,8 +770,8 @@ inline void panel_dot(const uint8_t* p, int half, const Act& a, int64_t t0, type
 
 // Tokens per pass over a panel (register tile): as many as the registers hold.
 template <int TYPE> constexpr int max_tokens() {
-  // AVX2 Q6_K: its 4 mask expansions per group are shared by 8 tokens (spills and all, that
-  // measured 1.0x the row kernel at M=64; 2 tokens: 0.67x, 4: 0.85x)
+  // AVX2 Q6_K: its 4 mask expansions per group are shared by 8 tokens (spills and all, the
+  // fastest choice measured: docs/kernels.md)
   if (Vec::W == 8 && TYPE == Q6_K) return 8;
   return (layout_of(TYPE).bs == 32 ? 8 : 4) / (Vec::W == 16 ? 1 : 2);
 }

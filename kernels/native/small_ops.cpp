@@ -1,10 +1,10 @@
 // Small fused ops for the decode step, where torch's per-op dispatch (a few µs each) costs more
 // than the arithmetic: RMSNorm (6 torch ops), RoPE (about 9), the residual add with the norm
 // after it, and the gated FFN's act(gate)·up. Each op also pays for re-warming the caches the
-// matmul before it streamed its weights through (measured after a 6.5 MB matmul: rms_norm
-// 26-32 µs instead of 3.4, an add 10-16, silu 15-19), so fewer, fused calls pay it fewer
-// times. Loops over contiguous float32 rows, one thread. Numerics: as kernels/small_ops.py's
-// torch forms, with RMSNorm's sum of squares in double (as ggml accumulates it); SiLU's
+// matmul before it streamed its weights through, so fewer, fused calls pay it fewer times
+// (figures: docs/kernels.md). Loops over contiguous float32 rows, one thread. Numerics: as
+// kernels/small_ops.py's torch forms, with RMSNorm's sum of squares in double (as ggml
+// accumulates it); SiLU's
 // exponential is a polynomial (relative error < 2e-7; torch's vectorized one is ~1 ulp);
 // GELU is llama.cpp's fp16 table (below), which kernels/small_ops.py's fallback reproduces.
 #include "common.h"

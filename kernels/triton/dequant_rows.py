@@ -10,6 +10,10 @@ import triton.language as tl
 from kernels.triton.ggml_blocks import GEOMETRY, dequant_tile
 from kernels.triton.qmatmul import interpreted
 
+# Launches pass Python ints/bools to `tl.constexpr` parameters (Triton's convention), which
+# pyright reads as instances of the class tl.constexpr: that rule only is off here.
+# pyright: reportArgumentType=false
+
 
 @triton.jit
 def _rows_kernel(

@@ -18,6 +18,10 @@ import triton.language as tl
 
 from kernels.triton.paged_attention import PAGE, QBLOCK
 
+# Launches pass Python ints/bools to `tl.constexpr` parameters (Triton's convention), which
+# pyright reads as instances of the class tl.constexpr: that rule only is off here.
+# pyright: reportArgumentType=false
+
 
 @triton.jit
 def _write_kernel(
@@ -184,7 +188,8 @@ def kv_write(
         )
         return
     if (
-        k_pool.dtype != torch.int8
+        v_scale is None
+        or k_pool.dtype != torch.int8
         or v_pool.dtype != torch.int8
         or kd % QBLOCK
         or vd % QBLOCK

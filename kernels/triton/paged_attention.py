@@ -18,6 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+# Launches pass Python ints/bools to `tl.constexpr` parameters (Triton's convention), which
+# pyright reads as instances of the class tl.constexpr: that rule only is off here.
+# pyright: reportArgumentType=false
+
 PAGE = 16  # token slots per KV block
 QBLOCK = 32  # values per float16 scale in a q8_0 pool
 
@@ -223,8 +227,10 @@ def paged_attention_decode(
     group = n_head // n_head_kv
     out = torch.empty(bsz, n_head, dv, dtype=torch.float32, device=q.device)
     tables = block_tables.contiguous()
-    quant = k_scale is not None
-    ks, vs = (k_scale, v_scale) if quant else (k_pool, v_pool)  # unread when not quant
+    if k_scale is not None and v_scale is not None:  # a q8_0 pool (_check: both or neither)
+        quant, ks, vs = True, k_scale, v_scale
+    else:
+        quant, ks, vs = False, k_pool, v_pool  # unread when not quant
     _decode_kernel[(bsz, n_head_kv)](
         q,
         k_pool,

@@ -26,6 +26,10 @@ from kernels.triton.ggml_blocks import GEOMETRY, dequant_tile
 from quant.dequant import dequantize
 from quant.formats import block_format
 
+# Launches pass Python ints/bools to `tl.constexpr` parameters (Triton's convention), which
+# pyright reads as instances of the class tl.constexpr: that rule only is off here.
+# pyright: reportArgumentType=false
+
 GEMV_MAX_M = 4  # up to this many rows of x use the GEMV kernel
 
 

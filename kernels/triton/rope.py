@@ -14,6 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+# Launches pass Python ints/bools to `tl.constexpr` parameters (Triton's convention), which
+# pyright reads as instances of the class tl.constexpr: that rule only is off here.
+# pyright: reportArgumentType=false
+
 
 @triton.jit
 def _rotate(src, stride_d, dst, ia, ib, mask, cos, sin):
@@ -118,8 +122,12 @@ def rope_qk(
             sin,
             n_q,
             half,
-            *q.stride(),
-            *k.stride(),
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
             qo.stride(0),
             qo.stride(1),
             ko.stride(0),

@@ -40,6 +40,7 @@ import torch
 
 from kernels import native_loader
 from kernels.linear import PackedLinear
+from kernels.lora_linear import LoraLinear
 from kernels.triton_linear import TritonLinear
 from quant.errors import InvalidParameterError
 from runtime.execution.model_runner import ModelRunner
@@ -121,7 +122,8 @@ def weight_bytes_per_token(lm: LoadedModel) -> int:
         for v in vars(layer).values()
         if isinstance(v, PackedLinear | TritonLinear)
     ]
-    total = sum(lin.weight.numel() for lin in linears) + model.head.weight.numel()
+    head = model.head.base if isinstance(model.head, LoraLinear) else model.head  # its base's rows
+    total = sum(lin.weight.numel() for lin in linears) + head.weight.numel()
     if not lm.config.tied_head:
         total += model.embed.weight[0].numel()  # the one row looked up
     return total
@@ -130,8 +132,9 @@ def weight_bytes_per_token(lm: LoadedModel) -> int:
 def kernel_name() -> str:
     """Which matmul path the model's PackedLinears take: "native-avx2", "native-scalar" or
     "torch" (the dequantize-and-matmul fallback)."""
-    if native_loader.available():
-        return f"native-{native_loader.load().ISA}"
+    module = native_loader.load() if native_loader.enabled() else None  # as available()
+    if module is not None:
+        return f"native-{module.ISA}"
     return "torch"
 
 

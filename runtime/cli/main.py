@@ -1,4 +1,4 @@
-"""The `tandem` command: run, pull, serve, ps (more subcommands arrive with the store).
+"""The `tandem` command: run, pull, create/list/show/cp/rm, serve, ps, plan, bench.
 
 tandem run MODEL [PROMPT] [--verbose] [--temperature T] [--num-predict N] [--seed S] [--raw]
            [--num-ctx N] [--kv-cache-type f16|q8_0] [--num-gpu N] [--gpu-memory SIZE]
@@ -221,6 +221,7 @@ def add_server_commands(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from modelfiles.store import Store
     from runtime.placement.devices import parse_size
     from runtime.server.address import server_address
     from runtime.server.app import serve
@@ -242,6 +243,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         **{k: v for k, v in flags.items() if v is not None},
     )
     options.settings()  # validate before the server starts
+    Store()  # opening the store removes what killed creates and pulls left behind
     logging.getLogger("runtime.server").setLevel(logging.INFO)
     logging.getLogger("runtime.engine.llm_engine").setLevel(logging.INFO)  # the KV cache size
     serve(host, port, args.model, options, max_body=parse_size(args.max_body_size))

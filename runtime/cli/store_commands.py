@@ -200,7 +200,7 @@ def summary(store: Store, manifest: Manifest) -> str:
     return "\n".join(out) + "\n\n"
 
 
-def human_size(n: int) -> str:
+def human_size(n: float) -> str:
     """ollama's HumanBytes: decimal units, one decimal below 10."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":

@@ -75,19 +75,21 @@ class LLMEngine:
         self.lm = lm
         self.options = options = options or EngineOptions()
         self.num_ctx = min(options.num_ctx, lm.config.n_ctx_train)
+        num_blocks = options.num_blocks
+        assert num_blocks is not None  # EngineOptions.__post_init__ sets it when not given
         self.runner = ModelRunner(
             lm.model,
-            options.num_blocks,
+            num_blocks,
             options.kv_cache_type,
             self.num_ctx,
             options.max_num_seqs,
         )
-        self.blocks = BlockManager(options.num_blocks)
+        self.blocks = BlockManager(num_blocks)
         self.scheduler = Scheduler(self.blocks, options.max_num_seqs, options.max_step_tokens)
         self.requests: dict[str, _Request] = {}
         self._owner: dict[int, tuple[_Request, int]] = {}  # seq id → (request, index)
         self._seq_ids = itertools.count()
-        f16_bytes = options.num_blocks * BLOCK_SIZE * kv_bytes_per_token(lm.config, "f16")
+        f16_bytes = num_blocks * BLOCK_SIZE * kv_bytes_per_token(lm.config, "f16")
         self.stats = EngineStats(
             kv_bytes=self.runner.kv_bytes,
             kv_cache_type=options.kv_cache_type,

@@ -97,7 +97,7 @@ class _Staged:
 class _Bucket:
     rows: int
     inputs: _Staged
-    graph: object | None = None  # torch.cuda.CUDAGraph once captured
+    graph: torch.cuda.CUDAGraph | None = None  # once captured
     out: torch.Tensor | None = None  # the captured step's output (rows, V) or (rows, E)
     steps: int = 0
 
@@ -154,6 +154,7 @@ class DecodeGraphs:
         if bucket.graph is not None:
             bucket.graph.replay()
             out = bucket.out
+            assert out is not None  # _capture sets it with the graph
         else:
             out = self._step(bucket)
         bucket.steps += 1
@@ -165,7 +166,7 @@ class DecodeGraphs:
         if rows not in self._buckets:
             c = self.model.config
             f32, i64 = torch.float32, torch.int64
-            shapes = {"x": ((rows, c.n_embd), f32)}
+            shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"x": ((rows, c.n_embd), f32)}
             for swa in self.model.rope_tables(torch.zeros(1, dtype=torch.int64)):
                 shapes[f"cos{swa:d}"] = ((rows, 1, c.head_dim // 2), f32)
                 shapes[f"sin{swa:d}"] = ((rows, 1, c.head_dim // 2), f32)
@@ -184,6 +185,7 @@ class DecodeGraphs:
     def _fill(self, bucket: _Bucket, batch: ForwardBatch) -> None:
         """The step's inputs into the bucket's host buffers (rows past n: padding), uploaded."""
         staged, n, d = bucket.inputs, batch.tokens.shape[0], batch.decode
+        assert d is not None  # run() takes decode-only batches
         staged.wait()
         h = staged.host
         h["x"][:n] = self.model.embed_rows(batch.tokens)

@@ -17,7 +17,9 @@ import torch
 from kernels.crossing import cross
 from kernels.layer_ops import CPU_OPS, LayerOps, triton_ops
 from kernels.linear import PackedLinear
+from kernels.lora_linear import LoraLinear
 from kernels.rope import Rope
+from kernels.triton_linear import TritonLinear
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from runtime.kv.attention_backends import (
@@ -30,6 +32,8 @@ from runtime.placement.device_map import CPU, GPU, DeviceMap
 
 # attend(layer, q (T, H, D), k (T, Hkv, D), v (T, Hkv, Dv), window) → (T, H * Dv)
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# a layer's matmul: packed rows on the CPU, Triton's on the GPU, LoRA-wrapped (runtime/models/lora.py)
+Linear = PackedLinear | TritonLinear | LoraLinear
 
 
 @dataclass
@@ -37,14 +41,14 @@ class Layer:
     """One transformer layer's weights, and where and how it runs."""
 
     attn_norm: torch.Tensor
-    q: PackedLinear
-    k: PackedLinear
-    v: PackedLinear
-    o: PackedLinear
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
     ffn_norm: torch.Tensor
-    gate: PackedLinear
-    up: PackedLinear
-    down: PackedLinear
+    gate: Linear
+    up: Linear
+    down: Linear
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     post_attn_norm: torch.Tensor | None = None
@@ -75,6 +79,7 @@ class Model:
         )
         self.head_device = devices.device(head_where)
         self.head_ops = triton_ops() if head_where == GPU else CPU_OPS
+        self.head: Linear
         if c.tied_head:
             self.head = (
                 self.embed if head_where == CPU else w.linear("token_embd.weight", where=GPU)

@@ -73,7 +73,7 @@ class WeightLoader:
                 infos[0].ggml_type,
                 infos[0].shape[0],
                 [
-                    self.vector(b, device) if on else None
+                    self.vector(b, device) if on and b is not None else None
                     for b, on in zip(biases, biased, strict=True)
                 ],
                 device,

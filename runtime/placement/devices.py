@@ -67,9 +67,10 @@ def format_size(nbytes: float) -> str:
 @dataclass(frozen=True)
 class Calibration:
     """Speeds of this machine (bytes/s, FLOP/s, seconds). `sources[name]` says "measured"
-    or "assumed" for each figure."""
+    or "assumed" for each figure. The defaults are assumptions; the measurements behind them
+    are in docs/planner.md."""
 
-    ram_bw: float = 20e9  # RAM read bandwidth (DESIGN.md's measured figure)
+    ram_bw: float = 20e9  # RAM read bandwidth
     cpu_flops: float = 50e9  # float32 matmul rate of the CPU
     vram_bw: float = 300e9  # GPU memory read bandwidth (a mid-range consumer card)
     gpu_flops: float = 20e12  # float16 tensor-core matmul rate
@@ -77,18 +78,14 @@ class Calibration:
     link_latency_s: float = 20e-6  # one hand-off across the link, synchronised
     cpu_layer_s: float = 100e-6  # fixed cost of one layer on the CPU (op dispatch)
     gpu_layer_s: float = 50e-6  # fixed cost of one layer on the GPU (~10 kernel launches)
-    cpu_efficiency: float = 0.85  # fraction of ram_bw a decode matmul reaches: the AVX-512
-    # panel kernels' matmuls read 22.4-22.7 GB/s of a measured 24.8 on this project's VM
-    # (scripts/decode_profile.py); the AVX2 build ~0.65, the row kernels ~0.4, llama.cpp 0.72
+    cpu_efficiency: float = 0.85  # fraction of ram_bw a decode matmul reaches (panel kernels)
     gpu_efficiency: float = 0.7  # fraction of vram_bw (the goal the GEMV kernels are set)
     cpu_kv_efficiency: float = 0.19  # fraction of ram_bw at which CPU decode attention goes
-    # through the KV: 3.1-4.8 GB/s of a measured 21 GB/s at 1-2k tokens of context on this
-    # project's VM (smollm2, 1.1B; 2 threads): it converts and multiplies, not only reads
+    # through the KV: it converts and multiplies, not only reads
     # Prompt processing on the CPU: the native kernels' matmul rate per GGML type (str of its
-    # number → FLOP/s, measured on a 2048×2048 weight at 64 rows; types absent: cpu_flops),
-    # and the rate of the elementwise ops (norms, RoPE, activation, residual adds) in bytes of
-    # activations a token touches per layer, as a share of ram_bw: 0.2 fits the 11-33 µs per
-    # layer-token measured outside the matmuls on this project's VM (scripts/sweep_gpu.py)
+    # number → FLOP/s; types absent: cpu_flops), and the rate of the elementwise ops (norms,
+    # RoPE, activation, residual adds) in bytes of activations a token touches per layer, as a
+    # share of ram_bw
     cpu_type_flops: dict = field(default_factory=dict)
     cpu_act_share: float = 0.2
     cpu_attn_flops: float = 80e9  # prefill attention (torch's SDPA over gathered pages)
@@ -253,7 +250,7 @@ def calibrate(gpus: tuple[Gpu, ...] | None = None, force: bool = False) -> Calib
                 return _from_cache(cached["calibration"])
         except (ValueError, TypeError, KeyError, AttributeError):
             pass  # unreadable or from an older layout: measure again
-    measured = {
+    measured: dict[str, float | dict[str, float]] = {
         "ram_bw": measure_ram_bw(),
         "cpu_flops": measure_cpu_flops(),
         "cpu_attn_flops": measure_cpu_attn_flops(),

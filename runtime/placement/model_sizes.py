@@ -43,8 +43,12 @@ _LAYER = re.compile(r"blk\.(\d+)\.([a-z_]+)")
 class SizedTensor(Protocol):
     """What ModelSizes reads of a tensor (loaders.gguf_parse.TensorInfo has it)."""
 
-    nbytes: int
-    ggml_type: int
+    # read-only (properties), so that frozen dataclasses such as TensorInfo match
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def ggml_type(self) -> int: ...
 
     @property
     def n_elements(self) -> int: ...

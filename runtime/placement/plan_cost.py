@@ -8,7 +8,7 @@ latency + bytes over the link; the last hand-off carries the logits when the hea
 the GPU). Prompt processing is compute-bound: per token, 2 FLOPs per weight element and the
 attention products over its context (the decode prediction's fill plus half a chunk), at
 each device's rates, plus the weight reads and fixed costs shared by the num_batch tokens of
-a chunk.
+a chunk. The constants and how well the predictions match: docs/planner.md.
 """
 
 from __future__ import annotations

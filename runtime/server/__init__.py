@@ -10,5 +10,6 @@ choice.py         one sample's accumulated output and logprob shapes
 metrics.py        Prometheus text
 errors.py         TandemError -> HTTP status and error bodies
 keep_alive.py     ollama keep_alive durations
-ps.py             the `tandem ps` client
+guard.py          Host, Origin, content type and body size of every request; last-resort 500
+limits.py         what one request may ask (n, stops, prompt length); see docs/hardening.md
 """

@@ -44,13 +44,13 @@ SHUTDOWN_SECONDS = 10.0  # closing the engines at shutdown waits at most this lo
 EXIT_GRACE_SECONDS = 2.0  # then worker threads get this long before the process exits anyway
 
 
-async def _preload(state: ServerState) -> None:
+async def _preload(state: ServerState, name: str) -> None:
     try:
-        served, _ = await state.registry.get(state.preload, keep_alive=math.inf, trusted=True)
+        served, _ = await state.registry.get(name, keep_alive=math.inf, trusted=True)
         state.registry.release(served)
     except TandemError as err:
         state.preload_error = str(err)
-        log.error("could not load %s: %s", state.preload, err)
+        log.error("could not load %s: %s", name, err)
 
 
 async def _reap(registry: ModelRegistry) -> None:
@@ -64,7 +64,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServerState = app.state.tandem
     tasks = [asyncio.create_task(_reap(state.registry))]
     if state.preload:
-        tasks.append(asyncio.create_task(_preload(state)))
+        tasks.append(asyncio.create_task(_preload(state, state.preload)))
     try:
         yield
     finally:

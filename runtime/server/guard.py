@@ -101,7 +101,8 @@ def _local_addresses() -> frozenset[str]:
         infos = socket.getaddrinfo(socket.gethostname(), None)
     except OSError:
         return frozenset()
-    return frozenset(str(ipaddress.ip_address(i[4][0].split("%")[0])) for i in infos)
+    # (str(): typeshed allows an int host for address families getaddrinfo does not return)
+    return frozenset(str(ipaddress.ip_address(str(i[4][0]).split("%")[0])) for i in infos)
 
 
 def host_name(header: str) -> str:

@@ -134,6 +134,7 @@ class _Reply:
             if event.error is not None:
                 self.stream.close()
                 return ollama_error(event.error)
+            assert event.delta is not None  # an Event carries a delta or an error
             self.choice.add(event.delta, False)
         return JSONResponse(self._final(self.choice.text))
 
@@ -143,6 +144,7 @@ class _Reply:
                 if event.error is not None:
                     yield _line({"error": str(event.error)})
                     return
+                assert event.delta is not None  # an Event carries a delta or an error
                 self.choice.add(event.delta, False)
                 if self.choice.finish_reason is not None:
                     yield _line(self._final(event.delta.text))

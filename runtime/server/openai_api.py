@@ -80,9 +80,11 @@ async def _start(
         chars, tokens = _prompt_size(req)
         check_prompt_chars(chars, tokens, served.num_ctx, served.max_token_chars)
         if kind == "chat":
+            assert req.messages is not None  # parse_chat sets them
             ids = await asyncio.to_thread(lm.chat_prompt_ids, req.messages, served.num_ctx)
             params = req.params(lm, None)
         else:
+            assert req.prompt is not None  # parse_completion sets it
             ids = await asyncio.to_thread(_completion_ids, lm, req.prompt, served.num_ctx)
             params = req.params(lm, COMPLETIONS_DEFAULT_MAX_TOKENS)
         _check_fits(ids, params, served.num_ctx)
@@ -163,6 +165,7 @@ class _Reply:
             if event.error is not None:
                 self.stream.close()
                 return openai_error(event.error)
+            assert event.delta is not None  # an Event carries a delta or an error
             self._choice(event.index).add(event.delta, self.req.want_logprobs)
         choices = [self.shape.choice(self.choices[i]) for i in sorted(self.choices)]
         body = self._envelope(self.shape.object, choices)
