@@ -81,3 +81,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty TANDEM_HOME for store tests (test_store.fresh_home)."""
+    from test_store import fresh_home
+
+    return fresh_home(tmp_path / "home", monkeypatch)
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    """A working folder holding tiny.gguf, a tiny random llama (test_store.write_tiny_llama)."""
+    from test_store import write_tiny_llama
+
+    d = tmp_path / "work"
+    d.mkdir()
+    write_tiny_llama(d / "tiny.gguf")
+    return d

@@ -105,19 +105,6 @@ def fresh_home(path: Path, monkeypatch) -> Path:
     return path
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    return fresh_home(tmp_path / "home", monkeypatch)
-
-
-@pytest.fixture
-def workdir(tmp_path) -> Path:
-    d = tmp_path / "work"
-    d.mkdir()
-    write_tiny_llama(d / "tiny.gguf")
-    return d
-
-
 def create(name: str, text: str, workdir: Path, quantize: str | None = None):
     mf = workdir / f"{name.replace(':', '_')}.Modelfile"
     mf.write_text(text)

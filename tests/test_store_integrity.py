@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO
 from fastapi.testclient import TestClient
 from test_pull import PARTS, SHA, SOURCES, WHOLE, FakeRegistry
-from test_store import fresh_home, write_tiny_llama
+from test_store import write_tiny_llama
 
 from loaders import blobs as blobs_mod
 from loaders import pull as pull_mod
@@ -38,19 +38,6 @@ from runtime.server.app import create_app
 from runtime.server.models import ModelRegistry
 
 ESC = "\x1b[2J"
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    return fresh_home(tmp_path / "home", monkeypatch)
-
-
-@pytest.fixture
-def workdir(tmp_path) -> Path:
-    d = tmp_path / "work"
-    d.mkdir()
-    write_tiny_llama(d / "tiny.gguf")
-    return d
 
 
 def create(name: str, text: str, workdir: Path) -> Manifest:
