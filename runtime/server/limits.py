@@ -61,11 +61,6 @@ def check_stop_token_ids(value: Any) -> None:
         )
 
 
-def max_token_chars(tokens: list[str]) -> int:
-    """The longest token text of a vocabulary, in characters (at least 1)."""
-    return max(1, max((len(t) for t in tokens), default=1))
-
-
 def check_prompt_chars(chars: int, tokens: int, num_ctx: int, token_chars: int) -> None:
     """Refuse a prompt of `chars` characters (plus `tokens` token ids given as such) that no
     tokenization could fit into `num_ctx` with one token to spare for the answer."""

@@ -17,7 +17,6 @@ recently used idle one, and when every one is busy the request gets a 503.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import threading
@@ -32,7 +31,6 @@ from modelfiles.store import Store
 from quant.errors import GGUFError, InvalidParameterError, ModelNotFoundError, QueueFullError
 from runtime.engine.engine import Engine
 from runtime.loaded_model import LoadedModel
-from runtime.server.limits import max_token_chars
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +50,10 @@ class ServedModel:
     def num_ctx(self) -> int:
         return self.engine.options.num_ctx
 
-    @functools.cached_property
+    @property
     def max_token_chars(self) -> int:
-        """The longest token text of the vocabulary (server/limits.py bounds prompts by it)."""
-        return max_token_chars(self.lm.tokenizer.tokens)
+        """The most characters one token stands for (server/limits.py bounds prompts by it)."""
+        return self.lm.tokenizer.max_token_chars
 
     @property
     def expires_at(self) -> float:
