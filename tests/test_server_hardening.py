@@ -627,3 +627,11 @@ def test_an_unknown_model_name_is_refused_before_any_loaded_model_is_unloaded(
         assert registry.find("smollm2") is served and not served.engine.closed
 
     asyncio.run(scenario())
+
+
+def test_serve_refuses_a_models_dir_that_does_not_exist(tmp_path, capsys):
+    """A mistyped --models-dir used to be dropped silently (no path would ever be served)."""
+    from runtime.cli.main import main
+
+    assert main(["serve", "--models-dir", str(tmp_path / "nope")]) != 0
+    assert "no such directory" in capsys.readouterr().err

@@ -20,10 +20,11 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from loaders.pull import KNOWN, pull, pullable
 from modelfiles.parameters import OPTIONS, default
-from quant.errors import TandemError
+from quant.errors import InvalidParameterError, TandemError
 from runtime.cli.store_commands import COMMANDS as STORE_COMMANDS
 from runtime.cli.store_commands import add_store_commands
 from runtime.sampling_params import OLLAMA_DEFAULTS
@@ -229,6 +230,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.server.models import RegistryOptions
 
     host, port = server_address(args.host, args.port)
+    for folder in args.models_dir:
+        if not Path(folder).expanduser().is_dir():
+            raise InvalidParameterError(f"--models-dir {folder}: no such directory")
     flags = {  # unset flags keep the option table's defaults
         "num_ctx": args.num_ctx,
         "max_num_seqs": args.parallel,
