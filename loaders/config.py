@@ -12,8 +12,9 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from loaders.gguf_arrays import GGUFArray
 from loaders.gguf_check import check_block_count, check_tensors, check_vocab
-from loaders.gguf_parse import GGUFArray, TensorInfo
+from loaders.gguf_parse import TensorInfo
 from quant.errors import GGUFError, UnsupportedError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from loaders.gguf_arrays import GGUFArray
 from loaders.gguf_file import GGUFFile
-from loaders.gguf_parse import GGUFArray, parse_gguf
+from loaders.gguf_parse import parse_gguf
 from quant.errors import GGUFError, TandemError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from loaders.gguf_arrays import NumericArray, StringArray
 from loaders.gguf_file import GGUFFile
-from loaders.gguf_parse import NumericArray, StringArray, parse_gguf
+from loaders.gguf_parse import parse_gguf
 from quant.errors import GGUFError
 
 VT = gguf.GGUFValueType
