@@ -120,10 +120,13 @@ def verdict(kl: float, top: float, floor_kl: float) -> bool:
     return kl <= bound and top >= 0.99
 
 
-def run_one(name: str, gguf: Path, args: argparse.Namespace, work: Path) -> dict:
+def run_one(
+    name: str, gguf: Path, args: argparse.Namespace, work: Path, llama_gguf: Path | None = None
+) -> dict:
+    """llama.cpp on `llama_gguf` (default: `gguf`, the same model), tandem on `gguf`."""
     base_path = work / f"{name}.base.kl"
     commands, ppl, floors = llama_runs(
-        args.llama_bin, gguf, args.text, base_path, args.ctx_size, args.chunks
+        args.llama_bin, llama_gguf or gguf, args.text, base_path, args.ctx_size, args.chunks
     )
     base = KLBase.read(base_path)
     tandem = tandem_kl(gguf, base)
@@ -167,13 +170,23 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def synthetic(arch: str, work: Path, vocab: Path | None) -> Path:
-    out = work / f"{arch}.gguf"
+def synthetic(arch: str, work: Path, vocab: Path | None) -> tuple[Path, Path | None]:
+    """The architecture's model, and the same under llama.cpp's name for it where that
+    differs (else None)."""
     entry = ARCHITECTURES[arch]
     src = vocab or make_synthetic_gguf.default_tokenizer()
     qtype = make_synthetic_gguf.TYPES[conformance_fixture.WEIGHT_TYPE]
-    make_synthetic_gguf.make_arch(out, entry, qtype, src, entry.dims, conformance_fixture.SEED)
-    return out
+    paths: list[Path | None] = []
+    for name in (arch, entry.llama_cpp_name):
+        out = work / f"{name or arch}.{arch}.gguf"
+        if name:
+            make = make_synthetic_gguf.make_arch
+            paths.append(make(out, entry, qtype, src, entry.dims, conformance_fixture.SEED, name))
+        else:
+            paths.append(None)
+    tandem, llama = paths
+    assert tandem is not None
+    return tandem, llama
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -206,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         rows = []
         for arch in archs:
-            rows.append(run_one(arch, synthetic(arch, work, args.vocab), args, work))
+            tandem_gguf, llama_gguf = synthetic(arch, work, args.vocab)
+            rows.append(run_one(arch, tandem_gguf, args, work, llama_gguf))
             print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         for path in args.gguf:
             rows.append(run_one(path.stem, path, args, work))

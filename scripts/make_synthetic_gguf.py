@@ -249,14 +249,22 @@ def tensor_type(kind: str, shape: tuple[int, ...], qtype: T) -> T:
 
 
 def make_arch(
-    out: Path, arch: Architecture, qtype: T, vocab_src: Path, dims: Dims, seed: int = 0
+    out: Path,
+    arch: Architecture,
+    qtype: T,
+    vocab_src: Path,
+    dims: Dims,
+    seed: int = 0,
+    name: str = "",
 ) -> Path:
-    """Write `arch`'s synthetic model (small: everything is built in memory)."""
-    writer = gguf.GGUFWriter(str(out), arch.name)
+    """Write `arch`'s synthetic model (small: everything is built in memory); `name`: write
+    it under another architecture name (the same weights)."""
+    name = name or arch.name
+    writer = gguf.GGUFWriter(str(out), name)
     vocab = copy_tokenizer(vocab_src, writer)
     writer.add_name(f"synthetic {arch.name} {dims.layers}L-{dims.dim} {qtype.name}")
     writer.add_file_type(int(FILE_TYPES[qtype]))
-    for key, value in arch.metadata(dims, vocab).items():
+    for key, value in arch.metadata(dims, vocab, name).items():
         vtype, sub = value_type(value)
         writer.add_key_value(key, value, vtype, sub_type=sub)
     for i, (name, shape, kind) in enumerate(arch.tensors(dims, vocab)):

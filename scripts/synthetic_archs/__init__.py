@@ -29,6 +29,8 @@ tensors and their shapes, `load_arch_hparams` the keys it reads) and gguf-py's
   sliding windows, soft-caps, multipliers, expert counts;
 - `dims`: small sizes that still exercise the architecture (e.g. enough layers to reach a
   global layer after the sliding-window ones) and keep a CPU forward to milliseconds;
+- `llama_cpp_name`: where llama.cpp knows the same graph under another name only (mistral
+  → llama), conformance.py gives llama.cpp the same model under that name;
 - `head_scale`: the output norm's value, which sets how confident the random model is
   (llama.cpp's mean top-1 probability on the test text must be ≥ 0.3; scripts/conformance.py
   prints it) — raise it when the model is not confident enough.
@@ -142,6 +144,9 @@ class Architecture:
     extra_metadata: Callable[[Dims], dict[str, Any]] = _no_extra  # keys without `arch.`
     layer_extra: Callable[[int, Dims], tuple[TensorSpec, ...]] = _no_layer_extra
     note: str = ""  # what the synthetic model exercises (printed by conformance.py)
+    # the architecture name llama.cpp runs the same model under, where it has no entry of
+    # this name (mistral: llama.cpp's converter writes Mistral 7B as "llama")
+    llama_cpp_name: str = ""
 
     def tensors(self, d: Dims, vocab: int) -> list[tuple[str, tuple[int, ...], str]]:
         """(name, numpy shape, kind) of every tensor, in llama.cpp's order."""
@@ -155,10 +160,11 @@ class Architecture:
             out.append(("output.weight", (vocab, d.dim), "linear"))
         return out
 
-    def metadata(self, d: Dims, vocab: int) -> dict[str, Any]:
-        """Every `arch.*` key of the file."""
-        extra = {f"{self.name}.{k}": v for k, v in self.extra_metadata(d).items()}
-        return base_metadata(self.name, d, vocab) | extra
+    def metadata(self, d: Dims, vocab: int, name: str = "") -> dict[str, Any]:
+        """Every `arch.*` key of the file (`name.*` where given)."""
+        name = name or self.name
+        extra = {f"{name}.{k}": v for k, v in self.extra_metadata(d).items()}
+        return base_metadata(name, d, vocab) | extra
 
 
 def _discover() -> dict[str, Architecture]:
