@@ -325,9 +325,38 @@ def test_synthetic_spm_space_prefix_and_byte_fallback() -> None:
     assert [no_prefix.token_str(i) for i in no_prefix.encode("ab", add_special=False)] == ["ab"]
 
 
-@pytest.mark.parametrize("model", ["bert", "t5", "rwkv"])
+def _wpm_md(**over) -> dict:
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "\u2581un", "\u2581una", "ble", "aff", "\u2581,"]
+    tokens += ["\u2581cafe", "\u2581\u4e2d", "\u2581e"]
+    md = {
+        "tokenizer.ggml.model": "bert",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3, 3, 3, 3] + [1] * (len(tokens) - 4),
+        "tokenizer.ggml.unknown_token_id": 1,
+        "tokenizer.ggml.bos_token_id": 2,
+        "tokenizer.ggml.seperator_token_id": 3,
+    }
+    md.update(over)
+    return md
+
+
+def test_wordpiece_greedy_longest_match_and_normalization() -> None:
+    tok = Tokenizer.from_metadata(_wpm_md())
+    words = tok.encode  # ids: 4 ▁un, 5 ▁una, 6 ble, 7 aff, 8 ▁, 9 ▁cafe, 10 ▁中, 11 ▁e
+    # Longest match from the left: "▁una" then "ble" (not "▁un" + …); "UNAFF" is lowered.
+    assert words("unable UNAFF", add_special=False) == [5, 6, 1]  # "▁una"+"ff": no cover
+    assert words("unaff", add_special=False) == [1]  # "▁una" then "ff" uncovered: all [UNK]
+    # Accents are stripped, punctuation and CJK stand alone, control characters vanish.
+    assert words("Café,中\x07e", add_special=False) == [9, 8, 10, 11]
+    assert words("un\u3000\t\nun") == [2, 4, 4, 3]  # [CLS] … [SEP] with add_special
+    no_lower = Tokenizer.from_metadata(_wpm_md(**{"tokenizer.ggml.normalizer.lowercase": False}))
+    assert no_lower.encode("Un", add_special=False) == [1]
+    assert tok.decode([5, 6, 4]) == " unable un"  # "▁" reads as a space, as in llama.cpp
+
+
+@pytest.mark.parametrize("model", ["t5", "rwkv", "plamo2"])
 def test_unsupported_model_is_typed(model: str) -> None:
-    with pytest.raises(UnsupportedError, match="gpt2, llama"):
+    with pytest.raises(UnsupportedError, match="gpt2, llama, bert"):
         Tokenizer.from_metadata(_bpe_md(**{"tokenizer.ggml.model": model}))
 
 
