@@ -1,8 +1,8 @@
 """The tokenizer facade: GGUF tokenizer metadata in, llama.cpp-identical token ids out.
 
 `Tokenizer.from_metadata(md)` reads the `tokenizer.ggml.*` keys and builds a byte-level
-BPE ("gpt2", loaders/bpe.py), SentencePiece ("llama", loaders/spm.py) or WordPiece ("bert",
-loaders/wordpiece.py) backend. Encoding
+BPE ("gpt2"; Gemma 4's SentencePiece-style "gemma4", loaders/bpe.py), SentencePiece ("llama",
+loaders/spm.py) or WordPiece ("bert", loaders/wordpiece.py) backend. Encoding
 first partitions the text around special tokens the way llama.cpp does (longest token text
 first; CONTROL/UNKNOWN tokens only when parse_special, USER_DEFINED always), then hands the
 remaining fragments to the backend. Token types follow llama.cpp's GGUF convention.
@@ -17,12 +17,13 @@ from loaders import bpe, spm, wordpiece
 from quant.errors import ContextLengthError, TokenizerError, UnsupportedError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-SUPPORTED_MODELS = ("gpt2", "llama", "bert")
+SUPPORTED_MODELS = ("gpt2", "llama", "bert", "gemma4")
 # llama.cpp's default special ids per tokenizer model (bos, eos, unk, sep).
 _DEFAULT_IDS: dict[str, tuple[int | None, ...]] = {
     "llama": (1, 2, 0, None),
     "bert": (101, None, 100, 102),
     "gpt2": (None, None, None, None),
+    "gemma4": (None, None, None, None),
 }
 _K = "tokenizer.ggml."
 
@@ -189,7 +190,7 @@ def _backend(
     merges = _as_list(md, _K + "merges")
     if merges is None:
         raise TokenizerError(f"BPE tokenizer without merges ({_K}merges)")
-    pre = bpe.pre_tokenizer(md.get(_K + "pre"))
+    pre = bpe.GEMMA4_PRE if model == "gemma4" else bpe.pre_tokenizer(md.get(_K + "pre"))
     return bpe.BPEModel(token_to_id, merges, pre), pre.add_bos, False
 
 
@@ -276,7 +277,10 @@ class Tokenizer:
             backend,
             model,
             ids,
-            add_bos=wpm_model or bool(md.get(_K + "add_bos_token", add_bos_default)),
+            # llama.cpp forces BOS on for Gemma 4 whatever the file says.
+            add_bos=wpm_model
+            or model == "gemma4"
+            or bool(md.get(_K + "add_bos_token", add_bos_default)),
             add_eos=not wpm_model and bool(md.get(_K + "add_eos_token", False)),
             add_space_prefix=spm_model and bool(md.get(_K + "add_space_prefix", space_default)),
             add_sep=wpm_model,
@@ -338,7 +342,7 @@ class Tokenizer:
         before tokenizing (e.g. a server, against num_ctx)."""
         if self._max_token_chars is None:
             longest = max((len(t) for _, t in self._specials), default=1)
-            if self.model == "gpt2":
+            if isinstance(self.backend, bpe.BPEModel):
                 backend = self.backend.max_token_bytes
             else:
                 backend = self.backend.max_token_chars
@@ -438,7 +442,7 @@ class Tokenizer:
         if kind == USER_DEFINED:
             return text.encode("utf-8", "surrogatepass")
         if kind == NORMAL:
-            return bpe.byte_decode(text) if self.model == "gpt2" else spm.piece_bytes(text)
+            return self.backend.piece_bytes(text)
         if kind == BYTE:
             b = spm.parse_byte_token(text)
             return b"" if b is None else bytes([b])

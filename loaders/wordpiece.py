@@ -135,6 +135,11 @@ class WordPieceModel:
                 return self._unknown()
         return tuple(ids) if ids else self._unknown()
 
+    @staticmethod
+    def piece_bytes(text: str) -> bytes:
+        """What a normal token stands for: its text with '▁' read as a space."""
+        return text.replace(SPACE, " ").encode("utf-8", "surrogatepass")
+
     def _unknown(self) -> tuple[int, ...]:
         if self.unk_id is None:
             raise TokenizerError(
