@@ -41,7 +41,7 @@ def perplexity(lm: LoadedModel, text: str, n_ctx: int, n_chunks: int) -> list[fl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+@pytest.mark.parametrize("name", ["smollm2", "gemma3", "qwen_coder"])
 def test_perplexity_within_two_percent(name):
     ref = fixture(name)["perplexity"]
     lm = LoadedModel.load(model_path(name))
