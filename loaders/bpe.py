@@ -5,6 +5,10 @@ A text fragment is split into words by the pre-tokenizer regexes named by
 and the gaps between them), each word's UTF-8 bytes are mapped to printable characters as
 GPT-2 does, and the word is merged pair by pair: always the adjacent pair with the lowest
 merge rank (its index in `tokenizer.ggml.merges`), the leftmost one on ties.
+
+Gemma 4 (`tokenizer.ggml.model` = "gemma4") runs the same merging SentencePiece-style:
+spaces become U+2581, the text is split only at newlines, words stay raw UTF-8 (no byte
+map), and a symbol that is not a token falls back to `<0xXX>` byte tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import regex
 
 from quant.errors import TokenizerError, UnsupportedError
 
+SPACE = "\u2581"
+
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _LLAMA3 = (
@@ -27,6 +33,38 @@ _QWEN2 = (
     _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN35 = (  # Qwen2's, with combining marks (\p{M}) kept inside words
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_CJK_RUNS = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"  # DeepSeek's CJK, kana, Hangul runs
+# DeepSeek LLM's letters: the cased and Latin/Greek/Cyrillic/… letter blocks of its tokenizer.
+_DEEPSEEK_LETTERS = (
+    "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293"
+    "\u0295-\u02af\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a"
+    "\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556"
+    "\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b"
+    "\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d"
+    "\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe"
+    "\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4"
+    "\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128"
+    "\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184"
+    "\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b"
+    "\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17"
+    "\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3"
+    "\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df"
+    "\U0001e900-\U0001e943"
+)
+_DEEPSEEK_LLM = (
+    r"[\r\n]",
+    r"\s?[" + _DEEPSEEK_LETTERS + "]+",
+    "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+    r"\s+\Z",  # "$": the end of the piece only (ECMAScript has no "before a final newline")
+    _CJK_RUNS,
+    r"\p{N}+",
+)
+_DEEPSEEK_CODER = (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK_RUNS, r"\p{N}")
+_FALCON = (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]")
 
 
 class TooManyTokens(Exception):
@@ -44,6 +82,7 @@ class PreTokenizer:
     regexes: tuple[str, ...]
     ignore_merges: bool = False  # a word that is itself a token is emitted whole
     add_bos: bool = False  # default for tokenizer.ggml.add_bos_token
+    spm_style: bool = False  # Gemma 4: spaces as U+2581, raw UTF-8, <0xXX> byte fallback
 
 
 _DEFAULT = PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"))
@@ -51,6 +90,7 @@ _GPT2_PRE = PreTokenizer((_GPT2,))
 _DIGITS_GPT2 = PreTokenizer((r"\p{N}", _GPT2))
 _LLAMA3_PRE = PreTokenizer((_LLAMA3,), ignore_merges=True, add_bos=True)
 _QWEN2_PRE = PreTokenizer((_QWEN2,))
+GEMMA4_PRE = PreTokenizer(("[^\\n]+|[\\n]+",), add_bos=True, spm_style=True)
 
 # tokenizer.ggml.pre -> pre-tokenizer, grouped as llama.cpp's llama-vocab.cpp groups them.
 PRE_TOKENIZERS: dict[str, PreTokenizer] = {
@@ -66,6 +106,11 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     ),
     **dict.fromkeys(("dbrx", "smaug-bpe"), PreTokenizer((_LLAMA3,))),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan"), _QWEN2_PRE),
+    "qwen35": PreTokenizer((_QWEN35,)),
+    "deepseek-llm": PreTokenizer(_DEEPSEEK_LLM),
+    "deepseek-coder": PreTokenizer(_DEEPSEEK_CODER),
+    "falcon": PreTokenizer(_FALCON),
+    "gemma4": GEMMA4_PRE,
 }
 
 
@@ -168,8 +213,11 @@ class BPEModel:
         than (limit + 1) × the longest token is refused before it is merged."""
         ids: list[int] = []
         longest = self.max_token_bytes
+        spm_style = self.pre.spm_style
+        if spm_style:
+            text = text.replace(" ", SPACE)
         for word in self.split_words(text):
-            enc = byte_encode(word)
+            enc = word if spm_style else byte_encode(word)
             if limit is not None and len(enc) > (limit - len(ids) + 1) * longest:
                 raise TooManyTokens(limit)
             cached = self._cache.get(enc)
@@ -196,16 +244,27 @@ class BPEModel:
     def _encode_word(self, word: str) -> list[int]:
         if self.pre.ignore_merges and word in self.token_to_id:
             return [self.token_to_id[word]]
+        if self.pre.spm_style and word in self.token_to_id and not word.strip("\n"):
+            return [self.token_to_id[word]]  # a run of newlines that is one token stays whole
         ids: list[int] = []
         for sym in self._merge(word):
             tid = self.token_to_id.get(sym)
             if tid is not None:
                 ids.append(tid)
-                continue
-            # llama.cpp looks each byte of the symbol's text up as a one-byte token: only
-            # ASCII characters can match; the others are dropped.
-            ids.extend(self.token_to_id[c] for c in sym if c < "\x80" and c in self.token_to_id)
+            elif self.pre.spm_style:  # <0xXX> byte tokens; a byte without one is dropped
+                found = (self.token_to_id.get(f"<0x{b:02X}>") for b in sym.encode("utf-8"))
+                ids.extend(t for t in found if t is not None)
+            else:
+                # llama.cpp looks each byte of the symbol's text up as a one-byte token: only
+                # ASCII characters can match; the others are dropped.
+                ids.extend(self.token_to_id[c] for c in sym if c < "\x80" and c in self.token_to_id)
         return ids
+
+    def piece_bytes(self, text: str) -> bytes:
+        """What a normal token of this vocabulary stands for."""
+        if self.pre.spm_style:
+            return text.replace(SPACE, " ").encode("utf-8", "surrogatepass")
+        return byte_decode(text)
 
     def _merge(self, word: str) -> list[str]:
         """Merge adjacent symbols by lowest rank (leftmost on ties) until none applies.

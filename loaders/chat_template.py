@@ -143,10 +143,25 @@ def _validate(messages: Any) -> None:
                 f"messages[{i}] must be an object with 'role' and 'content', "
                 f"got {type(message).__name__}"
             )
-        for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                got = "missing" if key not in message else type(message[key]).__name__
-                raise InvalidParameterError(f"messages[{i}]['{key}'] must be a string, got {got}")
+        if not isinstance(message.get("role"), str):
+            got = "missing" if "role" not in message else type(message["role"]).__name__
+            raise InvalidParameterError(f"messages[{i}]['role'] must be a string, got {got}")
+        if not _valid_content(message):
+            got = "missing" if "content" not in message else type(message["content"]).__name__
+            raise InvalidParameterError(
+                f"messages[{i}]['content'] must be a string or a list of content parts "
+                f"(null or missing only beside tool_calls), got {got}"
+            )
+
+
+def _valid_content(message: dict[str, Any]) -> bool:
+    """A string, a list of content-part objects, or nothing in a message making tool calls."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return True
+    if isinstance(content, list):
+        return all(isinstance(part, dict) for part in content)
+    return content is None and bool(message.get("tool_calls"))
 
 
 class ChatTemplate:

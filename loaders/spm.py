@@ -74,6 +74,11 @@ class SPMModel:
             raise TooManyTokens(limit)
         return ids
 
+    @staticmethod
+    def piece_bytes(text: str) -> bytes:
+        """What a normal token of this vocabulary stands for."""
+        return piece_bytes(text)
+
     def _bytes(self, sym: str) -> list[int]:
         out = []
         for b in sym.encode("utf-8", "surrogatepass"):

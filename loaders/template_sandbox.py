@@ -342,7 +342,8 @@ def _metered_filter(name: str, func: Any) -> Any:
         m.step()
         if len(args) > offset:
             value = args[offset]
-            if stringifies or name == "sum":
+            # tojson gets a generator as is: json.dumps refuses it, as in transformers
+            if (stringifies and name != "tojson") or name == "sum":
                 value = _materialize(m, value)
                 args = (*args[:offset], value, *args[offset + 1 :])
             if stringifies and not isinstance(value, str):

@@ -1,7 +1,8 @@
 """The tokenizer facade: GGUF tokenizer metadata in, llama.cpp-identical token ids out.
 
 `Tokenizer.from_metadata(md)` reads the `tokenizer.ggml.*` keys and builds a byte-level
-BPE ("gpt2", loaders/bpe.py) or SentencePiece ("llama", loaders/spm.py) backend. Encoding
+BPE ("gpt2"; Gemma 4's SentencePiece-style "gemma4", loaders/bpe.py), SentencePiece ("llama",
+loaders/spm.py) or WordPiece ("bert", loaders/wordpiece.py) backend. Encoding
 first partitions the text around special tokens the way llama.cpp does (longest token text
 first; CONTROL/UNKNOWN tokens only when parse_special, USER_DEFINED always), then hands the
 remaining fragments to the backend. Token types follow llama.cpp's GGUF convention.
@@ -12,11 +13,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from loaders import bpe, spm
+from loaders import bpe, spm, wordpiece
 from quant.errors import ContextLengthError, TokenizerError, UnsupportedError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-SUPPORTED_MODELS = ("gpt2", "llama")
+SUPPORTED_MODELS = ("gpt2", "llama", "bert", "gemma4")
+# llama.cpp's default special ids per tokenizer model (bos, eos, unk, sep).
+_DEFAULT_IDS: dict[str, tuple[int | None, ...]] = {
+    "llama": (1, 2, 0, None),
+    "bert": (101, None, 100, 102),
+    "gpt2": (None, None, None, None),
+    "gemma4": (None, None, None, None),
+}
 _K = "tokenizer.ggml."
 
 # Texts llama.cpp recognises by name (llama-vocab.cpp); such tokens are forced to CONTROL.
@@ -168,6 +176,24 @@ def _special_id(md: dict[str, Any], name: str, n: int, default: int | None) -> i
     return default if default is not None and 0 <= default < n else None
 
 
+def _backend(
+    model: str, md: dict[str, Any], token_to_id: dict[str, int], ids: dict[str, int | None]
+) -> tuple[Any, bool, bool]:
+    """The backend for a tokenizer model, with its add_bos and add_space_prefix defaults."""
+    if model == "llama":
+        scores = [float(s) for s in _per_token(md, "scores", len(token_to_id), 0.0)]
+        return spm.SPMModel(token_to_id, scores, ids["unk"]), True, True
+    if model == "bert":
+        lowercase = bool(md.get(_K + "normalizer.lowercase", True))
+        strip = bool(md.get(_K + "normalizer.strip_accents", lowercase))
+        return wordpiece.WordPieceModel(token_to_id, ids["unk"], lowercase, strip), True, False
+    merges = _as_list(md, _K + "merges")
+    if merges is None:
+        raise TokenizerError(f"BPE tokenizer without merges ({_K}merges)")
+    pre = bpe.GEMMA4_PRE if model == "gemma4" else bpe.pre_tokenizer(md.get(_K + "pre"))
+    return bpe.BPEModel(token_to_id, merges, pre), pre.add_bos, False
+
+
 class Tokenizer:
     """Encode text to token ids and decode them back, exactly as llama.cpp does."""
 
@@ -181,6 +207,7 @@ class Tokenizer:
         add_bos: bool,
         add_eos: bool,
         add_space_prefix: bool,
+        add_sep: bool = False,
     ):
         self.tokens = tokens
         self.types = types
@@ -190,7 +217,13 @@ class Tokenizer:
         self.bos_id, self.eos_id = ids["bos"], ids["eos"]
         self.add_bos, self.add_eos = add_bos, add_eos
         self.add_space_prefix = add_space_prefix
-        for flag, wanted, tid in (("bos", add_bos, self.bos_id), ("eos", add_eos, self.eos_id)):
+        self.sep_id, self.add_sep = ids.get("sep"), add_sep
+        wanted_ids = (
+            ("bos", add_bos, self.bos_id),
+            ("eos", add_eos, self.eos_id),
+            ("sep", add_sep, self.sep_id),
+        )
+        for flag, wanted, tid in wanted_ids:
             if wanted and tid is None:
                 raise TokenizerError(
                     f"{_K}add_{flag}_token is true but {_K}{flag}_token_id is not set"
@@ -223,37 +256,34 @@ class Tokenizer:
         token_to_id: dict[str, int] = {}
         for i, t in enumerate(tokens):
             token_to_id.setdefault(t, i)
-        spm_model = model == "llama"
+        bos, eos, unk, sep = _DEFAULT_IDS[model]
         ids = {
-            "bos": _special_id(md, "bos", n, 1 if spm_model else None),
-            "eos": _special_id(md, "eos", n, 2 if spm_model else None),
-            "unk": _special_id(md, "unknown", n, 0 if spm_model else None),
+            "bos": _special_id(md, "bos", n, bos),
+            "eos": _special_id(md, "eos", n, eos),
+            "unk": _special_id(md, "unknown", n, unk),
+            "sep": _special_id(md, "seperator", n, sep),  # sic: llama.cpp's key name
         }
         for role in _ROLE_TEXTS:
             keys = _ROLE_KEYS.get(role, (role,))
             ids[role] = next(
                 (v for k in keys if (v := _special_id(md, k, n, None)) is not None), None
             )
-        if spm_model:
-            scores = [float(s) for s in _per_token(md, "scores", n, 0.0)]
-            backend: Any = spm.SPMModel(token_to_id, scores, ids["unk"])
-            add_bos_default, space_default = True, True
-        else:
-            merges = _as_list(md, _K + "merges")
-            if merges is None:
-                raise TokenizerError(f"BPE tokenizer without merges ({_K}merges)")
-            pre = bpe.pre_tokenizer(md.get(_K + "pre"))
-            backend = bpe.BPEModel(token_to_id, merges, pre)
-            add_bos_default, space_default = pre.add_bos, False
+        backend, add_bos_default, space_default = _backend(model, md, token_to_id, ids)
+        spm_model = model == "llama"
+        wpm_model = model == "bert"  # llama.cpp's WordPiece always adds [CLS] … [SEP]
         return cls(
             tokens,
             types,
             backend,
             model,
             ids,
-            add_bos=bool(md.get(_K + "add_bos_token", add_bos_default)),
-            add_eos=bool(md.get(_K + "add_eos_token", False)),
+            # llama.cpp forces BOS on for Gemma 4 whatever the file says.
+            add_bos=wpm_model
+            or model == "gemma4"
+            or bool(md.get(_K + "add_bos_token", add_bos_default)),
+            add_eos=not wpm_model and bool(md.get(_K + "add_eos_token", False)),
             add_space_prefix=spm_model and bool(md.get(_K + "add_space_prefix", space_default)),
+            add_sep=wpm_model,
         )
 
     # -- special tokens ---------------------------------------------------------------
@@ -312,10 +342,10 @@ class Tokenizer:
         before tokenizing (e.g. a server, against num_ctx)."""
         if self._max_token_chars is None:
             longest = max((len(t) for _, t in self._specials), default=1)
-            if self.model == "llama":
-                backend = self.backend.max_token_chars
-            else:
+            if isinstance(self.backend, bpe.BPEModel):
                 backend = self.backend.max_token_bytes
+            else:
+                backend = self.backend.max_token_chars
             self._max_token_chars = max(longest, backend, 1)
         return self._max_token_chars
 
@@ -369,16 +399,17 @@ class Tokenizer:
                     prefix = self.add_space_prefix and prev_special
                     ids.extend(self.backend.encode(part, prefix, left))
                     prev_special = False
-                else:
+                else:  # BPE and WordPiece
                     ids.extend(self.backend.encode(part, left))
                 if max_tokens is not None and len(ids) > max_tokens:
                     raise bpe.TooManyTokens(max_tokens)
         except bpe.TooManyTokens:
             raise _too_many(max_tokens) from None  # type: ignore[arg-type]
-        if add_special and self.add_eos:
-            ids.append(self.eos_id)  # type: ignore[arg-type]
-            if max_tokens is not None and len(ids) > max_tokens:
-                raise _too_many(max_tokens)
+        for wanted, tid in ((self.add_eos, self.eos_id), (self.add_sep, self.sep_id)):
+            if add_special and wanted:
+                ids.append(tid)  # type: ignore[arg-type]
+                if max_tokens is not None and len(ids) > max_tokens:
+                    raise _too_many(max_tokens)
         return ids
 
     def special_texts_in(self, text: str) -> list[str]:
@@ -411,7 +442,7 @@ class Tokenizer:
         if kind == USER_DEFINED:
             return text.encode("utf-8", "surrogatepass")
         if kind == NORMAL:
-            return spm.piece_bytes(text) if self.model == "llama" else bpe.byte_decode(text)
+            return self.backend.piece_bytes(text)
         if kind == BYTE:
             b = spm.parse_byte_token(text)
             return b"" if b is None else bytes([b])

@@ -17,11 +17,11 @@ from loaders.blobs import partial
 from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from loaders.lora_adapter import LoraAdapter
-from loaders.pull import KNOWN, pull
+from loaders.pull import KNOWN, known_key, pull
 from modelfiles.gguf_quantizer import quantize_gguf, target_type
 from modelfiles.manifest import Layer, Manifest
 from modelfiles.modelfile import Modelfile
-from modelfiles.names import DEFAULT_TAG, ModelName
+from modelfiles.names import ModelName
 from modelfiles.parser import read_modelfile
 from modelfiles.store import Progress, Store
 from quant.errors import GGUFError, ModelfileError, ModelNotFoundError, UnsupportedError
@@ -72,14 +72,15 @@ def ensure_builtin(store: Store, name: ModelName, progress: Progress | None = No
     manifest = store.get(name)
     if manifest is not None:
         return manifest
-    if name.tag != DEFAULT_TAG or name.name not in KNOWN:
+    key = known_key(name.name, name.tag)
+    if key is None:
         stored = ", ".join(str(n) for n, _ in store.list()) or "none"
         raise ModelNotFoundError(
             f"model {str(name)!r} is not known; stored models: {stored}; pullable models: "
             f"{', '.join(sorted(KNOWN))} (or give the path of a .gguf file)"
         )
-    path = pull(name.name)
-    mf = read_modelfile(BUILTIN_DIR / f"{name.name}.Modelfile")
+    path = pull(key)
+    mf = read_modelfile(BUILTIN_DIR / f"{key.replace(':', '-')}.Modelfile")
     return create_model(store, name, mf, BUILTIN_DIR, progress=progress, from_path=path)
 
 

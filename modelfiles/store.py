@@ -43,7 +43,7 @@ from loaders.blobs import (
     sha256_file,
     verify,
 )
-from loaders.pull import KNOWN, tandem_home
+from loaders.pull import known_key, tandem_home
 from modelfiles.manifest import Layer, Manifest, damaged
 from modelfiles.names import ModelName
 from quant.errors import ModelNotFoundError
@@ -171,8 +171,8 @@ class Store:
         if manifest is None:
             stored = ", ".join(str(n) for n, _ in self.list()) or "none"
             how = (
-                f"pull it with `tandem pull {name.name}`"
-                if name.name in KNOWN
+                f"pull it with `tandem pull {known_key(name.name, name.tag)}`"
+                if known_key(name.name, name.tag)
                 else "create it with `tandem create NAME -f Modelfile`"
             )
             raise ModelNotFoundError(

@@ -16,7 +16,10 @@ FIXTURES = REPO.parent / "shared" / "fixtures"
 FIXTURE_FILES = {
     "smollm2": "smollm2-135m-q4_1.public.json",
     "gemma3": "gemma3-270m-q4_k_m.public.json",
+    "qwen_coder": "qwen2.5-coder-0.5b-q4_k_m.public.json",
 }
+# Test names of the real models whose pull name is not a Python identifier.
+PULL_NAMES = {"qwen_coder": "qwen2.5-coder:0.5b"}
 
 # Models are pulled once into a cache the test runs share (TANDEM_TEST_HOME overrides).
 os.environ.setdefault("TANDEM_HOME", os.environ.get("TANDEM_TEST_HOME", str(REPO / ".tandem-test")))
@@ -27,7 +30,7 @@ os.environ.setdefault("TANDEM_BUILD_CACHE", str(Path(os.environ["TANDEM_HOME"]) 
 def model_path(name: str) -> Path:
     from loaders.pull import pull
 
-    return pull(name)
+    return pull(PULL_NAMES.get(name, name))
 
 
 def load_script(name: str):
@@ -66,6 +69,11 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def gemma3_path() -> Path:
     return model_path("gemma3")
+
+
+@pytest.fixture(scope="session")
+def qwen_coder_path() -> Path:
+    return model_path("qwen_coder")
 
 
 def pytest_collection_modifyitems(config, items):

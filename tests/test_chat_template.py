@@ -1,4 +1,5 @@
-"""Chat templates: the SmolLM2 GGUF's own template against llama.cpp's renders, the built-in
+"""Chat templates: the SmolLM2 and Qwen2.5-Coder GGUFs' own templates against llama.cpp's
+renders, the built-in
 Gemma format, the HF-compatible environment, and the sandbox against template injection."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from loaders.chat_template import BUILTIN, ChatTemplate, builtin_template, templ
 from quant.errors import InvalidParameterError, TemplateError
 
 SMOLLM2_CASES = fixture("smollm2")["chat_template"]
+QWEN_CODER_CASES = fixture("qwen_coder")["chat_template"]
 USER = [{"role": "user", "content": "Hi"}]
 
 
@@ -44,6 +46,13 @@ def smollm2_template(smollm2_path: Path) -> ChatTemplate:
 @pytest.mark.parametrize("case", SMOLLM2_CASES, ids=lambda c: f"{len(c['messages'])}msg")
 def test_smollm2_template_matches_llama_cpp(smollm2_template: ChatTemplate, case: dict) -> None:
     assert smollm2_template.render(case["messages"], add_generation_prompt=True) == case["prompt"]
+
+
+@pytest.mark.parametrize("case", QWEN_CODER_CASES, ids=lambda c: f"{len(c['messages'])}msg")
+def test_qwen_coder_template_matches_llama_cpp(qwen_coder_path: Path, case: dict) -> None:
+    metadata = _gguf_metadata(qwen_coder_path)
+    template = template_for(metadata, "qwen2", bos_token="", eos_token="<|im_end|>")
+    assert template.render(case["messages"], add_generation_prompt=True) == case["prompt"]
 
 
 def test_smollm2_without_generation_prompt(smollm2_template: ChatTemplate) -> None:

@@ -47,7 +47,7 @@ def compare(case: dict, token_ids: list[int], logprobs: list[dict[int, float]]) 
     return report
 
 
-@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
+@pytest.fixture(scope="module", params=["smollm2", "gemma3", "qwen_coder"])
 def reports(request) -> tuple[str, list[dict]]:
     """Every fixture prompt of one model, generated once and compared."""
     name = request.param

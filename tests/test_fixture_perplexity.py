@@ -14,7 +14,7 @@ REL_TOL = 0.02
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+@pytest.mark.parametrize("name", ["smollm2", "gemma3", "qwen_coder"])
 def test_perplexity_within_two_percent(name):
     ref = fixture(name)["perplexity"]
     lm = LoadedModel.load(model_path(name))

@@ -202,6 +202,16 @@ def test_latest_tag_resolves():
         pullable("smollm2:other")
 
 
+def test_tagged_entry_resolves_by_name_and_tag():
+    assert pullable("qwen2.5-coder:0.5b").name == "qwen2.5-coder:0.5b"
+    assert pull_mod.known_key("qwen2.5-coder", "0.5b") == "qwen2.5-coder:0.5b"
+    assert pull_mod.known_key("smollm2") == "smollm2"
+    assert pull_mod.known_key("qwen2.5-coder") is None  # no untagged qwen2.5-coder
+    assert pull_mod.known_key("smollm2", "0.5b") is None
+    with pytest.raises(ModelNotFoundError):
+        pullable("qwen2.5-coder")
+
+
 def test_latest_tag_pulls_same_blob(home, registry):
     assert pull("fakemodel:latest", progress=lambda d, t: None) == blob_path(SHA)
     assert pull("fakemodel", progress=lambda d, t: None) == blob_path(SHA)

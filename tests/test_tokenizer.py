@@ -17,11 +17,12 @@ from loaders.gguf_file import GGUFFile
 from loaders.tokenizer import Tokenizer
 from quant.errors import TokenizerError, UnsupportedError
 
-MODELS = ("smollm2", "gemma3")
+MODELS = ("smollm2", "gemma3", "qwen_coder")
 FIXTURES = {name: fixture(name) for name in MODELS}
 # Strings holding CONTROL-token texts: decode(skip_special=True) drops those tokens by design.
 HAS_CONTROL_TEXT = {
     "smollm2": {"<|im_start|>user\nhi<|im_end|>"},
+    "qwen_coder": {"<|im_start|>user\nhi<|im_end|>", "<s> </s> <unk>"},  # </s>: a control token
     "gemma3": {"<start_of_turn>user\nhello<end_of_turn>", "<s> </s> <unk>"},
 }
 MULTIBYTE = [
@@ -33,7 +34,9 @@ MULTIBYTE = [
     "math: ∑ ∫ √ ≤ ≥ ≠ ∞",
     "🦙🧬 𝔘𝔫𝔦",
 ]
-RARE = "\U00013000"  # EGYPTIAN HIEROGLYPH A001: four single-byte tokens in both vocabularies
+RARE = "\U00013000"  # EGYPTIAN HIEROGLYPH A001: four single-byte tokens in SmolLM2 and Gemma3
+# A character each vocabulary spells with one token per UTF-8 byte (Qwen merges 0xF0 0x93).
+RARE_BY_MODEL = {"smollm2": RARE, "gemma3": RARE, "qwen_coder": "\U00040000"}
 
 
 def _load(path: Path) -> Tokenizer:
@@ -48,6 +51,11 @@ def smollm2_tok(smollm2_path: Path) -> Tokenizer:
 @pytest.fixture(scope="module")
 def gemma3_tok(gemma3_path: Path) -> Tokenizer:
     return _load(gemma3_path)
+
+
+@pytest.fixture(scope="module")
+def qwen_coder_tok(qwen_coder_path: Path) -> Tokenizer:
+    return _load(qwen_coder_path)
 
 
 def _tok(request: pytest.FixtureRequest, model: str) -> Tokenizer:
@@ -98,6 +106,7 @@ def test_control_tokens_decode_only_when_asked(request, model: str) -> None:
     tok = _tok(request, model)
     text = {
         "smollm2": "<|im_start|>user\nhi<|im_end|>",
+        "qwen_coder": "<|im_start|>user\nhi<|im_end|>",
         "gemma3": "<start_of_turn>user\nhello<end_of_turn>",
     }[model]
     ids = tok.encode(text, add_special=False)
@@ -182,19 +191,19 @@ def test_stream_decoder_never_splits_characters(request, model: str, text: str) 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_stream_decoder_holds_back_partial_characters(request, model: str) -> None:
-    tok = _tok(request, model)
-    ids = tok.encode(RARE, add_special=False)
+    tok, rare = _tok(request, model), RARE_BY_MODEL[model]
+    ids = tok.encode(rare, add_special=False)
     assert len(ids) == 4, "one byte token per UTF-8 byte"
     dec = StreamDecoder(tok)
     assert [dec.push(t) for t in ids[:-1]] == ["", "", ""]
-    assert dec.push(ids[-1]) == RARE
+    assert dec.push(ids[-1]) == rare
     assert dec.flush() == ""
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_stream_decoder_flushes_leftovers_as_replacement(request, model: str) -> None:
     tok = _tok(request, model)
-    first = tok.encode(RARE, add_special=False)[0]
+    first = tok.encode(RARE_BY_MODEL[model], add_special=False)[0]
     dec = StreamDecoder(tok)
     assert dec.push(first) == ""
     assert dec.flush() == "\ufffd"
@@ -325,9 +334,38 @@ def test_synthetic_spm_space_prefix_and_byte_fallback() -> None:
     assert [no_prefix.token_str(i) for i in no_prefix.encode("ab", add_special=False)] == ["ab"]
 
 
-@pytest.mark.parametrize("model", ["bert", "t5", "rwkv"])
+def _wpm_md(**over) -> dict:
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "\u2581un", "\u2581una", "ble", "aff", "\u2581,"]
+    tokens += ["\u2581cafe", "\u2581\u4e2d", "\u2581e"]
+    md = {
+        "tokenizer.ggml.model": "bert",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3, 3, 3, 3] + [1] * (len(tokens) - 4),
+        "tokenizer.ggml.unknown_token_id": 1,
+        "tokenizer.ggml.bos_token_id": 2,
+        "tokenizer.ggml.seperator_token_id": 3,
+    }
+    md.update(over)
+    return md
+
+
+def test_wordpiece_greedy_longest_match_and_normalization() -> None:
+    tok = Tokenizer.from_metadata(_wpm_md())
+    words = tok.encode  # ids: 4 ▁un, 5 ▁una, 6 ble, 7 aff, 8 ▁, 9 ▁cafe, 10 ▁中, 11 ▁e
+    # Longest match from the left: "▁una" then "ble" (not "▁un" + …); "UNAFF" is lowered.
+    assert words("unable UNAFF", add_special=False) == [5, 6, 1]  # "▁una"+"ff": no cover
+    assert words("unaff", add_special=False) == [1]  # "▁una" then "ff" uncovered: all [UNK]
+    # Accents are stripped, punctuation and CJK stand alone, control characters vanish.
+    assert words("Café,中\x07e", add_special=False) == [9, 8, 10, 11]
+    assert words("un\u3000\t\nun") == [2, 4, 4, 3]  # [CLS] … [SEP] with add_special
+    no_lower = Tokenizer.from_metadata(_wpm_md(**{"tokenizer.ggml.normalizer.lowercase": False}))
+    assert no_lower.encode("Un", add_special=False) == [1]
+    assert tok.decode([5, 6, 4]) == " unable un"  # "▁" reads as a space, as in llama.cpp
+
+
+@pytest.mark.parametrize("model", ["t5", "rwkv", "plamo2"])
 def test_unsupported_model_is_typed(model: str) -> None:
-    with pytest.raises(UnsupportedError, match="gpt2, llama"):
+    with pytest.raises(UnsupportedError, match="gpt2, llama, bert"):
         Tokenizer.from_metadata(_bpe_md(**{"tokenizer.ggml.model": model}))
 
 

@@ -305,7 +305,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     entry = pullable(args.model)
     path = pull(entry.name)
-    ensure_builtin(Store(), ModelName(entry.name))  # `tandem list` shows it from now on
+    ensure_builtin(Store(), ModelName.parse(entry.name))  # `tandem list` shows it from now on
     print(f"{entry.name}: {entry.description}\n{path}")
     return 0
 

@@ -108,10 +108,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _pulled_builtin(store: Store, name: ModelName) -> Manifest | None:
     """A pullable model already pulled but not yet registered (no download for `show`)."""
-    from loaders.pull import KNOWN, pulled_path
+    from loaders.pull import known_key, pulled_path
     from modelfiles.builder import ensure_builtin
 
-    if name.tag == "latest" and name.name in KNOWN and pulled_path(name.name):
+    key = known_key(name.name, name.tag)
+    if key is not None and pulled_path(key):
         return ensure_builtin(store, name)
     return None
 

@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loaders.pull import KNOWN, pulled_path
-from modelfiles.names import DEFAULT_TAG, ModelName
+from loaders.pull import known_key, pulled_path
+from modelfiles.names import ModelName
 from modelfiles.parameters import default
 from modelfiles.store import Store
 from quant.errors import GGUFError, InvalidParameterError, ModelNotFoundError, QueueFullError
@@ -183,18 +183,16 @@ class ModelRegistry:
         if (
             name is not None
             and not self.options.allow_pull
-            and name.tag == DEFAULT_TAG
-            and name.name in KNOWN
-            and pulled_path(name.name) is None
+            and (pull_key := known_key(name.name, name.tag)) is not None
+            and pulled_path(pull_key) is None
             and Store().get(name) is None
         ):
             raise ModelNotFoundError(
-                f"model {key!r} is not pulled yet; run `tandem pull {name.name}` (or start "
+                f"model {key!r} is not pulled yet; run `tandem pull {pull_key}` (or start "
                 "the server with --allow-pull to let requests pull it)"
             )
         if self._loader == self._load_model and (
-            name is None
-            or (Store().get(name) is None and not (name.tag == DEFAULT_TAG and name.name in KNOWN))
+            name is None or (Store().get(name) is None and known_key(name.name, name.tag) is None)
         ):
             # refused before a place is reserved: an unknown name must not unload a model
             raise ModelNotFoundError(
