@@ -13,10 +13,10 @@ import gc
 import logging
 import time
 import weakref
-from typing import Any
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 

@@ -266,7 +266,10 @@ def _message(i: int, m: Any) -> dict:
         raise RequestFieldError(
             where, f"{where} must be an object whose role is one of {', '.join(sorted(ROLES))}"
         )
-    extra = sorted(set(m) - {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
+    extra = sorted(
+        set(m)
+        - {"role", "content", "name", "tool_calls", "tool_call_id", "refusal", "reasoning_content"}
+    )
     if extra:
         raise RequestFieldError(
             where, f"{where} has unsupported field(s) {', '.join(extra)} (audio is not supported)"

@@ -161,9 +161,8 @@ def _parse_tagged_json(fmt: ToolFormat, text: str, tools) -> list[ToolCall]:
     calls = []
     for body in fmt.pattern.findall(text) if fmt.pattern else []:
         got = _json_prefix(body)
-        if got is None:
-            return []
-        calls += _from_json(got[0])
+        if got is not None:  # a body cut short (the output hit its limit) is left out
+            calls += _from_json(got[0])
     return calls
 
 

@@ -106,7 +106,7 @@ def tool_messages(where: str, m: dict, out: dict) -> dict:
         out["tool_calls"] = [
             _history_call(f"{where}.tool_calls[{i}]", c) for i, c in enumerate(calls)
         ]
-    for key in ("tool_call_id", "name"):
+    for key in ("tool_call_id", "name", "reasoning_content"):
         if isinstance(m.get(key), str):
             out[key] = m[key]
     return out
