@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -128,13 +129,18 @@ class LoadedModel:
             head = [{"role": "system", "content": self.system}]
         return [*head, *self.messages, *messages]
 
-    def chat_prompt_ids(self, messages: list[dict], max_tokens: int | None = None) -> list[int]:
+    def chat_prompt_ids(
+        self, messages: list[dict], max_tokens: int | None = None, **extra: Any
+    ) -> list[int]:
         """Render the conversation (SYSTEM and MESSAGEs first) with the chat template and
         tokenize, adding BOS only once. Only the template's markup yields control tokens:
         special-token texts inside messages are plain text (loaders.chat_template.prompt_ids).
-        With max_tokens, ContextLengthError as soon as the prompt certainly exceeds it."""
+        With max_tokens, ContextLengthError as soon as the prompt certainly exceeds it.
+        `extra`: template variables (tools, enable_thinking, other chat_template_kwargs)."""
         conversation = self.conversation(messages)
-        return prompt_ids(self.template, self.tokenizer, conversation, max_tokens=max_tokens)
+        return prompt_ids(
+            self.template, self.tokenizer, conversation, max_tokens=max_tokens, **extra
+        )
 
 
 def _build_model(gguf: GGUFFile, config: ModelConfig, devices: DeviceMap) -> Model:

@@ -68,6 +68,10 @@ class SamplingParams:
     max_tokens: int | None = 16
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top candidates to return with each token (0..20)
+    # Constrained decoding: a runtime.engine.grammar.Grammar (kind + text), or None. Checked
+    # where the sequence compiles it (a GrammarError names what cannot be enforced).
+    grammar: Any = None
+    skip_special_tokens: bool = True  # False: control tokens' texts are part of the output
 
     def __post_init__(self) -> None:
         inf = math.inf

@@ -268,8 +268,8 @@ def test_prompt_longer_than_the_context_is_context_length_exceeded(client):
 @pytest.mark.parametrize(
     "extra",
     [
-        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+        {"logit_bias": {"1": 5}},
+        {"functions": [{"name": "f", "parameters": {}}]},
         {"no_such_field": 1},
     ],
 )

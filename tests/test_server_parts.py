@@ -79,8 +79,9 @@ def test_chat_content_parts_and_developer_role():
 @pytest.mark.parametrize(
     "body, param",
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"tools": [{"type": "function"}]}, "tools[0]"),
+        ({"tool_choice": "required"}, "tool_choice"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
         ({"frobnicate": True}, "frobnicate"),
         ({"temperature": 3}, "temperature"),
@@ -89,7 +90,7 @@ def test_chat_content_parts_and_developer_role():
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"stream": "yes"}, "stream"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0]"),
         ({"model": ""}, "model"),
     ],
@@ -161,11 +162,11 @@ def test_ollama_chat_and_generate_parsing():
 @pytest.mark.parametrize(
     "body",
     [
-        {"format": "json"},
+        {"format": 5},
         {"images": ["aGk="]},
         {"template": "{{ .Prompt }}"},
         {"suffix": "x"},
-        {"think": True},
+        {"think": "maybe"},
         {"unknown": 1},
         {"context": [1, "a"]},
         {"raw": 1},

@@ -14,6 +14,7 @@ import torch
 from loaders.detokenizer import StreamDecoder
 from loaders.tokenizer import Tokenizer
 from quant.errors import ContextLengthError
+from runtime.engine.grammar import GrammarMatcher
 from runtime.engine.sampler import Sampler
 from runtime.engine.stop import StopMatcher
 from runtime.sampling_params import SamplingParams
@@ -25,6 +26,8 @@ class Timings:
     prompt_seconds: float = 0.0
     eval_tokens: int = 0
     eval_seconds: float = 0.0
+    grammar_check_seconds: list[float] = field(default_factory=list)  # per token, constrained
+    grammar_mask_seconds: list[float] = field(default_factory=list)  # per mask computed
 
 
 @dataclass
@@ -68,11 +71,14 @@ class Sequence:
         self.group: object = seq_id
         self.last_scheduled = -1
         self._sampler = Sampler(params)
-        self._decoder = StreamDecoder(tokenizer)
+        self._decoder = StreamDecoder(tokenizer, params.skip_special_tokens)
         self._stop = StopMatcher(params.stop)
         self._stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             self._stop_ids |= tokenizer.eog_ids
+        self._grammar = (
+            None if params.grammar is None else GrammarMatcher(tokenizer, params.grammar)
+        )
 
     @property
     def generated(self) -> list[int]:
@@ -86,6 +92,9 @@ class Sequence:
     def next(self, logits: torch.Tensor) -> Delta:
         """Sample from the logits (V,) of the last token and return what it adds."""
         res = self._sampler.sample(logits, self.token_ids)
+        g = self._grammar
+        if g is not None and not g.accepts(res.token_id):  # only then is the mask computed
+            res = self._sampler.sample(g.mask(logits), self.token_ids)
         self.timings.eval_tokens += 1
         if res.token_id in self._stop_ids:
             return self._finish(None, res, "stop", "")
@@ -93,6 +102,10 @@ class Sequence:
         text, hit = self._stop.push(self._decoder.push(res.token_id))
         if hit:
             return self._finish(res.token_id, res, "stop", text)
+        if g is not None:
+            g.advance(res.token_id)
+            if g.done:  # the grammar is complete: nothing more may follow
+                return self._finish(res.token_id, res, "stop", text)
         limit = self.params.max_tokens
         generated = len(self.token_ids) - self.num_prompt
         if (limit is not None and generated >= limit) or len(self.token_ids) >= self.n_ctx:
@@ -106,6 +119,9 @@ class Sequence:
     def _finish(self, token: int | None, res, reason: str, text: str) -> Delta:
         """The last Delta; `token` is None when the sampled token (an end token) is not output."""
         self.finished = reason
+        if self._grammar is not None:
+            self.timings.grammar_check_seconds = self._grammar.check_seconds
+            self.timings.grammar_mask_seconds = self._grammar.mask_seconds
         if not self._stop.stopped:  # release held-back text unless a stop string ended it
             text += self._stop.push(self._decoder.flush())[0]
             if not self._stop.stopped:

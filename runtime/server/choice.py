@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from loaders.tokenizer import Tokenizer
 from runtime.engine.sequence import Delta, Timings
+from runtime.server.tool_calls import ToolCall
 
 
 @dataclass
@@ -29,6 +30,10 @@ class Choice:
     finish_reason: str | None = None
     timings: Timings | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # chat: the text split by ChatOutput (None: not split; `text` is the content)
+    reasoning: str = ""
+    content: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     def add(self, delta: Delta, want_logprobs: bool) -> list[TokenLogprob]:
         """Take one Delta; returns the logprob entries it added (for a stream chunk)."""
@@ -42,6 +47,13 @@ class Choice:
         if delta.finish_reason is not None:
             self.finish_reason, self.timings = delta.finish_reason, delta.timings
         return added
+
+    @property
+    def finish(self) -> str | None:
+        """The finish reason as the API reports it: "tool_calls" when the sample called tools."""
+        return (
+            "tool_calls" if self.tool_calls and self.finish_reason == "stop" else self.finish_reason
+        )
 
 
 def _piece(tok: Tokenizer, token_id: int) -> bytes:

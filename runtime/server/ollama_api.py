@@ -6,6 +6,7 @@ object with "stream": false), /api/tags, /api/show, /api/ps, /api/version. Error
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -19,7 +20,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from loaders.gguf_file import GGUFFile
 from modelfiles.resolver import resolve as resolve_spec
 from quant.errors import GGUFError, InternalError, TandemError
+from runtime.engine.grammar import check_grammar
 from runtime.sampling_params import OLLAMA_DEFAULTS
+from runtime.server.chat_output import ChatOutput
+from runtime.server.chat_setup import chat_setup
 from runtime.server.choice import Choice
 from runtime.server.errors import RequestFieldError, ollama_error, status_of
 from runtime.server.keep_alive import parse_keep_alive
@@ -63,8 +67,19 @@ async def _serve(request: Request, kind: str) -> Response:
                 return JSONResponse(_load_reply(req, kind))
             chars, tokens = req.size()
             check_prompt_chars(chars, tokens, served.num_ctx, served.max_token_chars)
-            ids = await asyncio.to_thread(req.prompt_ids, served.lm, served.num_ctx)
             params = options.params(served.lm.sampling_defaults(OLLAMA_DEFAULTS), served.lm.options)
+            params = dataclasses.replace(params, grammar=req.grammar)
+            setup = None
+            if kind == "chat":
+                kwargs = {} if req.think is None else {"enable_thinking": req.think}
+                setup = await asyncio.to_thread(
+                    chat_setup, served.lm, req.messages, req.tools, kwargs, params, served.num_ctx
+                )
+                ids, params = setup.ids, setup.params
+            else:
+                ids = await asyncio.to_thread(req.prompt_ids, served.lm, served.num_ctx)
+                if params.grammar is not None:
+                    await asyncio.to_thread(check_grammar, served.lm.tokenizer, params.grammar)
             params = fit_context(params, len(ids), options.num_ctx, served.num_ctx)
             stream.submit(ids, params)
         except BaseException:
@@ -75,6 +90,7 @@ async def _serve(request: Request, kind: str) -> Response:
         return ollama_error(err)
     state.metrics.count_request(endpoint, 200)
     reply = _Reply(req, kind, stream, ids, arrived, load_seconds)
+    reply.output = setup.output() if setup is not None else None
     if req.stream:
         return StreamingResponse(reply.ndjson(request), media_type="application/x-ndjson")
     return await reply.whole(request)
@@ -104,18 +120,34 @@ class _Reply:
         self.req, self.kind, self.stream, self.ids = req, kind, stream, ids
         self.arrived, self.load_seconds = arrived, load_seconds
         self.choice = Choice(0)
+        self.output: ChatOutput | None = None  # chat: splits reasoning and tool calls out
 
-    def _piece(self, text: str, done: bool) -> dict:
+    def _piece(self, text: str, done: bool, thinking: str = "", calls=()) -> dict:
         out: dict[str, Any] = {"model": self.req.model, "created_at": now_iso()}
         if self.kind == "chat":
             out["message"] = {"role": "assistant", "content": text}
+            if thinking:
+                out["message"]["thinking"] = thinking
+            if calls:
+                out["message"]["tool_calls"] = [c.ollama() for c in calls]
         else:
             out["response"] = text
         out["done"] = done
         return out
 
-    def _final(self, text: str) -> dict:
-        out = self._piece(text, True)
+    def _split(self, text: str, last: bool) -> tuple[str, str, list]:
+        """(content, thinking, tool calls) of a piece of text, through the chat splitter."""
+        if self.output is None:
+            return text, "", []
+        thinking, content = self.output.push(text)
+        calls: list = []
+        if last:
+            more_thinking, more, calls = self.output.finish()
+            thinking, content = thinking + more_thinking, content + more
+        return content, thinking, calls
+
+    def _final(self, text: str, thinking: str = "", calls=()) -> dict:
+        out = self._piece(text, True, thinking, calls)
         c, ns = self.choice, 1e9
         t = c.timings
         out["done_reason"] = c.finish_reason
@@ -136,7 +168,7 @@ class _Reply:
                 return ollama_error(event.error)
             assert event.delta is not None  # an Event carries a delta or an error
             self.choice.add(event.delta, False)
-        return JSONResponse(self._final(self.choice.text))
+        return JSONResponse(self._final(*self._split(self.choice.text, True)))
 
     async def ndjson(self, request: Request) -> AsyncIterator[str]:
         try:
@@ -146,10 +178,15 @@ class _Reply:
                     return
                 assert event.delta is not None  # an Event carries a delta or an error
                 self.choice.add(event.delta, False)
-                if self.choice.finish_reason is not None:
-                    yield _line(self._final(event.delta.text))
-                elif event.delta.text:
-                    yield _line(self._piece(event.delta.text, False))
+                last = self.choice.finish_reason is not None
+                content, thinking, calls = self._split(event.delta.text, last)
+                if calls:  # ollama sends the calls in a message of their own before done
+                    yield _line(self._piece(content, False, thinking, calls))
+                    content, thinking = "", ""
+                if last:
+                    yield _line(self._final(content, thinking))
+                elif content or thinking:
+                    yield _line(self._piece(content, False, thinking))
         except Exception as err:  # the status line is sent: say so in the stream, end it
             log.exception("stream for %s failed", self.req.model)
             yield _line({"error": str(InternalError(f"internal error ({type(err).__name__})"))})

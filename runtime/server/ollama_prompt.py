@@ -1,9 +1,10 @@
 """ollama /api/chat and /api/generate bodies parsed into an OllamaPrompt: the model, whether
 to stream, and how to turn the request into prompt token ids on the loaded model.
 
-Unknown fields are refused; `format` (JSON mode), `images`, `tools`, `suffix`, `template`
-and `think` are accepted only when empty/off. `options` and `keep_alive` are read by the
-caller (ollama_options, keep_alive).
+Unknown fields are refused; `images`, `suffix` and `template` are accepted only when
+empty/off. `format` ("json" or a schema) becomes a Grammar, `tools` a ToolRequest, `think`
+the template's enable_thinking (and whether the reasoning is returned apart).
+`options` and `keep_alive` are read by the caller (ollama_options, keep_alive).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 from runtime.loaded_model import LoadedModel
 from runtime.server.errors import RequestFieldError
+from runtime.server.structured import ollama_format
+from runtime.server.tool_request import ToolRequest, parse_tools, tool_messages
 
 CHAT_FIELDS = {"model", "messages", "tools", "format", "options", "stream", "keep_alive", "think"}
 GENERATE_FIELDS = {
@@ -31,14 +34,11 @@ GENERATE_FIELDS = {
     "think",
 }
 OFF_ONLY = {
-    "tools": "tool calling",
-    "format": "structured output (format)",
     "images": "images",
     "suffix": "suffix (insertion)",
     "template": "a per-request template (use the model's own)",
-    "think": "thinking",
 }
-ROLES = {"system", "user", "assistant"}
+ROLES = {"system", "user", "assistant", "tool"}
 
 
 @dataclass
@@ -48,6 +48,9 @@ class OllamaPrompt:
     messages: list[dict] = field(default_factory=list)  # chat, or generate with the template
     raw_prompt: str | None = None  # generate with raw: true
     context: list[int] = field(default_factory=list)  # generate: ids of an earlier exchange
+    grammar: Any = None  # runtime.engine.grammar.Grammar from `format`
+    tools: ToolRequest | None = None
+    think: bool | None = None  # None: the model's default
 
     def size(self) -> tuple[int, int]:
         """(characters, token ids) of the request's own prompt, before any template."""
@@ -101,7 +104,12 @@ def _common(body: Any, allowed: set[str]) -> OllamaPrompt:
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
         raise RequestFieldError("stream", f"stream must be true or false, got {stream!r}")
-    return OllamaPrompt(model, stream)
+    think = body.get("think")
+    if think in ("high", "medium", "low"):  # gpt-oss's levels: thinking on
+        think = True
+    if think is not None and not isinstance(think, bool):
+        raise RequestFieldError("think", f"think must be true or false, got {think!r}")
+    return OllamaPrompt(model, stream, grammar=ollama_format(body.get("format")), think=think)
 
 
 def parse_chat(body: Any) -> OllamaPrompt:
@@ -110,6 +118,7 @@ def parse_chat(body: Any) -> OllamaPrompt:
     if not isinstance(messages, list):
         raise RequestFieldError("messages", "messages must be a list of {role, content}")
     req.messages = [_message(i, m) for i, m in enumerate(messages)]
+    req.tools = parse_tools(body.get("tools"), None, None)
     return req
 
 
@@ -119,13 +128,17 @@ def _message(i: int, m: Any) -> dict:
         raise RequestFieldError(
             where, f"{where} must be an object whose role is one of {', '.join(sorted(ROLES))}"
         )
-    for name in ("images", "tool_calls", "thinking"):
-        if m.get(name):
-            raise RequestFieldError(where, f"{where}.{name} is not supported")
-    content = m.get("content", "")
+    if m.get("images"):
+        raise RequestFieldError(where, f"{where}.images is not supported")
+    content = m.get("content") or ""
     if not isinstance(content, str):
         raise RequestFieldError(where, f"{where}.content must be a string")
-    return {"role": m["role"], "content": content}
+    out = {"role": m["role"], "content": content}
+    if m.get("role") == "tool" and isinstance(m.get("tool_name"), str):
+        out["name"] = m["tool_name"]
+    if isinstance(m.get("thinking"), str) and m["thinking"]:
+        out["reasoning_content"] = m["thinking"]
+    return tool_messages(where, m, out)
 
 
 def parse_generate(body: Any) -> OllamaPrompt:

@@ -15,7 +15,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from quant.errors import ContextLengthError, InternalError, TandemError
+from runtime.engine.grammar import check_grammar
 from runtime.sampling_params import SamplingParams
+from runtime.server.chat_output import ChatOutput
+from runtime.server.chat_setup import ChatSetup, chat_setup
 from runtime.server.choice import Choice
 from runtime.server.errors import RequestFieldError, openai_error, openai_error_body, status_of
 from runtime.server.limits import check_prompt_chars
@@ -55,12 +58,12 @@ async def _serve(request: Request, kind: str) -> Response:
     try:
         body = await read_json(request)
         req = parse_chat(body) if kind == "chat" else parse_completion(body)
-        stream, shape = await _start(state, req, kind, arrived)
+        stream, shape, setup = await _start(state, req, kind, arrived)
     except TandemError as err:
         state.metrics.count_request(endpoint, status_of(err))
         return openai_error(err)
     state.metrics.count_request(endpoint, 200)
-    reply = _Reply(req, shape, stream, kind)
+    reply = _Reply(req, shape, stream, kind, setup)
     if req.stream:
         return StreamingResponse(
             reply.sse(request),
@@ -72,34 +75,40 @@ async def _serve(request: Request, kind: str) -> Response:
 
 async def _start(
     state: ServerState, req: OpenAIRequest, kind: str, arrived: float
-) -> tuple[RequestStream, Shape]:
+) -> tuple[RequestStream, Shape, ChatSetup | None]:
     served, _ = await state.registry.get(req.model)
     stream = RequestStream(state.registry, served, state.metrics, arrived)
     try:
         lm = served.lm
         chars, tokens = _prompt_size(req)
         check_prompt_chars(chars, tokens, served.num_ctx, served.max_token_chars)
+        setup = None
         if kind == "chat":
             assert req.messages is not None  # parse_chat sets them
-            ids = await asyncio.to_thread(lm.chat_prompt_ids, req.messages, served.num_ctx)
             params = req.params(lm, None)
+            setup = await asyncio.to_thread(
+                chat_setup, lm, req.messages, req.tools, req.template_kwargs, params, served.num_ctx
+            )
+            ids, params = setup.ids, setup.params
         else:
             assert req.prompt is not None  # parse_completion sets it
             ids = await asyncio.to_thread(_completion_ids, lm, req.prompt, served.num_ctx)
             params = req.params(lm, COMPLETIONS_DEFAULT_MAX_TOKENS)
+            if params.grammar is not None:  # a grammar that cannot be enforced: 400 now
+                await asyncio.to_thread(check_grammar, lm.tokenizer, params.grammar)
         _check_fits(ids, params, served.num_ctx)
         stream.submit(ids, params)
     except BaseException:
         stream.close()
         raise
     shape_cls = ChatShape if kind == "chat" else CompletionShape
-    return stream, shape_cls(lm.tokenizer, req.want_logprobs)
+    return stream, shape_cls(lm.tokenizer, req.want_logprobs), setup
 
 
 def _prompt_size(req: OpenAIRequest) -> tuple[int, int]:
     """(characters, token ids) of the request's own prompt, before any template."""
     if req.messages is not None:
-        return sum(len(m["content"]) for m in req.messages), 0
+        return sum(len(m["content"]) for m in req.messages), 0  # (tools: bounded by the body)
     if isinstance(req.prompt, str):
         return len(req.prompt), 0
     return 0, len(req.prompt or [])
@@ -131,13 +140,24 @@ def _check_fits(ids: list[int], params: SamplingParams, num_ctx: int) -> None:
 class _Reply:
     """One request's answer, whole or streamed."""
 
-    def __init__(self, req: OpenAIRequest, shape: Shape, stream: RequestStream, kind: str) -> None:
+    def __init__(
+        self,
+        req: OpenAIRequest,
+        shape: Shape,
+        stream: RequestStream,
+        kind: str,
+        setup: ChatSetup | None = None,
+    ) -> None:
         self.req, self.shape, self.stream, self.kind = req, shape, stream, kind
+        self.setup = setup
         self.id = shape.id_prefix + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.choices: dict[int, Choice] = {}
+        self.outputs: dict[int, ChatOutput] = {}  # chat: reasoning / content / tool calls
 
     def _choice(self, index: int) -> Choice:
+        if index not in self.choices and self.setup is not None:
+            self.outputs[index] = self.setup.output()
         return self.choices.setdefault(index, Choice(index))
 
     def usage(self) -> dict:
@@ -167,6 +187,11 @@ class _Reply:
                 return openai_error(event.error)
             assert event.delta is not None  # an Event carries a delta or an error
             self._choice(event.index).add(event.delta, self.req.want_logprobs)
+        for i, out in self.outputs.items():  # split the whole text as a stream would
+            c = self.choices[i]
+            reasoning, content = out.push(c.text)
+            r2, c2, c.tool_calls = out.finish()
+            c.reasoning, c.content = reasoning + r2, content + c2
         choices = [self.shape.choice(self.choices[i]) for i in sorted(self.choices)]
         body = self._envelope(self.shape.object, choices)
         body["usage"] = self.usage()
@@ -200,8 +225,19 @@ class _Reply:
         choice = self._choice(event.index)
         added = choice.add(event.delta, self.req.want_logprobs)
         out = []
-        if event.delta.text or added:
-            out.append(self._chunk([self.shape.piece(choice, event.delta.text, added)]))
+        parser = self.outputs.get(event.index)
+        if parser is None:
+            if event.delta.text or added:
+                out.append(self._chunk([self.shape.piece(choice, event.delta.text, added)]))
+        else:
+            reasoning, content = parser.push(event.delta.text)
+            calls = []
+            if choice.finish_reason is not None:
+                r2, c2, calls = parser.finish()
+                reasoning, content = reasoning + r2, content + c2
+                choice.tool_calls = calls
+            for piece in self.shape.pieces(choice, reasoning, content, calls, added):
+                out.append(self._chunk([piece]))
         if choice.finish_reason is not None:
             out.append(self._chunk([self.shape.ending(choice)]))
         return out

@@ -5,6 +5,10 @@ Every field is either used, accepted because it changes nothing here (`user`, `s
 "text"}`, `echo: false`, ...), or refused with a RequestFieldError naming it. Unknown fields are
 refused too: a client should learn that a setting it relies on is not honoured. vLLM's
 extensions top_k, min_p, repetition_penalty, ignore_eos and stop_token_ids are accepted.
+
+Output constraints (response_format, structured_outputs, grammar) become one Grammar
+(runtime.server.structured); tools, tool_choice and parallel_tool_calls become a ToolRequest
+(runtime.server.tool_request); chat_template_kwargs reach the chat template.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from runtime.loaded_model import LoadedModel
 from runtime.sampling_params import MAX_LOGPROBS, OLLAMA_DEFAULTS, SamplingParams
 from runtime.server.errors import RequestFieldError
 from runtime.server.limits import check_n, check_stop, check_stop_token_ids
+from runtime.server.structured import grammar_text, one_of, response_format, structured_outputs
+from runtime.server.tool_request import ToolRequest, parse_tools, tool_messages
 
 # OpenAI field -> SamplingParams field, for fields passed through unchanged
 PASS_THROUGH = {
@@ -42,7 +48,6 @@ IGNORED = {
     "service_tier",
     "safety_identifier",
     "prompt_cache_key",
-    "parallel_tool_calls",
 }
 
 
@@ -56,15 +61,9 @@ def _off_tool_choice(v: Any) -> bool:
 
 # field -> (the values accepted, what to do instead)
 OFF_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (_empty, "tool calling is not supported; describe the tools in the prompt"),
-    "functions": (_empty, "function calling is not supported"),
-    "tool_choice": (_off_tool_choice, "tool calling is not supported"),
-    "function_call": (_off_tool_choice, "function calling is not supported"),
+    "functions": (_empty, "the legacy functions field is not supported; use tools"),
+    "function_call": (_off_tool_choice, "the legacy function_call is not supported; use tools"),
     "logit_bias": (_empty, "logit_bias is not supported"),
-    "response_format": (
-        lambda v: v is None or v == {"type": "text"},
-        'only {"type": "text"} is supported (no JSON mode or json_schema)',
-    ),
     "modalities": (lambda v: v in (None, ["text"]), "only text output is supported"),
     "audio": (_empty, "audio output is not supported"),
     "prediction": (_empty, "predicted outputs are not supported"),
@@ -74,7 +73,16 @@ OFF_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
     "echo": (lambda v: v in (None, False), "echo is not supported"),
     "suffix": (_empty, "suffix (insertion) is not supported"),
 }
-COMMON = {"model", "stream", "stream_options", "max_tokens", *PASS_THROUGH, *IGNORED}
+COMMON = {
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "structured_outputs",
+    "grammar",
+    *PASS_THROUGH,
+    *IGNORED,
+}
 CHAT_FIELDS = COMMON | {
     "messages",
     "max_completion_tokens",
@@ -83,6 +91,8 @@ CHAT_FIELDS = COMMON | {
     "tools",
     "functions",
     "tool_choice",
+    "parallel_tool_calls",
+    "chat_template_kwargs",
     "function_call",
     "logit_bias",
     "response_format",
@@ -94,7 +104,7 @@ CHAT_FIELDS = COMMON | {
     "verbosity",
 }
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of", "logit_bias"}
-ROLES = {"system", "developer", "user", "assistant"}
+ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
 @dataclass
@@ -106,6 +116,8 @@ class OpenAIRequest:
     prompt: str | list[int] | None = None  # completions
     want_logprobs: bool = False
     changes: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields to set
+    tools: ToolRequest | None = None  # chat: tools offered, and how a call is required
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
 
     def params(self, lm: LoadedModel, default_max_tokens: int | None) -> SamplingParams:
         """ollama's defaults, the model's Modelfile PARAMETERs on them, this request's
@@ -128,6 +140,20 @@ def parse_chat(body: Any) -> OpenAIRequest:
     _check_fields(body, CHAT_FIELDS)
     req = _common(body)
     req.messages = _messages(body.get("messages"))
+    req.tools = parse_tools(
+        body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
+    )
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise RequestFieldError("chat_template_kwargs", "chat_template_kwargs must be an object")
+    req.template_kwargs = dict(kwargs or {})
+    grammar = one_of(
+        ("response_format", response_format(body.get("response_format"))),
+        ("structured_outputs", structured_outputs(body.get("structured_outputs"))),
+        ("grammar", grammar_text(body.get("grammar"))),
+    )
+    if grammar is not None:
+        req.changes["grammar"] = grammar
     limit = _first(body, "max_completion_tokens", "max_tokens")
     if limit is not None:
         req.changes["max_tokens"] = limit
@@ -144,6 +170,12 @@ def parse_completion(body: Any) -> OpenAIRequest:
     _check_fields(body, COMPLETION_FIELDS)
     req = _common(body)
     req.prompt = _prompt(body.get("prompt"))
+    grammar = one_of(
+        ("structured_outputs", structured_outputs(body.get("structured_outputs"))),
+        ("grammar", grammar_text(body.get("grammar"))),
+    )
+    if grammar is not None:
+        req.changes["grammar"] = grammar
     if body.get("max_tokens") is not None:
         req.changes["max_tokens"] = body["max_tokens"]
     if body.get("logprobs") is not None:
@@ -234,15 +266,20 @@ def _message(i: int, m: Any) -> dict:
         raise RequestFieldError(
             where, f"{where} must be an object whose role is one of {', '.join(sorted(ROLES))}"
         )
-    extra = sorted(set(m) - {"role", "content", "name"})
+    extra = sorted(
+        set(m)
+        - {"role", "content", "name", "tool_calls", "tool_call_id", "refusal", "reasoning_content"}
+    )
     if extra:
         raise RequestFieldError(
-            where,
-            f"{where} has unsupported field(s) {', '.join(extra)} "
-            "(tool calls and audio are not supported)",
+            where, f"{where} has unsupported field(s) {', '.join(extra)} (audio is not supported)"
         )
     role = "system" if m["role"] == "developer" else m["role"]
-    return {"role": role, "content": _content(where, m.get("content"))}
+    content = m.get("content")
+    if content is None and (m.get("tool_calls") or role == "assistant"):
+        content = ""  # an assistant turn that only calls tools
+    out = {"role": role, "content": _content(where, content)}
+    return tool_messages(where, m, out)
 
 
 def _content(where: str, content: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from loaders.tokenizer import Tokenizer
 from runtime.server.choice import Choice, TokenLogprob, chat_logprobs, completion_logprobs
+from runtime.server.tool_calls import ToolCall
 
 
 class ChatShape:
@@ -16,12 +17,44 @@ class ChatShape:
         self.tok, self.want_logprobs = tok, want_logprobs
 
     def choice(self, c: Choice) -> dict:
+        message: dict = {"role": "assistant", "content": c.text, "refusal": None}
+        if c.content is not None:
+            message["content"] = c.content if c.content or not c.tool_calls else None
+            if c.reasoning:
+                message["reasoning_content"] = c.reasoning
+            if c.tool_calls:
+                message["tool_calls"] = [t.openai() for t in c.tool_calls]
         return {
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text, "refusal": None},
+            "message": message,
             "logprobs": chat_logprobs(self.tok, c.logprobs) if self.want_logprobs else None,
-            "finish_reason": c.finish_reason,
+            "finish_reason": c.finish,
         }
+
+    def pieces(
+        self,
+        c: Choice,
+        reasoning: str,
+        content: str,
+        calls: list[ToolCall],
+        added: list[TokenLogprob],
+    ) -> list[dict]:
+        """The chunks of one step of a split chat output (reasoning, content, tool calls)."""
+        logprobs = chat_logprobs(self.tok, added) if self.want_logprobs and added else None
+        deltas: list[dict] = []
+        if reasoning:
+            deltas.append({"reasoning_content": reasoning})
+        if content or (logprobs and not deltas):
+            deltas.append({"content": content})
+        if calls:
+            deltas.append({"tool_calls": [t.openai(i) for i, t in enumerate(calls)]})
+        out = []
+        for k, delta in enumerate(deltas):
+            piece = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}
+            if k == 0:
+                piece["logprobs"] = logprobs
+            out.append(piece)
+        return out
 
     def opening(self, index: int) -> dict | None:
         return {
@@ -41,7 +74,7 @@ class ChatShape:
         }
 
     def ending(self, c: Choice) -> dict:
-        return {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
+        return {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish}
 
 
 class CompletionShape:

@@ -1,0 +1,225 @@
+"""Structured output and tool calls through a real `tandem serve` (uvicorn on loopback, the
+real SmolLM2) with the clients people use: openai (`.parse()` with a pydantic model, tools,
+streamed tool-call deltas), ollama-python (format, tools), langchain-openai
+(`with_structured_output`, `bind_tools`) and litellm (tools).
+
+SmolLM2 (135M) has no tool template: it gets the generic Hermes-style tool prompt, and
+tool_choice "required" / a named function makes the grammar force a well-formed call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import httpx2
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+from test_server import Server
+
+from runtime.server.app import create_app
+from runtime.server.models import RegistryOptions
+
+MODEL = "smollm2"
+SERVED = "smollm2:latest"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=20)
+    age: int = Field(ge=0, le=120)
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path):
+    app = create_app(RegistryOptions(num_ctx=1024, max_num_seqs=8), preload=MODEL)
+    srv = Server(app)
+    deadline = time.time() + 300
+    while httpx2.get(f"{srv.url}/health").status_code != 200:
+        assert time.time() < deadline, "the preloaded model never became ready"
+        time.sleep(0.1)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def _check_weather_call(name: str, arguments: str | dict) -> None:
+    args = json.loads(arguments) if isinstance(arguments, str) else arguments
+    assert name == "get_weather"
+    jsonschema.validate(args, WEATHER["function"]["parameters"])
+
+
+def test_openai_parse_with_a_pydantic_model(client):
+    done = client.chat.completions.parse(
+        model=SERVED,
+        messages=[{"role": "user", "content": "Invent a person."}],
+        response_format=Person,
+        temperature=0.8,
+        seed=1,
+        max_tokens=60,
+    )
+    person = done.choices[0].message.parsed
+    assert isinstance(person, Person) and 0 <= person.age <= 120
+
+
+def test_openai_json_object_and_a_refused_schema(client):
+    done = client.chat.completions.create(
+        model=SERVED,
+        messages=[{"role": "user", "content": "Give me a JSON object."}],
+        response_format={"type": "json_object"},
+        temperature=0.8,
+        seed=2,
+        max_tokens=80,
+    )
+    assert isinstance(json.loads(done.choices[0].message.content), dict)
+    with pytest.raises(openai.BadRequestError, match="uniqueItems"):
+        client.chat.completions.create(
+            model=SERVED,
+            messages=ASK,
+            max_tokens=5,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}},
+            },
+        )
+
+
+def test_openai_tool_choice_required_gives_a_parsed_call(client):
+    done = client.chat.completions.create(
+        model=SERVED,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        temperature=0.8,
+        seed=3,
+        max_tokens=80,
+    )
+    choice = done.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    _check_weather_call(call.function.name, call.function.arguments)
+    # the call and its result go back in the history; the model then answers in text
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
+    ]
+    again = client.chat.completions.create(
+        model=SERVED, messages=history, tools=[WEATHER], tool_choice="none", max_tokens=8
+    )
+    assert again.choices[0].message.content
+
+
+def test_openai_streamed_tool_call_deltas_for_a_named_function(client):
+    stream = client.chat.completions.create(
+        model=SERVED,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0.8,
+        seed=4,
+        max_tokens=80,
+        stream=True,
+    )
+    name, arguments, finish = "", "", None
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        for tc in delta.tool_calls or []:
+            name += tc.function.name or ""
+            arguments += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    _check_weather_call(name, arguments)
+
+
+def test_ollama_python_format_and_tools(server):
+    import ollama
+
+    c = ollama.Client(host=server.url)
+    schema = Person.model_json_schema()
+    r = c.chat(
+        model=SERVED,
+        messages=[{"role": "user", "content": "Invent a person."}],
+        format=schema,
+        options={"temperature": 0.8, "seed": 5, "num_predict": 60},
+    )
+    Person.model_validate_json(r.message.content)
+    # tools offered, a call and its result in the history (ollama has no tool_choice)
+    history = ASK + [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "function": {
+                        "name": "get_weather",
+                        "arguments": {"city": "Paris", "unit": "celsius"},
+                    }
+                }
+            ],
+        },
+        {"role": "tool", "content": '{"temp": 21}', "tool_name": "get_weather"},
+    ]
+    r = c.chat(model=SERVED, messages=history, tools=[WEATHER], options={"num_predict": 8})
+    assert r.message.role == "assistant" and r.done
+    for call in r.message.tool_calls or []:  # whatever the model chose, calls come parsed
+        assert call.function.name
+
+
+def test_langchain_structured_output_and_bind_tools(server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model=SERVED,
+        base_url=f"{server.url}/v1",
+        api_key="unused",
+        temperature=0.8,
+        seed=6,
+        max_tokens=80,
+    )
+    person = llm.with_structured_output(Person).invoke("Invent a person.")
+    assert isinstance(person, Person)
+    msg = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Paris?")
+    assert msg.tool_calls
+    _check_weather_call(msg.tool_calls[0]["name"], msg.tool_calls[0]["args"])
+
+
+def test_litellm_chat_with_tools(server):
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    r = litellm.completion(
+        model=f"openai/{SERVED}",
+        api_base=f"{server.url}/v1",
+        api_key="unused",
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        temperature=0.8,
+        seed=7,
+        max_tokens=80,
+    )
+    call = r.choices[0].message.tool_calls[0]
+    _check_weather_call(call.function.name, call.function.arguments)
