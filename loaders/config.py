@@ -1,8 +1,12 @@
 """ModelConfig: the frozen description of a model's shape, built from GGUF metadata.
 
-Supported architectures: the llama family (llama, mistral, qwen2 with q/k/v biases) and
-gemma3 (QK-norm, pre- and post-norms, gelu-tanh, embedding scale, sliding-window layers with
-their own rope base, tied head).
+Supported architectures (their layer math: runtime/models/, one file each): the llama family
+(llama incl. Llama 3.x `rope_freqs`, mistral, qwen2 with q/k/v biases, mistral3 with YaRN and
+attention temperature, smollm3 with NoPE layers, granite with its multipliers), qwen3
+(per-head QK-norm), olmo2 (post-norms only, QK-norm over all heads), phi3 (fused QKV and
+gate-up, LongRoPE factors), gemma2 (soft-capping, alternating sliding window) and gemma3.
+The scalars here are read as llama.cpp's loader reads them (src/llama-model.cpp and
+src/models/ARCH.cpp): a key's default is llama.cpp's.
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ from loaders.gguf_check import check_block_count, check_tensors, check_vocab
 from loaders.gguf_parse import TensorInfo
 from quant.errors import GGUFError, UnsupportedError
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-SUPPORTED = (*LLAMA_FAMILY, "gemma3")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "mistral3", "smollm3", "granite")
+SUPPORTED = (*LLAMA_FAMILY, "qwen3", "olmo2", "phi3", "gemma2", "gemma3")
+# ggml's NEOX rope layout (halves rotate together); the others rotate adjacent pairs
+_NEOX = ("qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3")
+_GEMMA = ("gemma2", "gemma3")
+ROPE_SCALINGS = ("none", "linear", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,7 @@ class ModelConfig:
     rms_eps: float
     rope_base: float
     rope_base_swa: float  # rope base of sliding-window layers (== rope_base when none)
-    rope_scale: float  # linear rope scaling factor (1.0: none)
+    rope_scale: float  # rope scaling factor: positions interpolate by 1/factor (1.0: none)
     rope_neox: bool  # rotate halves (NEOX) rather than adjacent pairs
     sliding_window: int  # 0: no sliding-window layers
     swa_layers: tuple[bool, ...]
@@ -47,6 +55,27 @@ class ModelConfig:
     attn_scale: float  # softmax(q·k * attn_scale)
     tied_head: bool  # no output.weight: the head reuses token_embd
     attn_bias: bool  # q/k/v projections carry biases (qwen2)
+    # ---- what the newer architectures add (defaults: none of it) -----------------------
+    rope_scaling: str = "none"  # ROPE_SCALINGS: how rope_scale applies (yarn: ramped)
+    rope_orig_ctx: int = 0  # the context the rope was trained at (YaRN, LongRoPE)
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_log_mul: float = 0.0  # YaRN's mscale_all_dims (0: none)
+    rope_attn_factor: float = 1.0  # cos/sin magnitude (LongRoPE's attention factor)
+    rope_layers: tuple[bool, ...] = ()  # layers that rotate q/k (smollm3: 3 in 4); () = all
+    qk_norm_full: bool = False  # QK-norm over all heads at once (olmo2) not per head
+    pre_norms: bool = True  # attn_norm/ffn_norm before each block (olmo2: none)
+    fused_qkv: bool = False  # one attn_qkv tensor (phi3)
+    fused_gate_up: bool = False  # ffn_up holds gate then up, no ffn_gate (phi3)
+    attn_softcap: float = 0.0  # scores → cap·tanh(scores / cap) (gemma2; 0: none)
+    final_softcap: float = 0.0  # logits → cap·tanh(logits / cap) (gemma2; 0: none)
+    logit_scale: float = 1.0  # logits are divided by this (granite)
+    residual_scale: float = 1.0  # each block's output is multiplied by this (granite)
+    attn_temp_scale: float = 0.0  # q *= 1 + s·log(⌊(p + 1) / floor⌋ + 1) (mistral3; 0: none)
+    attn_temp_floor: int = 0
+
+    def has_rope(self, layer: int) -> bool:
+        return not self.rope_layers or self.rope_layers[layer]
 
     @property
     def kv_dim(self) -> int:
@@ -88,11 +117,17 @@ class ModelConfig:
         n_ctx_train = get.integer("context_length", 2048)
         vocab_size, n_tokens = _vocab_size(md, arch)
         check_vocab(arch, vocab_size, n_tokens)
-        gemma = arch == "gemma3"
-        window = get.integer("attention.sliding_window", 0, positive=False) if gemma else 0
+        gemma = arch in _GEMMA
+        window = _window(arch, get, n_layer)
         rope_base = get.number("rope.freq_base", 10000.0)
-        scaling = get.text("rope.scaling.type", "none")
-        factor = get.number("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
+        scaling = get.text("rope.scaling.type", "linear")  # llama.cpp's default
+        if scaling not in ROPE_SCALINGS:
+            raise UnsupportedError(
+                f"metadata key '{arch}.rope.scaling.type' is {scaling!r}; tandem supports "
+                f"{', '.join(ROPE_SCALINGS)}"
+            )
+        factor = get.number("rope.scaling.factor", 1.0) if scaling != "none" else 1.0
+        fused_qkv = "blk.0.attn_qkv.weight" in names
         config = cls(
             arch=arch,
             n_layer=n_layer,
@@ -106,23 +141,103 @@ class ModelConfig:
             vocab_size=vocab_size,
             rms_eps=get.number("attention.layer_norm_rms_epsilon", 1e-5),
             rope_base=rope_base,
-            rope_base_swa=10000.0 if window else rope_base,
+            rope_base_swa=_rope_base_swa(arch, get, rope_base) if window else rope_base,
             rope_scale=factor,
-            rope_neox=arch in ("qwen2", "gemma3"),
+            rope_neox=arch in _NEOX,
             sliding_window=window,
-            # gemma3: five sliding-window layers, then one global layer, repeating
-            swa_layers=tuple(bool(window) and (i % 6) < 5 for i in range(n_layer)),
+            swa_layers=_swa_layers(arch, n_layer, window),
             activation="gelu_tanh" if gemma else "silu",
-            qk_norm=gemma,
-            post_norms=gemma,
-            embed_scale=math.sqrt(n_embd) if gemma else 1.0,
-            attn_scale=1.0 / math.sqrt(head_dim),
+            qk_norm=arch in ("gemma3", "qwen3", "olmo2"),
+            post_norms=arch in (*_GEMMA, "olmo2"),
+            embed_scale=_embed_scale(arch, get, n_embd),
+            attn_scale=_attn_scale(arch, get, n_embd, n_head, head_dim, n_layer),
             tied_head="output.weight" not in names,
             attn_bias="blk.0.attn_q.bias" in names,
+            rope_scaling=scaling if factor != 1.0 or scaling == "longrope" else "none",
+            rope_orig_ctx=get.integer("rope.scaling.original_context_length", n_ctx_train),
+            yarn_beta_fast=get.number("rope.scaling.yarn_beta_fast", 32.0),
+            yarn_beta_slow=get.number("rope.scaling.yarn_beta_slow", 1.0),
+            yarn_log_mul=get.number("rope.scaling.yarn_log_multiplier", 0.0, zero=True),
+            rope_attn_factor=get.number("rope.scaling.attn_factor", 1.0),
+            rope_layers=_rope_layers(arch, get, n_layer),
+            qk_norm_full=arch == "olmo2",
+            pre_norms=arch != "olmo2",
+            fused_qkv=fused_qkv,
+            fused_gate_up=arch == "phi3" and "blk.0.ffn_gate.weight" not in names,
+            attn_softcap=get.number("attn_logit_softcapping", 50.0) if arch == "gemma2" else 0.0,
+            final_softcap=get.number("final_logit_softcapping", 30.0) if arch == "gemma2" else 0.0,
+            logit_scale=get.number("logit_scale", 1.0) if arch == "granite" else 1.0,
+            residual_scale=get.number("residual_scale", 1.0) if arch == "granite" else 1.0,
+            attn_temp_scale=get.number("attention.temperature_scale", 0.0, zero=True)
+            if arch == "mistral3"
+            else 0.0,
+            attn_temp_floor=get.integer("rope.scaling.original_context_length", n_ctx_train),
         )
         if infos is not None:
             check_tensors(config, infos)
         return config
+
+
+def _window(arch: str, get: _Getter, n_layer: int) -> int:
+    """The sliding window of the sliding-window layers (0: none). phi3's is read and dropped
+    by llama.cpp (its SWA is disabled there); olmo2's (olmo3) is not supported."""
+    if arch == "gemma2":
+        return get.integer("attention.sliding_window", 4096, positive=False)
+    if arch == "gemma3":
+        return get.integer("attention.sliding_window", 0, positive=False)
+    if arch == "olmo2" and get.integer("attention.sliding_window", 0, positive=False):
+        raise UnsupportedError("olmo2 with sliding-window layers (OLMo 3) is not supported")
+    return 0
+
+
+def _swa_layers(arch: str, n_layer: int, window: int) -> tuple[bool, ...]:
+    """Which layers use the window: gemma2 every other one from the first (llama.cpp's
+    pattern 2), gemma3 five in six."""
+    period = {"gemma2": 2, "gemma3": 6}.get(arch, 0)
+    return tuple(bool(window) and i % period < period - 1 for i in range(n_layer))
+
+
+def _rope_base_swa(arch: str, get: _Getter, rope_base: float) -> float:
+    default = 10000.0 if arch == "gemma3" else rope_base
+    return get.number("rope.freq_base_swa", default) if arch == "gemma2" else default
+
+
+def _rope_layers(arch: str, get: _Getter, n_layer: int) -> tuple[bool, ...]:
+    """smollm3: every 4th layer has no rope (NoPE); granite: rope only where
+    rope.scaling.finetuned (default true) says so."""
+    if arch == "smollm3":
+        return tuple((i + 1) % 4 != 0 for i in range(n_layer))
+    if arch == "granite":
+        finetuned = get.md.get(f"{arch}.rope.scaling.finetuned", True)
+        if not isinstance(finetuned, bool):
+            raise GGUFError(
+                f"metadata key '{arch}.rope.scaling.finetuned' must be a bool, got "
+                f"{_show(finetuned)}"
+            )
+        return (finetuned,) * n_layer
+    return ()
+
+
+def _embed_scale(arch: str, get: _Getter, n_embd: int) -> float:
+    if arch in _GEMMA:
+        return math.sqrt(n_embd)
+    if arch == "granite":
+        return get.number("embedding_scale", 0.0, zero=True) or 1.0
+    return 1.0
+
+
+def _attn_scale(
+    arch: str, get: _Getter, n_embd: int, n_head: int, head_dim: int, n_layer: int
+) -> float:
+    """The factor of q·k: 1/√head_dim unless granite's attention.scale says; gemma2 27B
+    (46 layers) scales by its n_embd / n_head instead (llama.cpp reads no other key)."""
+    if arch == "gemma2" and n_layer == 46:
+        return 1.0 / math.sqrt(n_embd / n_head)
+    if arch == "granite":
+        scale = get.number("attention.scale", 0.0, zero=True)
+        if scale:
+            return scale
+    return 1.0 / math.sqrt(head_dim)
 
 
 def _infos(tensors: Collection[str] | Mapping[str, Any]) -> Mapping[str, TensorInfo] | None:
@@ -192,13 +307,15 @@ class _Getter:
             raise GGUFError(f"metadata key '{full}' must be {what}, got {_show(value)}")
         return value
 
-    def number(self, key: str, default: Any = _missing) -> float:
+    def number(self, key: str, default: Any = _missing, zero: bool = False) -> float:
+        """A positive finite number (or zero, where `zero`: the key's "none")."""
         full, value = self._get(key, default)
         value = self._scalar(full, value, "a finite number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise GGUFError(f"metadata key '{full}' must be a number, got {_show(value)}")
-        if not math.isfinite(value) or value <= 0:
-            raise GGUFError(f"metadata key '{full}' must be a positive number, got {value!r}")
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            what = "a non-negative" if zero else "a positive"
+            raise GGUFError(f"metadata key '{full}' must be {what} number, got {value!r}")
         return float(value)
 
     def text(self, key: str, default: Any = _missing) -> str:

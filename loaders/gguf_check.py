@@ -29,7 +29,6 @@ _UNSUPPORTED_PARTS = {
     "ffn_gate_inp": "mixture-of-experts layers",
     "ffn_gate_exps": "mixture-of-experts layers",
     "ffn_up_exps": "mixture-of-experts layers",
-    "attn_qkv": "fused q/k/v projections",
 }
 
 
@@ -99,20 +98,28 @@ def expected_shapes(c: ModelConfig, names: Collection[str]) -> dict[str, tuple[t
         out["output.weight"] = ((c.n_embd, c.vocab_size), f"{emb}, {vocab}")
     for i in range(c.n_layer):
         p = f"blk.{i}."
-        layer = {
-            "attn_norm.weight": ((c.n_embd,), emb),
-            "attn_q.weight": ((c.n_embd, q_out), f"{emb}, {heads_q}"),
-            "attn_k.weight": ((c.n_embd, kv_k), f"{emb}, {heads_k}"),
-            "attn_v.weight": ((c.n_embd, kv_v), f"{emb}, {heads_v}"),
-            "attn_output.weight": ((c.n_head * c.head_dim_v, c.n_embd), f"{heads_o}, {emb}"),
-            "ffn_norm.weight": ((c.n_embd,), emb),
-            "ffn_gate.weight": ((c.n_embd, c.n_ff), f"{emb}, {ff}"),
-            "ffn_up.weight": ((c.n_embd, c.n_ff), f"{emb}, {ff}"),
-            "ffn_down.weight": ((c.n_ff, c.n_embd), f"{ff}, {emb}"),
-        }
+        layer: dict[str, tuple[tuple, str]] = {}
+        if c.pre_norms:
+            layer["attn_norm.weight"] = ((c.n_embd,), emb)
+        if c.fused_qkv:
+            layer["attn_qkv.weight"] = ((c.n_embd, q_out + kv_k + kv_v), f"{emb}, q+k+v heads")
+        else:
+            layer["attn_q.weight"] = ((c.n_embd, q_out), f"{emb}, {heads_q}")
+            layer["attn_k.weight"] = ((c.n_embd, kv_k), f"{emb}, {heads_k}")
+            layer["attn_v.weight"] = ((c.n_embd, kv_v), f"{emb}, {heads_v}")
+        layer["attn_output.weight"] = ((c.n_head * c.head_dim_v, c.n_embd), f"{heads_o}, {emb}")
+        if c.pre_norms:
+            layer["ffn_norm.weight"] = ((c.n_embd,), emb)
+        if c.fused_gate_up:
+            layer["ffn_up.weight"] = ((c.n_embd, 2 * c.n_ff), f"{emb}, 2 x {ff}")
+        else:
+            layer["ffn_gate.weight"] = ((c.n_embd, c.n_ff), f"{emb}, {ff}")
+            layer["ffn_up.weight"] = ((c.n_embd, c.n_ff), f"{emb}, {ff}")
+        layer["ffn_down.weight"] = ((c.n_ff, c.n_embd), f"{ff}, {emb}")
         if c.qk_norm:
-            layer["attn_q_norm.weight"] = ((c.head_dim,), heads_q)
-            layer["attn_k_norm.weight"] = ((c.head_dim,), heads_k)
+            full = c.qk_norm_full  # olmo2: over all heads at once
+            layer["attn_q_norm.weight"] = ((q_out if full else c.head_dim,), heads_q)
+            layer["attn_k_norm.weight"] = ((kv_k if full else c.head_dim,), heads_k)
         if c.post_norms:
             layer["post_attention_norm.weight"] = ((c.n_embd,), emb)
             layer["post_ffw_norm.weight"] = ((c.n_embd,), emb)

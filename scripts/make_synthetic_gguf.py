@@ -238,6 +238,8 @@ def arch_values(kind: str, shape: tuple[int, ...], head_scale: float, seed: int)
         return 1 + 0.1 * noise
     if kind == "head_norm":
         return torch.full(shape, head_scale)
+    if kind == "rope_factors":  # per-pair frequency divisors, 1 to 8 (Llama 3.x's range)
+        return 1 + 7 * torch.rand(shape, generator=gen)
     return 0.1 * noise  # bias
 
 
@@ -259,7 +261,8 @@ def make_arch(
 ) -> Path:
     """Write `arch`'s synthetic model (small: everything is built in memory); `name`: write
     it under another architecture name (the same weights)."""
-    name = name or arch.name
+    if not name or name == arch.name:  # a variant is written as its arch_name
+        name = arch.arch_name or arch.name
     writer = gguf.GGUFWriter(str(out), name)
     vocab = copy_tokenizer(vocab_src, writer)
     writer.add_name(f"synthetic {arch.name} {dims.layers}L-{dims.dim} {qtype.name}")

@@ -68,16 +68,19 @@ def forward(
     )  # the kernel wants whole pages in the slab
     table = torch.arange(blocks, dtype=torch.int32)[None] if paged else None
     length = torch.tensor([n])
-    scale = model.config.attn_scale
+    scale, softcap = model.config.attn_scale, model.config.attn_softcap
 
     def attend(i, q, k, v, window):
         cache.write(i, start, k, v)
         if paged and model.layers[i].device.type == "cpu":
-            out = paged_decode_attention(q, cache.k[i], cache.v[i], table, length, scale, window)
+            out = paged_decode_attention(
+                q, cache.k[i], cache.v[i], table, length, scale, window, softcap
+            )
             if out is not None:
                 return out
         keys, values = cache.read(i, n)  # the cache is on the CPU; a GPU layer's q is not
-        return attention(q, cross(keys, q.device), cross(values, q.device), start, window, scale)
+        keys, values = cross(keys, q.device), cross(values, q.device)
+        return attention(q, keys, values, start, window, scale, softcap)
 
     with forward_threads(model.num_threads):
         x = model.run_layers(model.embed_rows(tokens), model.rope_tables(positions), attend)

@@ -78,6 +78,7 @@ def _decode_kernel(
     lens_ptr,
     scale,
     window,
+    softcap,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -104,6 +105,7 @@ def _decode_kernel(
     PAGE: tl.constexpr,
     QUANT: tl.constexpr,
     QBLOCK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     b, hk = tl.program_id(0), tl.program_id(1)
     g = tl.arange(0, BLOCK_G)
@@ -143,6 +145,8 @@ def _decode_kernel(
             QBLOCK,
         )  # (PAGE, BD)
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (BG, PAGE)
+        if SOFTCAP:  # cap · tanh(s / cap), tanh(x) = 2σ(2x) − 1
+            s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)
         s = tl.where(visible[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
@@ -217,10 +221,12 @@ def paged_attention_decode(
     window: int = 0,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """q (B, n_head, D), pools (num_blocks, 16, n_head_kv, D|Dv) f16 (or int8 with k_scale,
     v_scale: a q8_0 pool), block_tables (B, max_blocks) and context_lens (B,) int32 or
-    int64, each length ≥ 1 → (B, n_head, Dv) float32. window 0: no sliding window."""
+    int64, each length ≥ 1 → (B, n_head, Dv) float32. window 0: no sliding window; softcap
+    0: no soft-capping."""
     _check(q, k_pool, v_pool, block_tables, context_lens, k_scale, v_scale)
     bsz, n_head, d = q.shape
     n_head_kv, dv = k_pool.shape[2], v_pool.shape[3]
@@ -242,6 +248,7 @@ def paged_attention_decode(
         context_lens.contiguous(),
         float(scale),
         int(window),
+        float(softcap),
         q.stride(0),
         q.stride(1),
         k_pool.stride(0),
@@ -268,5 +275,6 @@ def paged_attention_decode(
         PAGE=PAGE,
         QUANT=quant,
         QBLOCK=QBLOCK,
+        SOFTCAP=bool(softcap),
     )
     return out

@@ -26,8 +26,9 @@ from runtime.kv.kv_pool import KVPool
 class PagedAttention:
     """The parts both backends share: the step's dispatch and prefill over gathered pages."""
 
-    def __init__(self, scale: float, head_dim_v: int) -> None:
+    def __init__(self, scale: float, head_dim_v: int, softcap: float = 0.0) -> None:
         self.scale, self.head_dim_v = scale, head_dim_v
+        self.softcap = softcap  # scores → cap·tanh(scores / cap) (gemma2); 0: none
 
     def __call__(
         self,
@@ -73,7 +74,9 @@ class PagedAttention:
             # a sliding window: the chunk's first query sees back to start − window + 1 only
             first = max(0, s.start + 1 - window) if window else 0
             keys, values = pool.read(layer, s.context_slots[first:])
-            out[rows] = attention(q[rows], keys, values, s.start - first, window, self.scale)
+            out[rows] = attention(
+                q[rows], keys, values, s.start - first, window, self.scale, self.softcap
+            )
         return out
 
 
@@ -86,7 +89,9 @@ class CPUPagedAttention(PagedAttention):
         contexts in one SDPA call."""
         slabs = pool.f16_slabs(layer)
         if slabs is not None:
-            out = paged_decode_attention(q, *slabs, d.tables, d.lengths, self.scale, window)
+            out = paged_decode_attention(
+                q, *slabs, d.tables, d.lengths, self.scale, window, self.softcap
+            )
             if out is not None:
                 return out
         keys, values = pool.read(layer, d.slots)  # (B*L, Hkv, D)
@@ -96,14 +101,15 @@ class CPUPagedAttention(PagedAttention):
             values.unflatten(0, (-1, d.width)),
             d.mask(window),
             self.scale,
+            self.softcap,
         )
 
 
 class TritonPagedAttention(PagedAttention):
     """Nothing here reads back to the host: a decode-only step is capturable as a CUDA graph."""
 
-    def __init__(self, scale: float, head_dim_v: int) -> None:
-        super().__init__(scale, head_dim_v)
+    def __init__(self, scale: float, head_dim_v: int, softcap: float = 0.0) -> None:
+        super().__init__(scale, head_dim_v, softcap)
         from kernels.triton.kv_write import kv_write
         from kernels.triton.paged_attention import paged_attention_decode
 
@@ -125,6 +131,7 @@ class TritonPagedAttention(PagedAttention):
             window,
             k_scale,
             v_scale,
+            self.softcap,
         )  # (B, H, Dv)
         return out.reshape(out.shape[0], -1)
 

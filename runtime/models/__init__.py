@@ -10,14 +10,23 @@ from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from quant.errors import UnsupportedError
 from runtime.models.base import Layer, Model
+from runtime.models.gemma2 import Gemma2
 from runtime.models.gemma3 import Gemma3
+from runtime.models.granite import Granite
 from runtime.models.llama import Llama
+from runtime.models.mistral3 import Mistral3
+from runtime.models.olmo2 import Olmo2
+from runtime.models.phi3 import Phi3
+from runtime.models.qwen3 import Qwen3
+from runtime.models.smollm3 import SmolLM3
 from runtime.placement.device_map import DeviceMap
 
 __all__ = ["ARCHITECTURES", "Layer", "Model", "build_model"]
 
 ARCHITECTURES: dict[str, type[Model]] = {
-    arch: cls for cls in (Llama, Gemma3) for arch in cls.architectures
+    arch: cls
+    for cls in (Llama, Qwen3, Olmo2, Granite, SmolLM3, Phi3, Gemma2, Gemma3, Mistral3)
+    for arch in cls.architectures
 }
 
 

@@ -40,12 +40,12 @@ Linear = PackedLinear | TritonLinear | LoraLinear
 class Layer:
     """One transformer layer's weights, and where and how it runs."""
 
-    attn_norm: torch.Tensor
+    attn_norm: torch.Tensor | None  # None: no norm before attention (olmo2)
     q: Linear
     k: Linear
     v: Linear
     o: Linear
-    ffn_norm: torch.Tensor
+    ffn_norm: torch.Tensor | None
     gate: Linear
     up: Linear
     down: Linear
@@ -88,9 +88,11 @@ class Model:
             self.head = w.linear("output.weight", where=head_where)
         self.output_norm = w.vector("output_norm.weight", self.head_device)
         backends = {
-            CPU: CPUPagedAttention(c.attn_scale, c.head_dim_v),
+            CPU: CPUPagedAttention(c.attn_scale, c.head_dim_v, c.attn_softcap),
             GPU: (
-                TritonPagedAttention(c.attn_scale, c.head_dim_v) if GPU in devices.layers else None
+                TritonPagedAttention(c.attn_scale, c.head_dim_v, c.attn_softcap)
+                if GPU in devices.layers
+                else None
             ),
         }
         self.layers = []
@@ -100,8 +102,29 @@ class Model:
             layer.ops = triton_ops() if layer.triton else CPU_OPS
             layer.attention = backends[where]
             self.layers.append(layer)
-        self.rope = Rope(c.head_dim, c.rope_base, c.rope_neox, c.rope_scale)
+        self.rope = Rope(
+            c.head_dim,
+            c.rope_base,
+            c.rope_neox,
+            c.rope_scale,
+            factors=self.rope_factors(w),
+            yarn=c.rope_scaling == "yarn",
+            orig_ctx=c.rope_orig_ctx,
+            beta_fast=c.yarn_beta_fast,
+            beta_slow=c.yarn_beta_slow,
+            log_mul=c.yarn_log_mul,
+            attn_factor=c.rope_attn_factor,
+        )
         self.rope_swa = Rope(c.head_dim, c.rope_base_swa, c.rope_neox)
+
+    def rope_factors(self, w: WeightLoader) -> torch.Tensor | None:
+        """The rope's per-pair frequency divisors (D/2,): Llama 3.x's `rope_freqs`, else
+        LongRoPE's short factors (llama.cpp reads the long ones only for a context past
+        rope.scaling.original_context_length; tandem's contexts stay short of it), else None."""
+        for name in ("rope_freqs.weight", "rope_factors_short.weight"):
+            if w.has(name):
+                return w.vector(name, torch.device("cpu"))
+        return None
 
     # ---- what an architecture describes ----------------------------------------------
     def load_layer(self, w: WeightLoader, i: int, p: str, device: torch.device) -> Layer:
@@ -145,10 +168,14 @@ class Model:
             window = c.sliding_window if c.swa_layers[i] else 0
             x = cross(x, layer.device)
             if h is None:
-                h = layer.ops.rms_norm(x, layer.attn_norm, c.rms_eps)
+                h = (
+                    x
+                    if layer.attn_norm is None
+                    else layer.ops.rms_norm(x, layer.attn_norm, c.rms_eps)
+                )
             x, f = self.layer_forward(i, layer, x, h, rope, on_device[key], window, attend)
             after = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            if after is not None and after.device == layer.device:
+            if after is not None and after.device == layer.device and after.attn_norm is not None:
                 x, h = layer.ops.add_rms_norm(x, f, after.attn_norm, c.rms_eps)
             else:
                 x, h = x + f, None

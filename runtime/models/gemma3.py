@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from kernels.linear import matmuls
 from runtime.models.base import Layer
 from runtime.models.llama import Llama
 from runtime.models.weights import WeightLoader
@@ -22,22 +21,16 @@ class Gemma3(Llama):
 
     def load_layer(self, w: WeightLoader, i: int, p: str, device: torch.device) -> Layer:
         layer = super().load_layer(w, i, p, device)
-        layer.q_norm = w.vector(p + "attn_q_norm.weight", device)
-        layer.k_norm = w.vector(p + "attn_k_norm.weight", device)
+        if self.config.qk_norm:
+            layer.q_norm = w.vector(p + "attn_q_norm.weight", device)
+            layer.k_norm = w.vector(p + "attn_k_norm.weight", device)
         layer.post_attn_norm = w.vector(p + "post_attention_norm.weight", device)
         layer.post_ffn_norm = w.vector(p + "post_ffw_norm.weight", device)
         return layer
 
     def layer_forward(self, i, b, x, h, rope, tables, window, attend):
-        c, n, ops = self.config, x.shape[0], b.ops
-        q, k, v = matmuls([b.q, b.k, b.v], h)
-        q = q.view(n, c.n_head, c.head_dim)
-        k = k.view(n, c.n_head_kv, c.head_dim)
-        v = v.view(n, c.n_head_kv, c.head_dim_v)
-        q, k = ops.rms_norm(q, b.q_norm, c.rms_eps), ops.rms_norm(k, b.k_norm, c.rms_eps)
-        q, k = ops.rope_qk(q, k, *tables, rope.neox)
+        c, ops = self.config, b.ops
+        q, k, v = self.qkv(i, b, h, rope, tables)
         a = ops.rms_norm(b.o(attend(i, q, k, v, window)), b.post_attn_norm, c.rms_eps)
         x, h = ops.add_rms_norm(x, a, b.ffn_norm, c.rms_eps)
-        gate, up = matmuls([b.gate, b.up], h)
-        f = b.down(ops.act_mul(gate, up, gelu=True))
-        return x, ops.rms_norm(f, b.post_ffn_norm, c.rms_eps)
+        return x, ops.rms_norm(self.ffn(b, h), b.post_ffn_norm, c.rms_eps)

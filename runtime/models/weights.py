@@ -80,6 +80,37 @@ class WeightLoader:
             )
         return [self.linear(n, b) for n, b in zip(names, biases, strict=True)]
 
+    def split(self, name: str, sizes: list[int], bias: str | None = None) -> list:
+        """The linears over consecutive row ranges of one fused tensor (phi3's attn_qkv → q,
+        k, v; its ffn_up → gate, up): rows are whole output features, so each part is a
+        packed weight of its own (stacked again into one launch on the GPU)."""
+        info = self.info(name)
+        if sum(sizes) != info.n_rows:
+            raise GGUFError(
+                f"{self.gguf.path.name}: tensor '{name}' has {info.n_rows} rows, not the "
+                f"{' + '.join(map(str, sizes))} its parts need"
+            )
+        where = self.devices.of_tensor(name)
+        device = self.devices.device(where)
+        b = self.vector(bias, device) if bias and self.has(bias) else None
+        biases = list(b.split(sizes)) if b is not None else [None] * len(sizes)
+        parts = list(self.gguf.tensor(name).split(sizes))  # (N_i, row_bytes) views
+        if where == GPU:  # torch.cat copies the rows out of the mapping
+            return TritonLinear.stacked(parts, info.ggml_type, info.shape[0], biases, device)
+        out = []
+        for j, part in enumerate(parts):
+            made = self.gguf.derived(
+                ("panels", name, j), lambda part=part: interleave(part, info.ggml_type)
+            )
+            weight = (
+                torch.empty(part.shape, dtype=torch.uint8, device="meta")
+                if made is not None
+                else self.gguf.derived(("rows", name, j), part.clone)
+            )
+            out.append(PackedLinear(weight, info.ggml_type, info.shape[0], biases[j], panels=made))
+        self.gguf.release_pages(name)
+        return out
+
     def vector(self, name: str, device: torch.device) -> torch.Tensor:
         """A norm's or bias's values, float32 (N,), in memory of its own on `device`."""
         info = self.info(name)

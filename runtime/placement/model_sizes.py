@@ -22,6 +22,7 @@ from runtime.kv.kv_pool import BLOCK_SIZE, KV_CACHE_TYPES, QBLOCK, kv_bytes_per_
 # forward order of a layer's tensors (by name after "blk.N."); unknown names come last
 _ORDER = (
     "attn_norm",
+    "attn_qkv",
     "attn_q",
     "attn_k",
     "attn_v",

@@ -69,12 +69,17 @@ class Dims:
         """The number a shape symbol stands for."""
         if isinstance(symbol, int):
             return symbol
+        if "+" in symbol:  # a fused tensor's parts: "Q+2KV"
+            return sum(self.size(part, vocab) for part in symbol.split("+"))
+        if symbol[0].isdigit():  # a multiple: "2F"
+            return int(symbol[0]) * self.size(symbol[1:], vocab)
         table = {
             "E": self.dim,
             "F": self.ffn,
             "Q": self.heads * self.head_dim,
             "KV": self.kv_heads * self.head_dim,
             "D": self.head_dim,
+            "R": self.head_dim // 2,  # rope frequency pairs
             "V": vocab,
             "X": self.experts,
             "FX": self.expert_ffn,
@@ -147,10 +152,16 @@ class Architecture:
     # the architecture name llama.cpp runs the same model under, where it has no entry of
     # this name (mistral: llama.cpp's converter writes Mistral 7B as "llama")
     llama_cpp_name: str = ""
+    # tensors outside the blocks besides token_embd / output (rope_freqs, rope_factors_*)
+    globals: tuple[TensorSpec, ...] = ()
+    # the general.architecture written, where the entry is a variant of another (llama3:
+    # llama with rope_freqs) (default: name)
+    arch_name: str = ""
 
     def tensors(self, d: Dims, vocab: int) -> list[tuple[str, tuple[int, ...], str]]:
         """(name, numpy shape, kind) of every tensor, in llama.cpp's order."""
         out = [("token_embd.weight", (vocab, d.dim), "embed")]
+        out += [(t.name, tuple(d.size(s, vocab) for s in t.shape), t.kind) for t in self.globals]
         for i in range(d.layers):
             for t in (*self.layer, *self.layer_extra(i, d)):
                 shape = tuple(d.size(s, vocab) for s in t.shape)
@@ -162,7 +173,8 @@ class Architecture:
 
     def metadata(self, d: Dims, vocab: int, name: str = "") -> dict[str, Any]:
         """Every `arch.*` key of the file (`name.*` where given)."""
-        name = name or self.name
+        if not name or name == self.name:  # a variant is written as its arch_name
+            name = self.arch_name or self.name
         extra = {f"{name}.{k}": v for k, v in self.extra_metadata(d).items()}
         return base_metadata(name, d, vocab) | extra
 
