@@ -197,6 +197,88 @@ def _q6_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     out.mul_((_half(blocks, 208) * blocks[:, 192:208].view(torch.int8)).unsqueeze(-1))
 
 
+def _crumbs(words: torch.Tensor) -> torch.Tensor:
+    """(n, g, w) int64 words → (n, g, 4, w): bits 0-1 of every byte, then 2-3, 4-5, 6-7."""
+    shifts = _const((0, 2, 4, 6), torch.int64, words.device).unsqueeze(-1)  # (4, 1)
+    return (words.unsqueeze(2) >> shifts).bitwise_and_(_rep(0x03, torch.int64))
+
+
+@_register(T.Q2_K)
+def _q2_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    # block: scales[16] | qs[64] | d f16 | dmin f16; 16 sub-blocks of 16, x = d*sc*q - dmin*m
+    # with sc, m the low and high nibbles of scales[j]; element 128h + 32k + l is bits 2k of
+    # qs[32h + l]
+    n = blocks.shape[0]
+    q = _crumbs(_packed(blocks[:, 16:80]).view(torch.int64).view(n, 2, 4))  # (n, 2, 4, 4) words
+    sc = blocks[:, :16]  # (n, 16)
+    dl = (_half(blocks, 80) * (sc & 0xF)).unsqueeze(-1)  # (n, 16, 1)
+    ml = (_half(blocks, 82) * (sc >> 4)).unsqueeze(-1)
+    out = out.view(n, 16, 16)
+    out.copy_(q.view(torch.uint8).view(n, 16, 16))
+    out.mul_(dl).sub_(ml)
+
+
+def _q3_scales(s: torch.Tensor) -> torch.Tensor:
+    """Q3_K's 12 scale bytes (n, 12) → (n, 16) float32 signed scales (6 bits, minus 32)."""
+    low = torch.cat((s[:, :8] & 0xF, s[:, :8] >> 4), 1)  # (n, 16)
+    shifts = _const((0, 2, 4, 6), torch.uint8, s.device).unsqueeze(-1)  # (4, 1)
+    high = ((s[:, 8:12].unsqueeze(1) >> shifts) & 3).view(-1, 16)  # (n, 16)
+    return low.bitwise_or_(high << 4).view(torch.int8).sub_(32).float()
+
+
+@_register(T.Q3_K)
+def _q3_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    # block: hmask[32] | qs[64] | scales[12] | d f16; element 32i + l (i = 4h + k) is bits 2k
+    # of qs[32h + l] minus 4 where bit i of hmask[l] is clear; x = d * sc_j * q, j = e // 16
+    n = blocks.shape[0]
+    qs = _packed(blocks[:, 32:96]).view(torch.int64).view(n, 2, 4)
+    q = _crumbs(qs).view(n, 8, 4)  # (n, 8, 4) words: 8 x 32 bytes, 0..3
+    hm = _packed(blocks[:, :32]).view(torch.int64).unsqueeze(1)  # (n, 1, 4)
+    shifts = _const(tuple(range(8)), torch.int64, blocks.device).unsqueeze(-1)  # (8, 1)
+    clear = (hm >> shifts).bitwise_and_(_rep(0x01, torch.int64)).bitwise_xor_(_rep(0x01, torch.int64))
+    q = q.view(torch.uint8).sub_(clear.bitwise_left_shift_(2).view(torch.uint8))  # wraps
+    dl = (_half(blocks, 108) * _q3_scales(blocks[:, 96:108])).unsqueeze(-1)  # (n, 16, 1)
+    out = out.view(n, 16, 16)
+    out.copy_(q.view(torch.int8).view(n, 16, 16))  # -4..3
+    out.mul_(dl)
+
+
+# The 16 non-linear levels of IQ4_NL and IQ4_XS (kvalues_iq4nl, ggml-common.h).
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _iq4_values(qs: torch.Tensor) -> torch.Tensor:
+    """(n, g, w) int64 words of nibbles → (n, g, 2, 8w) float32 levels: low nibbles of each
+    group's bytes, then high ones."""
+    idx = _k_nibbles(qs).view(torch.uint8).long()
+    return torch.take(_const(IQ4_LEVELS, torch.float32, qs.device), idx)
+
+
+@_register(T.IQ4_NL)
+def _iq4_nl(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    # block: d f16 | qs[16]; x[j] = d * L[lo(qs[j])], x[j+16] = d * L[hi(qs[j])]
+    n = blocks.shape[0]
+    qs = _packed(blocks[:, 2:]).view(torch.int64).view(n, 1, 2)
+    out.copy_(_iq4_values(qs).view(n, 32)).mul_(_half(blocks, 0))
+
+
+@_register(T.IQ4_XS)
+def _iq4_xs(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    # block: d f16 | scales_h u16 | scales_l[4] | qs[128]; sub-block j of 32: scale
+    # (nibble j of scales_l | bits 2j of scales_h << 4) - 32, values as IQ4_NL's on qs[16j:]
+    n = blocks.shape[0]
+    x = blocks.view(torch.int64)  # (n, 17): header | qs * 16
+    low = blocks[:, 4:8]
+    low = torch.stack((low & 0xF, low >> 4), 2).view(n, 8)  # (n, 8)
+    sh = blocks[:, 2:4].view(torch.int16).int()  # (n, 1)
+    shifts = _const(tuple(range(0, 16, 2)), torch.int32, blocks.device)  # (8,)
+    high = ((sh >> shifts) & 3).to(torch.uint8)  # (n, 8)
+    sc = low.bitwise_or_(high << 4).view(torch.int8).sub_(32).float()
+    dl = (_half(blocks, 0) * sc).unsqueeze(-1)  # (n, 8, 1)
+    out = out.view(n, 8, 32)
+    out.copy_(_iq4_values(x[:, 1:].view(n, 8, 2)).view(n, 8, 32)).mul_(dl)
+
+
 def _check(data: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
     """Validate packed bytes (..., R); return them contiguous and 8-byte aligned."""
     if data.dtype != torch.uint8:

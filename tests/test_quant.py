@@ -29,6 +29,10 @@ HALF_FIELDS = {
     "Q4_K": [0, 2],
     "Q5_K": [0, 2],
     "Q6_K": [208],
+    "Q2_K": [80, 82],
+    "Q3_K": [108],
+    "IQ4_NL": [0],
+    "IQ4_XS": [0],
 }
 SHAPES = [(1, 1), (3, 5), (2, 3, 2), (17, 4)]  # leading dims..., blocks per row
 
@@ -134,17 +138,20 @@ def test_dequantize_rejects_bad_rows():
 
 def test_formats_come_from_gguf():
     assert sorted(ALL) == sorted(
-        ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+        ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+        + ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
     )
     for fmt in FORMATS.values():
         assert (fmt.block_size, fmt.type_size) == gq.GGML_QUANT_SIZES[T[fmt.name]]
         assert fmt.ggml_type == T[fmt.name].value
     assert block_format(T.Q6_K).row_bytes(512) == 420
+    assert block_format(T.Q3_K).row_bytes(512) == 220
+    assert block_format(T.IQ4_XS).row_bytes(512) == 272
     assert block_format(T.F16).row_bytes(7) == 14
 
 
 def test_block_format_errors():
-    with pytest.raises(UnsupportedError, match=r"IQ2_XXS.*Q4_0.*Q6_K"):
+    with pytest.raises(UnsupportedError, match=r"IQ2_XXS.*Q4_0.*Q6_K.*IQ4_XS"):
         block_format(T.IQ2_XXS)
     with pytest.raises(UnsupportedError, match="type 999"):
         block_format(999)

@@ -47,8 +47,10 @@ from quant.dequant import dequantize  # noqa: E402
 
 DEVICE = "cpu" if interpreted() else "cuda"
 TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
+TYPES |= {"Q2_K": 10, "Q3_K": 11, "Q5_K": 13, "IQ4_NL": 20, "IQ4_XS": 23}
 # Byte offsets of each type's float16 fields (scales, mins), set to sane values below.
 F16_FIELDS = {2: (0,), 3: (0, 2), 6: (0,), 8: (0,), 12: (0, 2), 14: (208,)}
+F16_FIELDS |= {10: (80, 82), 11: (108,), 13: (0, 2), 20: (0,), 23: (0,)}
 EPS32, EPS16 = 2.0**-24, 2.0**-11  # unit roundoff of float32, float16
 
 

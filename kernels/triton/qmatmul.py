@@ -10,8 +10,10 @@ K/QK blocks (layouts: kernels/triton/ggml_blocks.py). Two kernels read those byt
   weight tile and multiplies it with tl.dot on float16 operands, float32 accumulation (what
   ggml's CUDA back end does for quantized prefill through cuBLAS).
 
-Types without a kernel here (F16, F32, BF16, Q5_1, Q5_K) are dequantized with quant.dequant
-and multiplied with torch (F16/F32/BF16 weights are only reinterpreted, not copied).
+Types without a kernel here (F16, F32, BF16, Q5_1) are dequantized with quant.dequant and
+multiplied with torch (F16/F32/BF16 weights are only reinterpreted, not copied; Q5_1, whose
+GGUFs are rare, is dequantized whole for the call). Every other type tandem reads (Q4_0,
+Q4_1, Q5_0, Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS) has a block function in ggml_blocks.py.
 """
 
 from __future__ import annotations
