@@ -31,7 +31,7 @@ from pathlib import Path
 
 from loaders.pull import KNOWN, pull, pullable
 from modelfiles.parameters import OPTIONS, default
-from quant.errors import InvalidParameterError, TandemError
+from quant.errors import InvalidParameterError, ServerUnreachableError, TandemError
 from runtime.cli.flags import add_flag, add_flags, cli_size
 from runtime.cli.store_commands import COMMANDS as STORE_COMMANDS
 from runtime.cli.store_commands import add_store_commands
@@ -348,16 +348,42 @@ def run_flags(args: argparse.Namespace) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from modelfiles.resolver import resolve
+    from runtime.cli.feedback import cuda_warning, quiet_environment, spinner, startup_line
     from runtime.cli.repl import Repl
-    from runtime.llm import LLM
     from runtime.run_options import RunOptions
 
     flags = run_flags(args)
-    RunOptions.resolve(flags=flags)  # the flags are valid before the (slow) resolve and load
-    spec = resolve(args.model)  # the one resolution of the reference
-    llm = LLM(spec, options=RunOptions.resolve(spec.parameters, flags))
-    repl = Repl(llm, llm.options.sampling, raw=args.raw, verbose=args.verbose)
+    options = RunOptions.resolve(flags=flags)  # the flags are valid before the (slow) load
+    backend = None if args.local or _load_flags(args) else _server_backend(args)
+    if backend is None:
+        from modelfiles.resolver import resolve
+        from runtime.cli.chat_backend import Local
+        from runtime.llm import LLM
+
+        warning = cuda_warning()
+        if warning:
+            print(warning, file=sys.stderr)
+        spec = resolve(args.model)  # the one resolution of the reference (may pull)
+        with spinner(f"loading {spec.name}"):
+            llm = LLM(spec, options=RunOptions.resolve(spec.parameters, flags))
+        if not quiet_environment():
+            print(startup_line(llm), file=sys.stderr)
+        backend = Local(llm)
+        params = llm.options.sampling
+    else:
+        params = options.sampling
+    repl = Repl(
+        None,
+        params,
+        raw=args.raw,
+        verbose=args.verbose,
+        wordwrap=not args.nowordwrap,
+        backend=backend,
+    )
+    if backend.__class__.__name__ == "Remote":  # the flags' sampling options go with each request
+        repl.options = {
+            k: v for k, v in flags.items() if k in ("temperature", "num_predict", "seed")
+        }
     prompt = " ".join(args.prompt)
     if not prompt and not sys.stdin.isatty():
         prompt = sys.stdin.read()
@@ -365,6 +391,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         repl.answer(prompt)
         return 0
     return repl.loop()
+
+
+def _load_flags(args: argparse.Namespace) -> bool:
+    """Flags that decide how the model loads: a server has loaded it its own way, so these
+    run the model here."""
+    names = ("num_ctx", "num_gpu", "num_thread", "gpu_memory", "kv_cache_type", "num_batch")
+    return any(getattr(args, n) is not None for n in names) or args.parallel is not None
+
+
+def _server_backend(args: argparse.Namespace):
+    """A running `tandem serve` (or ollama) at --host / TANDEM_HOST, as ollama's client uses
+    it; None when none answers (then the model loads here)."""
+    from runtime.cli.chat_backend import Remote, server_answers
+    from runtime.cli.feedback import spinner
+    from runtime.server.address import base_url, parse_address, server_address
+
+    host, port = parse_address(args.host) if args.host else server_address()
+    url = base_url(host, port)
+    if not server_answers(url):
+        if args.host:
+            raise ServerUnreachableError(f"no server answered at {url}; drop --host to run here")
+        return None
+    backend = Remote(url, args.model)
+    with spinner(f"loading {args.model} on {url}"):
+        backend.load()
+    print(
+        f"{args.model}: answered by the server at {url} (--local to load it here)", file=sys.stderr
+    )
+    return backend
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
