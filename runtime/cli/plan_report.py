@@ -160,18 +160,19 @@ def run_plan_command(args) -> int:
     from loaders.config import ModelConfig
     from loaders.gguf_file import GGUFFile
     from modelfiles.resolver import resolve as resolve_spec
-    from runtime.placement.devices import detect, parse_size
+    from runtime.cli.flags import cli_size
+    from runtime.placement.devices import detect
     from runtime.placement.model_sizes import ModelSizes
     from runtime.placement.planner import plan
     from runtime.run_options import RunOptions
 
     flags = {
         "num_ctx": args.num_ctx,
-        "num_parallel": args.num_parallel,
+        "num_parallel": args.parallel,
         "num_gpu": args.num_gpu,
         "kv_cache_type": args.kv_cache_type,
         "num_batch": args.num_batch,
-        "gpu_memory": parse_size(args.gpu_memory) if args.gpu_memory else None,
+        "gpu_memory": cli_size(args.gpu_memory, "--gpu-memory"),
     }
     RunOptions.resolve(flags=flags).plan_request().validate()  # before the pull or calibration
     spec = resolve_spec(args.model)

@@ -1,10 +1,11 @@
 """`tandem ps`: ask a running server (GET /api/ps) which models it holds and print them as
-ollama does: NAME ID SIZE PROCESSOR CONTEXT UNTIL."""
+ollama does: NAME ID SIZE PROCESSOR CONTEXT UNTIL; `tandem stop`: unload one."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -80,3 +81,30 @@ def format_table(models: list[dict]) -> str:
     return "\n".join(
         "    ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
     )
+
+
+def stop_model(url: str, model: str, timeout: float = 30.0) -> None:
+    """`tandem stop MODEL`: ask the server to unload MODEL now (ollama's way: a generate
+    request without a prompt and keep_alive 0). ModelNotFoundError when it is not loaded."""
+    from modelfiles.names import ModelName
+    from quant.errors import ModelNotFoundError
+
+    name = ModelName.maybe(model)
+    wanted = {model, str(name)} if name is not None else {model}
+    running = [m["name"] for m in fetch_ps(url)]
+    match = next((n for n in running if n in wanted), None)
+    if match is None:
+        shown = ", ".join(printable(n) for n in running) or "none"
+        raise ModelNotFoundError(
+            f"model {printable(model)!r} is not running (running: {shown}); see `tandem ps`"
+        )
+    body = json.dumps({"model": match, "keep_alive": 0}).encode()
+    req = urllib.request.Request(f"{url}/api/generate", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            resp.read()
+    except (urllib.error.URLError, OSError) as err:
+        raise ServerUnreachableError(f"the server at {url} did not unload {match}: {err}") from None
+    deadline = time.monotonic() + timeout  # the server unloads it within a second
+    while match in (m["name"] for m in fetch_ps(url)) and time.monotonic() < deadline:
+        time.sleep(0.1)

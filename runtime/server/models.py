@@ -92,6 +92,7 @@ class RegistryOptions:
     max_loaded: int = 3  # models held at once (the least recently used idle one goes)
     models_dirs: tuple[str, ...] = ()  # where client-named .gguf paths may lie
     allow_pull: bool = False  # may a request pull a pullable model that is not here yet
+    load: tuple[tuple[str, int], ...] = ()  # serve's num_gpu, num_thread, gpu_memory flags
 
     def __post_init__(self) -> None:
         for name in ("max_waiting", "max_loaded"):
@@ -108,6 +109,7 @@ class RegistryOptions:
             "num_ctx": self.num_ctx,
             "max_num_seqs": self.max_num_seqs,
             "kv_cache_type": self.kv_cache_type,
+            **dict(self.load),
         }
         RunOptions.resolve(base=base)
         return base

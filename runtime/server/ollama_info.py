@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import logging
 import math
 import time
@@ -15,6 +16,7 @@ import gguf
 
 from loaders.chat_template import builtin_template
 from loaders.gguf_file import GGUFFile
+from modelfiles.names import ModelName
 from modelfiles.resolver import ModelSpec
 from modelfiles.store import Store
 from quant.errors import TandemError
@@ -36,6 +38,19 @@ def now_iso() -> str:
 def digest(path: Path) -> str:
     """The sha256 of a blob named sha256-<hex>; otherwise the file's name (not hashed)."""
     return path.name.removeprefix("sha256-") if path.name.startswith("sha256-") else path.name
+
+
+def model_digest(name: str, path: Path) -> str:
+    """One id per model everywhere: a stored model's manifest sha256 (whose start is the ID
+    `tandem list` shows), else the file's digest() (a model named by its path)."""
+    parsed = ModelName.maybe(name)
+    try:
+        manifest = Store().get(parsed) if parsed is not None else None
+    except TandemError:
+        manifest = None
+    if manifest is None:
+        return digest(path)
+    return hashlib.sha256(manifest.to_json().encode()).hexdigest()
 
 
 def _parameter_size(n: int) -> str:
@@ -80,7 +95,7 @@ def tags_entry(name: str, path: Path, size: int, modified: float) -> dict:
         "model": name,
         "modified_at": iso(modified),
         "size": size,
-        "digest": digest(path),
+        "digest": model_digest(name, path),
         "details": file_details(path),
     }
 
@@ -110,7 +125,7 @@ def ps_entry(served: ServedModel) -> dict:
         "name": served.name,
         "model": served.name,
         "size": served.size,
-        "digest": digest(served.lm.path),
+        "digest": model_digest(served.name, served.lm.path),
         "details": details(served.lm.gguf),
         "expires_at": expires,
         "size_vram": served.size_vram,
