@@ -33,7 +33,7 @@ a 7B file needs well under 1 GB of RAM.
 
 --arch writes the architecture's table entry (scripts/synthetic_archs/: tensors, shapes,
 metadata, small dims; its docstring says how to add one), deterministic for a seed: linear
-weights N(0, 1/√fan_in) in --type (default q8_0), embeddings N(0, 1), norms 1 + N(0, 0.1),
+weights N(0, 1/fan_in) in --type (default q8_0), embeddings N(0, 1/E), norms 1 + N(0, 0.1),
 biases N(0, 0.1), all F32 but the linears and embeddings; output_norm.weight is the entry's
 head_scale, which makes the random model confident (it mostly predicts from the current
 token through the residual stream) so that a top-1 comparison means something. The
@@ -233,7 +233,7 @@ def arch_values(kind: str, shape: tuple[int, ...], head_scale: float, seed: int)
     if kind == "linear":
         return noise / shape[-1] ** 0.5
     if kind == "embed":
-        return noise
+        return noise / shape[-1] ** 0.5  # unit-norm rows: gemma's √E scale makes them RMS 1
     if kind == "norm":
         return 1 + 0.1 * noise
     if kind == "head_norm":

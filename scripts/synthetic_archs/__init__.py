@@ -145,7 +145,7 @@ class Architecture:
     layer: tuple[TensorSpec, ...]
     dims: Dims = field(default_factory=Dims)
     tied: bool = False
-    head_scale: float = 4.0  # output_norm.weight's value: the random model's confidence
+    head_scale: float = 8.0  # output_norm.weight's value: the random model's confidence
     extra_metadata: Callable[[Dims], dict[str, Any]] = _no_extra  # keys without `arch.`
     layer_extra: Callable[[int, Dims], tuple[TensorSpec, ...]] = _no_layer_extra
     note: str = ""  # what the synthetic model exercises (printed by conformance.py)
