@@ -25,6 +25,9 @@ from conftest import fixture, model_path
 from runtime import LLM, SamplingParams
 
 GAP_TOL = 0.5  # llama.cpp -fa off vs its fixtures: divergences at gaps up to 0.483
+# Qwen2.5-Coder: llama.cpp -fa off itself leaves the fixture on "Water boils at" at step 13,
+# where the top-2 gap is 0.656 (measured 2026-12-02, docs/numerics.md); tandem does the same.
+GAP_TOLS = {"qwen_coder": 0.7}
 # llama.cpp -fa off vs its fixtures: mean |Δ logprob| 0.094 (SmolLM2) / 0.125 (Gemma3);
 # tandem's own figures on both kernel paths: docs/numerics.md.
 MEAN_TOL = 0.2
@@ -77,7 +80,8 @@ def test_divergences_only_at_near_ties(reports):
             assert r["ids"] == r["case"]["completion_ids"]
             assert r["text"] == r["case"]["completion_text"]
         else:
-            assert r["gap"] < GAP_TOL, f"{name}: diverged where llama.cpp was sure: {r}"
+            tol = GAP_TOLS.get(name, GAP_TOL)
+            assert r["gap"] < tol, f"{name}: diverged where llama.cpp was sure: {r}"
 
 
 @pytest.mark.slow
