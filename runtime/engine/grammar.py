@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,7 @@ from loaders.tokenizer import CONTROL, UNKNOWN, USER_DEFINED, Tokenizer
 from quant.errors import InvalidParameterError
 
 KINDS = ("json_schema", "regex", "choice", "lark", "gbnf")
-_CACHE_SIZE = 64  # compiled grammars kept per process (pristine matchers, deep-copied)
+_CACHE_SIZE = 64  # compiled grammars kept per tokenizer (pristine matchers, deep-copied)
 
 
 class GrammarError(InvalidParameterError):
@@ -118,42 +119,52 @@ def _token_bytes(tok: Tokenizer, i: int) -> bytes:
 
 
 _lock = threading.Lock()
-_ll_tokenizers: dict[int, tuple[Tokenizer, llguidance.LLTokenizer]] = {}
-_compiled: OrderedDict[tuple[int, Grammar], llguidance.LLMatcher] = OrderedDict()
 
 
-def ll_tokenizer(tok: Tokenizer) -> llguidance.LLTokenizer:
-    """llguidance's view of `tok` (built once per tokenizer: ~1 s on a 150k vocabulary)."""
+@dataclass
+class _PerTokenizer:
+    ll: llguidance.LLTokenizer
+    compiled: OrderedDict[Grammar, llguidance.LLMatcher]  # pristine matchers, LRU
+
+
+# Dropped with the tokenizer (a model unloaded frees its vocabulary and grammars).
+_cache: weakref.WeakKeyDictionary[Tokenizer, _PerTokenizer] = weakref.WeakKeyDictionary()
+
+
+def _per_tokenizer(tok: Tokenizer) -> _PerTokenizer:
     with _lock:
-        hit = _ll_tokenizers.get(id(tok))
-        if hit is not None and hit[0] is tok:
-            return hit[1]
+        hit = _cache.get(tok)
+    if hit is not None:
+        return hit
     eog = sorted(tok.eog_ids) or [_Vocab(tok).eos_token_id]
     ll = llguidance.LLTokenizer(
         llguidance.TokenizerWrapper(_Vocab(tok)), n_vocab=tok.vocab_size, eos_token=eog
     )
     with _lock:
-        _ll_tokenizers[id(tok)] = (tok, ll)
-    return ll
+        return _cache.setdefault(tok, _PerTokenizer(ll, OrderedDict()))
+
+
+def ll_tokenizer(tok: Tokenizer) -> llguidance.LLTokenizer:
+    """llguidance's view of `tok` (built once per tokenizer: ~1 s on a 50k vocabulary)."""
+    return _per_tokenizer(tok).ll
 
 
 def compile_grammar(tok: Tokenizer, grammar: Grammar) -> llguidance.LLMatcher:
     """A fresh matcher at the grammar's start. GrammarError names what llguidance refuses
     (unsupported schema keywords included: they are never skipped silently)."""
-    key = (id(tok), grammar)
+    per = _per_tokenizer(tok)
     with _lock:
-        pristine = _compiled.get(key)
+        pristine = per.compiled.get(grammar)
         if pristine is not None:
-            _compiled.move_to_end(key)
+            per.compiled.move_to_end(grammar)
             return pristine.deep_copy()
-    ll = ll_tokenizer(tok)
-    matcher = llguidance.LLMatcher(ll, grammar.llguidance(), log_level=0)
+    matcher = llguidance.LLMatcher(per.ll, grammar.llguidance(), log_level=0)
     if matcher.is_error():
         raise GrammarError(f"{grammar.field} cannot be enforced: {_short(matcher.get_error())}")
     with _lock:
-        _compiled[key] = matcher.deep_copy()
-        while len(_compiled) > _CACHE_SIZE:
-            _compiled.popitem(last=False)
+        per.compiled[grammar] = matcher.deep_copy()
+        while len(per.compiled) > _CACHE_SIZE:
+            per.compiled.popitem(last=False)
     return matcher
 
 
