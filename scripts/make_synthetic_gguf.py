@@ -21,12 +21,16 @@ tandem and llama.cpp both load the file and its token_embd/output have one row p
 
 Every weight matrix (token_embd, output and all block linears) is in the chosen type, like
 llama.cpp's `--pure` quantizations; norms are F32 ones. Speed does not depend on the values,
-but they are kept sane so a forward stays finite: Q4_0 and Q8_0 blocks quantize Gaussian
-weights (std 0.02) with quant/quantize.py. Q4_K has no quantizer here; its blocks are
-random bytes, which are all valid (6-bit scales and mins, 4-bit quants) except the two fp16
-super-block scales, which are set: d ≈ 0.02/218 (218 = the std of scale·quant for uniform
-6-bit scales and 4-bit quants), so weights have std ≈ 0.02, and dmin = 7.5·d, so the mean
-min offset cancels the mean of scale·quant and weights center on 0. Both stay fp16 normals.
+but they are kept sane so a forward stays finite: F32, F16, BF16, Q4_0 and Q8_0 hold Gaussian
+weights (std 0.02), quantized with quant/quantize.py (gguf-py's quantizers, bit for bit).
+The other types have no quantizer here or in gguf-py; their blocks are random bytes, which
+are all valid (every bit pattern of their scales, mins and quants is a legal value) except
+the fp16 super-block scales, which are set (RANDOM_BLOCKS): d = 0.02 / (the std of the
+block's weights at d = 1, measured by dequantizing such blocks; Q4_K keeps its earlier 218,
+the std of scale·quant alone, so its files stay byte for byte what they were), so weights
+have std ≈ 0.02, and for the types with mins dmin = r·d, r = mean(scale·quant) /
+mean(min), so the mean min offset cancels and weights center on 0 (Q2_K: r = 1.5; Q4_K:
+7.5; Q5_K: 15.5). Both stay fp16 normals.
 
 Tensors are generated, quantized and written one at a time (in row chunks of float32), so
 a 7B file needs well under 1 GB of RAM.
@@ -44,6 +48,7 @@ llama.cpp's models/ggml-vocab-*.gguf.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_archs import ARCHITECTURES, Architecture, Dims  # noqa: E402
 
 from loaders.gguf_file import GGUFFile  # noqa: E402
+from quant.dequant import dequantize  # noqa: E402
 from quant.formats import block_format  # noqa: E402
 from quant.quantize import quantize  # noqa: E402
 
@@ -80,16 +86,33 @@ SHAPES = {
     "7b": Shape(32, 4096, 11008, 32, 32, 4096),
     "smollm2": Shape(30, 576, 1536, 9, 3, 8192),
 }
-TYPES = {"q4_0": T.Q4_0, "q4_k": T.Q4_K, "q8_0": T.Q8_0, "f16": T.F16, "f32": T.F32}
 FILE_TYPES = {
+    T.F32: gguf.LlamaFileType.ALL_F32,
+    T.F16: gguf.LlamaFileType.MOSTLY_F16,
+    T.BF16: gguf.LlamaFileType.MOSTLY_BF16,
     T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    T.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K,
+    T.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_M,
     T.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M,
-    T.F16: gguf.LlamaFileType.MOSTLY_F16,
-    T.F32: gguf.LlamaFileType.ALL_F32,
+    T.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_M,
+    T.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
+    T.IQ4_NL: gguf.LlamaFileType.MOSTLY_IQ4_NL,
+    T.IQ4_XS: gguf.LlamaFileType.MOSTLY_IQ4_XS,
 }
+TYPES = {qtype.name.lower(): qtype for qtype in FILE_TYPES}  # --type q4_k, iq4_xs, f16 ...
 WEIGHT_STD = 0.02
-Q4K_D = WEIGHT_STD / 218  # see the module docstring
+# Types written as random blocks: byte offsets of the fp16 fields (d, then dmin or None) and
+# dmin / d (see the module docstring). Every other type is quantized from Gaussian weights.
+RANDOM_BLOCKS: dict[T, tuple[int, int | None, float]] = {
+    T.Q2_K: (80, 82, 1.5),
+    T.Q3_K: (108, None, 0.0),
+    T.Q4_K: (0, 2, 7.5),
+    T.Q5_K: (0, 2, 15.5),
+    T.Q6_K: (208, None, 0.0),
+    T.IQ4_NL: (0, None, 0.0),
+    T.IQ4_XS: (0, None, 0.0),
+}
 CHUNK_ELEMENTS = 1 << 24  # float32 elements generated at once (64 MB)
 
 
@@ -113,14 +136,35 @@ def tensor_plan(s: Shape, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
     return plan + [("output_norm.weight", (s.dim,)), ("output.weight", (vocab, s.dim))]
 
 
-def random_q4_k(n_blocks: int, gen: np.random.Generator) -> np.ndarray:
-    """n random Q4_K super-blocks (n, 144) uint8: d, dmin (fp16) then scales[12], qs[128]."""
-    blocks = gen.integers(0, 256, (n_blocks, 144), dtype=np.uint8)
-    d = (Q4K_D * gen.uniform(0.75, 1.25, n_blocks)).astype(np.float16)
-    dmin = (d.astype(np.float32) * 7.5).astype(np.float16)
-    blocks[:, 0:2] = d.view(np.uint8).reshape(-1, 2)
-    blocks[:, 2:4] = dmin.view(np.uint8).reshape(-1, 2)
+def _set_scales(blocks: np.ndarray, qtype: T, d: np.ndarray) -> np.ndarray:
+    """Write fp16 d (n,) and, for the types with mins, dmin = r·d into blocks (n, type_size)."""
+    at_d, at_min, ratio = RANDOM_BLOCKS[qtype]
+    half = d.astype(np.float16)
+    blocks[:, at_d : at_d + 2] = half.view(np.uint8).reshape(-1, 2)
+    if at_min is not None:
+        dmin = (half.astype(np.float32) * ratio).astype(np.float16)
+        blocks[:, at_min : at_min + 2] = dmin.view(np.uint8).reshape(-1, 2)
     return blocks
+
+
+@functools.cache
+def unit_std(qtype: T) -> float:
+    """The std of `qtype`'s weights for random blocks with d = 1 (measured on 4096 blocks)."""
+    if qtype == T.Q4_K:
+        return 218.0  # the figure Q4_K files were written with (module docstring)
+    fmt = block_format(int(qtype))
+    gen = np.random.default_rng(12345)
+    blocks = gen.integers(0, 256, (4096, fmt.type_size), dtype=np.uint8)
+    blocks = _set_scales(blocks, qtype, np.ones(4096, dtype=np.float32))
+    return float(dequantize(torch.from_numpy(blocks), int(qtype)).std())
+
+
+def random_blocks(qtype: T, n_blocks: int, gen: np.random.Generator) -> np.ndarray:
+    """n random valid blocks (n, type_size) uint8 of `qtype` whose weights have std ≈ 0.02."""
+    fmt = block_format(int(qtype))
+    blocks = gen.integers(0, 256, (n_blocks, fmt.type_size), dtype=np.uint8)
+    d = WEIGHT_STD / unit_std(qtype) * gen.uniform(0.75, 1.25, n_blocks)
+    return _set_scales(blocks, qtype, d)
 
 
 def random_matrix(rows: int, cols: int, qtype: T, seed: int) -> np.ndarray:
@@ -131,8 +175,8 @@ def random_matrix(rows: int, cols: int, qtype: T, seed: int) -> np.ndarray:
     torch_gen, np_gen = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     for r in range(0, rows, step):
         n = min(step, rows - r)
-        if qtype == T.Q4_K:
-            out[r : r + n] = random_q4_k(n * cols // 256, np_gen).reshape(n, -1)
+        if qtype in RANDOM_BLOCKS:
+            out[r : r + n] = random_blocks(qtype, n * cols // fmt.block_size, np_gen).reshape(n, -1)
         else:
             w = torch.randn(n, cols, generator=torch_gen) * WEIGHT_STD  # (n, cols) float32
             out[r : r + n] = quantize(w, int(qtype)).numpy()
