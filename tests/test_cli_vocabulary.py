@@ -120,7 +120,7 @@ class FakeServer(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, *args):
+    def log_message(self, format, *args):
         pass
 
 

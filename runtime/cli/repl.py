@@ -155,10 +155,10 @@ class Repl:
     # -- the loop ---------------------------------------------------------------------------
 
     def loop(self, stdin: TextIO | None = None) -> int:
-        stdin = stdin or sys.stdin
+        source: TextIO = stdin or sys.stdin
         while True:
             try:
-                message = self._read_message(stdin)
+                message = self._read_message(source)
             except KeyboardInterrupt:  # Ctrl-C at the prompt: the line is cleared
                 print("Use Ctrl + d or /bye to exit.", file=self.out)
                 continue
