@@ -59,9 +59,11 @@ def ask(child, line: str, until: str = r"\r\neval rate:\s+\S+") -> str:
 
 
 def answer_lines(text: str, question: str) -> list[str]:
-    """The answer's lines as the terminal got them (after the echoed question)."""
-    body = plain(text).rsplit(question, 1)[1].split("total duration")[0]
-    return [line.rstrip("\r") for line in body.split("\n")[1:] if line.strip()]
+    """The answer's lines as the terminal got them: after prompt_toolkit let the terminal go
+    (bracketed paste off, once the question is accepted), before the --verbose figures."""
+    assert question.split()[0] in plain(text)
+    body = plain(text.rsplit("\x1b[?2004l", 1)[1]).split("total duration")[0]
+    return [line.rstrip("\r") for line in body.split("\n") if line.strip()]
 
 
 def prompt_count(text: str) -> int:
