@@ -144,14 +144,16 @@ def test_chat_in_chromium(browser, served, tmp_path):
     assert re.search(r"\d+ tokens, [\d.]+ tok/s", stats), stats
 
     # stop: a long answer cut short
-    page.fill("#max_tokens", "1000")
+    page.fill("#max_tokens", "400")  # within num_ctx 1024 with the conversation
     page.fill("#input", "Write a very long essay about the history of astronomy.")
     page.press("#input", "Enter")
     page.wait_for_function(
         "() => { const n = document.querySelectorAll('.msg.assistant .content');"
-        " return n.length === 2 && n[1].innerText.length > 0; }",
+        " return (n.length === 2 && n[1].innerText.length > 0)"
+        " || document.querySelector('.msg .error'); }",
         timeout=120_000,
     )
+    assert page.query_selector(".msg .error") is None, page.inner_text(".msg .error")
     page.click("#stop")
     page.wait_for_selector(".msg.assistant:nth-of-type(4) .stats", timeout=30_000)
     assert "(stopped)" in page.inner_text(".msg.assistant:nth-of-type(4) .stats")
