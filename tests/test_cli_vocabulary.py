@@ -255,6 +255,7 @@ def test_run_uses_a_running_server_and_local_does_not(capsys):
         chat = FakeOllama.requests[1][1]
         assert chat["messages"] == [{"role": "user", "content": "Say hi"}]
         assert chat["options"] == {"temperature": 0.0}
+
         # ollama's timings from the server: total includes its load
         def figure(name: str) -> float:
             return float(next(x for x in err.splitlines() if x.startswith(name)).split()[-1][:-1])
