@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -120,7 +121,7 @@ class FakeServer(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, *args):
+    def log_message(self, format, *args):
         pass
 
 
@@ -194,3 +195,75 @@ def test_list_tags_and_ps_give_a_model_the_same_id(smollm2_path, capsys):
     assert model_digest(str(smollm2_path), smollm2_path) == smollm2_path.name.removeprefix(
         "sha256-"
     )
+
+
+# -- tandem run through a running server -------------------------------------------------------
+
+
+class FakeOllama(BaseHTTPRequestHandler):
+    """/api/version, /api/generate (the load) and /api/chat streamed as NDJSON."""
+
+    requests: list[tuple[str, dict]] = []
+
+    def _send(self, body: bytes, kind: str = "application/json") -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._send(b'{"version": "0.1.0"}')
+
+    def do_POST(self):
+        data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeOllama.requests.append((self.path, data))
+        if self.path == "/api/generate":
+            time.sleep(0.5)  # the model loads
+            self._send(b'{"done": true, "done_reason": "load"}')
+            return
+        parts = [{"message": {"content": w}, "done": False} for w in ("Hello", " from", " far")]
+        parts.append(
+            {
+                "message": {"content": ""},
+                "done": True,
+                "prompt_eval_count": 7,
+                "prompt_eval_duration": 10**8,
+                "eval_count": 3,
+                "eval_duration": 3 * 10**8,
+                "load_duration": 0,
+            }
+        )
+        self._send("".join(json.dumps(p) + "\n" for p in parts).encode(), "application/x-ndjson")
+
+    def log_message(self, format, *args):
+        pass
+
+
+def test_run_uses_a_running_server_and_local_does_not(capsys):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    host = f"127.0.0.1:{srv.server_address[1]}"
+    try:
+        FakeOllama.requests = []
+        argv = ["run", "smollm2", "Say hi", "--host", host, "--temperature", "0", "--verbose"]
+        assert main(argv) == 0
+        out, err = capsys.readouterr()
+        assert out == "Hello from far\n"
+        assert f"answered by the server at http://{host}" in err
+        assert [p for p, _ in FakeOllama.requests] == ["/api/generate", "/api/chat"]
+        chat = FakeOllama.requests[1][1]
+        assert chat["messages"] == [{"role": "user", "content": "Say hi"}]
+        assert chat["options"] == {"temperature": 0.0}
+
+        # ollama's timings from the server: total includes its load
+        def figure(name: str) -> float:
+            return float(next(x for x in err.splitlines() if x.startswith(name)).split()[-1][:-1])
+
+        assert figure("load duration") >= 0.5
+        assert figure("total duration") >= figure("load duration")
+    finally:
+        srv.shutdown()
+    # --host names a server that does not answer: said, not a silent local load
+    assert main(["run", "smollm2", "hi", "--host", host]) == 1
+    assert "no server answered" in capsys.readouterr().err

@@ -250,6 +250,7 @@ def add_server_commands(sub) -> None:
         default="8MiB",
         help="largest request body accepted, e.g. 8MiB (default); larger ones get 413",
     )
+    serve.add_argument("--no-webui", action="store_true", help="no chat page at / (the APIs only)")
     ps = sub.add_parser("ps", help="list the models a running server holds")
     ps.add_argument(
         "--host", help="the server's host:port (default TANDEM_HOST or 127.0.0.1:11435)"
@@ -291,6 +292,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     Store()  # opening the store removes what killed creates and pulls left behind
     logging.getLogger("runtime.server").setLevel(logging.INFO)
     logging.getLogger("runtime.engine.llm_engine").setLevel(logging.INFO)  # the KV cache size
+    if args.no_webui:
+        from runtime.server import webui
+
+        webui.enabled = False
     if args.model:
         watch_preload(host, port)
     serve(host, port, args.model, options, max_body=max_body)

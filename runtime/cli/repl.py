@@ -131,11 +131,10 @@ class Repl:
         """ollama's --verbose: total duration includes the load (the first answer's, here or
         on the server), so it is never below the load duration."""
         t: Timings = last.timings  # type: ignore[assignment]
-        load = last.load_seconds
-        if load is None:  # in this process: the model's load counts for the first answer
-            load = 0.0 if self._loaded_counted else self.backend.load_seconds
+        before = 0.0 if self._loaded_counted else self.backend.load_seconds  # before answer 1
         self._loaded_counted = True
-        total = seconds + (load if last.load_seconds is None else 0.0)
+        load = before + (last.load_seconds or 0.0)  # a server's load is inside `seconds`
+        total = seconds + before
 
         def rate(n: int, s: float) -> str:
             return f"{n / s:.2f} tokens/s" if s > 0 else "n/a"
@@ -155,10 +154,10 @@ class Repl:
     # -- the loop ---------------------------------------------------------------------------
 
     def loop(self, stdin: TextIO | None = None) -> int:
-        stdin = stdin or sys.stdin
+        source: TextIO = stdin or sys.stdin
         while True:
             try:
-                message = self._read_message(stdin)
+                message = self._read_message(source)
             except KeyboardInterrupt:  # Ctrl-C at the prompt: the line is cleared
                 print("Use Ctrl + d or /bye to exit.", file=self.out)
                 continue

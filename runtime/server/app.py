@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quant.errors import TandemError
-from runtime.server import ollama_api, openai_api
+from runtime.server import ollama_api, openai_api, webui
 from runtime.server.address import DEFAULT_HOST, DEFAULT_PORT
 from runtime.server.errors import HTTPStatusError, error_for_path
 from runtime.server.guard import Guard, GuardOptions
@@ -89,6 +89,7 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    webui.install(app)  # the chat page at / and a local /docs (runtime/server/webui.py)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_api_route("/", root, methods=["GET", "HEAD"])
