@@ -7,7 +7,7 @@ tandem pull MODEL
 tandem create NAME [-f Modelfile] [--quantize q4_0|q4_1|q8_0]; list; show; cp; rm
 tandem serve [--host H] [--port P] [--model MODEL] [--num-ctx N] [--parallel N]
              [--models-dir DIR]... [--allow-pull] [--max-loaded-models N] [--max-queue N]
-             [--max-body-size SIZE]
+             [--max-body-size SIZE] [--api-key KEY] [--cors-origins O,O...]
 tandem ps [--host HOST:PORT]
 tandem plan MODEL [--gpu-memory SIZE] [--num-ctx N] [--num-parallel N] [--num-gpu N]
            [--kv-cache-type T] [--num-batch N] [--json]
@@ -215,6 +215,17 @@ def add_server_commands(sub) -> None:
         default="8MiB",
         help="largest request body accepted, e.g. 8MiB (default); larger ones get 413",
     )
+    serve.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on every request but /health "
+        "(default TANDEM_API_KEY; none)",
+    )
+    serve.add_argument(
+        "--cors-origins",
+        default="",
+        help="comma-separated browser origins allowed beyond the localhost ones "
+        "('*' wildcards; also TANDEM_ORIGINS)",
+    )
     ps = sub.add_parser("ps", help="list the models a running server holds")
     ps.add_argument(
         "--host", help="the server's host:port (default TANDEM_HOST or 127.0.0.1:11435)"
@@ -250,7 +261,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     Store()  # opening the store removes what killed creates and pulls left behind
     logging.getLogger("runtime.server").setLevel(logging.INFO)
     logging.getLogger("runtime.engine.llm_engine").setLevel(logging.INFO)  # the KV cache size
-    serve(host, port, args.model, options, max_body=parse_size(args.max_body_size))
+    origins = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip())
+    serve(
+        host,
+        port,
+        args.model,
+        options,
+        max_body=parse_size(args.max_body_size),
+        api_key=args.api_key,
+        origins=origins,
+    )
     return 0
 
 

@@ -1,7 +1,7 @@
 """ollama /api/chat and /api/generate bodies parsed into an OllamaPrompt: the model, whether
 to stream, and how to turn the request into prompt token ids on the loaded model.
 
-Unknown fields are refused; `format` (JSON mode), `images`, `tools`, `suffix`, `template`
+Unknown fields are accepted and ignored (lenient.py); `format` (JSON mode), `images`, `tools`, `suffix`, `template`
 and `think` are accepted only when empty/off. `options` and `keep_alive` are read by the
 caller (ollama_options, keep_alive).
 """
@@ -13,6 +13,7 @@ from typing import Any
 
 from runtime.loaded_model import LoadedModel
 from runtime.server.errors import RequestFieldError
+from runtime.server.lenient import lenient
 
 CHAT_FIELDS = {"model", "messages", "tools", "format", "options", "stream", "keep_alive", "think"}
 GENERATE_FIELDS = {
@@ -86,12 +87,7 @@ class OllamaPrompt:
 def _common(body: Any, allowed: set[str]) -> OllamaPrompt:
     if not isinstance(body, dict):
         raise RequestFieldError(None, "the request body must be a JSON object")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise RequestFieldError(
-            unknown[0],
-            f"unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(allowed))}",
-        )
+    lenient(body, allowed)
     for name, what in OFF_ONLY.items():
         if body.get(name) not in (None, "", [], False):
             raise RequestFieldError(name, f"{what} is not supported; leave {name} out")
