@@ -108,13 +108,13 @@ def _ids(served: ServedModel, inputs: Inputs, truncate: bool) -> list[list[int]]
             ids = list(item)
         if not ids:
             raise RequestFieldError("input", f"input {i} gives no tokens")
-        if len(ids) > limit:
+        if len(ids) >= limit:  # the engine's rule for any prompt: less than num_ctx
             if not truncate:
                 raise ContextLengthError(
                     f"input {i} has {len(ids)} tokens; this model's context holds {limit}; "
                     "shorten it (or let the server cut it: truncate true)"
                 )
-            ids = ids[:limit]
+            ids = ids[: limit - 1]
         out.append(ids)
     return out
 

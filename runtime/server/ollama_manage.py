@@ -6,7 +6,7 @@ modelfiles/store.py) run in a worker thread.
 lines ({"status": "pulling manifest"}, {"status": "pulling <digest>", "digest", "total",
 "completed"}, ..., {"status": "success"}), a failure after the first line as {"error": ...};
 with "stream": false one {"status": "success"}. /api/copy and /api/delete answer 200 with an
-empty body, 404 when the model is not stored.
+empty body, 404 when the model is not stored; a deleted model is unloaded too.
 
 /api/create takes the fields ollama ≥ 0.5 sends: model, from, parameters (JSON-typed),
 template, system, license, messages, quantize, stream; `files` and `adapters` (blobs
@@ -306,6 +306,7 @@ async def delete(request: Request) -> Response:
         body = _body(await read_json(request), {"model", "name"})
         name = _name(body, "model", "name")
         await asyncio.to_thread(Store().remove, name)
+        await server_state(request).registry.unload(str(name))  # no longer listed or served
     except TandemError as err:
         return ollama_error(err)
     return Response(status_code=200)
