@@ -270,14 +270,27 @@ def test_prompt_longer_than_the_context_is_context_length_exceeded(client):
     [
         {"logit_bias": {"1": 5}},
         {"functions": [{"name": "f", "parameters": {}}]},
-        {"no_such_field": 1},
+        {"guided_regex": "[0-9]+"},
     ],
 )
 def test_unsupported_fields_are_refused_not_ignored(client, extra):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, extra_body=extra)
     assert info.value.body["param"] == next(iter(extra))
-    assert "not supported" in info.value.body["message"] or "unknown" in info.value.body["message"]
+    message = info.value.body["message"]
+    assert "not supported" in message or "cannot honour" in message
+
+
+def test_routine_extra_fields_are_ignored_and_named(client):
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=2,
+        temperature=0,
+        extra_body={"cache_prompt": True, "skip_special_tokens": True},
+    )
+    assert raw.parse().choices[0].message.content
+    assert raw.headers["x-tandem-ignored-fields"] == "cache_prompt, skip_special_tokens"
 
 
 def test_invalid_json_body_is_400(server):
@@ -431,8 +444,8 @@ def test_ollama_generate_not_streamed(server, lm):
 
 def test_ollama_errors(server):
     url = f"{server.url}/api/generate"
-    bad = httpx2.post(url, json={"model": MODEL, "prompt": "x", "options": {"nope": 1}})
-    assert bad.status_code == 400 and "nope" in bad.json()["error"]
+    bad = httpx2.post(url, json={"model": MODEL, "prompt": "x", "options": {"mirostat": 2}})
+    assert bad.status_code == 400 and "mirostat" in bad.json()["error"]
     big = httpx2.post(url, json={"model": MODEL, "prompt": "x", "options": {"num_ctx": 10**6}})
     assert big.status_code == 400 and "num_ctx" in big.json()["error"]
     missing = httpx2.post(url, json={"model": "no-such-model", "prompt": "x"})

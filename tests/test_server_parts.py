@@ -83,7 +83,7 @@ def test_chat_content_parts_and_developer_role():
         ({"tools": [{"type": "function"}]}, "tools[0]"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
-        ({"frobnicate": True}, "frobnicate"),
+        ({"guided_json": {"type": "object"}}, "guided_json"),
         ({"temperature": 3}, "temperature"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"top_logprobs": 2}, "top_logprobs"),
@@ -167,7 +167,7 @@ def test_ollama_chat_and_generate_parsing():
         {"template": "{{ .Prompt }}"},
         {"suffix": "x"},
         {"think": "maybe"},
-        {"unknown": 1},
+        {"use_beam_search": True},
         {"context": [1, "a"]},
         {"raw": 1},
         {"stream": "no"},
@@ -192,8 +192,9 @@ def test_ollama_options():
     assert opts.num_ctx == 128 and opts.sampling == {"temperature": 0, "num_predict": 5}
     params = opts.params(SamplingParams())
     assert params.temperature == 0 and params.max_tokens == 5
+    assert parse_options({"no_such": 1}).sampling == {}  # ignored, as ollama does
     for bad in (
-        {"no_such": 1},
+        {"use_beam_search": True},
         {"mirostat": 2},
         {"typical_p": 0.5},
         {"num_ctx": 0},

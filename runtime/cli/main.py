@@ -11,6 +11,7 @@ tandem create NAME [-f Modelfile] [--quantize q4_0|q4_1|q8_0]; list; show; cp; r
 tandem serve [--host H] [--port P] [--model MODEL] [-c N] [-np N] [-ngl N] [-t N]
              [--gpu-memory SIZE] [--kv-cache-type T] [--models-dir DIR]... [--allow-pull]
              [--max-loaded-models N] [--max-queue N] [--max-body-size SIZE]
+             [--api-key KEY] [--cors-origins O,O...] [--no-webui]
 tandem ps [--host HOST:PORT]; tandem stop MODEL [--host HOST:PORT]
 tandem plan MODEL [--gpu-memory SIZE] [-c N] [-np N] [-ngl N] [--kv-cache-type T]
            [--num-batch N] [--json]
@@ -251,6 +252,17 @@ def add_server_commands(sub) -> None:
         help="largest request body accepted, e.g. 8MiB (default); larger ones get 413",
     )
     serve.add_argument("--no-webui", action="store_true", help="no chat page at / (the APIs only)")
+    serve.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on every request but /health "
+        "(default TANDEM_API_KEY; none)",
+    )
+    serve.add_argument(
+        "--cors-origins",
+        default="",
+        help="comma-separated browser origins allowed beyond the localhost ones "
+        "('*' wildcards; also TANDEM_ORIGINS)",
+    )
     ps = sub.add_parser("ps", help="list the models a running server holds")
     ps.add_argument(
         "--host", help="the server's host:port (default TANDEM_HOST or 127.0.0.1:11435)"
@@ -298,7 +310,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         webui.enabled = False
     if args.model:
         watch_preload(host, port)
-    serve(host, port, args.model, options, max_body=max_body)
+    origins = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip())
+    serve(host, port, args.model, options, max_body=max_body, api_key=args.api_key, origins=origins)
     return 0
 
 

@@ -6,11 +6,14 @@ API the server uses.
                                                        # engine thread, one Event per token
     engine.abort(handle.request_id)                    # stop at the next step, free its KV
     engine.stats()                                     # EngineStats snapshot for /metrics
+    vectors = engine.embed([ids, ...]).result()        # (B, E) unit vectors (a Future)
     engine.close()
 
 `submit` raises ContextLengthError (prompt does not fit), QueueFullError (the waiting queue
 is full: HTTP 503 with Retry-After) or EngineClosedError synchronously; everything after
-that arrives through the sink. A request with params.n = k produces events for indexes
+that arrives through the sink. Embedding jobs run on the same thread, between steps: every
+job waiting is packed into one prefill-only forward (runtime/engine/embedder.py; no KV kept).
+A request with params.n = k produces events for indexes
 0 … k-1; each index ends with exactly one Event whose delta.finish_reason is set
 ("stop", "length" or "abort"), or an Event carrying `error`.
 """
@@ -21,9 +24,11 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from quant.errors import EngineClosedError, QueueFullError, TandemError
+from runtime.engine.embedder import Embedder
 from runtime.engine.llm_engine import EngineOptions, EngineStats, Event, LLMEngine, as_tandem_error
 from runtime.engine.sequence import check_prompt
 from runtime.loaded_model import LoadedModel
@@ -51,6 +56,8 @@ class Engine:
         self._cond = threading.Condition()
         self._incoming: list[tuple[str, list[int], SamplingParams, Sink]] = []
         self._aborts: list[str] = []
+        self._embeds: list[tuple[list[list[int]], Future]] = []
+        self._embedder: Embedder | None = None
         self._sinks: dict[str, Sink] = {}
         self._stats = self.core.snapshot()
         self._closed = False
@@ -75,6 +82,18 @@ class Engine:
             self._cond.notify()
         return RequestHandle(request_id, len(prompt_ids))
 
+    def embed(self, prompts: list[list[int]]) -> Future:
+        """A Future of the prompts' pooled unit vectors (B, E), computed on the engine thread."""
+        for ids in prompts:
+            check_prompt(ids, self.core.num_ctx)
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is shut down; no new requests are taken")
+            self._embeds.append((prompts, future))
+            self._cond.notify()
+        return future
+
     def abort(self, request_id: str) -> None:
         with self._cond:
             self._aborts.append(request_id)
@@ -95,13 +114,22 @@ class Engine:
         while True:
             with self._cond:
                 while not (
-                    self._incoming or self._aborts or self._closed or self.core.has_unfinished
+                    self._incoming
+                    or self._aborts
+                    or self._embeds
+                    or self._closed
+                    or self.core.has_unfinished
                 ):
                     self._cond.wait()
                 if self._closed:
                     break
                 incoming, self._incoming = self._incoming, []
                 aborts, self._aborts = self._aborts, []
+                embeds, self._embeds = self._embeds, []
+            if embeds:
+                self._run_embeds(embeds)
+            if not (incoming or aborts or self.core.has_unfinished):
+                continue
             events = []
             for request_id, ids, params, sink in incoming:
                 events += self._add(request_id, ids, params, sink)
@@ -122,6 +150,25 @@ class Engine:
                 self._stats = stats
         for request_id in list(self.core.requests):
             self._deliver(self.core.abort(request_id))
+        for _, future in self._embeds:
+            future.set_exception(EngineClosedError("the engine shut down"))
+
+    def _run_embeds(self, jobs: list[tuple[list[list[int]], Future]]) -> None:
+        """Every waiting job in one forward; a failure fails those jobs only."""
+        try:
+            if self._embedder is None:
+                self._embedder = Embedder(self.lm)
+            vectors = self._embedder.embed([ids for prompts, _ in jobs for ids in prompts])
+        except Exception as err:
+            if not isinstance(err, TandemError):
+                log.exception("embedding failed")
+            for _, future in jobs:
+                future.set_exception(as_tandem_error(err))
+            return
+        start = 0
+        for prompts, future in jobs:
+            future.set_result(vectors[start : start + len(prompts)])
+            start += len(prompts)
 
     def _add(self, request_id, ids, params, sink) -> list[Event]:
         self._sinks[request_id] = sink

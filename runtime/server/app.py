@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -30,7 +31,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quant.errors import TandemError
-from runtime.server import ollama_api, openai_api, webui
+from runtime.server import (
+    embeddings_api,
+    ollama_api,
+    ollama_manage,
+    openai_api,
+    tokenize_api,
+    webui,
+)
 from runtime.server.address import DEFAULT_HOST, DEFAULT_PORT
 from runtime.server.errors import HTTPStatusError, error_for_path
 from runtime.server.guard import Guard, GuardOptions
@@ -89,6 +97,9 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(ollama_manage.router)
+    app.include_router(tokenize_api.router)
+    app.include_router(embeddings_api.router)
     webui.install(app)  # the chat page at / and a local /docs (runtime/server/webui.py)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
@@ -131,11 +142,13 @@ def serve(
     model: str | None = None,
     options: RegistryOptions | None = None,
     max_body: int | None = None,
+    api_key: str | None = None,
+    origins: tuple[str, ...] = (),
 ) -> None:
     """Run the server until interrupted (SIGINT or SIGTERM); the process then exits."""
-    guard = GuardOptions(bind_host=host)
+    guard = GuardOptions(bind_host=host, origins=origins, api_key=api_key)
     if max_body is not None:
-        guard = GuardOptions(max_body=max_body, bind_host=host)
+        guard = dataclasses.replace(guard, max_body=max_body)
     run(create_app(options, preload=model, guard=guard), host, port)
 
 

@@ -3,7 +3,7 @@
 ModelNotFoundError            -> 404  (OpenAI code "model_not_found")
 QueueFullError, EngineClosed  -> 503  with Retry-After
 ContextLengthError            -> 400  (OpenAI code "context_length_exceeded")
-HTTPStatusError               -> its own status (403 Host/Origin, 413 body, 415 type, 404/405)
+HTTPStatusError               -> its own status (401 API key, 403 Host/Origin, 413 body, 415 type, 404/405)
 InternalError                 -> 500  (OpenAI type "server_error")
 any other TandemError         -> 400  invalid_request_error
 """
@@ -67,6 +67,8 @@ def openai_error_body(err: TandemError) -> dict:
         code = "context_length_exceeded"
     elif isinstance(err, ModelNotFoundError):
         code = "model_not_found"
+    elif status == 401:
+        code = "invalid_api_key"
     if status == 500:
         kind = "server_error"
     elif status < 500:

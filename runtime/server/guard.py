@@ -16,17 +16,23 @@ outermost of the app's own), and the last word on errors a handler did not answe
   a page cannot drive the API with the "simple" requests a browser sends without asking.
   curl's default (`-d` sends application/x-www-form-urlencoded) is accepted when no Origin
   header comes with it: no browser sent that request.
+- Key: with an API key set (`--api-key` or TANDEM_API_KEY), every request but /health and
+  CORS preflights must carry `Authorization: Bearer KEY` (compared in constant time), else
+  401 in the API's shape with `WWW-Authenticate: Bearer`.
 - Size: a body longer than `max_body` bytes is refused with 413 while it is read, whether
   announced by Content-Length or chunked, before anything parses it; the rest of it (up to
   DRAIN_BYTES) is read and dropped so the client gets to read the answer.
 - Errors: an exception that reaches this far becomes a 500 in the API's own error shape
   (OpenAI's under /v1, ollama's elsewhere), logged with its traceback, the connection kept
   open; the message names only the exception's type (it may quote what it should not).
+- Ignored fields: each request gets a record of the body fields its handler accepted without
+  using (lenient.py); a response that ignored any names them in X-Tandem-Ignored-Fields.
 """
 
 from __future__ import annotations
 
 import functools
+import hmac
 import ipaddress
 import logging
 import os
@@ -39,6 +45,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from quant.errors import InternalError, TandemError
+from runtime.server import lenient
 from runtime.server.address import DEFAULT_HOST
 from runtime.server.errors import HTTPStatusError, error_for_path, status_of
 
@@ -52,6 +59,8 @@ Send = Callable[[Message], Awaitable[None]]
 DEFAULT_MAX_BODY = 8 * 2**20  # bytes
 DRAIN_BYTES = 64 * 2**20  # at most this much of a refused body is read and dropped
 ORIGINS_ENV = "TANDEM_ORIGINS"
+API_KEY_ENV = "TANDEM_API_KEY"
+OPEN_PATHS = {"/health"}  # answered without the API key
 DEFAULT_ORIGINS = (
     *(
         f"{scheme}://{host}{port}"
@@ -75,6 +84,7 @@ class GuardOptions:
     max_body: int = DEFAULT_MAX_BODY
     bind_host: str = DEFAULT_HOST  # the address the server listens on
     origins: tuple[str, ...] = ()  # allowed beyond DEFAULT_ORIGINS (TANDEM_ORIGINS adds more)
+    api_key: str | None = None  # required as `Authorization: Bearer KEY` when set
 
 
 def env_origins() -> tuple[str, ...]:
@@ -144,6 +154,8 @@ class Guard:
         origins = (*DEFAULT_ORIGINS, *self.options.origins, *env_origins())
         self.any_origin = "*" in origins
         self.origins = [_origin_pattern(o) for o in origins]
+        key = self.options.api_key or os.environ.get(API_KEY_ENV) or None
+        self.api_key = key.encode() if key else None
 
     def origin_allowed(self, origin: str) -> bool:
         origin = origin.strip().lower()
@@ -160,21 +172,28 @@ class Guard:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                extra = []
                 if origin:
-                    message["headers"] = [
-                        *message.get("headers", []),
+                    extra += [
                         (b"access-control-allow-origin", origin.encode("latin-1")),
+                        (b"access-control-expose-headers", lenient.HEADER.encode()),
                         (b"vary", b"Origin"),
                     ]
+                if ignored:
+                    extra.append((lenient.HEADER.encode(), lenient.header_value(ignored)))
+                if extra:
+                    message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         headers = Headers(scope=scope)
         origin = headers.get("origin")
+        ignored = lenient.begin()
         try:
             self._check(scope, headers)
             if origin and scope["method"] == "OPTIONS":
                 await self._preflight(send, origin, headers)
                 return
+            self._authorize(path, headers)
             receive = await self._limit(headers, receive)
             await self.app(scope, receive, send_tracked)
         except Exception as err:
@@ -189,7 +208,23 @@ class Guard:
                 )
             self._count(scope, path, status_of(answer))
             origin = origin if origin and self.origin_allowed(origin) else None
-            await error_for_path(path, answer)(scope, receive, send_tracked)
+            response = error_for_path(path, answer)
+            if isinstance(err, HTTPStatusError) and err.status == 401:
+                response.headers["www-authenticate"] = "Bearer"
+            await response(scope, receive, send_tracked)
+
+    def _authorize(self, path: str, headers: Headers) -> None:
+        """401 unless the API key is off, the path is open, or the Bearer token matches."""
+        if self.api_key is None or path in OPEN_PATHS:
+            return
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        given = token.strip().encode("utf-8", "replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.api_key):
+            raise HTTPStatusError(
+                401,
+                "this server needs an API key: send it as 'Authorization: Bearer KEY' "
+                "(the key given to tandem serve --api-key or TANDEM_API_KEY)",
+            )
 
     def _check(self, scope: Scope, headers: Headers) -> None:
         if self.check_host and not allowed_host(headers.get("host", "")):

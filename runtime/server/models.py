@@ -291,6 +291,22 @@ class ModelRegistry:
             log.info("unloaded %s", served.name)
         return gone
 
+    async def unload(self, name: str) -> bool:
+        """Unload `name` now if it is loaded and idle (else once its requests end: its
+        keep-alive becomes 0); False when it is not loaded (a name never served included)."""
+        key = normalize(name.strip())
+        with self._guard:
+            served = self._models.get(key)
+            if served is None:
+                return False
+            served.keep_alive = 0.0
+            if served.active:
+                return True
+            del self._models[key]
+        await asyncio.to_thread(served.engine.close)
+        log.info("unloaded %s", served.name)
+        return True
+
     async def close(self) -> None:
         with self._guard:
             models, self._models = list(self._models.values()), {}

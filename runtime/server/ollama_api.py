@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from importlib import metadata
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -58,13 +58,17 @@ async def _serve(request: Request, kind: str) -> Response:
         keep_alive = (
             None if body.get("keep_alive") is None else parse_keep_alive(body["keep_alive"])
         )
+        if req.load_only and keep_alive == 0:  # ollama's way to unload a model
+            await state.registry.unload(req.model)
+            state.metrics.count_request(endpoint, 200)
+            return JSONResponse(_load_reply(req, kind, "unload"))
         served, load_seconds = await state.registry.get(req.model, keep_alive)
         stream = RequestStream(state.registry, served, state.metrics, arrived)
         try:
             if req.load_only:
                 stream.close()
                 state.metrics.count_request(endpoint, 200)
-                return JSONResponse(_load_reply(req, kind))
+                return JSONResponse(_load_reply(req, kind, "load"))
             chars, tokens = req.size()
             check_prompt_chars(chars, tokens, served.num_ctx, served.max_token_chars)
             params = options.params(served.lm.sampling_defaults(OLLAMA_DEFAULTS), served.lm.options)
@@ -96,14 +100,15 @@ async def _serve(request: Request, kind: str) -> Response:
     return await reply.whole(request)
 
 
-def _load_reply(req: OllamaPrompt, kind: str) -> dict:
-    """ollama's answer to a request without a prompt: the model is loaded (or unloaded)."""
+def _load_reply(req: OllamaPrompt, kind: str, reason: str) -> dict:
+    """ollama's answer to a request without a prompt: the model is loaded, or unloaded
+    (keep_alive 0)."""
     out: dict[str, Any] = {"model": req.model, "created_at": now_iso()}
     if kind == "chat":
         out["message"] = {"role": "assistant", "content": ""}
     else:
         out["response"] = ""
-    out.update(done=True, done_reason="load")
+    out.update(done=True, done_reason=reason)
     return out
 
 
@@ -170,7 +175,7 @@ class _Reply:
             self.choice.add(event.delta, False)
         return JSONResponse(self._final(*self._split(self.choice.text, True)))
 
-    async def ndjson(self, request: Request) -> AsyncIterator[str]:
+    async def ndjson(self, request: Request) -> AsyncIterator[bytes]:
         try:
             async for event in self.stream.events(request.is_disconnected):
                 if event.error is not None:
@@ -192,8 +197,8 @@ class _Reply:
             yield _line({"error": str(InternalError(f"internal error ({type(err).__name__})"))})
 
 
-def _line(obj: dict) -> str:
-    return json.dumps(obj, ensure_ascii=False) + "\n"
+def _line(obj: dict) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS) + b"\n"
 
 
 @router.get("/api/tags")

@@ -9,7 +9,9 @@
     unsupported  (mirostat, typical_p, use_mmap, …) accepted only at the value that means
                  what tandem does anyway, refused with the reason otherwise
 
-Anything else (tandem's own settings and Modelfile extensions included) is an unknown option.
+Anything else (tandem's own settings and Modelfile extensions included) is an unknown option:
+ignored, as ollama does, and named in the response header (lenient.py), unless it would change
+the answer in a way tandem cannot honour.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from modelfiles.parameters import LOAD, OPTIONS, SAMPLING, UNSUPPORTED
 from quant.errors import ContextLengthError, InvalidParameterError
 from runtime.sampling_params import SamplingParams
 from runtime.server.errors import RequestFieldError
+from runtime.server.lenient import lenient
 from runtime.server.limits import check_stop
 
 if TYPE_CHECKING:
@@ -64,12 +67,8 @@ def parse_options(options: Any) -> OllamaOptions:
         return OllamaOptions({})
     if not isinstance(options, dict):
         raise RequestFieldError("options", "options must be an object of option names to values")
-    unknown = sorted(set(options) - KNOWN)
-    if unknown:
-        raise RequestFieldError(
-            "options",
-            f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(KNOWN))}",
-        )
+    lenient(options, KNOWN, "options.")
+    options = {k: v for k, v in options.items() if k in KNOWN}
     check_stop(options.get("stop"), "options.stop")  # before anything reads the list
     given = {k: v for k, v in options.items() if v is not None}
     for name, value in given.items():

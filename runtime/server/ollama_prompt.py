@@ -1,10 +1,10 @@
 """ollama /api/chat and /api/generate bodies parsed into an OllamaPrompt: the model, whether
 to stream, and how to turn the request into prompt token ids on the loaded model.
 
-Unknown fields are refused; `images`, `suffix` and `template` are accepted only when
-empty/off. `format` ("json" or a schema) becomes a Grammar, `tools` a ToolRequest, `think`
-the template's enable_thinking (and whether the reasoning is returned apart).
-`options` and `keep_alive` are read by the caller (ollama_options, keep_alive).
+Unknown fields are accepted and ignored (lenient.py); `images`, `suffix` and `template` are
+accepted only when empty/off. `format` ("json" or a schema) becomes a Grammar, `tools` a
+ToolRequest, `think` the template's enable_thinking (and whether the reasoning is returned
+apart). `options` and `keep_alive` are read by the caller (ollama_options, keep_alive).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 from runtime.loaded_model import LoadedModel
 from runtime.server.errors import RequestFieldError
+from runtime.server.lenient import lenient
 from runtime.server.structured import ollama_format
 from runtime.server.tool_request import ToolRequest, parse_tools, tool_messages
 
@@ -89,12 +90,7 @@ class OllamaPrompt:
 def _common(body: Any, allowed: set[str]) -> OllamaPrompt:
     if not isinstance(body, dict):
         raise RequestFieldError(None, "the request body must be a JSON object")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise RequestFieldError(
-            unknown[0],
-            f"unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(allowed))}",
-        )
+    lenient(body, allowed)
     for name, what in OFF_ONLY.items():
         if body.get(name) not in (None, "", [], False):
             raise RequestFieldError(name, f"{what} is not supported; leave {name} out")

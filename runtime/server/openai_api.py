@@ -1,20 +1,20 @@
 """The OpenAI-compatible endpoints: POST /v1/chat/completions, POST /v1/completions,
-GET /v1/models. Streams are Server-Sent Events (`data: {json}` lines, then `data: [DONE]`).
+GET /v1/models, GET /v1/models/{id}. Streams are Server-Sent Events (`data: {json}` lines, then `data: [DONE]`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from quant.errors import ContextLengthError, InternalError, TandemError
+from quant.errors import ContextLengthError, InternalError, ModelNotFoundError, TandemError
 from runtime.engine.grammar import check_grammar
 from runtime.sampling_params import SamplingParams
 from runtime.server.chat_output import ChatOutput
@@ -40,6 +40,16 @@ async def list_models(request: Request) -> dict:
         for name, created in state.model_names()
     ]
     return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(request: Request, model: str) -> Response:
+    for name, created in server_state(request).model_names():
+        if model in (name, name.removesuffix(":latest")):
+            return JSONResponse(
+                {"id": name, "object": "model", "created": created, "owned_by": "tandem"}
+            )
+    return openai_error(ModelNotFoundError(f"model {model[:200]!r} not found (GET /v1/models)"))
 
 
 @router.post("/v1/chat/completions")
@@ -197,7 +207,7 @@ class _Reply:
         body["usage"] = self.usage()
         return JSONResponse(body)
 
-    async def sse(self, request: Request) -> AsyncIterator[str]:
+    async def sse(self, request: Request) -> AsyncIterator[str | bytes]:
         for index in range(self.stream_n()):
             opening = self.shape.opening(index)
             if opening is not None:
@@ -221,7 +231,7 @@ class _Reply:
     def stream_n(self) -> int:
         return self.stream.samples
 
-    def _event_chunks(self, event) -> list[str]:
+    def _event_chunks(self, event) -> list[bytes]:
         choice = self._choice(event.index)
         added = choice.add(event.delta, self.req.want_logprobs)
         out = []
@@ -242,12 +252,12 @@ class _Reply:
             out.append(self._chunk([self.shape.ending(choice)]))
         return out
 
-    def _chunk(self, choices: list[dict]) -> str:
+    def _chunk(self, choices: list[dict]) -> bytes:
         body = self._envelope(self.shape.chunk_object, choices)
         if self.req.include_usage:
             body["usage"] = None
         return _data(body)
 
 
-def _data(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def _data(obj: dict) -> bytes:
+    return b"data: " + orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS) + b"\n\n"

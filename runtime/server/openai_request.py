@@ -3,8 +3,9 @@
 Every field is either used, accepted because it changes nothing here (`user`, `store`,
 `metadata`, ...), accepted at its "off" value only (`tools: []`, `response_format: {"type":
 "text"}`, `echo: false`, ...), or refused with a RequestFieldError naming it. Unknown fields are
-refused too: a client should learn that a setting it relies on is not honoured. vLLM's
-extensions top_k, min_p, repetition_penalty, ignore_eos and stop_token_ids are accepted.
+accepted and ignored (listed in a response header) unless they would change the answer in a
+way tandem cannot honour (lenient.py). vLLM's extensions top_k, min_p, repetition_penalty,
+ignore_eos and stop_token_ids are accepted.
 
 Output constraints (response_format, structured_outputs, grammar) become one Grammar
 (runtime.server.structured); tools, tool_choice and parallel_tool_calls become a ToolRequest
@@ -22,6 +23,7 @@ from quant.errors import InvalidParameterError
 from runtime.loaded_model import LoadedModel
 from runtime.sampling_params import MAX_LOGPROBS, OLLAMA_DEFAULTS, SamplingParams
 from runtime.server.errors import RequestFieldError
+from runtime.server.lenient import lenient
 from runtime.server.limits import check_n, check_stop, check_stop_token_ids
 from runtime.server.structured import grammar_text, one_of, response_format, structured_outputs
 from runtime.server.tool_request import ToolRequest, parse_tools, tool_messages
@@ -193,11 +195,7 @@ def parse_completion(body: Any) -> OpenAIRequest:
 def _check_fields(body: Any, allowed: set[str]) -> None:
     if not isinstance(body, dict):
         raise RequestFieldError(None, "the request body must be a JSON object")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise RequestFieldError(
-            unknown[0], f"unknown or unsupported field(s): {', '.join(unknown)}; remove them"
-        )
+    lenient(body, allowed)
     for name, (accepts, why) in OFF_ONLY.items():
         if name in body and not accepts(body[name]):
             raise RequestFieldError(name, f"{name}={body[name]!r} is not supported: {why}")

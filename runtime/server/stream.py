@@ -1,5 +1,7 @@
 """RequestStream: one request's engine events, carried from the engine thread onto the
-event loop through an asyncio.Queue (the engine's sink only calls loop.call_soon_threadsafe).
+event loop through an asyncio.Queue. The engine's sink only appends to the loop's Mailbox:
+the events of one engine step, for every stream, cross to the loop in one hand-off (one
+call_soon_threadsafe per step, not per token per stream).
 
     stream = RequestStream(registry, served, metrics, arrived)
     stream.submit(prompt_ids, params)         # raises ContextLengthError, QueueFullError, ...
@@ -20,7 +22,9 @@ request was aborted, whichever comes first, exactly once.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from quant.errors import QueueFullError
@@ -32,6 +36,44 @@ from runtime.server.models import ModelRegistry, ServedModel
 POLL_SECONDS = 0.5  # how often an idle wait checks whether the client has gone
 
 Disconnected = Callable[[], Awaitable[bool]]
+
+
+class Mailbox:
+    """Events posted from engine threads, delivered on the loop in batches: the first post
+    after a delivery schedules the next one; posts until it runs ride along."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[Callable[[Event], None], Event]] = []
+
+    def post(self, arrive: Callable[[Event], None], event: Event) -> None:
+        with self._lock:
+            self._items.append((arrive, event))
+            if len(self._items) > 1:
+                return  # a delivery is already scheduled
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for arrive, event in items:
+            arrive(event)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        box = _MAILBOXES[loop] = Mailbox(loop)
+    return box
 
 
 def finished(event: Event) -> bool:
@@ -49,7 +91,7 @@ class RequestStream:
         self.request_id: str | None = None
         self.prompt_tokens = 0
         self.samples = 0  # the request's n
-        self._loop = asyncio.get_running_loop()
+        self._mailbox = mailbox(asyncio.get_running_loop())
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._unfinished = 0  # samples whose last event has not reached the loop
         self._unconsumed = 0  # samples whose last event the consumer has not taken
@@ -78,10 +120,7 @@ class RequestStream:
 
     def _sink(self, event: Event) -> None:
         """Called on the engine thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._arrive, event)
-        except RuntimeError:  # the loop is closed: the server is shutting down
-            pass
+        self._mailbox.post(self._arrive, event)
 
     def _arrive(self, event: Event) -> None:
         """On the loop: measure, queue, and release the model after the last sample."""
