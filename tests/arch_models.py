@@ -136,7 +136,10 @@ def _rope_tables(arch: str, t: dict, n: int) -> tuple[torch.Tensor, torch.Tensor
     mscale = float(x.get("rope.scaling.attn_factor", 1.0))
     angle = extrap
     if x.get("rope.scaling.type") == "yarn":
-        factor, orig = float(x["rope.scaling.factor"]), int(x["rope.scaling.original_context_length"])
+        factor, orig = (
+            float(x["rope.scaling.factor"]),
+            int(x["rope.scaling.original_context_length"]),
+        )
 
         def corr(beta: float) -> float:
             return D * math.log(orig / (beta * 2 * math.pi)) / (2 * math.log(10000.0))
