@@ -309,7 +309,8 @@ def make_arch(
         name = arch.arch_name or arch.name
     writer = gguf.GGUFWriter(str(out), name)
     vocab = copy_tokenizer(vocab_src, writer)
-    writer.add_name(f"synthetic {arch.name} {dims.layers}L-{dims.dim} {qtype.name}")
+    label = arch.model_name or f"synthetic {arch.name}"
+    writer.add_name(f"{label} {dims.layers}L-{dims.dim} {qtype.name}")
     writer.add_file_type(int(FILE_TYPES[qtype]))
     for key, value in arch.metadata(dims, vocab, name).items():
         vtype, sub = value_type(value)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -120,7 +121,7 @@ def write_gguf(path: Path, arch: str, weights: dict[str, np.ndarray]) -> Path:
     return path
 
 
-def _extra(arch: str) -> dict[str, object]:
+def _extra(arch: str) -> dict[str, Any]:
     return {k: v for k, v, _ in EXTRA.get(arch, [])}
 
 

@@ -93,7 +93,9 @@ class WeightLoader:
         where = self.devices.of_tensor(name)
         device = self.devices.device(where)
         b = self.vector(bias, device) if bias and self.has(bias) else None
-        biases = list(b.split(sizes)) if b is not None else [None] * len(sizes)
+        biases: list[torch.Tensor | None] = (
+            list(b.split(sizes)) if b is not None else [None] * len(sizes)
+        )
         parts = list(self.gguf.tensor(name).split(sizes))  # (N_i, row_bytes) views
         if where == GPU:  # torch.cat copies the rows out of the mapping
             return TritonLinear.stacked(parts, info.ggml_type, info.shape[0], biases, device)

@@ -157,6 +157,9 @@ class Architecture:
     # the general.architecture written, where the entry is a variant of another (llama3:
     # llama with rope_freqs) (default: name)
     arch_name: str = ""
+    # general.name (default "synthetic ARCH …"), where llama.cpp keys behaviour on the name
+    # (phi3: a name with "phi3" makes its vocabulary loader look up phi-3's own tokens)
+    model_name: str = ""
 
     def tensors(self, d: Dims, vocab: int) -> list[tuple[str, tuple[int, ...], str]]:
         """(name, numpy shape, kind) of every tensor, in llama.cpp's order."""

@@ -23,6 +23,7 @@ ENTRIES = (
             spec("post_ffw_norm.weight", "E", kind="norm"),
         ),
         extra_metadata=lambda d: {"attention.layer_norm_rms_epsilon": 1e-6},
+        head_scale=8.0,  # llama.cpp's mean top-1 p ≥ 0.3 on the test text
         note="post-norms only, QK-norm over all heads, NEOX rope",
     ),
 )
