@@ -130,11 +130,12 @@ class _Reply:
     def _piece(self, text: str, done: bool, thinking: str = "", calls=()) -> dict:
         out: dict[str, Any] = {"model": self.req.model, "created_at": now_iso()}
         if self.kind == "chat":
-            out["message"] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            out["message"] = message
             if thinking:
-                out["message"]["thinking"] = thinking
+                message["thinking"] = thinking
             if calls:
-                out["message"]["tool_calls"] = [c.ollama() for c in calls]
+                message["tool_calls"] = [c.ollama() for c in calls]
         else:
             out["response"] = text
         out["done"] = done

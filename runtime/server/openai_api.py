@@ -167,7 +167,9 @@ class _Reply:
 
     def _choice(self, index: int) -> Choice:
         if index not in self.choices and self.setup is not None:
-            self.outputs[index] = self.setup.output()
+            output = self.setup.output()  # None: nothing to split (no tools, no reasoning)
+            if output is not None:
+                self.outputs[index] = output
         return self.choices.setdefault(index, Choice(index))
 
     def usage(self) -> dict:
@@ -246,6 +248,7 @@ class _Reply:
                 r2, c2, calls = parser.finish()
                 reasoning, content = reasoning + r2, content + c2
                 choice.tool_calls = calls
+            assert isinstance(self.shape, ChatShape)  # outputs exist for chat only
             for piece in self.shape.pieces(choice, reasoning, content, calls, added):
                 out.append(self._chunk([piece]))
         if choice.finish_reason is not None:
