@@ -235,7 +235,9 @@ def _q3_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     q = _crumbs(qs).view(n, 8, 4)  # (n, 8, 4) words: 8 x 32 bytes, 0..3
     hm = _packed(blocks[:, :32]).view(torch.int64).unsqueeze(1)  # (n, 1, 4)
     shifts = _const(tuple(range(8)), torch.int64, blocks.device).unsqueeze(-1)  # (8, 1)
-    clear = (hm >> shifts).bitwise_and_(_rep(0x01, torch.int64)).bitwise_xor_(_rep(0x01, torch.int64))
+    clear = (
+        (hm >> shifts).bitwise_and_(_rep(0x01, torch.int64)).bitwise_xor_(_rep(0x01, torch.int64))
+    )
     q = q.view(torch.uint8).sub_(clear.bitwise_left_shift_(2).view(torch.uint8))  # wraps
     dl = (_half(blocks, 108) * _q3_scales(blocks[:, 96:108])).unsqueeze(-1)  # (n, 16, 1)
     out = out.view(n, 16, 16)
