@@ -34,7 +34,13 @@ VEC_DOT = {
     T.Q4_K: "Q8_K",
     T.Q5_K: "Q8_K",
     T.Q6_K: "Q8_K",
+    T.Q2_K: "Q8_K",
+    T.Q3_K: "Q8_K",
+    T.IQ4_XS: "Q8_K",
+    T.IQ4_NL: "Q8_0",
 }
+# kvalues_iq4nl (ggml-common.h): the levels IQ4_NL and IQ4_XS nibbles index
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 ACT_KIND = {"Q8_0": 0, "Q8_1": 1, "Q8_K": 2}  # the native quantize_activations' numbering
 
 
@@ -135,6 +141,48 @@ def _q6_values(blocks: torch.Tensor) -> torch.Tensor:
     return v.reshape(*v.shape[:-1], 16, 16)
 
 
+def _crumbs(qs: torch.Tensor) -> torch.Tensor:
+    """2-bit values of 64 bytes (..., 64) → (..., 8, 32): element 128h + 32k + l is bits 2k
+    of byte 32h + l (Q2_K's and Q3_K's order), as rows i = 4h + k."""
+    qs = qs.long().reshape(*qs.shape[:-1], 2, 1, 32)
+    k = torch.arange(4)[:, None]
+    return ((qs >> (2 * k)) & 3).reshape(*qs.shape[:-3], 8, 32)
+
+
+def _q2_parts(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q2_K values (..., 16, 16) in 0..3, scales and mins (..., 16) in 0..15."""
+    v = _crumbs(blocks[..., 16:80]).reshape(*blocks.shape[:-1], 16, 16)
+    s = blocks[..., :16].long()
+    return v, s & 0xF, s >> 4
+
+
+def _q3_parts(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q3_K values (..., 16, 16) in -4..3 and signed scales (..., 16) in -32..31."""
+    hm = blocks[..., :32].long()[..., None, :]  # (..., 1, 32)
+    high = (hm >> torch.arange(8)[:, None]) & 1  # (..., 8, 32): bit i of hmask[l]
+    v = (_crumbs(blocks[..., 32:96]) - 4 * (1 - high)).reshape(*blocks.shape[:-1], 16, 16)
+    s = blocks[..., 96:108].long()
+    low = torch.cat((s[..., :8] & 0xF, s[..., :8] >> 4), -1)  # (..., 16)
+    hi = (s[..., None, 8:12] >> (2 * torch.arange(4))[:, None]) & 3  # (..., 4, 4): j = 4a + b
+    return v, (low | (hi.reshape(*s.shape[:-1], 16) << 4)) - 32
+
+
+def _iq4_levels(qs: torch.Tensor) -> torch.Tensor:
+    """Nibbles of (..., 16) bytes → (..., 32) levels: low nibbles, then high (Q4_0's order)."""
+    idx = torch.cat((qs.long() & 0xF, qs.long() >> 4), -1)
+    return torch.tensor(IQ4_LEVELS)[idx]
+
+
+def _iq4xs_parts(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQ4_XS levels (..., 8, 32) and signed scales (..., 8) in -32..31."""
+    v = _iq4_levels(blocks[..., 8:136].reshape(*blocks.shape[:-1], 8, 16))
+    low = blocks[..., 4:8].long()
+    low = torch.stack((low & 0xF, low >> 4), -1).reshape(*low.shape[:-1], 8)
+    h = blocks[..., 2].long() | (blocks[..., 3].long() << 8)
+    high = (h[..., None] >> (2 * torch.arange(8))) & 3
+    return v, (low | (high << 4)) - 32
+
+
 def _idot(qw: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
     """Exact integer dot products per block: qw (N, nb, ..., L), qx (M, nb, ..., L) →
     (M, N, nb, ...) float64 (all sums are far below 2^53)."""
@@ -181,6 +229,24 @@ def reference(
         terms = [
             (_half(blocks, 0)[None] * dx).double() * isum,
             -(_half(blocks, 2)[None] * dx).double() * imin,
+        ]
+    elif qt == T.IQ4_NL:
+        scale = (_half(blocks, 0)[None] * dx).double()
+        terms = [scale * _idot(_iq4_levels(blocks[..., 2:18]), a.q)]
+    elif qt in (T.Q3_K, T.IQ4_XS):
+        qw, sc = _q3_parts(blocks) if qt == T.Q3_K else _iq4xs_parts(blocks)
+        sub = qw.shape[-2]  # 16 sub-blocks of 16, or 8 of 32
+        isum = (_idot(qw, a.q.reshape(m, nb, sub, -1)) * sc[None].double()).sum(-1)
+        at = 108 if qt == T.Q3_K else 0
+        terms = [(_half(blocks, at)[None] * dx).double() * isum]
+    elif qt == T.Q2_K:
+        qw, sc, mn = _q2_parts(blocks)
+        assert a.bsums is not None  # Q8_K carries bsums
+        isum = (_idot(qw, a.q.reshape(m, nb, 16, 16)) * sc[None].double()).sum(-1)
+        imin = (mn[None].double() * a.bsums[:, None].double()).sum(-1)
+        terms = [
+            (_half(blocks, 80)[None] * dx).double() * isum,
+            -(_half(blocks, 82)[None] * dx).double() * imin,
         ]
     elif qt == T.Q6_K:
         sc = blocks[..., 192:208].contiguous().view(torch.int8).double()  # (N, nb, 16)

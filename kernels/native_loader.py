@@ -218,8 +218,8 @@ def available() -> bool:
 
 
 def supports(ggml_type: int) -> bool:
-    """Whether qmatmul handles weights of `ggml_type` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
-    Q5_K, Q6_K) here: the kernel is available and has that type."""
+    """Whether qmatmul handles weights of `ggml_type` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K,
+    Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) here: the kernel is available and has that type."""
     module = load() if enabled() else None
     return module is not None and bool(module.supports(int(ggml_type)))
 

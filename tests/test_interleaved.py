@@ -12,7 +12,8 @@ sum ≤ Σ|terms|), plus ≤ 2^-24 · |term| per term where the kernel rounds a 
 differently (a K-quant super-block's int32 sum above 2^24 converted to float; Q4_1's min
 product m_w · s_x, exact inside the fma, rounded in the oracle): ≤ (n + 1) · 2^-24 ·
 Σ|terms|. For the K = 512 rows here n is 16 (Q4_0, Q5_0, Q8_0: 16 blocks), 32 (Q4_1: 16
-blocks × scale and min terms), 4 (Q4_K: 2 super-blocks × 2 terms) or 2 (Q6_K), so the bound
+blocks × scale and min terms), 4 (Q4_K, Q5_K: 2 super-blocks × 2 terms) or 2 (Q6_K, Q3_K,
+IQ4_XS), so the bound
 is ≤ 33 · 2^-24 ≈ 2.0e-6 · Σ|terms|; 1e-5 leaves a factor 5 (observed ≈ 2e-7).
 
 Everything else is exact: the panels hold the same bits (deinterleave gives the GGML rows
@@ -35,7 +36,8 @@ from quant.dequant import dequantize
 from quant.formats import block_format
 from quant.quantize import quantize
 
-PANELED = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]  # the types with a panel layout
+# the types with a panel layout
+PANELED = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "Q3_K", "Q5_K", "IQ4_XS"]
 R = 16  # rows per panel
 N, K = 37, 512  # 37 rows: two full panels and a partial one of 5 rows
 
@@ -88,10 +90,12 @@ def test_round_trip_gives_the_ggml_rows_back(build, name, k):
     panels = build.interleave(w, qt)
     pbytes = build.panel_bytes(qt, k)
     assert panels.dtype == torch.uint8 and panels.shape == (-(-N // R), pbytes)
-    # The same bytes per row as GGML's, except Q4_K, whose 12 bytes of packed 6-bit scales
-    # and mins per super-block become 16 bytes: 148 of them per 144-byte block (2368/2304).
-    per_row = R * row_bytes(name, k)
-    assert pbytes * (144 if name == "Q4_K" else 1) == per_row * (148 if name == "Q4_K" else 1)
+    # The same bytes per row as GGML's, except where packed 6-bit scales become bytes: Q4_K,
+    # Q5_K (12 bytes of scales and mins → 16 per super-block), Q3_K (12 → 16, and its fp16 d
+    # moves), IQ4_XS (6 → 8).
+    grown = {"Q4_K": (148, 144), "Q5_K": (180, 176), "Q3_K": (114, 110), "IQ4_XS": (138, 136)}
+    new, old = grown.get(name, (1, 1))
+    assert pbytes * old == R * row_bytes(name, k) * new
 
     assert torch.equal(build.deinterleave(panels, torch.arange(N), qt, k, N), w)
     ids = torch.randperm(N, generator=torch.Generator().manual_seed(3))[:20]
@@ -238,7 +242,7 @@ def test_deinterleave_rejects_rows_out_of_range(build):
         build.deinterleave(panels, torch.tensor([0]), qt, K, rows + 1)
 
 
-@pytest.mark.parametrize("name", ["Q5_1", "Q5_K"])
+@pytest.mark.parametrize("name", ["Q5_1", "Q2_K", "IQ4_NL"])
 def test_types_without_a_layout_are_refused(build, name):
     fmt = block_format(T[name])
     w = torch.zeros(N, fmt.row_bytes(K), dtype=torch.uint8)

@@ -32,6 +32,7 @@ from quant.formats import block_format
 from quant.quantize import quantize
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+TYPES += ["Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"]
 QUANTIZABLE = ("Q4_0", "Q4_1", "Q8_0")  # quant.quantize makes these from random floats
 HALF_FIELDS = {
     "Q4_0": [0],
@@ -42,6 +43,10 @@ HALF_FIELDS = {
     "Q4_K": [0, 2],
     "Q5_K": [0, 2],
     "Q6_K": [208],
+    "Q2_K": [80, 82],
+    "Q3_K": [108],
+    "IQ4_NL": [0],
+    "IQ4_XS": [0],
 }
 
 
@@ -209,7 +214,7 @@ def test_errors_and_support(kernel):
         kernel.qmatmul(x.double(), w, int(T.Q4_0))
     assert kernel.qmatmul(x[:0], w, int(T.Q4_0)).shape == (0, 4)
     assert all(kernel.supports(int(T[name])) for name in TYPES)
-    assert not kernel.supports(int(T.F32)) and not kernel.supports(int(T.Q2_K))
+    assert not kernel.supports(int(T.F32)) and not kernel.supports(int(T.IQ2_XXS))
 
 
 def test_loader_api_and_disable(kernel, monkeypatch):

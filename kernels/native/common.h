@@ -41,9 +41,29 @@
 
 namespace tq {
 
-enum GgmlType : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13,
-                      Q6_K = 14 };
+enum GgmlType : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11,
+                      Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23 };
 enum ActKind : int { A_Q8_0 = 0, A_Q8_1 = 1, A_Q8_K = 2 };
+
+// The 16 non-linear levels that IQ4_NL and IQ4_XS nibbles index (kvalues_iq4nl, ggml-common.h).
+inline constexpr int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                          1,    13,   25,  38,  53,  69,  89,  113};
+
+// Q3_K's 16 six-bit scales from its 12 packed bytes, minus 32: -32..31.
+inline void q3k_scales(const uint8_t* s, int8_t* sc) {
+  for (int j = 0; j < 16; ++j) {
+    const int low = j < 8 ? s[j] & 0xF : s[j - 8] >> 4;
+    const int high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+    sc[j] = int8_t((low | (high << 4)) - 32);
+  }
+}
+
+// IQ4_XS's 8 six-bit scales (scales_h u16 at s, scales_l[4] at s + 2), minus 32: -32..31.
+inline void iq4xs_scales(const uint8_t* s, int8_t* sc) {
+  const int h = s[0] | (s[1] << 8);
+  for (int j = 0; j < 8; ++j)
+    sc[j] = int8_t((((s[2 + j / 2] >> (4 * (j % 2))) & 0xF) | (((h >> (2 * j)) & 3) << 4)) - 32);
+}
 
 // ---------------------------------------------------------------- fp16, small helpers
 

@@ -12,15 +12,22 @@
 //
 // Panel layout, per type: planes of per-block records, each plane contiguous in the panel
 // (so the quantized values stay 64-byte aligned when the panel is):
-//   D  fp16 scales, 16 rows (Q4_1: then 16 mins; Q4_K: then 16 dmins)
-//   S  (K-quants) sub-block scales as bytes, [sub-block][row] (Q4_K: then the mins)
-//   H  high bits as 64-bit masks, bit 4·r + i = byte i of row r in a group (Q5_0: bit 4;
-//      Q6_K: bits 4 and 5)
+//   D  fp16 scales, 16 rows (Q4_1: then 16 mins; Q4_K, Q5_K: then 16 dmins)
+//   S  (K-quants, IQ4_XS) sub-block scales as bytes, [sub-block][row] (Q4_K, Q5_K: then the
+//      mins; Q3_K, IQ4_XS: signed, the 6-bit value − 32)
+//   H  high bits as 64-bit masks, bit 4·r + i = byte i of row r in a group (Q5_0, Q5_K: bit
+//      4; Q6_K: bits 4 and 5). Q3_K: its bit 2 as nibbles instead, see below.
 //   Q  nibbles: per 32 elements ("chunk") 16 bytes per row, low nibble element i, high
 //      nibble element 16 + i (Q4_0's own order), in 4 groups of 4 bytes; Q8_0: value + 128
-//      as bytes, 8 groups.
-// Values are unsigned (Q4_0 0..15, Q5_0 0..31, Q8_0 0..255, Q6_K 0..63); the offset (8, 16,
-// 128, 32) comes off through the activation block sums, exactly, in the integer domain.
+//      as bytes, 8 groups; IQ4_XS: the nibbles index the non-linear levels.
+// Q3_K keeps its own 2-bit order: per 128 elements 32 bytes per row (GGML's qs), in 8 groups
+// of 4 bytes; crumb k of byte l is element 32k + l. Its H plane holds, per group, 32 bytes:
+// the 4 high bits of lane j (= 4·r + i, the group's byte i of row r) in the low nibble of
+// byte j (rows 0-7) or the high nibble of byte j − 32 (rows 8-15), bit k for crumb k, so a
+// lane's values come out with shifts and masks, no per-bit expansion.
+// Values are unsigned (Q4_0 0..15, Q5_0 0..31, Q8_0 0..255, Q6_K 0..63, Q3_K 0..7, IQ4_XS
+// level + 128); the offset (8, 16, 128, 32, 4, 128) comes off through the activation block
+// sums, exactly, in the integer domain.
 //
 // Numerics: llama.cpp's (the same activation quantization and exact integer block sums as
 // qmatmul.cpp); per token and row, blocks are summed in order in float32, so a row of the
@@ -56,7 +63,10 @@ constexpr Layout layout_of(int type) {
     case Q5_0: return {32, 22, 32, 0, 64, 256};
     case Q8_0: return {32, 34, 32, 0, 0, 512};
     case Q4_K: return {256, 144, 64, 256, 0, 2048};
+    case Q5_K: return {256, 176, 64, 256, 512, 2048};
     case Q6_K: return {256, 210, 32, 256, 1024, 2048};
+    case Q3_K: return {256, 110, 32, 256, 512, 1024};
+    case IQ4_XS: return {256, 136, 32, 128, 0, 2048};
     default: return {0, 0, 0, 0, 0, 0};
   }
 }
@@ -72,8 +82,8 @@ int64_t panel_bytes(int type, int64_t K) {
 
 // A block's numbers: raw fp16 scale bits, sub-block scales, unsigned values in element order.
 struct Canon {
-  uint16_t d = 0, m = 0;  // d; Q4_1 min, Q4_K dmin
-  uint8_t sc[16] = {}, mn[8] = {};
+  uint16_t d = 0, m = 0;  // d; Q4_1 min, Q4_K/Q5_K dmin
+  uint8_t sc[16] = {}, mn[8] = {};  // Q3_K, IQ4_XS: the signed scales' bytes
   uint8_t q[256] = {};
 };
 
@@ -171,6 +181,55 @@ void from_canon(int type, const Canon& c, uint8_t* b) {
       for (int k = 0; k < 4; ++k)
         for (int l = 0; l < 32; ++l)
           b[16 + 32 * k + l] = uint8_t(c.q[64 * k + l] | (c.q[64 * k + 32 + l] << 4));
+      break;
+    }
+    case Q5_K: {
+      wr16(b, c.d);
+      wr16(b + 2, c.m);
+      uint8_t* s = b + 4;
+      for (int j = 0; j < 4; ++j) {
+        s[j] = uint8_t((c.sc[j] & 63) | ((c.sc[j + 4] >> 4) << 6));
+        s[j + 4] = uint8_t((c.mn[j] & 63) | ((c.mn[j + 4] >> 4) << 6));
+        s[j + 8] = uint8_t((c.sc[j + 4] & 0xF) | ((c.mn[j + 4] & 0xF) << 4));
+      }
+      uint8_t* qh = b + 16;
+      std::memset(qh, 0, 32);
+      for (int k = 0; k < 4; ++k)
+        for (int l = 0; l < 32; ++l) {
+          const uint8_t lo = c.q[64 * k + l], hi = c.q[64 * k + 32 + l];
+          b[48 + 32 * k + l] = uint8_t((lo & 0xF) | ((hi & 0xF) << 4));
+          qh[l] |= uint8_t((lo >> 4) << (2 * k) | (hi >> 4) << (2 * k + 1));
+        }
+      break;
+    }
+    case Q3_K: {
+      std::memset(b, 0, 108);
+      for (int e = 0; e < 256; ++e) {
+        const int i = e >> 5, l = e & 31;
+        b[32 + 32 * (i >> 2) + l] |= uint8_t((c.q[e] & 3) << (2 * (i & 3)));
+        b[l] |= uint8_t((c.q[e] >> 2) << i);
+      }
+      for (int j = 0; j < 16; ++j) {
+        const int u = int(int8_t(c.sc[j])) + 32;  // 0..63
+        b[96 + j % 8] |= uint8_t((u & 0xF) << (j < 8 ? 0 : 4));
+        b[104 + j % 4] |= uint8_t((u >> 4) << (2 * (j / 4)));
+      }
+      wr16(b + 108, c.d);
+      break;
+    }
+    case IQ4_XS: {
+      wr16(b, c.d);
+      uint16_t h = 0;
+      std::memset(b + 4, 0, 4);
+      for (int j = 0; j < 8; ++j) {
+        const int u = int(int8_t(c.sc[j])) + 32;
+        b[4 + j / 2] |= uint8_t((u & 0xF) << (4 * (j % 2)));
+        h |= uint16_t((u >> 4) << (2 * j));
+      }
+      wr16(b + 2, h);
+      for (int j = 0; j < 8; ++j)
+        for (int l = 0; l < 16; ++l)
+          b[8 + 16 * j + l] = uint8_t(c.q[32 * j + l] | (c.q[32 * j + 16 + l] << 4));
       break;
     }
     case Q6_K:
@@ -281,10 +340,11 @@ bool put_direct(int type, const uint8_t* b, Record rec, int r) {
       for (int g = 0; g < 8; ++g)
         for (int i = 0; i < 4; ++i) rec.q[64 * g + 4 * r + i] = uint8_t(b[2 + 4 * g + i] ^ 0x80);
       return true;
-    case Q4_K: {
+    case Q4_K: case Q5_K: {
       std::memcpy(rec.d + 2 * r, b, 2);
       std::memcpy(rec.d + 32 + 2 * r, b + 2, 2);
       const uint8_t* s = b + 4;
+      const uint8_t* qs = b + (type == Q5_K ? 48 : 16);
       for (int j = 0; j < 4; ++j) {
         rec.s[16 * j + r] = s[j] & 63;
         rec.s[128 + 16 * j + r] = s[j + 4] & 63;
@@ -292,13 +352,45 @@ bool put_direct(int type, const uint8_t* b, Record rec, int r) {
         rec.s[128 + 16 * (j + 4) + r] = uint8_t((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
       }
       for (int k = 0; k < 4; ++k) {  // 64 elements: sub-block 2k low nibbles, 2k + 1 high
-        const uint8_t* src = b + 16 + 32 * k;
+        const uint8_t* src = qs + 32 * k;
         uint8_t* lo = rec.q + 256 * (2 * k) + 4 * r;
         uint8_t* hi = rec.q + 256 * (2 * k + 1) + 4 * r;
         for (int i = 0; i < 16; ++i) {
           lo[64 * (i >> 2) + (i & 3)] = uint8_t((src[i] & 0xF) | ((src[16 + i] & 0xF) << 4));
           hi[64 * (i >> 2) + (i & 3)] = uint8_t((src[i] >> 4) | (src[16 + i] & 0xF0));
         }
+      }
+      if (type == Q5_K) {  // bit j of qh[l] is element 32j + l's bit 4: chunk j's masks
+        const uint8_t* qh = b + 16;
+        for (int j = 0; j < 8; ++j)
+          for (int g = 0; g < 4; ++g) {
+            or_mask(rec.h + 64 * j + 16 * g, r, bit_of4(qh + 4 * g, j));
+            or_mask(rec.h + 64 * j + 16 * g + 8, r, bit_of4(qh + 16 + 4 * g, j));
+          }
+      }
+      return true;
+    }
+    case Q3_K: {
+      std::memcpy(rec.d + 2 * r, b + 108, 2);
+      int8_t sc[16];
+      q3k_scales(b + 96, sc);
+      for (int j = 0; j < 16; ++j) rec.s[16 * j + r] = uint8_t(sc[j]);
+      for (int hh = 0; hh < 2; ++hh)
+        for (int g = 0; g < 8; ++g) {
+          std::memcpy(rec.q + 512 * hh + 64 * g + 4 * r, b + 32 + 32 * hh + 4 * g, 4);
+          uint8_t* h = rec.h + 256 * hh + 32 * g + 4 * (r & 7);
+          for (int i = 0; i < 4; ++i)  // bits 4hh..4hh+3 of hmask[4g + i]: crumbs 0..3
+            h[i] |= uint8_t(((b[4 * g + i] >> (4 * hh)) & 0xF) << (r < 8 ? 0 : 4));
+        }
+      return true;
+    }
+    case IQ4_XS: {
+      std::memcpy(rec.d + 2 * r, b, 2);
+      int8_t sc[8];
+      iq4xs_scales(b + 2, sc);
+      for (int j = 0; j < 8; ++j) {
+        rec.s[16 * j + r] = uint8_t(sc[j]);
+        for (int g = 0; g < 4; ++g) std::memcpy(rec.q + 256 * j + 64 * g + 4 * r, b + 8 + 16 * j + 4 * g, 4);
       }
       return true;
     }
@@ -309,11 +401,21 @@ bool put_direct(int type, const uint8_t* b, Record rec, int r) {
 
 void get(int type, const Layout& L, Record rec, int r, Canon& c) {
   c.d = rd16(rec.d + 2 * r);
-  if (type == Q4_1 || type == Q4_K) c.m = rd16(rec.d + 32 + 2 * r);
-  if (type == Q4_K) {
+  if (type == Q4_1 || type == Q4_K || type == Q5_K) c.m = rd16(rec.d + 32 + 2 * r);
+  if (type == Q4_K || type == Q5_K) {
     for (int j = 0; j < 8; ++j) { c.sc[j] = rec.s[16 * j + r]; c.mn[j] = rec.s[128 + 16 * j + r]; }
   }
-  if (type == Q6_K) for (int j = 0; j < 16; ++j) c.sc[j] = rec.s[16 * j + r];
+  if (type == Q6_K || type == Q3_K) for (int j = 0; j < 16; ++j) c.sc[j] = rec.s[16 * j + r];
+  if (type == IQ4_XS) for (int j = 0; j < 8; ++j) c.sc[j] = rec.s[16 * j + r];
+  if (type == Q3_K) {
+    for (int e = 0; e < 256; ++e) {
+      const int hh = e >> 7, k = (e >> 5) & 3, l = e & 31, g = l >> 2, i = l & 3;
+      const int crumb = (rec.q[512 * hh + 64 * g + 4 * r + i] >> (2 * k)) & 3;
+      const int nib = (rec.h[256 * hh + 32 * g + 4 * (r & 7) + i] >> (r < 8 ? 0 : 4)) & 0xF;
+      c.q[e] = uint8_t(crumb | (((nib >> k) & 1) << 2));
+    }
+    return;
+  }
   if (type == Q8_0) {
     for (int e = 0; e < 32; ++e) c.q[e] = rec.q[(e >> 2) * 64 + r * 4 + (e & 3)];
     return;
@@ -325,7 +427,7 @@ void get(int type, const Layout& L, Record rec, int r, Canon& c) {
     uint8_t v = high ? byte >> 4 : byte & 0xF;
     int index;
     const int bit = mask_bit(r, ce, &index);
-    if (type == Q5_0) v |= uint8_t(get_bit(rec.h, index, bit) << 4);
+    if (type == Q5_0 || type == Q5_K) v |= uint8_t(get_bit(rec.h + 64 * chunk, index, bit) << 4);
     if (type == Q6_K) {
       const uint8_t* m = rec.h + chunk * 128 + (index / 2) * 32;
       v |= uint8_t(get_bit(m, index % 2, bit) << 4 | get_bit(m, 2 + index % 2, bit) << 5);
@@ -338,7 +440,7 @@ void get(int type, const Layout& L, Record rec, int r, Canon& c) {
 
 void check_type(int64_t type) {
   TORCH_CHECK(has_layout(int(type)), "interleave: no panel layout for ggml type ", type,
-              " (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K have one)");
+              " (Q4_0, Q4_1, Q5_0, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS have one)");
 }
 
 // Panel memory: slabs of 2 MiB-aligned memory that the kernel is asked to back with
@@ -502,6 +604,24 @@ struct Zmm {
   }
   static I dot(I acc, I u, const int8_t* y) { return _mm512_dpbusd_epi32(acc, u, set1(rd4(y))); }
   static I dot_s8(I acc, I, const int8_t*) { return acc; }  // unused: EXACT_U8
+  static I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  static I crumb(I raw, int k) {  // bits 2k, 2k+1 of every byte
+    return _mm512_and_si512(_mm512_srli_epi16(raw, 2 * k), _mm512_set1_epi8(3));
+  }
+  static I bit2(I nib, int k) {  // bit k of every byte (0..15) moved to bit 2
+    const I x = k < 2 ? _mm512_slli_epi16(nib, 2 - k) : _mm512_srli_epi16(nib, k - 2);
+    return _mm512_and_si512(x, _mm512_set1_epi8(4));
+  }
+  static I hnib(const uint8_t* h, int) {  // Q3_K's 32 H bytes → the 64 lanes' nibbles
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h));
+    const __m256i m = _mm256_set1_epi8(0x0F);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m)),
+                              _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 1);
+  }
+  static I table16(const uint8_t* t) {
+    return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+  }
+  static I lut(I table, I idx) { return _mm512_shuffle_epi8(table, idx); }
   static I u8x(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static I s8x(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static F halves(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
@@ -554,6 +674,22 @@ struct Ymm {
     const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(set1(rd4(y)), w));
     return add(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
   }
+  static I or_(I a, I b) { return _mm256_or_si256(a, b); }
+  static I crumb(I raw, int k) {  // bits 2k, 2k+1 of every byte
+    return _mm256_and_si256(_mm256_srli_epi16(raw, 2 * k), _mm256_set1_epi8(3));
+  }
+  static I bit2(I nib, int k) {  // bit k of every byte (0..15) moved to bit 2
+    const I x = k < 2 ? _mm256_slli_epi16(nib, 2 - k) : _mm256_srli_epi16(nib, k - 2);
+    return _mm256_and_si256(x, _mm256_set1_epi8(4));
+  }
+  static I hnib(const uint8_t* h, int half) {  // Q3_K's 32 H bytes → this half's nibbles
+    const I v = load(h);
+    return _mm256_and_si256(half ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
+  }
+  static I table16(const uint8_t* t) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+  }
+  static I lut(I table, I idx) { return _mm256_shuffle_epi8(table, idx); }
   static I u8x(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
   static I s8x(const uint8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
   static F halves(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
@@ -667,13 +803,13 @@ void panel32(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F
   for (int t = 0; t < NT; ++t) out[t] = acc[t];
 }
 
-// Q4_K: per super-block the exact Σ_j sc_j·(Σ q·y)_j and Σ_j m_j·(Σy)_j per row (int32),
-// then acc += d·d_y·first − dmin·d_y·second.
-template <class V, int NT>
+// Q4_K, Q5_K: per super-block the exact Σ_j sc_j·(Σ q·y)_j and Σ_j m_j·(Σy)_j per row
+// (int32), then acc += d·d_y·first − dmin·d_y·second. Q5_K adds bit 4 from its masks.
+template <class V, int NT, bool Q5 = false>
 void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
   using I = typename V::I;
   using F = typename V::F;
-  constexpr Layout L = layout_of(Q4_K);
+  constexpr Layout L = layout_of(Q5 ? Q5_K : Q4_K);
   constexpr int U = V::CHAINS;
   Planes<V> pl(p, L, a.nb, half);
   TokenAct ta[NT];
@@ -691,7 +827,11 @@ void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) {
         const I raw = V::load(pl.Q + 256 * j + 64 * g);
-        const I lo = V::lo_nib(raw), hi = V::hi_nib(raw);
+        I lo = V::lo_nib(raw), hi = V::hi_nib(raw);
+        if (Q5) {
+          lo = V::add_bits(lo, pl.H + 64 * j + 16 * g, 0x10);
+          hi = V::add_bits(hi, pl.H + 64 * j + 16 * g + 8, 0x10);
+        }
         for (int t = 0; t < NT; ++t) {
           const int8_t* y = ta[t].y + 256 * b + 32 * j;
           s[0][t] = V::dot(s[0][t], lo, y + 4 * g);
@@ -761,9 +901,109 @@ void panel_q6k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
   for (int t = 0; t < NT; ++t) out[t] = acc[t];
 }
 
+// Q3_K: 16 sub-blocks of 16, values 0..7 − 4 (a crumb of the Q plane, bit 2 from the H
+// plane's nibbles), signed scales: per sub-block the exact (Σ u·y − 4·Σy)·sc, summed per row
+// over the super-block, then acc += · d·d_y. Groups 0-3 of a 128-element half feed
+// sub-blocks 2k (crumb k), groups 4-7 sub-blocks 2k + 1.
+template <class V, int NT>
+void panel_q3k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
+  using I = typename V::I;
+  using F = typename V::F;
+  constexpr Layout L = layout_of(Q3_K);
+  Planes<V> pl(p, L, a.nb, half);
+  const uint8_t* H = p + a.nb * (L.d + L.s);  // both halves' nibbles share each byte
+  TokenAct ta[NT];
+  token_acts<NT>(a, t0, ta);
+  F acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = V::fzero();
+  for (int64_t b = 0; b < a.nb; ++b, pl.next(L), H += L.h) {
+    I isum[NT];
+    for (int t = 0; t < NT; ++t) isum[t] = V::zero();
+    for (int hh = 0; hh < 2; ++hh) {
+      for (int par = 0; par < 2; ++par) {
+        I s[4][NT];
+        for (int k = 0; k < 4; ++k)
+          for (int t = 0; t < NT; ++t) s[k][t] = V::set1(-4 * ta[t].bsum[16 * b + 8 * hh + 2 * k + par]);
+#pragma GCC unroll 4
+        for (int gi = 0; gi < 4; ++gi) {
+          const int g = 4 * par + gi;
+          const I raw = V::load(pl.Q + 512 * hh + 64 * g);
+          const I hn = V::hnib(H + 256 * hh + 32 * g, half);
+#pragma GCC unroll 4
+          for (int k = 0; k < 4; ++k) {
+            const I u = V::or_(V::crumb(raw, k), V::bit2(hn, k));
+            for (int t = 0; t < NT; ++t)
+              s[k][t] = V::dot(s[k][t], u, ta[t].y + 256 * b + 128 * hh + 32 * k + 4 * g);
+          }
+        }
+        for (int k = 0; k < 4; ++k) {
+          const I sc = V::s8x(pl.S + 16 * (8 * hh + 2 * k + par));
+          for (int t = 0; t < NT; ++t) isum[t] = V::add(isum[t], V::mullo(s[k][t], sc));
+        }
+      }
+    }
+    const F dw = V::halves(pl.D);
+    for (int t = 0; t < NT; ++t)
+      acc[t] = V::fmadd(V::cvt(isum[t]), V::fmul(dw, V::fset1(ta[t].d[b])), acc[t]);
+  }
+  for (int t = 0; t < NT; ++t) out[t] = acc[t];
+}
+
+// IQ4_LEVELS + 128 as bytes: what the IQ4_XS kernel's table lookups give.
+alignas(16) constexpr uint8_t IQ4_U8[16] = {1, 24, 45, 63, 79, 93, 106, 118,
+                                            129, 141, 153, 166, 181, 197, 217, 241};
+
+// IQ4_XS: 8 sub-blocks of 32, nibbles looked up to level + 128 (one byte shuffle), signed
+// scales: per sub-block the exact Σ L·y (VNNI: Σ (L+128)·y − 128·Σy; AVX2's maddubs would
+// saturate on those, so |L|·sign(y, L) as Q8_0 does), times sc, summed over the super-block.
+template <class V, int NT>
+void panel_iq4xs(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
+  using I = typename V::I;
+  using F = typename V::F;
+  constexpr Layout L = layout_of(IQ4_XS);
+  constexpr bool SIGNED = !V::EXACT_U8;
+  Planes<V> pl(p, L, a.nb, half);
+  TokenAct ta[NT];
+  token_acts<NT>(a, t0, ta);
+  const I table = V::table16(IQ4_U8);
+  F acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = V::fzero();
+  for (int64_t b = 0; b < a.nb; ++b, pl.next(L)) {
+    I isum[NT];
+    for (int t = 0; t < NT; ++t) isum[t] = V::zero();
+    for (int j = 0; j < 8; ++j) {
+      I s[2][NT];  // low and high nibbles: two independent sums
+      for (int t = 0; t < NT; ++t) {
+        const int16_t* bs = ta[t].bsum + 16 * b + 2 * j;
+        s[0][t] = SIGNED ? V::zero() : V::set1(-128 * (bs[0] + bs[1]));
+        s[1][t] = V::zero();
+      }
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const I raw = V::load(pl.Q + 256 * j + 64 * g);
+        const I lo = V::lut(table, V::lo_nib(raw)), hi = V::lut(table, V::hi_nib(raw));
+        for (int t = 0; t < NT; ++t) {
+          const int8_t* y = ta[t].y + 256 * b + 32 * j;
+          s[0][t] = SIGNED ? V::dot_s8(s[0][t], lo, y + 4 * g) : V::dot(s[0][t], lo, y + 4 * g);
+          s[1][t] = SIGNED ? V::dot_s8(s[1][t], hi, y + 16 + 4 * g) : V::dot(s[1][t], hi, y + 16 + 4 * g);
+        }
+      }
+      const I sc = V::s8x(pl.S + 16 * j);
+      for (int t = 0; t < NT; ++t) isum[t] = V::add(isum[t], V::mullo(V::add(s[0][t], s[1][t]), sc));
+    }
+    const F dw = V::halves(pl.D);
+    for (int t = 0; t < NT; ++t)
+      acc[t] = V::fmadd(V::cvt(isum[t]), V::fmul(dw, V::fset1(ta[t].d[b])), acc[t]);
+  }
+  for (int t = 0; t < NT; ++t) out[t] = acc[t];
+}
+
 template <class V, int TYPE, int NT>
 inline void panel_dot(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
   if constexpr (TYPE == Q4_K) panel_q4k<V, NT>(p, half, a, t0, out);
+  else if constexpr (TYPE == Q5_K) panel_q4k<V, NT, true>(p, half, a, t0, out);
+  else if constexpr (TYPE == Q3_K) panel_q3k<V, NT>(p, half, a, t0, out);
+  else if constexpr (TYPE == IQ4_XS) panel_iq4xs<V, NT>(p, half, a, t0, out);
   else if constexpr (TYPE == Q6_K) panel_q6k<V, NT>(p, half, a, t0, out);
   else panel32<V, TYPE, NT>(p, half, a, t0, out);
 }
@@ -840,7 +1080,10 @@ RunFn run_for(int type) {
     case Q5_0: return &run<Q5_0>;
     case Q8_0: return &run<Q8_0>;
     case Q4_K: return &run<Q4_K>;
+    case Q5_K: return &run<Q5_K>;
     case Q6_K: return &run<Q6_K>;
+    case Q3_K: return &run<Q3_K>;
+    case IQ4_XS: return &run<IQ4_XS>;
     default: return nullptr;
   }
 }
@@ -864,7 +1107,8 @@ bool interleaved_supports(int64_t type) {
 std::vector<torch::Tensor> imatmul_many(torch::Tensor x, std::vector<torch::Tensor> panels,
                                         std::vector<int64_t> ns, int64_t type) {
   TORCH_CHECK(interleaved_supports(type), "imatmul: no panel kernel for ggml type ", type,
-              " in this build (", TQ_AVX2 ? "it has them for Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K"
+              " in this build (", TQ_AVX2 ? "it has them for Q4_0, Q4_1, Q5_0, Q8_0, Q3_K, Q4_K, "
+              "Q5_K, Q6_K, IQ4_XS"
               : "the portable one has none", ")");
 #if TQ_AVX2
   const Layout L = layout_of(int(type));

@@ -1,7 +1,8 @@
 // y = x · Wᵀ for W kept in packed GGML blocks, with llama.cpp's CPU numerics (ggml-cpu).
 //
 // Activations x (M, K) float32 are first quantized per block to the weight type's "vec_dot
-// type" (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for Q4_K/Q5_K/Q6_K), then each
+// type" (Q8_0 for Q4_0/Q5_0/Q8_0/IQ4_NL, Q8_1 for Q4_1/Q5_1, Q8_K for Q2_K..Q6_K and IQ4_XS),
+// then each
 // weight block meets each activation block in an exact integer dot product, which is scaled
 // and accumulated in float32, as ggml's vec_dot kernels do. Only the float summation order
 // differs from ggml's (per-lane partial sums, as its AVX2 kernels also have).
@@ -214,6 +215,91 @@ template <bool Q5>
       sumi += sc[j] * s;
     }
     sumf += h2f(rd16(b + 208)) * a.dy(t, ib) * float(sumi);
+  }
+  return sumf;
+}
+
+// Q2_K: 16 sub-blocks of 16, values 0..3 (element 128h + 32k + l is bits 2k of qs[32h + l]),
+// a 4-bit scale and min per sub-block (ggml_vec_dot_q2_K_q8_K_generic): exact integers
+// Σ_j sc_j·(Σ q·y)_j and Σ_j m_j·bsum_j, then d·dy and dmin·dy in float.
+[[maybe_unused]] float dot_q2k_scalar(const uint8_t* row, const Act& a, int64_t t) {
+  float sumf = 0.f;
+  for (int64_t ib = 0; ib < a.nb; ++ib) {
+    const uint8_t* b = row + ib * 84;
+    const int8_t* y = a.qs(t, ib);
+    const int16_t* bsum = a.bsums.get() + t * (a.K / 16) + ib * 16;
+    int isum = 0, summ = 0;
+    for (int j = 0; j < 16; ++j) {
+      int s = 0;
+      for (int l = 0; l < 16; ++l) {
+        const int e = 16 * j + l;
+        s += y[e] * ((b[16 + 32 * (e >> 7) + (e & 31)] >> (2 * ((e >> 5) & 3))) & 3);
+      }
+      isum += (b[j] & 0xF) * s;
+      summ += (b[j] >> 4) * bsum[j];
+    }
+    const float dy = a.dy(t, ib);
+    sumf += dy * h2f(rd16(b + 80)) * float(isum) - dy * h2f(rd16(b + 82)) * float(summ);
+  }
+  return sumf;
+}
+
+// Q3_K: 16 sub-blocks of 16 with signed 6-bit scales; element 32i + l (i = 4h + k) is bits 2k
+// of qs[32h + l], minus 4 where bit i of hmask[l] is clear. Exact Σ_j sc_j·(Σ q·y)_j per block.
+[[maybe_unused]] float dot_q3k_scalar(const uint8_t* row, const Act& a, int64_t t) {
+  float sumf = 0.f;
+  int8_t sc[16];
+  for (int64_t ib = 0; ib < a.nb; ++ib) {
+    const uint8_t* b = row + ib * 110;
+    const int8_t* y = a.qs(t, ib);
+    q3k_scales(b + 96, sc);
+    int isum = 0;
+    for (int j = 0; j < 16; ++j) {
+      int s = 0;
+      for (int l = 0; l < 16; ++l) {
+        const int e = 16 * j + l, i = e >> 5, k = i & 3, hh = i >> 2;
+        const int q = ((b[32 + 32 * hh + (e & 31)] >> (2 * k)) & 3) - ((b[e & 31] >> i) & 1 ? 0 : 4);
+        s += y[e] * q;
+      }
+      isum += sc[j] * s;
+    }
+    sumf += h2f(rd16(b + 108)) * a.dy(t, ib) * float(isum);
+  }
+  return sumf;
+}
+
+// IQ4_XS: 8 sub-blocks of 32 with signed 6-bit scales; nibbles (Q4_0's order per sub-block)
+// index IQ4_LEVELS. Exact Σ_j sc_j·(Σ L[q]·y)_j per block, then d·dy in float.
+[[maybe_unused]] float dot_iq4xs_scalar(const uint8_t* row, const Act& a, int64_t t) {
+  float sumf = 0.f;
+  int8_t sc[8];
+  for (int64_t ib = 0; ib < a.nb; ++ib) {
+    const uint8_t* b = row + ib * 136;
+    const int8_t* y = a.qs(t, ib);
+    iq4xs_scales(b + 2, sc);
+    int isum = 0;
+    for (int j = 0; j < 8; ++j) {
+      const uint8_t* qs = b + 8 + 16 * j;
+      int s = 0;
+      for (int l = 0; l < 16; ++l)
+        s += y[32 * j + l] * IQ4_LEVELS[qs[l] & 0xF] + y[32 * j + 16 + l] * IQ4_LEVELS[qs[l] >> 4];
+      isum += sc[j] * s;
+    }
+    sumf += h2f(rd16(b)) * a.dy(t, ib) * float(isum);
+  }
+  return sumf;
+}
+
+// IQ4_NL: blocks of 32, d f16 | qs[16] indexing IQ4_LEVELS, against Q8_0 activations.
+[[maybe_unused]] float dot_iq4nl_scalar(const uint8_t* row, const Act& a, int64_t t) {
+  float sumf = 0.f;
+  for (int64_t ib = 0; ib < a.nb; ++ib) {
+    const uint8_t* b = row + ib * 18;
+    const int8_t* y = a.qs(t, ib);
+    int s = 0;
+    for (int l = 0; l < 16; ++l)
+      s += y[l] * IQ4_LEVELS[b[2 + l] & 0xF] + y[16 + l] * IQ4_LEVELS[b[2 + l] >> 4];
+    sumf += h2f(rd16(b)) * a.dy(t, ib) * float(s);
   }
   return sumf;
 }
@@ -521,6 +607,16 @@ template <> struct Kern<Q5_K> { static constexpr int BS = 256, TS = 176, ACT = A
   TQ_DOT(dot_q45k_scalar<true>, (dot_q45k<true, NT>(r, a, t0, o))) };
 template <> struct Kern<Q6_K> { static constexpr int BS = 256, TS = 210, ACT = A_Q8_K;
   TQ_DOT(dot_q6k_scalar, (dot_q6k<NT>(r, a, t0, o))) };
+// Row kernels of the types added later: scalar dot products in every build (the AVX2 and
+// AVX-512 builds run Q3_K and IQ4_XS in panels, interleaved.cpp; Q2_K and IQ4_NL here).
+template <> struct Kern<Q2_K> { static constexpr int BS = 256, TS = 84, ACT = A_Q8_K;
+  TQ_SCALAR_DOT(dot_q2k_scalar) };
+template <> struct Kern<Q3_K> { static constexpr int BS = 256, TS = 110, ACT = A_Q8_K;
+  TQ_SCALAR_DOT(dot_q3k_scalar) };
+template <> struct Kern<IQ4_XS> { static constexpr int BS = 256, TS = 136, ACT = A_Q8_K;
+  TQ_SCALAR_DOT(dot_iq4xs_scalar) };
+template <> struct Kern<IQ4_NL> { static constexpr int BS = 32, TS = 18, ACT = A_Q8_0;
+  TQ_SCALAR_DOT(dot_iq4nl_scalar) };
 
 constexpr int64_t TOKENS = 4;                // tokens per weight-row pass (register tile)
 constexpr int64_t TILE_BYTES = 96 << 10;     // M > 1: weight rows per chunk, kept in L2
@@ -581,6 +677,7 @@ bool type_info(int type, TypeInfo* ti) {
 #define TQ_CASE(T) case T: *ti = {Kern<T>::BS, Kern<T>::TS, Kern<T>::ACT, &run<T>}; return true;
     TQ_CASE(Q4_0) TQ_CASE(Q4_1) TQ_CASE(Q5_0) TQ_CASE(Q5_1) TQ_CASE(Q8_0)
     TQ_CASE(Q4_K) TQ_CASE(Q5_K) TQ_CASE(Q6_K)
+    TQ_CASE(Q2_K) TQ_CASE(Q3_K) TQ_CASE(IQ4_XS) TQ_CASE(IQ4_NL)
 #undef TQ_CASE
     default: return false;
   }
