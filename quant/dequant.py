@@ -16,6 +16,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from quant.formats import BlockFormat, block_format
+from quant.mxfp4 import dequantize_mxfp4
 
 # A dequantizer unpacks blocks (n, type_size) uint8 into out (n, block_size) float32.
 Dequantizer = Callable[[torch.Tensor, torch.Tensor], None]
@@ -195,6 +196,9 @@ def _q6_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     out = out.view(n, 16, 16)
     out.copy_(q.view(torch.int8).view(n, 16, 16))
     out.mul_((_half(blocks, 208) * blocks[:, 192:208].view(torch.int8)).unsqueeze(-1))
+
+
+DEQUANTIZERS[int(T.MXFP4)] = dequantize_mxfp4  # its own file: quant/mxfp4.py
 
 
 def _check(data: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:

@@ -33,7 +33,10 @@ class BlockFormat:
         return n_elements // self.block_size * self.type_size
 
 
-_SUPPORTED = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+_SUPPORTED = (
+    *("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"),
+    "MXFP4",  # gpt-oss experts (quant/mxfp4.py)
+)
 
 
 def _make(name: str) -> BlockFormat:

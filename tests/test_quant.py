@@ -29,6 +29,7 @@ HALF_FIELDS = {
     "Q4_K": [0, 2],
     "Q5_K": [0, 2],
     "Q6_K": [208],
+    "MXFP4": [],  # an E8M0 byte, no fp16 field: every byte pattern is a valid block
 }
 SHAPES = [(1, 1), (3, 5), (2, 3, 2), (17, 4)]  # leading dims..., blocks per row
 
@@ -134,7 +135,7 @@ def test_dequantize_rejects_bad_rows():
 
 def test_formats_come_from_gguf():
     assert sorted(ALL) == sorted(
-        ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+        ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"]
     )
     for fmt in FORMATS.values():
         assert (fmt.block_size, fmt.type_size) == gq.GGML_QUANT_SIZES[T[fmt.name]]
