@@ -31,12 +31,43 @@ def causal_mask(
     return allowed
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int, scale: float
+def sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    sinks: torch.Tensor,
 ) -> torch.Tensor:
-    # q: (T, H, D), k: (L, Hkv, D), v: (L, Hkv, Dv) → (T, H * Dv)
+    """Attention whose softmax has one more logit per head, sinks[h], with no value (gpt-oss):
+    q (B, H, T, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv), mask broadcasting to (B, H, T, L)
+    (True: allowed), sinks (H,) → (B, H, T, Dv)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, T, L)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    p = torch.softmax(torch.cat((scores, sink.to(scores.dtype)), -1), -1)  # (B, H, T, L + 1)
+    return p[..., :-1] @ v
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: int,
+    window: int,
+    scale: float,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    # q: (T, H, D), k: (L, Hkv, D), v: (L, Hkv, Dv), sinks (H,) or None → (T, H * Dv)
     n_query, n_key = q.shape[0], k.shape[0]
     mask = causal_mask(start, n_query, n_key, window, q.device)
+    if sinks is not None:
+        qs, ks, vs = (t.transpose(0, 1)[None] for t in (q, k, v))
+        out = sink_attention(qs, ks, vs, mask, scale, sinks)  # (1, H, T, Dv)
+        return out[0].transpose(0, 1).reshape(n_query, -1)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],
         k.transpose(0, 1)[None],
@@ -49,10 +80,20 @@ def attention(
 
 
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per sequence over padded contexts, in one call.
     q: (B, H, D), k: (B, L, Hkv, D), v: (B, L, Hkv, Dv), mask: (B, 1, 1, L) → (B, H * Dv)"""
+    if sinks is not None:
+        out = sink_attention(
+            q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), mask, scale, sinks
+        )
+        return out.reshape(q.shape[0], -1)
     out = F.scaled_dot_product_attention(
         q[:, :, None, :],
         k.transpose(1, 2),
@@ -72,6 +113,7 @@ def paged_decode_attention(
     lengths: torch.Tensor,
     scale: float,
     window: int,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """One query per sequence straight from the f16 pages, by the native kernel
     (kernels/native/paged_attention.cpp): batch-invariant, no gather or padding. None when the
@@ -82,7 +124,7 @@ def paged_decode_attention(
     if module is None or q.device.type != "cpu" or k_slab.device.type != "cpu":
         return None
     return module.paged_decode_attention(
-        q.float(), k_slab, v_slab, tables, lengths.long(), scale, window
+        q.float(), k_slab, v_slab, tables, lengths.long(), scale, window, sinks
     )
 
 

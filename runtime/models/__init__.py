@@ -11,13 +11,15 @@ from loaders.gguf_file import GGUFFile
 from quant.errors import UnsupportedError
 from runtime.models.base import Layer, Model
 from runtime.models.gemma3 import Gemma3
+from runtime.models.gpt_oss import GptOss
 from runtime.models.llama import Llama
+from runtime.models.qwen3moe import Qwen3Moe
 from runtime.placement.device_map import DeviceMap
 
 __all__ = ["ARCHITECTURES", "Layer", "Model", "build_model"]
 
 ARCHITECTURES: dict[str, type[Model]] = {
-    arch: cls for cls in (Llama, Gemma3) for arch in cls.architectures
+    arch: cls for cls in (Llama, Gemma3, Qwen3Moe, GptOss) for arch in cls.architectures
 }
 
 
