@@ -35,7 +35,10 @@ class PackedExperts:
         ggml_type: int,
         in_features: int,
         bias: torch.Tensor | None = None,
+        triton: bool = False,
     ) -> None:
+        """triton: a GPU weight, run by kernels/triton/moe.py (also in Triton's CPU
+        interpreter, where the "GPU" tensors are CPU ones)."""
         fmt = block_format(ggml_type)
         if weight.dim() != 3 or weight.shape[2] != fmt.row_bytes(in_features):
             raise ValueError(
@@ -48,12 +51,9 @@ class PackedExperts:
         self.n_experts, self.out_features = weight.shape[0], weight.shape[1]
         self.bias = bias  # (E, N) float32
         self.row_bytes = weight.shape[2]
-        module = native_loader.load() if native_loader.enabled() else None
-        self._module = (
-            module
-            if module is not None and weight.device.type == "cpu" and module.moe_supports(ggml_type)
-            else None
-        )
+        self.triton = triton or weight.device.type != "cpu"
+        module = native_loader.load() if native_loader.enabled() and not self.triton else None
+        self._module = module if module is not None and module.moe_supports(ggml_type) else None
 
     def __call__(self, x: torch.Tensor, src: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         return expert_matmuls([self], x, src, expert)[0]
@@ -67,7 +67,7 @@ def expert_matmuls(
     native call where they share a type."""
     first = experts[0]
     src, expert = src.long(), expert.long()
-    if first.weight.device.type != "cpu":
+    if first.triton:
         from kernels.triton.moe import moe_matmul
 
         ys = [moe_matmul(x, e.weight, e.ggml_type, src, expert) for e in experts]

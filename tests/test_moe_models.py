@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
-from moe_reference import quantize_experts, reference_logits
-from moe_reference import make_weights, write_gguf
+from moe_reference import make_weights, quantize_experts, reference_logits, write_gguf
 from reference_model import KVCache, forward
 
 from kernels import native_loader

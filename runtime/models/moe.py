@@ -79,14 +79,14 @@ class MoE:
         """h (T, E), the feed-forward's normed input → its output (T, E) on h's device."""
         n, k = h.shape[0], self.n_used
         weights, ids = self.route(h)
-        where = self.gate.weight.device
+        where = self.gate.weight.device  # the experts' device (CPU in a --n-cpu-moe split)
         x = cross(h, where)
         expert = cross(ids, where).reshape(-1)  # (T·k,) row t·k + j: token t's j-th choice
         src = torch.arange(n, device=where).repeat_interleave(k)
         gate, up = expert_matmuls([self.gate, self.up], x, src, expert)  # (T·k, F) each
         if self.activation == "swiglu_oai":
             act = swiglu_oai(gate, up)
-        elif where == h.device:
+        elif self.gate.triton == (ops.name == "triton"):  # the experts run where the layer does
             act = ops.act_mul(gate, up, gelu=False)
         else:
             act = torch.nn.functional.silu(gate) * up

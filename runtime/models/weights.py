@@ -89,10 +89,11 @@ class WeightLoader:
         if len(info.shape) != 3:
             raise GGUFError(f"tensor '{name}' has shape {list(info.shape)}; experts need 3 dims")
         k, n, e = info.shape[:3]
-        device = self.devices.device(self.devices.of_tensor(name))
+        where = self.devices.of_tensor(name)
+        device = self.devices.device(where)
         rows = self._owned(name).view(e, n, info.row_bytes)
         b = self.vector(bias, device).view(e, n) if bias and self.has(bias) else None
-        return PackedExperts(rows.to(device), info.ggml_type, k, b)
+        return PackedExperts(rows.to(device), info.ggml_type, k, b, triton=where == GPU)
 
     def vector(self, name: str, device: torch.device) -> torch.Tensor:
         """A norm's or bias's values, float32 (N,), in memory of its own on `device`."""
