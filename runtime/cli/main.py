@@ -12,6 +12,8 @@ tandem ps [--host HOST:PORT]
 tandem plan MODEL [--gpu-memory SIZE] [--num-ctx N] [--num-parallel N] [--num-gpu N]
            [--kv-cache-type T] [--num-batch N] [--json]
 tandem bench MODEL [-p N] [-n N] [-d DEPTH] [-t THREADS] [-r REPETITIONS] [--json]
+tandem perplexity MODEL -f TEXT [-c N] [--chunks N] [-t THREADS] [--json]
+                  [--kl-divergence-base FILE] [--kl-divergence]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from loaders.pull import KNOWN, pull, pullable
 from modelfiles.parameters import OPTIONS, default
 from quant.errors import InvalidParameterError, TandemError
+from runtime.cli.perplexity import add_perplexity_command, cmd_perplexity
 from runtime.cli.store_commands import COMMANDS as STORE_COMMANDS
 from runtime.cli.store_commands import add_store_commands
 from runtime.sampling_params import OLLAMA_DEFAULTS
@@ -75,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_commands(sub)
     add_plan_command(sub)
     add_bench_command(sub)
+    add_perplexity_command(sub)
     return parser
 
 
@@ -323,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ps": cmd_ps,
             "plan": cmd_plan,
             "bench": cmd_bench,
+            "perplexity": cmd_perplexity,
         }
         commands.update(STORE_COMMANDS)
         return commands[args.command](args)
