@@ -66,4 +66,8 @@ def test_sixteen_decodes_read_each_chosen_expert_once_per_step(tmp_path):
             alone = forward(model, torch.tensor(s), 0, KVCache(model.config, 32), all_logits=True)
         for step in range(DECODES + 1):
             pos = PROMPT - 1 + step
-            torch.testing.assert_close(got[step][b], alone[pos], rtol=1e-4, atol=1e-4)
+            # f16 pages either way; the router's torch matmul sums in another order for 80
+            # rows than for 8 (measured: at most 0.13% of the largest logit)
+            row, ref = got[step][b], alone[pos]
+            assert (row - ref).abs().max().item() < 5e-3 * ref.abs().max().item()
+            assert row.argmax() == ref.argmax()
