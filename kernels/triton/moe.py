@@ -14,6 +14,8 @@ the same float operations as quant.mxfp4, so tiles are bit-exact with it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -120,6 +122,8 @@ def moe_matmul(
     nb = 1 if interpreted() else max(1, 128 // qk)
     block_n = 32
     grid = (len(tiles_e), triton.cdiv(n, block_n))
+    meta: dict[str, Any] = {"QTYPE": int(ggml_type), "QK": qk, "TYPE_SIZE": type_size}
+    meta |= {"BLOCK_M": block_m, "BLOCK_N": block_n, "NB": nb}
     _moe_kernel[grid](
         x.float().contiguous(),
         w,
@@ -132,11 +136,6 @@ def moe_matmul(
         n,
         k,
         row_bytes,
-        QTYPE=int(ggml_type),
-        QK=qk,
-        TYPE_SIZE=type_size,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        NB=nb,
+        **meta,
     )
     return y

@@ -110,6 +110,17 @@ def add_plan_command(sub) -> None:
         help="keep tensors whose name matches on the CPU (repeatable)",
     )
     plan.add_argument(
+        "--ram",
+        metavar="SIZE",
+        help="available RAM to plan for, e.g. 64GB (default: what is available here now)",
+    )
+    plan.add_argument(
+        "--ram-bandwidth",
+        type=float,
+        metavar="GB/S",
+        help="RAM bandwidth to assume (planning for another machine)",
+    )
+    plan.add_argument(
         "--gpu-bandwidth",
         type=float,
         metavar="GB/S",

@@ -248,6 +248,15 @@ def run_plan_command(args) -> int:
             cal, vram_bw=args.gpu_bandwidth * 1e9, sources={**cal.sources, "vram_bw": "given"}
         )
         devices = replace(devices, calibration=cal)
+    if args.ram:
+        ram = parse_size(args.ram)
+        devices = replace(devices, ram_total=max(ram, devices.ram_total), ram_available=ram)
+    if args.ram_bandwidth:
+        cal = devices.calibration
+        cal = replace(
+            cal, ram_bw=args.ram_bandwidth * 1e9, sources={**cal.sources, "ram_bw": "given"}
+        )
+        devices = replace(devices, calibration=cal)
     result = plan(sizes, devices, request)
     name = spec.name
     print(json.dumps(plan_dict(result, name), indent=1) if args.json else plan_text(result, name))

@@ -42,4 +42,5 @@ class Qwen3Moe(Model):
         v = v.view(n, c.n_head_kv, c.head_dim_v)
         q, k = ops.rope_qk(q, k, *tables, rope.neox)
         x, h = ops.add_rms_norm(x, b.o(attend(i, q, k, v, window)), b.ffn_norm, c.rms_eps)
+        assert isinstance(b, MoELayer) and b.moe is not None  # load_layer made it
         return x, b.moe(h, ops)
