@@ -35,7 +35,7 @@ a 7B file needs well under 1 GB of RAM.
 
 --arch writes the architecture's table entry (scripts/synthetic_archs/: tensors, shapes,
 metadata, small dims; its docstring says how to add one), deterministic for a seed: linear
-weights N(0, 1/√fan_in) in --type (default q8_0), embeddings N(0, 1), norms 1 + N(0, 0.1),
+weights N(0, 1/√fan_in) in --type (default q8_0), routers N(0, 8/√fan_in) (decisive top-k), embeddings N(0, 1), norms 1 + N(0, 0.1),
 biases N(0, 0.1), all F32 but the linears and embeddings; output_norm.weight is the entry's
 head_scale, which makes the random model confident (it mostly predicts from the current
 token through the residual stream) so that a top-1 comparison means something. The
@@ -101,6 +101,9 @@ FILE_TYPES = {
 WEIGHT_STD = 0.02
 Q4K_D = WEIGHT_STD / 218  # see the module docstring
 CHUNK_ELEMENTS = 1 << 24  # float32 elements generated at once (64 MB)
+# A router's logits have std ROUTER_SCALE: at 1, rounding differences between runtimes (and
+# between llama.cpp's own settings) flip the top-k choice of a few percent of tokens
+ROUTER_SCALE = 8.0
 
 
 def tensor_plan(s: Shape, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -240,8 +243,10 @@ def arch_values(kind: str, shape: tuple[int, ...], head_scale: float, seed: int)
     """A tensor's float32 values for its kind (see the module docstring)."""
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(shape, generator=gen)
-    if kind in ("linear", "router"):
+    if kind == "linear":
         return noise / shape[-1] ** 0.5
+    if kind == "router":  # decisive routing: top-k gaps far above rounding differences
+        return ROUTER_SCALE * noise / shape[-1] ** 0.5
     if kind == "embed":
         return noise
     if kind == "norm":
