@@ -86,7 +86,11 @@ def test_tandem_matches_recorded_llamacpp(arch, synthetic):
     bound = 2 * floor if floor > 0 else load_script("conformance").ABS_KL
     print(f"{arch}: KL {s['kld'][0]:.3e} (bound {bound:.3e}) top-1 {s['same_top'][0]:.4f}")
     assert s["kld"][0] <= bound
-    assert s["same_top"][0] >= 0.99
+    # top-1 ≥ 99%; where llama.cpp agrees with itself less across its own settings (the MoE
+    # models: a routing choice that flips moves a token's whole output), within one point
+    # of llama.cpp's own agreement
+    floor_top = record["floor_same_top"]
+    assert s["same_top"][0] >= (0.99 if floor_top >= 0.99 else floor_top - 0.01)
 
 
 def test_reads_llamacpp_base_file(synthetic, smollm2_path):
