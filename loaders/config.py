@@ -4,7 +4,9 @@ Supported architectures (their layer math: runtime/models/, one file each): the 
 (llama incl. Llama 3.x `rope_freqs`, mistral, qwen2 with q/k/v biases, mistral3 with YaRN and
 attention temperature, smollm3 with NoPE layers, granite with its multipliers), qwen3
 (per-head QK-norm), olmo2 (post-norms only, QK-norm over all heads), phi3 (fused QKV and
-gate-up, LongRoPE factors), gemma2 (soft-capping, alternating sliding window) and gemma3.
+gate-up, LongRoPE factors), gemma2 (soft-capping, alternating sliding window), gemma3, and
+the mixture-of-experts qwen3moe (QK-norm, softmax → top-k → renormalized weights) and gpt-oss
+(biases, attention sinks, every other layer sliding-window, top-k → softmax, clamped SwiGLU).
 The scalars here are read as llama.cpp's loader reads them (src/llama-model.cpp and
 src/models/ARCH.cpp): a key's default is llama.cpp's.
 """
@@ -22,9 +24,10 @@ from loaders.gguf_parse import TensorInfo
 from quant.errors import GGUFError, UnsupportedError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "mistral3", "smollm3", "granite")
-SUPPORTED = (*LLAMA_FAMILY, "qwen3", "olmo2", "phi3", "gemma2", "gemma3")
+MOE = ("qwen3moe", "gpt-oss")
+SUPPORTED = (*LLAMA_FAMILY, "qwen3", "olmo2", "phi3", "gemma2", "gemma3", *MOE)
 # ggml's NEOX rope layout (halves rotate together); the others rotate adjacent pairs
-_NEOX = ("qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3")
+_NEOX = ("qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3", *MOE)
 _GEMMA = ("gemma2", "gemma3")
 ROPE_SCALINGS = ("none", "linear", "yarn", "longrope")
 
@@ -48,7 +51,7 @@ class ModelConfig:
     rope_neox: bool  # rotate halves (NEOX) rather than adjacent pairs
     sliding_window: int  # 0: no sliding-window layers
     swa_layers: tuple[bool, ...]
-    activation: str  # "silu" | "gelu_tanh"
+    activation: str  # "silu" | "gelu_tanh" | "swiglu_oai" (gpt-oss: clamped, α = 1.702)
     qk_norm: bool
     post_norms: bool  # post-attention and post-FFN norms (gemma)
     embed_scale: float  # token embeddings are multiplied by this (gemma: sqrt(n_embd))
@@ -73,6 +76,14 @@ class ModelConfig:
     residual_scale: float = 1.0  # each block's output is multiplied by this (granite)
     attn_temp_scale: float = 0.0  # q *= 1 + s·log(⌊(p + 1) / floor⌋ + 1) (mistral3; 0: none)
     attn_temp_floor: int = 0
+
+    # mixture of experts (qwen3moe, gpt-oss); 0 experts: a dense feed-forward
+    n_expert: int = 0
+    n_expert_used: int = 0  # experts each token is routed to (top-k)
+    n_ff_exp: int = 0  # an expert's feed-forward width
+    expert_gating: str = "softmax"  # "softmax": softmax → top-k; "softmax_weight": top-k → softmax
+    expert_norm: bool = False  # the top-k weights renormalized to sum to 1
+    attn_sinks: bool = False  # a learned per-head logit in every softmax's denominator (gpt-oss)
 
     def has_rope(self, layer: int) -> bool:
         return not self.rope_layers or self.rope_layers[layer]
@@ -113,11 +124,13 @@ class ModelConfig:
             )
         head_dim = get.integer("attention.key_length", n_embd // n_head)
         head_dim_v = get.integer("attention.value_length", head_dim)
-        n_ff = get.integer("feed_forward_length")
+        moe = arch in MOE
+        n_ff_exp = get.integer("expert_feed_forward_length") if moe else 0
+        n_ff = get.integer("feed_forward_length", n_ff_exp or _Getter._missing)
         n_ctx_train = get.integer("context_length", 2048)
         vocab_size, n_tokens = _vocab_size(md, arch)
         check_vocab(arch, vocab_size, n_tokens)
-        gemma = arch in _GEMMA
+        gemma, oss = arch in _GEMMA, arch == "gpt-oss"
         window = _window(arch, get, n_layer)
         rope_base = get.number("rope.freq_base", 10000.0)
         scaling = get.text("rope.scaling.type", "linear")  # llama.cpp's default
@@ -146,8 +159,8 @@ class ModelConfig:
             rope_neox=arch in _NEOX,
             sliding_window=window,
             swa_layers=_swa_layers(arch, n_layer, window),
-            activation="gelu_tanh" if gemma else "silu",
-            qk_norm=arch in ("gemma3", "qwen3", "olmo2"),
+            activation="gelu_tanh" if gemma else "swiglu_oai" if oss else "silu",
+            qk_norm=arch in ("gemma3", "qwen3", "olmo2", "qwen3moe"),
             post_norms=arch in (*_GEMMA, "olmo2"),
             embed_scale=_embed_scale(arch, get, n_embd),
             attn_scale=_attn_scale(arch, get, n_embd, n_head, head_dim, n_layer),
@@ -172,7 +185,18 @@ class ModelConfig:
             if arch == "mistral3"
             else 0.0,
             attn_temp_floor=get.integer("rope.scaling.original_context_length", n_ctx_train),
+            n_expert=get.integer("expert_count") if moe else 0,
+            n_expert_used=get.integer("expert_used_count") if moe else 0,
+            n_ff_exp=n_ff_exp,
+            expert_gating="softmax_weight" if oss else "softmax",
+            expert_norm=arch == "qwen3moe",
+            attn_sinks=oss,
         )
+        if moe and config.n_expert_used > config.n_expert:
+            raise GGUFError(
+                f"metadata key '{arch}.expert_used_count' ({config.n_expert_used}) exceeds "
+                f"'{arch}.expert_count' ({config.n_expert})"
+            )
         if infos is not None:
             check_tensors(config, infos)
         return config
@@ -183,7 +207,7 @@ def _window(arch: str, get: _Getter, n_layer: int) -> int:
     by llama.cpp (its SWA is disabled there); olmo2's (olmo3) is not supported."""
     if arch == "gemma2":
         return get.integer("attention.sliding_window", 4096, positive=False)
-    if arch == "gemma3":
+    if arch in ("gemma3", "gpt-oss"):
         return get.integer("attention.sliding_window", 0, positive=False)
     if arch == "olmo2" and get.integer("attention.sliding_window", 0, positive=False):
         raise UnsupportedError("olmo2 with sliding-window layers (OLMo 3) is not supported")
@@ -191,9 +215,9 @@ def _window(arch: str, get: _Getter, n_layer: int) -> int:
 
 
 def _swa_layers(arch: str, n_layer: int, window: int) -> tuple[bool, ...]:
-    """Which layers use the window: gemma2 every other one from the first (llama.cpp's
-    pattern 2), gemma3 five in six."""
-    period = {"gemma2": 2, "gemma3": 6}.get(arch, 0)
+    """Which layers use the window: gemma2 and gpt-oss every other one from the first
+    (llama.cpp's pattern 2), gemma3 five in six."""
+    period = {"gemma2": 2, "gpt-oss": 2, "gemma3": 6}.get(arch, 0)
     return tuple(bool(window) and i % period < period - 1 for i in range(n_layer))
 
 

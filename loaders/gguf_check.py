@@ -123,12 +123,37 @@ def expected_shapes(c: ModelConfig, names: Collection[str]) -> dict[str, tuple[t
         if c.post_norms:
             layer["post_attention_norm.weight"] = ((c.n_embd,), emb)
             layer["post_ffw_norm.weight"] = ((c.n_embd,), emb)
+        if c.n_expert:
+            _moe_shapes(c, layer)
         for name, expected in layer.items():
             out[p + name] = expected
         for x, size, why in (("q", q_out, heads_q), ("k", kv_k, heads_k), ("v", kv_v, heads_v)):
             if f"{p}attn_{x}.bias" in names:  # optional: read when present
                 out[f"{p}attn_{x}.bias"] = ((size,), why)
     return out
+
+
+def _moe_shapes(c: ModelConfig, layer: dict[str, tuple[tuple, str]]) -> None:
+    """A mixture-of-experts layer's feed-forward tensors in place of the dense ones."""
+    for name in ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"):
+        del layer[name]
+    a = c.arch
+    emb = f"{a}.embedding_length={c.n_embd}"
+    ex = f"{a}.expert_count={c.n_expert}"
+    ff = f"{a}.expert_feed_forward_length={c.n_ff_exp}"
+    layer["ffn_gate_inp.weight"] = ((c.n_embd, c.n_expert), f"{emb}, {ex}")
+    layer["ffn_gate_exps.weight"] = ((c.n_embd, c.n_ff_exp, c.n_expert), f"{emb}, {ff}, {ex}")
+    layer["ffn_up_exps.weight"] = ((c.n_embd, c.n_ff_exp, c.n_expert), f"{emb}, {ff}, {ex}")
+    layer["ffn_down_exps.weight"] = ((c.n_ff_exp, c.n_embd, c.n_expert), f"{ff}, {emb}, {ex}")
+    if c.arch == "gpt-oss":  # the norm before the experts is post_attention_norm
+        layer["post_attention_norm.weight"] = layer.pop("ffn_norm.weight")
+        heads = f"{a}.attention.head_count={c.n_head}"
+        layer["attn_sinks.weight"] = ((c.n_head,), heads)
+        layer["attn_output.bias"] = ((c.n_embd,), emb)
+        layer["ffn_gate_inp.bias"] = ((c.n_expert,), ex)
+        layer["ffn_gate_exps.bias"] = ((c.n_ff_exp, c.n_expert), f"{ff}, {ex}")
+        layer["ffn_up_exps.bias"] = ((c.n_ff_exp, c.n_expert), f"{ff}, {ex}")
+        layer["ffn_down_exps.bias"] = ((c.n_embd, c.n_expert), f"{emb}, {ex}")
 
 
 def _trim(shape: Iterable[int]) -> tuple[int, ...]:
@@ -143,7 +168,7 @@ def check_tensors(c: ModelConfig, tensors: Mapping[str, TensorInfo]) -> None:
     """Every tensor the model reads is present with the shape its metadata implies."""
     for name in tensors:
         part = name.split(".")[2] if name.startswith("blk.") and name.count(".") >= 2 else ""
-        if part in _UNSUPPORTED_PARTS:
+        if part in _UNSUPPORTED_PARTS and not (c.n_expert and part.startswith("ffn_")):
             raise UnsupportedError(
                 f"tensor '{name}': {_UNSUPPORTED_PARTS[part]} are not supported by tandem "
                 f"for {c.arch}"

@@ -162,6 +162,17 @@ OPTIONS: dict[str, Option] = {
             low=-1,
         ),
         Option(
+            "num_cpu_moe",
+            "int",
+            -1,
+            _L,
+            "mixture-of-experts models: keep the routed experts of the first N layers on the "
+            "CPU, the rest on the GPU (llama.cpp's --n-cpu-moe); -1 lets the planner choose",
+            "num_cpu_moe",
+            low=-1,
+            ollama=False,
+        ),
+        Option(
             "num_thread",
             "int",
             0,

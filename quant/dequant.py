@@ -16,6 +16,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from quant.formats import BlockFormat, block_format
+from quant.mxfp4 import dequantize_mxfp4
 
 # A dequantizer unpacks blocks (n, type_size) uint8 into out (n, block_size) float32.
 Dequantizer = Callable[[torch.Tensor, torch.Tensor], None]
@@ -279,6 +280,9 @@ def _iq4_xs(blocks: torch.Tensor, out: torch.Tensor) -> None:
     dl = (_half(blocks, 0) * sc).unsqueeze(-1)  # (n, 8, 1)
     out = out.view(n, 8, 32)
     out.copy_(_iq4_values(x[:, 1:].view(n, 8, 2)).view(n, 8, 32)).mul_(dl)
+
+
+DEQUANTIZERS[int(T.MXFP4)] = dequantize_mxfp4  # its own file: quant/mxfp4.py
 
 
 def _check(data: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:

@@ -49,6 +49,7 @@ _SUPPORTED = (
     "Q6_K",
     "IQ4_NL",
     "IQ4_XS",
+    "MXFP4",  # gpt-oss experts (quant/mxfp4.py)
 )
 
 

@@ -32,6 +32,7 @@ class RunOptions:
     max_num_seqs: int = default("max_num_seqs")
     kv_cache_type: str = default("kv_cache_type")
     num_gpu: int = default("num_gpu")
+    num_cpu_moe: int = default("num_cpu_moe")
     gpu_memory: int | None = default("gpu_memory")
     cpu_pins: tuple[str, ...] = ()  # tensor-name patterns kept on the CPU
     gpu_pins: tuple[str, ...] = ()  # tensor-name patterns put on the GPU
@@ -101,6 +102,7 @@ class RunOptions:
             num_ctx=self.num_ctx,
             num_parallel=self.num_parallel,
             num_gpu=self.num_gpu,
+            num_cpu_moe=self.num_cpu_moe,
             gpu_memory=self.gpu_memory,
             pins=self.cpu_pins,
             gpu_pins=self.gpu_pins,

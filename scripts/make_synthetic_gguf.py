@@ -9,6 +9,8 @@ small ones of any architecture in scripts/synthetic_archs/, for conformance agai
     python scripts/make_synthetic_gguf.py --size 7b --type q4_k --out llama-7b-q4_k.gguf
     python scripts/make_synthetic_gguf.py --size 1b --layers 2 --dim 64 --ffn 128 --heads 4 \
         --kv-heads 2 --out tiny.gguf                                   # a test-sized one
+    python scripts/make_synthetic_gguf.py --arch qwen3moe --size 30b-a3b --metadata-only \
+        --out qwen3-30b-a3b-q4_k_m.gguf    # header and tensor table at the real size (plan)
     python scripts/make_synthetic_gguf.py --tokenizer-only --out tokenizer.gguf
                         # SmolLM2's tokenizer keys alone (2 MB): --tokenizer-from for a
                         # machine that cannot pull (scripts/gpu_check.sh)
@@ -37,18 +39,27 @@ a 7B file needs well under 1 GB of RAM.
 
 --arch writes the architecture's table entry (scripts/synthetic_archs/: tensors, shapes,
 metadata, small dims; its docstring says how to add one), deterministic for a seed: linear
-weights N(0, 1/fan_in) in --type (default q8_0), embeddings N(0, 1/E), norms 1 + N(0, 0.1),
+weights N(0, 1/fan_in) in --type (default q8_0), routers N(0, 64/fan_in) (decisive top-k),
+embeddings N(0, 1/E), norms 1 + N(0, 0.1),
 biases N(0, 0.1), all F32 but the linears and embeddings; output_norm.weight is the entry's
 head_scale, which makes the random model confident (it mostly predicts from the current
 token through the residual stream) so that a top-1 comparison means something. The
 tokenizer is copied from --vocab (default: pulled SmolLM2, 49152 tokens), e.g. one of
-llama.cpp's models/ggml-vocab-*.gguf.
+llama.cpp's models/ggml-vocab-*.gguf. Routed experts are written in the entry's expert_type
+where it has one (gpt-oss: MXFP4, quantized by gguf-py), routers in F32.
+
+--arch A --size S --metadata-only (S one of the entry's real sizes, e.g. qwen3moe 30b-a3b,
+gpt-oss 20b) writes the header and tensor table of the real model, each tensor in the type
+its usual quantization gives it (the entry's real_type), and no weight bytes: the data
+section is a hole (a sparse file of the real size that takes no disk space), so the file
+parses and plans (`tandem plan`) as the real one; it has no tokenizer (vocab_size is set).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -114,6 +125,9 @@ RANDOM_BLOCKS: dict[T, tuple[int, int | None, float]] = {
     T.IQ4_XS: (0, None, 0.0),
 }
 CHUNK_ELEMENTS = 1 << 24  # float32 elements generated at once (64 MB)
+# A router's logits have std ROUTER_SCALE: at 1, rounding differences between runtimes (and
+# between llama.cpp's own settings) flip the top-k choice of a few percent of tokens
+ROUTER_SCALE = 8.0
 
 
 def tensor_plan(s: Shape, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -276,6 +290,8 @@ def arch_values(kind: str, shape: tuple[int, ...], head_scale: float, seed: int)
     noise = torch.randn(shape, generator=gen)
     if kind == "linear":
         return noise / shape[-1] ** 0.5
+    if kind == "router":  # decisive routing: top-k gaps far above rounding differences
+        return ROUTER_SCALE * noise / shape[-1] ** 0.5
     if kind == "embed":
         return noise / shape[-1] ** 0.5  # unit-norm rows: gemma's √E scale makes them RMS 1
     if kind == "norm":
@@ -287,8 +303,11 @@ def arch_values(kind: str, shape: tuple[int, ...], head_scale: float, seed: int)
     return 0.1 * noise  # bias
 
 
-def tensor_type(kind: str, shape: tuple[int, ...], qtype: T) -> T:
-    """Linears and embeddings in `qtype` where rows are whole blocks, else F32."""
+def tensor_type(kind: str, shape: tuple[int, ...], qtype: T, expert_type: str | None = None) -> T:
+    """Linears and embeddings in `qtype` (routed experts in `expert_type` where given) where
+    rows are whole blocks, else F32."""
+    if kind == "linear" and len(shape) == 3 and expert_type:
+        qtype = T[expert_type]
     if kind in ("linear", "embed") and shape[-1] % block_format(int(qtype)).block_size == 0:
         return qtype
     return T.F32
@@ -317,14 +336,46 @@ def make_arch(
         writer.add_key_value(key, value, vtype, sub_type=sub)
     for i, (name, shape, kind) in enumerate(arch.tensors(dims, vocab)):
         values = arch_values(kind, shape, arch.head_scale, seed * 100003 + i)
-        raw = tensor_type(kind, shape, qtype)
-        data = quantize(values.reshape(-1, shape[-1]), int(raw)).numpy()
+        raw = tensor_type(kind, shape, qtype, arch.expert_type)
+        rows = values.reshape(-1, shape[-1])
+        if raw == T.MXFP4:  # quant/quantize.py has no MXFP4 quantizer; gguf-py's
+            data = gguf.quants.quantize(rows.numpy(), raw)
+        else:
+            data = quantize(rows, int(raw)).numpy()
         data = data.reshape(*shape[:-1], -1)
         writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return out
+
+
+def make_metadata_only(out: Path, arch: Architecture, dims: Dims, vocab: int = 151936) -> Path:
+    """The header and tensor table of `arch` at `dims`, each tensor in its real_type; the data
+    section is a hole (the file is extended, not written: sparse, no disk space)."""
+    writer = gguf.GGUFWriter(str(out), arch.name)
+    sizes: list[int] = []
+    writer.add_name(f"metadata-only {arch.name} {dims.layers}L-{dims.dim}")
+    for key, value in arch.metadata(dims, vocab).items():
+        vtype, sub = value_type(value)
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for name, shape, kind in arch.tensors(dims, vocab):
+        default = arch.expert_type if len(shape) == 3 and arch.expert_type else "Q8_0"
+        raw = T[arch.real_type(name, default)]
+        if kind not in ("linear", "embed"):
+            raw = T.F32  # norms, biases, sinks, routers
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        nbytes = rows * block_format(int(raw)).row_bytes(shape[-1])
+        writer.add_tensor_info(name, list(shape), np.dtype(np.float32), nbytes, raw_dtype=raw)
+        sizes.append(nbytes)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    align = 32  # general.alignment's default: each tensor's data starts on a multiple
+    data = -(-out.stat().st_size // align) * align
+    os.truncate(out, data + sum(-(-n // align) * align for n in sizes))  # a hole: sparse
     return out
 
 
@@ -336,7 +387,18 @@ def default_tokenizer() -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--size", choices=sorted(SHAPES), default="1b")
+    real = sorted({size for a in ARCHITECTURES.values() for size in a.sizes})
+    ap.add_argument(
+        "--size",
+        choices=sorted(SHAPES) + real,
+        help="llama: 1b (default), 7b, smollm2; with --arch, one of its real sizes "
+        f"({', '.join(real)}) for --metadata-only",
+    )
+    ap.add_argument(
+        "--metadata-only",
+        action="store_true",
+        help="--arch with --size: the header and tensor table alone, the weights a hole",
+    )
     ap.add_argument(
         "--arch",
         choices=sorted(ARCHITECTURES),
@@ -368,7 +430,7 @@ def shape_of(args: argparse.Namespace) -> Shape:
         for k in ("layers", "dim", "ffn", "heads", "kv_heads")
         if getattr(args, k) is not None
     }
-    s = replace(SHAPES[args.size], **overrides)
+    s = replace(SHAPES[args.size or "1b"], **overrides)
     block = block_format(int(TYPES[args.type or "q4_0"])).block_size
     if (
         min(s.layers, s.dim, s.ffn, s.heads, s.kv_heads) < 1
@@ -387,6 +449,16 @@ def shape_of(args: argparse.Namespace) -> Shape:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.arch and args.metadata_only:
+        arch = ARCHITECTURES[args.arch]
+        if args.size not in arch.sizes:
+            sys.exit(f"--metadata-only needs --size, one of {', '.join(arch.sizes) or 'none'}")
+        vocab = {"30b-a3b": 151936, "20b": 201088}.get(args.size, 151936)  # the real tokenizers'
+        make_metadata_only(args.out, arch, arch.sizes[args.size], vocab)
+        print(
+            f"{args.out}: {args.arch} {args.size}, {args.out.stat().st_size / 1e9:.2f} GB (sparse)"
+        )
+        return
     if args.arch:
         arch = ARCHITECTURES[args.arch]
         vocab = args.vocab or args.tokenizer_from or default_tokenizer()

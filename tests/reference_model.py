@@ -72,15 +72,16 @@ def forward(
 
     def attend(i, q, k, v, window):
         cache.write(i, start, k, v)
+        sinks = getattr(model.layers[i], "sinks", None)  # gpt-oss's attention sinks
         if paged and model.layers[i].device.type == "cpu":
             out = paged_decode_attention(
-                q, cache.k[i], cache.v[i], table, length, scale, window, softcap
+                q, cache.k[i], cache.v[i], table, length, scale, window, softcap, sinks
             )
             if out is not None:
                 return out
         keys, values = cache.read(i, n)  # the cache is on the CPU; a GPU layer's q is not
         keys, values = cross(keys, q.device), cross(values, q.device)
-        return attention(q, keys, values, start, window, scale, softcap)
+        return attention(q, keys, values, start, window, scale, softcap, sinks)
 
     with forward_threads(model.num_threads):
         x = model.run_layers(model.embed_rows(tokens), model.rope_tables(positions), attend)

@@ -33,6 +33,7 @@ HALF_FIELDS = {
     "Q3_K": [108],
     "IQ4_NL": [0],
     "IQ4_XS": [0],
+    "MXFP4": [],  # an E8M0 byte, no fp16 field: every byte pattern is a valid block
 }
 SHAPES = [(1, 1), (3, 5), (2, 3, 2), (17, 4)]  # leading dims..., blocks per row
 
@@ -140,6 +141,7 @@ def test_formats_come_from_gguf():
     assert sorted(ALL) == sorted(
         ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
         + ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
+        + ["MXFP4"]
     )
     for fmt in FORMATS.values():
         assert (fmt.block_size, fmt.type_size) == gq.GGML_QUANT_SIZES[T[fmt.name]]

@@ -132,7 +132,7 @@ void axpy(float w, const float* x, float* y, int64_t n) {  // y += w · x
 // at distance ≥ window are masked (ggml's rule) → (B, H·Dv) f32.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_slab, torch::Tensor v_slab,
                                      torch::Tensor tables, torch::Tensor lengths, double scale,
-                                     int64_t window) {
+                                     int64_t window, c10::optional<torch::Tensor> sinks) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32, "q must be (B, H, D) float32");
   TORCH_CHECK(k_slab.dim() == 3 && v_slab.dim() == 3 && k_slab.scalar_type() == torch::kHalf &&
               v_slab.scalar_type() == torch::kHalf && k_slab.is_contiguous() && v_slab.is_contiguous(),
@@ -155,6 +155,11 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_slab, torc
   const int32_t* tab = tables.data_ptr<int32_t>();
   for (int64_t i = 0; i < tables.numel(); ++i)
     TORCH_CHECK(tab[i] >= 0 && (tab[i] + 1) * PAGE <= slots, "block id ", tab[i], " is outside the slab");
+  // sinks (H,) f32 (gpt-oss): one more logit per head in the softmax's denominator
+  const torch::Tensor sink = sinks.has_value() ? sinks->contiguous() : torch::Tensor();
+  TORCH_CHECK(!sink.defined() || (sink.numel() == H && sink.scalar_type() == torch::kFloat32),
+              "sinks must be (H,) float32");
+  const float* ps = sink.defined() ? sink.data_ptr<float>() : nullptr;
   auto out = torch::zeros({B, H * Dv}, q.options());
   const float* pq = q.data_ptr<float>();
   const at::Half* pk = k_slab.data_ptr<at::Half>();
@@ -207,6 +212,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_slab, torc
         total += w * part_l[t * group + hh];
         axpy(w, part_o.data() + (t * group + hh) * Dv, oh, Dv);
       }
+      if (ps) total += std::exp(ps[tasks[t0].g * group + hh] - top);  // e^(sink − top)
       for (int64_t i = 0; i < Dv; ++i) oh[i] /= total;
     }
     t0 = t1;
@@ -254,5 +260,7 @@ void register_paged_attention(pybind11::module& m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per sequence over its f16 KV pages (block tables), batch-invariant",
+        py::arg("q"), py::arg("k_slab"), py::arg("v_slab"), py::arg("tables"), py::arg("lengths"),
+        py::arg("scale"), py::arg("window"), py::arg("sinks") = py::none(),
         py::call_guard<py::gil_scoped_release>());
 }

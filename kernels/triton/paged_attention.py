@@ -106,6 +106,8 @@ def _decode_kernel(
     QUANT: tl.constexpr,
     QBLOCK: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    sinks_ptr=None,  # (H,) float32 attention sinks (gpt-oss), when HAS_SINKS
+    HAS_SINKS: tl.constexpr = False,
 ):
     b, hk = tl.program_id(0), tl.program_id(1)
     g = tl.arange(0, BLOCK_G)
@@ -172,6 +174,12 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (BG, BDV)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
+    if HAS_SINKS:  # a sink logit joins each head's softmax denominator, with no value
+        sink = tl.load(sinks_ptr + heads, mask=g < GROUP, other=float("-inf"))
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.exp(m_i - m_new)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha + tl.exp(sink - m_new)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         out_ptr + b * stride_ob + heads[:, None] * stride_oh + dv[None, :],
@@ -222,8 +230,10 @@ def paged_attention_decode(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q (B, n_head, D), pools (num_blocks, 16, n_head_kv, D|Dv) f16 (or int8 with k_scale,
+    """sinks: (n_head,) float32 per-head sink logits (gpt-oss), or None.
+    q (B, n_head, D), pools (num_blocks, 16, n_head_kv, D|Dv) f16 (or int8 with k_scale,
     v_scale: a q8_0 pool), block_tables (B, max_blocks) and context_lens (B,) int32 or
     int64, each length ≥ 1 → (B, n_head, Dv) float32. window 0: no sliding window; softcap
     0: no soft-capping."""
@@ -276,5 +286,7 @@ def paged_attention_decode(
         QUANT=quant,
         QBLOCK=QBLOCK,
         SOFTCAP=bool(softcap),
+        sinks_ptr=sinks.float().contiguous() if sinks is not None else None,
+        HAS_SINKS=sinks is not None,
     )
     return out

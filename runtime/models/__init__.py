@@ -12,12 +12,14 @@ from quant.errors import UnsupportedError
 from runtime.models.base import Layer, Model
 from runtime.models.gemma2 import Gemma2
 from runtime.models.gemma3 import Gemma3
+from runtime.models.gpt_oss import GptOss
 from runtime.models.granite import Granite
 from runtime.models.llama import Llama
 from runtime.models.mistral3 import Mistral3
 from runtime.models.olmo2 import Olmo2
 from runtime.models.phi3 import Phi3
 from runtime.models.qwen3 import Qwen3
+from runtime.models.qwen3moe import Qwen3Moe
 from runtime.models.smollm3 import SmolLM3
 from runtime.placement.device_map import DeviceMap
 
@@ -25,7 +27,19 @@ __all__ = ["ARCHITECTURES", "Layer", "Model", "build_model"]
 
 ARCHITECTURES: dict[str, type[Model]] = {
     arch: cls
-    for cls in (Llama, Qwen3, Olmo2, Granite, SmolLM3, Phi3, Gemma2, Gemma3, Mistral3)
+    for cls in (
+        Llama,
+        Qwen3,
+        Olmo2,
+        Granite,
+        SmolLM3,
+        Phi3,
+        Gemma2,
+        Gemma3,
+        Mistral3,
+        Qwen3Moe,
+        GptOss,
+    )
     for arch in cls.architectures
 }
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.experts import PackedExperts
 from kernels.linear import PackedLinear, interleave
 from kernels.triton_linear import TritonLinear
 from loaders.config import ModelConfig
@@ -112,6 +113,20 @@ class WeightLoader:
             out.append(PackedLinear(weight, info.ggml_type, info.shape[0], biases[j], panels=made))
         self.gguf.release_pages(name)
         return out
+
+    def experts(self, name: str, bias: str | None = None) -> PackedExperts:
+        """A mixture-of-experts weight (GGUF shape (K, N, E)) as (E, N, row_bytes) packed
+        rows, expert by expert contiguous, on the device the DeviceMap puts `name`; its bias
+        (N, E) as (E, N) float32 where the file has one."""
+        info = self.info(name)
+        if len(info.shape) != 3:
+            raise GGUFError(f"tensor '{name}' has shape {list(info.shape)}; experts need 3 dims")
+        k, n, e = info.shape[:3]
+        where = self.devices.of_tensor(name)
+        device = self.devices.device(where)
+        rows = self._owned(name).view(e, n, info.row_bytes)
+        b = self.vector(bias, device).view(e, n) if bias and self.has(bias) else None
+        return PackedExperts(rows.to(device), info.ggml_type, k, b, triton=where == GPU)
 
     def vector(self, name: str, device: torch.device) -> torch.Tensor:
         """A norm's or bias's values, float32 (N,), in memory of its own on `device`."""

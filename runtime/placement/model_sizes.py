@@ -2,7 +2,9 @@
 grouped as the planner places them, the KV bytes per token and the compute buffers.
 
 Groups: "embd" (token_embd: the lookup reads one row per token), "head" (output_norm and
-output.weight, or token_embd again when the head is tied), and per layer "attn" and "ffn".
+output.weight, or token_embd again when the head is tied), and per layer "attn", "ffn" and
+"experts" (a mixture of experts' routed ffn_*_exps tensors, of which a token reads only the
+experts it is routed to; the router ffn_gate_inp is "ffn").
 Within a layer, `rank` orders tensors as the forward pass uses them; the layer's attention
 over its KV comes at KV_RANK (after q/k/v, before attn_output).
 """
@@ -32,6 +34,10 @@ _ORDER = (
     "attn_output",
     "post_attention_norm",
     "ffn_norm",
+    "ffn_gate_inp",
+    "ffn_gate_exps",
+    "ffn_up_exps",
+    "ffn_down_exps",
     "ffn_gate",
     "ffn_up",
     "ffn_down",
@@ -62,7 +68,7 @@ class TensorSize:
     n_elements: int
     ggml_type: int
     layer: int | None  # None outside the blocks
-    group: str  # "embd" | "head" | "attn" | "ffn"
+    group: str  # "embd" | "head" | "attn" | "ffn" | "experts"
     rank: int  # forward order within its layer (or 0 outside the blocks)
 
 
@@ -73,6 +79,7 @@ def _classify(name: str) -> tuple[int | None, str, int]:
     stem = m.group(2)
     rank = _ORDER.index(stem) if stem in _ORDER else len(_ORDER)
     group = "ffn" if stem.startswith(("ffn", "post_ffw")) else "attn"
+    group = "experts" if stem.endswith("_exps") else group
     return int(m.group(1)), group, rank
 
 

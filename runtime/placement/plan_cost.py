@@ -56,6 +56,20 @@ def _weights(t: TensorSize, device: str, layer: int | None, share: float = 1.0) 
     return Op(device, layer, "weights", t.nbytes, t.nbytes, 2.0 * t.n_elements * share, t.ggml_type)
 
 
+def _experts(t: TensorSize, device: str, layer: int, active: float) -> Op:
+    """A routed experts tensor: a decoded token reads and multiplies only the `active` share
+    (experts used / experts); a prefill chunk reads the whole tensor once."""
+    return Op(
+        device,
+        layer,
+        "weights",
+        t.nbytes * active,
+        t.nbytes,
+        2.0 * t.n_elements * active,
+        t.ggml_type,
+    )
+
+
 def activation_bytes_per_token(sizes: ModelSizes) -> float:
     """Float32 bytes one layer's elementwise ops read and write per token: about ten passes
     over the hidden state (norms, residual adds, RoPE, quantizing inputs) and four over the
@@ -77,7 +91,13 @@ def forward_ops(
     act = activation_bytes_per_token(sizes)
     for i in range(c.n_layer):
         tensors = sizes.layer_tensors(i)
-        layer = [_weights(t, where.tensors[t.name], i) for t in tensors]
+        active = c.n_expert_used / c.n_expert if c.n_expert else 1.0
+        layer = [
+            _experts(t, where.tensors[t.name], i, active)
+            if t.group == "experts"
+            else _weights(t, where.tensors[t.name], i)
+            for t in tensors
+        ]
         at = sum(t.rank < KV_RANK for t in tensors)
         attn_flops = 2.0 * c.n_head * (c.head_dim + c.head_dim_v) * context[i]
         layer.insert(at, Op(where.kv[i], i, "kv", kv_read[i], 0, attn_flops, act_bytes=act))

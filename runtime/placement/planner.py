@@ -2,7 +2,10 @@
 predicted decode tokens/s within the memory budgets, before anything loads.
 
 Candidates have llama.cpp's shape of split — the last n layers on the GPU (n = 0 … n_layer,
-or exactly num_gpu) — and two more choices: the head on the GPU or not, and the GPU layers'
+or exactly num_gpu) — and, for a mixture-of-experts model, the MoE split: every layer on the
+GPU except the routed experts of layers i … n_layer−1, which stay in RAM on the CPU kernels
+(i = 0 … n_layer; priced with the active experts' bytes only: plan_cost.py). num_cpu_moe N
+(llama.cpp's --n-cpu-moe) fixes it to the experts of the first N layers. Two more choices: the head on the GPU or not, and the GPU layers'
 KV in VRAM or in RAM (in RAM it frees VRAM for weights at the price of two hand-offs per
 layer). Tensors matching a pin (a regular expression searched in the tensor name, as
 llama.cpp's --override-tensor) stay on the CPU in every candidate; those matching a GPU pin
@@ -50,7 +53,7 @@ RAM_MARGIN = 512 << 20
 CPU_SCRATCH = 16 << 20  # kernels/linear.py's dequantization scratch (CHUNK_BYTES)
 # GGML types the Triton kernels read directly (kernels/triton/ggml_blocks.py GEOMETRY);
 # a GPU tensor of another quantized type is dequantized whole, in a float32 buffer
-GPU_KERNEL_TYPES = frozenset({2, 3, 6, 8, 12, 14})
+GPU_KERNEL_TYPES = frozenset({2, 3, 6, 8, 12, 14, 39})  # 39: MXFP4 experts (triton/moe.py)
 FLOAT_TYPES = frozenset({0, 1, 30})  # F32, F16, BF16: used in place
 
 
@@ -65,6 +68,7 @@ class PlanRequest:
     kv_type: str = default("kv_cache_type")
     num_batch: int = default("num_batch")  # prompt tokens per forward pass
     ctx_fill: int | None = None  # context the decode prediction assumes (default num_ctx/2)
+    num_cpu_moe: int = -1  # -1 auto; N: the routed experts of the first N layers on the CPU
 
     def validate(self) -> None:
         for name in ("num_ctx", "num_parallel", "num_batch"):
@@ -73,6 +77,10 @@ class PlanRequest:
         if self.num_gpu < -1:
             raise InvalidParameterError(
                 f"num_gpu must be -1 (auto), 0 (CPU only) or a number of layers, got {self.num_gpu}"
+            )
+        if self.num_cpu_moe < -1:
+            raise InvalidParameterError(
+                f"num_cpu_moe must be -1 (auto) or a number of layers, got {self.num_cpu_moe}"
             )
         if self.gpu_memory is not None and self.gpu_memory <= 0:
             raise InvalidParameterError("gpu_memory must be a positive size such as 6GB")
@@ -106,6 +114,11 @@ class Candidate:
     n_gpu: int  # the last n_gpu layers on the GPU
     head_gpu: bool
     kv_gpu: bool  # the GPU layers' KV in VRAM
+    cpu_experts: tuple[int, int] = (0, 0)  # routed experts of layers [a, b) kept on the CPU
+
+    @property
+    def moe_split(self) -> bool:
+        return self.cpu_experts[1] > self.cpu_experts[0]
 
 
 @dataclass
@@ -176,6 +189,12 @@ def place(
     n_layer = sizes.config.n_layer
     first_gpu = n_layer - cand.n_gpu
     pinned = {t.name for t in sizes.tensors if any(rx.search(t.name) for rx in pins)}
+    lo, hi = cand.cpu_experts
+    pinned |= {
+        t.name
+        for t in sizes.tensors
+        if t.group == "experts" and t.layer is not None and lo <= t.layer < hi
+    }
     to_gpu = {
         t.name for t in sizes.tensors if any(rx.search(t.name) for rx in gpu_pins or ())
     } - pinned
@@ -263,15 +282,28 @@ def attended(sizes: ModelSizes, request: PlanRequest) -> list[int]:
     ]
 
 
-def candidates(n_layer: int, request: PlanRequest, has_gpu: bool) -> list[Candidate]:
+def candidates(
+    n_layer: int, request: PlanRequest, has_gpu: bool, moe: bool = False
+) -> list[Candidate]:
     if not has_gpu or request.num_gpu == 0:
         return [Candidate(0, False, False)]
+    if moe and request.num_cpu_moe >= 0:  # llama.cpp's --n-cpu-moe N: the first N layers'
+        n = min(request.num_cpu_moe, n_layer)
+        return [Candidate(n_layer, head, True, (0, n)) for head in (False, True)]
     counts = range(n_layer + 1) if request.num_gpu < 0 else [min(request.num_gpu, n_layer)]
-    return [
+    layer_splits = [
         Candidate(n, head, kv)
         for n in counts
         for head in (False, True)
         for kv in ((True, False) if n else (False,))
+    ]
+    if not moe or request.num_gpu >= 0:
+        return layer_splits
+    # the MoE split: all layers on the GPU but the routed experts of layers i … n_layer−1
+    return layer_splits + [
+        Candidate(n_layer, head, True, (i, n_layer))
+        for i in range(n_layer)
+        for head in (False, True)
     ]
 
 
@@ -301,7 +333,8 @@ def plan(sizes: ModelSizes, devices: Devices, request: PlanRequest) -> Plan:
             f"pin {request.gpu_pins[0]}=gpu asks for the GPU but {budget.gpu_note}: "
             "give gpu_memory (e.g. --gpu-memory 6GB) to plan for a GPU, or pin to cpu"
         )
-    options = candidates(sizes.config.n_layer, request, budget.gpu > 0)
+    moe = sizes.config.n_expert > 0
+    options = candidates(sizes.config.n_layer, request, budget.gpu > 0, moe)
     plans = [
         evaluate(sizes, c, pins, budget, devices.calibration, request, gpu_pins) for c in options
     ]
@@ -310,7 +343,7 @@ def plan(sizes: ModelSizes, devices: Devices, request: PlanRequest) -> Plan:
         auto = replace(request, num_gpu=-1)  # what would fit, for the message
         others = [
             evaluate(sizes, c, pins, budget, devices.calibration, auto, gpu_pins)
-            for c in candidates(sizes.config.n_layer, auto, budget.gpu > 0)
+            for c in candidates(sizes.config.n_layer, auto, budget.gpu > 0, moe)
         ]
         raise PlanError(
             refusal(
@@ -326,14 +359,16 @@ def plan(sizes: ModelSizes, devices: Devices, request: PlanRequest) -> Plan:
 
 
 def sweep(plans: list[Plan]) -> list[dict]:
-    """Per number of GPU layers, the fastest fitting candidate (the fastest of all when none
-    of that number fits)."""
+    """Per number of GPU layers (and, for a MoE split, per first layer whose experts stay on
+    the CPU), the fastest fitting candidate (the fastest of all when none of it fits)."""
     rows = {}
     for p in sorted(plans, key=lambda p: (p.fits, p.decode.tokens_per_s)):
-        rows[p.candidate.n_gpu] = p
+        c = p.candidate
+        rows[(c.n_gpu, c.cpu_experts[0] if c.moe_split else -1)] = p
     return [
         {
             "num_gpu": n,
+            "cpu_experts_from": None if first < 0 else first,
             "fits": p.fits,
             "head_gpu": p.placement.head == GPU,
             "kv_gpu": p.candidate.kv_gpu,
@@ -342,7 +377,7 @@ def sweep(plans: list[Plan]) -> list[dict]:
             "decode_tokens_per_s": p.decode.tokens_per_s,
             "prompt_tokens_per_s": p.prompt.tokens_per_s,
         }
-        for n, p in sorted(rows.items())
+        for (n, first), p in sorted(rows.items())
     ]
 
 

@@ -19,9 +19,9 @@ tensors and their shapes, `load_arch_hparams` the keys it reads) and gguf-py's
 - `layer`: the per-block tensors, `blk.{i}.` omitted, each a TensorSpec(name, shape, kind)
   whose shape is in numpy order (rows, cols) — GGUF's ne reversed — with symbolic sizes
   from Dims (`E` n_embd, `F` n_ff, `Q` n_head·head_dim, `KV` n_head_kv·head_dim, `D`
-  head_dim, `V` vocab, `X` experts, `FX` expert FFN; an int is taken as is), and kind one
-  of `linear` (random, written in the chosen quant type), `norm` (≈1, F32), `bias` (small,
-  F32), `embed`; `layer_extra(i, dims)` adds tensors that only some blocks have;
+  head_dim, `H` n_head, `V` vocab, `X` experts, `FX` expert FFN; an int is taken as is), and
+  kind one of `linear` (random, written in the chosen quant type), `router` (random, F32),
+  `norm` (≈1, F32), `bias` (small, F32), `embed`; `layer_extra(i, dims)` adds tensors that only some blocks have;
 - `tied`: no `output.weight` (the head reuses token_embd);
 - `extra_metadata(dims)`: the keys beyond the common llama-style ones (`base_metadata`
   below writes block_count, context_length, embedding_length, feed_forward_length, head
@@ -31,6 +31,12 @@ tensors and their shapes, `load_arch_hparams` the keys it reads) and gguf-py's
   global layer after the sliding-window ones) and keep a CPU forward to milliseconds;
 - `llama_cpp_name`: where llama.cpp knows the same graph under another name only (mistral
   → llama), conformance.py gives llama.cpp the same model under that name;
+- `sizes`: real shapes by name (`--size 30b-a3b`), for metadata-only files (`--metadata-only`:
+  the header and tensor table, the weight bytes a hole), and `real_type(name, default)`:
+  the type a real quantization gives a tensor (e.g. Q6_K for attn_v in Q4_K_M) — the
+  `ggml_type` name, or `default`;
+- `expert_type`: the type of the routed experts (`ffn_*_exps`) when it is not --type (gpt-oss:
+  MXFP4);
 - `head_scale`: the output norm's value, which sets how confident the random model is
   (llama.cpp's mean top-1 probability on the test text must be ≥ 0.3; scripts/conformance.py
   prints it) — raise it when the model is not confident enough.
@@ -83,6 +89,7 @@ class Dims:
             "V": vocab,
             "X": self.experts,
             "FX": self.expert_ffn,
+            "H": self.heads,
         }
         return table[symbol]
 
@@ -160,6 +167,9 @@ class Architecture:
     # general.name (default "synthetic ARCH …"), where llama.cpp keys behaviour on the name
     # (phi3: a name with "phi3" makes its vocabulary loader look up phi-3's own tokens)
     model_name: str = ""
+    sizes: dict[str, Dims] = field(default_factory=dict)  # real shapes (--size)
+    real_type: Callable[[str, str], str] = lambda name, default: default
+    expert_type: str | None = None  # the routed experts' type, when not --type
 
     def tensors(self, d: Dims, vocab: int) -> list[tuple[str, tuple[int, ...], str]]:
         """(name, numpy shape, kind) of every tensor, in llama.cpp's order."""

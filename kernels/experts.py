@@ -1,0 +1,118 @@
+"""PackedExperts: a mixture-of-experts weight (E experts × N rows × K) kept in its GGML block
+format, and the routed matmul over it: row r of the result is x[src[r]] · W[expert[r]]ᵀ (+ b).
+
+On the CPU the native kernel (kernels/native/moe.cpp: MXFP4, Q4_0, Q8_0) groups the rows by
+expert, so each chosen expert's weights stream from memory once per call for every row that
+chose it, threads split over (expert, rows). Other types group in Python: one native qmatmul
+(or dequantize-and-matmul) per chosen expert, which also reads each expert once. On the GPU,
+Triton's grouped kernel (kernels/triton/moe.py). The expert's rows are one contiguous stream
+in every path: the GGUF's (E, N, row_bytes) layout, copied once out of the mapping.
+
+`expert_stats()` counts calls, expert streams (one per weight and chosen expert per call) and
+the bytes they read, over every path, for the tests and the bandwidth figures.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from kernels import native_loader
+from quant.dequant import dequantize
+from quant.formats import block_format
+
+_lock = threading.Lock()
+_python_stats = [0, 0, 0]  # calls, streams, bytes of the non-native paths
+
+
+class PackedExperts:
+    """weight (E, N, row_bytes) uint8 of `ggml_type` over in_features K; bias (E, N) or None."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        ggml_type: int,
+        in_features: int,
+        bias: torch.Tensor | None = None,
+        triton: bool = False,
+    ) -> None:
+        """triton: a GPU weight, run by kernels/triton/moe.py (also in Triton's CPU
+        interpreter, where the "GPU" tensors are CPU ones)."""
+        fmt = block_format(ggml_type)
+        if weight.dim() != 3 or weight.shape[2] != fmt.row_bytes(in_features):
+            raise ValueError(
+                f"expert weight {tuple(weight.shape)} does not hold (E, N) rows of "
+                f"{in_features} {fmt.name} elements"
+            )
+        self.weight = weight.contiguous()
+        self.ggml_type = int(ggml_type)
+        self.in_features = in_features
+        self.n_experts, self.out_features = weight.shape[0], weight.shape[1]
+        self.bias = bias  # (E, N) float32
+        self.row_bytes = weight.shape[2]
+        self.triton = triton or weight.device.type != "cpu"
+        module = native_loader.load() if native_loader.enabled() and not self.triton else None
+        self._module = module if module is not None and module.moe_supports(ggml_type) else None
+
+    def __call__(self, x: torch.Tensor, src: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        return expert_matmuls([self], x, src, expert)[0]
+
+
+def expert_matmuls(
+    experts: list[PackedExperts], x: torch.Tensor, src: torch.Tensor, expert: torch.Tensor
+) -> list[torch.Tensor]:
+    """[y_i (R, N_i)]: y_i[r] = x[src[r]] · W_i[expert[r]]ᵀ (+ b_i[expert[r]]) for x (T, K)
+    float32 and src, expert (R,) int64 — the weights sharing one input (gate and up) in one
+    native call where they share a type."""
+    first = experts[0]
+    src, expert = src.long(), expert.long()
+    if first.triton:
+        from kernels.triton.moe import moe_matmul
+
+        ys = [moe_matmul(x, e.weight, e.ggml_type, src, expert) for e in experts]
+        _count(experts, expert)
+    elif first._module is not None and all(e.ggml_type == first.ggml_type for e in experts):
+        ys = first._module.moe_matmul_many(
+            x.contiguous(), [e.weight for e in experts], first.ggml_type, src, expert
+        )
+    else:
+        ys = [_grouped(e, x, src, expert) for e in experts]
+        _count(experts, expert)
+    return [
+        y + e.bias[expert] if e.bias is not None else y for y, e in zip(ys, experts, strict=True)
+    ]
+
+
+def _grouped(e: PackedExperts, x: torch.Tensor, src: torch.Tensor, expert: torch.Tensor):
+    """One matmul per chosen expert over the rows that chose it (types moe.cpp lacks)."""
+    y = torch.empty(src.shape[0], e.out_features, dtype=torch.float32)
+    native = native_loader.supports(e.ggml_type)
+    for chosen in torch.unique(expert).tolist():
+        rows = (expert == chosen).nonzero().squeeze(1)  # (n,)
+        xs = x[src[rows]].contiguous()
+        w = e.weight[chosen]  # (N, row_bytes): expert `chosen`, contiguous
+        if native:
+            y[rows] = native_loader.qmatmul(xs, w, e.ggml_type)
+        else:
+            y[rows] = xs @ dequantize(w, e.ggml_type).T
+    return y
+
+
+def _count(experts: list[PackedExperts], expert: torch.Tensor) -> None:
+    chosen = int(torch.unique(expert).numel())
+    with _lock:
+        _python_stats[0] += 1
+        _python_stats[1] += chosen * len(experts)
+        _python_stats[2] += chosen * sum(e.out_features * e.row_bytes for e in experts)
+
+
+def expert_stats(reset: bool = False) -> dict[str, int]:
+    """{"calls", "streams", "bytes"} of routed matmuls since the last reset, every path."""
+    module = native_loader.load() if native_loader.enabled() else None
+    native = list(module.moe_stats(reset)) if module is not None else [0, 0, 0]
+    with _lock:
+        total = [a + b for a, b in zip(native, _python_stats, strict=True)]
+        if reset:
+            _python_stats[:] = [0, 0, 0]
+    return dict(zip(("calls", "streams", "bytes"), total, strict=True))
