@@ -119,7 +119,9 @@ def test_writer_packs_as_llamacpp(synthetic):
     repacked = pack_rows(base.log_probs(0))
     diff = np.abs(repacked[:, 4:].astype(np.int64) - base.packed[0, :, 4:].astype(np.int64))
     assert diff.max() <= 1
-    assert np.allclose(repacked[:, :4].view(np.float32), base.packed[0, :, :4].view(np.float32))
+    # min_log_prob: the clipped entries decode to it, so re-packing adds their ~0.5% mass
+    got, want = repacked[:, :4].view(np.float32), base.packed[0, :, :4].view(np.float32)
+    assert np.allclose(got, want, rtol=1e-6, atol=1e-2)
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"tandem-kl-{os.getpid()}.kl"
     try:
         KLBase(base.n_ctx, base.n_vocab, base.tokens, base.packed).write(out)
@@ -165,5 +167,6 @@ def test_llamacpp_reads_tandem_base_file(synthetic, tmp_path):
     cmd += ["--kl-divergence-base", str(tmp_path / "tandem.kl"), "--kl-divergence", "-t", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     figures = load_script("conformance").parse_kl(out.stdout + out.stderr)
-    assert figures["same_top"][0] >= 0.99
-    assert figures["kld"][0] < 1e-3
+    record = json.loads((DATA / "llama.json").read_text())  # llama.cpp's own floor there
+    assert figures["same_top"][0] >= top1_bound(record)
+    assert figures["kld"][0] <= 2 * record["floor_kld"]
