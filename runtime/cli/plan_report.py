@@ -250,7 +250,7 @@ def run_plan_command(args) -> int:
         )
         devices = replace(devices, calibration=cal)
     if args.ram:
-        ram = parse_size(args.ram)
+        ram = cli_size(args.ram, "--ram") or 0
         devices = replace(devices, ram_total=max(ram, devices.ram_total), ram_available=ram)
     if args.ram_bandwidth:
         cal = devices.calibration
