@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TextIO
@@ -102,17 +104,26 @@ class Repl:
         parts: list[str] = []
         last: Piece | None = None
         options = self._options()
+        stop = threading.Event()  # Ctrl-C: the answer stops between two pieces, never
+        pieces = self.backend.chat(self._conversation(user), options, self.raw)  # inside a step
+        restore = _on_sigint(stop.set)
         try:
-            for piece in self.backend.chat(self._conversation(user), options, self.raw):
+            for piece in pieces:
                 (sink or self.out).write(piece.text)
                 self.out.flush()
                 parts.append(piece.text)
                 last = piece
+                if stop.is_set():
+                    break
         finally:
+            restore()
+            pieces.close()  # a stopped answer is aborted in the engine (or the stream closed)
             if sink:
                 sink.finish()
             self.out.write("\n")
             self.out.flush()
+        if stop.is_set():
+            raise KeyboardInterrupt  # the turn is left out; the loop goes on
         text = "".join(parts)
         if not self.raw:  # joins the conversation only once answered
             self.messages.extend([user, {"role": "assistant", "content": text}])
@@ -390,6 +401,15 @@ class Repl:
             backend = Local(llm)
         self.backend, self._loaded_counted = backend, False
         print(f"Loading model '{name}'", file=self.out)
+
+
+def _on_sigint(action):
+    """Run `action` on Ctrl-C instead of raising KeyboardInterrupt (main thread only); →
+    the function that restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: action())
+    return lambda: signal.signal(signal.SIGINT, previous)
 
 
 def _shown(value) -> str:
