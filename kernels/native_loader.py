@@ -155,8 +155,12 @@ def _build(isa: str) -> ModuleType:
 
     flags = COMMON_FLAGS + ISA_FLAGS[isa]
     code = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
-    digest = hashlib.sha256(code + " ".join(flags).encode()).hexdigest()[:10]
-    name = f"tandem_qmatmul_{isa}_{digest}"  # a new name (and build) per source and flags
+    # ninja's build file names the sources by path: two checkouts of the same sources sharing
+    # one cache would each see the other's build as stale and rebuild it in turn, so the
+    # sources' directory is part of the name too
+    where = str(SOURCES[0].resolve().parent).encode()
+    digest = hashlib.sha256(code + " ".join(flags).encode() + where).hexdigest()[:10]
+    name = f"tandem_qmatmul_{isa}_{digest}"  # a new name (and build) per source, flags, place
     start, build_dir = time.perf_counter(), _build_dir(name)
     if _stale(Path(build_dir) / f"{name}.so"):
         log.info("building tandem's CPU kernel %s (once; about a minute)", name)
