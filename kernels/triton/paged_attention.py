@@ -148,7 +148,7 @@ def _decode_kernel(
         )  # (PAGE, BD)
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (BG, PAGE)
         if SOFTCAP:  # cap · tanh(s / cap), tanh(x) = 2σ(2x) − 1
-            s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)
+            s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)  # pyright: ignore[reportOperatorIssue]
         s = tl.where(visible[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])

@@ -9,7 +9,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 from quant.errors import ServerUnreachableError, TandemError
@@ -33,7 +33,7 @@ class Local:
         self.load_seconds = llm.lm.load_seconds
         self.base: SamplingParams = llm.options.sampling if llm.options else OLLAMA_DEFAULTS
 
-    def chat(self, messages: list[dict], options: dict, raw: bool) -> Iterator[Piece]:
+    def chat(self, messages: list[dict], options: dict, raw: bool) -> Generator[Piece, None, None]:
         """`options` are in self.base already (the Repl keeps it current)."""
         if raw:
             ids = self.llm.tokenize("".join(m["content"] for m in messages if m["role"] == "user"))
@@ -95,7 +95,7 @@ class Remote:
             resp.read()
         self.load_seconds = time.perf_counter() - start
 
-    def chat(self, messages: list[dict], options: dict, raw: bool) -> Iterator[Piece]:
+    def chat(self, messages: list[dict], options: dict, raw: bool) -> Generator[Piece, None, None]:
         body: dict = {"model": self.name, "messages": messages, "stream": True}
         if options:
             body["options"] = options
