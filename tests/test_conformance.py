@@ -3,7 +3,8 @@
 KL-divergence base format (loaders/kl_base.py) against a file llama.cpp wrote.
 
 Each architecture's model is regenerated here (scripts/make_synthetic_gguf.py --arch,
-seeded; its sha256 must equal the one llama.cpp ran on) and evaluated by
+seeded, cached by a hash of the generator: generator_key; its sha256 must equal the one
+llama.cpp ran on) and evaluated by
 runtime.perplexity.kl_divergence against the recorded base. Goal (issue 14): mean KL ≤ 2×
 llama.cpp's own floor (the larger KL between llama.cpp settings: -fa on vs off, 1 vs 2
 threads) and top-1 agreement ≥ 99% (or, where llama.cpp's own settings agree less than
