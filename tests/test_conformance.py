@@ -3,7 +3,8 @@
 KL-divergence base format (loaders/kl_base.py) against a file llama.cpp wrote.
 
 Each architecture's model is regenerated here (scripts/make_synthetic_gguf.py --arch,
-seeded; its sha256 must equal the one llama.cpp ran on) and evaluated by
+seeded, cached by a hash of the generator: generator_key; its sha256 must equal the one
+llama.cpp ran on) and evaluated by
 runtime.perplexity.kl_divergence against the recorded base. Goal (issue 14): mean KL ≤ 2×
 llama.cpp's own floor (the larger KL between llama.cpp settings: -fa on vs off, 1 vs 2
 threads) and top-1 agreement ≥ 99% (or, where llama.cpp's own settings agree less than
@@ -42,20 +43,49 @@ def scripts():
     return load_script("make_synthetic_gguf"), load_script("conformance")
 
 
+def generator_key(tokenizer: Path) -> str:
+    """A hash of everything a synthetic model's bytes depend on: the generator, its
+    architecture table, the quantizers, the fixture settings, the tokenizer file and the
+    torch / numpy / gguf versions (the random streams and gguf-py's writer)."""
+    from importlib.metadata import version
+
+    import torch
+
+    h = hashlib.sha256()
+    sources = [
+        REPO / "scripts" / "make_synthetic_gguf.py",
+        REPO / "scripts" / "conformance_fixture.py",
+    ]
+    sources += sorted((REPO / "scripts" / "synthetic_archs").glob("*.py"))
+    sources += sorted((REPO / "quant").glob("*.py"))
+    for path in sources:
+        h.update(path.name.encode() + path.read_bytes())
+    versions = (torch.__version__, np.__version__, version("gguf"))
+    h.update(f"{tokenizer.name} {tokenizer.stat().st_size} {versions}".encode())
+    return h.hexdigest()[:16]
+
+
 @pytest.fixture(scope="module")
-def synthetic(scripts, smollm2_path, tmp_path_factory):
-    """arch → the regenerated synthetic GGUF (built once per module)."""
+def synthetic(scripts, smollm2_path):
+    """arch → the regenerated synthetic GGUF, cached under $TANDEM_HOME/test-cache by
+    generator_key (regenerating all of them takes minutes on 2 cores; a change to the
+    generator, the table or the quantizers changes the key, so the sha256 check below still
+    sees what the current generator writes)."""
     make, _ = scripts
     fixture = load_script("conformance_fixture")
-    folder, built = tmp_path_factory.mktemp("conformance"), {}
+    key = generator_key(smollm2_path)
+    folder = Path(os.environ["TANDEM_HOME"]) / "test-cache" / "conformance"
+    folder.mkdir(parents=True, exist_ok=True)
 
     def get(arch: str) -> Path:
-        if arch not in built:
+        path = folder / f"{arch}-{key}.gguf"
+        if not path.is_file():
             entry = make.ARCHITECTURES[arch]
             qtype = make.TYPES[fixture.WEIGHT_TYPE]
-            path = folder / f"{arch}.gguf"
-            built[arch] = make.make_arch(path, entry, qtype, smollm2_path, entry.dims, fixture.SEED)
-        return built[arch]
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            make.make_arch(tmp, entry, qtype, smollm2_path, entry.dims, fixture.SEED)
+            tmp.replace(path)  # atomic: a concurrent run never reads a partial file
+        return path
 
     return get
 

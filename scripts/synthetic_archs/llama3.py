@@ -13,8 +13,6 @@ ENTRIES = (
         globals=(spec("rope_freqs.weight", "R", kind="rope_factors"),),
         arch_name="llama",
         extra_metadata=lambda d: {"rope.freq_base": 500000.0},
-        tied=True,  # a tied random head: large top-1 margins
-        head_scale=0.14,  # llama.cpp's mean top-1 p ≥ 0.3 on the test text
         note="llama with rope_freqs (Llama 3.x scaling factors 1-8), rope base 5e5",
     ),
 )

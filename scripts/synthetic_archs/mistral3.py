@@ -18,8 +18,6 @@ ENTRIES = (
             "rope.scaling.yarn_beta_slow": 1.0,
             "rope.scaling.yarn_log_multiplier": 0.5,
         },
-        tied=True,  # a tied random head: large top-1 margins
-        head_scale=0.14,  # llama.cpp's mean top-1 p ≥ 0.3 on the test text
         note="YaRN ×4 over 64 positions (pairs 0-4 extrapolated), log multiplier 0.5",
     ),
 )

@@ -28,8 +28,6 @@ ENTRIES = (
             "rope.scaling.original_context_length": d.ctx,
             "attention.sliding_window": 2047,
         },
-        tied=True,  # a tied random head: large top-1 margins
-        head_scale=0.14,  # llama.cpp's mean top-1 p ≥ 0.3 on the test text
         model_name="synthetic fused-qkv longrope",  # not "phi3": see Architecture.model_name
         note="fused QKV and gate-up, LongRoPE short factors, attn factor 1.19",
     ),

@@ -14,8 +14,6 @@ ENTRIES = (
             spec("attn_k_norm.weight", "D", kind="norm"),
         ),
         extra_metadata=lambda d: {"attention.layer_norm_rms_epsilon": 1e-6},
-        tied=True,  # a tied random head: large top-1 margins
-        head_scale=0.14,  # llama.cpp's mean top-1 p ≥ 0.3 on the test text
         note="per-head QK-norm, NEOX rope",
     ),
 )

@@ -10,8 +10,6 @@ ENTRIES = (
         "smollm3",
         LLAMA_LAYER,
         dims=Dims(layers=4),  # layer 3 is a NoPE layer
-        tied=True,  # a tied random head: large top-1 margins
-        head_scale=0.18,  # llama.cpp's mean top-1 p ≥ 0.3 on the test text
         note="4 layers, layer 3 without rope (NoPE)",
     ),
 )
