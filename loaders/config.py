@@ -4,7 +4,9 @@ Supported architectures (their layer math: runtime/models/, one file each): the 
 (llama incl. Llama 3.x `rope_freqs`, mistral, qwen2 with q/k/v biases, mistral3 with YaRN and
 attention temperature, smollm3 with NoPE layers, granite with its multipliers), qwen3
 (per-head QK-norm), olmo2 (post-norms only, QK-norm over all heads), phi3 (fused QKV and
-gate-up, LongRoPE factors), gemma2 (soft-capping, alternating sliding window) and gemma3.
+gate-up, LongRoPE factors), gemma2 (soft-capping, alternating sliding window), gemma3, and
+the encoder bert (learned positions, LayerNorm post-norms, non-causal attention; embeddings
+only).
 The scalars here are read as llama.cpp's loader reads them (src/llama-model.cpp and
 src/models/ARCH.cpp): a key's default is llama.cpp's.
 """
@@ -22,7 +24,8 @@ from loaders.gguf_parse import TensorInfo
 from quant.errors import GGUFError, UnsupportedError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "mistral3", "smollm3", "granite")
-SUPPORTED = (*LLAMA_FAMILY, "qwen3", "olmo2", "phi3", "gemma2", "gemma3")
+SUPPORTED = (*LLAMA_FAMILY, "qwen3", "olmo2", "phi3", "gemma2", "gemma3", "bert")
+ENCODERS = ("bert",)  # no LM head: they make embeddings, never generate
 # ggml's NEOX rope layout (halves rotate together); the others rotate adjacent pairs
 _NEOX = ("qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3")
 _GEMMA = ("gemma2", "gemma3")
@@ -73,6 +76,14 @@ class ModelConfig:
     residual_scale: float = 1.0  # each block's output is multiplied by this (granite)
     attn_temp_scale: float = 0.0  # q *= 1 + s·log(⌊(p + 1) / floor⌋ + 1) (mistral3; 0: none)
     attn_temp_floor: int = 0
+    # ---- encoders (bert) ----------------------------------------------------------------
+    layer_norm_eps: float = 1e-12  # LayerNorm's epsilon ({arch}.attention.layer_norm_epsilon)
+    causal: bool = True  # attention sees only earlier tokens ({arch}.attention.causal)
+    n_token_types: int = 0  # rows of token_types (tokenizer.ggml.token_type_count)
+
+    @property
+    def encoder(self) -> bool:
+        return self.arch in ENCODERS
 
     def has_rope(self, layer: int) -> bool:
         return not self.rope_layers or self.rope_layers[layer]
@@ -172,10 +183,32 @@ class ModelConfig:
             if arch == "mistral3"
             else 0.0,
             attn_temp_floor=get.integer("rope.scaling.original_context_length", n_ctx_train),
+            **(_encoder_fields(get, md) if arch in ENCODERS else {}),
         )
         if infos is not None:
             check_tensors(config, infos)
         return config
+
+
+def _encoder_fields(get: _Getter, md: dict[str, Any]) -> dict[str, Any]:
+    """bert's scalars, as llama.cpp reads them: the LayerNorm epsilon is required, causal
+    attention defaults to true (converted BERTs say false), token types to none."""
+    causal = md.get(f"{get.arch}.attention.causal", True)
+    if not isinstance(causal, bool):
+        raise GGUFError(
+            f"metadata key '{get.arch}.attention.causal' must be a bool, got {_show(causal)}"
+        )
+    types = md.get("tokenizer.ggml.token_type_count", 0)
+    if isinstance(types, bool) or not isinstance(types, int) or types < 0:
+        raise GGUFError(
+            "metadata key 'tokenizer.ggml.token_type_count' must be a non-negative integer, "
+            f"got {_show(types)}"
+        )
+    return {
+        "layer_norm_eps": get.number("attention.layer_norm_epsilon"),
+        "causal": causal,
+        "n_token_types": types,
+    }
 
 
 def _window(arch: str, get: _Getter, n_layer: int) -> int:

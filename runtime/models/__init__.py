@@ -10,6 +10,7 @@ from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from quant.errors import UnsupportedError
 from runtime.models.base import Layer, Model
+from runtime.models.bert import Bert
 from runtime.models.gemma2 import Gemma2
 from runtime.models.gemma3 import Gemma3
 from runtime.models.granite import Granite
@@ -25,7 +26,7 @@ __all__ = ["ARCHITECTURES", "Layer", "Model", "build_model"]
 
 ARCHITECTURES: dict[str, type[Model]] = {
     arch: cls
-    for cls in (Llama, Qwen3, Olmo2, Granite, SmolLM3, Phi3, Gemma2, Gemma3, Mistral3)
+    for cls in (Llama, Qwen3, Olmo2, Granite, SmolLM3, Phi3, Gemma2, Gemma3, Mistral3, Bert)
     for arch in cls.architectures
 }
 
