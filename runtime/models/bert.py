@@ -1,7 +1,7 @@
 """BERT, as llama.cpp's src/models/bert.cpp runs it: an encoder that makes embeddings (no
 LM head; chat and generation refuse it). Learned absolute positions, token type 0 ("sentence
 A") added to every token, a LayerNorm over the embeddings, then post-norm layers whose
-attention sees every token of its own prompt (non-causal unless the GGUF says causal):
+attention sees every token of its own prompt (non-causal unless the GGUF says causal).
 
     x = norm(tok[t] + types[0] + pos[p])
     x = norm(x + o(attention(q(x), k(x), v(x))))
