@@ -6,7 +6,8 @@ attention temperature, smollm3 with NoPE layers, granite with its multipliers), 
 (per-head QK-norm), olmo2 (post-norms only, QK-norm over all heads), phi3 (fused QKV and
 gate-up, LongRoPE factors), gemma2 (soft-capping, alternating sliding window), gemma3, and
 the mixture-of-experts qwen3moe (QK-norm, softmax → top-k → renormalized weights) and gpt-oss
-(biases, attention sinks, every other layer sliding-window, top-k → softmax, clamped SwiGLU).
+(biases, attention sinks, every other layer sliding-window, top-k → softmax, clamped SwiGLU), and the encoder bert
+(learned positions, LayerNorm post-norms, non-causal attention; embeddings only).
 The scalars here are read as llama.cpp's loader reads them (src/llama-model.cpp and
 src/models/ARCH.cpp): a key's default is llama.cpp's.
 """
@@ -25,7 +26,8 @@ from quant.errors import GGUFError, UnsupportedError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "mistral3", "smollm3", "granite")
 MOE = ("qwen3moe", "gpt-oss")
-SUPPORTED = (*LLAMA_FAMILY, "qwen3", "olmo2", "phi3", "gemma2", "gemma3", *MOE)
+SUPPORTED = (*LLAMA_FAMILY, "qwen3", "olmo2", "phi3", "gemma2", "gemma3", *MOE, "bert")
+ENCODERS = ("bert",)  # no LM head: they make embeddings, never generate
 # ggml's NEOX rope layout (halves rotate together); the others rotate adjacent pairs
 _NEOX = ("qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3", *MOE)
 _GEMMA = ("gemma2", "gemma3")
@@ -76,14 +78,21 @@ class ModelConfig:
     residual_scale: float = 1.0  # each block's output is multiplied by this (granite)
     attn_temp_scale: float = 0.0  # q *= 1 + s·log(⌊(p + 1) / floor⌋ + 1) (mistral3; 0: none)
     attn_temp_floor: int = 0
-
-    # mixture of experts (qwen3moe, gpt-oss); 0 experts: a dense feed-forward
+    # ---- encoders (bert) ----------------------------------------------------------------
+    layer_norm_eps: float = 1e-12  # LayerNorm's epsilon ({arch}.attention.layer_norm_epsilon)
+    causal: bool = True  # attention sees only earlier tokens ({arch}.attention.causal)
+    n_token_types: int = 0  # rows of token_types (tokenizer.ggml.token_type_count)
+    # ---- mixture of experts (qwen3moe, gpt-oss); 0 experts: a dense feed-forward
     n_expert: int = 0
     n_expert_used: int = 0  # experts each token is routed to (top-k)
     n_ff_exp: int = 0  # an expert's feed-forward width
     expert_gating: str = "softmax"  # "softmax": softmax → top-k; "softmax_weight": top-k → softmax
     expert_norm: bool = False  # the top-k weights renormalized to sum to 1
     attn_sinks: bool = False  # a learned per-head logit in every softmax's denominator (gpt-oss)
+
+    @property
+    def encoder(self) -> bool:
+        return self.arch in ENCODERS
 
     def has_rope(self, layer: int) -> bool:
         return not self.rope_layers or self.rope_layers[layer]
@@ -191,6 +200,7 @@ class ModelConfig:
             expert_gating="softmax_weight" if oss else "softmax",
             expert_norm=arch == "qwen3moe",
             attn_sinks=oss,
+            **(_encoder_fields(get, md) if arch in ENCODERS else {}),
         )
         if moe and config.n_expert_used > config.n_expert:
             raise GGUFError(
@@ -200,6 +210,27 @@ class ModelConfig:
         if infos is not None:
             check_tensors(config, infos)
         return config
+
+
+def _encoder_fields(get: _Getter, md: dict[str, Any]) -> dict[str, Any]:
+    """bert's scalars, as llama.cpp reads them: the LayerNorm epsilon is required, causal
+    attention defaults to true (converted BERTs say false), token types to none."""
+    causal = md.get(f"{get.arch}.attention.causal", True)
+    if not isinstance(causal, bool):
+        raise GGUFError(
+            f"metadata key '{get.arch}.attention.causal' must be a bool, got {_show(causal)}"
+        )
+    types = md.get("tokenizer.ggml.token_type_count", 0)
+    if isinstance(types, bool) or not isinstance(types, int) or types < 0:
+        raise GGUFError(
+            "metadata key 'tokenizer.ggml.token_type_count' must be a non-negative integer, "
+            f"got {_show(types)}"
+        )
+    return {
+        "layer_norm_eps": get.number("attention.layer_norm_epsilon"),
+        "causal": causal,
+        "n_token_types": types,
+    }
 
 
 def _window(arch: str, get: _Getter, n_layer: int) -> int:

@@ -81,6 +81,8 @@ def check_vocab(arch: str, vocab_size: int, n_tokens: int | None) -> None:
 
 def expected_shapes(c: ModelConfig, names: Collection[str]) -> dict[str, tuple[tuple, str]]:
     """Each tensor the model reads → (its GGUF shape, the metadata the shape comes from)."""
+    if c.encoder:
+        return encoder_shapes(c, names)
     a = c.arch
     emb = f"{a}.embedding_length={c.n_embd}"
     vocab = f"vocabulary size {c.vocab_size}"
@@ -154,6 +156,50 @@ def _moe_shapes(c: ModelConfig, layer: dict[str, tuple[tuple, str]]) -> None:
         layer["ffn_gate_exps.bias"] = ((c.n_ff_exp, c.n_expert), f"{ff}, {ex}")
         layer["ffn_up_exps.bias"] = ((c.n_ff_exp, c.n_expert), f"{ff}, {ex}")
         layer["ffn_down_exps.bias"] = ((c.n_embd, c.n_expert), f"{emb}, {ex}")
+
+
+def encoder_shapes(c: ModelConfig, names: Collection[str]) -> dict[str, tuple[tuple, str]]:
+    """bert's tensors (llama.cpp's llama_model_bert::load_arch_tensors): learned positions,
+    token types, LayerNorms with biases, q/k/v (or a fused attn_qkv) and a two-matrix FFN;
+    the optional biases are checked where present."""
+    a = c.arch
+    emb = f"{a}.embedding_length={c.n_embd}"
+    ff = f"{a}.feed_forward_length={c.n_ff}"
+    if c.n_token_types == 0:
+        raise GGUFError(
+            f"a {a} model needs tokenizer.ggml.token_type_count (the rows of token_types); "
+            "the file has none: convert it again"
+        )
+    out: dict[str, tuple[tuple, str]] = {
+        "token_embd.weight": ((c.n_embd, c.vocab_size), f"{emb}, vocabulary size {c.vocab_size}"),
+        "position_embd.weight": ((c.n_embd, c.n_ctx_train), f"{emb}, {a}.context_length"),
+        "token_embd_norm.weight": ((c.n_embd,), emb),
+        "token_embd_norm.bias": ((c.n_embd,), emb),
+    }
+    optional: dict[str, tuple[tuple, str]] = {
+        "token_types.weight": ((c.n_embd, c.n_token_types), f"{emb}, token_type_count"),
+    }
+    kv = c.n_head_kv * c.head_dim
+    for i in range(c.n_layer):
+        p = f"blk.{i}."
+        if c.fused_qkv:
+            out[p + "attn_qkv.weight"] = ((c.n_embd, c.n_embd + 2 * kv), f"{emb}, q+k+v heads")
+            optional[p + "attn_qkv.bias"] = ((c.n_embd + 2 * kv,), "q+k+v heads")
+        else:
+            for x, size in (("q", c.n_embd), ("k", kv), ("v", kv)):
+                out[p + f"attn_{x}.weight"] = ((c.n_embd, size), f"{emb}, heads")
+                optional[p + f"attn_{x}.bias"] = ((size,), "heads")
+        out[p + "attn_output.weight"] = ((c.n_embd, c.n_embd), emb)
+        optional[p + "attn_output.bias"] = ((c.n_embd,), emb)
+        out[p + "ffn_up.weight"] = ((c.n_embd, c.n_ff), f"{emb}, {ff}")
+        optional[p + "ffn_up.bias"] = ((c.n_ff,), ff)
+        out[p + "ffn_down.weight"] = ((c.n_ff, c.n_embd), f"{ff}, {emb}")
+        optional[p + "ffn_down.bias"] = ((c.n_embd,), emb)
+        for norm in ("attn_output_norm", "layer_output_norm"):
+            out[p + norm + ".weight"] = ((c.n_embd,), emb)
+            out[p + norm + ".bias"] = ((c.n_embd,), emb)
+    out.update({n: v for n, v in optional.items() if n in names})
+    return out
 
 
 def _trim(shape: Iterable[int]) -> tuple[int, ...]:

@@ -5,6 +5,7 @@
     out[0].outputs[0].text, out[0].outputs[0].token_ids
     llm.chat([{"role": "user", "content": "Hi"}], params)
     llm.tokenize("Hello", add_special=True)
+    llm.embed(["a sentence", "another"])      # (B, E) unit vectors, pooled as the GGUF says
 
 Prompts to generate() are raw text (no chat template); chat() applies the model's template.
 """
@@ -16,11 +17,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from modelfiles.parameters import OPTIONS
 from modelfiles.resolver import ModelSpec, resolve
 from quant.errors import InvalidParameterError
+from runtime.engine.embedder import Embedder
 from runtime.engine.llm_engine import LLMEngine
-from runtime.engine.sequence import Delta, Timings
+from runtime.engine.sequence import Delta, Timings, check_prompt
 from runtime.loaded_model import LoadedModel
 from runtime.run_options import RunOptions
 from runtime.sampling_params import SamplingParams
@@ -68,6 +72,7 @@ class LLM:
         self.num_ctx = self.options.num_ctx
         self.engine = LLMEngine(self.lm, self.options.engine_options(**settings))
         self._ids = itertools.count()
+        self._embedder: Embedder | None = None
 
     @property
     def tokenizer(self):
@@ -75,6 +80,18 @@ class LLM:
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return self.lm.tokenizer.encode(text, add_special=add_special)
+
+    def embed(self, inputs: str | Sequence[str] | Sequence[list[int]]) -> torch.Tensor:
+        """Texts (tokenized with special tokens) or token lists → (B, E) float32 unit
+        vectors: one prefill-only forward, no KV kept (runtime/engine/embedder.py)."""
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        ids = [self.tokenize(x) if isinstance(x, str) else list(x) for x in inputs]
+        for prompt in ids:
+            check_prompt(prompt, self.num_ctx)
+        if self._embedder is None:
+            self._embedder = Embedder(self.lm)
+        return self._embedder.embed(ids)
 
     def generate(
         self, prompts: str | Sequence[str], params: SamplingParams | None = None

@@ -29,7 +29,14 @@ from dataclasses import dataclass
 
 from quant.errors import EngineClosedError, QueueFullError, TandemError
 from runtime.engine.embedder import Embedder
-from runtime.engine.llm_engine import EngineOptions, EngineStats, Event, LLMEngine, as_tandem_error
+from runtime.engine.llm_engine import (
+    EngineOptions,
+    EngineStats,
+    Event,
+    LLMEngine,
+    as_tandem_error,
+    check_generates,
+)
 from runtime.engine.sequence import check_prompt
 from runtime.loaded_model import LoadedModel
 from runtime.sampling_params import SamplingParams
@@ -69,6 +76,7 @@ class Engine:
         return self.core.num_ctx
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> RequestHandle:
+        check_generates(self.lm)
         check_prompt(prompt_ids, self.core.num_ctx)
         with self._cond:
             if self._closed:

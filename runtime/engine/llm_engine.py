@@ -22,7 +22,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from quant.errors import InternalError, InvalidParameterError, QueueFullError, TandemError
+from quant.errors import (
+    InternalError,
+    InvalidParameterError,
+    QueueFullError,
+    TandemError,
+    UnsupportedError,
+)
 from runtime.engine.block_manager import BlockManager
 from runtime.engine.scheduler import Scheduler, Step
 from runtime.engine.sequence import Delta, Sequence, check_prompt
@@ -70,6 +76,15 @@ class _Request:
     open: int = 1  # samples not finished yet
 
 
+def check_generates(lm: LoadedModel) -> None:
+    """UnsupportedError for a model that cannot generate (an encoder such as bert)."""
+    if lm.config.encoder:
+        raise UnsupportedError(
+            f"{lm.name} is an embedding model ({lm.config.arch}): it cannot chat or generate; "
+            "ask it for embeddings (/v1/embeddings, /api/embed, LLM.embed)"
+        )
+
+
 class LLMEngine:
     def __init__(self, lm: LoadedModel, options: EngineOptions | None = None) -> None:
         self.lm = lm
@@ -83,6 +98,7 @@ class LLMEngine:
             options.kv_cache_type,
             self.num_ctx,
             options.max_num_seqs,
+            graphs=False if lm.config.encoder else None,  # an encoder never decodes
         )
         self.blocks = BlockManager(num_blocks)
         self.scheduler = Scheduler(self.blocks, options.max_num_seqs, options.max_step_tokens)
@@ -110,6 +126,7 @@ class LLMEngine:
         return bool(self.requests)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        check_generates(self.lm)
         check_prompt(prompt_ids, self.num_ctx)
         if request_id in self.requests:
             raise InvalidParameterError(f"request id {request_id!r} is already in use")

@@ -10,6 +10,7 @@ from loaders.config import ModelConfig
 from loaders.gguf_file import GGUFFile
 from quant.errors import UnsupportedError
 from runtime.models.base import Layer, Model
+from runtime.models.bert import Bert
 from runtime.models.gemma2 import Gemma2
 from runtime.models.gemma3 import Gemma3
 from runtime.models.gpt_oss import GptOss
@@ -39,6 +40,7 @@ ARCHITECTURES: dict[str, type[Model]] = {
         Mistral3,
         Qwen3Moe,
         GptOss,
+        Bert,
     )
     for arch in cls.architectures
 }
