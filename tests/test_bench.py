@@ -88,11 +88,12 @@ def test_q8_0_weights_are_quantized_gaussians(synth):
 
 
 def test_q4_k_random_blocks_are_finite_centred_and_near_the_target_spread(synth):
-    blocks = synth.random_q4_k(512, np.random.default_rng(0))  # (512, 144) uint8
+    blocks = synth.random_blocks(T.Q4_K, 512, np.random.default_rng(0))  # (512, 144) uint8
+    target_d = synth.WEIGHT_STD / synth.unit_std(T.Q4_K)
     w = dequantize(torch.from_numpy(blocks), int(T.Q4_K)).flatten()  # 131072 weights
     assert torch.isfinite(w).all()
     d = torch.from_numpy(blocks[:, :2].copy().view(np.float16).astype(np.float32))
-    assert d.min() >= 0.75 * synth.Q4K_D * 0.999 and d.max() <= 1.25 * synth.Q4K_D * 1.001
+    assert d.min() >= 0.75 * target_d * 0.999 and d.max() <= 1.25 * target_d * 1.001
     # std of d·sc·q is 0.02 by construction; the per-sub-block min offsets add spread
     # (the docstring's figures give std ≈ 0.024), the random d ±25% a little more
     assert 0.018 < w.std().item() < 0.03
