@@ -1,0 +1,111 @@
+"""Pulling `hf.co/USER/REPO[:QUANT]` with huggingface_hub against a loopback server that speaks
+the hub's protocol (tests/hub_server.py), serving the real SmolLM2 GGUF from the test cache in
+place: a pull that registers a runnable model, a cut connection resumed by the next pull, a
+corrupted file refused, a split GGUF set."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hub_server import Hub, HubFile
+
+from loaders.hf_pull import HfRef, choose, parse_ref
+from loaders.hf_pull import HubFile as Listed
+from loaders.pull import KNOWN
+from modelfiles.hf_models import ensure_hf
+from modelfiles.names import ModelName
+from modelfiles.resolver import resolve
+from modelfiles.store import Store
+from quant.errors import ModelNotFoundError, PullError
+
+REPO_ID = "TestUser/SmolLM2-135M-Instruct-GGUF"
+FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHA = KNOWN["smollm2"].sha256
+
+
+@pytest.fixture(scope="module")
+def smollm2_blob() -> Path:
+    """The real SmolLM2 file of the shared test cache (served from there, never copied)."""
+    cache = Path(os.environ["TANDEM_HOME"]) / "models" / "blobs" / f"sha256-{SHA}"
+    if not cache.is_file():
+        pytest.skip(f"the SmolLM2 blob is not in the test cache ({cache}); run `tandem pull smollm2`")
+    return cache
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("TANDEM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def hub(smollm2_blob, monkeypatch):
+    files = {FILE: HubFile(smollm2_blob, SHA, smollm2_blob.stat().st_size)}
+    with Hub(REPO_ID, files) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server
+
+
+def test_parse_and_choose():
+    assert parse_ref("hf.co/u/r:q4_k_m") == HfRef("u/r", "q4_k_m")
+    assert parse_ref("huggingface.co/u/r") == HfRef("u/r", None)
+    with pytest.raises(ModelNotFoundError, match="hf.co/USER/REPO"):
+        parse_ref("hf.co/onlyone")
+    files = [Listed(f"m-{q}.gguf", 1, "0" * 64) for q in ("Q8_0", "Q4_K_M", "IQ2_XS")]
+    assert choose(files, HfRef("u/r", None))[0] == "Q4_K_M"
+    assert choose(files, HfRef("u/r", "q8_0"))[1][0].path == "m-Q8_0.gguf"
+    with pytest.raises(ModelNotFoundError, match="IQ2_XS, Q4_K_M, Q8_0"):
+        choose(files, HfRef("u/r", "Q5_K_S"))
+    split = [Listed(f"q/m-Q2_K-0000{i}-of-00003.gguf", 1, "0" * 64) for i in (3, 1, 2)]
+    picked = choose(split, HfRef("u/r", None))
+    assert picked[0] == "Q2_K"
+    assert [f.path for f in picked[1]] == [f"q/m-Q2_K-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    with pytest.raises(ModelNotFoundError, match="incomplete"):
+        choose(split[:2], HfRef("u/r", None))
+
+
+def test_pull_registers_and_resolves(home, hub):
+    name, manifest = ensure_hf(Store(), f"hf.co/{REPO_ID}")
+    assert str(name) == "hf.co/testuser/smollm2-135m-instruct-gguf:q4_1"
+    assert manifest.model.digest == f"sha256:{SHA}"
+    blob = home / "models" / "blobs" / f"sha256-{SHA}"
+    assert blob.is_file() and not list(blob.parent.glob("*.download"))
+    listed = {str(n) for n, _ in Store().list()}
+    assert listed == {str(name), "hf.co/testuser/smollm2-135m-instruct-gguf:latest"}
+    served = hub.served
+    spec = resolve(f"hf.co/{REPO_ID}:Q4_1")  # stored now: no network
+    assert spec.path == blob and hub.served == served
+    # the redirect to the CDN was followed and the hub's metadata asked for with HEAD
+    assert any(m == "HEAD" and "/resolve/" in p for m, p, _ in hub.requests)
+    assert any(m == "GET" and p.startswith("/cdn/") for m, p, _ in hub.requests)
+
+
+def test_cut_connection_resumes(home, hub):
+    size = hub.files[FILE].size
+    hub.cut_after = 40_000_000
+    with pytest.raises(PullError, match="run the pull again to resume"):
+        ensure_hf(Store(), f"hf.co/{REPO_ID}:Q4_1")
+    partial = home / "models" / "blobs" / f"sha256-{SHA}.download"
+    kept = partial.stat().st_size  # what reached the disk (huggingface_hub writes 10 MiB chunks)
+    assert 20_000_000 < kept <= 40_000_000
+    hub.down = False
+    ensure_hf(Store(), f"hf.co/{REPO_ID}:Q4_1")
+    # only the bytes not yet on disk were sent again, asked for with a Range request
+    assert hub.served == size + (40_000_000 - kept)
+    assert ("GET", f"/cdn/{SHA}", f"bytes={kept}-") in hub.requests
+    assert not partial.exists()
+    assert Store().get(ModelName.parse(f"hf.co/{REPO_ID}:q4_1")) is not None
+
+
+def test_corrupted_file_refused(home, hub):
+    hub.corrupt = True
+    with pytest.raises(PullError, match="not .* as the hub lists; the file was deleted"):
+        ensure_hf(Store(), f"hf.co/{REPO_ID}")
+    blobs = home / "models" / "blobs"
+    assert not list(blobs.glob("sha256-*"))
+    assert Store().list() == []
