@@ -6,11 +6,15 @@ corrupted file refused, a split GGUF set."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from gguf_split import split_gguf
 from hub_server import Hub, HubFile
 
+from loaders.blobs import sha256_file
 from loaders.hf_pull import HfRef, choose, parse_ref
 from loaders.hf_pull import HubFile as Listed
 from loaders.pull import KNOWN
@@ -109,3 +113,42 @@ def test_corrupted_file_refused(home, hub):
     blobs = home / "models" / "blobs"
     assert not list(blobs.glob("sha256-*"))
     assert Store().list() == []
+
+
+def test_cli_pull_then_run(home, hub, tmp_path):
+    """`tandem pull` shows a progress bar, "verifying", "success"; `tandem run` then answers
+    from the store with llama.cpp's greedy continuation, without asking the hub again."""
+    # TQDM_POSITION=-1: huggingface_hub draws its bar on a pipe too (else only on a terminal)
+    env = {**os.environ, "TANDEM_HOST": "127.0.0.1:9", "TQDM_POSITION": "-1"}
+    env["HF_HUB_DISABLE_PROGRESS_BARS"] = "0"
+    cmd = [sys.executable, "-m", "runtime.cli.main"]
+    ref = f"hf.co/{REPO_ID}:q4_1"
+    res = subprocess.run([*cmd, "pull", ref], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "verifying sha256 digest" in res.stderr and "MB/s" in res.stderr, res.stderr
+    assert res.stdout.startswith("success: hf.co/testuser/smollm2-135m-instruct-gguf:q4_1")
+    served = hub.served
+    prompt = "The capital of France is"
+    run = [*cmd, "run", ref, prompt, "--raw", "--temperature", "0", "--num-predict", "4"]
+    res = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(" Paris"), res.stdout  # llama.cpp's greedy: " Paris."
+    assert hub.served == served
+    res = subprocess.run([*cmd, "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert "hf.co/testuser/smollm2-135m-instruct-gguf:q4_1" in res.stdout
+
+
+def test_split_set_pulled_and_merged(home, smollm2_blob, tmp_path, monkeypatch):
+    """SmolLM2 split in 3 by gguf-py's writer (as convert_hf_to_gguf --split-max-tensors does):
+    all three are pulled and merged into one GGUF identical, byte for byte, to the original."""
+    shards = split_gguf(smollm2_blob, tmp_path / "SmolLM2-Q4_1", 100)
+    assert [p.name[-19:] for p in shards] == [f"0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    files = {p.name: HubFile(p, sha256_file(p), p.stat().st_size) for p in shards}
+    with Hub(REPO_ID, files) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        name, manifest = ensure_hf(Store(), f"hf.co/{REPO_ID}")
+        assert server.served == sum(f.size for f in files.values())
+    assert str(name) == "hf.co/testuser/smollm2-135m-instruct-gguf:q4_1"
+    assert manifest.model.digest == f"sha256:{SHA}"  # the original file, rebuilt
+    blobs = home / "models" / "blobs"
+    assert all((blobs / f"sha256-{f.sha256}").is_file() for f in files.values())
