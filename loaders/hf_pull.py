@@ -258,3 +258,25 @@ def pull_hf(text: str) -> HfModel:
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def remote_headers(text: str) -> tuple[dict, dict, int]:
+    """For `tandem plan` before a pull: the chosen GGUF's metadata and tensor table read with
+    Range requests (a split set's tables joined). Returns (metadata, tensors, bytes read)."""
+    from huggingface_hub import hf_hub_url
+
+    from loaders.gguf_remote import http_fetcher, remote_header
+
+    ref = parse_ref(text)
+    revision, files = list_files(ref)
+    _, chosen = choose(files, ref)
+    metadata: dict | None = None
+    tensors: dict = {}
+    read = 0
+    for f in chosen:
+        url = hf_hub_url(ref.repo, f.path, revision=revision, endpoint=_endpoint())
+        header, n = remote_header(http_fetcher(url, _token()), f.size, f"hf.co/{ref.repo}/{f.path}")
+        metadata = metadata if metadata is not None else header.metadata
+        tensors.update(header.tensors)
+        read += n
+    return metadata or {}, tensors, read

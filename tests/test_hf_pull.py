@@ -152,3 +152,70 @@ def test_split_set_pulled_and_merged(home, smollm2_blob, tmp_path, monkeypatch):
     assert manifest.model.digest == f"sha256:{SHA}"  # the original file, rebuilt
     blobs = home / "models" / "blobs"
     assert all((blobs / f"sha256-{f.sha256}").is_file() for f in files.values())
+
+
+_SCALE = {576: 4608, 1536: 12288, 192: 1536}  # SmolLM2's widths x8: a 4.5 GB llama
+_WIDER = {
+    "llama.embedding_length": 4608,
+    "llama.feed_forward_length": 12288,
+    "llama.attention.head_count": 72,
+    "llama.attention.head_count_kv": 24,
+}
+
+
+def sparse_big_gguf(src: Path, dst: Path) -> int:
+    """SmolLM2's metadata and tensor names with every width x8 (4.5 GB of Q4_1 weights): the
+    header written for real, the weights a hole (a sparse file). Returns its size."""
+    import gguf
+    import numpy as np
+
+    from loaders.gguf_file import GGUFFile
+    from modelfiles.gguf_merge import copy_metadata
+
+    with GGUFFile(src) as source:
+        writer = gguf.GGUFWriter(str(dst), "llama")
+        copy_metadata(source, writer, ("general.architecture", "general.alignment", *_WIDER))
+        for key, value in _WIDER.items():
+            writer.add_uint32(key, value)
+        total = 0
+        for info in source.tensors.values():
+            shape = [_SCALE.get(d, d) for d in info.shape]
+            qtype = gguf.GGMLQuantizationType(info.ggml_type)
+            block, nb = gguf.GGML_QUANT_SIZES[qtype]
+            nbytes = int(np.prod(shape)) // block * nb
+            total += -(-nbytes // 32) * 32
+            writer.add_tensor_info(
+                info.name, list(reversed(shape)), np.dtype(np.float32), nbytes, raw_dtype=qtype
+            )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+    start = -(-dst.stat().st_size // 32) * 32
+    os.truncate(dst, start + total)
+    return start + total
+
+
+def test_plan_reads_only_the_header(home, smollm2_blob, tmp_path, monkeypatch):
+    """What `tandem plan hf.co/...` plans from, for a 4.5 GB (sparse) GGUF: its config and
+    tensor sizes, read with Range requests totalling under 2 MB (the header is 1.79 MB)."""
+    from loaders.config import ModelConfig
+    from loaders.hf_pull import remote_headers
+    from runtime.placement.model_sizes import ModelSizes
+
+    big = tmp_path / "Big-Q4_1.gguf"
+    size = sparse_big_gguf(smollm2_blob, big)
+    assert size > 4e9
+    files = {big.name: HubFile(big, "ab" * 32, size)}  # never downloaded: no hash needed
+    with Hub(REPO_ID, files) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        metadata, tensors, read = remote_headers(f"hf.co/{REPO_ID}:Q4_1")
+        served = server.served
+        ranges = [r for m, p, r in server.requests if m == "GET" and p.startswith("/cdn/")]
+    assert read == served < 2_000_000, (read, served)
+    assert ranges[0] == "bytes=0-131071" and len(ranges) == 14
+    config = ModelConfig.from_metadata(metadata, tensors.keys())
+    assert config.n_embd == 4608 and config.n_layer == 30
+    sizes = ModelSizes.from_tensors(config, tensors)
+    assert sum(t.nbytes for t in tensors.values()) > 4e9 and sizes is not None
+    assert not (home / "models" / "blobs").exists() or not any((home / "models" / "blobs").iterdir())
