@@ -46,7 +46,9 @@ def ensure_hf(
         say(f"merging {len(model.blobs)} split files")
         path = merge_split(store, list(model.blobs))
     canonical = ModelName.parse(model.ref.name(model.quant))
-    manifest = create_model(store, canonical, Modelfile(from_=str(path)), Path("."), None, say, path)
+    manifest = create_model(
+        store, canonical, Modelfile(from_=str(path)), Path("."), None, say, path
+    )
     if name != canonical:
         store.put(name, manifest)
     return canonical, manifest

@@ -16,7 +16,8 @@ def split_gguf(src: Path, stem: Path, max_tensors: int) -> list[Path]:
     """Write `src` as `<stem>-0000i-of-0000N.gguf` shards; returns their paths in order."""
     with GGUFFile(src) as source:
         writer = gguf.GGUFWriter(
-            str(stem) + ".gguf", source.metadata["general.architecture"],
+            str(stem) + ".gguf",
+            source.metadata["general.architecture"],
             split_max_tensors=max_tensors,
         )
         copy_metadata(source, writer, ("general.architecture", "general.alignment"))

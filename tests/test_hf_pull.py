@@ -34,7 +34,9 @@ def smollm2_blob() -> Path:
     """The real SmolLM2 file of the shared test cache (served from there, never copied)."""
     cache = Path(os.environ["TANDEM_HOME"]) / "models" / "blobs" / f"sha256-{SHA}"
     if not cache.is_file():
-        pytest.skip(f"the SmolLM2 blob is not in the test cache ({cache}); run `tandem pull smollm2`")
+        pytest.skip(
+            f"the SmolLM2 blob is not in the test cache ({cache}); run `tandem pull smollm2`"
+        )
     return cache
 
 
@@ -218,4 +220,6 @@ def test_plan_reads_only_the_header(home, smollm2_blob, tmp_path, monkeypatch):
     assert config.n_embd == 4608 and config.n_layer == 30
     sizes = ModelSizes.from_tensors(config, tensors)
     assert sum(t.nbytes for t in tensors.values()) > 4e9 and sizes is not None
-    assert not (home / "models" / "blobs").exists() or not any((home / "models" / "blobs").iterdir())
+    assert not (home / "models" / "blobs").exists() or not any(
+        (home / "models" / "blobs").iterdir()
+    )

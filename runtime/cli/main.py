@@ -463,11 +463,10 @@ def _server_backend(args: argparse.Namespace):
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from loaders.hf_pull import is_hf_ref
     from modelfiles.builder import ensure_builtin
     from modelfiles.names import ModelName
     from modelfiles.store import Store
-
-    from loaders.hf_pull import is_hf_ref
 
     if is_hf_ref(args.model):
         from modelfiles.hf_models import ensure_hf
