@@ -217,7 +217,7 @@ def clean_stale(home: Path) -> list[Path]:
     files = [
         *models.glob("blobs/*.partial"),
         *models.glob("blobs/*.tmp"),
-        *models.glob("manifests/*/.*.tmp"),
+        *models.glob("manifests/**/.*.tmp"),
         *models.glob("verified/.*.tmp"),
     ]
     for path in files:

@@ -2,7 +2,9 @@
 
 Names and tags are case-insensitive (kept lowercase), as ollama treats them: a name is
 letters, digits, `_`, `-` and `.` starting with a letter or digit (at most 80 characters);
-a tag the same with `_` also allowed first (at most 80).
+a tag the same with `_` also allowed first (at most 80). A model pulled from Hugging Face is
+named as ollama names it, `hf.co/user/repo` (its tag the quant, e.g. `q4_k_m`); it is stored
+under models/manifests/hf.co/user/repo/.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from dataclasses import dataclass
 from quant.errors import InvalidParameterError
 
 DEFAULT_TAG = "latest"
-_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,79}")
+_NAME = re.compile(
+    r"hf\.co/[a-z0-9][a-z0-9_.-]{0,95}/[a-z0-9][a-z0-9_.-]{0,95}|[a-z0-9][a-z0-9_.-]{0,79}"
+)
 _TAG = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,79}")
 
 

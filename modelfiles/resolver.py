@@ -1,8 +1,8 @@
 """ModelSpec: what a model reference (`tandem run X`, `LLM(X)`, a request's "model") stands
 for — the GGUF file, its adapters and the Modelfile's settings — and `resolve(ref)`.
 
-A reference is, in order: the path of a .gguf file (bare: no settings); a stored model
-`name[:tag]`; a pullable model name, pulled and registered from its built-in Modelfile on
+A reference is, in order: the path of a .gguf file (bare: no settings); `hf.co/USER/REPO[:QUANT]`
+(stored, else pulled from the hub: modelfiles/hf_models.py); a stored model `name[:tag]`; a pullable model name, pulled and registered from its built-in Modelfile on
 first use (so `tandem run smollm2` works on a fresh machine).
 """
 
@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loaders.hf_pull import is_hf_ref
 from modelfiles.builder import ensure_builtin
+from modelfiles.hf_models import ensure_hf
+from modelfiles.manifest import Manifest
 from modelfiles.names import ModelName
 from modelfiles.store import Store
 from quant.errors import ModelNotFoundError
@@ -35,13 +38,18 @@ def resolve(ref: str | Path, store: Store | None = None) -> ModelSpec:
     if path.is_file():
         return ModelSpec(path.name, path)
     text = str(ref).strip()
+    store = store or Store()
+    if is_hf_ref(text):
+        return _spec(store, text, ensure_hf(store, text)[1])
     if text.endswith(".gguf") or "/" in text or "\\" in text:
         raise ModelNotFoundError(f"no model file at {path}")
-    store = store or Store()
     name = ModelName.maybe(text)
     if name is None:
         raise ModelNotFoundError(f"{text!r} is neither a model name nor the path of a .gguf file")
-    manifest = ensure_builtin(store, name)
+    return _spec(store, text, ensure_builtin(store, name))
+
+
+def _spec(store: Store, text: str, manifest: Manifest) -> ModelSpec:
     # a missing or damaged blob is refused (its verification record, or a hash: store.py)
     blobs = [store.check_blob(layer, text) for layer in (manifest.model, *manifest.adapters)]
     return ModelSpec(

@@ -223,8 +223,9 @@ class Store:
     def _names(self) -> Iterator[ModelName]:
         if not self.manifests.is_dir():
             return
-        for path in self.manifests.glob("*/*.json"):
-            name = ModelName.maybe(f"{path.parent.name}:{path.stem}")
+        for path in self.manifests.glob("**/*.json"):
+            folder = path.parent.relative_to(self.manifests).as_posix()
+            name = ModelName.maybe(f"{folder}:{path.stem}")
             if name is not None and self.manifest_path(name) == path:
                 yield name
 
@@ -248,10 +249,13 @@ class Store:
                 layers = _named_layers(path)  # damaged: the digests it still names
             stack.enter_context(self._store_lock(shared=False))
             path.unlink()
-            try:
-                path.parent.rmdir()
-            except OSError:
-                pass  # other tags remain
+            for folder in (path.parent, *path.parent.parents):
+                if folder == self.manifests or self.manifests not in folder.parents:
+                    break
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break  # other tags (or models) remain
             in_use = set()
             for entry in self.entries():
                 if entry.manifest is not None:

