@@ -140,15 +140,21 @@ def test_a_request_may_restate_load_options_but_not_change_them():
     parse_options({"num_thread": 2, "num_batch": default("num_batch")}).check_loaded(loaded)
     with pytest.raises(RequestFieldError, match="num_thread=4 differs .* Modelfile"):
         parse_options({"num_thread": 4}).params(loaded.sampling, loaded)
-    for bad in ({"use_mmap": False}, {"penalize_newline": False}, {"pin": "x=cpu"}):
+    for bad in ({"use_mmap": False}, {"penalize_newline": False}):
         with pytest.raises(RequestFieldError):
             parse_options(bad)
+    # a Modelfile-only setting is not a request option: ignored as ollama ignores unknown
+    # options, and named in the response header (runtime/server/lenient.py)
+    assert parse_options({"pin": "x=cpu"}).params(loaded.sampling, loaded) is not None
 
 
 # ---- each default written once -----------------------------------------------------------
 
 # 4096s that are not a context length: a matrix size and a measurement note
 NOT_A_DEFAULT = {
+    ("loaders/config.py", '"attention.sliding_window", 4096'),  # gemma2's window (llama.cpp's)
+    ("runtime/models/gemma2.py", "sliding window (4096)"),
+    ("runtime/engine/embedder.py", "CHUNK_TOKENS = 4096"),  # tokens one embedding forward packs
     ("runtime/placement/devices.py", "randn(4096, 4096"),
     ("runtime/placement/devices.py", "4096**3"),
 }
