@@ -41,6 +41,7 @@ CHANGED = {
     "num_predict": "3",
     "num_ctx": "128",
     "num_gpu": "0",
+    "num_cpu_moe": "2",
     "num_thread": "1",
     "num_batch": "32",
     "gpu_memory": "1000",
