@@ -256,25 +256,17 @@ def _parse_harmony(fmt: ToolFormat, text: str, tools) -> list[ToolCall]:
 
 
 def _parse_deepseek(fmt: ToolFormat, text: str, tools) -> list[ToolCall]:
-    calls = []
-    pattern = r"<｜tool▁call▁begin｜>(?:function<｜tool▁sep｜>)?(.*?)(?:<｜tool▁sep｜>)?\s*(?:```json)?\s*(\{.*?\})\s*(?:```)?\s*<｜tool▁call▁end｜>"
-    for name, body in re.findall(pattern, text, re.S):
-        call = _call(name.strip(), body)
-        if call is None:
-            return []
-        calls.append(call)
-    return calls
+    return _parse_name_args(
+        r"<｜tool▁call▁begin｜>(?:function<｜tool▁sep｜>)?(.*?)(?:<｜tool▁sep｜>)?\s*(?:```json)?\s*(\{.*?\})\s*(?:```)?\s*<｜tool▁call▁end｜>",
+        text,
+    )
 
 
 def _parse_kimi(fmt: ToolFormat, text: str, tools) -> list[ToolCall]:
-    calls = []
-    pattern = r"<\|tool_call_begin\|>\s*(?:functions\.)?([\w.\-]+?)(?::\d+)?\s*<\|tool_call_argument_begin\|>(.*?)(?:<\|tool_call_end\|>|$)"
-    for name, body in re.findall(pattern, text, re.S):
-        call = _call(name, body.strip())
-        if call is None:
-            return []
-        calls.append(call)
-    return calls
+    return _parse_name_args(
+        r"<\|tool_call_begin\|>\s*(?:functions\.)?([\w.\-]+?)(?::\d+)?\s*<\|tool_call_argument_begin\|>(.*?)(?:<\|tool_call_end\|>|$)",
+        text,
+    )
 
 
 def _parse_name_args(pattern: str, text: str) -> list[ToolCall]:
