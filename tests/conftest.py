@@ -89,12 +89,6 @@ KNOWN_FAILING = {
         "lenient fields (issue 15) accept bodies the soak's bad-body list expects refused"
     ),
     "test_soak.py::test_no_5xx_or_dropped_connections": "depends on the bad-body list above",
-    "test_template_transformers.py::test_renders_as_transformers_does[GigaChat3-10B-A1.8B]": (
-        "differs from transformers after the tools/template merge"
-    ),
-    "test_tool_calls.py::test_each_tool_template_s_call_parses_back[llama-cpp-deepseek-r1]": (
-        "the sandbox now refuses this template's tojson(generator) as transformers does"
-    ),
     "test_repl_pty.py::test_chat_in_a_pty": "timed out waiting on a kernel build here; unverified",
     "test_tokenizer.py::test_from_metadata_speed": "a wall-clock bound, flaky on a loaded machine",
 }
