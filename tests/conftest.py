@@ -85,10 +85,6 @@ KNOWN_FAILING = {
     "test_structured_output.py::test_22_schemas_at_temperature_08_are_all_valid_next_to_free_requests": (
         "the 22-schema run at temperature 0.8 has not passed here yet"
     ),
-    "test_soak.py::test_every_bad_body_is_refused_with_a_4xx": (
-        "lenient fields (issue 15) accept bodies the soak's bad-body list expects refused"
-    ),
-    "test_soak.py::test_no_5xx_or_dropped_connections": "depends on the bad-body list above",
     "test_repl_pty.py::test_chat_in_a_pty": "timed out waiting on a kernel build here; unverified",
     "test_tokenizer.py::test_from_metadata_speed": "a wall-clock bound, flaky on a loaded machine",
 }
