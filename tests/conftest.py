@@ -86,7 +86,6 @@ KNOWN_FAILING = {
         "the 22-schema run at temperature 0.8 has not passed here yet"
     ),
     "test_repl_pty.py::test_chat_in_a_pty": "timed out waiting on a kernel build here; unverified",
-    "test_tokenizer.py::test_from_metadata_speed": "a wall-clock bound, flaky on a loaded machine",
 }
 
 

@@ -259,17 +259,19 @@ def test_parse_special_false(smollm2_tok: Tokenizer, gemma3_tok: Tokenizer) -> N
 
 def test_from_metadata_speed(gemma3_path: Path) -> None:
     metadata = GGUFFile(gemma3_path).metadata  # 262,144 tokens
-    start = time.perf_counter()
+    # CPU time, not wall clock: a bound on our work that a busy machine does not break
+    # (0.7 s here, AMD EPYC; the wall clock doubled at load 10)
+    start = time.process_time()
     Tokenizer.from_metadata(metadata)
-    assert time.perf_counter() - start < 1.5
+    assert time.process_time() - start < 1.5
 
 
 def test_encoding_speed(smollm2_tok: Tokenizer, gemma3_tok: Tokenizer) -> None:
     doc = (FIXTURE_DIR / "apache-2.0.txt").read_text()  # ~2,200 tokens
     for tok in (smollm2_tok, gemma3_tok):
-        start = time.perf_counter()
+        start = time.process_time()
         ids = tok.encode(doc)
-        assert len(ids) > 2000 and time.perf_counter() - start < 1.0
+        assert len(ids) > 2000 and time.process_time() - start < 1.0
         assert tok.decode(ids) == doc
 
 
