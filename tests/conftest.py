@@ -85,7 +85,6 @@ KNOWN_FAILING = {
     "test_structured_output.py::test_22_schemas_at_temperature_08_are_all_valid_next_to_free_requests": (
         "the 22-schema run at temperature 0.8 has not passed here yet"
     ),
-    "test_repl_pty.py::test_chat_in_a_pty": "timed out waiting on a kernel build here; unverified",
 }
 
 

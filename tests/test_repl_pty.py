@@ -19,6 +19,15 @@ PROMPT = "Send a message (/? for help)"  # the empty prompt's placeholder
 SET = r"Set parameter '\w+'"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def built_kernel():
+    """The native kernel built here first (into the TANDEM_BUILD_CACHE the child inherits):
+    a child that compiles it under the pexpect timeout fails on a busy machine."""
+    from kernels import native_loader
+
+    native_loader.load()
+
+
 def closed_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
