@@ -90,6 +90,11 @@ def parse_ref(text: str) -> HfRef:
     return HfRef(repo, quant or None)
 
 
+def is_split(filename: str) -> bool:
+    """A part of a split GGUF set (`NAME-00001-of-00003.gguf`)."""
+    return _SPLIT.search(filename) is not None
+
+
 def quant_tag(filename: str) -> str:
     """The quant tag in a GGUF file name: `Model-Q4_K_M.gguf` -> `Q4_K_M`, split suffix
     ignored (the last `-` or `.` separated part before .gguf)."""

@@ -35,7 +35,7 @@ from pathlib import Path
 from loaders.pull import KNOWN, pull, pullable
 from modelfiles.parameters import OPTIONS, default
 from quant.errors import InvalidParameterError, ServerUnreachableError, TandemError
-from runtime.cli.flags import add_flag, add_flags, cli_size
+from runtime.cli.flags import add_flag, add_flags, add_store_flags, apply_store_flags, cli_size
 from runtime.cli.perplexity import add_perplexity_command, cmd_perplexity
 from runtime.cli.store_commands import COMMANDS as STORE_COMMANDS
 from runtime.cli.store_commands import add_store_commands
@@ -47,6 +47,8 @@ RUN_SETTINGS = (
     *("num_ctx", "kv_cache_type", "num_gpu", "num_cpu_moe", "gpu_memory", "num_thread"),
     "num_batch",
 )
+# the commands that find models by name (and so may find other tools' models)
+STORE_FLAG_COMMANDS = ("run", "pull", "list", "show", "serve", "plan", "bench", "perplexity")
 MODEL_FLAGS = ("num_ctx", "num_gpu", "threads", "gpu_memory", "kv_cache_type", "parallel")
 
 
@@ -119,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_command(sub)
     add_bench_command(sub)
     add_perplexity_command(sub)
+    for parser_of in {
+        id(p): p for n, p in sub.choices.items() if n in STORE_FLAG_COMMANDS
+    }.values():
+        add_store_flags(parser_of)
     return parser
 
 
@@ -404,7 +410,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if warning:
             print(warning, file=sys.stderr)
         spec = resolve(args.model)  # the one resolution of the reference (may pull)
-        with spinner(f"loading {spec.name}"):
+        where = f" from {spec.source}'s folder, in place" if spec.source else ""
+        with spinner(f"loading {spec.name}{where}"):
             llm = LLM(spec, options=RunOptions.resolve(spec.parameters, flags))
         if not quiet_environment():
             print(startup_line(llm), file=sys.stderr)
@@ -469,8 +476,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from modelfiles.store import Store
 
     if is_hf_ref(args.model):
-        from modelfiles.hf_models import ensure_hf
+        from modelfiles.hf_models import ensure_hf, stored_name
+        from modelfiles.local_stores import find
 
+        local = find(args.model) if Store().get(stored_name(args.model)) is None else None
+        if local is not None:  # `tandem run` uses it where it is: a copy would waste the disk
+            print(f"{local.name}: in {local.source}'s folder ({local.path}), used in place")
+            return 0
         name, manifest = ensure_hf(Store(), args.model, refresh=True)
         print(f"success: {name} ({manifest.model.digest[:19]}, {manifest.model.size / 1e6:.1f} MB)")
         return 0
@@ -510,6 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("kernels.native_loader").setLevel(logging.INFO)  # the one-time build
     try:
+        apply_store_flags(args)  # a bad --local-stores is refused before any work
         commands = {
             "run": cmd_run,
             "pull": cmd_pull,

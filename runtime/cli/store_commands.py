@@ -74,10 +74,26 @@ def cmd_list(args: argparse.Namespace) -> int:
         else:
             rows.append((str(e.name), DAMAGED, "-", ago(e.mtime)))
             damaged.append(e)
-    _table(("NAME", "ID", "SIZE", "MODIFIED"), rows)
+    others = _other_stores({row[0] for row in rows})
+    if others:  # the SOURCE column only when another tool's models are listed
+        rows = [(*row, "tandem") for row in rows] + others
+    header = ("NAME", "ID", "SIZE", "MODIFIED", "SOURCE")
+    _table(header if others else header[:-1], rows)
     for e in damaged:
         print(printable(f"{e.name}: {e.damaged}"), file=sys.stderr)
     return 0
+
+
+def _other_stores(shadowed: set[str]) -> list[tuple[str, ...]]:
+    """Rows for the models other tools keep (modelfiles/local_stores.py), used in place; a
+    name tandem's store also holds is left out (tandem's own copy is the one used)."""
+    from modelfiles.local_stores import models
+
+    return [
+        (m.name, m.id or "-", human_size(m.size), ago(m.mtime), m.source)
+        for m in models()
+        if m.name not in shadowed
+    ]
 
 
 def cmd_show(args: argparse.Namespace) -> int:
