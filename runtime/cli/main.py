@@ -410,8 +410,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if warning:
             print(warning, file=sys.stderr)
         spec = resolve(args.model)  # the one resolution of the reference (may pull)
-        where = f" from {spec.source}'s folder, in place" if spec.source else ""
-        with spinner(f"loading {spec.name}{where}"):
+        if spec.source and not quiet_environment():  # another tool's file: say which
+            print(f"{spec.name}: {spec.source}'s file {spec.path}, used in place", file=sys.stderr)
+        with spinner(f"loading {spec.name}"):
             llm = LLM(spec, options=RunOptions.resolve(spec.parameters, flags))
         if not quiet_environment():
             print(startup_line(llm), file=sys.stderr)
