@@ -179,8 +179,7 @@ def list_files(ref: HfRef) -> tuple[str, list[HubFile]]:
         raise PullError(f"could not list hf.co/{ref.repo} on {_endpoint()}: {err}") from None
     except Exception as err:  # the HTTP client's own errors (connection refused, timeouts)
         raise PullError(
-            f"could not reach {_endpoint()} to list hf.co/{ref.repo} "
-            f"({type(err).__name__}: {err})"
+            f"could not reach {_endpoint()} to list hf.co/{ref.repo} ({type(err).__name__}: {err})"
         ) from None
     files = []
     for s in info.siblings or []:

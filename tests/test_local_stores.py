@@ -231,6 +231,22 @@ def test_server_accepts_and_lists_them(stores):
     assert tags["llama3.2:latest"]["details"]["family"] == "llama"
 
 
+def test_show(stores, capsys):
+    from runtime.cli.main import main
+
+    assert main(["show", "llama3.2", "--parameters"]) == 0
+    assert capsys.readouterr().out.split("\n")[2].split() == ["temperature", "0.2"]
+    assert main(["show", "llama3.2", "--template"]) == 0
+    assert capsys.readouterr().out == TEMPLATE + "\n"
+    assert main(["show", "llama3.2", "--modelfile"]) == 0
+    out = capsys.readouterr().out
+    assert f"FROM {stores['ollama'] / 'blobs' / f'sha256-{SHA}'}" in out and "SYSTEM" in out
+    assert "ollama's model, used in place" in out
+    assert main(["show", f"hf.co/{HF_REPO}:q4_1"]) == 0
+    assert "architecture        llama" in capsys.readouterr().out
+    assert main(["show", f"{LMS_REPO}", "--license"]) == 0
+
+
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "runtime.cli.main", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
