@@ -231,8 +231,11 @@ def test_server_accepts_and_lists_them(stores):
     assert tags["llama3.2:latest"]["details"]["family"] == "llama"
 
 
-def test_show(stores, capsys):
+def test_show_and_pull(stores, capsys, home):
     from runtime.cli.main import main
+
+    assert main(["pull", "llama3.2"]) == 0  # nothing to pull: it is used where it is
+    assert "ollama's file" in capsys.readouterr().out and stored_bytes(home) == 0
 
     assert main(["show", "llama3.2", "--parameters"]) == 0
     assert capsys.readouterr().out.split("\n")[2].split() == ["temperature", "0.2"]
@@ -245,6 +248,8 @@ def test_show(stores, capsys):
     assert main(["show", f"hf.co/{HF_REPO}:q4_1"]) == 0
     assert "architecture        llama" in capsys.readouterr().out
     assert main(["show", f"{LMS_REPO}", "--license"]) == 0
+    assert main(["pull", f"hf.co/{HF_REPO}:Q4_1"]) == 0  # the hub is not asked
+    assert "huggingface's file" in capsys.readouterr().out and stored_bytes(home) == 0
 
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -273,7 +278,5 @@ def test_cli_lists_and_answers_in_place(stores, home, smollm2_path):
     assert "in place" in res.stderr  # the loading line says whose file it is
     assert stored_bytes(home) < 1_000_000 < smollm2_path.stat().st_size
     assert tree(*stores.values()) == before
-    res = cli("pull", f"hf.co/{HF_REPO}:Q4_1", timeout=60)  # nothing to download
-    assert res.returncode == 0 and "used in place" in res.stdout, res.stderr
     res = cli("run", "llama3.2", "hi", "--ollama-models", "off", timeout=120)
     assert res.returncode == 1 and "not known" in res.stderr, res.stderr

@@ -476,14 +476,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from modelfiles.names import ModelName
     from modelfiles.store import Store
 
+    local = _kept_elsewhere(args.model)
+    if local is not None:  # `tandem run` uses it where it is: a copy would waste the disk
+        print(f"{local.name}: {local.source}'s file {local.path}, used in place (nothing pulled)")
+        return 0
     if is_hf_ref(args.model):
-        from modelfiles.hf_models import ensure_hf, stored_name
-        from modelfiles.local_stores import find
+        from modelfiles.hf_models import ensure_hf
 
-        local = find(args.model) if Store().get(stored_name(args.model)) is None else None
-        if local is not None:  # `tandem run` uses it where it is: a copy would waste the disk
-            print(f"{local.name}: in {local.source}'s folder ({local.path}), used in place")
-            return 0
         name, manifest = ensure_hf(Store(), args.model, refresh=True)
         print(f"success: {name} ({manifest.model.digest[:19]}, {manifest.model.size / 1e6:.1f} MB)")
         return 0
@@ -492,6 +491,26 @@ def cmd_pull(args: argparse.Namespace) -> int:
     ensure_builtin(Store(), ModelName.parse(entry.name))  # `tandem list` shows it from now on
     print(f"{entry.name}: {entry.description}\n{path}")
     return 0
+
+
+def _kept_elsewhere(text: str):
+    """The model another tool keeps under the name `text` (modelfiles/local_stores.py), when
+    tandem's store does not hold it and it is not a catalog name (those are pulled as asked)."""
+    from loaders.hf_pull import is_hf_ref
+    from modelfiles.hf_models import stored_name
+    from modelfiles.local_stores import find
+    from modelfiles.names import ModelName
+    from modelfiles.store import Store
+
+    if is_hf_ref(text):
+        name = stored_name(text)
+    else:
+        name = ModelName.maybe(text)
+        if name is not None and (str(name).removesuffix(":latest") in KNOWN or str(name) in KNOWN):
+            return None
+    if name is not None and Store().get(name) is not None:
+        return None
+    return find(text)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
