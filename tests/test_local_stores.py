@@ -280,3 +280,28 @@ def test_cli_lists_and_answers_in_place(stores, home, smollm2_path):
     assert tree(*stores.values()) == before
     res = cli("run", "llama3.2", "hi", "--ollama-models", "off", timeout=120)
     assert res.returncode == 1 and "not known" in res.stderr, res.stderr
+
+
+def test_default_folders_follow_the_tools_variables(tmp_path, monkeypatch):
+    from modelfiles.local_stores import FOLDER_ENV, folders
+
+    for variable in (*FOLDER_ENV.values(), "TANDEM_LOCAL_STORES", "OLLAMA_MODELS"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable in ("HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert folders("ollama") == [tmp_path / ".ollama" / "models"]
+    assert folders("huggingface") == [tmp_path / ".cache" / "huggingface" / "hub"]
+    assert folders("lmstudio") == [
+        tmp_path / ".lmstudio" / "models",
+        tmp_path / ".cache" / "lm-studio" / "models",
+    ]
+    monkeypatch.setenv("OLLAMA_MODELS", "/srv/ollama")
+    monkeypatch.setenv("HF_HOME", "/srv/hf")
+    assert folders("ollama") == [Path("/srv/ollama")]
+    assert folders("huggingface") == [Path("/srv/hf/hub")]
+    monkeypatch.setenv("HF_HUB_CACHE", "/srv/hub")
+    monkeypatch.setenv("TANDEM_OLLAMA_MODELS", "/mine")
+    assert folders("huggingface") == [Path("/srv/hub")] and folders("ollama") == [Path("/mine")]
+    monkeypatch.setenv("TANDEM_HF_CACHE", "off")
+    assert folders("huggingface") == []
