@@ -90,6 +90,11 @@ def parse_ref(text: str) -> HfRef:
     return HfRef(repo, quant or None)
 
 
+def is_split(filename: str) -> bool:
+    """A part of a split GGUF set (`NAME-00001-of-00003.gguf`)."""
+    return _SPLIT.search(filename) is not None
+
+
 def quant_tag(filename: str) -> str:
     """The quant tag in a GGUF file name: `Model-Q4_K_M.gguf` -> `Q4_K_M`, split suffix
     ignored (the last `-` or `.` separated part before .gguf)."""
@@ -172,6 +177,10 @@ def list_files(ref: HfRef) -> tuple[str, list[HubFile]]:
         ) from None
     except (HfHubHTTPError, OSError) as err:
         raise PullError(f"could not list hf.co/{ref.repo} on {_endpoint()}: {err}") from None
+    except Exception as err:  # the HTTP client's own errors (connection refused, timeouts)
+        raise PullError(
+            f"could not reach {_endpoint()} to list hf.co/{ref.repo} ({type(err).__name__}: {err})"
+        ) from None
     files = []
     for s in info.siblings or []:
         lfs = s.lfs

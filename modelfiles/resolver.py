@@ -1,9 +1,12 @@
 """ModelSpec: what a model reference (`tandem run X`, `LLM(X)`, a request's "model") stands
 for — the GGUF file, its adapters and the Modelfile's settings — and `resolve(ref)`.
 
-A reference is, in order: the path of a .gguf file (bare: no settings); `hf.co/USER/REPO[:QUANT]`
-(stored, else pulled from the hub: modelfiles/hf_models.py); a stored model `name[:tag]`; a pullable model name, pulled and registered from its built-in Modelfile on
-first use (so `tandem run smollm2` works on a fresh machine).
+A reference is, in order: the path of a .gguf file (bare: no settings); a model in tandem's
+store (`name[:tag]`, `hf.co/user/repo:quant`); a model another tool keeps on this machine
+(ollama's store, the Hugging Face cache, LM Studio's folder: modelfiles/local_stores.py), used
+in place with the settings its ollama layers give; `hf.co/USER/REPO[:QUANT]` pulled from the
+hub (modelfiles/hf_models.py); a pullable model name, pulled and registered from its built-in
+Modelfile on first use (so `tandem run smollm2` works on a fresh machine).
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from loaders.hf_pull import is_hf_ref
+from modelfiles import local_stores, ollama_store
 from modelfiles.builder import ensure_builtin
-from modelfiles.hf_models import ensure_hf
+from modelfiles.hf_models import ensure_hf, stored_name
+from modelfiles.local_model import OLLAMA, LocalModel, Settings
 from modelfiles.manifest import Manifest
 from modelfiles.names import ModelName
 from modelfiles.store import Store
@@ -30,6 +35,7 @@ class ModelSpec:
     template: str | None = None  # a Modelfile TEMPLATE (Go-template form)
     system: str | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
+    source: str | None = None  # the other tool whose file this is (ollama, huggingface, ...)
 
 
 def resolve(ref: str | Path, store: Store | None = None) -> ModelSpec:
@@ -39,6 +45,12 @@ def resolve(ref: str | Path, store: Store | None = None) -> ModelSpec:
         return ModelSpec(path.name, path)
     text = str(ref).strip()
     store = store or Store()
+    stored = _stored(store, text)
+    if stored is not None:
+        return _spec(store, text, stored)
+    local = local_stores.find(text)
+    if local is not None:
+        return local_spec(text, local)
     if is_hf_ref(text):
         return _spec(store, text, ensure_hf(store, text)[1])
     if text.endswith(".gguf") or "/" in text or "\\" in text:
@@ -47,6 +59,29 @@ def resolve(ref: str | Path, store: Store | None = None) -> ModelSpec:
     if name is None:
         raise ModelNotFoundError(f"{text!r} is neither a model name nor the path of a .gguf file")
     return _spec(store, text, ensure_builtin(store, name))
+
+
+def _stored(store: Store, text: str) -> Manifest | None:
+    """The manifest tandem's own store holds for `text`, None when it holds none."""
+    if is_hf_ref(text):
+        return store.get(stored_name(text))
+    name = ModelName.maybe(text)
+    return store.get(name) if name is not None else None
+
+
+def local_spec(text: str, model: LocalModel) -> ModelSpec:
+    """The spec of a model another tool keeps: its GGUF where it lies, its layers' settings."""
+    settings = ollama_store.settings(model) if model.source == OLLAMA else Settings()
+    return ModelSpec(
+        text,
+        model.path,
+        settings.adapters,
+        settings.parameters,
+        settings.template,
+        settings.system,
+        settings.messages,
+        model.source,
+    )
 
 
 def _spec(store: Store, text: str, manifest: Manifest) -> ModelSpec:

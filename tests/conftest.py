@@ -23,6 +23,9 @@ PULL_NAMES = {"qwen_coder": "qwen2.5-coder:0.5b"}
 
 # Models are pulled once into a cache the test runs share (TANDEM_TEST_HOME overrides).
 os.environ.setdefault("TANDEM_HOME", os.environ.get("TANDEM_TEST_HOME", str(REPO / ".tandem-test")))
+# Other tools' models on this machine (~/.ollama, the HF cache, LM Studio) stay out of the
+# tests; tests/test_local_stores.py builds its own and turns the lookup on.
+os.environ["TANDEM_LOCAL_STORES"] = "off"
 # One native-kernel build for every test, subprocesses and temporary TANDEM_HOMEs included.
 os.environ.setdefault("TANDEM_BUILD_CACHE", str(Path(os.environ["TANDEM_HOME"]) / "build"))
 

@@ -15,8 +15,11 @@ Sizes given on the command line need a unit: `4` is refused with a message namin
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
+from modelfiles.local_model import HUGGINGFACE, LMSTUDIO, OLLAMA
+from modelfiles.local_stores import ENABLED, FOLDER_ENV, enabled
 from modelfiles.parameters import OPTIONS
 from quant.errors import InvalidParameterError
 
@@ -71,3 +74,53 @@ def cli_size(text: str | None, flag: str, unit: str = "GB") -> int | None:
             f"{flag} {text}: a size needs a unit, e.g. {number}{unit} or {number}{binary}"
         )
     return parse_size(text)
+
+
+# ---- other tools' model folders (modelfiles/local_stores.py) -------------------------------
+
+# flag → (the variable it sets for this command, metavar, help)
+STORE_FLAGS: dict[str, tuple[str, str, str]] = {
+    "--local-stores": (
+        ENABLED,
+        "LIST",
+        "other tools' models to use in place: a list of ollama, huggingface, lmstudio, or off "
+        f"(default all; {ENABLED})",
+    ),
+    "--ollama-models": (
+        FOLDER_ENV[OLLAMA],
+        "DIR",
+        "ollama's models folder, or off (default OLLAMA_MODELS or ~/.ollama/models)",
+    ),
+    "--hf-cache": (
+        FOLDER_ENV[HUGGINGFACE],
+        "DIR",
+        "the Hugging Face hub cache, or off (default HF_HUB_CACHE, $HF_HOME/hub or "
+        "~/.cache/huggingface/hub)",
+    ),
+    "--lmstudio-models": (
+        FOLDER_ENV[LMSTUDIO],
+        "DIR",
+        "LM Studio's models folder, or off (default ~/.lmstudio/models, ~/.cache/lm-studio/models)",
+    ),
+}
+
+
+def add_store_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that say where other tools keep models (each sets its variable)."""
+    group = parser.add_argument_group("models other tools keep (used in place, never copied)")
+    for flag, (_, metavar, text) in STORE_FLAGS.items():
+        group.add_argument(flag, dest=_dest(flag), metavar=metavar, help=text)
+
+
+def apply_store_flags(args: argparse.Namespace) -> None:
+    """Set the variables the store flags given stand for, for this process (and a server's
+    requests)."""
+    for flag, (variable, _, _) in STORE_FLAGS.items():
+        value = getattr(args, _dest(flag), None)
+        if value is not None:
+            os.environ[variable] = value
+    enabled()  # InvalidParameterError for a source tandem does not know
+
+
+def _dest(flag: str) -> str:
+    return "store_" + flag.removeprefix("--").replace("-", "_")

@@ -35,7 +35,7 @@ from pathlib import Path
 from loaders.pull import KNOWN, pull, pullable
 from modelfiles.parameters import OPTIONS, default
 from quant.errors import InvalidParameterError, ServerUnreachableError, TandemError
-from runtime.cli.flags import add_flag, add_flags, cli_size
+from runtime.cli.flags import add_flag, add_flags, add_store_flags, apply_store_flags, cli_size
 from runtime.cli.perplexity import add_perplexity_command, cmd_perplexity
 from runtime.cli.store_commands import COMMANDS as STORE_COMMANDS
 from runtime.cli.store_commands import add_store_commands
@@ -47,6 +47,8 @@ RUN_SETTINGS = (
     *("num_ctx", "kv_cache_type", "num_gpu", "num_cpu_moe", "gpu_memory", "num_thread"),
     "num_batch",
 )
+# the commands that find models by name (and so may find other tools' models)
+STORE_FLAG_COMMANDS = ("run", "pull", "list", "show", "serve", "plan", "bench", "perplexity")
 MODEL_FLAGS = ("num_ctx", "num_gpu", "threads", "gpu_memory", "kv_cache_type", "parallel")
 
 
@@ -119,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_command(sub)
     add_bench_command(sub)
     add_perplexity_command(sub)
+    for parser_of in {
+        id(p): p for n, p in sub.choices.items() if n in STORE_FLAG_COMMANDS
+    }.values():
+        add_store_flags(parser_of)
     return parser
 
 
@@ -404,6 +410,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if warning:
             print(warning, file=sys.stderr)
         spec = resolve(args.model)  # the one resolution of the reference (may pull)
+        if spec.source and not quiet_environment():  # another tool's file: say which
+            print(f"{spec.name}: {spec.source}'s file {spec.path}, used in place", file=sys.stderr)
         with spinner(f"loading {spec.name}"):
             llm = LLM(spec, options=RunOptions.resolve(spec.parameters, flags))
         if not quiet_environment():
@@ -468,6 +476,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from modelfiles.names import ModelName
     from modelfiles.store import Store
 
+    local = _kept_elsewhere(args.model)
+    if local is not None:  # `tandem run` uses it where it is: a copy would waste the disk
+        print(f"{local.name}: {local.source}'s file {local.path}, used in place (nothing pulled)")
+        return 0
     if is_hf_ref(args.model):
         from modelfiles.hf_models import ensure_hf
 
@@ -479,6 +491,26 @@ def cmd_pull(args: argparse.Namespace) -> int:
     ensure_builtin(Store(), ModelName.parse(entry.name))  # `tandem list` shows it from now on
     print(f"{entry.name}: {entry.description}\n{path}")
     return 0
+
+
+def _kept_elsewhere(text: str):
+    """The model another tool keeps under the name `text` (modelfiles/local_stores.py), when
+    tandem's store does not hold it and it is not a catalog name (those are pulled as asked)."""
+    from loaders.hf_pull import is_hf_ref
+    from modelfiles.hf_models import stored_name
+    from modelfiles.local_stores import find
+    from modelfiles.names import ModelName
+    from modelfiles.store import Store
+
+    if is_hf_ref(text):
+        name = stored_name(text)
+    else:
+        name = ModelName.maybe(text)
+        if name is not None and (str(name).removesuffix(":latest") in KNOWN or str(name) in KNOWN):
+            return None
+    if name is not None and Store().get(name) is not None:
+        return None
+    return find(text)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -510,6 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("kernels.native_loader").setLevel(logging.INFO)  # the one-time build
     try:
+        apply_store_flags(args)  # a bad --local-stores is refused before any work
         commands = {
             "run": cmd_run,
             "pull": cmd_pull,

@@ -6,7 +6,8 @@ listed by /api/ps and `tandem ps`.
 The registry lives on the event loop; only loading and unloading run in threads. A model
 that several requests ask for at once is loaded once (one asyncio.Lock per name).
 
-What a client may name (`reference`): a stored model; a pullable one only once pulled
+What a client may name (`reference`): a stored model; a model another tool keeps (ollama's
+store, the Hugging Face cache, LM Studio: modelfiles/local_stores.py); a pullable one only once pulled
 (unless --allow-pull); a .gguf path only under a --models-dir (or one already loaded, e.g.
 by --model). Paths are canonical (realpath: `/./`, `..` and symlinks neither escape a
 directory nor load a second copy), and a refused path gets the same answer whether or not
@@ -24,7 +25,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from loaders.hf_pull import is_hf_ref
 from loaders.pull import known_key, pulled_path
+from modelfiles import local_stores
+from modelfiles.hf_models import stored_name
 from modelfiles.names import ModelName
 from modelfiles.parameters import default
 from modelfiles.store import Store
@@ -138,6 +142,19 @@ def normalize(ref: str) -> str:
     return str(name) if name is not None else text
 
 
+def named_elsewhere(text: str) -> str | None:
+    """The key of a model named like a path that is none: `hf.co/user/repo:quant` in tandem's
+    store, or a model another tool keeps (modelfiles/local_stores.py; tandem's store first)."""
+    if is_hf_ref(text):
+        name = stored_name(text)
+        if Store().get(name) is not None:
+            return str(name)
+    elif (name := ModelName.maybe(text)) is not None and Store().get(name) is not None:
+        return None
+    local = local_stores.find(text)
+    return local.name if local is not None else None
+
+
 def _under(path: str, directory: str) -> bool:
     return os.path.commonpath([path, directory]) == directory
 
@@ -172,6 +189,9 @@ class ModelRegistry:
         key = normalize(text)
         if trusted or self.find(key) is not None:
             return key
+        elsewhere = named_elsewhere(text)
+        if elsewhere is not None:
+            return elsewhere
         if looks_like_path(text):
             real = canonical_path(text)
             if real is not None and any(_under(real, d) for d in self._dirs):

@@ -16,6 +16,7 @@ import gguf
 
 from loaders.chat_template import builtin_template
 from loaders.gguf_file import GGUFFile
+from modelfiles import local_stores
 from modelfiles.names import ModelName
 from modelfiles.resolver import ModelSpec
 from modelfiles.store import Store
@@ -111,6 +112,13 @@ def local_models(loaded: list[ServedModel]) -> list[dict]:
         except (TandemError, OSError) as err:  # its blob is gone or unreadable
             log.warning("/api/tags: skipping %s: %s", name, err)
     seen = {e["name"] for e in out}
+    for local in local_stores.models():  # other tools' models, used in place
+        if local.name not in seen:
+            seen.add(local.name)
+            try:
+                out.append(tags_entry(local.name, local.path, local.size, local.mtime))
+            except (TandemError, OSError) as err:
+                log.warning("/api/tags: skipping %s (%s): %s", local.name, local.source, err)
     out += [
         tags_entry(m.name, m.lm.path, m.lm.gguf.file_size, m.lm.path.stat().st_mtime)
         for m in loaded

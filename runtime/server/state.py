@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import Request
 
+from modelfiles import local_stores
 from modelfiles.store import Store
 from runtime.server.errors import RequestFieldError
 from runtime.server.metrics import ServerMetrics
@@ -32,13 +33,17 @@ class ServerState:
         return self.preload is None or self.registry.find(self.preload) is not None
 
     def model_names(self) -> list[tuple[str, int]]:
-        """(name, created unix time) of every loaded or stored model, loaded ones first."""
+        """(name, created unix time) of every loaded or stored model, loaded ones first, then
+        the models other tools keep."""
         out = [(m.name, int(m.loaded_at)) for m in self.registry.loaded()]
         seen = {name for name, _ in out}
         for name, manifest in Store().list():
             if str(name) not in seen:
                 created = dt.datetime.fromisoformat(manifest.created_at).timestamp()
                 out.append((str(name), int(created)))
+                seen.add(str(name))
+        # then what other tools keep, used in place (modelfiles/local_stores.py)
+        out += [(m.name, int(m.mtime)) for m in local_stores.models() if m.name not in seen]
         return out
 
 
