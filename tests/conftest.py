@@ -80,9 +80,6 @@ def qwen_coder_path() -> Path:
 # Known failures after this session's merge of parallel work, each an open defect named in
 # the closing note (not passing checks): they run, and a pass is reported as XPASS.
 KNOWN_FAILING = {
-    "test_structured_output.py::test_22_schemas_at_temperature_08_are_all_valid_next_to_free_requests": (
-        "the 22-schema run at temperature 0.8 has not passed here yet"
-    ),
     "test_soak.py::test_every_bad_body_is_refused_with_a_4xx": (
         "lenient fields (issue 15) accept bodies the soak's bad-body list expects refused"
     ),
