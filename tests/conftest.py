@@ -40,6 +40,7 @@ def load_script(name: str):
     """scripts/NAME.py imported as a module NAME (registered in sys.modules: dataclasses
     look their module up there)."""
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -79,23 +80,7 @@ def qwen_coder_path() -> Path:
     return model_path("qwen_coder")
 
 
-# Known failures after this session's merge of parallel work, each an open defect named in
-# the closing note (not passing checks): they run, and a pass is reported as XPASS.
-KNOWN_FAILING = {
-    "test_server_structured.py::test_openai_tool_choice_required_gives_a_parsed_call": (
-        "tool_choice=required through the server: the forced call is not parsed back"
-    ),
-    "test_structured_output.py::test_22_schemas_at_temperature_08_are_all_valid_next_to_free_requests": (
-        "the 22-schema run at temperature 0.8 has not passed here yet"
-    ),
-}
-
-
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        reason = KNOWN_FAILING.get(item.nodeid.removeprefix("tests/"))
-        if reason:
-            item.add_marker(pytest.mark.xfail(reason=reason, strict=False))
     try:
         import torch
 

@@ -13,7 +13,13 @@ import jsonschema
 import pytest
 
 from runtime import LLM, SamplingParams
-from runtime.engine.grammar import Grammar, GrammarError, check_grammar, json_schema
+from runtime.engine.grammar import (
+    Grammar,
+    GrammarError,
+    GrammarMatcher,
+    check_grammar,
+    json_schema,
+)
 
 SCHEMAS = json.loads((Path(__file__).parent / "data" / "structured_schemas.json").read_text())
 MAX_TOKENS = 96
@@ -100,6 +106,24 @@ def test_regex_choice_and_gbnf(llm, grammar, check):
     params = SamplingParams(temperature=0.8, seed=5, max_tokens=30, grammar=grammar)
     text, reason = _run(llm, [(ids, params)])["r0"][0]
     assert reason == "stop" and check(text), text
+
+
+@pytest.mark.parametrize(
+    "schema, text, ends",
+    [
+        ({"type": "number"}, "1.2", True),  # complete: the newline ends it, not more digits
+        ({"type": "number"}, "1.", False),  # a digit must still follow
+        ({"type": "string"}, '"ab', False),  # inside a string
+    ],
+)
+def test_a_refused_newline_ends_the_output_only_where_the_grammar_may_end(llm, schema, text, ends):
+    tok = llm.tokenizer
+    (newline,) = tok.encode("\n", add_special=False)
+    m = GrammarMatcher(tok, json_schema(schema, "s"))
+    for t in tok.encode(text, add_special=False):
+        m.advance(t)
+    assert not m.accepts(newline) and m.ends_at(newline) is ends
+    assert not m.ends_at(tok.encode("x", add_special=False)[0])  # only blank tokens
 
 
 @pytest.mark.parametrize(

@@ -201,3 +201,34 @@ def test_reasoning_markers_from_real_templates():
     prompt = ChatTemplate(r1, "<s>", "</s>", check=False).render(ASK, add_generation_prompt=True)
     found = thinking_for(r1, prompt[-40:], True)
     assert found is not None and found.inside == prompt.rstrip().endswith("<think>")
+
+
+HERMES_CALL = (
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
+)
+
+
+@pytest.mark.parametrize(
+    "text, ends",
+    [
+        (HERMES_CALL, True),
+        (HERMES_CALL + "\n", True),  # a newline after the last call may still end the output
+        (HERMES_CALL + "\n" + HERMES_CALL, True),
+        (HERMES_CALL + "\n\n", None),
+        (HERMES_CALL.replace('": ', '":'), None),  # spaced as tojson writes it, not compactly
+        (HERMES_CALL.replace(', "', ',\n"'), None),  # no free whitespace inside the call
+    ],
+)
+def test_the_required_call_grammar_s_ending_and_spacing(smollm2_path, text, ends):
+    """None: the grammar refuses the text before its end."""
+    from loaders.gguf_file import GGUFFile
+    from loaders.tokenizer import Tokenizer
+    from runtime.engine.grammar import GrammarMatcher
+    from runtime.server.tool_calls import call_grammar
+
+    with GGUFFile(smollm2_path) as f:
+        tok = Tokenizer.from_metadata(f.metadata)
+    m = GrammarMatcher(tok, call_grammar(HERMES, TOOLS, True, tok))
+    ids = tok.encode(text, add_special=False, parse_special=False)
+    taken = all(m.accepts(t) and m.advance(t) is None for t in ids)
+    assert (m.accepts(min(tok.eog_ids)) if taken else None) == ends

@@ -17,6 +17,11 @@ the grammar rejects it is the mask computed (on the CPU, one bit per token) and 
 drawn again from the masked logits — ollama's approach. Drawing from p, then on rejection from
 p restricted to the allowed set A, gives each allowed token p(t) + (1 - p(A)) p(t) / p(A) =
 p(t) / p(A): exactly the masked distribution (up to how top_k / top_p truncate first).
+
+One exception (`ends_at`): a blank token (whitespace only) that the grammar refuses where it
+may end is taken as the end, not redrawn. A model ends a JSON value with a newline far more
+often than with its end token; masked, that newline's mass went to whatever continues the
+value, and a top-level number ran on in digits to max_tokens.
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ _lock = threading.Lock()
 @dataclass
 class _PerTokenizer:
     ll: llguidance.LLTokenizer
+    blank: frozenset[int]  # tokens of whitespace only
     compiled: OrderedDict[Grammar, llguidance.LLMatcher]  # pristine matchers, LRU
 
 
@@ -140,8 +146,14 @@ def _per_tokenizer(tok: Tokenizer) -> _PerTokenizer:
     ll = llguidance.LLTokenizer(
         llguidance.TokenizerWrapper(_Vocab(tok)), n_vocab=tok.vocab_size, eos_token=eog
     )
+    blank = frozenset(i for i in range(tok.vocab_size) if _is_blank(tok, i))
     with _lock:
-        return _cache.setdefault(tok, _PerTokenizer(ll, OrderedDict()))
+        return _cache.setdefault(tok, _PerTokenizer(ll, blank, OrderedDict()))
+
+
+def _is_blank(tok: Tokenizer, i: int) -> bool:
+    piece = _token_bytes(tok, i)
+    return bool(piece) and not piece.strip()
 
 
 def ll_tokenizer(tok: Tokenizer) -> llguidance.LLTokenizer:
@@ -179,6 +191,7 @@ class GrammarMatcher:
     def __init__(self, tok: Tokenizer, grammar: Grammar) -> None:
         self.grammar = grammar
         self._m = compile_grammar(tok, grammar)
+        self._blank = _per_tokenizer(tok).blank
         self._vocab = tok.vocab_size
         self.mask_seconds: list[float] = []  # time of each mask computed (the slow path)
         self.check_seconds: list[float] = []  # time of each accept check (every token)
@@ -189,6 +202,11 @@ class GrammarMatcher:
         ok = self._m.validate_tokens([token]) == 1
         self.check_seconds.append(time.perf_counter() - t0)
         return ok
+
+    def ends_at(self, token: int) -> bool:
+        """Whether `token`, refused by the grammar, ends the output instead: it is blank and
+        the grammar may end here (the token is then not output)."""
+        return token in self._blank and self._m.is_accepting()
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` (V,) with every token the grammar forbids at -inf."""

@@ -93,10 +93,13 @@ class Sequence:
         """Sample from the logits (V,) of the last token and return what it adds."""
         res = self._sampler.sample(logits, self.token_ids)
         g = self._grammar
+        end = False
         if g is not None and not g.accepts(res.token_id):  # only then is the mask computed
-            res = self._sampler.sample(g.mask(logits), self.token_ids)
+            end = g.ends_at(res.token_id)
+            if not end:
+                res = self._sampler.sample(g.mask(logits), self.token_ids)
         self.timings.eval_tokens += 1
-        if res.token_id in self._stop_ids:
+        if end or res.token_id in self._stop_ids:
             return self._finish(None, res, "stop", "")
         self.token_ids.append(res.token_id)
         text, hit = self._stop.push(self._decoder.push(res.token_id))

@@ -435,25 +435,33 @@ def _literal(text: str, tok: Tokenizer) -> str:
     return json.dumps(text)
 
 
+def _json(schema: dict) -> str:
+    """`schema` as a Lark %json rule, spaced as templates' tojson writes it (a call in any
+    other spacing is off the model's training and may wander: blank lines before a comma)."""
+    return "%json " + json.dumps({**schema, "x-guidance": _TOJSON})
+
+
+_TOJSON = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+
+
 def call_grammar(fmt: ToolFormat, tools: list[dict], parallel: bool, tok: Tokenizer) -> Grammar:
     """A grammar whose every output is one (or, with `parallel`, one or more) call(s) of
     `tools` in the family's format. Applied from the first token (not lazily at a trigger).
     Families without a JSON-bodied format fall back to the Hermes form."""
     key = "parameters" if fmt.name == "llama3" else "arguments"
     schema = {"anyOf": [_call_schema(t, key) for t in tools]}
-    body = f"%json {json.dumps(schema)}"
-    if fmt.name == "llama3":
-        one = "call"
-        sep = '";" '
-    elif fmt.name == "mistral":
-        lark = (
-            f"start: {_literal('[TOOL_CALLS]', tok)} calls\n"
-            f"calls: %json {json.dumps({'type': 'array', 'items': schema, 'minItems': 1, 'maxItems': None if parallel else 1})}\n"
-        ).replace(', "maxItems": null', "")
+    if fmt.name == "mistral":
+        calls = {"type": "array", "items": schema, "minItems": 1}
+        if not parallel:
+            calls["maxItems"] = 1
+        lark = f"start: {_literal('[TOOL_CALLS]', tok)} calls\ncalls: {_json(calls)}\n"
         return Grammar("lark", lark, "tool_choice")
+    if fmt.name == "llama3":
+        one, sep, end = "call", '";" ', ""
     else:
         one = f'{_literal("<tool_call>", tok)} "\\n" call "\\n" {_literal("</tool_call>", tok)}'
-        sep = '"\\n" '
-    many = f"one ({sep}one)*" if parallel else "one"
-    lark = f"start: {many}\none: {one}\ncall: {body}\n"
+        # the newline that separates calls may also end the output (else it forces another)
+        sep, end = '"\\n" ', ' "\\n"?'
+    many = f"one ({sep}one)*{end}" if parallel else "one"
+    lark = f"start: {many}\none: {one}\ncall: {_json(schema)}\n"
     return Grammar("lark", lark, "tool_choice")
