@@ -5,6 +5,7 @@ plain server's, and killing a replica leaves the endpoint answering."""
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 import time
@@ -78,19 +79,16 @@ def chat(client, messages, **kw):
 
 
 def test_affinity_key_follows_the_conversation():
+    def key(messages) -> str | None:
+        body = json.dumps({"model": "m", "messages": messages}).encode()
+        return affinity_key("/v1/chat/completions", body)
+
     turn1 = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]
     turn2 = [*turn1, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
     other = [{"role": "system", "content": "s"}, {"role": "user", "content": "z"}]
-    key = affinity_key("/v1/chat/completions", b'{"model": "m", "messages": %s}' % _j(turn1))
-    assert key == affinity_key("/v1/chat/completions", b'{"model": "m", "messages": %s}' % _j(turn2))
-    assert key != affinity_key("/v1/chat/completions", b'{"model": "m", "messages": %s}' % _j(other))
+    assert key(turn1) == key(turn2)
+    assert key(turn1) != key(other)
     assert affinity_key("/v1/models", b"") is None
-
-
-def _j(value) -> bytes:
-    import json
-
-    return json.dumps(value).encode()
 
 
 def test_greedy_equals_plain_server_and_both_replicas_serve(client, smollm2_path):

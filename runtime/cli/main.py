@@ -337,7 +337,8 @@ def serve_on_ray(args, host: str, port: int, options, origins: tuple[str, ...]) 
             autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
             threads=threads,
             registry=dataclasses.replace(
-                options, load=options.load if args.num_thread else (*options.load, ("num_thread", 1))
+                options,
+                load=options.load if args.num_thread else (*options.load, ("num_thread", 1)),
             ),
             guard=GuardOptions(bind_host=host, origins=origins, api_key=args.api_key),
         ),

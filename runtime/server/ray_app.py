@@ -202,7 +202,9 @@ class TandemEngine:
             while True:
                 message = await sent.get()
                 if message["type"] == "http.response.start":
-                    head = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]]
+                    head = [
+                        (k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]
+                    ]
                     head += [(REPLICA_HEADER, self.replica)]
                     head += [(PREFIX_HITS_HEADER, str(self.prefix_cache_hits()))]
                     yield {"status": message["status"], "headers": head}
