@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -126,7 +127,7 @@ class PrefixAffinityRouter(RequestRouter):
         key = pending_request.kwargs.get("affinity") if pending_request else None
         owner = self.owner.get(key) if key else None
         for replica in candidate_replicas:
-            if replica.replica_id == owner:
+            if key and replica.replica_id == owner:
                 if self._load(replica) <= self._load(ranked[0]) + self.load_bound:
                     self.owner.move_to_end(key)
                     return [[replica], [r for r in ranked if r is not replica]]
@@ -193,7 +194,7 @@ class TandemEngine:
             await done.wait()
             return {"type": "http.disconnect"}
 
-        async def send(message: dict) -> None:
+        async def send(message: Any) -> None:
             await sent.put(message)
 
         task = asyncio.create_task(self.app(scope, receive, send))
@@ -269,7 +270,7 @@ class TandemIngress:
                 body,
                 affinity=affinity_key(path, body),
             )
-            head = await stream.__anext__()
+            head = await stream.__anext__()  # type: ignore[attr-defined]  (stream=True)
         except (RayError, StopAsyncIteration) as err:
             self.inflight -= 1
             log.warning("replica failed before answering %s: %s", path, err)
@@ -326,16 +327,16 @@ def build(options: RayOptions, app_name: str = "tandem"):
         health_check_timeout_s=30,
         graceful_shutdown_timeout_s=20,
         request_router_config=RequestRouterConfig(
-            request_router_class=f"{__name__}:PrefixAffinityRouter",
+            request_router_class=f"{__name__}:PrefixAffinityRouter",  # type: ignore[arg-type]
             request_router_kwargs={"load_bound": options.load_bound},
         ),
         **scaling,
     )
     most = options.autoscale[1] if options.autoscale else options.replicas
     ingress = serve.deployment(serve.ingress(ingress_app)(TandemIngress), name="TandemIngress")
-    return ingress.options(ray_actor_options={"num_cpus": 0}).bind(
-        engine.bind(options), most * options.queue_per_replica, app_name
-    )
+    engines = engine.bind(options)  # type: ignore[attr-defined]
+    ingress = ingress.options(ray_actor_options={"num_cpus": 0})  # type: ignore[attr-defined]
+    return ingress.bind(engines, most * options.queue_per_replica, app_name)
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -350,13 +351,12 @@ def app(args: dict[str, str]):
     [threads=T] [num_cpus=C] [num_ctx=N] [parallel=N] [load_bound=B]`."""
     if "model" not in args:
         raise InvalidParameterError("give model=NAME (a stored model, or a .gguf path)")
-    flags = {"num_ctx": "num_ctx", "parallel": "max_num_seqs"}
     threads = int(args.get("threads", 1))
-    registry = RegistryOptions(
-        keep_alive=float("inf"),
-        load=(("num_thread", threads),),
-        **{flags[k]: int(v) for k, v in args.items() if k in flags},
-    )
+    registry = RegistryOptions(keep_alive=float("inf"), load=(("num_thread", threads),))
+    if "num_ctx" in args:
+        registry = dataclasses.replace(registry, num_ctx=int(args["num_ctx"]))
+    if "parallel" in args:
+        registry = dataclasses.replace(registry, max_num_seqs=int(args["parallel"]))
     options = RayOptions(
         model=args["model"],
         replicas=int(args.get("replicas", 1)),
