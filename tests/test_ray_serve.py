@@ -51,7 +51,8 @@ def endpoint(smollm2_path):
     """The replicas load the native kernel this process built (unless TANDEM_NATIVE=0)."""
     from kernels import native_loader
 
-    native_loader.load()
+    if native_loader.enabled():
+        native_loader.load()
     ray.init(num_cpus=2, include_dashboard=False, namespace="tandem-test", log_to_driver=False)
     try:
         port = free_port()
