@@ -239,8 +239,8 @@ class TandemIngress:
         self.max_inflight = max_inflight
         self.inflight = 0
         self.app_name = app_name
+        ingress_app.state.ingress = self
 
-    @ingress_app.get("/health")
     async def health(self) -> JSONResponse:
         status = await asyncio.to_thread(serve.status)
         app = status.applications.get(self.app_name)
@@ -250,9 +250,6 @@ class TandemIngress:
         body = {"status": "ok" if running else "unavailable", "replicas": states}
         return JSONResponse(body, 200 if running else 503)
 
-    @ingress_app.api_route(
-        "/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]
-    )
     async def forward(self, request: Request) -> Response:
         path = request.url.path
         if self.inflight >= self.max_inflight:
@@ -293,6 +290,18 @@ class TandemIngress:
             yield _stream_error(headers)
         finally:
             self.inflight -= 1
+
+
+@ingress_app.get("/health")
+async def _health(request: Request) -> JSONResponse:
+    return await request.app.state.ingress.health()
+
+
+@ingress_app.api_route(
+    "/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]
+)
+async def _forward(request: Request) -> Response:
+    return await request.app.state.ingress.forward(request)
 
 
 def _stream_error(headers: list) -> bytes:
