@@ -229,6 +229,7 @@ class TandemEngine:
 
 
 ingress_app = FastAPI(title="tandem on Ray Serve")
+_INGRESS: list[TandemIngress] = []
 
 
 class TandemIngress:
@@ -239,7 +240,7 @@ class TandemIngress:
         self.max_inflight = max_inflight
         self.inflight = 0
         self.app_name = app_name
-        ingress_app.state.ingress = self
+        _INGRESS[:] = [self]  # the app-level routes below reach this replica's instance
 
     async def health(self) -> JSONResponse:
         status = await asyncio.to_thread(serve.status)
@@ -294,14 +295,14 @@ class TandemIngress:
 
 @ingress_app.get("/health")
 async def _health(request: Request) -> JSONResponse:
-    return await request.app.state.ingress.health()
+    return await _INGRESS[0].health()
 
 
 @ingress_app.api_route(
     "/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]
 )
 async def _forward(request: Request) -> Response:
-    return await request.app.state.ingress.forward(request)
+    return await _INGRESS[0].forward(request)
 
 
 def _stream_error(headers: list) -> bytes:
