@@ -17,6 +17,8 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'tandem[ray]')")
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed")
 
+from test_server import Server  # noqa: E402
+
 from runtime.server.app import create_app  # noqa: E402
 from runtime.server.models import RegistryOptions  # noqa: E402
 from runtime.server.ray_app import (  # noqa: E402
@@ -95,24 +97,31 @@ def test_affinity_key_follows_the_conversation():
     assert affinity_key("/v1/models", b"") is None
 
 
-def test_greedy_equals_plain_server_and_both_replicas_serve(client, smollm2_path):
-    from fastapi.testclient import TestClient
-
-    with TestClient(create_app(registry(), preload=MODEL)) as plain:
-        deadline = time.time() + 120
-        while plain.get("/health").status_code != 200:
-            assert time.time() < deadline
+@pytest.fixture(scope="module")
+def plain_greedy(smollm2_path) -> str:
+    """The greedy answer to CHAT from a plain `tandem serve` (test_server's real uvicorn on
+    loopback), started and stopped before the Ray cluster so the two never share the cores."""
+    srv = Server(create_app(registry(), preload=MODEL))
+    try:
+        deadline = time.time() + 300
+        while httpx.get(f"{srv.url}/health").status_code != 200:
+            assert time.time() < deadline, "the plain server's model never became ready"
             time.sleep(0.1)
         body = {"model": MODEL, "messages": CHAT, "temperature": 0, "max_tokens": 8}
-        expected = plain.post("/v1/chat/completions", json=body).json()
-    expected_text = expected["choices"][0]["message"]["content"]
+        out = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=120).json()
+    finally:
+        srv.stop()
+    return out["choices"][0]["message"]["content"]
+
+
+def test_greedy_equals_plain_server_and_both_replicas_serve(plain_greedy, client):
     replicas = set()
     for i in range(8):  # different first messages spread over the least-loaded replicas
         headers, out = chat(client, [{"role": "system", "content": f"session {i}"}, *CHAT])
         replicas.add(headers[REPLICA_HEADER])
     assert len(replicas) == 2, f"only {replicas} served"
     headers, out = chat(client, CHAT)
-    assert out.choices[0].message.content == expected_text
+    assert out.choices[0].message.content == plain_greedy
 
 
 def test_conversation_stays_on_one_replica_with_prefix_hits(client):

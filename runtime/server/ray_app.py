@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import signal
 import threading
 from collections import OrderedDict
@@ -123,7 +124,8 @@ class PrefixAffinityRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        ranked = sorted(candidate_replicas, key=self._load)
+        shuffled = random.sample(candidate_replicas, len(candidate_replicas))
+        ranked = sorted(shuffled, key=self._load)  # ties broken at random
         key = pending_request.kwargs.get("affinity") if pending_request else None
         owner = self.owner.get(key) if key else None
         for replica in candidate_replicas:
