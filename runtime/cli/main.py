@@ -292,6 +292,12 @@ def add_server_commands(sub) -> None:
     ray.add_argument("--ray", action="store_true", help="serve replicas on RAY_ADDRESS's cluster")
     ray.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
     ray.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale replicas in MIN..MAX")
+    ray.add_argument(
+        "--router",
+        choices=("prefix", "round-robin"),
+        default="prefix",
+        help="replica choice: prompt-prefix affinity (default) or round-robin",
+    )
     ps = sub.add_parser("ps", help="list the models a running server holds")
     ps.add_argument(
         "--host", help="the server's host:port (default TANDEM_HOST or 127.0.0.1:11435)"
@@ -360,6 +366,7 @@ def serve_on_ray(args, host: str, port: int, options, origins: tuple[str, ...]) 
             replicas=args.replicas,
             autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
             threads=threads,
+            router=args.router,
             registry=dataclasses.replace(
                 options,
                 load=options.load if args.num_thread else (*options.load, ("num_thread", 1)),

@@ -31,10 +31,9 @@ import hashlib
 import json
 import logging
 import os
-import random
 import signal
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +73,7 @@ class RayOptions:
     num_cpus: float | None = None
     num_gpus: float = 0.0
     load_bound: int = 2  # an affine replica may be this many requests longer than the shortest
+    router: str = "prefix"  # a key of ROUTERS
     queue_per_replica: int = 64  # in-flight requests per replica before the ingress says 503
     registry: RegistryOptions = field(default_factory=RegistryOptions)
     guard: GuardOptions = field(default_factory=GuardOptions)
@@ -108,40 +108,70 @@ def affinity_key(path: str, body: bytes) -> str | None:
 
 class PrefixAffinityRouter(RequestRouter):
     """Prefix-hash affinity with a load bound, falling back to least-loaded (vLLM's Ray
-    Serve LLM routes the same way, with a prefix tree where this keeps one hash)."""
+    Serve LLM routes the same way, with a prefix tree where this keeps one hash). Among
+    equally loaded replicas a new prefix goes to the one owning the fewest, so sessions
+    spread evenly."""
 
     def initialize_state(self, load_bound: int = 2, **kwargs) -> None:
         self.load_bound = load_bound
         self.owner: OrderedDict[str, ReplicaID] = OrderedDict()  # affinity key -> replica
+        self.owned: Counter[ReplicaID] = Counter()  # how many keys each replica owns
 
     def _load(self, replica: RunningReplica) -> int:
         return self.replica_queue_len_cache.get(replica.replica_id) or 0
+
+    def _rank(self, replica: RunningReplica) -> tuple[int, int]:
+        return self._load(replica), self.owned[replica.replica_id]
 
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        if not candidate_replicas:
-            return []
-        shuffled = random.sample(candidate_replicas, len(candidate_replicas))
-        ranked = sorted(shuffled, key=self._load)  # ties broken at random
+        ranked = sorted(candidate_replicas, key=self._rank)
         key = pending_request.kwargs.get("affinity") if pending_request else None
         owner = self.owner.get(key) if key else None
-        for replica in candidate_replicas:
-            if key and replica.replica_id == owner:
+        for replica in ranked:
+            if replica.replica_id == owner:
                 if self._load(replica) <= self._load(ranked[0]) + self.load_bound:
-                    self.owner.move_to_end(key)
                     return [[replica], [r for r in ranked if r is not replica]]
         return [[r] for r in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
         key = pending_request.kwargs.get("affinity")
-        if key:
-            self.owner[key] = replica_id
-            self.owner.move_to_end(key)
-            while len(self.owner) > AFFINITY_ENTRIES:
-                self.owner.popitem(last=False)
+        if not key:
+            return
+        previous = self.owner.get(key)
+        if previous != replica_id:
+            if previous is not None:
+                self.owned[previous] -= 1
+            self.owned[replica_id] += 1
+        self.owner[key] = replica_id
+        self.owner.move_to_end(key)
+        while len(self.owner) > AFFINITY_ENTRIES:
+            self.owned[self.owner.popitem(last=False)[1]] -= 1
+
+
+class RoundRobinRouter(RequestRouter):
+    """Each request to the next replica in turn, whatever its prompt: the baseline the prefix
+    affinity is measured against (`--router round-robin`, docs/ray.md)."""
+
+    def initialize_state(self, **kwargs) -> None:
+        self.turn = 0
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        if not ordered:
+            return []
+        self.turn = (self.turn + 1) % len(ordered)
+        return [[r] for r in ordered[self.turn :] + ordered[: self.turn]]
+
+
+ROUTERS = {"prefix": PrefixAffinityRouter, "round-robin": RoundRobinRouter}
 
 
 class TandemEngine:
@@ -338,10 +368,7 @@ def build(options: RayOptions, app_name: str = "tandem"):
         health_check_period_s=2,
         health_check_timeout_s=30,
         graceful_shutdown_timeout_s=20,
-        request_router_config=RequestRouterConfig(
-            request_router_class=f"{__name__}:PrefixAffinityRouter",  # type: ignore[arg-type]
-            request_router_kwargs={"load_bound": options.load_bound},
-        ),
+        request_router_config=router_config(options),
         **scaling,
     )
     most = options.autoscale[1] if options.autoscale else options.replicas
@@ -349,6 +376,17 @@ def build(options: RayOptions, app_name: str = "tandem"):
     engines = engine.bind(options)  # type: ignore[attr-defined]
     ingress = ingress.options(ray_actor_options={"num_cpus": 0})  # type: ignore[attr-defined]
     return ingress.bind(engines, most * options.queue_per_replica, app_name)
+
+
+def router_config(options: RayOptions) -> RequestRouterConfig:
+    if options.router not in ROUTERS:
+        known = ", ".join(ROUTERS)
+        raise InvalidParameterError(f"router {options.router!r}: give one of {known}")
+    kwargs = {"load_bound": options.load_bound} if options.router == "prefix" else {}
+    return RequestRouterConfig(
+        request_router_class=f"{__name__}:{ROUTERS[options.router].__name__}",  # type: ignore[arg-type]
+        request_router_kwargs=kwargs,
+    )
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -360,7 +398,7 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 
 def app(args: dict[str, str]):
     """`serve run runtime.server.ray_app:app model=M [replicas=N | autoscale=MIN:MAX]
-    [threads=T] [num_cpus=C] [num_ctx=N] [parallel=N] [load_bound=B]`."""
+    [threads=T] [num_cpus=C] [num_ctx=N] [parallel=N] [load_bound=B] [router=prefix|round-robin]`."""
     if "model" not in args:
         raise InvalidParameterError("give model=NAME (a stored model, or a .gguf path)")
     threads = int(args.get("threads", 1))
@@ -376,6 +414,7 @@ def app(args: dict[str, str]):
         threads=threads,
         num_cpus=float(args["num_cpus"]) if "num_cpus" in args else None,
         load_bound=int(args.get("load_bound", 2)),
+        router=args.get("router", "prefix"),
         registry=registry,
         guard=GuardOptions(bind_host=args.get("host", "0.0.0.0")),
     )
