@@ -10,6 +10,13 @@ both servers accept) at temperature 0. Per level: aggregate generated tokens / w
 p50/p95 time to first token (request sent -> first content chunk), and the mean per-stream
 decode rate. Tokens are counted from the usage the server reports when it sends one,
 otherwise as content chunks (one token each on both servers).
+
+`--multi-turn CxT` runs a multi-turn workload instead: C conversations at once, each T
+turns (one shared system prompt, its own first question, each answer appended and a follow-up
+asked). Against `tandem serve --ray` it reports the prefix-cache hit rate (prompt tokens the
+replicas served from their prefix caches, read from x-tandem-prefix-cache-hits, over all
+prompt tokens) and how often a conversation changed replica (x-tandem-replica); start the
+server fresh for each run, as the replicas' counters include earlier requests.
 """
 
 from __future__ import annotations
@@ -94,6 +101,73 @@ def one_request(url: str, model: str, prompt: str, max_tokens: int) -> Result:
     return Result(ttft if ttft is not None else seconds, seconds, tokens)
 
 
+SYSTEM = (
+    "You are a patient, precise assistant for a team of engineers. Answer in plain language, "
+    "give one concrete example when it helps, and keep every answer short."
+)
+REPLICA_HEADER = "x-tandem-replica"
+HITS_HEADER = "x-tandem-prefix-cache-hits"
+
+
+@dataclass
+class Conversations:
+    conversations: int
+    turns: int
+    prompt_tokens: int
+    cached_tokens: int  # summed over replicas, from the last header each one sent
+    hit_rate: float
+    replica_changes: int  # turns served by another replica than the turn before
+    wall_seconds: float
+
+
+def one_turn(url: str, model: str, messages: list, max_tokens: int) -> tuple[dict, dict]:
+    """One non-streamed chat turn: (its JSON body, its response headers)."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    req = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        return json.loads(resp.read()), {k.lower(): v for k, v in resp.headers.items()}
+
+
+def conversation(url: str, model: str, index: int, turns: int, max_tokens: int) -> list:
+    """One conversation's turns: [(prompt tokens, replica, that replica's hits so far)]."""
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": PROMPTS[index % len(PROMPTS)]},
+    ]
+    out = []
+    for turn in range(turns):
+        body, headers = one_turn(url, model, messages, max_tokens)
+        hits = int(headers.get(HITS_HEADER, 0))
+        out.append((body["usage"]["prompt_tokens"], headers.get(REPLICA_HEADER), hits))
+        answer = body["choices"][0]["message"]["content"] or ""
+        messages += [
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": f"Tell me more, point {turn + 1}."},
+        ]
+    return out
+
+
+def run_conversations(url: str, model: str, spec: str, max_tokens: int) -> Conversations:
+    count, turns = (int(x) for x in spec.lower().split("x"))
+    start = time.perf_counter()
+    with ThreadPoolExecutor(count) as pool:
+        runs = list(
+            pool.map(lambda i: conversation(url, model, i, turns, max_tokens), range(count))
+        )
+    wall = time.perf_counter() - start
+    hits: dict[str, int] = {}
+    for _, replica, seen in (t for run in runs for t in run):
+        hits[str(replica)] = max(hits.get(str(replica), 0), seen)
+    prompt = sum(t[0] for run in runs for t in run)
+    changes = sum(a[1] != b[1] for run in runs for a, b in zip(run, run[1:], strict=False))
+    cached = sum(hits.values())
+    return Conversations(count, turns, prompt, cached, cached / max(prompt, 1), changes, wall)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -133,8 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=1, help="requests sent before measuring")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument(
+        "--multi-turn",
+        metavar="CxT",
+        help="instead: C concurrent conversations of T turns; prefix-cache hit rate",
+    )
     args = ap.parse_args(argv)
     url = args.url.rstrip("/")
+    if args.multi_turn:
+        return report_conversations(url, args)
     for _ in range(args.warmup):
         one_request(url, args.model, PROMPTS[0], 4)
     levels = [
@@ -165,6 +246,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{lv.aggregate_tok_s:>9.1f} {lv.ttft_p50_s:>8.3f} {lv.ttft_p95_s:>8.3f} "
             f"{lv.stream_tok_s:>12.1f}"
         )
+    return 0
+
+
+def report_conversations(url: str, args: argparse.Namespace) -> int:
+    result = run_conversations(url, args.model, args.multi_turn, args.max_tokens)
+    if args.json:
+        print(json.dumps({"url": url, "model": args.model, **asdict(result)}, indent=2))
+        return 0
+    print(
+        f"{url}  model={args.model}  {result.conversations} conversations x {result.turns} "
+        f"turns  max_tokens={args.max_tokens}  wall {result.wall_seconds:.1f} s"
+    )
+    print(
+        f"prompt tokens {result.prompt_tokens}  from prefix caches {result.cached_tokens}  "
+        f"hit rate {result.hit_rate:.1%}  replica changes {result.replica_changes}"
+    )
     return 0
 
 

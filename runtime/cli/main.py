@@ -24,6 +24,7 @@ tandem help [COMMAND]; tandem --version
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -287,6 +288,16 @@ def add_server_commands(sub) -> None:
         help="comma-separated browser origins allowed beyond the localhost ones "
         "('*' wildcards; also TANDEM_ORIGINS)",
     )
+    ray = serve.add_argument_group("Ray Serve (pip install 'tandem[ray]'; docs/ray.md)")
+    ray.add_argument("--ray", action="store_true", help="serve replicas on RAY_ADDRESS's cluster")
+    ray.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
+    ray.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale replicas in MIN..MAX")
+    ray.add_argument(
+        "--router",
+        choices=("prefix", "round-robin"),
+        default="prefix",
+        help="replica choice: prompt-prefix affinity (default) or round-robin",
+    )
     ps = sub.add_parser("ps", help="list the models a running server holds")
     ps.add_argument(
         "--host", help="the server's host:port (default TANDEM_HOST or 127.0.0.1:11435)"
@@ -335,7 +346,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model:
         watch_preload(host, port)
     origins = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip())
+    if args.ray:
+        return serve_on_ray(args, host, port, options, origins)
     serve(host, port, args.model, options, max_body=max_body, api_key=args.api_key, origins=origins)
+    return 0
+
+
+def serve_on_ray(args, host: str, port: int, options, origins: tuple[str, ...]) -> int:
+    """`tandem serve --ray`: tandem's server as Ray Serve replicas (runtime/server/ray_app.py)."""
+    from runtime.server.guard import GuardOptions
+    from runtime.server.ray_app import RayOptions, parse_autoscale, run_on_ray
+
+    if not args.model:
+        raise InvalidParameterError("--ray needs --model: each replica preloads it")
+    threads = args.num_thread or 1
+    run_on_ray(
+        RayOptions(
+            model=args.model,
+            replicas=args.replicas,
+            autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
+            threads=threads,
+            router=args.router,
+            registry=dataclasses.replace(
+                options,
+                load=options.load if args.num_thread else (*options.load, ("num_thread", 1)),
+            ),
+            guard=GuardOptions(bind_host=host, origins=origins, api_key=args.api_key),
+        ),
+        host,
+        port,
+    )
     return 0
 
 
