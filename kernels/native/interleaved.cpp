@@ -901,6 +901,42 @@ void panel_q6k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
   for (int t = 0; t < NT; ++t) out[t] = acc[t];
 }
 
+#if !TQ_VNNI
+// Q3_K on AVX2 without VNNI, one (half, parity) quarter of a super-block: maddubs' int16
+// pair sums added up over a sub-block's 4 groups in int16, the −4·Σy offset in each lane's
+// low half, then one madd by the row's scale (in both int16 halves) into int32. Exact: a
+// pair is ≤ 2·7·128, 4 of them plus 4·16·128 stay under 2^15; the same integers as the
+// generic path's, so the same bits.
+template <int NT>
+inline void q3k_maddubs(const Planes<Ymm>& pl, const uint8_t* H, const TokenAct* ta, int64_t b,
+                        int hh, int par, int half, __m256i* isum) {
+  __m256i p[4][NT];
+  for (int k = 0; k < 4; ++k)
+    for (int t = 0; t < NT; ++t)
+      p[k][t] = _mm256_set1_epi32(uint16_t(-4 * ta[t].bsum[16 * b + 8 * hh + 2 * k + par]));
+#pragma GCC unroll 4
+  for (int gi = 0; gi < 4; ++gi) {
+    const int g = 4 * par + gi;
+    const __m256i raw = Ymm::load(pl.Q + 512 * hh + 64 * g);
+    const __m256i hn = Ymm::hnib(H + 256 * hh + 32 * g, half);
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const __m256i u = Ymm::or_(Ymm::crumb(raw, k), Ymm::bit2(hn, k));
+      for (int t = 0; t < NT; ++t) {
+        const int8_t* y = ta[t].y + 256 * b + 128 * hh + 32 * k + 4 * g;
+        p[k][t] = _mm256_add_epi16(p[k][t], _mm256_maddubs_epi16(u, Ymm::set1(rd4(y))));
+      }
+    }
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m256i sc = Ymm::s8x(pl.S + 16 * (8 * hh + 2 * k + par));  // int32 per row
+    const __m256i sc2 = _mm256_or_si256(_mm256_and_si256(sc, _mm256_set1_epi32(0xFFFF)),
+                                        _mm256_slli_epi32(sc, 16));
+    for (int t = 0; t < NT; ++t) isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p[k][t], sc2));
+  }
+}
+#endif
+
 // Q3_K: 16 sub-blocks of 16, values 0..7 − 4 (a crumb of the Q plane, bit 2 from the H
 // plane's nibbles), signed scales: per sub-block the exact (Σ u·y − 4·Σy)·sc, summed per row
 // over the super-block, then acc += · d·d_y. Groups 0-3 of a 128-element half feed
@@ -921,6 +957,10 @@ void panel_q3k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
     for (int t = 0; t < NT; ++t) isum[t] = V::zero();
     for (int hh = 0; hh < 2; ++hh) {
       for (int par = 0; par < 2; ++par) {
+#if !TQ_VNNI  // (V is Ymm)
+        q3k_maddubs<NT>(pl, H, ta, b, hh, par, half, isum);
+        continue;
+#endif
         I s[4][NT];
         for (int k = 0; k < 4; ++k)
           for (int t = 0; t < NT; ++t) s[k][t] = V::set1(-4 * ta[t].bsum[16 * b + 8 * hh + 2 * k + par]);
