@@ -163,7 +163,9 @@ def fetch_manifest(ref: RegistryRef, name: str) -> bytes:
         try:
             data = response.read(_MAX_MANIFEST + 1)
         except (OSError, http.client.HTTPException) as err:
-            raise RegistryUnreachableError(f"{name}: the manifest's download broke: {err}") from None
+            raise RegistryUnreachableError(
+                f"{name}: the manifest's download broke: {err}"
+            ) from None
     if len(data) > _MAX_MANIFEST:
         raise PullError(f"{name}: the registry's manifest is larger than {_MAX_MANIFEST} bytes")
     return data

@@ -60,7 +60,9 @@ def _layers(raw: bytes, name: str) -> list[tuple[str, str, int]]:
     try:
         layers = manifest_layers(raw)
     except ValueError as err:
-        raise PullError(f"{name}: the registry's answer is not an ollama manifest ({err})") from None
+        raise PullError(
+            f"{name}: the registry's answer is not an ollama manifest ({err})"
+        ) from None
     models = sum(media == MODEL for media, _, _ in layers)
     if models != 1:
         raise PullError(f"{name}: the registry's manifest has {models} model layers, not 1")

@@ -88,7 +88,7 @@ def _handler(reg: Registry):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, *args) -> None:
+        def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base's name)
             pass
 
         def do_GET(self) -> None:
