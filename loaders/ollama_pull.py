@@ -216,6 +216,7 @@ def _download(ref: RegistryRef, hexdigest: str, size: int, part: Path, name: str
             if done == size:
                 return
             if attempt:
+                bar(done, now_please=True)
                 _say(f"\nresuming {hexdigest[:12]} at {human(done)} of {human(size)}")
                 time.sleep(0.2 * attempt)
             try:

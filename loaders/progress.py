@@ -30,7 +30,8 @@ def _eta(seconds: float | None) -> str:
 
 class DownloadBar:
     """Call with the bytes done so far (a resumed download starts above 0: the speed counts
-    only what this run received); `close()` ends the line."""
+    only what this run received; `now_please` draws even when the last draw was recent);
+    `close()` ends the line."""
 
     def __init__(self, label: str, total: int, stream: TextIO | None = None) -> None:
         self.label, self.total = label, total
@@ -40,11 +41,12 @@ class DownloadBar:
         self.drawn = 0.0
         self.open = True
 
-    def __call__(self, done: int) -> None:
+    def __call__(self, done: int, now_please: bool = False) -> None:
         now = time.monotonic()
         if self.first is None:
             self.first = done
-        if not self.open or (done < self.total and now - self.drawn < _EVERY_S):
+        recent = done < self.total and now - self.drawn < _EVERY_S
+        if not self.open or (recent and not now_please):
             return
         self.drawn = now
         rate = (done - self.first) / max(now - self.start, 1e-6)
