@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -96,23 +97,29 @@ def short_name(host: str, namespace: str, model: str, tag: str) -> str:
 
 def settings(model: LocalModel) -> Settings:
     """What the model's template, system, params, messages, license and adapter layers set."""
+    return layer_settings(model.layers, model.name)
+
+
+def layer_settings(layers: Iterable[tuple[str, Path]], name: str) -> Settings:
+    """What ollama layers (media type, file) other than the model's set (also for a model
+    pulled from a registry: modelfiles/registry_models.py)."""
     out = Settings()
-    for media, blob in model.layers:
+    for media, blob in layers:
         kind = media.removeprefix(MEDIA)
         if kind == "adapter":
             out.adapters.append(blob)
         elif kind in ("template", "prompt"):
-            out.template = _text(blob, model.name)
+            out.template = _text(blob, name)
         elif kind == "system":
-            out.system = _text(blob, model.name)
+            out.system = _text(blob, name)
         elif kind == "license":
-            out.license.append(_text(blob, model.name))
+            out.license.append(_text(blob, name))
         elif kind == "params":
-            out.parameters = parameters(_json(blob, model.name), model.name)
+            out.parameters = parameters(_json(blob, name), name)
         elif kind == "messages":
-            out.messages = _messages(_json(blob, model.name), model.name)
+            out.messages = _messages(_json(blob, name), name)
         elif kind == "projector":
-            log.warning("%s: its vision projector is not used (tandem runs text)", model.name)
+            log.warning("%s: its vision projector is not used (tandem runs text)", name)
     return out
 
 
@@ -159,11 +166,19 @@ def _children(path: Path) -> list[Path]:
 
 def _layers(raw: bytes, name: str) -> list[tuple[str, str, int]]:
     try:
-        layers = json.loads(raw)["layers"]
-        out = [(str(x["mediaType"]), str(x["digest"]), int(x["size"])) for x in layers]
-    except (ValueError, KeyError, TypeError) as err:
+        return manifest_layers(raw)
+    except ValueError as err:
         raise _damaged(name, None, f"it is not an ollama manifest ({err})") from None
-    return out
+
+
+def manifest_layers(raw: bytes) -> list[tuple[str, str, int]]:
+    """An ollama manifest's layers as (media type, digest, size); ValueError when `raw` is
+    not one."""
+    try:
+        layers = json.loads(raw)["layers"]
+        return [(str(x["mediaType"]), str(x["digest"]), int(x["size"])) for x in layers]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{type(err).__name__}: {err}") from None
 
 
 def _blob(root: Path, digest: str, size: int, name: str) -> Path:

@@ -48,7 +48,17 @@ class ModelfileError(TandemError):
 
 
 class PullError(TandemError):
-    """Fetching a model from the package registry failed or gave the wrong bytes."""
+    """Fetching a model (package registry, Hugging Face, an ollama registry) failed or gave
+    the wrong bytes."""
+
+
+class RegistryUnreachableError(PullError):
+    """No registry answered at the address a pull was pointed to (network down, wrong
+    TANDEM_OLLAMA_REGISTRY)."""
+
+
+class DigestMismatchError(PullError):
+    """Downloaded bytes do not hash to the digest the registry named; they were deleted."""
 
 
 class QueueFullError(TandemError):

@@ -26,6 +26,9 @@ os.environ.setdefault("TANDEM_HOME", os.environ.get("TANDEM_TEST_HOME", str(REPO
 # Other tools' models on this machine (~/.ollama, the HF cache, LM Studio) stay out of the
 # tests; tests/test_local_stores.py builds its own and turns the lookup on.
 os.environ["TANDEM_LOCAL_STORES"] = "off"
+# Nor does a name tandem's catalog lacks go to ollama's registry (tests/test_ollama_registry.py
+# points TANDEM_OLLAMA_REGISTRY at its loopback registry).
+os.environ["TANDEM_OLLAMA_REGISTRY"] = "off"
 # One native-kernel build for every test, subprocesses and temporary TANDEM_HOMEs included.
 os.environ.setdefault("TANDEM_BUILD_CACHE", str(Path(os.environ["TANDEM_HOME"]) / "build"))
 

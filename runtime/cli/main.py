@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     option_flag(run, "num_batch")
     option_flag(run, "num_cpu_moe", "--n-cpu-moe")
     pull_cmd = sub.add_parser(
-        "pull", help="fetch a model: a catalog name, or hf.co/USER/REPO[:QUANT] from Hugging Face"
+        "pull",
+        help="fetch a model: a catalog name, hf.co/USER/REPO[:QUANT] from Hugging Face, or "
+        "[HOST/][NS/]NAME[:TAG] from an ollama registry",
     )
     pull_cmd.add_argument("model")
     stop = sub.add_parser("stop", help="unload a model a running server holds")
@@ -526,11 +528,27 @@ def cmd_pull(args: argparse.Namespace) -> int:
         name, manifest = ensure_hf(Store(), args.model, refresh=True)
         print(f"success: {name} ({manifest.model.digest[:19]}, {manifest.model.size / 1e6:.1f} MB)")
         return 0
+    if _from_registry(args.model):
+        from modelfiles.registry_models import ensure_registry
+
+        name, manifest = ensure_registry(Store(), args.model, refresh=True)
+        print(f"success: {name} ({manifest.model.digest[:19]}, {manifest.model.size / 1e6:.1f} MB)")
+        return 0
     entry = pullable(args.model)
     path = pull(entry.name)
     ensure_builtin(Store(), ModelName.parse(entry.name))  # `tandem list` shows it from now on
     print(f"{entry.name}: {entry.description}\n{path}")
     return 0
+
+
+def _from_registry(text: str) -> bool:
+    """A name that is not in tandem's catalog goes to the ollama registry (unless it is off)."""
+    from loaders.ollama_pull import enabled
+    from loaders.pull import known_key
+    from modelfiles.names import ModelName
+
+    name = ModelName.maybe(text)
+    return name is not None and known_key(name.name, name.tag) is None and enabled()
 
 
 def _kept_elsewhere(text: str):
@@ -548,6 +566,10 @@ def _kept_elsewhere(text: str):
         name = ModelName.maybe(text)
         if name is not None and (str(name).removesuffix(":latest") in KNOWN or str(name) in KNOWN):
             return None
+        if name is not None and "/" in name.name:  # `library/x` is stored as `x`
+            from modelfiles.registry_models import stored_name as registry_name
+
+            name = registry_name(text)
     if name is not None and Store().get(name) is not None:
         return None
     return find(text)

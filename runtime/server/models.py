@@ -150,7 +150,7 @@ def named_elsewhere(text: str) -> str | None:
         if Store().get(name) is not None:
             return str(name)
     elif (name := ModelName.maybe(text)) is not None and Store().get(name) is not None:
-        return None
+        return str(name) if "/" in name.name else None  # `ns/name:tag` pulled from a registry
     local = local_stores.find(text)
     return local.name if local is not None else None
 
