@@ -28,6 +28,7 @@ from runtime.server.ray_app import (  # noqa: E402
     affinity_key,
     build,
 )
+from runtime.server.ray_metrics import merge  # noqa: E402
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2"
@@ -146,6 +147,39 @@ def test_streaming(client):
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     _, whole = chat(client, CHAT)
     assert text == whole.choices[0].message.content
+
+
+def test_merge_keeps_families_together_and_labels_every_sample():
+    a = '# HELP t_req Requests.\n# TYPE t_req counter\nt_req{model="m"} 3\n# TYPE t_up gauge\nt_up 1\n'
+    b = '# HELP t_req Requests.\n# TYPE t_req counter\nt_req{model="m"} 5\n# TYPE t_up gauge\nt_up 1\n'
+    assert merge({"r2": b, "r1": a}).splitlines() == [
+        "# HELP t_req Requests.",
+        "# TYPE t_req counter",
+        't_req{replica="r1",model="m"} 3',
+        't_req{replica="r2",model="m"} 5',
+        "# TYPE t_up gauge",
+        't_up{replica="r1"} 1',
+        't_up{replica="r2"} 1',
+    ]
+
+
+def test_metrics_page_has_every_replica(client, endpoint):
+    seen: set[str] = set()
+    for _ in range(4):
+        headers, _ = chat(client, [{"role": "system", "content": f"m {time.time()}"}, *CHAT])
+        seen.add(headers[REPLICA_HEADER])
+    assert len(seen) == 2
+    deadline = time.time() + 20  # replicas post every 2 s
+    while True:
+        page = httpx.get(f"{endpoint}/metrics", timeout=10)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+        labelled = {r for r in seen if f'replica="{r}"' in page.text}
+        if labelled == seen or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert labelled == seen, page.text[:2000]
+    types = [line.split()[2] for line in page.text.splitlines() if line.startswith("# TYPE")]
+    assert len(types) == len(set(types)), "a metric family appears twice"
 
 
 def test_killed_replica_leaves_endpoint_answering(client, endpoint):

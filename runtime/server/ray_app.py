@@ -52,6 +52,7 @@ from runtime.server.app import create_app
 from runtime.server.errors import HTTPStatusError, error_for_path
 from runtime.server.guard import GuardOptions
 from runtime.server.models import RegistryOptions
+from runtime.server.ray_metrics import create_board, merge, post_forever
 
 log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-tandem-replica"
@@ -178,7 +179,7 @@ class TandemEngine:
     """One replica: tandem's whole server (create_app) with the model preloaded; it is ready
     (and Serve routes to it) once the model has loaded."""
 
-    async def __init__(self, options: RayOptions) -> None:
+    async def __init__(self, options: RayOptions, app_name: str = "tandem") -> None:
         self.app = create_app(options.registry, preload=options.model, guard=options.guard)
         self.state = self.app.state.tandem
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -188,6 +189,12 @@ class TandemEngine:
             await asyncio.sleep(0.05)
         if self.state.preload_error:
             raise RuntimeError(f"could not load {options.model}: {self.state.preload_error}")
+        self.poster = asyncio.create_task(post_forever(app_name, self.replica, self.metrics))
+
+    def metrics(self) -> str:
+        """This replica's /metrics text (ray_metrics merges the replicas')."""
+        engines = [(m.name, m.engine.stats()) for m in self.state.registry.loaded()]
+        return self.state.metrics.render(engines)
 
     def check_health(self) -> None:
         if self.state.preload_error or not self.state.ready:
@@ -257,6 +264,8 @@ class TandemEngine:
 
     async def __del__(self) -> None:
         """Serve's graceful shutdown: close the engines (the app's lifespan exit)."""
+        if poster := getattr(self, "poster", None):
+            poster.cancel()
         await self.lifespan.aclose()
 
 
@@ -272,6 +281,7 @@ class TandemIngress:
         self.max_inflight = max_inflight
         self.inflight = 0
         self.app_name = app_name
+        self.board = create_board(app_name)
         _INGRESS[:] = [self]  # the app-level routes below reach this replica's instance
 
     async def health(self) -> JSONResponse:
@@ -282,6 +292,10 @@ class TandemIngress:
         running = states.get("RUNNING", 0)
         body = {"status": "ok" if running else "unavailable", "replicas": states}
         return JSONResponse(body, 200 if running else 503)
+
+    async def metrics(self) -> Response:
+        texts = await self.board.fresh.remote()
+        return Response(merge(texts), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def forward(self, request: Request) -> Response:
         path = request.url.path
@@ -330,6 +344,11 @@ async def _health(request: Request) -> JSONResponse:
     return await _INGRESS[0].health()
 
 
+@ingress_app.get("/metrics")
+async def _metrics(request: Request) -> Response:
+    return await _INGRESS[0].metrics()
+
+
 @ingress_app.api_route(
     "/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]
 )
@@ -373,7 +392,7 @@ def build(options: RayOptions, app_name: str = "tandem"):
     )
     most = options.autoscale[1] if options.autoscale else options.replicas
     ingress = serve.deployment(serve.ingress(ingress_app)(TandemIngress), name="TandemIngress")
-    engines = engine.bind(options)  # type: ignore[attr-defined]
+    engines = engine.bind(options, app_name)  # type: ignore[attr-defined]
     ingress = ingress.options(ray_actor_options={"num_cpus": 0})  # type: ignore[attr-defined]
     return ingress.bind(engines, most * options.queue_per_replica, app_name)
 
