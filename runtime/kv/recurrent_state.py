@@ -60,8 +60,7 @@ class RecurrentStates:
             if state is None or state.position != start:
                 at = "none" if state is None else f"position {state.position}"
                 raise InternalError(
-                    f"sequence {key} resumes at position {start} but its recurrent state is "
-                    f"at {at}"
+                    f"sequence {key} resumes at position {start} but its recurrent state is at {at}"
                 )
             state.position = start + n
             self.seqs[key] = state

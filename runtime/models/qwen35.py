@@ -130,6 +130,8 @@ def imrope_pairs(sections: tuple[int, ...], pairs: int) -> torch.Tensor:
     total = sum(s) or 1
     sector = torch.arange(pairs) % total
     mod = sector % 3
-    return ((mod == 0) & (sector < 3 * s[0])) | ((mod == 1) & (sector < 3 * s[1])) | (
-        (mod == 2) & (sector < 3 * s[2])
+    return (
+        ((mod == 0) & (sector < 3 * s[0]))
+        | ((mod == 1) & (sector < 3 * s[1]))
+        | ((mod == 2) & (sector < 3 * s[2]))
     )
