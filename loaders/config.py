@@ -6,7 +6,9 @@ attention temperature, smollm3 with NoPE layers, granite with its multipliers), 
 (per-head QK-norm), olmo2 (post-norms only, QK-norm over all heads), phi3 (fused QKV and
 gate-up, LongRoPE factors), gemma2 (soft-capping, alternating sliding window), gemma3, and
 the mixture-of-experts qwen3moe (QK-norm, softmax → top-k → renormalized weights) and gpt-oss
-(biases, attention sinks, every other layer sliding-window, top-k → softmax, clamped SwiGLU), and the encoder bert
+(biases, attention sinks, every other layer sliding-window, top-k → softmax, clamped SwiGLU),
+the hybrid qwen35 (gated delta nets between gated attention layers: ssm.* sizes, partial
+interleaved M-RoPE), and the encoder bert
 (learned positions, LayerNorm post-norms, non-causal attention; embeddings only).
 The scalars here are read as llama.cpp's loader reads them (src/llama-model.cpp and
 src/models/ARCH.cpp): a key's default is llama.cpp's.
