@@ -7,8 +7,9 @@ attention temperature, smollm3 with NoPE layers, granite with its multipliers), 
 gate-up, LongRoPE factors), gemma2 (soft-capping, alternating sliding window), gemma3, and
 the mixture-of-experts qwen3moe (QK-norm, softmax → top-k → renormalized weights) and gpt-oss
 (biases, attention sinks, every other layer sliding-window, top-k → softmax, clamped SwiGLU),
-the hybrid qwen35 (gated delta nets between gated attention layers: ssm.* sizes, partial
-interleaved M-RoPE), and the encoder bert
+the hybrid qwen35 and qwen35moe (gated delta nets between gated attention layers: ssm.*
+sizes, partial interleaved M-RoPE; qwen35moe's feed-forward: routed experts as qwen3moe's
+and a sigmoid-gated shared expert), and the encoder bert
 (learned positions, LayerNorm post-norms, non-causal attention; embeddings only).
 The scalars here are read as llama.cpp's loader reads them (src/llama-model.cpp and
 src/models/ARCH.cpp): a key's default is llama.cpp's.
@@ -27,8 +28,8 @@ from loaders.gguf_parse import TensorInfo
 from quant.errors import GGUFError, UnsupportedError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "mistral3", "smollm3", "granite")
-MOE = ("qwen3moe", "gpt-oss")
-HYBRID = ("qwen35",)  # linear-attention (gated delta net) layers between attention ones
+MOE = ("qwen3moe", "gpt-oss", "qwen35moe")
+HYBRID = ("qwen35", "qwen35moe")  # linear-attention (gated delta net) layers between attention ones
 SUPPORTED = (*LLAMA_FAMILY, "qwen3", "olmo2", "phi3", "gemma2", "gemma3", *MOE, *HYBRID, "bert")
 ENCODERS = ("bert",)  # no LM head: they make embeddings, never generate
 # ggml's NEOX rope layout (halves rotate together); the others rotate adjacent pairs
@@ -92,6 +93,7 @@ class ModelConfig:
     expert_gating: str = "softmax"  # "softmax": softmax → top-k; "softmax_weight": top-k → softmax
     expert_norm: bool = False  # the top-k weights renormalized to sum to 1
     attn_sinks: bool = False  # a learned per-head logit in every softmax's denominator (gpt-oss)
+    n_ff_shared: int = 0  # the shared expert's feed-forward width (qwen35moe; 0: none)
     # ---- hybrid linear attention (qwen35): see runtime/models/qwen35.py ------------------
     rope_dim: int = 0  # dimensions of a head that rotate (rope.dimension_count; 0: all)
     rope_sections: tuple[int, ...] = ()  # M-RoPE's pairs per position section (t, h, w, e)
@@ -216,7 +218,10 @@ class ModelConfig:
             n_expert_used=get.integer("expert_used_count") if moe else 0,
             n_ff_exp=n_ff_exp,
             expert_gating="softmax_weight" if oss else "softmax",
-            expert_norm=arch == "qwen3moe",
+            expert_norm=arch in ("qwen3moe", "qwen35moe"),
+            n_ff_shared=get.integer("expert_shared_feed_forward_length", n_ff)
+            if arch == "qwen35moe"
+            else 0,
             attn_sinks=oss,
             **(_encoder_fields(get, md) if arch in ENCODERS else {}),
             **(_hybrid_fields(get, n_layer, head_dim) if arch in HYBRID else {}),

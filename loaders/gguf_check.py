@@ -139,9 +139,10 @@ def expected_shapes(c: ModelConfig, names: Collection[str]) -> dict[str, tuple[t
 
 
 def hybrid_layer_shapes(c: ModelConfig, i: int) -> dict[str, tuple[tuple, str]]:
-    """Layer i of qwen35 (llama.cpp's llama_model_qwen35::load_arch_tensors): a gated delta
+    """Layer i of qwen35 / qwen35moe (llama.cpp's load_arch_tensors of both): a gated delta
     net, or (every full_attention_interval-th) attention whose q rows hold each head's query
-    then its output gate; both with a post-attention norm and a SwiGLU feed-forward."""
+    then its output gate; both with a post-attention norm and a SwiGLU feed-forward (qwen35moe:
+    routed experts and a shared expert)."""
     a = c.arch
     emb = f"{a}.embedding_length={c.n_embd}"
     ff = f"{a}.feed_forward_length={c.n_ff}"
@@ -152,6 +153,13 @@ def hybrid_layer_shapes(c: ModelConfig, i: int) -> dict[str, tuple[tuple, str]]:
         "ffn_up.weight": ((c.n_embd, c.n_ff), f"{emb}, {ff}"),
         "ffn_down.weight": ((c.n_ff, c.n_embd), f"{ff}, {emb}"),
     }
+    if c.n_expert:  # qwen35moe: routed experts and a shared one
+        _moe_shapes(c, layer)
+        shared = f"{a}.expert_shared_feed_forward_length={c.n_ff_shared}"
+        layer["ffn_gate_inp_shexp.weight"] = ((c.n_embd,), emb)
+        layer["ffn_gate_shexp.weight"] = ((c.n_embd, c.n_ff_shared), f"{emb}, {shared}")
+        layer["ffn_up_shexp.weight"] = ((c.n_embd, c.n_ff_shared), f"{emb}, {shared}")
+        layer["ffn_down_shexp.weight"] = ((c.n_ff_shared, c.n_embd), f"{shared}, {emb}")
     if not c.recurrent_layers[i]:
         heads = f"{a}.attention.head_count={c.n_head} x key_length {c.head_dim}"
         kv = f"{a}.attention.head_count_kv={c.n_head_kv} x key_length {c.head_dim}"

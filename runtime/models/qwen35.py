@@ -28,19 +28,23 @@ from quant.errors import InternalError
 from runtime.models.base import Layer, Linear
 from runtime.models.delta_net import DeltaNet
 from runtime.models.llama import Llama
+from runtime.models.moe import MoE
 from runtime.models.weights import WeightLoader
 from runtime.placement.device_map import DeviceMap
 
 
 @dataclass
 class Qwen35Layer(Layer):
-    """A qwen35 layer: attention's q/k/v/o, or (q/k/v/o None) a delta net."""
+    """A qwen35 layer: attention's q/k/v/o, or (q/k/v/o None) a delta net; qwen35moe's
+    gate/up/down are its shared expert, beside its routed experts and the shared gate."""
 
     q: Linear | None  # pyright: ignore[reportIncompatibleVariableOverride]
     k: Linear | None  # pyright: ignore[reportIncompatibleVariableOverride]
     v: Linear | None  # pyright: ignore[reportIncompatibleVariableOverride]
     o: Linear | None  # pyright: ignore[reportIncompatibleVariableOverride]
     delta: DeltaNet | None = None
+    moe: MoE | None = None  # qwen35moe's routed experts
+    shared_gate: torch.Tensor | None = None  # (E,) qwen35moe: σ(h · it) scales the shared expert
 
 
 class Qwen35(Llama):
@@ -72,12 +76,15 @@ class Qwen35(Llama):
             ffn_norm=w.vector(p + "post_attention_norm.weight", device),
             gate=gate,
             up=up,
-            down=w.linear(p + "ffn_down.weight"),
+            down=self.load_down(w, p),
             q_norm=w.vector(p + "attn_q_norm.weight", device) if attention else None,
             k_norm=w.vector(p + "attn_k_norm.weight", device) if attention else None,
             device=device,
             delta=None if attention else DeltaNet.load(w, p, device),
         )
+
+    def load_down(self, w: WeightLoader, p: str) -> Linear:
+        return w.linear(p + "ffn_down.weight")
 
     def rope_tables(self, positions: torch.Tensor) -> dict[bool, tuple[torch.Tensor, ...]]:
         """positions (T,) → {False: (cos, sin) (T, 1, D_rot/2)}: pairs of no text section

@@ -1,8 +1,10 @@
-"""qwen35 (src/models/qwen35.cpp): Qwen3.5's hybrid layers — gated delta nets (a q/k/v mix
+"""qwen35 and qwen35moe (src/models/qwen35.cpp, qwen35moe.cpp): Qwen3.5's hybrid layers — gated delta nets (a q/k/v mix
 through a causal conv1d, L2-normalised q/k, alpha/beta gates, the delta rule, a gated
 RMSNorm) and, every full_attention_interval-th layer, gated attention (q rows: each head's
 query then its sigmoid output gate; QK-norm; interleaved M-RoPE over a quarter of the head);
-post-attention norms and a SwiGLU feed-forward everywhere.
+post-attention norms and a SwiGLU feed-forward everywhere — qwen35moe's a mixture of
+experts (16 experts, top-4, softmax → top-k → renormalized) plus a sigmoid-gated shared
+expert.
 
 Real head sizes (attention heads of 256 with a 64-dim rope, delta-net heads of 128, a conv
 of 4) at few heads: 2 q/k heads tiled onto 4 v heads exercises Qwen3.5's larger models' head
@@ -21,12 +23,26 @@ CONV, STATE, K_HEADS, V_HEADS = 4, 128, 2, 4
 MIX = 2 * K_HEADS * STATE + V_HEADS * STATE  # the delta net's q/k/v channels
 INTERVAL = 2  # see the docstring
 
-COMMON = (
+NORMS = (
     spec("attn_norm.weight", "E", kind="norm"),
     spec("post_attention_norm.weight", "E", kind="norm"),
+)
+COMMON = (
+    *NORMS,
     spec("ffn_gate.weight", "F", "E"),
     spec("ffn_up.weight", "F", "E"),
     spec("ffn_down.weight", "E", "F"),
+)
+EXPERTS = (
+    *NORMS,
+    spec("ffn_gate_inp.weight", "X", "E", kind="router"),
+    spec("ffn_gate_exps.weight", "X", "FX", "E"),
+    spec("ffn_up_exps.weight", "X", "FX", "E"),
+    spec("ffn_down_exps.weight", "X", "E", "FX"),
+    spec("ffn_gate_inp_shexp.weight", "E", kind="bias"),  # the shared expert's gate
+    spec("ffn_gate_shexp.weight", "F", "E"),
+    spec("ffn_up_shexp.weight", "F", "E"),
+    spec("ffn_down_shexp.weight", "E", "F"),
 )
 ATTENTION = (
     spec("attn_q.weight", "2Q", "E"),  # per head: query, then gate
@@ -53,25 +69,57 @@ def _layer(i: int, d: Dims) -> tuple:
     return ATTENTION if (i + 1) % INTERVAL == 0 else DELTA_NET
 
 
+def _metadata(d: Dims) -> dict:
+    return {
+        "rope.freq_base": 10000000.0,
+        "rope.dimension_count": d.head_dim // 4,
+        "rope.dimension_sections": [11, 11, 10, 0],
+        "attention.layer_norm_rms_epsilon": 1e-6,
+        "full_attention_interval": INTERVAL,
+        "ssm.conv_kernel": CONV,
+        "ssm.state_size": STATE,
+        "ssm.group_count": K_HEADS,
+        "ssm.time_step_rank": V_HEADS,
+        "ssm.inner_size": V_HEADS * STATE,
+    }
+
+
+def _moe_metadata(d: Dims) -> dict:
+    return _metadata(d) | {
+        "expert_count": d.experts,
+        "expert_used_count": d.experts_used,
+        "expert_feed_forward_length": d.expert_ffn,
+        "expert_shared_feed_forward_length": d.ffn,
+    }
+
+
 ENTRIES = (
     Architecture(
         "qwen35",
         COMMON,
         dims=Dims(layers=4, dim=256, ffn=512, heads=4, kv_heads=2, head_dim=256),
         layer_extra=_layer,
-        extra_metadata=lambda d: {
-            "rope.freq_base": 10000000.0,
-            "rope.dimension_count": d.head_dim // 4,
-            "rope.dimension_sections": [11, 11, 10, 0],
-            "attention.layer_norm_rms_epsilon": 1e-6,
-            "full_attention_interval": INTERVAL,
-            "ssm.conv_kernel": CONV,
-            "ssm.state_size": STATE,
-            "ssm.group_count": K_HEADS,
-            "ssm.time_step_rank": V_HEADS,
-            "ssm.inner_size": V_HEADS * STATE,
-        },
+        extra_metadata=_metadata,
         note="2 gated delta nets (2 q/k heads → 4 v heads of 128, conv 4) between 2 gated "
         "attention layers (QK-norm, M-RoPE over 64 of 256 dims)",
+    ),
+    Architecture(
+        "qwen35moe",
+        EXPERTS,
+        dims=Dims(
+            layers=4,
+            dim=256,
+            ffn=128,
+            heads=4,
+            kv_heads=2,
+            head_dim=256,
+            experts=16,
+            experts_used=4,
+            expert_ffn=64,
+        ),
+        layer_extra=_layer,
+        extra_metadata=_moe_metadata,
+        note="qwen35's layers; 16 experts top-4 (softmax → top-k → renormalized) and a "
+        "sigmoid-gated shared expert",
     ),
 )
