@@ -1,13 +1,14 @@
 """qwen35's per-sequence recurrent state (runtime/kv/recurrent_state.py) on the synthetic
 Qwen3.5 of the conformance fixture (delta nets and gated attention): a sequence batched with
 others gets the logits it gets alone, in prefill and in decode; a prompt prefilled in chunks
-gets those of one pass; the engine forks, frees and preempts states, keeps prefix caching
+gets those of one pass; the chunked delta rule is the per-token one; the engine forks, frees and preempts states, keeps prefix caching
 off, and a sequence resumed where its state is not fails loudly."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import load_script
 
 from kernels import native_loader
@@ -16,6 +17,7 @@ from runtime.engine.llm_engine import EngineOptions, LLMEngine
 from runtime.execution.model_runner import ModelRunner
 from runtime.kv.forward_batch import ForwardBatch
 from runtime.loaded_model import LoadedModel
+from runtime.models.delta_net import delta_rule, delta_rule_chunked
 from runtime.run_options import RunOptions
 from runtime.sampling_params import SamplingParams
 
@@ -122,3 +124,23 @@ def run(engine: LLMEngine, requests: dict[str, list[int]], params: SamplingParam
             if event.delta is not None and event.delta.token_id is not None:
                 out.setdefault((event.request_id, event.index), []).append(event.delta.token_id)
     return out
+
+
+def test_chunked_delta_rule_is_the_recurrence():
+    """The chunked prefill form against the per-token recurrence, over several chunks and a
+    ragged last one, from a non-zero state: equal to float64 rounding."""
+    g = torch.Generator().manual_seed(0)
+    b, n, h, d = 2, 150, 4, 32
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+    q, k = unit(b, n, h, d), unit(b, n, h, d)
+    v = torch.randn(b, n, h, d, generator=g, dtype=torch.float64)
+    decay = -2 * torch.rand(b, n, h, generator=g, dtype=torch.float64)
+    beta = torch.rand(b, n, h, generator=g, dtype=torch.float64)
+    state = 0.1 * torch.randn(b, h, d, d, generator=g, dtype=torch.float64)
+    want = delta_rule(q, k, v, decay, beta, state)
+    got = delta_rule_chunked(q, k, v, decay, beta, state, chunk=64)
+    for x, y in zip(got, want, strict=True):
+        assert torch.allclose(x, y, rtol=0, atol=1e-12)

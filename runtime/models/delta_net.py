@@ -12,9 +12,10 @@ gated_delta_net and ssm_conv). Per token t of a sequence, on the layer's normed 
 
 A sequence's state is its last K-1 mixes (before the conv) and S, both zero at position 0;
 RecurrentStep (runtime/kv/recurrent_state.py) hands each sequence's in, the layer puts the
-new ones back. The recurrence here is the plain per-token form (a chunked prefill and
-native / Triton kernels are issue 18's part 3); sequences with the same number of new
-tokens in a step (every decode) run together, batched over sequences and heads.
+new ones back. A decode takes the plain per-token form (delta_rule), a prefill the chunked
+one (delta_rule_chunked: a triangular solve per 64 tokens, in torch; native / Triton
+kernels are issue 18's part 3); sequences with the same number of new tokens in a step
+(every decode) run together, batched over sequences and heads.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from kernels.linear import matmuls
 from runtime.kv.recurrent_state import RecurrentStep, Run
 from runtime.models.base import Linear
 from runtime.models.weights import WeightLoader
+
+CHUNK = 64  # tokens per step of the chunked form
+CHUNKED_FROM = 2  # runs of this many new tokens or more take the chunked form
 
 
 @dataclass
@@ -127,7 +131,8 @@ class DeltaNet:
         q = self._heads(q.reshape(b, n, self.k_heads, self.head_dim))
         k = self._heads(k.reshape(b, n, self.k_heads, self.head_dim))
         v = v.reshape(b, n, self.v_heads, self.head_dim)
-        o, state = delta_rule(q, k, v, g, beta, state)
+        rule = delta_rule_chunked if n >= CHUNKED_FROM else delta_rule
+        o, state = rule(q, k, v, g, beta, state)
         for j, r in enumerate(runs):
             r.state.layers[i] = (x[j, x.shape[1] - (k_width - 1) :].clone(), state[j])
         return o
@@ -158,6 +163,47 @@ def delta_rule(
         s = s + d[..., None] * kt[..., None, :]
         out.append((s @ q[:, t, :, :, None])[..., 0] * scale)
     return torch.stack(out, dim=1), s
+
+
+def delta_rule_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    chunk: int = CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """delta_rule's result, `chunk` tokens at a time (the chunked form flash-linear-attention
+    and llama.cpp's build_delta_net_chunking compute). Within a chunk, with G_t = Σ_{j≤t} g_j
+    and S0 the state before it, each token's update u_t = β_t (v_t − S'_t k_t) solves the
+    unit lower-triangular system
+        u_t + β_t Σ_{j<t} e^{G_t−G_j} (k_t·k_j) u_j = β_t (v_t − e^{G_t} S0 k_t)
+    and then o_t = (e^{G_t} S0 q_t + Σ_{j≤t} e^{G_t−G_j} (q_t·k_j) u_j) / √Dk and the state
+    after it S = e^{G_C} S0 + Σ_j e^{G_C−G_j} u_j k_jᵀ. Shapes as delta_rule's."""
+    scale = q.shape[-1] ** -0.5
+    out, s = [], state
+    for first in range(0, q.shape[1], chunk):
+        # (B, H, C, …): this chunk's tokens, heads first
+        qc, kc, vc = (x[:, first : first + chunk].transpose(1, 2) for x in (q, k, v))
+        gc, bc = (x[:, first : first + chunk].transpose(1, 2) for x in (g, beta))
+        cum = gc.cumsum(-1)  # (B, H, C): G_t
+        n = cum.shape[-1]
+        on_or_below = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        # (B, H, C, C): e^{G_t − G_j} for j ≤ t, 0 above (never exp of a positive exponent)
+        decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~on_or_below, -torch.inf).exp()
+        grow = cum.exp()[..., None]  # (B, H, C, 1): e^{G_t}
+        a = (bc[..., None] * decay * (kc @ kc.transpose(-1, -2))).tril(-1)
+        rhs = bc[..., None] * (vc - grow * (kc @ s.transpose(-1, -2)))  # (B, H, C, Dv)
+        eye = torch.eye(n, device=q.device, dtype=q.dtype)
+        u = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
+        qk = (qc @ kc.transpose(-1, -2)) * decay  # (B, H, C, C)
+        o = (grow * (qc @ s.transpose(-1, -2)) + qk @ u) * scale  # (B, H, C, Dv)
+        last = cum[..., -1:]  # (B, H, 1)
+        carry = (last - cum).exp()[..., None] * u  # (B, H, C, Dv): e^{G_C − G_j} u_j
+        s = last.exp()[..., None] * s + carry.transpose(-1, -2) @ kc  # (B, H, Dv, Dk)
+        out.append(o.transpose(1, 2))
+    return torch.cat(out, dim=1), s
 
 
 def _by_length(runs: tuple[Run, ...]) -> list[list[Run]]:
