@@ -81,6 +81,8 @@ def test_chunked_prefill_carries_the_state(lm):
 def test_state_is_checked_forked_and_freed(lm):
     runner = ModelRunner(lm.model, 2)
     assert runner.states is not None
+    # KV pages only in the 2 attention layers: 2 blocks × 16 slots × (K + V) f16 of 2 × 256
+    assert runner.kv_bytes == 2 * 16 * 2 * (2 * 2 * 256 * 2)
     step(runner, [(PROMPTS[1], 0, 0)], [7])
     with pytest.raises(InternalError, match="resumes at position 2"):
         step(runner, [(PROMPTS[1][:1], 2, 0)], [7])  # its state is at position 4
