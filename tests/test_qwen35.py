@@ -2,7 +2,8 @@
 Qwen3.5 of the conformance fixture (delta nets and gated attention): a sequence batched with
 others gets the logits it gets alone, in prefill and in decode; a prompt prefilled in chunks
 gets those of one pass; the chunked delta rule is the per-token one; the engine forks, frees and preempts states, keeps prefix caching
-off, and a sequence resumed where its state is not fails loudly."""
+off, and a sequence resumed where its state is not fails loudly; the planner counts state,
+not KV, for the delta nets."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from quant.errors import InternalError
 from runtime.engine.llm_engine import EngineOptions, LLMEngine
 from runtime.execution.model_runner import ModelRunner
 from runtime.kv.forward_batch import ForwardBatch
+from runtime.kv.recurrent_state import state_bytes_per_layer
 from runtime.loaded_model import LoadedModel
 from runtime.models.delta_net import delta_rule, delta_rule_chunked
+from runtime.placement.planner import PlanRequest, kv_per_layer
 from runtime.run_options import RunOptions
 from runtime.sampling_params import SamplingParams
 
@@ -146,3 +149,14 @@ def test_chunked_delta_rule_is_the_recurrence():
     got = delta_rule_chunked(q, k, v, decay, beta, state, chunk=64)
     for x, y in zip(got, want, strict=True):
         assert torch.allclose(x, y, rtol=0, atol=1e-12)
+
+
+def test_plan_counts_kv_in_attention_layers_and_state_in_recurrent_ones(lm):
+    """16 sequences × 8k context: the 2 attention layers hold KV pages for all of it, the 2
+    delta nets a fixed state per sequence (conv window 3 × 1024 and 4 matrices 128 × 128)."""
+    request = PlanRequest(num_ctx=8192, num_parallel=16)
+    per_layer = kv_per_layer(lm.config, request)
+    state = 4 * (3 * 1024 + 4 * 128 * 128)
+    assert state_bytes_per_layer(lm.config) == state
+    kv = 16 * 8192 * 2 * (2 * 256 * 2)  # slots × (K + V) × Hkv × D × f16
+    assert per_layer == [16 * state, kv, 16 * state, kv]

@@ -22,8 +22,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loaders.config import ModelConfig
 from quant.errors import InternalError
 from runtime.kv.forward_batch import ForwardBatch
+
+
+def state_bytes_per_layer(config: ModelConfig) -> int:
+    """One sequence's float32 state in one recurrent layer: the conv window (K-1, C) and the
+    delta-rule matrices (Hv, Dv, Dk); 0 for a model without recurrent layers."""
+    if not config.recurrent:
+        return 0
+    channels = 2 * config.ssm_k_heads * config.ssm_state + config.ssm_inner
+    window = (config.ssm_conv - 1) * channels
+    return 4 * (window + config.ssm_v_heads * config.ssm_state * config.ssm_state)
 
 
 @dataclass
