@@ -14,6 +14,7 @@ from conftest import load_script
 
 from kernels import native_loader
 from quant.errors import InternalError
+from runtime.engine.embedder import Embedder
 from runtime.engine.llm_engine import EngineOptions, LLMEngine
 from runtime.execution.model_runner import ModelRunner
 from runtime.kv.forward_batch import ForwardBatch
@@ -181,3 +182,11 @@ def test_gpu_layers_on_interpreted_triton_agree(lm):
     gpu = torch.stack(generate(ModelRunner(hybrid.model, 2, graphs=False), prompts, 2)).cpu()
     assert torch.equal(cpu.argmax(-1), gpu.argmax(-1))
     assert (cpu - gpu).abs().max() < 0.03 * cpu.abs().max()
+
+
+def test_embeddings_run_each_prompt_from_a_fresh_state(lm):
+    """The embedder's packed prompts: each one's vector is the one it gets alone."""
+    embedder = Embedder(lm)
+    together = embedder.embed([PROMPTS[0], PROMPTS[1]])
+    alone = embedder.embed([PROMPTS[1]])
+    assert torch.allclose(together[1], alone[0], atol=1e-5)
