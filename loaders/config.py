@@ -6,7 +6,10 @@ attention temperature, smollm3 with NoPE layers, granite with its multipliers), 
 (per-head QK-norm), olmo2 (post-norms only, QK-norm over all heads), phi3 (fused QKV and
 gate-up, LongRoPE factors), gemma2 (soft-capping, alternating sliding window), gemma3, and
 the mixture-of-experts qwen3moe (QK-norm, softmax → top-k → renormalized weights) and gpt-oss
-(biases, attention sinks, every other layer sliding-window, top-k → softmax, clamped SwiGLU), and the encoder bert
+(biases, attention sinks, every other layer sliding-window, top-k → softmax, clamped SwiGLU),
+the hybrid qwen35 and qwen35moe (gated delta nets between gated attention layers: ssm.*
+sizes, partial interleaved M-RoPE; qwen35moe's feed-forward: routed experts as qwen3moe's
+and a sigmoid-gated shared expert), and the encoder bert
 (learned positions, LayerNorm post-norms, non-causal attention; embeddings only).
 The scalars here are read as llama.cpp's loader reads them (src/llama-model.cpp and
 src/models/ARCH.cpp): a key's default is llama.cpp's.
@@ -25,11 +28,12 @@ from loaders.gguf_parse import TensorInfo
 from quant.errors import GGUFError, UnsupportedError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "mistral3", "smollm3", "granite")
-MOE = ("qwen3moe", "gpt-oss")
-SUPPORTED = (*LLAMA_FAMILY, "qwen3", "olmo2", "phi3", "gemma2", "gemma3", *MOE, "bert")
+MOE = ("qwen3moe", "gpt-oss", "qwen35moe")
+HYBRID = ("qwen35", "qwen35moe")  # linear-attention (gated delta net) layers between attention ones
+SUPPORTED = (*LLAMA_FAMILY, "qwen3", "olmo2", "phi3", "gemma2", "gemma3", *MOE, *HYBRID, "bert")
 ENCODERS = ("bert",)  # no LM head: they make embeddings, never generate
 # ggml's NEOX rope layout (halves rotate together); the others rotate adjacent pairs
-_NEOX = ("qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3", *MOE)
+_NEOX = ("qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3", *MOE, *HYBRID)
 _GEMMA = ("gemma2", "gemma3")
 ROPE_SCALINGS = ("none", "linear", "yarn", "longrope")
 
@@ -89,6 +93,16 @@ class ModelConfig:
     expert_gating: str = "softmax"  # "softmax": softmax → top-k; "softmax_weight": top-k → softmax
     expert_norm: bool = False  # the top-k weights renormalized to sum to 1
     attn_sinks: bool = False  # a learned per-head logit in every softmax's denominator (gpt-oss)
+    n_ff_shared: int = 0  # the shared expert's feed-forward width (qwen35moe; 0: none)
+    # ---- hybrid linear attention (qwen35): see runtime/models/qwen35.py ------------------
+    rope_dim: int = 0  # dimensions of a head that rotate (rope.dimension_count; 0: all)
+    rope_sections: tuple[int, ...] = ()  # M-RoPE's pairs per position section (t, h, w, e)
+    recurrent_layers: tuple[bool, ...] = ()  # layers that are gated delta nets; () = none
+    ssm_conv: int = 0  # the causal conv1d's kernel width (ssm.conv_kernel)
+    ssm_state: int = 0  # a delta-net head's size (ssm.state_size)
+    ssm_k_heads: int = 0  # q/k heads of a delta net (ssm.group_count)
+    ssm_v_heads: int = 0  # v heads of a delta net (ssm.time_step_rank)
+    ssm_inner: int = 0  # v heads × their size (ssm.inner_size)
 
     @property
     def encoder(self) -> bool:
@@ -96,6 +110,11 @@ class ModelConfig:
 
     def has_rope(self, layer: int) -> bool:
         return not self.rope_layers or self.rope_layers[layer]
+
+    @property
+    def recurrent(self) -> bool:
+        """Some layers keep per-sequence recurrent state (a conv window, a delta-net matrix)."""
+        return any(self.recurrent_layers)
 
     @property
     def kv_dim(self) -> int:
@@ -149,7 +168,8 @@ class ModelConfig:
                 f"{', '.join(ROPE_SCALINGS)}"
             )
         factor = get.number("rope.scaling.factor", 1.0) if scaling != "none" else 1.0
-        fused_qkv = "blk.0.attn_qkv.weight" in names
+        # qwen35's attn_qkv is a delta net's q/k/v mix, not a fused attention projection
+        fused_qkv = "blk.0.attn_qkv.weight" in names and arch not in HYBRID
         config = cls(
             arch=arch,
             n_layer=n_layer,
@@ -169,7 +189,7 @@ class ModelConfig:
             sliding_window=window,
             swa_layers=_swa_layers(arch, n_layer, window),
             activation="gelu_tanh" if gemma else "swiglu_oai" if oss else "silu",
-            qk_norm=arch in ("gemma3", "qwen3", "olmo2", "qwen3moe"),
+            qk_norm=arch in ("gemma3", "qwen3", "olmo2", "qwen3moe", *HYBRID),
             post_norms=arch in (*_GEMMA, "olmo2"),
             embed_scale=_embed_scale(arch, get, n_embd),
             attn_scale=_attn_scale(arch, get, n_embd, n_head, head_dim, n_layer),
@@ -198,9 +218,13 @@ class ModelConfig:
             n_expert_used=get.integer("expert_used_count") if moe else 0,
             n_ff_exp=n_ff_exp,
             expert_gating="softmax_weight" if oss else "softmax",
-            expert_norm=arch == "qwen3moe",
+            expert_norm=arch in ("qwen3moe", "qwen35moe"),
+            n_ff_shared=get.integer("expert_shared_feed_forward_length", n_ff)
+            if arch == "qwen35moe"
+            else 0,
             attn_sinks=oss,
             **(_encoder_fields(get, md) if arch in ENCODERS else {}),
+            **(_hybrid_fields(get, n_layer, head_dim) if arch in HYBRID else {}),
         )
         if moe and config.n_expert_used > config.n_expert:
             raise GGUFError(
@@ -231,6 +255,73 @@ def _encoder_fields(get: _Getter, md: dict[str, Any]) -> dict[str, Any]:
         "causal": causal,
         "n_token_types": types,
     }
+
+
+def _hybrid_fields(get: _Getter, n_layer: int, head_dim: int) -> dict[str, Any]:
+    """qwen35's scalars, as llama.cpp reads them: the delta nets' sizes (ssm.*, all
+    required), which layers they are (every full_attention_interval-th layer, default 4, is
+    attention), the rotated part of a head and its M-RoPE sections."""
+    interval = get.integer("full_attention_interval", 4)
+    if get.integer("nextn_predict_layers", 0, positive=False):
+        raise UnsupportedError(
+            f"{get.arch} with multi-token-prediction layers (nextn_predict_layers) is not "
+            "supported yet"
+        )
+    if "attention.recurrent_layers" in get:
+        raise UnsupportedError(
+            f"{get.arch} with an explicit attention.recurrent_layers pattern is not supported "
+            "yet (only full_attention_interval)"
+        )
+    rope_dim = get.integer("rope.dimension_count", head_dim)
+    if rope_dim > head_dim or rope_dim % 2:
+        raise GGUFError(
+            f"metadata key '{get.arch}.rope.dimension_count' ({rope_dim}) must be even and at "
+            f"most the head size ({head_dim})"
+        )
+    fields = {
+        "ssm_conv": get.integer("ssm.conv_kernel"),
+        "ssm_inner": get.integer("ssm.inner_size"),
+        "ssm_state": get.integer("ssm.state_size"),
+        "ssm_v_heads": get.integer("ssm.time_step_rank"),
+        "ssm_k_heads": get.integer("ssm.group_count"),
+        "rope_dim": rope_dim,
+        "rope_sections": _sections(get, rope_dim),
+        "recurrent_layers": tuple((i + 1) % interval != 0 for i in range(n_layer)),
+    }
+    _check_delta_net(get.arch, fields)
+    return fields
+
+
+def _sections(get: _Getter, rope_dim: int) -> tuple[int, ...]:
+    """rope.dimension_sections: four non-negative pair counts summing to at most D_rot/2."""
+    full = f"{get.arch}.rope.dimension_sections"
+    value = get.md.get(full)
+    if not isinstance(value, (GGUFArray, list)) or not 1 <= len(value) <= 4:
+        raise GGUFError(f"metadata key '{full}' must be an array of 4 integers, got {_show(value)}")
+    sections = tuple(value) + (0,) * (4 - len(value))
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in sections):
+        raise GGUFError(f"metadata key '{full}' must hold non-negative integers")
+    if not 0 < sum(sections) <= rope_dim // 2:
+        raise GGUFError(
+            f"metadata key '{full}' sums to {sum(sections)} pairs; the rope rotates "
+            f"{rope_dim // 2} (rope.dimension_count / 2)"
+        )
+    return sections
+
+
+def _check_delta_net(arch: str, f: dict[str, Any]) -> None:
+    """The delta net's head counts must divide: v heads × state = inner size, a whole number
+    of v heads per q/k head (llama.cpp asserts both)."""
+    if f["ssm_inner"] != f["ssm_v_heads"] * f["ssm_state"]:
+        raise GGUFError(
+            f"metadata key '{arch}.ssm.inner_size' ({f['ssm_inner']}) is not "
+            f"ssm.time_step_rank ({f['ssm_v_heads']}) x ssm.state_size ({f['ssm_state']})"
+        )
+    if f["ssm_v_heads"] % f["ssm_k_heads"]:
+        raise GGUFError(
+            f"metadata key '{arch}.ssm.time_step_rank' ({f['ssm_v_heads']}) is not a multiple "
+            f"of '{arch}.ssm.group_count' ({f['ssm_k_heads']})"
+        )
 
 
 def _window(arch: str, get: _Getter, n_layer: int) -> int:

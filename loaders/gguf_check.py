@@ -100,6 +100,9 @@ def expected_shapes(c: ModelConfig, names: Collection[str]) -> dict[str, tuple[t
         out["output.weight"] = ((c.n_embd, c.vocab_size), f"{emb}, {vocab}")
     for i in range(c.n_layer):
         p = f"blk.{i}."
+        if c.recurrent_layers:  # qwen35: delta-net and gated-attention layers
+            out |= {p + name: shape for name, shape in hybrid_layer_shapes(c, i).items()}
+            continue
         layer: dict[str, tuple[tuple, str]] = {}
         if c.pre_norms:
             layer["attn_norm.weight"] = ((c.n_embd,), emb)
@@ -133,6 +136,58 @@ def expected_shapes(c: ModelConfig, names: Collection[str]) -> dict[str, tuple[t
             if f"{p}attn_{x}.bias" in names:  # optional: read when present
                 out[f"{p}attn_{x}.bias"] = ((size,), why)
     return out
+
+
+def hybrid_layer_shapes(c: ModelConfig, i: int) -> dict[str, tuple[tuple, str]]:
+    """Layer i of qwen35 / qwen35moe (llama.cpp's load_arch_tensors of both): a gated delta
+    net, or (every full_attention_interval-th) attention whose q rows hold each head's query
+    then its output gate; both with a post-attention norm and a SwiGLU feed-forward (qwen35moe:
+    routed experts and a shared expert)."""
+    a = c.arch
+    emb = f"{a}.embedding_length={c.n_embd}"
+    ff = f"{a}.feed_forward_length={c.n_ff}"
+    layer: dict[str, tuple[tuple, str]] = {
+        "attn_norm.weight": ((c.n_embd,), emb),
+        "post_attention_norm.weight": ((c.n_embd,), emb),
+        "ffn_gate.weight": ((c.n_embd, c.n_ff), f"{emb}, {ff}"),
+        "ffn_up.weight": ((c.n_embd, c.n_ff), f"{emb}, {ff}"),
+        "ffn_down.weight": ((c.n_ff, c.n_embd), f"{ff}, {emb}"),
+    }
+    if c.n_expert:  # qwen35moe: routed experts and a shared one
+        _moe_shapes(c, layer)
+        shared = f"{a}.expert_shared_feed_forward_length={c.n_ff_shared}"
+        layer["ffn_gate_inp_shexp.weight"] = ((c.n_embd,), emb)
+        layer["ffn_gate_shexp.weight"] = ((c.n_embd, c.n_ff_shared), f"{emb}, {shared}")
+        layer["ffn_up_shexp.weight"] = ((c.n_embd, c.n_ff_shared), f"{emb}, {shared}")
+        layer["ffn_down_shexp.weight"] = ((c.n_ff_shared, c.n_embd), f"{shared}, {emb}")
+    if not c.recurrent_layers[i]:
+        heads = f"{a}.attention.head_count={c.n_head} x key_length {c.head_dim}"
+        kv = f"{a}.attention.head_count_kv={c.n_head_kv} x key_length {c.head_dim}"
+        d = f"{a}.attention.key_length={c.head_dim}"
+        return layer | {
+            "attn_q.weight": ((c.n_embd, 2 * c.n_head * c.head_dim), f"{emb}, 2 x {heads}"),
+            "attn_k.weight": ((c.n_embd, c.kv_dim), f"{emb}, {kv}"),
+            "attn_v.weight": ((c.n_embd, c.n_head_kv * c.head_dim_v), f"{emb}, {kv}"),
+            "attn_output.weight": ((c.n_head * c.head_dim_v, c.n_embd), f"{heads}, {emb}"),
+            "attn_q_norm.weight": ((c.head_dim,), d),
+            "attn_k_norm.weight": ((c.head_dim,), d),
+        }
+    key_dim = c.ssm_k_heads * c.ssm_state
+    conv = 2 * key_dim + c.ssm_inner
+    mix = f"{a}.ssm: 2 x group_count x state_size + inner_size = {conv}"
+    inner = f"{a}.ssm.inner_size={c.ssm_inner}"
+    heads = f"{a}.ssm.time_step_rank={c.ssm_v_heads}"
+    return layer | {
+        "attn_qkv.weight": ((c.n_embd, conv), f"{emb}, {mix}"),
+        "attn_gate.weight": ((c.n_embd, c.ssm_inner), f"{emb}, {inner}"),
+        "ssm_conv1d.weight": ((c.ssm_conv, conv), f"{a}.ssm.conv_kernel={c.ssm_conv}, {mix}"),
+        "ssm_dt.bias": ((c.ssm_v_heads,), heads),
+        "ssm_a": ((c.ssm_v_heads,), heads),
+        "ssm_beta.weight": ((c.n_embd, c.ssm_v_heads), f"{emb}, {heads}"),
+        "ssm_alpha.weight": ((c.n_embd, c.ssm_v_heads), f"{emb}, {heads}"),
+        "ssm_norm.weight": ((c.ssm_state,), f"{a}.ssm.state_size={c.ssm_state}"),
+        "ssm_out.weight": ((c.ssm_inner, c.n_embd), f"{inner}, {emb}"),
+    }
 
 
 def _moe_shapes(c: ModelConfig, layer: dict[str, tuple[tuple, str]]) -> None:

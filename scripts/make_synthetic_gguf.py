@@ -40,7 +40,7 @@ a 7B file needs well under 1 GB of RAM.
 --arch writes the architecture's table entry (scripts/synthetic_archs/: tensors, shapes,
 metadata, small dims; its docstring says how to add one), deterministic for a seed: linear
 weights N(0, 1/fan_in) in --type (default q8_0), routers N(0, 64/fan_in) (decisive top-k),
-embeddings N(0, 1/E), norms 1 + N(0, 0.1),
+embeddings N(0, 1/E), norms 1 + N(0, 0.1), decay rates (qwen35's ssm_a) U(-2, -0.05),
 biases N(0, 0.1), all F32 but the linears and embeddings; output_norm.weight is the entry's
 head_scale, which makes the random model confident (it mostly predicts from the current
 token through the residual stream) so that a top-1 comparison means something. The
@@ -300,6 +300,8 @@ def arch_values(kind: str, shape: tuple[int, ...], head_scale: float, seed: int)
         return torch.full(shape, head_scale)
     if kind == "rope_factors":  # per-pair frequency divisors, 1 to 8 (Llama 3.x's range)
         return 1 + 7 * torch.rand(shape, generator=gen)
+    if kind == "decay":  # a delta net's -exp(A_log): -0.05 (long memory) to -2 (a few tokens)
+        return -(0.05 + 1.95 * torch.rand(shape, generator=gen))
     return 0.1 * noise  # bias
 
 

@@ -29,7 +29,11 @@ def test_registry_maps_each_architecture_to_its_file():
         "qwen2": Llama.__module__,
         "gemma3": Gemma3.__module__,
         **{a: f"runtime.models.{a}" for a in ("qwen3", "olmo2", "granite", "phi3", "gemma2")},
-        **{a: f"runtime.models.{a}" for a in ("smollm3", "mistral3", "qwen3moe", "bert")},
+        **{
+            a: f"runtime.models.{a}"
+            for a in ("smollm3", "mistral3", "qwen3moe", "qwen35", "qwen35moe")
+        },
+        "bert": "runtime.models.bert",
         "gpt-oss": "runtime.models.gpt_oss",
     }
     assert set(ARCHITECTURES) == set(SUPPORTED)  # the loader's list and the models agree

@@ -54,10 +54,13 @@ def block_keys(
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, prefix_caching: bool = True) -> None:
+        """prefix_caching: False where KV pages alone cannot resume a sequence (a model with
+        recurrent layers, whose per-sequence state the pages do not hold)."""
         if num_blocks < 1:
             raise ValueError(f"the KV pool needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
+        self.prefix_caching = prefix_caching
         self.ref = [0] * num_blocks
         self.key_of: list[bytes | None] = [None] * num_blocks  # key of a registered block
         self.cached: dict[bytes, int] = {}  # cache key -> block id
@@ -88,7 +91,7 @@ class BlockManager:
             raise KeyError(f"sequence {seq_id} already has a block table")
         table: list[int] = []
         keys: list[bytes] = []
-        for _ in range((len(token_ids) - 1) // BLOCK_SIZE):
+        for _ in range((len(token_ids) - 1) // BLOCK_SIZE if self.prefix_caching else 0):
             block = self.cached.get(block_keys(token_ids, len(keys) + 1, keys)[-1])
             if block is None:
                 break
@@ -124,6 +127,8 @@ class BlockManager:
     def register(self, seq_id: int, token_ids: Sequence[int], n_computed: int) -> None:
         """Key every full block whose KV is now written (positions < n_computed) so later
         sequences can share it; a block whose content is already cached stays private."""
+        if not self.prefix_caching:
+            return
         table = self.tables[seq_id]
         full = n_computed // BLOCK_SIZE
         keys = block_keys(token_ids, full, self._keys.setdefault(seq_id, []))

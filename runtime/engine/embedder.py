@@ -1,6 +1,7 @@
 """Embedder: one pooled, L2-normalised vector per prompt from a loaded model — a prefill with
 no KV kept: the prompts are packed into one forward whose attention runs over each prompt's
-own keys (causal, the sliding window where a layer has one), never touching the KV pool.
+own keys (causal, the sliding window where a layer has one), never touching the KV pool;
+recurrent layers (qwen35) run each prompt from a fresh state that is dropped after.
 
     embedder = Embedder(lm)
     vectors = embedder.embed([[1, 2, 3], [4, 5]])   # (B, E) float32, each of norm 1
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from kernels.thread_policy import forward_threads
 from quant.errors import UnsupportedError
+from runtime.kv.recurrent_state import RecurrentStep, Run, SeqState
 from runtime.loaded_model import LoadedModel
 
 CHUNK_TOKENS = 4096  # tokens one forward packs
@@ -39,6 +41,11 @@ class _OwnKeys:
 
     def __init__(self, lengths: list[int], scale: float, causal: bool = True) -> None:
         self.lengths, self.scale, self.causal = lengths, scale, causal
+        # recurrent layers (qwen35's delta nets): each prompt from a fresh state, then dropped
+        rows = [sum(lengths[:i]) for i in range(len(lengths))]
+        self.recurrent = RecurrentStep(
+            tuple(Run(row, n, SeqState()) for row, n in zip(rows, lengths, strict=True))
+        )
 
     def __call__(self, layer: int, q, k, v, window: int) -> torch.Tensor:
         out, start = [], 0

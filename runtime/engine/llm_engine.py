@@ -100,7 +100,8 @@ class LLMEngine:
             options.max_num_seqs,
             graphs=False if lm.config.encoder else None,  # an encoder never decodes
         )
-        self.blocks = BlockManager(num_blocks)
+        # a recurrent model's state is not in its KV pages: no prefix cache can resume it
+        self.blocks = BlockManager(num_blocks, prefix_caching=not lm.config.recurrent)
         self.scheduler = Scheduler(self.blocks, options.max_num_seqs, options.max_step_tokens)
         self.requests: dict[str, _Request] = {}
         self._owner: dict[int, tuple[_Request, int]] = {}  # seq id → (request, index)
@@ -238,6 +239,7 @@ class LLMEngine:
             child.num_computed = parent.num_computed
             child.timings.prompt_seconds = parent.timings.prompt_seconds
             self.blocks.fork(parent.seq_id, child.seq_id)
+            self.runner.fork(parent.seq_id, child.seq_id)
             self.scheduler.add_running(child)
             children.append(child)
         return children
@@ -260,6 +262,7 @@ class LLMEngine:
 
     def _drop(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
+        self.runner.release(seq.seq_id)
         self._owner.pop(seq.seq_id, None)
 
     def _fail_step(self, step: Step, err: Exception) -> list[Event]:

@@ -47,6 +47,8 @@ def buckets(max_batch: int) -> list[int]:
 
 def unsupported(model) -> str | None:
     """Why this model cannot run graphed decode steps; None when it can."""
+    if model.config.recurrent:
+        return "its recurrent layers keep per-sequence state outside the graph"
     for i, layer in enumerate(model.layers):
         if not layer.triton:
             return f"layer {i} runs on the CPU"

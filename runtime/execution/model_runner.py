@@ -4,6 +4,10 @@ layer's device), its CUDA graphs, the step's inputs — and the one call that ru
     runner = ModelRunner(model, num_blocks, kv_cache_type, num_ctx, max_batch)
     batch = runner.prepare(scheduled, table)  # or ForwardBatch.build([...])
     logits = runner.run(batch)                 # (R, V): one row per batch.logit_rows
+    runner.release(seq_id)                     # a sequence ended: its recurrent state goes
+
+A model with recurrent layers (qwen35) also keeps each sequence's state here
+(runtime/kv/recurrent_state.py), keyed by the batch's sequence ids.
 
 `run` replays the decode step as a CUDA graph where it can (every layer on CUDA, a
 decode-only step within the captured sizes; runtime/execution/decode_graph.py), and otherwise runs the
@@ -23,6 +27,7 @@ from runtime.execution.decode_graph import DecodeGraphs
 from runtime.kv.attention_backends import LayerAttention
 from runtime.kv.forward_batch import ForwardBatch
 from runtime.kv.kv_pool import BLOCK_SIZE, KVPool
+from runtime.kv.recurrent_state import RecurrentStates
 from runtime.models import Model
 
 
@@ -44,6 +49,8 @@ class ModelRunner:
         self.pool = KVPool(
             model.config, num_blocks, kv_cache_type, [block.device for block in model.layers]
         )
+        # per-sequence state of recurrent layers (qwen35's delta nets), None without them
+        self.states = RecurrentStates() if model.config.recurrent else None
         num_ctx = num_ctx or num_blocks * BLOCK_SIZE
         self.graphs = (
             DecodeGraphs.for_engine(model, self.pool, num_ctx, max_batch)
@@ -76,8 +83,19 @@ class ModelRunner:
                     n == seq.pending,
                 )
                 for seq, n in scheduled
-            ]
+            ],
+            [seq.seq_id for seq, _ in scheduled],
         )
+
+    def release(self, seq_id: int) -> None:
+        """A sequence is finished, aborted or failed: drop its recurrent state."""
+        if self.states is not None:
+            self.states.free(seq_id)
+
+    def fork(self, parent: int, child: int) -> None:
+        """An n > 1 sample forked from `parent`: its recurrent state starts as a copy."""
+        if self.states is not None:
+            self.states.fork(parent, child)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: whole pages src → dst in every layer."""
@@ -94,6 +112,11 @@ class ModelRunner:
             x = model.run_layers(
                 model.embed_rows(batch.tokens),
                 model.rope_tables(batch.positions),
-                LayerAttention(model.layers, batch, self.pool),
+                LayerAttention(
+                    model.layers,
+                    batch,
+                    self.pool,
+                    self.states.step(batch) if self.states is not None else None,
+                ),
             )
             return model.logits(x[batch.logit_rows.to(x.device)])

@@ -21,6 +21,7 @@ import torch
 from kernels.attention import attention, decode_attention, paged_decode_attention
 from runtime.kv.forward_batch import DecodeGroup, ForwardBatch
 from runtime.kv.kv_pool import KVPool
+from runtime.kv.recurrent_state import RecurrentStep
 
 
 class PagedAttention:
@@ -156,10 +157,18 @@ class LayerAttention:
     """One step's `attend(i, q, k, v, window)` over a model's layers: layer i's backend on
     the step's rows on its device, its KV in `pool`."""
 
-    __slots__ = ("layers", "batch", "pool")
+    __slots__ = ("layers", "batch", "pool", "recurrent")
 
-    def __init__(self, layers: list, batch: ForwardBatch, pool: KVPool) -> None:
+    def __init__(
+        self,
+        layers: list,
+        batch: ForwardBatch,
+        pool: KVPool,
+        recurrent: RecurrentStep | None = None,
+    ) -> None:
+        """recurrent: the step's per-sequence states, for a model's recurrent layers."""
         self.layers, self.batch, self.pool = layers, batch, pool
+        self.recurrent = recurrent
 
     def __call__(
         self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int

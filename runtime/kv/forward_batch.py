@@ -77,14 +77,21 @@ class ForwardBatch:
     seqs: list[SeqRows]  # sequences attended one by one (prefill chunks)
     logit_rows: torch.Tensor  # (R,) int64: rows whose logits are wanted
     decode: DecodeGroup | None = None  # one-token sequences, attended together
+    runs: list[tuple[int, int, int]] = field(default_factory=list)  # per item: (row, n, start)
+    seq_ids: list[int] | None = None  # per item: its sequence (recurrent state's key)
 
     @classmethod
-    def build(cls, items: list[tuple[list[int], int, list[int], bool]]) -> ForwardBatch:
-        """items: per sequence (new token ids, start position, block table, wants logits)."""
+    def build(
+        cls, items: list[tuple[list[int], int, list[int], bool]], seq_ids: list[int] | None = None
+    ) -> ForwardBatch:
+        """items: per sequence (new token ids, start position, block table, wants logits);
+        seq_ids: their sequences' ids, where the model keeps recurrent state by sequence."""
         tokens, positions, slots, seqs, logit_rows, row = [], [], [], [], [], 0
+        runs: list[tuple[int, int, int]] = []
         decodes: list[tuple[int, int, list[int]]] = []  # (row, context length, block table)
         for ids, start, table, wants_logits in items:
             n = len(ids)
+            runs.append((row, n, start))
             tokens.extend(ids)
             positions.append(torch.arange(start, start + n))
             if n == 1:  # a decode: one slot to write; its context is read through its table
@@ -104,6 +111,8 @@ class ForwardBatch:
             seqs,
             torch.tensor(logit_rows, dtype=torch.int64),
             _decode_group(decodes),
+            runs,
+            seq_ids,
         )
 
     @classmethod
@@ -131,6 +140,8 @@ class ForwardBatch:
                 seqs,
                 self.logit_rows,
                 self.decode.to(device) if self.decode is not None else None,
+                self.runs,
+                self.seq_ids,
             )
         return cache[device]
 

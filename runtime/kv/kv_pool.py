@@ -28,11 +28,13 @@ BLOCK_SIZE = 16  # token positions per KV block (page); one block id names a pag
 
 
 def kv_bytes_per_token(config: ModelConfig, kv_cache_type: str) -> int:
-    """Bytes one token position takes in every layer, keys and values together."""
+    """Bytes one token position takes in every attention layer, keys and values together (a
+    recurrent layer, qwen35's delta nets, keeps per-sequence state instead: no KV)."""
     per_layer = config.n_head_kv * (config.head_dim + config.head_dim_v)
+    layers = config.n_layer - sum(config.recurrent_layers)
     if kv_cache_type == "q8_0":
-        return config.n_layer * per_layer * 34 // QBLOCK
-    return config.n_layer * per_layer * 2
+        return layers * per_layer * 34 // QBLOCK
+    return layers * per_layer * 2
 
 
 class _Slab:
@@ -118,8 +120,17 @@ class KVPool:
         self.devices = devices or [torch.device("cpu")] * config.n_layer
         self.layers = range(config.n_layer)
         slots, h = num_blocks * BLOCK_SIZE, config.n_head_kv
-        self.k = [_Slab(slots, h, config.head_dim, quantized, d) for d in self.devices]
-        self.v = [_Slab(slots, h, config.head_dim_v, quantized, d) for d in self.devices]
+        recurrent = config.recurrent_layers or (False,) * config.n_layer
+        # (slots of each layer: none in a recurrent layer, which never attends)
+        sizes = [0 if r else slots for r in recurrent]
+        self.k = [
+            _Slab(n, h, config.head_dim, quantized, d)
+            for n, d in zip(sizes, self.devices, strict=True)
+        ]
+        self.v = [
+            _Slab(n, h, config.head_dim_v, quantized, d)
+            for n, d in zip(sizes, self.devices, strict=True)
+        ]
 
     @property
     def nbytes(self) -> int:

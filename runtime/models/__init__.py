@@ -21,6 +21,8 @@ from runtime.models.olmo2 import Olmo2
 from runtime.models.phi3 import Phi3
 from runtime.models.qwen3 import Qwen3
 from runtime.models.qwen3moe import Qwen3Moe
+from runtime.models.qwen35 import Qwen35
+from runtime.models.qwen35moe import Qwen35Moe
 from runtime.models.smollm3 import SmolLM3
 from runtime.placement.device_map import DeviceMap
 
@@ -40,6 +42,8 @@ ARCHITECTURES: dict[str, type[Model]] = {
         Mistral3,
         Qwen3Moe,
         GptOss,
+        Qwen35,
+        Qwen35Moe,
         Bert,
     )
     for arch in cls.architectures

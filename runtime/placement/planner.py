@@ -26,8 +26,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from loaders.config import ModelConfig
 from modelfiles.parameters import default
 from quant.errors import InvalidParameterError, PlanError
+from runtime.kv.kv_pool import kv_bytes_per_token
+from runtime.kv.recurrent_state import state_bytes_per_layer
 from runtime.placement.devices import Calibration, Devices, format_size
 from runtime.placement.model_sizes import (
     ModelSizes,
@@ -233,12 +236,23 @@ def memory(sizes: ModelSizes, where: Placement, request: PlanRequest) -> dict:
         weights[where.tensors[t.name]] += t.nbytes
     if sizes.config.tied_head and where.head == GPU:
         weights[GPU] += sizes.embd.nbytes  # the head's own copy; the lookup keeps the mmap
-    per_layer = kv_slots(request.num_ctx, request.num_parallel) * kv_bytes_per_token_layer(
-        sizes.config, request.kv_type
-    )
-    kv = {d: per_layer * where.kv.count(d) for d in (GPU, CPU)}
+    per_layer = zip(kv_per_layer(sizes.config, request), where.kv, strict=True)
+    kv = {GPU: 0, CPU: 0}
+    for nbytes, device in per_layer:
+        kv[device] += nbytes
     buffers = _buffers(sizes, where, request)
     return {d: Memory(weights[d], kv[d], buffers[d]) for d in (GPU, CPU)}
+
+
+def kv_per_layer(c: ModelConfig, request: PlanRequest) -> list[int]:
+    """Bytes each layer holds for the request's sequences: an attention layer its KV pages,
+    a recurrent one (qwen35's delta nets) a fixed state per sequence, whatever the context."""
+    kv_bytes_per_token_layer(c, request.kv_type)  # a bad KV type fails here
+    slots = kv_slots(request.num_ctx, request.num_parallel)
+    n_attention = max(1, c.n_layer - sum(c.recurrent_layers))
+    attention = slots * kv_bytes_per_token(c, request.kv_type) // n_attention
+    state = request.num_parallel * state_bytes_per_layer(c)
+    return [state if r else attention for r in (c.recurrent_layers or (False,) * c.n_layer)]
 
 
 def evaluate(

@@ -21,7 +21,8 @@ tensors and their shapes, `load_arch_hparams` the keys it reads) and gguf-py's
   from Dims (`E` n_embd, `F` n_ff, `Q` n_head·head_dim, `KV` n_head_kv·head_dim, `D`
   head_dim, `H` n_head, `V` vocab, `X` experts, `FX` expert FFN; an int is taken as is), and
   kind one of `linear` (random, written in the chosen quant type), `router` (random, F32),
-  `norm` (≈1, F32), `bias` (small, F32), `embed`; `layer_extra(i, dims)` adds tensors that only some blocks have;
+  `norm` (≈1, F32), `bias` (small, F32), `decay` (a delta net's negative rates, F32),
+  `embed`; `layer_extra(i, dims)` adds tensors that only some blocks have;
 - `tied`: no `output.weight` (the head reuses token_embd) — only where llama.cpp ties it
   (gemma2/3). Otherwise keep the untied random head: at head_scale 8 its log-probabilities
   fall below llama.cpp's -16 cut for all but a few hundred tokens a position, so the CI
