@@ -294,7 +294,7 @@ class TandemIngress:
         return JSONResponse(body, 200 if running else 503)
 
     async def metrics(self) -> Response:
-        texts = await self.board.fresh.remote()
+        texts = await self.board.fresh.remote()  # type: ignore[attr-defined]
         return Response(merge(texts), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def forward(self, request: Request) -> Response:
