@@ -16,7 +16,15 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from loaders.ollama_pull import HOST, RegistryRef, fetch_blob, fetch_manifest, parse_ref
+from loaders.ollama_pull import (
+    HOST,
+    RegistryRef,
+    enabled,
+    fetch_blob,
+    fetch_manifest,
+    parse_ref,
+)
+from loaders.pull import known_key
 from modelfiles.builder import create_model
 from modelfiles.manifest import Manifest
 from modelfiles.modelfile import Modelfile
@@ -36,6 +44,13 @@ def stored_name(text: str) -> ModelName:
     """The store's name for a registry name as typed (ollama's short form)."""
     ref = parse_ref(text)
     return ModelName.parse(short_name(ref.host or HOST, ref.namespace, ref.model, ref.tag))
+
+
+def from_registry(text: str) -> bool:
+    """Whether `tandem pull` / `/api/pull` of `text` goes to the ollama registry: a model name
+    not in tandem's catalog, while the registry is not turned off."""
+    name = ModelName.maybe(text)
+    return name is not None and known_key(name.name, name.tag) is None and enabled()
 
 
 def ensure_registry(

@@ -18,7 +18,7 @@ from registry_server import Registry, blob
 from loaders.ollama_pull import RegistryRef, parse_ref
 from loaders.pull import KNOWN
 from modelfiles.names import ModelName
-from modelfiles.registry_models import ensure_registry, stored_name
+from modelfiles.registry_models import ensure_registry, from_registry, stored_name
 from modelfiles.resolver import resolve
 from modelfiles.store import Store
 from quant.errors import (
@@ -27,7 +27,6 @@ from quant.errors import (
     PullError,
     RegistryUnreachableError,
 )
-from runtime.cli.main import _from_registry
 
 SHA = KNOWN["smollm2"].sha256
 TEMPLATE = "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}{{ .Prompt }}"
@@ -90,8 +89,8 @@ def test_names():
 def test_catalog_names_come_first(registry):
     """Catalog names keep going to tandem's catalog; another name goes to the registry."""
     for name in ("smollm2", "gemma3", "gemma3:latest", "qwen2.5-coder:0.5b"):
-        assert not _from_registry(name), name
-    assert _from_registry("llama3.2") and _from_registry("qwen2.5-coder:7b")
+        assert not from_registry(name), name
+    assert from_registry("llama3.2") and from_registry("qwen2.5-coder:7b")
     assert registry.requests == []
 
 
@@ -214,3 +213,25 @@ def test_cli_pull_then_run(home, registry):
     )
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "Error: model 'nosuch:latest' was not found on the registry" in res.stderr
+
+
+def test_server_api_pull_with_the_ollama_client(home, registry):
+    """`ollama.Client.pull` against `tandem serve` (a real uvicorn on loopback) pulls a registry
+    name into the store: status lines ending in success, then the name in /api/tags."""
+    ollama = pytest.importorskip("ollama", reason="ollama-python is in the test extra")
+    from test_server import Server
+
+    from runtime.server.app import create_app
+
+    srv = Server(create_app())
+    try:
+        client = ollama.Client(host=srv.url)
+        statuses = [part.status for part in client.pull("smolreg", stream=True)]
+        assert statuses[0] == "pulling manifest" and statuses[-1] == "success", statuses
+        assert "smolreg:latest" in [m.model for m in client.list().models]
+        assert Store().get(ModelName.parse("smolreg")) is not None
+        with pytest.raises(ollama.ResponseError) as err:
+            client.pull("nosuch")
+        assert err.value.status_code == 404
+    finally:
+        srv.stop()

@@ -528,9 +528,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
         name, manifest = ensure_hf(Store(), args.model, refresh=True)
         print(f"success: {name} ({manifest.model.digest[:19]}, {manifest.model.size / 1e6:.1f} MB)")
         return 0
-    if _from_registry(args.model):
-        from modelfiles.registry_models import ensure_registry
+    from modelfiles.registry_models import ensure_registry, from_registry
 
+    if from_registry(args.model):
         name, manifest = ensure_registry(Store(), args.model, refresh=True)
         print(f"success: {name} ({manifest.model.digest[:19]}, {manifest.model.size / 1e6:.1f} MB)")
         return 0
@@ -539,16 +539,6 @@ def cmd_pull(args: argparse.Namespace) -> int:
     ensure_builtin(Store(), ModelName.parse(entry.name))  # `tandem list` shows it from now on
     print(f"{entry.name}: {entry.description}\n{path}")
     return 0
-
-
-def _from_registry(text: str) -> bool:
-    """A name that is not in tandem's catalog goes to the ollama registry (unless it is off)."""
-    from loaders.ollama_pull import enabled
-    from loaders.pull import known_key
-    from modelfiles.names import ModelName
-
-    name = ModelName.maybe(text)
-    return name is not None and known_key(name.name, name.tag) is None and enabled()
 
 
 def _kept_elsewhere(text: str):

@@ -26,12 +26,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from loaders.hf_pull import is_hf_ref
 from loaders.pull import pull, pullable
 from modelfiles import parameters as params
 from modelfiles.builder import create_model, ensure_builtin
+from modelfiles.hf_models import ensure_hf
 from modelfiles.modelfile import Modelfile
 from modelfiles.names import ModelName
 from modelfiles.parser import parse_modelfile
+from modelfiles.registry_models import ensure_registry, from_registry
 from modelfiles.store import Store
 from quant.errors import InternalError, InvalidParameterError, ModelfileError, TandemError
 from runtime.server.errors import RequestFieldError, ollama_error
@@ -143,14 +146,19 @@ def _tandem(err: BaseException) -> TandemError:
 async def pull_model(request: Request) -> Response:
     try:
         body = _body(await read_json(request), PULL_FIELDS)
-        name = _name(body, "model", "name")
-        entry = pullable(str(name))  # 404 before the first line for a name that is not known
+        name = str(_name(body, "model", "name"))
+        # a catalog entry, known before the first line (404 for a name that is not one), or
+        # an hf.co reference / ollama registry name, looked up by the pull itself
+        entry = None if is_hf_ref(name) or from_registry(name) else pullable(name)
         stream = _stream_flag(body)
     except TandemError as err:
         return ollama_error(err)
 
     def work(say: Callable[[Status], None]) -> None:
         say({"status": "pulling manifest"})
+        if entry is None:
+            _pull_elsewhere(name, say)
+            return
         digest = f"sha256:{entry.sha256}"
         label = {"status": f"pulling {entry.sha256[:12]}", "digest": digest}
 
@@ -166,6 +174,21 @@ async def pull_model(request: Request) -> Response:
         say({"status": "success"})
 
     return await _progress(work, stream)
+
+
+def _pull_elsewhere(name: str, say: Callable[[Status], None]) -> None:
+    """An hf.co reference or an ollama registry name, pulled into the store as `tandem pull`
+    pulls it (its byte progress goes to the server's log, not to the stream)."""
+    if is_hf_ref(name):
+        _, manifest = ensure_hf(Store(), name, refresh=True)
+    else:
+        _, manifest = ensure_registry(Store(), name, refresh=True)
+    digest, size = manifest.model.digest, manifest.model.size
+    label = {"status": f"pulling {digest.removeprefix('sha256:')[:12]}", "digest": digest}
+    say({**label, "total": size, "completed": size})
+    say({"status": "verifying sha256 digest"})
+    say({"status": "writing manifest"})
+    say({"status": "success"})
 
 
 # -- create -----------------------------------------------------------------------------------
