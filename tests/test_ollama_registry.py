@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -196,7 +197,8 @@ def test_cli_pull_then_run(home, registry):
         [*cmd, "pull", "smolreg"], env=env, capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 0, res.stderr
-    assert "pulling manifest" in res.stderr and "MB/s" in res.stderr, res.stderr
+    assert "pulling manifest" in res.stderr and "98.4 MB/98.4 MB" in res.stderr, res.stderr
+    assert re.search(r"\d [KMG]?B/s ETA", res.stderr), res.stderr  # a speed (1.1 GB/s here)
     assert "verifying sha256 digest" in res.stderr
     assert res.stdout.startswith("success: smolreg:latest"), res.stdout
     asked = len(registry.requests)
