@@ -73,6 +73,21 @@ def smollm2_path() -> Path:
     return model_path("smollm2")
 
 
+@pytest.fixture(scope="module")
+def smollm2_blob() -> Path:
+    """The real SmolLM2 file of the shared test cache, for the loopback hub and registry
+    servers to serve from there (never copied); skipped when it has not been pulled."""
+    from loaders.pull import KNOWN
+
+    sha = KNOWN["smollm2"].sha256
+    cache = Path(os.environ["TANDEM_HOME"]) / "models" / "blobs" / f"sha256-{sha}"
+    if not cache.is_file():
+        pytest.skip(
+            f"the SmolLM2 blob is not in the test cache ({cache}); run `tandem pull smollm2`"
+        )
+    return cache
+
+
 @pytest.fixture(scope="session")
 def gemma3_path() -> Path:
     return model_path("gemma3")

@@ -35,17 +35,6 @@ SYSTEM = "You are a terse test assistant."
 PARAMS = {"temperature": 0.25, "stop": ["<|im_end|>", "<|im_start|>"], "top_k": 7}
 
 
-@pytest.fixture(scope="module")
-def smollm2_blob() -> Path:
-    """The real SmolLM2 file of the shared test cache (served from there, never copied)."""
-    cache = Path(os.environ["TANDEM_HOME"]) / "models" / "blobs" / f"sha256-{SHA}"
-    if not cache.is_file():
-        pytest.skip(
-            f"the SmolLM2 blob is not in the test cache ({cache}); run `tandem pull smollm2`"
-        )
-    return cache
-
-
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("TANDEM_HOME", str(tmp_path / "home"))
