@@ -20,8 +20,10 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+
+from loopback_server import LoopbackServer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
@@ -34,7 +36,7 @@ class HubFile:
     size: int
 
 
-class Hub:
+class Hub(LoopbackServer):
     def __init__(self, repo: str, files: dict[str, HubFile]) -> None:
         self.repo = repo
         self.files = files
@@ -45,18 +47,7 @@ class Hub:
         self.down = False
         self.corrupt = False
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> Hub:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.listen(_handler(self))
 
     def info(self) -> dict:
         siblings = [

@@ -22,8 +22,10 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+
+from loopback_server import LoopbackServer
 
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 MEDIA = "application/vnd.ollama.image."
@@ -46,7 +48,7 @@ def blob(kind: str, path: Path, sha256: str | None = None) -> Blob:
     return Blob(MEDIA + kind, path, sha256, path.stat().st_size)
 
 
-class Registry:
+class Registry(LoopbackServer):
     def __init__(self, models: dict[str, list[Blob]]) -> None:
         """`models`: "namespace/name:tag" -> its layers."""
         self.models = models
@@ -59,19 +61,7 @@ class Registry:
         self.down = False
         self.corrupt = False
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.server.daemon_threads = True
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        self.url = f"http://{self.host}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> Registry:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.listen(_handler(self))
 
     def manifest(self, key: str) -> bytes:
         config = {"mediaType": "application/vnd.docker.container.image.v1+json"}
