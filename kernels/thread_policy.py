@@ -1,21 +1,22 @@
-"""How a forward pass uses the CPU's threads.
+"""How tandem uses the CPU's threads.
 
 The native matmul kernel runs on its own pool (workers claim chunks and never wait on each
-other); torch's own ops (norms, rope, attention, activations) run as OpenMP teams that end in a
-barrier. Both at once on the same cores contend: a pool worker still spinning after a matmul
-holds the core an OpenMP thread needs, and each small op then waits for a time slice (2 threads
-were measured no faster than 1: docs/kernels.md). So during a forward the matmuls get all the
-threads and torch's ops get one.
+other); torch's own ops (norms, rope, attention, activations, the sampler's softmax and top-k)
+run as OpenMP teams that end in a barrier. Both on the same cores contend: a pool worker still
+spinning after a matmul holds the core an OpenMP thread needs, an OpenMP worker spinning after
+a team holds the core a pool worker needs, and each waits for a time slice (docs/kernels.md).
 
-Several models may run forwards at once (the server runs one engine thread per model), so the
-toggles must not race. Under OpenMP torch's count is per thread, but torch.set_num_threads also
-sets the count a thread takes at its first parallel op: a thread that starts while another
-forward has lowered it would keep 1 for good. The native kernel's count is one process-wide
-value. So: a lock and a count of forwards inside; the first records torch's count, every
-entrant lowers and later restores only its own thread's count (a thread that picked up the
-lowered count gets the recorded one), and the native count returns to "follow torch" only when
-the last forward leaves. Two native calls at once never share the pool (the second runs its
-job on its own thread), so one native count for all of them is enough.
+So while the native kernel does the matmuls, torch's ops run on one thread, for good: a thread
+that runs a forward leaves torch at one thread (torch.set_num_threads also makes that the count
+of threads started later). An earlier policy lowered torch only inside a forward and restored
+it after; the sampler's ops between forwards then ran as two-thread teams, and on a busy 2-core
+machine decode in process was 2-3x slower than with torch at one thread throughout (SmolLM2,
+scripts/bench_engine.py -t 2: 19-20 vs 42-44 tok/s at 1 sequence, 105-113 vs 335-388 at 16).
+
+The forward's thread count (a model's num_thread, else `default_threads()`: torch's count as
+configured before tandem lowered it, recorded on first use) goes to the native pool, a
+process-wide value set on entering each forward. Without the native kernel torch does the
+matmuls, on that many threads.
 """
 
 from __future__ import annotations
@@ -29,40 +30,30 @@ import torch
 from kernels import native_loader
 
 _lock = threading.Lock()
-_inside = 0  # forwards inside forward_threads now, in all threads
-_found = 0  # torch's count the first of them found (what a lowered thread should have)
+_default: int | None = None  # torch's configured count, recorded before tandem lowered it
+
+
+def default_threads() -> int:
+    """The threads a forward uses when its model sets none: torch's intra-op count as the
+    process configured it (OMP_NUM_THREADS, torch.set_num_threads), recorded the first time
+    this is asked (tandem lowers torch's own count afterwards)."""
+    global _default
+    with _lock:
+        if _default is None:
+            _default = torch.get_num_threads()
+        return _default
 
 
 @contextmanager
 def forward_threads(threads: int = 0) -> Iterator[None]:
-    """Within: native matmuls on `threads` threads (0: torch's configured count), torch's ops
-    on one thread. Without the native kernel torch does the matmuls, on `threads` threads.
-    Safe to enter from several threads at once (one engine per model)."""
-    global _inside, _found
+    """Within: native matmuls on `threads` threads (0: default_threads()); torch's ops on one
+    thread, left so afterwards. Without the native kernel torch does the matmuls, on `threads`
+    threads (also left so). Safe to enter from several threads at once."""
+    threads = threads or default_threads()
     module = native_loader.load() if native_loader.enabled() else None
-    with _lock:
-        configured = torch.get_num_threads()  # this thread's own count
-        if _inside and configured == 1 and _found > 1:
-            configured = _found  # taken while another forward had lowered it: not the user's
-        if not _inside:
-            _found = configured
-        _inside += 1
-        threads = threads or configured
-        lower = module is not None and not (threads == 1 and configured == 1)
-        if lower and module is not None:  # (lower implies a module; this tells the checker)
-            module.set_num_threads(threads)
-    try:
-        if module is None:
-            torch.set_num_threads(threads)
-        elif lower:
-            torch.set_num_threads(1)
-        yield
-    finally:
-        if module is None or lower:
-            torch.set_num_threads(configured)  # this thread only (and new threads' default)
-        with _lock:
-            _inside -= 1
-            if not _inside:
-                _found = 0
-                if module is not None:
-                    module.set_num_threads(0)
+    want = 1 if module is not None else threads
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
+    if module is not None:
+        module.set_num_threads(threads)
+    yield

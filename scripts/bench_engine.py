@@ -93,10 +93,11 @@ def main() -> None:
     ap.add_argument("--gathered-attention", action="store_true")
     ap.add_argument("--schema", action="store_true", help="constrain output to a JSON schema")
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--threads", "-t", type=int, default=0, help="forward threads (0: torch's)")
     args = ap.parse_args()
     if args.gathered_attention:
         attention_backends.paged_decode_attention = lambda *a, **k: None
-    lm = LoadedModel.load(args.model)
+    lm = LoadedModel.load(args.model, base={"num_thread": args.threads} if args.threads else None)
     kind = "gathered SDPA" if args.gathered_attention else "native paged"
     for b in args.batch:
         rate, checks, masks = measure(

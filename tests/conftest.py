@@ -130,3 +130,16 @@ def workdir(tmp_path) -> Path:
     d.mkdir()
     write_tiny_llama(d / "tiny.gguf")
     return d
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Each test starts with torch's thread count as the session found it: a forward leaves
+    torch's own ops on one thread (kernels/thread_policy.py), which would slow later tests'
+    torch reference math."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)

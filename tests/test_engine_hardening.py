@@ -420,13 +420,12 @@ def test_a_request_the_engine_cannot_add_fails_alone(lm, monkeypatch):
 
 def test_forward_threads_from_two_engines_do_not_race(native):
     """Engine 1 enters a forward, engine 2's thread (new) enters while 1 is inside, 1 leaves
-    first: 2 keeps the matmul threads, and afterwards its torch count is the configured one
-    (before: 2 picked up the lowered count, ran its forwards on 1 thread for good, and lost
-    the native count when 1 left)."""
-    from kernels.thread_policy import forward_threads
+    first: 2 keeps the matmul threads (the configured count, recorded before tandem lowered
+    torch's), and torch's own ops stay on one thread in both, inside and after (the sampler
+    between forwards too: kernels/thread_policy.py)."""
+    from kernels.thread_policy import default_threads, forward_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    configured = default_threads()
     entered, left, two_done = threading.Event(), threading.Event(), threading.Event()
     seen: dict[str, int] = {}
 
@@ -435,7 +434,9 @@ def test_forward_threads_from_two_engines_do_not_race(native):
             entered.set()
             two_done.wait(10)
             seen["one_inside"] = native.get_num_threads()
+            seen["one_torch_inside"] = torch.get_num_threads()
         left.set()
+        seen["one_torch_after"] = torch.get_num_threads()
 
     def two():
         entered.wait(10)
@@ -446,21 +447,29 @@ def test_forward_threads_from_two_engines_do_not_race(native):
             seen["two_torch_inside"] = torch.get_num_threads()
         seen["two_torch_after"] = torch.get_num_threads()
 
-    try:
-        threads = [threading.Thread(target=one), threading.Thread(target=two)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert seen == {
-            "one_inside": 2,
-            "two_inside_after_one_left": 2,
-            "two_torch_inside": 1,
-            "two_torch_after": 2,
-        }
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    threads = [threading.Thread(target=one), threading.Thread(target=two)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert seen == {
+        "one_inside": configured,
+        "one_torch_inside": 1,
+        "one_torch_after": 1,
+        "two_inside_after_one_left": configured,
+        "two_torch_inside": 1,
+        "two_torch_after": 1,
+    }
+
+
+def test_forward_threads_takes_the_model_count(native):
+    """A model's num_thread goes to the native pool; torch's ops stay on one thread."""
+    from kernels.thread_policy import forward_threads
+
+    with forward_threads(3):
+        assert native.get_num_threads() == 3 and torch.get_num_threads() == 1
+    with forward_threads(1):
+        assert native.get_num_threads() == 1
 
 
 def test_scratch_is_not_shared_between_threads():

@@ -26,8 +26,8 @@ are small at these lengths).
 
 Every figure is a mean ± sample standard deviation over `repetitions` runs after one
 warm-up run of each test (which also builds the native kernel and faults the mmapped
-weights in). Threads set torch's intra-op pool, which the native kernel also follows
-(kernels/native_loader.py: it reads torch.get_num_threads() on every call).
+weights in). Threads are the forward's (kernels/thread_policy.py): the native kernel's pool,
+or torch's intra-op pool where there is no native kernel.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import torch
 from kernels import native_loader
 from kernels.linear import PackedLinear
 from kernels.lora_linear import LoraLinear
+from kernels.thread_policy import default_threads
 from kernels.triton_linear import TritonLinear
 from quant.errors import InvalidParameterError
 from runtime.execution.model_runner import ModelRunner
@@ -209,7 +210,7 @@ class Bench:
             str(self.lm.path),
             self.lm.path.stat().st_size,
             kernel_name(),
-            torch.get_num_threads(),
+            self.lm.model.num_threads or default_threads(),
             spec.n_prompt,
             spec.n_gen,
             spec.repetitions,
@@ -251,12 +252,11 @@ def run_bench(spec: BenchSpec) -> BenchResult:
     """Validate, set the threads, load the model (placed as num_gpu says, else as the
     Modelfile and the planner say) and measure."""
     spec.validate()
-    if spec.threads is not None:
-        torch.set_num_threads(spec.threads)
+    base = {"num_thread": spec.threads} if spec.threads else None
     placement = None
     if spec.num_gpu is not None:
         placement = auto_placement(num_ctx=bench_context(spec), num_gpu=spec.num_gpu)
-    return Bench(LoadedModel.load(spec.model, placement), spec).run()
+    return Bench(LoadedModel.load(spec.model, placement, base=base), spec).run()
 
 
 def format_table(r: BenchResult) -> str:

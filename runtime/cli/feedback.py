@@ -79,12 +79,13 @@ def startup_line(llm) -> str:
     import torch
 
     from kernels import native_loader
+    from kernels.thread_policy import default_threads
     from runtime.placement.devices import format_size
 
     lm = llm.lm
     devices = lm.model.devices
     device = torch.cuda.get_device_name(devices.gpu) if devices.uses_gpu else "cpu"
-    threads = lm.options.num_thread or torch.get_num_threads()
+    threads = lm.options.num_thread or default_threads()
     built = native_loader._modules.get(native_loader.chosen_isa())
     isa = native_loader.chosen_isa() if built is not None else "torch (no native kernel)"
     runner = llm.engine.runner

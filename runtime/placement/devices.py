@@ -22,6 +22,7 @@ from functools import partial
 import psutil
 import torch
 
+from kernels.thread_policy import default_threads
 from loaders.pull import tandem_home
 from quant.errors import InvalidParameterError
 
@@ -223,7 +224,7 @@ def _signature(gpus: tuple[Gpu, ...]) -> str:
     names = ",".join(g.name for g in gpus) or "no-gpu"
     return (
         f"{platform.machine()}|{platform.processor()}|{os.cpu_count()}|{ram_gib}GiB|"
-        f"{names}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+        f"{names}|torch {torch.__version__}|{default_threads()} threads"
     )
 
 
