@@ -345,7 +345,8 @@ def _swa_layers(arch: str, n_layer: int, window: int) -> tuple[bool, ...]:
 
 def _rope_base_swa(arch: str, get: _Getter, rope_base: float) -> float:
     default = 10000.0 if arch == "gemma3" else rope_base
-    return get.number("rope.freq_base_swa", default) if arch == "gemma2" else default
+    read = arch in ("gemma2", "gpt-oss")  # the archs whose loaders read the key (llama.cpp)
+    return get.number("rope.freq_base_swa", default) if read else default
 
 
 def _rope_layers(arch: str, get: _Getter, n_layer: int) -> tuple[bool, ...]:

@@ -64,6 +64,7 @@ class Model:
 
     architectures: tuple[str, ...] = ()
     num_threads: int = 0  # CPU threads its forward uses (num_thread; 0: torch's count)
+    swa_rope_scaled = False  # sliding-window layers' rope scaled as the others' (gpt-oss)
 
     def __init__(
         self, gguf: GGUFFile, config: ModelConfig, devices: DeviceMap | None = None
@@ -102,9 +103,19 @@ class Model:
             layer.ops = triton_ops() if layer.triton else CPU_OPS
             layer.attention = backends[where]
             self.layers.append(layer)
-        self.rope = Rope(
+        self.rope = self.make_rope(w, c.rope_base, scaled=True)
+        self.rope_swa = self.make_rope(w, c.rope_base_swa, scaled=self.swa_rope_scaled)
+
+    def make_rope(self, w: WeightLoader, base: float, scaled: bool) -> Rope:
+        """A rope at `base`: with the file's scaling (factor, YaRN, frequency factors,
+        magnitude) where `scaled`, else plain (sliding-window layers unless the architecture
+        sets swa_rope_scaled: llama.cpp's default rope_freq_scale_train_swa is 1)."""
+        c = self.config
+        if not scaled:
+            return Rope(c.head_dim, base, c.rope_neox)
+        return Rope(
             c.head_dim,
-            c.rope_base,
+            base,
             c.rope_neox,
             c.rope_scale,
             factors=self.rope_factors(w),
@@ -115,7 +126,6 @@ class Model:
             log_mul=c.yarn_log_mul,
             attn_factor=c.rope_attn_factor,
         )
-        self.rope_swa = Rope(c.head_dim, c.rope_base_swa, c.rope_neox)
 
     def rope_factors(self, w: WeightLoader) -> torch.Tensor | None:
         """The rope's per-pair frequency divisors (D/2,): Llama 3.x's `rope_freqs`, else

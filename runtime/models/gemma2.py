@@ -18,6 +18,7 @@ from runtime.models.gemma3 import Gemma3
 
 class Gemma2(Gemma3):
     architectures = ("gemma2",)
+    swa_rope_scaled = True  # llama.cpp's gemma2: the sliding layers' rope scale is the file's
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         cap = self.config.final_softcap

@@ -7,8 +7,9 @@ SwiGLU x·σ(1.702x)·(y+1). The norm before the experts is the file's post_atte
     h = norm(x);  x += o(attention_sinks(rope(q(h)), rope(k(h)), v(h)))
     h = norm(x);  x += Σ_k w_k · down_k(swiglu_oai(gate_k(h), up_k(h)))
 
-The released files scale RoPE by YaRN (rope.scaling.type = yarn), which tandem does not
-apply yet: such a file is refused with UnsupportedError (files without it run).
+The released files scale RoPE by YaRN (rope.scaling.type = yarn, factor 32 over an original
+context of 4096): every layer's rope, the sliding-window layers' too (llama.cpp's openai-moe
+sets rope_freq_scale_train_swa to the scale), with rope.freq_base_swa where the file has one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from kernels.linear import matmuls
-from quant.errors import UnsupportedError
 from runtime.models.base import Model
 from runtime.models.moe import MoE, MoELayer
 from runtime.models.weights import WeightLoader
@@ -24,14 +24,7 @@ from runtime.models.weights import WeightLoader
 
 class GptOss(Model):
     architectures = ("gpt-oss",)
-
-    def __init__(self, gguf, config, devices=None) -> None:
-        if config.rope_scaling not in ("none", "linear"):
-            raise UnsupportedError(
-                f"gpt-oss with rope scaling '{config.rope_scaling}' is not supported yet "
-                "(YaRN); use a file without rope scaling"
-            )
-        super().__init__(gguf, config, devices)
+    swa_rope_scaled = True
 
     def load_layer(self, w: WeightLoader, i: int, p: str, device: torch.device) -> MoELayer:
         q, k, v = w.linears(

@@ -113,10 +113,14 @@ ENTRIES = (
             "expert_feed_forward_length": d.expert_ffn,
             "attention.sliding_window": d.window,
             "rope.freq_base": 150000.0,
+            # the release's YaRN (factor 32 over 4096 tokens), on every layer
+            "rope.scaling.type": "yarn",
+            "rope.scaling.factor": 32.0,
+            "rope.scaling.original_context_length": 4096,
         },
         head_scale=8.0,  # (4.0 gave a mean top-1 probability of 0.25)
         note="biases, attention sinks, SWA every other layer (window 16), MXFP4 experts top-4 "
-        "(top-k → softmax), clamped SwiGLU",
+        "(top-k → softmax), clamped SwiGLU, YaRN rope (factor 32) on every layer",
         sizes={
             "20b": Dims(
                 layers=24,
