@@ -4,6 +4,8 @@ step from the stream counter (kernels/experts.py) and the GB/s they make.
 
     python scripts/bench_moe.py --arch qwen3moe --layers 4 --dim 1024 --experts 64 \
         --expert-ffn 384 --used 8 --type q4_0 --batch 16 --steps 8
+    python scripts/bench_moe.py --size 30b-a3b --layers 7 --type q4_0 --out q3moe-7l.gguf
+        # Qwen3-30B-A3B's layer (2048, 128 experts of 768, 8 used), 7 layers: 2.4 GB of experts
 
 The model is make_synthetic_gguf's --arch entry at the given dims (written once to --out).
 Figures: decode tokens/s single stream and aggregate at --batch, the aggregate's ratio, the
@@ -52,14 +54,38 @@ def decode(runner: ModelRunner, n: int, steps: int, vocab: int) -> tuple[float, 
     return seconds, expert_stats(reset=True)
 
 
+def dims_for(arch, args: argparse.Namespace):
+    """The model's dims: a real size's (all but --layers and what is given) or the small
+    default shape (dim 1024, 64 experts of 384, 8 used) on the entry's attention."""
+    if args.size:
+        base = arch.sizes[args.size]
+        given = {"dim": args.dim, "experts": args.experts, "experts_used": args.used}
+        given |= {"expert_ffn": args.expert_ffn}
+        over = {k: v for k, v in given.items() if v is not None}
+        return dataclasses.replace(base, layers=args.layers, **over)
+    ffn = args.expert_ffn or 384
+    return dataclasses.replace(
+        arch.dims,
+        layers=args.layers,
+        dim=args.dim or 1024,
+        ffn=ffn,
+        experts=args.experts or 64,
+        experts_used=args.used or 8,
+        expert_ffn=ffn,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--arch", default="qwen3moe", choices=["qwen3moe", "gpt-oss"])
+    ap.add_argument(
+        "--size", help="start from a real size's dims (qwen3moe 30b-a3b, gpt-oss 20b), not 1024/64"
+    )
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--dim", type=int, default=1024)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--expert-ffn", type=int, default=384)
-    ap.add_argument("--used", type=int, default=8)
+    ap.add_argument("--dim", type=int, help="default 1024 (or the size's)")
+    ap.add_argument("--experts", type=int, help="default 64 (or the size's)")
+    ap.add_argument("--expert-ffn", type=int, help="default 384 (or the size's)")
+    ap.add_argument("--used", type=int, help="default 8 (or the size's)")
     ap.add_argument("--type", default="q4_0", choices=sorted(msg.TYPES))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=8)
@@ -67,15 +93,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_moe.gguf"))
     args = ap.parse_args()
     arch = ARCHITECTURES[args.arch]
-    dims = dataclasses.replace(
-        arch.dims,
-        layers=args.layers,
-        dim=args.dim,
-        ffn=args.expert_ffn,
-        experts=args.experts,
-        experts_used=args.used,
-        expert_ffn=args.expert_ffn,
-    )
+    dims = dims_for(arch, args)
     if not args.out.exists():
         vocab = args.vocab or msg.default_tokenizer()
         msg.make_arch(args.out, arch, msg.TYPES[args.type], vocab, dims)
