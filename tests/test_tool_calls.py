@@ -224,7 +224,7 @@ def test_the_required_call_grammar_s_ending_and_spacing(smollm2_path, text, ends
     from loaders.gguf_file import GGUFFile
     from loaders.tokenizer import Tokenizer
     from runtime.engine.grammar import GrammarMatcher
-    from runtime.server.tool_calls import call_grammar
+    from runtime.server.tool_grammar import call_grammar
 
     with GGUFFile(smollm2_path) as f:
         tok = Tokenizer.from_metadata(f.metadata)

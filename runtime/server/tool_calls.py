@@ -1,5 +1,5 @@
-"""Tool calls: finding them in a model's output, per template family, and the grammar that
-forces one (tool_choice "required" or a named function).
+"""Tool calls: finding them in a model's output, per template family (the grammars that
+constrain them are in tool_grammar.py).
 
 The family is read off the chat template source (the markup it renders an assistant's
 tool_calls with); a template that does not take `tools` at all gets the generic format: a
@@ -7,7 +7,6 @@ system message describing the tools and asking for Hermes-style `<tool_call>{jso
 
     fmt = tool_format(template_source)          # ToolFormat, e.g. HERMES, LLAMA3, MISTRAL
     content, calls = fmt.parse(text, tools)     # calls: [ToolCall(name, arguments JSON text)]
-    fmt.grammar(tools, parallel, tok)           # a Grammar that accepts only tool calls
 
 Families (template → output shape):
   hermes     <tool_call>{"name", "arguments"}</tool_call>      Qwen2.5/3, Hermes, Granite 4
@@ -31,9 +30,6 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-
-from loaders.tokenizer import CONTROL, USER_DEFINED, Tokenizer
-from runtime.engine.grammar import Grammar
 
 
 @dataclass
@@ -413,55 +409,3 @@ def generic_system_prompt(tools: list[dict]) -> str:
         "<tool_call></tool_call> tags:\n"
         '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
     )
-
-
-# ---- the grammar that forces calls (tool_choice "required" or a named function) ----------
-def _call_schema(tool: dict, args_key: str) -> dict:
-    fn = tool.get("function", tool)
-    params = fn.get("parameters") or {"type": "object"}
-    return {
-        "type": "object",
-        "properties": {"name": {"const": fn["name"]}, args_key: params},
-        "required": ["name", args_key],
-        "additionalProperties": False,
-    }
-
-
-def _literal(text: str, tok: Tokenizer) -> str:
-    """`text` in Lark: a special token of the vocabulary as <[id]>, else a quoted string."""
-    ids = tok.encode(text, add_special=False, parse_special=True)
-    if len(ids) == 1 and tok.types[ids[0]] in (CONTROL, USER_DEFINED):
-        return f"<[{ids[0]}]>"
-    return json.dumps(text)
-
-
-def _json(schema: dict) -> str:
-    """`schema` as a Lark %json rule, spaced as templates' tojson writes it (a call in any
-    other spacing is off the model's training and may wander: blank lines before a comma)."""
-    return "%json " + json.dumps({**schema, "x-guidance": _TOJSON})
-
-
-_TOJSON = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
-
-
-def call_grammar(fmt: ToolFormat, tools: list[dict], parallel: bool, tok: Tokenizer) -> Grammar:
-    """A grammar whose every output is one (or, with `parallel`, one or more) call(s) of
-    `tools` in the family's format. Applied from the first token (not lazily at a trigger).
-    Families without a JSON-bodied format fall back to the Hermes form."""
-    key = "parameters" if fmt.name == "llama3" else "arguments"
-    schema = {"anyOf": [_call_schema(t, key) for t in tools]}
-    if fmt.name == "mistral":
-        calls = {"type": "array", "items": schema, "minItems": 1}
-        if not parallel:
-            calls["maxItems"] = 1
-        lark = f"start: {_literal('[TOOL_CALLS]', tok)} calls\ncalls: {_json(calls)}\n"
-        return Grammar("lark", lark, "tool_choice")
-    if fmt.name == "llama3":
-        one, sep, end = "call", '";" ', ""
-    else:
-        one = f'{_literal("<tool_call>", tok)} "\\n" call "\\n" {_literal("</tool_call>", tok)}'
-        # the newline that separates calls may also end the output (else it forces another)
-        sep, end = '"\\n" ', ' "\\n"?'
-    many = f"one ({sep}one)*{end}" if parallel else "one"
-    lark = f"start: {many}\none: {one}\ncall: {_json(schema)}\n"
-    return Grammar("lark", lark, "tool_choice")
