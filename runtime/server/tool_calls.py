@@ -126,6 +126,9 @@ class ToolFormat:
     name: str
     starts: tuple[str, ...]
     pattern: re.Pattern[str] | None = None
+    # a call also begins where the output begins with this (after blanks): Qwen2.5-Coder
+    # writes Hermes calls bare, {"name": ..., "arguments": ...} without the tags
+    lead: str = ""
 
     def parse(self, text: str, tools: list[dict] | None = None) -> tuple[str, list[ToolCall]]:
         """(the content before the first call, the calls); no calls: (text, [])."""
@@ -139,21 +142,30 @@ class ToolFormat:
 
     def start_of_calls(self, text: str) -> int | None:
         found = [i for s in self.starts if (i := text.find(s)) >= 0]
-        if self.name == "llama3" and text.lstrip().startswith("{"):
-            found.append(len(text) - len(text.lstrip()))
+        head = text.lstrip()
+        if (self.name == "llama3" and head.startswith("{")) or (
+            self.lead and head.startswith(self.lead)
+        ):
+            found.append(len(text) - len(head))
         return min(found) if found else None
+
+    def may_lead(self, text: str) -> bool:
+        """Whether `text` may still grow into a bare call at the output's start."""
+        return bool(self.lead) and self.lead.startswith(text.lstrip())
 
     def may_start(self, text: str) -> bool:
         """Whether `text` holds, or ends with the beginning of, a call's opening (a stream
         holds such text back until it knows)."""
         if self.start_of_calls(text) is not None:
             return True
-        if self.name == "llama3" and not text.strip():
+        if (self.name == "llama3" and not text.strip()) or self.may_lead(text):
             return True
         return any(text.endswith(s[:k]) for s in self.starts for k in range(1, len(s)))
 
 
 def _parse_tagged_json(fmt: ToolFormat, text: str, tools) -> list[ToolCall]:
+    if fmt.lead and text.lstrip().startswith(fmt.lead):
+        return _parse_json_run(fmt, text, tools)
     calls = []
     for body in fmt.pattern.findall(text) if fmt.pattern else []:
         got = _json_prefix(body)
@@ -345,6 +357,7 @@ HERMES = ToolFormat(
         "<|START_ACTION|>",
     ),
     _TAG_JSON,
+    lead='{"name"',
 )
 XML = ToolFormat("xml", ("<tool_call>", "<seed:tool_call>", "<function="))
 ARG_KEY = ToolFormat("arg_key", ("<tool_call>", "<tool_calls:", "<tool_call:"))

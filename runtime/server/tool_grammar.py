@@ -9,7 +9,8 @@ in the family's call markup.
 Lazy (llama.cpp's `grammar_lazy`): the output is free until the family's call opening (the
 trigger) appears; the grammar begins with that opening, is fed the output from it on, and
 constrains the rest: one call, or with `parallel` one or more, then the end. Triggers:
-  hermes   <tool_call>                      (templates that write it, and the generic prompt)
+  hermes   <tool_call>, or {"name" as the output's first text (Qwen2.5-Coder's bare calls);
+           for templates that write <tool_call>, and the generic prompt
   llama3   <|python_tag|>, or {"name" as the output's first text
   mistral  [TOOL_CALLS]   (NAME[ARGS]{...} where the template writes [ARGS], else [{...}])
 Other families get no lazy grammar (their calls are parsed after the fact, unconstrained).
@@ -94,9 +95,11 @@ def call_grammar(fmt: ToolFormat, tools: list[dict], parallel: bool, tok: Tokeni
 
 # ---- lazy: from the trigger on (tool_choice auto) ----------------------------------------
 def _lazy_hermes(tools: list[dict], parallel: bool, tok: Tokenizer) -> str:
-    # the trigger's token may carry on past it: a newline, or none, before the JSON
-    head = _hermes(tok, parallel, '"\\n"?')
-    return f"{head}call: {_json(_calls_schema(tools, 'arguments'))}\n"
+    """Tagged calls (the trigger's token may carry on past it: a newline, or none, before
+    the JSON), or one bare call where the output began with {"name"."""
+    tagged = _hermes(tok, parallel, '"\\n"?').replace("start:", "tagged:", 1)
+    schema = _json(_calls_schema(tools, "arguments"))
+    return f"start: tagged | call\n{tagged}call: {schema}\n"
 
 
 def _lazy_llama3(tools: list[dict], parallel: bool, tok: Tokenizer) -> str:
@@ -125,7 +128,7 @@ def _mistral_args(tools: list[dict], parallel: bool, tok: Tokenizer) -> str:
 def _lazy_form(fmt: ToolFormat, source: str) -> tuple[tuple[Trigger, ...], str] | None:
     """The family's triggers and which grammar follows them; None: no lazy grammar."""
     if fmt.name == "hermes" and ("<tool_call>" in source or not supports_tools(source)):
-        return (Trigger("<tool_call>"),), "hermes"
+        return (Trigger("<tool_call>"), Trigger(fmt.lead, at_start=True)), "hermes"
     if fmt.name == "llama3":
         return (Trigger("<|python_tag|>"), Trigger('{"name"', at_start=True)), "llama3"
     if fmt.name == "mistral":
