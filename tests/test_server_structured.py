@@ -284,10 +284,11 @@ def test_ollama_python_tools_hold_the_call_to_the_schema(qwen_server):
     import ollama
 
     # ollama-python's Tool model keeps a property's type, enum and description only (it
-    # drops maxLength): the unit's enum is what the grammar must hold the model to
+    # drops maxLength): the city as a postcode from an enum is what the grammar must hold
+    # the model to (unaided it writes "Paris")
     terse = json.loads(json.dumps(TERSE))
     props = terse["function"]["parameters"]["properties"]
-    props["city"] = {"type": "string"}
+    props["city"] = {"type": "string", "enum": ["75001", "SW1A"]}
     props["unit"] = {"type": "string", "enum": ["C", "F"]}
     c = ollama.Client(host=qwen_server.url)
     r = c.chat(
