@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
 import httpx2
 import jsonschema
@@ -271,12 +272,14 @@ def _check_terse_call(name: str, arguments: str | dict, tool: dict = TERSE) -> N
 
 def test_openai_tool_choice_auto_holds_the_call_to_the_schema(qwen_server):
     client = openai.OpenAI(base_url=f"{qwen_server.url}/v1", api_key="unused", max_retries=0)
+    messages: Any = ASK_TOOL
+    tools: Any = [TERSE]
     done = client.chat.completions.create(
-        model=QWEN, messages=ASK_TOOL, tools=[TERSE], temperature=0.8, seed=8, max_tokens=80
+        model=QWEN, messages=messages, tools=tools, temperature=0.8, seed=8, max_tokens=80
     )
     choice = done.choices[0]
-    assert choice.finish_reason == "tool_calls", choice.message.content
-    call = choice.message.tool_calls[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    call: Any = choice.message.tool_calls[0]
     _check_terse_call(call.function.name, call.function.arguments)
 
 
@@ -299,7 +302,7 @@ def test_ollama_python_tools_hold_the_call_to_the_schema(qwen_server):
     )
     assert r.message.tool_calls, r.message.content
     call = r.message.tool_calls[0]
-    _check_terse_call(call.function.name, call.function.arguments, terse)
+    _check_terse_call(call.function.name, dict(call.function.arguments), terse)
 
 
 def test_tool_choice_auto_refuses_a_schema_it_cannot_enforce(client):
