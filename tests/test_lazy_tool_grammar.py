@@ -18,9 +18,11 @@ import torch
 
 from loaders.gguf_file import GGUFFile
 from loaders.tokenizer import Tokenizer
+from runtime.engine.grammar import GrammarMatcher
 from runtime.engine.sequence import Delta, Sequence
+from runtime.engine.trigger import TriggerMatcher
 from runtime.sampling_params import SamplingParams
-from runtime.server.tool_calls import HERMES
+from runtime.server.tool_calls import HERMES, tool_format
 from runtime.server.tool_grammar import lazy_call_grammar
 
 WEATHER = {
@@ -166,3 +168,58 @@ def test_smollm2_hot_after_the_trigger_calls_validly_only_with_the_lazy_grammar(
     assert all(_valid_call(t) for t in with_grammar), with_grammar
     without = [_model_run(smollm2, False, s) for s in seeds]
     assert not all(_valid_call(t) for t in without), without
+
+
+# ---- the grammars against llama.cpp's real templates -------------------------------------
+# a template of each family that has a lazy grammar → its call's end marker
+FAMILY_TEMPLATES = {
+    "Qwen-Qwen2.5-7B-Instruct": "<|im_end|>",
+    "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use": "<|im_end|>",
+    "ibm-granite-granite-4.0": "<|end_of_text|>",
+    "meta-llama-Llama-3.1-8B-Instruct": "<|eot_id|>",
+    "meta-llama-Llama-3.3-70B-Instruct": "<|eot_id|>",
+    "mistralai-Mistral-Nemo-Instruct-2407": "</s>",
+    "unsloth-mistral-Devstral-Small-2507": "</s>",
+    "Mistral-Small-3.2-24B-Instruct-2506": "</s>",
+    "mistralai-Ministral-3-14B-Reasoning-2512": "</s>",
+}
+
+
+def _grammar_takes(tok: Tokenizer, source: str, text: str) -> bool | None:
+    """Whether the family's lazy grammar, started at the trigger in `text` (pushed token by
+    token), takes the rest and may end there; None: no trigger."""
+    from test_tool_calls import TOOLS
+
+    lazy = lazy_call_grammar(tool_format(source), TOOLS, True, tok, source)
+    assert lazy is not None
+    watch = TriggerMatcher(lazy.triggers, lazy.tokens)
+    ids = tok.encode(text, add_special=False, parse_special=False)
+    pushed = 0
+    while watch.fired_at is None and pushed < len(ids):
+        watch.push(ids[pushed], tok.decode([ids[pushed]], skip_special=False))
+        pushed += 1
+    if watch.fired_at is None:
+        return None
+    m = GrammarMatcher(tok, lazy.grammar)
+    tail = tok.decode(ids, skip_special=False)[watch.fired_at :]
+    for t in tok.encode(tail, add_special=False, parse_special=True):
+        if not m.accepts(t):
+            return False
+        m.advance(t)
+    return m.done or m.accepts(min(tok.eog_ids))  # complete, or may end here
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_TEMPLATES))
+def test_each_family_s_lazy_grammar_takes_its_template_s_call(tok, name):
+    from test_tool_calls import TEMPLATES, _assistant_text
+
+    if not TEMPLATES.is_dir():
+        pytest.skip(f"llama.cpp's templates are not at {TEMPLATES}")
+    source = (TEMPLATES / f"{name}.jinja").read_text()
+    call = (
+        _assistant_text(source)
+        .split(FAMILY_TEMPLATES[name])[0]
+        .removeprefix("<think>\n\n</think>\n\n")
+    )
+    assert _grammar_takes(tok, source, "Sure. " * ("{" not in call[:1]) + call) is True
+    assert _grammar_takes(tok, source, call.replace('"days": 3', '"days": "3"')) is False

@@ -165,13 +165,26 @@ class ToolFormat:
 
 def _parse_tagged_json(fmt: ToolFormat, text: str, tools) -> list[ToolCall]:
     if fmt.lead and text.lstrip().startswith(fmt.lead):
-        return _parse_json_run(fmt, text, tools)
+        return _parse_bare(text, tools)
     calls = []
     for body in fmt.pattern.findall(text) if fmt.pattern else []:
         got = _json_prefix(body)
         if got is not None:  # a body cut short (the output hit its limit) is left out
             calls += _from_json(got[0])
     return calls
+
+
+def _parse_bare(text: str, tools: list[dict] | None) -> list[ToolCall]:
+    """A bare {"name": ..., "arguments": {...}} that makes up the whole output: a call only
+    when it names an offered tool (else it is content, such as a JSON answer with a name)."""
+    got = _json_prefix(text)
+    if got is None or text[got[1] :].strip() or not isinstance(got[0], dict):
+        return []
+    obj = got[0]
+    names = {t.get("function", t).get("name") for t in tools or []}
+    if obj.get("name") not in names or not ({"arguments", "parameters"} & set(obj)):
+        return []
+    return _from_json(obj)
 
 
 def _parse_json_run(fmt: ToolFormat, text: str, tools) -> list[ToolCall]:

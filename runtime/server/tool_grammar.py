@@ -72,7 +72,11 @@ def _hermes(tok: Tokenizer, parallel: bool, newline: str) -> str:
 
 
 def _mistral_array(tools: list[dict], parallel: bool, tok: Tokenizer) -> str:
-    calls: dict = {"type": "array", "items": _calls_schema(tools, "arguments"), "minItems": 1}
+    """[TOOL_CALLS][{"name", "arguments"[, "id"]}, ...] (Mistral Nemo writes a 9-letter id)."""
+    items = _calls_schema(tools, "arguments")
+    for one in items["anyOf"]:
+        one["properties"]["id"] = {"type": "string", "pattern": "^[A-Za-z0-9]{9}$"}
+    calls: dict = {"type": "array", "items": items, "minItems": 1}
     if not parallel:
         calls["maxItems"] = 1
     return f"start: {_literal('[TOOL_CALLS]', tok)} calls\ncalls: {_json(calls)}\n"
