@@ -76,3 +76,11 @@ def test_a_trigger_token_fires_on_its_id_even_when_its_text_is_not_shown():
     assert watch.push(11, "Sure. ") is None
     assert watch.push(151657, "") == ""  # skipped special text: the id alone starts it
     assert watch.fired_at == len("Sure. ")
+
+
+def test_after_a_long_output_a_trigger_pushed_a_character_at_a_time_still_fires():
+    watch = TriggerMatcher(HERMES, quiet=THINK)
+    text = "<think>" + "a <tool_call> thought; " * 200 + "</think>" + "x < y " * 300
+    assert all(watch.push(1, ch) is None for ch in text)
+    got = [watch.push(1, ch) for ch in "<tool_call>\n"]
+    assert got == [None] * 10 + ["<tool_call>", None] and watch.fired_at == len(text)

@@ -39,6 +39,9 @@ class Quiet:
 
 
 class TriggerMatcher:
+    """Only a bounded tail of the output is kept (a word's length, or while the reasoning is
+    open a close marker's), so a long output costs no more per token than a short one."""
+
     def __init__(
         self,
         triggers: tuple[Trigger, ...],
@@ -46,15 +49,14 @@ class TriggerMatcher:
         quiet: Quiet | None = None,
     ) -> None:
         self._words = [t.word for t in triggers if not t.at_start]
-        self._starts = [t.word for t in triggers if t.at_start]
+        self._starts = [t.word for t in triggers if t.at_start]  # while the start may be one
         self._tokens = tokens
-        self._longest = max((len(w) for w in self._words), default=1)
+        self._keep = max((len(w) for w in self._words), default=1) - 1
         self._quiet = quiet
-        self._text = ""  # the output so far (decoded)
-        # where watching begins: None while the reasoning is open or may still open
-        self._from: int | None = None if quiet is not None else 0
-        self._inside = quiet is not None and quiet.inside
-        self._scanned = 0  # words were searched up to here (a window of a word's length back)
+        self._phase = "watch" if quiet is None else ("inside" if quiet.inside else "before")
+        self._tail = ""  # the output not yet ruled out
+        self._base = 0  # the tail's offset in the output
+        self._from = 0  # where watching began (after the reasoning)
         self.fired_at: int | None = None  # the trigger's offset in the output, once found
 
     def push(self, token: int, text: str) -> str | None:
@@ -62,11 +64,10 @@ class TriggerMatcher:
         from the trigger's start on (returned once: after that the grammar takes over)."""
         if self.fired_at is not None:
             return None
-        start = len(self._text)
-        self._text += text
-        if self._from is None and not self._find_watch_start():
+        start = self._base + len(self._tail)
+        self._tail += text
+        if self._phase != "watch" and not self._past_reasoning():
             return None
-        assert self._from is not None
         if token in self._tokens and start >= self._from:
             return self._fire(start)
         at = self._at_start()
@@ -76,47 +77,51 @@ class TriggerMatcher:
 
     def _fire(self, at: int) -> str:
         self.fired_at = at
-        return self._text[at:]
+        return self._tail[at - self._base :]
 
-    def _find_watch_start(self) -> bool:
-        """Whether the reasoning is over (or never opened); sets where watching begins."""
+    def _cut(self, upto: int) -> None:
+        """Forget the tail before offset `upto` of the output."""
+        self._tail = self._tail[upto - self._base :]
+        self._base = upto
+
+    def _past_reasoning(self) -> bool:
+        """Whether the reasoning is over (or never opened); watching begins after it."""
         q = self._quiet
         assert q is not None
-        if not self._inside:
-            stripped = self._text.lstrip()
-            if stripped.startswith(q.open):
-                self._inside = True
-            elif q.open.startswith(stripped):
-                return False  # blank, or a prefix of the open marker: not known yet
-            else:
-                self._from = self._scanned = 0
+        if self._phase == "before":
+            stripped = self._tail.lstrip()
+            if not stripped.startswith(q.open):
+                if q.open.startswith(stripped):
+                    return False  # blank, or a prefix of the open marker: not known yet
+                self._phase = "watch"
                 return True
-        close = self._text.find(q.close)
+            self._phase = "inside"
+        close = self._tail.find(q.close)
         if close < 0:
+            self._cut(max(self._base, self._base + len(self._tail) - len(q.close) + 1))
             return False
-        self._from = self._scanned = close + len(q.close)
+        self._cut(self._base + close + len(q.close))
+        self._phase, self._from = "watch", self._base
         return True
 
     def _at_start(self) -> int | None:
-        """The offset of an at-start trigger; at-start triggers are dropped once the output's
-        first text cannot be one."""
+        """The offset of an at-start trigger; dropped once the output's first text cannot
+        be one (the tail is kept from where watching began until then)."""
         if not self._starts:
             return None
-        assert self._from is not None
-        body = self._text[self._from :]
-        lead = len(body) - len(body.lstrip())
-        head = body[lead:]
+        head = self._tail.lstrip()
         for word in self._starts:
             if head.startswith(word):
-                return self._from + lead
+                return self._from + len(self._tail) - len(head)
         self._starts = [w for w in self._starts if w.startswith(head)]
         return None
 
     def _find_word(self) -> int | None:
-        """The earliest trigger word in the text not yet searched (a word split over the
-        previous search's end is found: the window starts a word's length back)."""
-        assert self._from is not None
-        begin = max(self._from, self._scanned - self._longest + 1)
-        found = [i for w in self._words if (i := self._text.find(w, begin)) >= 0]
-        self._scanned = len(self._text)
-        return min(found) if found else None
+        """The earliest trigger word in the tail; then the tail is cut to a word's length
+        less one (a word split over this token and the next is still found)."""
+        found = [i for w in self._words if (i := self._tail.find(w)) >= 0]
+        if found:
+            return self._base + min(found)
+        if not self._starts:
+            self._cut(max(self._base, self._base + len(self._tail) - self._keep))
+        return None
