@@ -182,6 +182,8 @@ FAMILY_TEMPLATES = {
     "unsloth-mistral-Devstral-Small-2507": "</s>",
     "Mistral-Small-3.2-24B-Instruct-2506": "</s>",
     "mistralai-Ministral-3-14B-Reasoning-2512": "</s>",
+    "openai-gpt-oss-120b": "<|call|>",
+    "llm-jp-llm-jp-4.1-8b-thinking": "<|call|>",
 }
 
 
@@ -223,3 +225,19 @@ def test_each_family_s_lazy_grammar_takes_its_template_s_call(tok, name):
     )
     assert _grammar_takes(tok, source, "Sure. " * ("{" not in call[:1]) + call) is True
     assert _grammar_takes(tok, source, call.replace('"days": 3', '"days": "3"')) is False
+
+
+def test_harmony_s_lazy_grammar_takes_the_header_as_gpt_oss_generates_it(tok):
+    from test_tool_calls import TEMPLATES
+
+    if not TEMPLATES.is_dir():
+        pytest.skip(f"llama.cpp's templates are not at {TEMPLATES}")
+    source = (TEMPLATES / "openai-gpt-oss-120b.jinja").read_text()
+    call = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'
+    assert (
+        _grammar_takes(
+            tok, source, "<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant" + call
+        )
+        is True
+    )
+    assert _grammar_takes(tok, source, call.replace("get_weather", "get_time")) is False

@@ -13,6 +13,7 @@ constrains the rest: one call, or with `parallel` one or more, then the end. Tri
            for templates that write <tool_call>, and the generic prompt
   llama3   <|python_tag|>, or {"name" as the output's first text
   mistral  [TOOL_CALLS]   (NAME[ARGS]{...} where the template writes [ARGS], else [{...}])
+  harmony  to=functions.  (gpt-oss: NAME, the header's rest, <|message|>, the arguments)
 Other families get no lazy grammar (their calls are parsed after the fact, unconstrained).
 """
 
@@ -129,6 +130,21 @@ def _mistral_args(tools: list[dict], parallel: bool, tok: Tokenizer) -> str:
     return f"start: {many}\none: {lit['[TOOL_CALLS]']} ({alts})\n" + "\n".join(rules) + "\n"
 
 
+def _lazy_harmony(tools: list[dict], parallel: bool, tok: Tokenizer) -> str:
+    """to=functions.NAME, the rest of the header (`<|channel|>commentary`, `<|constrain|>`,
+    `json`, each where gpt-oss may write it), <|message|>, the arguments; <|call|> ends
+    generation (an end token). One call per message: `parallel` has nothing to add."""
+    lit = {m: _literal(m, tok) for m in ("<|channel|>", "<|constrain|>", "<|message|>")}
+    header = f'({lit["<|channel|>"]} "commentary")? " "? ({lit["<|constrain|>"]} " "?)? "json"?'
+    rules = []
+    for i, t in enumerate(tools):
+        fn = t.get("function", t)
+        params = fn.get("parameters") or {"type": "object"}
+        rules.append(f"t{i}: {json.dumps(fn['name'])} header {lit['<|message|>']} {_json(params)}")
+    alts = " | ".join(f"t{i}" for i in range(len(tools)))
+    return f'start: "to=functions." ({alts})\nheader: {header}\n' + "\n".join(rules) + "\n"
+
+
 def _lazy_form(fmt: ToolFormat, source: str) -> tuple[tuple[Trigger, ...], str] | None:
     """The family's triggers and which grammar follows them; None: no lazy grammar."""
     if fmt.name == "hermes" and ("<tool_call>" in source or not supports_tools(source)):
@@ -137,6 +153,8 @@ def _lazy_form(fmt: ToolFormat, source: str) -> tuple[tuple[Trigger, ...], str] 
         return (Trigger("<|python_tag|>"), Trigger('{"name"', at_start=True)), "llama3"
     if fmt.name == "mistral":
         return (Trigger("[TOOL_CALLS]"),), "mistral_args" if "[ARGS]" in source else "mistral"
+    if fmt.name == "harmony":
+        return (Trigger("to=functions."),), "harmony"
     return None
 
 
@@ -159,6 +177,7 @@ def lazy_call_grammar(
         "llama3": _lazy_llama3,
         "mistral": _mistral_array,
         "mistral_args": _mistral_args,
+        "harmony": _lazy_harmony,
     }[kind]
     lark = build(tools, parallel, tok)
     tokens = frozenset(i for t in triggers if (i := _special(t.word, tok)) is not None)
