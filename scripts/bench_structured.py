@@ -13,11 +13,19 @@ the mask computed at every position (llguidance's compute_bitmask and the unpack
 bool per token), p50 / p99; a fresh matcher's first mask is reported apart. The grammar's
 mean time per token (checks and masks) against the free decode's time per token bounds what
 the schema can cost where the tok/s runs are noisy (a shared machine).
+
+    python scripts/bench_structured.py qwen2.5-coder:0.5b --tools --rounds 5 --max-tokens 80
+
+--tools: a tool_choice=auto request as the server builds it (chat_setup), with its lazy
+grammar against the same request free (auto before the lazy grammar), the same seed,
+interleaved: decode tok/s, the grammar's time per token before the trigger (0: nothing runs)
+and from it on, and the mask at every position after the trigger (replayed).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -27,10 +35,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime.engine.grammar import Grammar, GrammarMatcher, json_schema  # noqa: E402
+from runtime.engine.grammar import Grammar, GrammarMatcher, LazyGrammar, json_schema  # noqa: E402
 from runtime.engine.llm_engine import EngineOptions, LLMEngine  # noqa: E402
+from runtime.engine.sequence import Timings  # noqa: E402
+from runtime.engine.trigger import TriggerMatcher  # noqa: E402
 from runtime.loaded_model import LoadedModel  # noqa: E402
 from runtime.sampling_params import SamplingParams  # noqa: E402
+from runtime.server.chat_setup import chat_setup  # noqa: E402
+from runtime.server.tool_request import parse_tools  # noqa: E402
 
 SCHEMA = {
     "type": "array",
@@ -53,11 +65,18 @@ def decode(
     engine: LLMEngine, ids: list[int], params: SamplingParams, rid: str
 ) -> tuple[float, list[int], list[float], list[float]]:
     """(decode tok/s, the tokens, accept-check seconds, seconds of the masks computed)."""
+    rate, tokens, t = decode_timed(engine, ids, params, rid)
+    return rate, tokens, t.grammar_check_seconds, t.grammar_mask_seconds
+
+
+def decode_timed(
+    engine: LLMEngine, ids: list[int], params: SamplingParams, rid: str
+) -> tuple[float, list[int], Timings]:
+    """(decode tok/s, the tokens, the sample's timings)."""
     engine.add_request(rid, ids, params)
     tokens: list[int] = []
     started = None
-    checks: list[float] = []
-    masks: list[float] = []
+    timings = Timings()
     while engine.has_unfinished:
         events = engine.step()
         for e in events:
@@ -65,11 +84,11 @@ def decode(
             assert d is not None, e.error
             tokens += [d.token_id] if d.token_id is not None else []
             if d.timings is not None and d.finish_reason:
-                checks, masks = d.timings.grammar_check_seconds, d.timings.grammar_mask_seconds
+                timings = d.timings
         if started is None and tokens:  # the first token ends the prefill
             started = time.perf_counter()
     assert started is not None
-    return (len(tokens) - 1) / (time.perf_counter() - started), tokens, checks, masks
+    return (len(tokens) - 1) / (time.perf_counter() - started), tokens, timings
 
 
 def mask_every_position(lm: LoadedModel, grammar: Grammar, tokens: list[int]) -> list[float]:
@@ -94,13 +113,92 @@ def _times(values: list[float]) -> str:
     return f"p50 {_pct(values, 0.5):.0f} us, p99 {_pct(values, 0.99):.0f} us"
 
 
+# ---- --tools: tool_choice=auto, free vs the lazy grammar ---------------------------------
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 3},
+                "unit": {"enum": ["C", "F"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOL_ASK = [
+    {"role": "system", "content": "You are a weather assistant. Answer with a tool call."},
+    {"role": "user", "content": "What is the weather in Paris?"},
+]
+
+
+def after_trigger(lm: LoadedModel, lazy: LazyGrammar, tokens: list[int]) -> list[int]:
+    """The output from the trigger on, retokenized as the grammar was fed it ([]: none)."""
+    watch = TriggerMatcher(lazy.triggers, lazy.tokens, lazy.quiet)
+    for t in tokens:
+        if watch.push(t, lm.tokenizer.decode([t], skip_special=False)) is not None:
+            break
+    if watch.fired_at is None:
+        return []
+    text = lm.tokenizer.decode(tokens, skip_special=False)
+    return lm.tokenizer.encode(text[watch.fired_at :], add_special=False, parse_special=True)
+
+
+def main_tools(lm: LoadedModel, rounds: int, max_tokens: int, seed: int) -> None:
+    """tool_choice=auto (the server's chat_setup) with its lazy grammar against the same
+    request with none (as before the lazy grammar: auto was free), interleaved."""
+    engine = LLMEngine(lm, EngineOptions(num_ctx=1024, max_num_seqs=1))
+    base = SamplingParams(temperature=0.8, seed=seed, max_tokens=max_tokens)
+    setup = chat_setup(lm, TOOL_ASK, parse_tools([TOOL], "auto", None), {}, base, 1024)
+    lazy = setup.params.grammar
+    assert isinstance(lazy, LazyGrammar), "this model's template family has no lazy grammar"
+    kinds = {"free": dataclasses.replace(setup.params, grammar=None), "lazy": setup.params}
+    decode_timed(engine, setup.ids, kinds["lazy"], "warm")
+    rates: dict[str, list[float]] = {k: [] for k in kinds}
+    before, after, masks, every = [], [], [], []
+    for r in range(rounds):
+        for kind in list(kinds) if r % 2 == 0 else list(reversed(kinds)):
+            rate, tokens, t = decode_timed(engine, setup.ids, kinds[kind], f"{kind}{r}")
+            rates[kind].append(rate)
+            if kind == "lazy":
+                at = len(tokens) if t.grammar_started_at is None else t.grammar_started_at
+                before += t.grammar_token_seconds[:at]
+                after += t.grammar_token_seconds[at:]
+                masks += t.grammar_mask_seconds
+                fed = after_trigger(lm, lazy, tokens)
+                every += mask_every_position(lm, lazy.grammar, fed)[1:] if fed else []
+            if r == 0:
+                print(f"  {kind}: {lm.tokenizer.decode(tokens, skip_special=False)!r}")
+    print(f"{lm.name}: tool_choice=auto, {rounds} rounds, seed {seed}, temperature 0.8")
+    for kind, values in rates.items():
+        line = ", ".join(f"{v:.1f}" for v in values)
+        print(f"  {kind:5s} decode tok/s median {statistics.median(values):6.1f} ({line})")
+    per_token = sum(after) / max(1, len(after))
+    share = per_token * statistics.median(rates["free"])
+    print(f"  grammar per token from the trigger on: {per_token * 1e6:.0f} us mean, {share:.2%} of")
+    print("    a free token's time (the bound on its cost where tok/s is noise)")
+    worst = max(before, default=0.0) * 1e6
+    print(f"  grammar time per token before the trigger ({len(before)}): max {worst:.0f} us")
+    print(f"  grammar time per token from the trigger on ({len(after)}): {_times(after)}")
+    print(f"  masks in the run: {len(masks)}, {_times(masks)}")
+    print(f"  mask at every position after the trigger ({len(every)}): {_times(every)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("model")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--tools", action="store_true", help="tool_choice=auto: free vs lazy grammar")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     lm = LoadedModel.load(args.model)
+    if args.tools:
+        return main_tools(lm, args.rounds, args.max_tokens, args.seed)
     engine = LLMEngine(lm, EngineOptions(num_ctx=512 + args.max_tokens, max_num_seqs=1))
     ids = lm.chat_prompt_ids([{"role": "user", "content": ASK}])
     grammar = json_schema(SCHEMA, "schema")

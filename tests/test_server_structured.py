@@ -5,6 +5,9 @@ streamed tool-call deltas), ollama-python (format, tools), langchain-openai
 
 SmolLM2 (135M) has no tool template: it gets the generic Hermes-style tool prompt, and
 tool_choice "required" / a named function makes the grammar force a well-formed call.
+Qwen2.5-Coder (0.5B, its own template) calls tools on its own with tool_choice "auto": the
+lazy grammar holds the call, from its opening on, to a schema the model would not meet
+unaided (a 3-letter city, a unit of one letter).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
 import httpx2
 import jsonschema
@@ -42,6 +46,29 @@ WEATHER = {
     },
 }
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+QWEN = "qwen2.5-coder:0.5b"
+# With a system message Qwen2.5-Coder calls (bare {"name": ...}); without, it often fences
+# the call in ```json or writes it after a sentence, neither of which is a call.
+ASK_TOOL = [
+    {"role": "system", "content": "You are a weather assistant. Answer with a tool call."},
+    *ASK,
+]
+TERSE = {  # Qwen2.5-Coder unconstrained writes {"city": "Paris", "unit": "celsius"}
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 3},
+                "unit": {"enum": ["C", "F"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 class Person(BaseModel):
@@ -64,6 +91,18 @@ def server(smollm2_path):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def qwen_server(qwen_coder_path):
+    app = create_app(RegistryOptions(num_ctx=1024, max_num_seqs=2), preload=QWEN)
+    srv = Server(app)
+    deadline = time.time() + 300
+    while httpx2.get(f"{srv.url}/health").status_code != 200:
+        assert time.time() < deadline, "the preloaded model never became ready"
+        time.sleep(0.1)
+    yield srv
+    srv.stop()
 
 
 def _check_weather_call(name: str, arguments: str | dict) -> None:
@@ -223,3 +262,56 @@ def test_litellm_chat_with_tools(server):
     )
     call = r.choices[0].message.tool_calls[0]
     _check_weather_call(call.function.name, call.function.arguments)
+
+
+def _check_terse_call(name: str, arguments: str | dict, tool: dict = TERSE) -> None:
+    args = json.loads(arguments) if isinstance(arguments, str) else arguments
+    assert name == "get_weather"
+    jsonschema.validate(args, tool["function"]["parameters"])
+
+
+def test_openai_tool_choice_auto_holds_the_call_to_the_schema(qwen_server):
+    client = openai.OpenAI(base_url=f"{qwen_server.url}/v1", api_key="unused", max_retries=0)
+    messages: Any = ASK_TOOL
+    tools: Any = [TERSE]
+    done = client.chat.completions.create(
+        model=QWEN, messages=messages, tools=tools, temperature=0.8, seed=8, max_tokens=80
+    )
+    choice = done.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    call: Any = choice.message.tool_calls[0]
+    _check_terse_call(call.function.name, call.function.arguments)
+
+
+def test_ollama_python_tools_hold_the_call_to_the_schema(qwen_server):
+    import ollama
+
+    # ollama-python's Tool model keeps a property's type, enum and description only (it
+    # drops maxLength): the city as a postcode from an enum is what the grammar must hold
+    # the model to (unaided it writes "Paris")
+    terse = json.loads(json.dumps(TERSE))
+    props = terse["function"]["parameters"]["properties"]
+    props["city"] = {"type": "string", "enum": ["75001", "SW1A"]}
+    props["unit"] = {"type": "string", "enum": ["C", "F"]}
+    c = ollama.Client(host=qwen_server.url)
+    r = c.chat(
+        model=QWEN,
+        messages=ASK_TOOL,
+        tools=[terse],
+        options={"temperature": 0.8, "seed": 9, "num_predict": 80},
+    )
+    assert r.message.tool_calls, r.message.content
+    call = r.message.tool_calls[0]
+    _check_terse_call(call.function.name, dict(call.function.arguments), terse)
+
+
+def test_tool_choice_auto_refuses_a_schema_it_cannot_enforce(client):
+    bad = {
+        "type": "function",
+        "function": {
+            "name": "tag",
+            "parameters": {"type": "array", "uniqueItems": True},
+        },
+    }
+    with pytest.raises(openai.BadRequestError, match="uniqueItems"):
+        client.chat.completions.create(model=SERVED, messages=ASK, tools=[bad], max_tokens=5)

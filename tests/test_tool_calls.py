@@ -224,7 +224,7 @@ def test_the_required_call_grammar_s_ending_and_spacing(smollm2_path, text, ends
     from loaders.gguf_file import GGUFFile
     from loaders.tokenizer import Tokenizer
     from runtime.engine.grammar import GrammarMatcher
-    from runtime.server.tool_calls import call_grammar
+    from runtime.server.tool_grammar import call_grammar
 
     with GGUFFile(smollm2_path) as f:
         tok = Tokenizer.from_metadata(f.metadata)
@@ -232,3 +232,22 @@ def test_the_required_call_grammar_s_ending_and_spacing(smollm2_path, text, ends
     ids = tok.encode(text, add_special=False, parse_special=False)
     taken = all(m.accepts(t) and m.advance(t) is None for t in ids)
     assert (m.accepts(min(tok.eog_ids)) if taken else None) == ends
+
+
+def test_a_bare_hermes_call_is_a_call_only_at_the_start_and_for_an_offered_tool():
+    """Qwen2.5-Coder writes its calls without the <tool_call> tags."""
+    bare = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    content, calls = HERMES.parse("\n" + bare, TOOLS)
+    assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+    for text in ('{"name": "Bob", "age": 3}', '{"name": "get_weather"}', "See " + bare):
+        assert HERMES.parse(text, TOOLS) == (text, [])
+    out = ChatOutput(None, (HERMES, TOOLS))  # streamed: held while it may be a call
+    assert [out.push(bare[k : k + 4]) for k in range(0, len(bare), 4)] == [("", "")] * 14
+    _, rest, streamed = out.finish()
+    assert rest == "" and [(c.name, c.arguments) for c in streamed] == [
+        (calls[0].name, calls[0].arguments)
+    ]
+    out = ChatOutput(None, (HERMES, TOOLS))
+    assert out.push('{"a": 1}') == ("", '{"a": 1}')  # not a call's opening: released at once

@@ -40,6 +40,7 @@ import torch
 
 from loaders.tokenizer import CONTROL, UNKNOWN, USER_DEFINED, Tokenizer
 from quant.errors import InvalidParameterError
+from runtime.engine.trigger import Quiet, Trigger
 
 KINDS = ("json_schema", "regex", "choice", "lark", "gbnf")
 _CACHE_SIZE = 64  # compiled grammars kept per tokenizer (pristine matchers, deep-copied)
@@ -82,6 +83,19 @@ class Grammar:
             return llguidance.LLMatcher.grammar_from_lark(self.text)
         except (ValueError, TypeError) as err:
             raise GrammarError(f"{self.field} is not a valid {self.kind}: {err}") from None
+
+
+@dataclass(frozen=True)
+class LazyGrammar:
+    """A grammar that applies from a trigger on (llama.cpp's lazy grammar): the output is free
+    until one of `triggers` appears (or a token of `tokens` is sampled), then `grammar`, which
+    begins with the trigger's text, is fed the output from the trigger on and constrains every
+    later token. `quiet`: the reasoning span where triggers do not count."""
+
+    grammar: Grammar
+    triggers: tuple[Trigger, ...]
+    tokens: frozenset[int] = frozenset()
+    quiet: Quiet | None = None
 
 
 def json_schema(schema: Any, field: str) -> Grammar:
@@ -195,12 +209,15 @@ class GrammarMatcher:
         self._vocab = tok.vocab_size
         self.mask_seconds: list[float] = []  # time of each mask computed (the slow path)
         self.check_seconds: list[float] = []  # time of each accept check (every token)
+        self.seconds = 0.0  # all time spent here: checks, masks, advances
 
     def accepts(self, token: int) -> bool:
         """Whether the grammar allows `token` next (an end-of-generation id: where it may end)."""
         t0 = time.perf_counter()
         ok = self._m.validate_tokens([token]) == 1
-        self.check_seconds.append(time.perf_counter() - t0)
+        spent = time.perf_counter() - t0
+        self.check_seconds.append(spent)
+        self.seconds += spent
         return ok
 
     def ends_at(self, token: int) -> bool:
@@ -213,7 +230,9 @@ class GrammarMatcher:
         t0 = time.perf_counter()
         bits = np.frombuffer(self._m.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(bits, bitorder="little")[: self._vocab].astype(bool)  # (V,)
-        self.mask_seconds.append(time.perf_counter() - t0)
+        spent = time.perf_counter() - t0
+        self.mask_seconds.append(spent)
+        self.seconds += spent
         if self._m.is_error():
             raise GrammarError(f"the grammar failed: {_short(self._m.get_error())}")
         if not allowed.any():
@@ -225,7 +244,10 @@ class GrammarMatcher:
         return logits.masked_fill(~keep[:n], float("-inf"))
 
     def advance(self, token: int) -> None:
-        if not self._m.consume_token(token):
+        t0 = time.perf_counter()
+        ok = self._m.consume_token(token)
+        self.seconds += time.perf_counter() - t0
+        if not ok:
             raise GrammarError(f"the grammar refused token {token}: {_short(self._m.get_error())}")
 
     @property
@@ -234,6 +256,6 @@ class GrammarMatcher:
         return self._m.is_stopped()
 
 
-def check_grammar(tok: Tokenizer, grammar: Grammar) -> None:
+def check_grammar(tok: Tokenizer, grammar: Grammar | LazyGrammar) -> None:
     """Raise GrammarError now (before a request is queued) if `grammar` cannot be enforced."""
-    compile_grammar(tok, grammar)
+    compile_grammar(tok, grammar.grammar if isinstance(grammar, LazyGrammar) else grammar)

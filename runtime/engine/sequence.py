@@ -7,6 +7,7 @@ Used by the engine (many at once) and by Generation (one).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -14,9 +15,10 @@ import torch
 from loaders.detokenizer import StreamDecoder
 from loaders.tokenizer import Tokenizer
 from quant.errors import ContextLengthError
-from runtime.engine.grammar import GrammarMatcher
+from runtime.engine.grammar import GrammarMatcher, LazyGrammar
 from runtime.engine.sampler import Sampler
 from runtime.engine.stop import StopMatcher
+from runtime.engine.trigger import TriggerMatcher
 from runtime.sampling_params import SamplingParams
 
 
@@ -28,6 +30,14 @@ class Timings:
     eval_seconds: float = 0.0
     grammar_check_seconds: list[float] = field(default_factory=list)  # per token, constrained
     grammar_mask_seconds: list[float] = field(default_factory=list)  # per mask computed
+    # A lazy grammar: the generated token in which its trigger appeared (None: not yet or
+    # never); before it the grammar cost nothing. `grammar_dropped`: the text from the
+    # trigger on was not the grammar's, so the rest went unconstrained.
+    grammar_started_at: int | None = None
+    grammar_dropped: bool = False
+    # With a grammar (lazy or not): the grammar's time on each generated token (checks,
+    # masks, advances; at a lazy trigger, feeding it the text from the trigger on).
+    grammar_token_seconds: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -76,9 +86,16 @@ class Sequence:
         self._stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             self._stop_ids |= tokenizer.eog_ids
-        self._grammar = (
-            None if params.grammar is None else GrammarMatcher(tokenizer, params.grammar)
-        )
+        self._tokenizer = tokenizer
+        self._lazy: LazyGrammar | None = None
+        self._trigger: TriggerMatcher | None = None
+        self._grammar: GrammarMatcher | None = None
+        self._dropped_seconds = 0.0  # a lazy grammar's time before it was dropped
+        if isinstance(params.grammar, LazyGrammar):
+            self._lazy = params.grammar
+            self._trigger = TriggerMatcher(self._lazy.triggers, self._lazy.tokens, self._lazy.quiet)
+        elif params.grammar is not None:
+            self._grammar = GrammarMatcher(tokenizer, params.grammar)
 
     @property
     def generated(self) -> list[int]:
@@ -91,6 +108,18 @@ class Sequence:
 
     def next(self, logits: torch.Tensor) -> Delta:
         """Sample from the logits (V,) of the last token and return what it adds."""
+        if self._lazy is None and self._grammar is None:
+            return self._next(logits)
+        before = self._grammar_seconds()
+        delta = self._next(logits)
+        self.timings.grammar_token_seconds.append(self._grammar_seconds() - before)
+        return delta
+
+    def _grammar_seconds(self) -> float:
+        g = self._grammar
+        return self._dropped_seconds + (0.0 if g is None else g.seconds)
+
+    def _next(self, logits: torch.Tensor) -> Delta:
         res = self._sampler.sample(logits, self.token_ids)
         g = self._grammar
         end = False
@@ -102,18 +131,47 @@ class Sequence:
         if end or res.token_id in self._stop_ids:
             return self._finish(None, res, "stop", "")
         self.token_ids.append(res.token_id)
-        text, hit = self._stop.push(self._decoder.push(res.token_id))
+        piece = self._decoder.push(res.token_id)
+        text, hit = self._stop.push(piece)
         if hit:
             return self._finish(res.token_id, res, "stop", text)
         if g is not None:
             g.advance(res.token_id)
-            if g.done:  # the grammar is complete: nothing more may follow
-                return self._finish(res.token_id, res, "stop", text)
+        elif self._trigger is not None:
+            g = self._on_trigger(res.token_id, piece)
+        if g is not None and g.done:  # the grammar is complete: nothing more may follow
+            return self._finish(res.token_id, res, "stop", text)
         limit = self.params.max_tokens
         generated = len(self.token_ids) - self.num_prompt
         if (limit is not None and generated >= limit) or len(self.token_ids) >= self.n_ctx:
             return self._finish(res.token_id, res, "length", text)
         return Delta(res.token_id, text, res.logprob, res.top)
+
+    def _on_trigger(self, token: int, piece: str) -> GrammarMatcher | None:
+        """The lazy grammar's matcher once `token` completes its trigger (fed the output from
+        the trigger on, retokenized: the trigger may begin inside a token), else None."""
+        assert self._trigger is not None and self._lazy is not None
+        rest = self._trigger.push(token, piece)
+        if rest is None:
+            return None
+        self._trigger = None
+        self.timings.grammar_started_at = len(self.token_ids) - self.num_prompt - 1
+        t0 = time.perf_counter()
+        g = GrammarMatcher(self._tokenizer, self._lazy.grammar)
+        g.seconds += time.perf_counter() - t0  # a copy of the compiled grammar
+        if token in self._lazy.tokens:  # a trigger token: the grammar begins with it
+            fed = [token]
+        else:
+            fed = self._tokenizer.encode(rest, add_special=False, parse_special=True)
+        for t in fed:
+            if not g.accepts(t):
+                self.timings.grammar_dropped = True
+                self.timings.grammar_check_seconds = g.check_seconds
+                self._dropped_seconds = g.seconds
+                return None
+            g.advance(t)
+        self._grammar = g
+        return g
 
     def abort(self) -> Delta:
         self.finished = "abort"

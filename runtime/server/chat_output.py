@@ -119,7 +119,7 @@ class ChatOutput:
         fmt, text = self.tools[0], self._content
         start = fmt.start_of_calls(text)
         if start is None:
-            if fmt.name == "llama3" and not text.strip():
+            if (fmt.name == "llama3" and not text.strip()) or fmt.may_lead(text):
                 start = 0
             else:
                 start = len(text) - max((_partial(text, s) for s in fmt.starts), default=0)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.engine.grammar import check_grammar
+from runtime.engine.trigger import Quiet
 from runtime.loaded_model import LoadedModel
 from runtime.sampling_params import SamplingParams
 from runtime.server.chat_output import ChatOutput, Thinking, thinking_for
@@ -51,17 +52,33 @@ def chat_setup(
     messages, extra, fmt = render_inputs(source, messages, tools)
     extra.update(template_kwargs)
     ids = lm.chat_prompt_ids(messages, num_ctx, **extra)
-    forced = tools.grammar(fmt, lm.tokenizer) if tools is not None else None
-    if forced is not None:
-        if params.grammar is not None:
-            raise RequestFieldError(
-                "tool_choice", "tool_choice required/named and an output format cannot be combined"
-            )
-        params = dataclasses.replace(params, grammar=forced)
-    if tools is not None and tools.active:  # call markers may be control tokens
-        params = dataclasses.replace(params, skip_special_tokens=False)
-    if params.grammar is not None:
-        check_grammar(lm.tokenizer, params.grammar)
     tail = lm.tokenizer.decode(ids[-PROMPT_TAIL_TOKENS:], skip_special=False)
     thinking = thinking_for(source, tail, bool(template_kwargs.get("enable_thinking", True)))
+    if tools is not None and tools.active:
+        params = _with_tool_grammar(lm, tools, fmt, source, thinking, params)
+    if params.grammar is not None:
+        check_grammar(lm.tokenizer, params.grammar)
     return ChatSetup(ids, params, fmt, tools, thinking)
+
+
+def _with_tool_grammar(
+    lm: LoadedModel,
+    tools: ToolRequest,
+    fmt: ToolFormat,
+    source: str,
+    thinking: Thinking | None,
+    params: SamplingParams,
+) -> SamplingParams:
+    """`params` with the tools' grammar: forced (required / named) or lazy (auto, unless an
+    output format is asked for: then that applies, as in llama.cpp); call markers may be
+    control tokens, so they are kept in the text."""
+    params = dataclasses.replace(params, skip_special_tokens=False)
+    quiet = None if thinking is None else Quiet(thinking.open, thinking.close, thinking.inside)
+    grammar = tools.grammar(fmt, lm.tokenizer, source, quiet)
+    if grammar is None or (tools.choice == "auto" and params.grammar is not None):
+        return params
+    if params.grammar is not None:
+        raise RequestFieldError(
+            "tool_choice", "tool_choice required/named and an output format cannot be combined"
+        )
+    return dataclasses.replace(params, grammar=grammar)

@@ -1,5 +1,5 @@
-"""Tool calls: finding them in a model's output, per template family, and the grammar that
-forces one (tool_choice "required" or a named function).
+"""Tool calls: finding them in a model's output, per template family (the grammars that
+constrain them are in tool_grammar.py).
 
 The family is read off the chat template source (the markup it renders an assistant's
 tool_calls with); a template that does not take `tools` at all gets the generic format: a
@@ -7,7 +7,6 @@ system message describing the tools and asking for Hermes-style `<tool_call>{jso
 
     fmt = tool_format(template_source)          # ToolFormat, e.g. HERMES, LLAMA3, MISTRAL
     content, calls = fmt.parse(text, tools)     # calls: [ToolCall(name, arguments JSON text)]
-    fmt.grammar(tools, parallel, tok)           # a Grammar that accepts only tool calls
 
 Families (template → output shape):
   hermes     <tool_call>{"name", "arguments"}</tool_call>      Qwen2.5/3, Hermes, Granite 4
@@ -31,9 +30,6 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-
-from loaders.tokenizer import CONTROL, USER_DEFINED, Tokenizer
-from runtime.engine.grammar import Grammar
 
 
 @dataclass
@@ -130,6 +126,9 @@ class ToolFormat:
     name: str
     starts: tuple[str, ...]
     pattern: re.Pattern[str] | None = None
+    # a call also begins where the output begins with this (after blanks): Qwen2.5-Coder
+    # writes Hermes calls bare, {"name": ..., "arguments": ...} without the tags
+    lead: str = ""
 
     def parse(self, text: str, tools: list[dict] | None = None) -> tuple[str, list[ToolCall]]:
         """(the content before the first call, the calls); no calls: (text, [])."""
@@ -143,27 +142,49 @@ class ToolFormat:
 
     def start_of_calls(self, text: str) -> int | None:
         found = [i for s in self.starts if (i := text.find(s)) >= 0]
-        if self.name == "llama3" and text.lstrip().startswith("{"):
-            found.append(len(text) - len(text.lstrip()))
+        head = text.lstrip()
+        if (self.name == "llama3" and head.startswith("{")) or (
+            self.lead and head.startswith(self.lead)
+        ):
+            found.append(len(text) - len(head))
         return min(found) if found else None
+
+    def may_lead(self, text: str) -> bool:
+        """Whether `text` may still grow into a bare call at the output's start."""
+        return bool(self.lead) and self.lead.startswith(text.lstrip())
 
     def may_start(self, text: str) -> bool:
         """Whether `text` holds, or ends with the beginning of, a call's opening (a stream
         holds such text back until it knows)."""
         if self.start_of_calls(text) is not None:
             return True
-        if self.name == "llama3" and not text.strip():
+        if (self.name == "llama3" and not text.strip()) or self.may_lead(text):
             return True
         return any(text.endswith(s[:k]) for s in self.starts for k in range(1, len(s)))
 
 
 def _parse_tagged_json(fmt: ToolFormat, text: str, tools) -> list[ToolCall]:
+    if fmt.lead and text.lstrip().startswith(fmt.lead):
+        return _parse_bare(text, tools)
     calls = []
     for body in fmt.pattern.findall(text) if fmt.pattern else []:
         got = _json_prefix(body)
         if got is not None:  # a body cut short (the output hit its limit) is left out
             calls += _from_json(got[0])
     return calls
+
+
+def _parse_bare(text: str, tools: list[dict] | None) -> list[ToolCall]:
+    """A bare {"name": ..., "arguments": {...}} that makes up the whole output: a call only
+    when it names an offered tool (else it is content, such as a JSON answer with a name)."""
+    got = _json_prefix(text)
+    if got is None or text[got[1] :].strip() or not isinstance(got[0], dict):
+        return []
+    obj = got[0]
+    names = {t.get("function", t).get("name") for t in tools or []}
+    if obj.get("name") not in names or not ({"arguments", "parameters"} & set(obj)):
+        return []
+    return _from_json(obj)
 
 
 def _parse_json_run(fmt: ToolFormat, text: str, tools) -> list[ToolCall]:
@@ -349,6 +370,7 @@ HERMES = ToolFormat(
         "<|START_ACTION|>",
     ),
     _TAG_JSON,
+    lead='{"name"',
 )
 XML = ToolFormat("xml", ("<tool_call>", "<seed:tool_call>", "<function="))
 ARG_KEY = ToolFormat("arg_key", ("<tool_call>", "<tool_calls:", "<tool_call:"))
@@ -413,55 +435,3 @@ def generic_system_prompt(tools: list[dict]) -> str:
         "<tool_call></tool_call> tags:\n"
         '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
     )
-
-
-# ---- the grammar that forces calls (tool_choice "required" or a named function) ----------
-def _call_schema(tool: dict, args_key: str) -> dict:
-    fn = tool.get("function", tool)
-    params = fn.get("parameters") or {"type": "object"}
-    return {
-        "type": "object",
-        "properties": {"name": {"const": fn["name"]}, args_key: params},
-        "required": ["name", args_key],
-        "additionalProperties": False,
-    }
-
-
-def _literal(text: str, tok: Tokenizer) -> str:
-    """`text` in Lark: a special token of the vocabulary as <[id]>, else a quoted string."""
-    ids = tok.encode(text, add_special=False, parse_special=True)
-    if len(ids) == 1 and tok.types[ids[0]] in (CONTROL, USER_DEFINED):
-        return f"<[{ids[0]}]>"
-    return json.dumps(text)
-
-
-def _json(schema: dict) -> str:
-    """`schema` as a Lark %json rule, spaced as templates' tojson writes it (a call in any
-    other spacing is off the model's training and may wander: blank lines before a comma)."""
-    return "%json " + json.dumps({**schema, "x-guidance": _TOJSON})
-
-
-_TOJSON = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
-
-
-def call_grammar(fmt: ToolFormat, tools: list[dict], parallel: bool, tok: Tokenizer) -> Grammar:
-    """A grammar whose every output is one (or, with `parallel`, one or more) call(s) of
-    `tools` in the family's format. Applied from the first token (not lazily at a trigger).
-    Families without a JSON-bodied format fall back to the Hermes form."""
-    key = "parameters" if fmt.name == "llama3" else "arguments"
-    schema = {"anyOf": [_call_schema(t, key) for t in tools]}
-    if fmt.name == "mistral":
-        calls = {"type": "array", "items": schema, "minItems": 1}
-        if not parallel:
-            calls["maxItems"] = 1
-        lark = f"start: {_literal('[TOOL_CALLS]', tok)} calls\ncalls: {_json(calls)}\n"
-        return Grammar("lark", lark, "tool_choice")
-    if fmt.name == "llama3":
-        one, sep, end = "call", '";" ', ""
-    else:
-        one = f'{_literal("<tool_call>", tok)} "\\n" call "\\n" {_literal("</tool_call>", tok)}'
-        # the newline that separates calls may also end the output (else it forces another)
-        sep, end = '"\\n" ', ' "\\n"?'
-    many = f"one ({sep}one)*{end}" if parallel else "one"
-    lark = f"start: {many}\none: {one}\ncall: {_json(schema)}\n"
-    return Grammar("lark", lark, "tool_choice")

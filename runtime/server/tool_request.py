@@ -4,7 +4,8 @@ the history's tool turns, and how all of it reaches the model's chat template.
 
     req = parse_tools(body["tools"], body.get("tool_choice"), body.get("parallel_tool_calls"))
     messages, extra, fmt = render_inputs(lm, messages, req, template_kwargs)
-    grammar = req.grammar(fmt, lm.tokenizer)   # tool_choice required / named, else None
+    grammar = req.grammar(fmt, lm.tokenizer, source, quiet)  # required / named: a Grammar;
+                                               # auto: a LazyGrammar (from the trigger on)
 
 A template that takes `tools` gets them as its `tools` variable (HF's convention: a list of
 {"type": "function", "function": {...}}) and the history's assistant `tool_calls` with
@@ -19,16 +20,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loaders.tokenizer import Tokenizer
-from runtime.engine.grammar import Grammar
+from runtime.engine.grammar import Grammar, LazyGrammar
+from runtime.engine.trigger import Quiet
 from runtime.server.errors import RequestFieldError
 from runtime.server.tool_calls import (
     HERMES,
     ToolFormat,
-    call_grammar,
     generic_system_prompt,
     supports_tools,
     tool_format,
 )
+from runtime.server.tool_grammar import call_grammar, lazy_call_grammar
 
 
 @dataclass
@@ -43,10 +45,16 @@ class ToolRequest:
         """Whether tools are offered to the model at all (tool_choice none: not)."""
         return bool(self.tools) and self.choice != "none"
 
-    def grammar(self, fmt: ToolFormat, tok: Tokenizer) -> Grammar | None:
-        """The grammar forcing a call, for tool_choice required or a named function."""
-        if not self.active or self.choice == "auto":
+    def grammar(
+        self, fmt: ToolFormat, tok: Tokenizer, source: str = "", quiet: Quiet | None = None
+    ) -> Grammar | LazyGrammar | None:
+        """The grammar forcing a call (tool_choice required or a named function), or for
+        auto the lazy one that constrains a call from its opening on (None where the
+        family has none)."""
+        if not self.active:
             return None
+        if self.choice == "auto":
+            return lazy_call_grammar(fmt, self.tools, self.parallel, tok, source, quiet)
         tools = self.tools
         if self.choice == "function":
             tools = [t for t in tools if t["function"]["name"] == self.name]
