@@ -130,6 +130,23 @@ def test_weight_bytes_per_token_counts_blocks_head_and_one_embedding_row(tiny_pa
     assert weight_bytes_per_token(LoadedModel.load(tiny_path)) == expected
 
 
+def test_weight_bytes_per_token_counts_the_active_experts_only(synth, smollm2_path, tmp_path):
+    """A MoE token reads experts_used / experts of each routed expert tensor (4 of 16 here),
+    all of the attention and the router."""
+    out = tmp_path / "moe.gguf"
+    synth.main(["--arch", "qwen3moe", "--out", str(out), "--vocab", str(smollm2_path)])
+    info = GGUFFile(out).tensors
+    dense = sum(
+        i.nbytes
+        for n, i in info.items()
+        if n.startswith("blk.") and len(i.shape) == 2 and "_exps" not in n
+    )
+    experts = sum(i.nbytes for n, i in info.items() if "_exps" in n)
+    expected = dense + experts * 4 // 16 + info["output.weight"].nbytes
+    expected += info["token_embd.weight"].row_bytes
+    assert weight_bytes_per_token(LoadedModel.load(out)) == expected
+
+
 def test_weight_bytes_per_token_reads_the_whole_tied_embedding(smollm2_path):
     info = GGUFFile(smollm2_path).tensors
     assert "output.weight" not in info

@@ -32,6 +32,7 @@ or torch's intra-op pool where there is no native kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -115,19 +116,32 @@ class BenchResult:
 
 def weight_bytes_per_token(lm: LoadedModel) -> int:
     """Packed bytes of the matmul weights one decoded token reads: all blocks' linears, the
-    head, and one embedding row (none extra when the head is the tied embedding)."""
+    active experts' share of each routed expert tensor (experts_used / experts of it: the
+    active weights), the head, and one embedding row (none extra when the head is the tied
+    embedding)."""
     model = lm.model
-    linears = [
-        v
-        for layer in model.layers
-        for v in vars(layer).values()
-        if isinstance(v, PackedLinear | TritonLinear)
-    ]
+    linears = [lin for layer in model.layers for lin in _linears(layer)]
     head = model.head.base if isinstance(model.head, LoraLinear) else model.head  # its base's rows
     total = sum(lin.weight.numel() for lin in linears) + head.weight.numel()
+    for layer in model.layers:
+        moe = getattr(layer, "moe", None)
+        if moe is not None:
+            for experts in (moe.gate, moe.up, moe.down):
+                total += experts.weight.numel() * moe.n_used // experts.weight.shape[0]
     if not lm.config.tied_head:
         total += model.embed.weight[0].numel()  # the one row looked up
     return total
+
+
+def _linears(part: object, depth: int = 2) -> list[PackedLinear | TritonLinear]:
+    """The packed linears of a layer, and of the parts it holds (a DeltaNet, a MoE's router)."""
+    found = []
+    for v in vars(part).values():
+        if isinstance(v, PackedLinear | TritonLinear):
+            found.append(v)
+        elif depth and dataclasses.is_dataclass(v) and not isinstance(v, type):
+            found += _linears(v, depth - 1)
+    return found
 
 
 def kernel_name() -> str:
