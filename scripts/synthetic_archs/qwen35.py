@@ -136,12 +136,15 @@ def _q4_k_m(name: str, default: str, layers: int) -> str:
     return "Q4_K"
 
 
-# The released models' config.json values that llama.cpp's sources do not state (module
-# docstring): assumed from Qwen's published configs, not checked against a file here.
+# What llama.cpp's sources do not state (module docstring), from Qwen's published configs
+# as cross-checked where a source was at hand: 0.8b (dim 1024, FFN 3584, 8/2 heads) and
+# 35b-a3b (dim 2048, 16/2 heads, 256 experts top-8 of 512, shared expert 512, delta nets
+# 16 q/k / 32 v heads) agree with THUDM/slime's model scripts; 2b's parameter count, 1.88 B,
+# is the one llama.cpp's docs/build-riscv64-spacemit.md prints for "qwen35 2B".
 SIZES_ASSUMED = (
-    "0.8b/2b/4b/9b: feed_forward_length, head counts, linear_num_key/value_heads; 2b/4b/9b:"
-    " embedding_length from llama.cpp's type switch; 27b: linear heads 16/48; 35b-a3b:"
-    " everything but 40 layers; tied heads for 0.8b/2b/4b"
+    "0.8b: delta-net heads 16/16; 2b: dim 2048, FFN 6144, heads 8/2, delta nets 16/16; "
+    "4b: FFN 9216, heads 16/4, delta nets 16/32; 9b: dim 4096, FFN 12288, heads 16/4, "
+    "delta nets 16/32; 27b: delta nets 16/48; tied heads for 0.8b, 2b and 4b"
 )
 REAL = Dims(head_dim=256, ctx=262144, linear_k_heads=16, linear_head_dim=128, interval=4)
 SIZES = {
