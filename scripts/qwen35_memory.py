@@ -1,5 +1,5 @@
 """KV + recurrent state of Qwen3.5 against a plain transformer of the same size: predicted by
-the planner and measured (process RSS) with real prefills.
+the planner and measured (anonymous RSS) with real prefills.
 
     python scripts/qwen35_memory.py                       # 16 sequences × 8192 tokens
     python scripts/qwen35_memory.py --ctx 1024 --layers 4 # quicker; --json for the figures
@@ -11,9 +11,10 @@ attention, the others gated delta nets) and qwen3 (every layer attention, the sa
 the "same-size plain transformer". For each, in a fresh process:
 
 1. load it and run one short forward (the weights are paged in before anything is counted);
-2. RSS before: RssAnon of /proc/self/status (anonymous memory: KV pages and states are;
-   the weights' file-backed mmap pages are not, and the kernel may drop those under memory
-   pressure, which would hide growth in VmRSS);
+2. RSS before: RssAnon of /proc/self/status (anonymous memory, which KV pages and states
+   are; not file-backed pages such as the shared libraries' code, which the kernel drops
+   and re-reads at will: under memory pressure from other processes that hid 66 MiB of
+   growth in VmRSS in a first run);
 3. a ModelRunner (the engine's, its KVPool sized for --seqs × --ctx tokens) prefills --seqs
    sequences of --ctx random tokens each, --chunk tokens a step, every sequence kept live;
 4. RSS after; the difference is what the KV pages and the recurrent states committed (both
@@ -52,8 +53,8 @@ PLAIN = Dims(dim=1024, ffn=3584, heads=8, kv_heads=2, head_dim=256, ctx=QWEN35.c
 
 
 def rss() -> int:
-    """This process's anonymous resident memory (RssAnon: the heap, torch's tensors; not the
-    weights' file-backed mmap pages, which the kernel may drop and re-read at will), bytes,
+    """This process's anonymous resident memory (RssAnon: the heap, torch's tensors, the
+    detached weights; not file-backed pages, which the kernel may drop at will), bytes,
     after glibc has returned its freed heap pages (malloc_trim): activations freed after a
     step are not counted."""
     gc.collect()
