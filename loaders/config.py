@@ -103,6 +103,9 @@ class ModelConfig:
     ssm_k_heads: int = 0  # q/k heads of a delta net (ssm.group_count)
     ssm_v_heads: int = 0  # v heads of a delta net (ssm.time_step_rank)
     ssm_inner: int = 0  # v heads × their size (ssm.inner_size)
+    # multi-token-prediction blocks after the n_layer decoder layers (nextn_predict_layers:
+    # blk.{n_layer}… of block_count): shape-checked, never loaded or run, not planned
+    n_layer_nextn: int = 0
 
     @property
     def encoder(self) -> bool:
@@ -138,8 +141,10 @@ class ModelConfig:
         get = _Getter(md, arch)
         n_embd, n_head = get.integer("embedding_length"), get.integer("attention.head_count")
         n_head_kv = get.integer("attention.head_count_kv", n_head)
-        n_layer = get.integer("block_count")
-        check_block_count(arch, n_layer, names)  # before anything is built per layer
+        n_blocks = get.integer("block_count")
+        check_block_count(arch, n_blocks, names)  # before anything is built per layer
+        n_nextn = _nextn_layers(get, n_blocks) if arch in HYBRID else 0
+        n_layer = n_blocks - n_nextn  # the decoder layers; the MTP blocks follow them
         if n_head % n_head_kv:
             raise GGUFError(
                 f"metadata key '{arch}.attention.head_count' ({n_head}) is not a "
@@ -225,6 +230,7 @@ class ModelConfig:
             attn_sinks=oss,
             **(_encoder_fields(get, md) if arch in ENCODERS else {}),
             **(_hybrid_fields(get, n_layer, head_dim) if arch in HYBRID else {}),
+            n_layer_nextn=n_nextn,
         )
         if moe and config.n_expert_used > config.n_expert:
             raise GGUFError(
@@ -262,11 +268,6 @@ def _hybrid_fields(get: _Getter, n_layer: int, head_dim: int) -> dict[str, Any]:
     required), which layers they are (every full_attention_interval-th layer, default 4, is
     attention), the rotated part of a head and its M-RoPE sections."""
     interval = get.integer("full_attention_interval", 4)
-    if get.integer("nextn_predict_layers", 0, positive=False):
-        raise UnsupportedError(
-            f"{get.arch} with multi-token-prediction layers (nextn_predict_layers) is not "
-            "supported yet"
-        )
     if "attention.recurrent_layers" in get:
         raise UnsupportedError(
             f"{get.arch} with an explicit attention.recurrent_layers pattern is not supported "
@@ -290,6 +291,20 @@ def _hybrid_fields(get: _Getter, n_layer: int, head_dim: int) -> dict[str, Any]:
     }
     _check_delta_net(get.arch, fields)
     return fields
+
+
+def _nextn_layers(get: _Getter, n_blocks: int) -> int:
+    """How many of the block_count blocks are multi-token-prediction (MTP) blocks, the last
+    ones (nextn_predict_layers, default 0, as llama.cpp reads it). They are a draft head for
+    speculative decoding, which tandem does not do: their tensors are checked, never run."""
+    n = get.integer("nextn_predict_layers", 0, positive=False)
+    if n >= n_blocks:
+        raise UnsupportedError(
+            f"metadata key '{get.arch}.nextn_predict_layers' ({n}) leaves none of the "
+            f"{n_blocks} blocks (block_count) as decoder layers: an MTP-only file (llama.cpp's "
+            "convert --mtp-only) is a draft head, not a model; load the full model"
+        )
+    return n
 
 
 def _sections(get: _Getter, rope_dim: int) -> tuple[int, ...]:

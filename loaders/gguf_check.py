@@ -135,14 +135,36 @@ def expected_shapes(c: ModelConfig, names: Collection[str]) -> dict[str, tuple[t
         for x, size, why in (("q", q_out, heads_q), ("k", kv_k, heads_k), ("v", kv_v, heads_v)):
             if f"{p}attn_{x}.bias" in names:  # optional: read when present
                 out[f"{p}attn_{x}.bias"] = ((size,), why)
+    for i in range(c.n_layer, c.n_layer + c.n_layer_nextn):
+        out |= {f"blk.{i}.{name}": shape for name, shape in nextn_shapes(c, i, names).items()}
     return out
+
+
+def nextn_shapes(c: ModelConfig, i: int, names: Collection[str]) -> dict[str, tuple[tuple, str]]:
+    """MTP block i (qwen35's load_block_mtp): a gated-attention layer as the decoder's (with
+    its feed-forward, qwen35moe's experts), the projection of [embedding; hidden] (2E → E) and
+    its two norms; its own embedding, head and head norm are optional (checked if present)."""
+    a = c.arch
+    emb = f"{a}.embedding_length={c.n_embd}"
+    vocab = f"{emb}, vocabulary size {c.vocab_size}"
+    out = hybrid_layer_shapes(c, i) | {
+        "nextn.eh_proj.weight": ((2 * c.n_embd, c.n_embd), f"2 x {emb}, {emb}"),
+        "nextn.enorm.weight": ((c.n_embd,), emb),
+        "nextn.hnorm.weight": ((c.n_embd,), emb),
+    }
+    optional = {
+        "nextn.embed_tokens.weight": ((c.n_embd, c.vocab_size), vocab),
+        "nextn.shared_head_head.weight": ((c.n_embd, c.vocab_size), vocab),
+        "nextn.shared_head_norm.weight": ((c.n_embd,), emb),
+    }
+    return out | {n: v for n, v in optional.items() if f"blk.{i}.{n}" in names}
 
 
 def hybrid_layer_shapes(c: ModelConfig, i: int) -> dict[str, tuple[tuple, str]]:
     """Layer i of qwen35 / qwen35moe (llama.cpp's load_arch_tensors of both): a gated delta
     net, or (every full_attention_interval-th) attention whose q rows hold each head's query
     then its output gate; both with a post-attention norm and a SwiGLU feed-forward (qwen35moe:
-    routed experts and a shared expert)."""
+    routed experts and a shared expert). i ≥ n_layer: an MTP block's attention layer."""
     a = c.arch
     emb = f"{a}.embedding_length={c.n_embd}"
     ff = f"{a}.feed_forward_length={c.n_ff}"
@@ -160,7 +182,7 @@ def hybrid_layer_shapes(c: ModelConfig, i: int) -> dict[str, tuple[tuple, str]]:
         layer["ffn_gate_shexp.weight"] = ((c.n_embd, c.n_ff_shared), f"{emb}, {shared}")
         layer["ffn_up_shexp.weight"] = ((c.n_embd, c.n_ff_shared), f"{emb}, {shared}")
         layer["ffn_down_shexp.weight"] = ((c.n_ff_shared, c.n_embd), f"{shared}, {emb}")
-    if not c.recurrent_layers[i]:
+    if i >= c.n_layer or not c.recurrent_layers[i]:  # an MTP block is attention too
         heads = f"{a}.attention.head_count={c.n_head} x key_length {c.head_dim}"
         kv = f"{a}.attention.head_count_kv={c.n_head_kv} x key_length {c.head_dim}"
         d = f"{a}.attention.key_length={c.head_dim}"

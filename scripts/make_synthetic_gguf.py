@@ -11,6 +11,10 @@ small ones of any architecture in scripts/synthetic_archs/, for conformance agai
         --kv-heads 2 --out tiny.gguf                                   # a test-sized one
     python scripts/make_synthetic_gguf.py --arch qwen3moe --size 30b-a3b --metadata-only \
         --out qwen3-30b-a3b-q4_k_m.gguf    # header and tensor table at the real size (plan)
+    python scripts/make_synthetic_gguf.py --arch qwen35 --size 4b --metadata-only \
+        --out qwen35-4b-q4_k_m.gguf     # also 0.8b 2b 9b 27b; qwen35moe 35b-a3b
+    python scripts/make_synthetic_gguf.py --arch qwen35 --mtp 1 --out q.gguf
+                        # with a multi-token-prediction block (loaded, never run)
     python scripts/make_synthetic_gguf.py --tokenizer-only --out tokenizer.gguf
                         # SmolLM2's tokenizer keys alone (2 MB): --tokenizer-from for a
                         # machine that cannot pull (scripts/gpu_check.sh)
@@ -124,6 +128,8 @@ RANDOM_BLOCKS: dict[T, tuple[int, int | None, float]] = {
     T.IQ4_NL: (0, None, 0.0),
     T.IQ4_XS: (0, None, 0.0),
 }
+# vocabulary sizes of the real models' tokenizers, for --metadata-only (default 151936)
+REAL_VOCAB = {"gpt-oss": 201088, "qwen35": 248320, "qwen35moe": 248320}
 CHUNK_ELEMENTS = 1 << 24  # float32 elements generated at once (64 MB)
 # A router's logits have std ROUTER_SCALE: at 1, rounding differences between runtimes (and
 # between llama.cpp's own settings) flip the top-k choice of a few percent of tokens
@@ -205,11 +211,16 @@ def item_type(values: list) -> VT:
     return VT.INT32 if isinstance(first, int) else VT.FLOAT32
 
 
-def copy_tokenizer(src: Path, writer: gguf.GGUFWriter) -> int:
-    """Copy every tokenizer.* key of `src` with its type; returns the vocabulary size."""
+def copy_tokenizer(src: Path, writer: gguf.GGUFWriter, chat_template: str | None = None) -> int:
+    """Copy every tokenizer.* key of `src` with its type (tokenizer.chat_template replaced by
+    `chat_template` where given); returns the vocabulary size."""
     source = GGUFFile(src)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     for key, value in source.metadata.items():
-        if not key.startswith("tokenizer."):
+        if not key.startswith("tokenizer.") or (
+            chat_template is not None and key == "tokenizer.chat_template"
+        ):
             continue
         vtype = source.metadata_types[key]
         if vtype == VT.ARRAY:
@@ -323,13 +334,15 @@ def make_arch(
     dims: Dims,
     seed: int = 0,
     name: str = "",
+    chat_template: str | None = None,
 ) -> Path:
     """Write `arch`'s synthetic model (small: everything is built in memory); `name`: write
-    it under another architecture name (the same weights)."""
+    it under another architecture name (the same weights); `chat_template`: in place of the
+    vocabulary file's."""
     if not name or name == arch.name:  # a variant is written as its arch_name
         name = arch.arch_name or arch.name
     writer = gguf.GGUFWriter(str(out), name)
-    vocab = copy_tokenizer(vocab_src, writer)
+    vocab = copy_tokenizer(vocab_src, writer, chat_template)
     label = arch.model_name or f"synthetic {arch.name}"
     writer.add_name(f"{label} {dims.layers}L-{dims.dim} {qtype.name}")
     writer.add_file_type(int(FILE_TYPES[qtype]))
@@ -364,9 +377,10 @@ def make_metadata_only(out: Path, arch: Architecture, dims: Dims, vocab: int = 1
         writer.add_key_value(key, value, vtype, sub_type=sub)
     for name, shape, kind in arch.tensors(dims, vocab):
         default = arch.expert_type if len(shape) == 3 and arch.expert_type else "Q8_0"
-        raw = T[arch.real_type(name, default)]
-        if kind not in ("linear", "embed"):
-            raw = T.F32  # norms, biases, sinks, routers
+        tied = name == "token_embd.weight" and (arch.tied or dims.tied)
+        raw = T[arch.real_type("output.weight" if tied else name, default, dims.layers)]
+        if kind not in ("linear", "embed") or shape[-1] % block_format(int(raw)).block_size:
+            raw = T.F32  # norms, biases, sinks, routers, qwen35's conv1d (rows of 4)
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         nbytes = rows * block_format(int(raw)).row_bytes(shape[-1])
         writer.add_tensor_info(name, list(shape), np.dtype(np.float32), nbytes, raw_dtype=raw)
@@ -418,6 +432,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--chat-template",
+        type=Path,
+        metavar="JINJA",
+        help="--arch: this template file as tokenizer.chat_template (e.g. llama.cpp's "
+        "models/templates/Qwen3.5-4B.jinja), not the --vocab file's",
+    )
+    ap.add_argument(
+        "--mtp",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--arch qwen35/qwen35moe: add N multi-token-prediction blocks after the layers "
+        "(nextn_predict_layers; the other tensors are the same bytes as without)",
+    )
+    ap.add_argument(
         "--tokenizer-only",
         action="store_true",
         help="write only the tokenizer keys (of --tokenizer-from) to --out",
@@ -451,12 +480,16 @@ def shape_of(args: argparse.Namespace) -> Shape:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.mtp and (args.mtp < 0 or not args.arch or not ARCHITECTURES[args.arch].mtp):
+        with_mtp = ", ".join(a.name for a in ARCHITECTURES.values() if a.mtp)
+        sys.exit(f"--mtp N (N > 0) needs --arch with MTP blocks: {with_mtp}")
     if args.arch and args.metadata_only:
         arch = ARCHITECTURES[args.arch]
         if args.size not in arch.sizes:
             sys.exit(f"--metadata-only needs --size, one of {', '.join(arch.sizes) or 'none'}")
-        vocab = {"30b-a3b": 151936, "20b": 201088}.get(args.size, 151936)  # the real tokenizers'
-        make_metadata_only(args.out, arch, arch.sizes[args.size], vocab)
+        vocab = REAL_VOCAB.get(args.arch, 151936)  # the real tokenizers'
+        dims = replace(arch.sizes[args.size], nextn=args.mtp)
+        make_metadata_only(args.out, arch, dims, vocab)
         print(
             f"{args.out}: {args.arch} {args.size}, {args.out.stat().st_size / 1e9:.2f} GB (sparse)"
         )
@@ -464,7 +497,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.arch:
         arch = ARCHITECTURES[args.arch]
         vocab = args.vocab or args.tokenizer_from or default_tokenizer()
-        make_arch(args.out, arch, TYPES[args.type or "q8_0"], vocab, arch.dims, args.seed)
+        dims = replace(arch.dims, nextn=args.mtp)
+        template = args.chat_template.read_text() if args.chat_template else None
+        qtype = TYPES[args.type or "q8_0"]
+        make_arch(args.out, arch, qtype, vocab, dims, args.seed, chat_template=template)
         print(f"{args.out}: {args.arch}, {args.out.stat().st_size / 1e6:.1f} MB")
         return
     src = args.tokenizer_from or default_tokenizer()

@@ -1,13 +1,18 @@
 """What `tandem plan` shows: a Plan as a JSON-ready dict or as text — the device of each
 layer and tensor group, memory per device against its budget, the predicted prompt and
-decode tokens/s with the bytes-per-token reasoning, and the speeds they rest on."""
+decode tokens/s with the bytes-per-token reasoning, and the speeds they rest on. The KV
+column is the attention layers' pages plus, for a hybrid model (qwen35), the recurrent
+layers' fixed per-sequence state; `kv_state` says which is which."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
 
+from runtime.kv.kv_pool import kv_bytes_per_token
+from runtime.kv.recurrent_state import state_bytes_per_layer
 from runtime.placement.devices import format_size
+from runtime.placement.model_sizes import kv_slots
 from runtime.placement.plan_cost import CPU, GPU
 from runtime.placement.planner import Plan
 
@@ -35,6 +40,49 @@ def layer_rows(plan: Plan) -> list[dict]:
     ]
 
 
+def kv_state(plan: Plan) -> dict:
+    """The KV column's parts: the attention layers' pages for num_ctx × num_parallel (whole
+    blocks), the recurrent layers' state (fixed per sequence, whatever the context), and the
+    MTP blocks left unloaded."""
+    c, req = plan.sizes.config, plan.request
+    per_token = kv_bytes_per_token(c, req.kv_type)  # attention layers only
+    slots = kv_slots(req.num_ctx, req.num_parallel)
+    recurrent = sum(c.recurrent_layers)
+    per_seq = recurrent * state_bytes_per_layer(c)
+    return {
+        "attention_layers": c.n_layer - recurrent,
+        "kv_bytes_per_token": per_token,
+        "kv_slots": slots,
+        "kv_bytes": per_token * slots,
+        "recurrent_layers": recurrent,
+        "state_bytes_per_sequence": per_seq,
+        "state_bytes": per_seq * req.num_parallel,
+        "nextn_layers": c.n_layer_nextn,
+        "nextn_bytes_unloaded": plan.sizes.nextn_bytes,
+    }
+
+
+def _kv_state_lines(plan: Plan) -> list[str]:
+    k, req = kv_state(plan), plan.request
+    lines = [
+        f"  KV: {k['attention_layers']} attention layers, {format_size(k['kv_bytes_per_token'])}"
+        f" per token × {k['kv_slots']} slots (num_ctx {req.num_ctx} × {req.num_parallel}) = "
+        f"{format_size(k['kv_bytes'])}"
+    ]
+    if k["recurrent_layers"]:
+        lines.append(
+            f"  recurrent state: {k['recurrent_layers']} delta-net layers, "
+            f"{format_size(k['state_bytes_per_sequence'])} per sequence whatever its context "
+            f"× {req.num_parallel} = {format_size(k['state_bytes'])}"
+        )
+    if k["nextn_layers"]:
+        lines.append(
+            f"  MTP: {k['nextn_layers']} multi-token-prediction block(s), "
+            f"{format_size(k['nextn_bytes_unloaded'])} in the file, not loaded (unused)"
+        )
+    return lines
+
+
 def plan_dict(plan: Plan, model: str) -> dict:
     c, req, b = plan.sizes.config, plan.request, plan.budgets
     mem = {
@@ -60,6 +108,7 @@ def plan_dict(plan: Plan, model: str) -> dict:
         "layers": layer_rows(plan),
         "tensors": dict(plan.placement.tensors),
         "memory": mem,
+        "kv_state": kv_state(plan),
         "predicted": {
             "decode_tokens_per_s": plan.decode.tokens_per_s,
             "prompt_tokens_per_s": plan.prompt.tokens_per_s,
@@ -172,6 +221,7 @@ def plan_text(plan: Plan, model: str) -> str:
         "",
         "memory:",
         *_memory_lines(plan),
+        *_kv_state_lines(plan),
         "",
         f"decode: {plan.decode.tokens_per_s:.1f} tokens/s predicted (one sequence)",
         *(f"  {line}" for line in plan.decode.lines),

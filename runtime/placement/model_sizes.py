@@ -5,6 +5,7 @@ Groups: "embd" (token_embd: the lookup reads one row per token), "head" (output_
 output.weight, or token_embd again when the head is tied), and per layer "attn", "ffn" and
 "experts" (a mixture of experts' routed ffn_*_exps tensors, of which a token reads only the
 experts it is routed to; the router ffn_gate_inp is "ffn").
+Multi-token-prediction blocks (after the decoder layers) are not placed: `nextn_bytes`.
 Within a layer, `rank` orders tensors as the forward pass uses them; the layer's attention
 over its KV comes at KV_RANK (after q/k/v, before attn_output).
 """
@@ -87,17 +88,23 @@ def _classify(name: str) -> tuple[int | None, str, int]:
 class ModelSizes:
     config: ModelConfig
     tensors: tuple[TensorSize, ...]
+    nextn_bytes: int = 0  # the MTP blocks' tensors, left unread in the file
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, tensors: Mapping[str, SizedTensor]) -> ModelSizes:
-        """From a GGUF's tensor table (GGUFFile.tensors), or any name → sized mapping."""
-        sized = []
+        """From a GGUF's tensor table (GGUFFile.tensors), or any name → sized mapping. A
+        multi-token-prediction block (qwen35's blk.{n_layer}…) is left out: it is never loaded
+        (its bytes stay unread in the file's mapping), so it costs no memory to place."""
+        sized, nextn = [], 0
         for name, info in tensors.items():
             layer, group, rank = _classify(name)
+            if layer is not None and layer >= config.n_layer:
+                nextn += info.nbytes
+                continue
             sized.append(
                 TensorSize(name, info.nbytes, info.n_elements, info.ggml_type, layer, group, rank)
             )
-        return cls(config, tuple(sized))
+        return cls(config, tuple(sized), nextn)
 
     def layer_tensors(self, i: int) -> list[TensorSize]:
         """Layer i's tensors in forward order."""

@@ -4,8 +4,10 @@
                           → {"tokens": [id, ...]}, or with_pieces [{"id", "piece"}, ...] (a
                           piece that is not whole UTF-8 is its list of byte values)
     POST /detokenize      {tokens: [id, ...]} → {"content": text}
-    POST /apply-template  {messages: [...]} → {"prompt": text} (the model's chat template,
-                          its Modelfile SYSTEM and MESSAGEs first, ready for generation)
+    POST /apply-template  {messages: [...], chat_template_kwargs={}} → {"prompt": text}
+                          (the model's chat template, its Modelfile SYSTEM and MESSAGEs
+                          first, ready for generation; the kwargs as for a chat, e.g.
+                          {"enable_thinking": false})
 
 llama-server serves one model; here `model` names it, and may be left out while the server
 holds exactly one (or was started with --model). Errors are OpenAI-shaped, as llama-server's.
@@ -98,9 +100,14 @@ def _detokenize(lm: LoadedModel, body: dict) -> dict:
 
 
 def _apply_template(lm: LoadedModel, body: dict) -> dict:
-    messages = parse_chat({"model": "-", "messages": body.get("messages")}).messages
-    assert messages is not None  # parse_chat sets them or raises
-    return {"prompt": lm.template.render(lm.conversation(messages), add_generation_prompt=True)}
+    fields = {"model": "-", "messages": body.get("messages")}
+    if "chat_template_kwargs" in body:
+        fields["chat_template_kwargs"] = body["chat_template_kwargs"]
+    req = parse_chat(fields)
+    assert req.messages is not None  # parse_chat sets them or raises
+    conversation = lm.conversation(req.messages)
+    prompt = lm.template.render(conversation, add_generation_prompt=True, **req.template_kwargs)
+    return {"prompt": prompt}
 
 
 @router.post("/tokenize")
@@ -116,4 +123,4 @@ async def detokenize(request: Request) -> Response:
 
 @router.post("/apply-template")
 async def apply_template(request: Request) -> Response:
-    return await _with_model(request, {"messages"}, _apply_template)
+    return await _with_model(request, {"messages", "chat_template_kwargs"}, _apply_template)

@@ -19,10 +19,12 @@ tensors and their shapes, `load_arch_hparams` the keys it reads) and gguf-py's
 - `layer`: the per-block tensors, `blk.{i}.` omitted, each a TensorSpec(name, shape, kind)
   whose shape is in numpy order (rows, cols) — GGUF's ne reversed — with symbolic sizes
   from Dims (`E` n_embd, `F` n_ff, `Q` n_head·head_dim, `KV` n_head_kv·head_dim, `D`
-  head_dim, `H` n_head, `V` vocab, `X` experts, `FX` expert FFN; an int is taken as is), and
+  head_dim, `H` n_head, `V` vocab, `X` experts, `FX` expert FFN, `LV` delta-net v heads, `KD`/`VD`
+  their q/k and v widths; an int is taken as is), and
   kind one of `linear` (random, written in the chosen quant type), `router` (random, F32),
   `norm` (≈1, F32), `bias` (small, F32), `decay` (a delta net's negative rates, F32),
-  `embed`; `layer_extra(i, dims)` adds tensors that only some blocks have;
+  `embed`; `layer_extra(i, dims)` adds tensors that only some blocks have; `mtp`: the
+  tensors of a multi-token-prediction block, written for `dims.nextn` blocks (--mtp);
 - `tied`: no `output.weight` (the head reuses token_embd) — only where llama.cpp ties it
   (gemma2/3). Otherwise keep the untied random head: at head_scale 8 its log-probabilities
   fall below llama.cpp's -16 cut for all but a few hundred tokens a position, so the CI
@@ -37,9 +39,9 @@ tensors and their shapes, `load_arch_hparams` the keys it reads) and gguf-py's
 - `llama_cpp_name`: where llama.cpp knows the same graph under another name only (mistral
   → llama), conformance.py gives llama.cpp the same model under that name;
 - `sizes`: real shapes by name (`--size 30b-a3b`), for metadata-only files (`--metadata-only`:
-  the header and tensor table, the weight bytes a hole), and `real_type(name, default)`:
-  the type a real quantization gives a tensor (e.g. Q6_K for attn_v in Q4_K_M) — the
-  `ggml_type` name, or `default`;
+  the header and tensor table, the weight bytes a hole), and `real_type(name, default, layers)`:
+  the type a real quantization gives a tensor of a `layers`-layer model (e.g. Q6_K for
+  attn_v in Q4_K_M's use_more_bits layers) — the `ggml_type` name, or `default`;
 - `expert_type`: the type of the routed experts (`ffn_*_exps`) when it is not --type (gpt-oss:
   MXFP4);
 - `head_scale`: the output norm's value, which sets how confident the random model is
@@ -75,6 +77,14 @@ class Dims:
     experts_used: int = 0
     expert_ffn: int = 0  # FX
     window: int = 0  # sliding window (0: none)
+    # hybrid linear attention (qwen35): delta-net q/k heads and v heads (KD, VD, LV), every
+    # `interval`-th layer attention; `nextn` multi-token-prediction blocks after the layers
+    linear_k_heads: int = 0
+    linear_v_heads: int = 0
+    linear_head_dim: int = 0  # a delta-net head's size (ssm.state_size)
+    interval: int = 0
+    nextn: int = 0
+    tied: bool = False  # the real model ties its head to token_embd (no output.weight)
 
     def size(self, symbol: str | int, vocab: int) -> int:
         """The number a shape symbol stands for."""
@@ -95,6 +105,9 @@ class Dims:
             "X": self.experts,
             "FX": self.expert_ffn,
             "H": self.heads,
+            "LV": self.linear_v_heads,
+            "KD": self.linear_k_heads * self.linear_head_dim,
+            "VD": self.linear_v_heads * self.linear_head_dim,
         }
         return table[symbol]
 
@@ -143,6 +156,12 @@ def base_metadata(arch: str, d: Dims, vocab: int) -> dict[str, Any]:
     return {f"{arch}.{k}": v for k, v in keys.items()}
 
 
+def use_more_bits(i: int, n: int) -> bool:
+    """llama-quant.cpp's use_more_bits for layer i of n: the first and last eighth, and every
+    third between (where Q4_K_M puts Q6_K in attn_v and ffn_down)."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
 def _no_extra(d: Dims) -> dict[str, Any]:
     return {}
 
@@ -173,8 +192,12 @@ class Architecture:
     # (phi3: a name with "phi3" makes its vocabulary loader look up phi-3's own tokens)
     model_name: str = ""
     sizes: dict[str, Dims] = field(default_factory=dict)  # real shapes (--size)
-    real_type: Callable[[str, str], str] = lambda name, default: default
+    # (name, default, layers) → the type a real quantization gives the tensor
+    real_type: Callable[[str, str, int], str] = lambda name, default, layers: default
     expert_type: str | None = None  # the routed experts' type, when not --type
+    # a multi-token-prediction block's tensors (qwen35: `blk.{layers + j}.`, j < dims.nextn),
+    # written after every other tensor so that the rest keep their seeds and bytes
+    mtp: tuple[TensorSpec, ...] = ()
 
     def tensors(self, d: Dims, vocab: int) -> list[tuple[str, tuple[int, ...], str]]:
         """(name, numpy shape, kind) of every tensor, in llama.cpp's order."""
@@ -185,8 +208,12 @@ class Architecture:
                 shape = tuple(d.size(s, vocab) for s in t.shape)
                 out.append((f"blk.{i}.{t.name}", shape, t.kind))
         out.append(("output_norm.weight", (d.dim,), "head_norm"))
-        if not self.tied:
+        if not (self.tied or d.tied):
             out.append(("output.weight", (vocab, d.dim), "linear"))
+        for j in range(d.nextn):
+            for t in self.mtp:
+                shape = tuple(d.size(s, vocab) for s in t.shape)
+                out.append((f"blk.{d.layers + j}.{t.name}", shape, t.kind))
         return out
 
     def metadata(self, d: Dims, vocab: int, name: str = "") -> dict[str, Any]:
@@ -194,6 +221,9 @@ class Architecture:
         if not name or name == self.name:  # a variant is written as its arch_name
             name = self.arch_name or self.name
         extra = {f"{name}.{k}": v for k, v in self.extra_metadata(d).items()}
+        if d.nextn:  # block_count counts the MTP blocks too (llama.cpp's n_layer_all)
+            extra |= {f"{name}.block_count": d.layers + d.nextn}
+            extra |= {f"{name}.nextn_predict_layers": d.nextn}
         return base_metadata(name, d, vocab) | extra
 
 

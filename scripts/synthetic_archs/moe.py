@@ -9,7 +9,7 @@ quantizations (Q4_K_M; gpt-oss's MXFP4 release)."""
 
 from __future__ import annotations
 
-from synthetic_archs import Architecture, Dims, spec
+from synthetic_archs import Architecture, Dims, spec, use_more_bits
 
 ATTN = (
     spec("attn_norm.weight", "E", kind="norm"),
@@ -26,25 +26,20 @@ EXPERTS = (
 )
 
 
-def _more_bits(i: int, n: int) -> bool:
-    """llama-quant.cpp's use_more_bits: the first and last eighth, and every third between."""
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-
-
-def _q4_k_m(name: str, default: str) -> str:
-    """llama.cpp's Q4_K_M choices for Qwen3-30B-A3B (48 layers; llama-quant.cpp): Q6_K for the
+def _q4_k_m(name: str, default: str, layers: int) -> str:
+    """llama.cpp's Q4_K_M choices for Qwen3-30B-A3B (llama-quant.cpp): Q6_K for the
     output and for attn_v and ffn_down in use_more_bits layers, Q4_K elsewhere; the router
     stays F32."""
     if name == "output.weight":
         return "Q6_K"
     if name.endswith(("attn_v.weight", "ffn_down_exps.weight")):
-        return "Q6_K" if _more_bits(int(name.split(".")[1]), 48) else "Q4_K"
+        return "Q6_K" if use_more_bits(int(name.split(".")[1]), layers) else "Q4_K"
     if name.endswith(("norm.weight", "ffn_gate_inp.weight")):
         return "F32"
     return "Q4_K"
 
 
-def _gpt_oss_release(name: str, default: str) -> str:
+def _gpt_oss_release(name: str, default: str, layers: int) -> str:
     """ggml-org's gpt-oss-20b GGUF: MXFP4 experts, Q8_0 elsewhere, F32 norms and biases."""
     if "_exps.weight" in name:
         return "MXFP4"
