@@ -8,7 +8,8 @@ delta nets): E 1024, 16 q/k heads, 16 v heads, head dim 128, conv kernel 4; line
 (random, native matmuls). Cases: decode of 1 and of 16 sequences (one token each, states
 after a prompt), and a 512-token prefill of one sequence from position 0. Per case the
 median over --reps of: the recurrence alone (q, k, v, g, β in; o and the states out) and
-the whole layer (its matmuls, conv, norms, recurrence, gating, out projection).
+the whole layer (its matmuls, conv, norms, recurrence, gating, out projection). Threads as
+in a forward pass (kernels/thread_policy.py): native kernels on --threads, torch's ops on one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from kernels.layer_ops import CPU_OPS
 from kernels.linear import PackedLinear
+from kernels.thread_policy import forward_threads
 from quant.quantize import quantize
 from runtime.kv.recurrent_state import RecurrentStep, Run, SeqState
 from runtime.models.delta_net import DeltaNet
@@ -42,7 +44,7 @@ def layer(e: int, hk: int, hv: int, d: int, k: int) -> DeltaNet:
         z=linear(hv * d, e),
         beta=linear(hv, e),
         alpha=linear(hv, e),
-        conv=torch.randn(channels, k) * 0.5,
+        **taps(torch.randn(channels, k) * 0.5),
         dt_bias=torch.randn(hv) * 0.1,
         a=-torch.rand(hv) * 2 - 0.05,
         norm=torch.ones(d),
@@ -52,6 +54,14 @@ def layer(e: int, hk: int, hv: int, d: int, k: int) -> DeltaNet:
         head_dim=d,
         eps=1e-6,
     )
+
+
+def taps(conv: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The conv's weights (C, K) as the tree's DeltaNet takes them: taps (K, C), or (before
+    the native conv) conv (C, K)."""
+    if "taps" in DeltaNet.__dataclass_fields__:
+        return {"taps": conv.t().contiguous()}
+    return {"conv": conv}
 
 
 def rule():
@@ -66,7 +76,7 @@ def rule():
         def before(q, k, v, g, beta, states):
             hv = v.shape[2]
             q, k = (x.repeat(1, 1, hv // x.shape[2], 1) for x in (q, k))
-            form = old.delta_rule_chunked if q.shape[1] >= 2 else old.delta_rule
+            form = getattr(old, "delta_rule_chunked" if q.shape[1] >= 2 else "delta_rule")
             o, s = form(q, k, v, g, beta, torch.stack(states))
             return o
 
@@ -123,7 +133,7 @@ def main() -> None:
     torch.manual_seed(0)
     net = layer(args.dim, args.k_heads, args.v_heads, args.head_dim, 4)
     results = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), forward_threads(args.threads):  # as a forward pass runs
         for name, (b, n) in CASES.items():
             results[name] = case(net, b, n, args.reps if n == 1 else max(3, args.reps // 4))
             if not args.json:

@@ -13,7 +13,7 @@
 // on a GPU). Jobs: B × Hv × Dv/ROWS, split over the pool's threads (common.h).
 //
 // Numerics: float32 throughout; each row's two dot products are summed in 8 lanes, then
-// across them (ggml_vec_dot_f32 sums in lanes too). e^g by std::exp once per token and head.
+// across them (AVX2 builds with D % 8 == 0; plain loops otherwise) (ggml_vec_dot_f32 sums in lanes too). e^g by std::exp once per token and head.
 // Against the float64 per-token recurrence: tests/test_delta_rule_kernels.py.
 #include "common.h"
 
@@ -39,42 +39,37 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One row s (D floats, D % 8 == 0) through one token: → its output value (unscaled).
-inline float row_step(float* s, const float* k, const float* q, float decay, float beta,
-                      float v, int64_t D) {
+// R rows s[r·D …] (D % 8 == 0) through one token, side by side (each row's dot products are
+// chains of dependent FMAs: R of them interleaved keep the FMA units busy) → out[r], each
+// row's S q (unscaled). v: the rows' values of v_t.
+template <int R>
+inline void rows_step(float* s, const float* k, const float* q, float decay, float beta,
+                      const float* v, float* out, int64_t D) {
   const __m256 e = _mm256_set1_ps(decay);
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= D; i += 16) {  // s ← s·e^g;  Σ s·k
-    const __m256 x0 = _mm256_mul_ps(_mm256_loadu_ps(s + i), e);
-    const __m256 x1 = _mm256_mul_ps(_mm256_loadu_ps(s + i + 8), e);
-    a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(k + i), a0);
-    a1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(k + i + 8), a1);
-    _mm256_storeu_ps(s + i, x0);
-    _mm256_storeu_ps(s + i + 8, x1);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < D; i += 8) {  // s ← s·e^g;  Σ s·k
+    const __m256 kv = _mm256_loadu_ps(k + i);
+    for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + r * D + i), e);
+      acc[r] = _mm256_fmadd_ps(x, kv, acc[r]);
+      _mm256_storeu_ps(s + r * D + i, x);
+    }
   }
-  for (; i < D; i += 8) {
-    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + i), e);
-    a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k + i), a0);
-    _mm256_storeu_ps(s + i, x);
+  __m256 d[R];
+  for (int r = 0; r < R; ++r) {
+    d[r] = _mm256_set1_ps(beta * (v[r] - hsum8(acc[r])));
+    acc[r] = _mm256_setzero_ps();
   }
-  const __m256 d = _mm256_set1_ps(beta * (v - hsum8(_mm256_add_ps(a0, a1))));
-  a0 = _mm256_setzero_ps();
-  a1 = _mm256_setzero_ps();
-  for (i = 0; i + 16 <= D; i += 16) {  // s ← s + d·k;  Σ s·q
-    const __m256 x0 = _mm256_fmadd_ps(d, _mm256_loadu_ps(k + i), _mm256_loadu_ps(s + i));
-    const __m256 x1 = _mm256_fmadd_ps(d, _mm256_loadu_ps(k + i + 8), _mm256_loadu_ps(s + i + 8));
-    a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(q + i), a0);
-    a1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(q + i + 8), a1);
-    _mm256_storeu_ps(s + i, x0);
-    _mm256_storeu_ps(s + i + 8, x1);
+  for (int64_t i = 0; i < D; i += 8) {  // s ← s + d·k;  Σ s·q
+    const __m256 kv = _mm256_loadu_ps(k + i), qv = _mm256_loadu_ps(q + i);
+    for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_fmadd_ps(d[r], kv, _mm256_loadu_ps(s + r * D + i));
+      acc[r] = _mm256_fmadd_ps(x, qv, acc[r]);
+      _mm256_storeu_ps(s + r * D + i, x);
+    }
   }
-  for (; i < D; i += 8) {
-    const __m256 x = _mm256_fmadd_ps(d, _mm256_loadu_ps(k + i), _mm256_loadu_ps(s + i));
-    a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q + i), a0);
-    _mm256_storeu_ps(s + i, x);
-  }
-  return hsum8(_mm256_add_ps(a0, a1));
+  for (int r = 0; r < R; ++r) out[r] = hsum8(acc[r]);
 }
 #endif
 
@@ -100,7 +95,6 @@ void run_job(const Problem& p, int64_t job) {
   const int64_t block = job % p.blocks, h = (job / p.blocks) % p.Hv, b = job / (p.blocks * p.Hv);
   const int64_t D = p.D, r0 = block * ROWS, r1 = std::min(D, r0 + ROWS), hk = h % p.Hk;
   float* s = p.states[b] + (h * D + r0) * D;  // this block's rows
-  const bool vec = TQ_AVX2 && D % 8 == 0;
   for (int64_t t = 0; t < p.n; ++t) {
     const int64_t bt = b * p.n + t;
     const float* k = p.k + (bt * p.Hk + hk) * D;
@@ -108,17 +102,14 @@ void run_job(const Problem& p, int64_t job) {
     const float* v = p.v + (bt * p.Hv + h) * D;
     float* o = p.o + (bt * p.Hv + h) * D;
     const float decay = std::exp(p.g[bt * p.Hv + h]), beta = p.beta[bt * p.Hv + h];
-    for (int64_t r = r0; r < r1; ++r) {
-      float* row = s + (r - r0) * D;
+    int64_t r = r0;
 #if TQ_AVX2
-      const float sq = vec ? row_step(row, k, q, decay, beta, v[r], D)
-                           : row_step_scalar(row, k, q, decay, beta, v[r], D);
-#else
-      (void)vec;
-      const float sq = row_step_scalar(row, k, q, decay, beta, v[r], D);
-#endif
-      o[r] = sq * p.scale;
+    if (D % 8 == 0) {  // then r1 − r0 is a multiple of 8
+      for (; r + 4 <= r1; r += 4) rows_step<4>(s + (r - r0) * D, k, q, decay, beta, v + r, o + r, D);
     }
+#endif
+    for (; r < r1; ++r) o[r] = row_step_scalar(s + (r - r0) * D, k, q, decay, beta, v[r], D);
+    for (r = r0; r < r1; ++r) o[r] *= p.scale;
   }
 }
 

@@ -10,7 +10,8 @@ gated_delta_net and ssm_conv). Per token t of a sequence, on the layer's normed 
     S = S · exp(g);  S += β (v − S k) kᵀ;  o = S q / √Dk         S: (Hv, Dv, Dk) per sequence
     out = ssm_out(rms_norm(o) · norm · silu(z))
 
-A sequence's state is its last K-1 mixes (before the conv) and S, both zero at position 0;
+The conv, silu and q/k norms are one call (kernels/short_conv.py: native on the CPU). A
+sequence's state is its last K-1 mixes (before the conv) and S, both zero at position 0;
 RecurrentStep (runtime/kv/recurrent_state.py) hands each sequence's in, the layer puts the
 new ones back. The recurrence is the layer's ops.delta_rule (kernels/layer_ops.py): on a CPU
 layer the native kernel (kernels/native/delta_rule.cpp; torch's per-token or chunked form
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from kernels.layer_ops import LayerOps
 from kernels.linear import matmuls
+from kernels.short_conv import short_conv
 from runtime.kv.recurrent_state import RecurrentStep, Run
 from runtime.models.base import Linear
 from runtime.models.weights import WeightLoader
@@ -39,7 +41,7 @@ class DeltaNet:
     z: Linear  # attn_gate: the output gate, Hv·Dv rows
     beta: Linear  # ssm_beta: Hv rows
     alpha: Linear  # ssm_alpha: Hv rows
-    conv: torch.Tensor  # (C, K) float32: ssm_conv1d
+    taps: torch.Tensor  # (K, C) float32: ssm_conv1d (C, K), transposed
     dt_bias: torch.Tensor  # (Hv,)
     a: torch.Tensor  # (Hv,) the decay rate, negative (ssm_a = -exp(A_log))
     norm: torch.Tensor  # (Dv,) ssm_norm
@@ -63,7 +65,10 @@ class DeltaNet:
             z=z,
             beta=beta,
             alpha=alpha,
-            conv=w.vector(p + "ssm_conv1d.weight", device).view(channels, c.ssm_conv),
+            taps=w.vector(p + "ssm_conv1d.weight", device)
+            .view(channels, c.ssm_conv)
+            .t()
+            .contiguous(),
             dt_bias=w.vector(p + "ssm_dt.bias", device),
             a=w.vector(p + "ssm_a", device),
             norm=w.vector(p + "ssm_norm.weight", device),
@@ -102,7 +107,7 @@ class DeltaNet:
         return [
             r.state.layers.get(i)
             or (
-                torch.zeros(self.conv.shape[1] - 1, self.conv.shape[0], device=device),
+                torch.zeros(self.taps.shape[0] - 1, self.taps.shape[1], device=device),
                 torch.zeros(self.v_heads, self.head_dim, self.head_dim, device=device),
             )
             for r in runs
@@ -119,26 +124,16 @@ class DeltaNet:
     ) -> torch.Tensor:
         """B sequences of n new tokens each: mix (B, n, C), beta and g (B, n, Hv) → o (B, n,
         Hv, Dv); their new states are put back in `runs` (S updated in place by the rule)."""
-        b, n, _ = mix.shape
         held = self._states(i, runs, mix.device)
         x = torch.cat([torch.stack([s[0] for s in held]), mix], dim=1)  # (B, K-1+n, C)
-        k_width = self.conv.shape[1]
-        conv = (x.unfold(1, k_width, 1) * self.conv).sum(-1)  # (B, n, C)
-        conv = F.silu(conv)
-        key_dim = self.k_heads * self.head_dim
-        q, k, v = conv.split([key_dim, key_dim, conv.shape[-1] - 2 * key_dim], dim=-1)
-        q = self._l2(q.reshape(b, n, self.k_heads, self.head_dim))  # (B, n, Hk, Dk)
-        k = self._l2(k.reshape(b, n, self.k_heads, self.head_dim))
-        v = v.reshape(b, n, self.v_heads, self.head_dim)
+        heads = (self.k_heads, self.v_heads, self.head_dim)
+        q, k, v = short_conv(x, self.taps, *heads, self.eps)  # (B, n, Hk | Hk | Hv, D)
+        k_width = self.taps.shape[0]
         states = [s[1] for s in held]
         o = ops.delta_rule(q, k, v, g, beta, states)  # head h reads q/k head h mod Hk
         for j, r in enumerate(runs):
             r.state.layers[i] = (x[j, x.shape[1] - (k_width - 1) :].clone(), states[j])
         return o
-
-    def _l2(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, n, Hk, Dk) → L2-normalised per head."""
-        return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + self.eps)
 
 
 def _by_length(runs: tuple[Run, ...]) -> list[list[Run]]:
