@@ -7,13 +7,15 @@
 // Row j of S (its Dk values, contiguous) meets only v_t[j] and o_t[j]: the rows are
 // independent of each other through the whole recurrence. A job is one block of ROWS rows of
 // one head of one sequence (ROWS × Dk floats, 16 KiB at Dk = 128: it stays in L1), run through
-// all n tokens in place. A decode step (n = 1) and a prefill (n in the hundreds)
-// are the same loop: the exact per-token recurrence, with the state read from and written to
+// all n tokens in place. A decode step (n = 1) and a prefill (n in the hundreds) are the
+// same loop: the exact per-token recurrence, with the state read from and written to
 // memory once per call rather than once per token (the role the chunked form's matmuls play
 // on a GPU). Jobs: B × Hv × Dv/ROWS, split over the pool's threads (common.h).
 //
-// Numerics: float32 throughout; each row's two dot products are summed in 8 lanes, then
-// across them (AVX2 builds with D % 8 == 0; plain loops otherwise) (ggml_vec_dot_f32 sums in lanes too). e^g by std::exp once per token and head.
+// Four rows go through a token side by side (rows_step<4>), so that their chains of
+// dependent FMAs overlap. Numerics: float32 throughout; each row's two dot products are
+// summed in 8 lanes, then across them (AVX2 builds with D % 8 == 0; plain loops otherwise),
+// as ggml_vec_dot_f32 sums in lanes too; e^g by std::exp once per token and head.
 // Against the float64 per-token recurrence: tests/test_delta_rule_kernels.py.
 #include "common.h"
 
