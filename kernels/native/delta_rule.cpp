@@ -7,15 +7,15 @@
 // Row j of S (its Dk values, contiguous) meets only v_t[j] and o_t[j]: the rows are
 // independent of each other through the whole recurrence. A job is one block of ROWS rows of
 // one head of one sequence (ROWS × Dk floats, 16 KiB at Dk = 128: it stays in L1), run through
-// all n tokens in place. A decode step (n = 1) and a prefill (n in the hundreds) are the
-// same loop: the exact per-token recurrence, with the state read from and written to
-// memory once per call rather than once per token (the role the chunked form's matmuls play
-// on a GPU). Jobs: B × Hv × Dv/ROWS, split over the pool's threads (common.h).
+// all n tokens in place, four rows side by side (rows_run). A decode step (n = 1) and a
+// prefill (n in the hundreds) are the same loop: the exact per-token recurrence, with the
+// state read from and written to memory once per call rather than once per token (the role
+// the chunked form's matmuls play on a GPU), and within a call one pass over each row per
+// token. Jobs: B × Hv × Dv/ROWS, split over the pool's threads (common.h).
 //
-// Four rows go through a token side by side (rows_step<4>), so that their chains of
-// dependent FMAs overlap. Numerics: float32 throughout; each row's two dot products are
-// summed in 8 lanes, then across them (AVX2 builds with D % 8 == 0; plain loops otherwise),
-// as ggml_vec_dot_f32 sums in lanes too; e^g by std::exp once per token and head.
+// Numerics: float32 throughout; dot products summed in 8 lanes, then across them (AVX2
+// builds with D % 8 == 0; plain loops otherwise), as ggml_vec_dot_f32 sums in lanes too;
+// S k_t as e^{g_t} (S_prev k_t) there; e^g by std::exp once per token and head.
 // Against the float64 per-token recurrence: tests/test_delta_rule_kernels.py.
 #include "common.h"
 
@@ -41,41 +41,58 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// R rows s[r·D …] (D % 8 == 0) through one token, side by side (each row's dot products are
-// chains of dependent FMAs: R of them interleaved keep the FMA units busy) → out[r], each
-// row's S q (unscaled). v: the rows' values of v_t.
+// R rows s[r·D …] of one head (D % 8 == 0) through all n tokens, side by side (each row's
+// dot products are chains of dependent FMAs: R of them interleaved keep the FMA units busy).
+// One pass over a row per token: since the decay is one scalar per token, S k_t is
+// e^{g_t} (S_prev k_t), and S_prev k_t is summed in the pass of the token before, beside S q:
+//     s ← e^g·s + d·k_t (stored);  Σ s·q_t → o_t;  Σ s·k_{t+1} → the next token's S k
 template <int R>
-inline void rows_step(float* s, const float* k, const float* q, float decay, float beta,
-                      const float* v, float* out, int64_t D) {
-  const __m256 e = _mm256_set1_ps(decay);
-  __m256 acc[R];
+void rows_run(const Problem& p, float* s, int64_t b, int64_t h, int64_t row) {
+  const int64_t D = p.D, hk = h % p.Hk;
+  const auto key = [&](const float* base, int64_t t) {  // token t's q or k head
+    return base + ((b * p.n + t) * p.Hk + hk) * D;
+  };
+  __m256 acc[R], accq[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < D; i += 8) {  // s ← s·e^g;  Σ s·k
-    const __m256 kv = _mm256_loadu_ps(k + i);
+  for (int64_t i = 0; i < D; i += 8) {  // S k_0
+    const __m256 kv = _mm256_loadu_ps(key(p.k, 0) + i);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(s + r * D + i), kv, acc[r]);
+  }
+  float sk[R];
+  for (int r = 0; r < R; ++r) sk[r] = hsum8(acc[r]);
+  for (int64_t t = 0; t < p.n; ++t) {
+    const int64_t bt = b * p.n + t;
+    const float *k = key(p.k, t), *q = key(p.q, t), *next = key(p.k, t + 1 < p.n ? t + 1 : t);
+    const float* v = p.v + (bt * p.Hv + h) * D + row;
+    float* o = p.o + (bt * p.Hv + h) * D + row;
+    const float decay = std::exp(p.g[bt * p.Hv + h]), beta = p.beta[bt * p.Hv + h];
+    const __m256 e = _mm256_set1_ps(decay);
+    __m256 d[R];
     for (int r = 0; r < R; ++r) {
-      const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + r * D + i), e);
-      acc[r] = _mm256_fmadd_ps(x, kv, acc[r]);
-      _mm256_storeu_ps(s + r * D + i, x);
+      d[r] = _mm256_set1_ps(beta * (v[r] - decay * sk[r]));
+      acc[r] = accq[r] = _mm256_setzero_ps();
+    }
+    for (int64_t i = 0; i < D; i += 8) {
+      const __m256 kv = _mm256_loadu_ps(k + i), qv = _mm256_loadu_ps(q + i);
+      const __m256 nv = _mm256_loadu_ps(next + i);
+      for (int r = 0; r < R; ++r) {
+        const __m256 decayed = _mm256_mul_ps(e, _mm256_loadu_ps(s + r * D + i));
+        const __m256 x = _mm256_fmadd_ps(d[r], kv, decayed);
+        _mm256_storeu_ps(s + r * D + i, x);
+        accq[r] = _mm256_fmadd_ps(x, qv, accq[r]);
+        acc[r] = _mm256_fmadd_ps(x, nv, acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      o[r] = hsum8(accq[r]) * p.scale;
+      sk[r] = hsum8(acc[r]);
     }
   }
-  __m256 d[R];
-  for (int r = 0; r < R; ++r) {
-    d[r] = _mm256_set1_ps(beta * (v[r] - hsum8(acc[r])));
-    acc[r] = _mm256_setzero_ps();
-  }
-  for (int64_t i = 0; i < D; i += 8) {  // s ← s + d·k;  Σ s·q
-    const __m256 kv = _mm256_loadu_ps(k + i), qv = _mm256_loadu_ps(q + i);
-    for (int r = 0; r < R; ++r) {
-      const __m256 x = _mm256_fmadd_ps(d[r], kv, _mm256_loadu_ps(s + r * D + i));
-      acc[r] = _mm256_fmadd_ps(x, qv, acc[r]);
-      _mm256_storeu_ps(s + r * D + i, x);
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r] = hsum8(acc[r]);
 }
 #endif
 
-// The portable form of row_step (any D; the scalar build, and D % 8 != 0).
+// One row through one token in plain loops (the scalar build, and D % 8 != 0) → its S q.
 inline float row_step_scalar(float* s, const float* k, const float* q, float decay,
                              float beta, float v, int64_t D) {
   float sk = 0.f;
@@ -97,6 +114,12 @@ void run_job(const Problem& p, int64_t job) {
   const int64_t block = job % p.blocks, h = (job / p.blocks) % p.Hv, b = job / (p.blocks * p.Hv);
   const int64_t D = p.D, r0 = block * ROWS, r1 = std::min(D, r0 + ROWS), hk = h % p.Hk;
   float* s = p.states[b] + (h * D + r0) * D;  // this block's rows
+#if TQ_AVX2
+  if (D % 8 == 0) {  // then r1 − r0 is a multiple of 8
+    for (int64_t r = r0; r < r1; r += 4) rows_run<4>(p, s + (r - r0) * D, b, h, r);
+    return;
+  }
+#endif
   for (int64_t t = 0; t < p.n; ++t) {
     const int64_t bt = b * p.n + t;
     const float* k = p.k + (bt * p.Hk + hk) * D;
@@ -104,14 +127,8 @@ void run_job(const Problem& p, int64_t job) {
     const float* v = p.v + (bt * p.Hv + h) * D;
     float* o = p.o + (bt * p.Hv + h) * D;
     const float decay = std::exp(p.g[bt * p.Hv + h]), beta = p.beta[bt * p.Hv + h];
-    int64_t r = r0;
-#if TQ_AVX2
-    if (D % 8 == 0) {  // then r1 − r0 is a multiple of 8
-      for (; r + 4 <= r1; r += 4) rows_step<4>(s + (r - r0) * D, k, q, decay, beta, v + r, o + r, D);
-    }
-#endif
-    for (; r < r1; ++r) o[r] = row_step_scalar(s + (r - r0) * D, k, q, decay, beta, v[r], D);
-    for (r = r0; r < r1; ++r) o[r] *= p.scale;
+    for (int64_t r = r0; r < r1; ++r)
+      o[r] = p.scale * row_step_scalar(s + (r - r0) * D, k, q, decay, beta, v[r], D);
   }
 }
 
