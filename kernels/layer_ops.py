@@ -1,8 +1,9 @@
 """LayerOps: the small ops of one layer's forward — RMSNorm, residual add + RMSNorm, RoPE of
-q and k together, act(gate)·up — for the device the layer runs on.
+q and k together, act(gate)·up, and qwen35's gated delta rule — for the device the layer
+runs on.
 
-- CPU layers: kernels/small_ops (one native call each on float32 CPU tensors, torch's ops
-  otherwise).
+- CPU layers: kernels/small_ops and kernels/delta_rule (one native call each on float32 CPU
+  tensors, torch's ops otherwise).
 - GPU layers: kernels/triton's fused kernels, one launch each (where torch would launch five
   to ten kernels per op), all capturable in a CUDA graph; in Triton's CPU interpreter when
   there is no CUDA (tests and CI).
@@ -12,6 +13,8 @@ Both sets take and return the same shapes:
     add_rms_norm(x, a (..., D), w, eps) → (x + a, its norm)
     rope_qk(q (T, H, D), k (T, Hkv, D), cos, sin (T, 1, D/2), neox) → (q, k) rotated
     act_mul(gate, up (M, F), gelu) → act(gate) · up
+    delta_rule(q, k (B, n, Hk, D), v (B, n, Hv, D), g, beta (B, n, Hv), states: B tensors
+               (Hv, D, D) updated in place) → o (B, n, Hv, D)
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kernels import small_ops
+from kernels import delta_rule, small_ops
 
 
 @dataclass(frozen=True)
@@ -30,10 +33,16 @@ class LayerOps:
     add_rms_norm: Callable
     rope_qk: Callable
     act_mul: Callable
+    delta_rule: Callable
 
 
 CPU_OPS = LayerOps(
-    "cpu", small_ops.rms_norm, small_ops.add_rms_norm, small_ops.rope_qk, small_ops.act_mul
+    "cpu",
+    small_ops.rms_norm,
+    small_ops.add_rms_norm,
+    small_ops.rope_qk,
+    small_ops.act_mul,
+    delta_rule.delta_rule_states,
 )
 
 
@@ -45,4 +54,6 @@ def triton_ops() -> LayerOps:
     def rms_norm(x, w, eps):
         return tk.rms_norm(x, w, eps)
 
-    return LayerOps("triton", rms_norm, tk.add_rms_norm, tk.rope_qk, tk.act_mul)
+    return LayerOps(
+        "triton", rms_norm, tk.add_rms_norm, tk.rope_qk, tk.act_mul, tk.delta_rule_states
+    )

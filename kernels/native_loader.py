@@ -1,5 +1,6 @@
 """The native CPU kernels (kernels/native/: qmatmul.cpp, interleaved.cpp, small_ops.cpp,
-paged_attention.cpp, moe.cpp), one extension module built on first use, loaded once.
+paged_attention.cpp, moe.cpp, delta_rule.cpp,
+short_conv.cpp), one extension module built on first use, loaded once.
 
 `qmatmul(x, w, ggml_type)` computes x · Wᵀ for W in packed GGML rows with llama.cpp's CPU
 numerics (activations quantized to the type's vec_dot type, integer block dot products; see
@@ -53,6 +54,8 @@ SOURCES = (
     NATIVE / "small_ops.cpp",
     NATIVE / "paged_attention.cpp",
     NATIVE / "moe.cpp",
+    NATIVE / "delta_rule.cpp",
+    NATIVE / "short_conv.cpp",
 )
 HEADERS = (NATIVE / "common.h",)
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import load_script
 
 from kernels import native_loader
+from kernels.delta_rule import delta_rule, delta_rule_chunked
 from quant.errors import InternalError
 from runtime.engine.embedder import Embedder
 from runtime.engine.llm_engine import EngineOptions, LLMEngine
@@ -20,7 +21,6 @@ from runtime.execution.model_runner import ModelRunner
 from runtime.kv.forward_batch import ForwardBatch
 from runtime.kv.recurrent_state import state_bytes_per_layer
 from runtime.loaded_model import LoadedModel
-from runtime.models.delta_net import delta_rule, delta_rule_chunked
 from runtime.placement.device_map import DeviceMap
 from runtime.placement.planner import PlanRequest, kv_per_layer
 from runtime.run_options import RunOptions

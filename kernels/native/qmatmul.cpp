@@ -747,12 +747,16 @@ void register_small_ops(pybind11::module& m);  // small_ops.cpp
 void register_paged_attention(pybind11::module& m);  // paged_attention.cpp
 void register_interleaved(pybind11::module& m);  // interleaved.cpp
 void register_moe(pybind11::module& m);  // moe.cpp
+void register_delta_rule(pybind11::module& m);  // delta_rule.cpp
+void register_short_conv(pybind11::module& m);  // short_conv.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_small_ops(m);
   register_paged_attention(m);
   register_interleaved(m);
   register_moe(m);
+  register_delta_rule(m);
+  register_short_conv(m);
   m.def("qmatmul", &qmatmul, "y (M, N) = x (M, K) float32 · Wᵀ, W packed GGML rows (N, row_bytes)",
         py::call_guard<py::gil_scoped_release>());
   m.def("qmatmul_many", &qmatmul_many, "[x · W_iᵀ] for weights of one type sharing the input x",

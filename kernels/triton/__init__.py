@@ -12,6 +12,7 @@ a warning says so (kernel launches would then fail).
     add_rms_norm(x, a, weight, eps)          (x + a, rms_norm(x + a)), out of place
     rope_qk(q, k, cos, sin, neox)            RoPE of q and k in one launch
     act_mul(gate, up, gelu)                  silu(gate)·up or tanh-GELU(gate)·up
+    delta_rule_states(q, k, v, g, beta, states)  the gated delta rule, states in place
 """
 
 import os
@@ -37,6 +38,7 @@ def _interpret_without_cuda() -> None:
 _interpret_without_cuda()
 
 from kernels.triton.act_mul import act_mul  # noqa: E402
+from kernels.triton.delta_rule import delta_rule_states  # noqa: E402
 from kernels.triton.dequant_rows import dequant_rows  # noqa: E402
 from kernels.triton.kv_write import kv_write  # noqa: E402
 from kernels.triton.paged_attention import PAGE, paged_attention_decode  # noqa: E402
@@ -47,6 +49,7 @@ from kernels.triton.rope import rope_qk  # noqa: E402
 __all__ = [
     "PAGE",
     "act_mul",
+    "delta_rule_states",
     "add_rms_norm",
     "dequant_rows",
     "has_kernel",

@@ -10,12 +10,14 @@ gated_delta_net and ssm_conv). Per token t of a sequence, on the layer's normed 
     S = S · exp(g);  S += β (v − S k) kᵀ;  o = S q / √Dk         S: (Hv, Dv, Dk) per sequence
     out = ssm_out(rms_norm(o) · norm · silu(z))
 
-A sequence's state is its last K-1 mixes (before the conv) and S, both zero at position 0;
+The conv, silu and q/k norms are one call (kernels/short_conv.py: native on the CPU). A
+sequence's state is its last K-1 mixes (before the conv) and S, both zero at position 0;
 RecurrentStep (runtime/kv/recurrent_state.py) hands each sequence's in, the layer puts the
-new ones back. A decode takes the plain per-token form (delta_rule), a prefill the chunked
-one (delta_rule_chunked: a triangular solve per 64 tokens, in torch; native / Triton
-kernels are issue 18's part 3); sequences with the same number of new tokens in a step
-(every decode) run together, batched over sequences and heads.
+new ones back. The recurrence is the layer's ops.delta_rule (kernels/layer_ops.py): on a CPU
+layer the native kernel (kernels/native/delta_rule.cpp; torch's per-token or chunked form
+without it, kernels/delta_rule.py), on a GPU layer Triton's (kernels/triton/delta_rule.py),
+each updating the sequences' S in place. Sequences with the same number of new tokens in a
+step (every decode) run together, batched over sequences and heads.
 """
 
 from __future__ import annotations
@@ -27,12 +29,10 @@ import torch.nn.functional as F
 
 from kernels.layer_ops import LayerOps
 from kernels.linear import matmuls
+from kernels.short_conv import short_conv
 from runtime.kv.recurrent_state import RecurrentStep, Run
 from runtime.models.base import Linear
 from runtime.models.weights import WeightLoader
-
-CHUNK = 64  # tokens per step of the chunked form
-CHUNKED_FROM = 2  # runs of this many new tokens or more take the chunked form
 
 
 @dataclass
@@ -41,7 +41,7 @@ class DeltaNet:
     z: Linear  # attn_gate: the output gate, Hv·Dv rows
     beta: Linear  # ssm_beta: Hv rows
     alpha: Linear  # ssm_alpha: Hv rows
-    conv: torch.Tensor  # (C, K) float32: ssm_conv1d
+    taps: torch.Tensor  # (K, C) float32: ssm_conv1d (C, K), transposed
     dt_bias: torch.Tensor  # (Hv,)
     a: torch.Tensor  # (Hv,) the decay rate, negative (ssm_a = -exp(A_log))
     norm: torch.Tensor  # (Dv,) ssm_norm
@@ -65,7 +65,10 @@ class DeltaNet:
             z=z,
             beta=beta,
             alpha=alpha,
-            conv=w.vector(p + "ssm_conv1d.weight", device).view(channels, c.ssm_conv),
+            taps=w.vector(p + "ssm_conv1d.weight", device)
+            .view(channels, c.ssm_conv)
+            .t()
+            .contiguous(),
             dt_bias=w.vector(p + "ssm_dt.bias", device),
             a=w.vector(p + "ssm_a", device),
             norm=w.vector(p + "ssm_norm.weight", device),
@@ -85,125 +88,52 @@ class DeltaNet:
         for runs in _by_length(step.runs):
             rows = torch.cat([torch.arange(r.row, r.row + r.n) for r in runs]).to(h.device)
             n = runs[0].n
-            window, state = self._states(i, runs, h.device)
             o[rows] = self._sequences(
                 mix[rows].view(len(runs), n, -1),
                 beta[rows].view(len(runs), n, -1),
                 g[rows].view(len(runs), n, -1),
-                window,
-                state,
                 runs,
                 i,
+                ops,
             ).flatten(0, 1)
         y = ops.rms_norm(o, self.norm, self.eps) * F.silu(z).view_as(o)  # (T, Hv, Dv)
         return self.out(y.flatten(1))
 
     def _states(
         self, i: int, runs: list[Run], device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The runs' states in layer i, stacked: windows (B, K-1, C), S (B, Hv, Dv, Dk)."""
-        fresh = (
-            torch.zeros(self.conv.shape[1] - 1, self.conv.shape[0], device=device),
-            torch.zeros(self.v_heads, self.head_dim, self.head_dim, device=device),
-        )
-        held = [r.state.layers.get(i, fresh) for r in runs]
-        return torch.stack([s[0] for s in held]), torch.stack([s[1] for s in held])
+    ) -> list[tuple[torch.Tensor, ...]]:
+        """Each run's state in layer i: its window (K-1, C) and S (Hv, Dv, Dk), zeros for a
+        sequence at position 0."""
+        return [
+            r.state.layers.get(i)
+            or (
+                torch.zeros(self.taps.shape[0] - 1, self.taps.shape[1], device=device),
+                torch.zeros(self.v_heads, self.head_dim, self.head_dim, device=device),
+            )
+            for r in runs
+        ]
 
     def _sequences(
         self,
         mix: torch.Tensor,
         beta: torch.Tensor,
         g: torch.Tensor,
-        window: torch.Tensor,
-        state: torch.Tensor,
         runs: list[Run],
         i: int,
+        ops: LayerOps,
     ) -> torch.Tensor:
-        """B sequences of n new tokens each: mix (B, n, C), beta and g (B, n, Hv), their
-        windows and S → o (B, n, Hv, Dv); their new states are put back in `runs`."""
-        b, n, _ = mix.shape
-        x = torch.cat([window, mix], dim=1)  # (B, K-1+n, C)
-        k_width = self.conv.shape[1]
-        conv = (x.unfold(1, k_width, 1) * self.conv).sum(-1)  # (B, n, C)
-        conv = F.silu(conv)
-        key_dim = self.k_heads * self.head_dim
-        q, k, v = conv.split([key_dim, key_dim, conv.shape[-1] - 2 * key_dim], dim=-1)
-        q = self._heads(q.reshape(b, n, self.k_heads, self.head_dim))
-        k = self._heads(k.reshape(b, n, self.k_heads, self.head_dim))
-        v = v.reshape(b, n, self.v_heads, self.head_dim)
-        rule = delta_rule_chunked if n >= CHUNKED_FROM else delta_rule
-        o, state = rule(q, k, v, g, beta, state)
+        """B sequences of n new tokens each: mix (B, n, C), beta and g (B, n, Hv) → o (B, n,
+        Hv, Dv); their new states are put back in `runs` (S updated in place by the rule)."""
+        held = self._states(i, runs, mix.device)
+        x = torch.cat([torch.stack([s[0] for s in held]), mix], dim=1)  # (B, K-1+n, C)
+        heads = (self.k_heads, self.v_heads, self.head_dim)
+        q, k, v = short_conv(x, self.taps, *heads, self.eps)  # (B, n, Hk | Hk | Hv, D)
+        k_width = self.taps.shape[0]
+        states = [s[1] for s in held]
+        o = ops.delta_rule(q, k, v, g, beta, states)  # head h reads q/k head h mod Hk
         for j, r in enumerate(runs):
-            r.state.layers[i] = (x[j, x.shape[1] - (k_width - 1) :].clone(), state[j])
+            r.state.layers[i] = (x[j, x.shape[1] - (k_width - 1) :].clone(), states[j])
         return o
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, n, Hk, Dk) → L2-normalised per head, tiled to (B, n, Hv, Dk) (head h: h mod Hk)."""
-        x = x * torch.rsqrt((x * x).sum(-1, keepdim=True) + self.eps)
-        return x.repeat(1, 1, self.v_heads // self.k_heads, 1)
-
-
-def delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    state: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gated delta rule, token by token: q, k (B, n, H, Dk), v (B, n, H, Dv), g and beta
-    (B, n, H), state S (B, H, Dv, Dk) → (o (B, n, H, Dv), the final S)."""
-    scale = q.shape[-1] ** -0.5
-    out = []
-    s = state
-    for t in range(q.shape[1]):
-        s = s * torch.exp(g[:, t])[..., None, None]
-        kt = k[:, t]  # (B, H, Dk)
-        d = (v[:, t] - (s @ kt[..., None])[..., 0]) * beta[:, t, :, None]  # (B, H, Dv)
-        s = s + d[..., None] * kt[..., None, :]
-        out.append((s @ q[:, t, :, :, None])[..., 0] * scale)
-    return torch.stack(out, dim=1), s
-
-
-def delta_rule_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    state: torch.Tensor,
-    chunk: int = CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """delta_rule's result, `chunk` tokens at a time (the chunked form flash-linear-attention
-    and llama.cpp's build_delta_net_chunking compute). Within a chunk, with G_t = Σ_{j≤t} g_j
-    and S0 the state before it, each token's update u_t = β_t (v_t − S'_t k_t) solves the
-    unit lower-triangular system
-        u_t + β_t Σ_{j<t} e^{G_t−G_j} (k_t·k_j) u_j = β_t (v_t − e^{G_t} S0 k_t)
-    and then o_t = (e^{G_t} S0 q_t + Σ_{j≤t} e^{G_t−G_j} (q_t·k_j) u_j) / √Dk and the state
-    after it S = e^{G_C} S0 + Σ_j e^{G_C−G_j} u_j k_jᵀ. Shapes as delta_rule's."""
-    scale = q.shape[-1] ** -0.5
-    out, s = [], state
-    for first in range(0, q.shape[1], chunk):
-        # (B, H, C, …): this chunk's tokens, heads first
-        qc, kc, vc = (x[:, first : first + chunk].transpose(1, 2) for x in (q, k, v))
-        gc, bc = (x[:, first : first + chunk].transpose(1, 2) for x in (g, beta))
-        cum = gc.cumsum(-1)  # (B, H, C): G_t
-        n = cum.shape[-1]
-        on_or_below = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        # (B, H, C, C): e^{G_t − G_j} for j ≤ t, 0 above (never exp of a positive exponent)
-        decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~on_or_below, -torch.inf).exp()
-        grow = cum.exp()[..., None]  # (B, H, C, 1): e^{G_t}
-        a = (bc[..., None] * decay * (kc @ kc.transpose(-1, -2))).tril(-1)
-        rhs = bc[..., None] * (vc - grow * (kc @ s.transpose(-1, -2)))  # (B, H, C, Dv)
-        eye = torch.eye(n, device=q.device, dtype=q.dtype)
-        u = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
-        qk = (qc @ kc.transpose(-1, -2)) * decay  # (B, H, C, C)
-        o = (grow * (qc @ s.transpose(-1, -2)) + qk @ u) * scale  # (B, H, C, Dv)
-        last = cum[..., -1:]  # (B, H, 1)
-        carry = (last - cum).exp()[..., None] * u  # (B, H, C, Dv): e^{G_C − G_j} u_j
-        s = last.exp()[..., None] * s + carry.transpose(-1, -2) @ kc  # (B, H, Dv, Dk)
-        out.append(o.transpose(1, 2))
-    return torch.cat(out, dim=1), s
 
 
 def _by_length(runs: tuple[Run, ...]) -> list[list[Run]]:
