@@ -10,10 +10,12 @@ same batch sizes, so a noisy machine moves all three alike. Printed per level: t
 aggregate tok/s of each, tandem over llama-server, and tandem's HTTP rate over its in-process
 rate. --json prints every round's figures.
 
-Aggregate tok/s over HTTP counts whole requests (prompt, prefill and the streamed answer of
---max-tokens tokens, ignore_eos) over the level's wall time; in process it is decode steps
-alone at a context of about --context tokens, so the HTTP share is a lower bound of the
-server's efficiency.
+Aggregate tok/s over HTTP counts whole requests (the chat prompt's prefill and the streamed
+answer of --max-tokens tokens, ignore_eos) over the level's wall time. Two in-process figures
+stand beside it: "same work" runs the very same requests (the same chat prompts, the same
+number at once, the same max_tokens) through tandem's engine in a process of its own, no
+HTTP — what the server's costs are measured against; "decode" is bench_engine.py's steady
+decode steps at a context of about --context tokens (no prefill), an upper bound.
 """
 
 from __future__ import annotations
@@ -100,6 +102,51 @@ def in_process(model: str, levels: list[int], threads: int, context: int, steps:
     return rates
 
 
+def same_work(model: str, levels: list[int], threads: int, requests: int, tokens: int) -> dict:
+    """The HTTP levels' requests run through the engine in a fresh process (no server)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, __file__, model, "--same-work", "-t", str(threads)]
+    cmd += ["--levels", ",".join(map(str, levels)), "--requests", str(requests)]
+    cmd += ["--max-tokens", str(tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return {int(k): v for k, v in json.loads(out.splitlines()[-1]).items()}
+
+
+def run_same_work(model: str, levels: list[int], threads: int, requests: int, tokens: int) -> dict:
+    """In this process: per level, `requests` waves of `level` chat requests submitted at once
+    and run to their end (as the HTTP client keeps `level` in flight); generated tok/s."""
+    from runtime.llm import LLM
+    from runtime.sampling_params import SamplingParams
+
+    llm = LLM(model, num_ctx=2048, num_thread=threads, num_parallel=max(levels))
+    prompts = [
+        llm.lm.chat_prompt_ids([{"role": "user", "content": p}]) for p in bench_serving.PROMPTS
+    ]
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    run_waves(llm, [prompts[0]], SamplingParams(temperature=0, max_tokens=4))  # warm
+    rates = {}
+    for c in levels:
+        start, generated = time.perf_counter(), 0
+        for r in range(requests):
+            wave = [prompts[(r * c + i) % len(prompts)] for i in range(c)]
+            generated += run_waves(llm, wave, params)
+        rates[c] = generated / (time.perf_counter() - start)
+    return rates
+
+
+def run_waves(llm, prompts: list[list[int]], params) -> int:
+    """Submit every prompt at once, step the engine until all finish; tokens generated."""
+    for i, ids in enumerate(prompts):
+        llm.engine.add_request(f"w{i}", ids, params)
+    generated = 0
+    while llm.engine.has_unfinished:
+        for event in llm.engine.step():
+            if event.error is not None:
+                raise event.error
+            generated += event.delta is not None and event.delta.token_id is not None
+    return generated
+
+
 def http_levels(url: str, model: str, levels: list[int], rounds: int, tokens: int) -> dict:
     bench_serving.one_request(url, model, bench_serving.PROMPTS[0], 4)  # warm
     return {
@@ -120,8 +167,13 @@ def main() -> int:
     ap.add_argument("--logs", type=Path, default=Path("/tmp/compare_serving"))
     ap.add_argument("--no-llama", action="store_true", help="tandem and in-process only")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--same-work", action="store_true", help=argparse.SUPPRESS)  # the child
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
+    if args.same_work:
+        rates = run_same_work(args.model, levels, args.threads, args.requests, args.max_tokens)
+        print(json.dumps(rates))
+        return 0
     path = gguf_path(args.model)
     args.logs.mkdir(parents=True, exist_ok=True)
     slots = max(levels)
@@ -146,6 +198,7 @@ def main() -> int:
             }
             if not args.no_llama:
                 row["llama"] = http_levels(l_url, "x", levels, args.requests, args.max_tokens)
+            row["same"] = same_work(str(path), levels, args.threads, args.requests, args.max_tokens)
             row["engine"] = in_process(str(path), levels, args.threads, args.context, 30)
             rounds.append(row)
             print(f"round {r + 1}: {json.dumps(row)}", file=sys.stderr, flush=True)
@@ -159,14 +212,16 @@ def report(rounds: list[dict], levels: list[int], args: argparse.Namespace) -> N
         print(json.dumps({"rounds": rounds, "median": med}, indent=2))
         return
     print(f"{args.model}  -t {args.threads}  max_tokens {args.max_tokens}  rounds {args.rounds}")
-    print(
-        f"{'streams':>7} {'tandem':>8} {'llama-srv':>9} {'engine':>8} {'t/llama':>8} {'http/eng':>8}"
-    )
+    head = f"{'streams':>7} {'tandem':>8} {'llama-srv':>9} {'same work':>9} {'decode':>8}"
+    print(head + f" {'t/llama':>8} {'http/same':>9} {'http/decode':>11}")
     for c in levels:
-        t, e = med["tandem"][c], med["engine"][c]
+        t, same, e = med["tandem"][c], med["same"][c], med["engine"][c]
         lsrv = med.get("llama", {}).get(c)
         ratio = f"{t / lsrv:7.2f}x" if lsrv else "       -"
-        print(f"{c:>7} {t:>8.1f} {lsrv or 0:>9.1f} {e:>8.1f} {ratio} {t / e:>7.0%}")
+        print(
+            f"{c:>7} {t:>8.1f} {lsrv or 0:>9.1f} {same:>9.1f} {e:>8.1f} {ratio} "
+            f"{t / same:>9.0%} {t / e:>11.0%}"
+        )
 
 
 if __name__ == "__main__":
