@@ -246,8 +246,9 @@ def test_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch, caplog):
 
 def test_thread_count_is_settable_and_results_do_not_depend_on_it(kernel):
     x, w = activations(5, 512, 90), weights("Q4_0", 300, 512, 91)
+    kernel.set_num_threads(0)  # 0 = follow torch (a forward leaves its own count set)
     torch_threads = torch.get_num_threads()
-    assert kernel.get_num_threads() == torch_threads  # 0 = follow torch
+    assert kernel.get_num_threads() == torch_threads
     one = kernel.qmatmul(x, w, int(T.Q4_0))
     kernel.set_num_threads(3)
     try:
@@ -260,19 +261,18 @@ def test_thread_count_is_settable_and_results_do_not_depend_on_it(kernel):
         kernel.set_num_threads(-1)
 
 
-def test_forward_threads_gives_matmuls_the_threads_and_restores(kernel):
-    from kernels.thread_policy import forward_threads
+def test_forward_threads_gives_matmuls_the_threads_and_torch_one(kernel):
+    """Inside and after a forward: the native pool has the threads, torch's ops one (the
+    sampler between forwards too: kernels/thread_policy.py)."""
+    from kernels.thread_policy import default_threads, forward_threads
 
     module = native_loader.load()
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with forward_threads():
-            assert torch.get_num_threads() == 1
-            assert module.get_num_threads() == 2
-        assert torch.get_num_threads() == 2 and module.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    with forward_threads(2):
+        assert torch.get_num_threads() == 1
+        assert module.get_num_threads() == 2
+    assert torch.get_num_threads() == 1 and module.get_num_threads() == 2
+    with forward_threads():
+        assert module.get_num_threads() == default_threads()
 
 
 @pytest.mark.parametrize("name", TYPES)
