@@ -15,11 +15,8 @@
 //   D  fp16 scales, 16 rows (Q4_1: then 16 mins; Q4_K, Q5_K: then 16 dmins)
 //   S  (K-quants, IQ4_XS) sub-block scales as bytes, [sub-block][row] (Q4_K, Q5_K: then the
 //      mins; Q3_K, IQ4_XS: signed, the 6-bit value − 32)
-//   H  high bits as 64-bit masks, bit 4·r + i = byte i of row r in a group (Q5_0: bit 4;
-//      Q6_K: bits 4 and 5). Q3_K: its bit 2 as nibbles instead, see below. Q5_K: a byte per
-//      lane (byte i of row r in group g: 4·r + i of the group's 64) for each 4 chunks, bits
-//      2m and 2m + 1 the low- and high-nibble elements' bit 4 in chunk m of the 4, so a
-//      lane's bit comes to bit 4 with one shift and a mask (no per-bit expansion).
+//   H  high bits as 64-bit masks, bit 4·r + i = byte i of row r in a group (Q5_0, Q5_K: bit
+//      4; Q6_K: bits 4 and 5). Q3_K: its high bits in nibbles instead, see below.
 //   Q  nibbles: per 32 elements ("chunk") 16 bytes per row, low nibble element i, high
 //      nibble element 16 + i (Q4_0's own order), in 4 groups of 4 bytes; Q8_0: value + 128
 //      as bytes, 8 groups; IQ4_XS: the nibbles index the non-linear levels.
@@ -321,16 +318,6 @@ void put_q6k(const Canon& c, Record rec, int r) {
   }
 }
 
-// Q5_K's H byte of one lane (byte i of row r in group g) for chunks 4·c4 .. 4·c4 + 3: bit 2m
-// is bit 4 of the lane's low-nibble element (qh[4g + i], bit 4·c4 + m), bit 2m + 1 that of
-// its high-nibble element (qh[16 + 4g + i]).
-inline uint8_t q5k_hbyte(uint8_t lo, uint8_t hi, int c4) {
-  uint8_t v = 0;
-  for (int m = 0; m < 4; ++m)
-    v |= uint8_t(((lo >> (4 * c4 + m)) & 1) << (2 * m) | ((hi >> (4 * c4 + m)) & 1) << (2 * m + 1));
-  return v;
-}
-
 // A GGML block of row r straight into its record, for the types whose values already sit in
 // nibbles or bytes (loading a 1.1B Q4_0 model spends its time here). False for Q6_K.
 bool put_direct(int type, const uint8_t* b, Record rec, int r) {
@@ -374,12 +361,13 @@ bool put_direct(int type, const uint8_t* b, Record rec, int r) {
           hi[64 * (i >> 2) + (i & 3)] = uint8_t((src[i] >> 4) | (src[16 + i] & 0xF0));
         }
       }
-      if (type == Q5_K) {  // bit j of qh[l] is element 32j + l's bit 4: see q5k_hbyte
+      if (type == Q5_K) {  // bit j of qh[l] is element 32j + l's bit 4: chunk j's masks
         const uint8_t* qh = b + 16;
-        for (int g = 0; g < 4; ++g)
-          for (int i = 0; i < 4; ++i)
-            for (int c4 = 0; c4 < 2; ++c4)
-              rec.h[256 * c4 + 64 * g + 4 * r + i] = q5k_hbyte(qh[4 * g + i], qh[16 + 4 * g + i], c4);
+        for (int j = 0; j < 8; ++j)
+          for (int g = 0; g < 4; ++g) {
+            or_mask(rec.h + 64 * j + 16 * g, r, bit_of4(qh + 4 * g, j));
+            or_mask(rec.h + 64 * j + 16 * g + 8, r, bit_of4(qh + 16 + 4 * g, j));
+          }
       }
       return true;
     }
@@ -443,11 +431,7 @@ void get(int type, const Layout& L, Record rec, int r, Canon& c) {
     uint8_t v = high ? byte >> 4 : byte & 0xF;
     int index;
     const int bit = mask_bit(r, ce, &index);
-    if (type == Q5_0) v |= uint8_t(get_bit(rec.h + 64 * chunk, index, bit) << 4);
-    if (type == Q5_K) {
-      const uint8_t hb = rec.h[256 * (chunk >> 2) + 64 * ((ce & 15) >> 2) + 4 * r + (ce & 3)];
-      v |= uint8_t(((hb >> (2 * (chunk & 3) + (ce >= 16))) & 1) << 4);
-    }
+    if (type == Q5_0 || type == Q5_K) v |= uint8_t(get_bit(rec.h + 64 * chunk, index, bit) << 4);
     if (type == Q6_K) {
       const uint8_t* m = rec.h + chunk * 128 + (index / 2) * 32;
       v |= uint8_t(get_bit(m, index % 2, bit) << 4 | get_bit(m, 2 + index % 2, bit) << 5);
@@ -639,12 +623,6 @@ struct Zmm {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h));
     return _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
   }
-  // v | 0x10 where bit `from` of the lane's byte at h is set (Q5_K's H plane)
-  static I or_bit4(I v, const uint8_t* h, int from) {
-    const I x = load(h);
-    const I sh = from < 4 ? _mm512_slli_epi16(x, 4 - from) : _mm512_srli_epi16(x, from - 4);
-    return _mm512_ternarylogic_epi32(v, sh, _mm512_set1_epi8(0x10), 0xF8);  // v | (sh & 0x10)
-  }
   static I table16(const uint8_t* t) {
     return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
   }
@@ -714,11 +692,6 @@ struct Ymm {
   static I hnib(const uint8_t* h, int half) {
     const I v = load(h);
     return half ? _mm256_srli_epi16(v, 4) : v;
-  }
-  static I or_bit4(I v, const uint8_t* h, int from) {  // as Zmm's, on this half's 32 lanes
-    const I x = load(h);
-    const I sh = from < 4 ? _mm256_slli_epi16(x, 4 - from) : _mm256_srli_epi16(x, from - 4);
-    return _mm256_or_si256(v, _mm256_and_si256(sh, _mm256_set1_epi8(0x10)));
   }
   static I table16(const uint8_t* t) {
     return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
@@ -838,9 +811,7 @@ void panel32(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F
 }
 
 // Q4_K, Q5_K: per super-block the exact Σ_j sc_j·(Σ q·y)_j and Σ_j m_j·(Σy)_j per row
-// (int32), then acc += d·d_y·first − dmin·d_y·second. Q5_K ORs bit 4 in from its H plane:
-// chunk j's bits are bits 2(j % 4) (low nibbles) and 2(j % 4) + 1 (high) of the lane's byte
-// in the group's 64 bytes for chunks 4⌊j/4⌋.. (a half's 32 lanes contiguous, as in Q).
+// (int32), then acc += d·d_y·first − dmin·d_y·second. Q5_K adds bit 4 from its masks.
 // AVX2 without VNNI: maddubs' pair sums added up over a chunk's 4 groups in int16 (a pair is
 // ≤ 2·31·128, four of them < 2^15: exact), then one madd by the scale in both int16 halves.
 template <class V, int NT, bool Q5 = false>
@@ -849,19 +820,15 @@ void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
   using F = typename V::F;
   constexpr Layout L = layout_of(Q5 ? Q5_K : Q4_K);
   Planes<V> pl(p, L, a.nb, half);
-  const uint8_t* H = p + a.nb * (L.d + L.s) + half * V::W * 4;  // Q5_K's lanes go as Q's
   TokenAct ta[NT];
   token_acts<NT>(a, t0, ta);
   F acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = V::fzero();
-  for (int64_t b = 0; b < a.nb; ++b, pl.next(L), H += L.h) {
+  for (int64_t b = 0; b < a.nb; ++b, pl.next(L)) {
     I isc[NT], imn[NT];
     for (int t = 0; t < NT; ++t) isc[t] = imn[t] = V::zero();
-#pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       const I sc = V::u8x(pl.S + 16 * j), mn = V::u8x(pl.S + 128 + 16 * j);
-      const uint8_t* hj = H + 256 * (j >> 2);
-      const int m = j & 3;
 #if !TQ_VNNI  // (V is Ymm)
       const __m256i sc2 = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));  // 0..63 twice
       __m256i p0[NT], p1[NT];
@@ -871,8 +838,8 @@ void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
         const I raw = V::load(pl.Q + 256 * j + 64 * g);
         I lo = V::lo_nib(raw), hi = V::hi_nib(raw);
         if (Q5) {
-          lo = V::or_bit4(lo, hj + 64 * g, 2 * m);
-          hi = V::or_bit4(hi, hj + 64 * g, 2 * m + 1);
+          lo = V::add_bits(lo, pl.H + 64 * j + 16 * g, 0x10);
+          hi = V::add_bits(hi, pl.H + 64 * j + 16 * g + 8, 0x10);
         }
         for (int t = 0; t < NT; ++t) {
           const int8_t* y = ta[t].y + 256 * b + 32 * j + 4 * g;
@@ -896,8 +863,8 @@ void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
         const I raw = V::load(pl.Q + 256 * j + 64 * g);
         I lo = V::lo_nib(raw), hi = V::hi_nib(raw);
         if (Q5) {
-          lo = V::or_bit4(lo, hj + 64 * g, 2 * m);
-          hi = V::or_bit4(hi, hj + 64 * g, 2 * m + 1);
+          lo = V::add_bits(lo, pl.H + 64 * j + 16 * g, 0x10);
+          hi = V::add_bits(hi, pl.H + 64 * j + 16 * g + 8, 0x10);
         }
         for (int t = 0; t < NT; ++t) {
           const int8_t* y = ta[t].y + 256 * b + 32 * j;
