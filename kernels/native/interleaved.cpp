@@ -16,15 +16,16 @@
 //   S  (K-quants, IQ4_XS) sub-block scales as bytes, [sub-block][row] (Q4_K, Q5_K: then the
 //      mins; Q3_K, IQ4_XS: signed, the 6-bit value − 32)
 //   H  high bits as 64-bit masks, bit 4·r + i = byte i of row r in a group (Q5_0, Q5_K: bit
-//      4; Q6_K: bits 4 and 5). Q3_K: its bit 2 as nibbles instead, see below.
+//      4; Q6_K: bits 4 and 5). Q3_K: its high bits in nibbles instead, see below.
 //   Q  nibbles: per 32 elements ("chunk") 16 bytes per row, low nibble element i, high
 //      nibble element 16 + i (Q4_0's own order), in 4 groups of 4 bytes; Q8_0: value + 128
 //      as bytes, 8 groups; IQ4_XS: the nibbles index the non-linear levels.
-// Q3_K keeps its own 2-bit order: per 128 elements 32 bytes per row (GGML's qs), in 8 groups
-// of 4 bytes; crumb k of byte l is element 32k + l. Its H plane holds, per group, 32 bytes:
-// the 4 high bits of lane j (= 4·r + i, the group's byte i of row r) in the low nibble of
-// byte j (rows 0-7) or the high nibble of byte j − 32 (rows 8-15), bit k for crumb k, so a
-// lane's values come out with shifts and masks, no per-bit expansion.
+// Q3_K: per 128 elements ("half" hh) 8 groups of 4 bytes per row; byte i of row r in group g
+// (lane 4·r + i) holds the 3-bit values v_k of elements 128·hh + 32·k + 4·g + i, k = 0..3
+// (GGML's qs byte 32·hh + 4·g + i, crumb k, and hmask byte 4·g + i, bit 4·hh + k): its Q
+// byte is v0 | v1 << 3 | (v2 & 3) << 6, and a nibble of its group's 32 H bytes is
+// v3 | (v2 >> 2) << 3 (the low nibble of byte j = lane j for rows 0-7, the high nibble of
+// byte j − 32 for rows 8-15). A value is one to three shifts and masks away.
 // Values are unsigned (Q4_0 0..15, Q5_0 0..31, Q8_0 0..255, Q6_K 0..63, Q3_K 0..7, IQ4_XS
 // level + 128); the offset (8, 16, 128, 32, 4, 128) comes off through the activation block
 // sums, exactly, in the integer domain.
@@ -376,12 +377,15 @@ bool put_direct(int type, const uint8_t* b, Record rec, int r) {
       q3k_scales(b + 96, sc);
       for (int j = 0; j < 16; ++j) rec.s[16 * j + r] = uint8_t(sc[j]);
       for (int hh = 0; hh < 2; ++hh)
-        for (int g = 0; g < 8; ++g) {
-          std::memcpy(rec.q + 512 * hh + 64 * g + 4 * r, b + 32 + 32 * hh + 4 * g, 4);
-          uint8_t* h = rec.h + 256 * hh + 32 * g + 4 * (r & 7);
-          for (int i = 0; i < 4; ++i)  // bits 4hh..4hh+3 of hmask[4g + i]: crumbs 0..3
-            h[i] |= uint8_t(((b[4 * g + i] >> (4 * hh)) & 0xF) << (r < 8 ? 0 : 4));
-        }
+        for (int g = 0; g < 8; ++g)
+          for (int i = 0; i < 4; ++i) {
+            const int qs = b[32 + 32 * hh + 4 * g + i], hm = b[4 * g + i] >> (4 * hh);
+            int v[4];
+            for (int k = 0; k < 4; ++k) v[k] = ((qs >> (2 * k)) & 3) | ((hm >> k) & 1) << 2;
+            rec.q[512 * hh + 64 * g + 4 * r + i] = uint8_t(v[0] | v[1] << 3 | (v[2] & 3) << 6);
+            rec.h[256 * hh + 32 * g + 4 * (r & 7) + i] |=
+                uint8_t((v[3] | (v[2] >> 2) << 3) << (r < 8 ? 0 : 4));
+          }
       return true;
     }
     case IQ4_XS: {
@@ -410,9 +414,9 @@ void get(int type, const Layout& L, Record rec, int r, Canon& c) {
   if (type == Q3_K) {
     for (int e = 0; e < 256; ++e) {
       const int hh = e >> 7, k = (e >> 5) & 3, l = e & 31, g = l >> 2, i = l & 3;
-      const int crumb = (rec.q[512 * hh + 64 * g + 4 * r + i] >> (2 * k)) & 3;
+      const int qb = rec.q[512 * hh + 64 * g + 4 * r + i];
       const int nib = (rec.h[256 * hh + 32 * g + 4 * (r & 7) + i] >> (r < 8 ? 0 : 4)) & 0xF;
-      c.q[e] = uint8_t(crumb | (((nib >> k) & 1) << 2));
+      c.q[e] = uint8_t(k == 0 ? qb & 7 : k == 1 ? (qb >> 3) & 7 : k == 2 ? qb >> 6 | (nib >> 3) << 2 : nib & 7);
     }
     return;
   }
@@ -605,18 +609,19 @@ struct Zmm {
   static I dot(I acc, I u, const int8_t* y) { return _mm512_dpbusd_epi32(acc, u, set1(rd4(y))); }
   static I dot_s8(I acc, I, const int8_t*) { return acc; }  // unused: EXACT_U8
   static I or_(I a, I b) { return _mm512_or_si512(a, b); }
-  static I crumb(I raw, int k) {  // bits 2k, 2k+1 of every byte
-    return _mm512_and_si512(_mm512_srli_epi16(raw, 2 * k), _mm512_set1_epi8(3));
+  static I q3v(I raw, I nib, int k) {  // Q3_K's v_k of every lane from its Q byte and nibble
+    const I m7 = _mm512_set1_epi8(7);
+    if (k == 0) return _mm512_and_si512(raw, m7);
+    if (k == 1) return _mm512_and_si512(_mm512_srli_epi16(raw, 3), m7);
+    if (k == 3) return _mm512_and_si512(nib, m7);
+    const I lo = _mm512_and_si512(_mm512_srli_epi16(raw, 6), _mm512_set1_epi8(3));
+    return _mm512_ternarylogic_epi32(lo, _mm512_srli_epi16(nib, 1), _mm512_set1_epi8(4), 0xF8);
   }
-  static I bit2(I nib, int k) {  // bit k of every byte (0..15) moved to bit 2
-    const I x = k < 2 ? _mm512_slli_epi16(nib, 2 - k) : _mm512_srli_epi16(nib, k - 2);
-    return _mm512_and_si512(x, _mm512_set1_epi8(4));
-  }
-  static I hnib(const uint8_t* h, int) {  // Q3_K's 32 H bytes → the 64 lanes' nibbles
+  // Q3_K's 32 H bytes → the 64 lanes' nibbles in bits 0-3 (bits 4-7: other data, which
+  // q3v masks off; its shifts keep every byte's bits 0-2 within the byte)
+  static I hnib(const uint8_t* h, int) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h));
-    const __m256i m = _mm256_set1_epi8(0x0F);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m)),
-                              _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 1);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
   }
   static I table16(const uint8_t* t) {
     return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
@@ -675,16 +680,18 @@ struct Ymm {
     return add(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
   }
   static I or_(I a, I b) { return _mm256_or_si256(a, b); }
-  static I crumb(I raw, int k) {  // bits 2k, 2k+1 of every byte
-    return _mm256_and_si256(_mm256_srli_epi16(raw, 2 * k), _mm256_set1_epi8(3));
+  static I q3v(I raw, I nib, int k) {  // as Zmm's
+    const I m7 = _mm256_set1_epi8(7);
+    if (k == 0) return _mm256_and_si256(raw, m7);
+    if (k == 1) return _mm256_and_si256(_mm256_srli_epi16(raw, 3), m7);
+    if (k == 3) return _mm256_and_si256(nib, m7);
+    const I lo = _mm256_and_si256(_mm256_srli_epi16(raw, 6), _mm256_set1_epi8(3));
+    return _mm256_or_si256(lo, _mm256_and_si256(_mm256_srli_epi16(nib, 1), _mm256_set1_epi8(4)));
   }
-  static I bit2(I nib, int k) {  // bit k of every byte (0..15) moved to bit 2
-    const I x = k < 2 ? _mm256_slli_epi16(nib, 2 - k) : _mm256_srli_epi16(nib, k - 2);
-    return _mm256_and_si256(x, _mm256_set1_epi8(4));
-  }
-  static I hnib(const uint8_t* h, int half) {  // Q3_K's 32 H bytes → this half's nibbles
+  // Q3_K's 32 H bytes → this half's nibbles in bits 0-3 (bits 4-7 unmasked, as Zmm's)
+  static I hnib(const uint8_t* h, int half) {
     const I v = load(h);
-    return _mm256_and_si256(half ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
+    return half ? _mm256_srli_epi16(v, 4) : v;
   }
   static I table16(const uint8_t* t) {
     return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
@@ -805,12 +812,13 @@ void panel32(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F
 
 // Q4_K, Q5_K: per super-block the exact Σ_j sc_j·(Σ q·y)_j and Σ_j m_j·(Σy)_j per row
 // (int32), then acc += d·d_y·first − dmin·d_y·second. Q5_K adds bit 4 from its masks.
+// AVX2 without VNNI: maddubs' pair sums added up over a chunk's 4 groups in int16 (a pair is
+// ≤ 2·31·128, four of them < 2^15: exact), then one madd by the scale in both int16 halves.
 template <class V, int NT, bool Q5 = false>
 void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
   using I = typename V::I;
   using F = typename V::F;
   constexpr Layout L = layout_of(Q5 ? Q5_K : Q4_K);
-  constexpr int U = V::CHAINS;
   Planes<V> pl(p, L, a.nb, half);
   TokenAct ta[NT];
   token_acts<NT>(a, t0, ta);
@@ -821,6 +829,32 @@ void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
     for (int t = 0; t < NT; ++t) isc[t] = imn[t] = V::zero();
     for (int j = 0; j < 8; ++j) {
       const I sc = V::u8x(pl.S + 16 * j), mn = V::u8x(pl.S + 128 + 16 * j);
+#if !TQ_VNNI  // (V is Ymm)
+      const __m256i sc2 = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));  // 0..63 twice
+      __m256i p0[NT], p1[NT];
+      for (int t = 0; t < NT; ++t) p0[t] = p1[t] = V::zero();
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const I raw = V::load(pl.Q + 256 * j + 64 * g);
+        I lo = V::lo_nib(raw), hi = V::hi_nib(raw);
+        if (Q5) {
+          lo = V::add_bits(lo, pl.H + 64 * j + 16 * g, 0x10);
+          hi = V::add_bits(hi, pl.H + 64 * j + 16 * g + 8, 0x10);
+        }
+        for (int t = 0; t < NT; ++t) {
+          const int8_t* y = ta[t].y + 256 * b + 32 * j + 4 * g;
+          p0[t] = _mm256_add_epi16(p0[t], _mm256_maddubs_epi16(lo, V::set1(rd4(y))));
+          p1[t] = _mm256_add_epi16(p1[t], _mm256_maddubs_epi16(hi, V::set1(rd4(y + 16))));
+        }
+      }
+      for (int t = 0; t < NT; ++t) {
+        const int16_t* bs = ta[t].bsum + 16 * b + 2 * j;
+        const I sum = V::add(_mm256_madd_epi16(p0[t], sc2), _mm256_madd_epi16(p1[t], sc2));
+        isc[t] = V::add(isc[t], sum);
+        imn[t] = V::add(imn[t], V::mullo(mn, V::set1(bs[0] + bs[1])));
+      }
+#else
+      constexpr int U = V::CHAINS;
       I s[U][NT];
       for (int u = 0; u < U; ++u)
         for (int t = 0; t < NT; ++t) s[u][t] = V::zero();
@@ -845,6 +879,7 @@ void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
         isc[t] = V::add(isc[t], V::mullo(sum, sc));
         imn[t] = V::add(imn[t], V::mullo(mn, V::set1(bs[0] + bs[1])));
       }
+#endif
     }
     const F dw = V::halves(pl.D), dm = V::halves(pl.D + 32);
     for (int t = 0; t < NT; ++t) {
@@ -921,7 +956,7 @@ inline void q3k_maddubs(const Planes<Ymm>& pl, const uint8_t* H, const TokenAct*
     const __m256i hn = Ymm::hnib(H + 256 * hh + 32 * g, half);
 #pragma GCC unroll 4
     for (int k = 0; k < 4; ++k) {
-      const __m256i u = Ymm::or_(Ymm::crumb(raw, k), Ymm::bit2(hn, k));
+      const __m256i u = Ymm::q3v(raw, hn, k);
       for (int t = 0; t < NT; ++t) {
         const int8_t* y = ta[t].y + 256 * b + 128 * hh + 32 * k + 4 * g;
         p[k][t] = _mm256_add_epi16(p[k][t], _mm256_maddubs_epi16(u, Ymm::set1(rd4(y))));
@@ -929,15 +964,15 @@ inline void q3k_maddubs(const Planes<Ymm>& pl, const uint8_t* H, const TokenAct*
     }
   }
   for (int k = 0; k < 4; ++k) {
-    const __m256i sc = Ymm::s8x(pl.S + 16 * (8 * hh + 2 * k + par));  // int32 per row
-    const __m256i sc2 = _mm256_or_si256(_mm256_and_si256(sc, _mm256_set1_epi32(0xFFFF)),
-                                        _mm256_slli_epi32(sc, 16));
+    // the 8 rows' int8 scales, each in both int16 halves of its row's int32 lane
+    const __m128i s8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pl.S + 16 * (8 * hh + 2 * k + par)));
+    const __m256i sc2 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(s8, s8));
     for (int t = 0; t < NT; ++t) isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p[k][t], sc2));
   }
 }
 #endif
 
-// Q3_K: 16 sub-blocks of 16, values 0..7 − 4 (a crumb of the Q plane, bit 2 from the H
+// Q3_K: 16 sub-blocks of 16, values 0..7 − 4 (q3v: from the Q plane's bytes and the H
 // plane's nibbles), signed scales: per sub-block the exact (Σ u·y − 4·Σy)·sc, summed per row
 // over the super-block, then acc += · d·d_y. Groups 0-3 of a 128-element half feed
 // sub-blocks 2k (crumb k), groups 4-7 sub-blocks 2k + 1.
@@ -971,7 +1006,7 @@ void panel_q3k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
           const I hn = V::hnib(H + 256 * hh + 32 * g, half);
 #pragma GCC unroll 4
           for (int k = 0; k < 4; ++k) {
-            const I u = V::or_(V::crumb(raw, k), V::bit2(hn, k));
+            const I u = V::q3v(raw, hn, k);
             for (int t = 0; t < NT; ++t)
               s[k][t] = V::dot(s[k][t], u, ta[t].y + 256 * b + 128 * hh + 32 * k + 4 * g);
           }
