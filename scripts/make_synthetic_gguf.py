@@ -13,6 +13,11 @@ small ones of any architecture in scripts/synthetic_archs/, for conformance agai
         --out qwen3-30b-a3b-q4_k_m.gguf    # header and tensor table at the real size (plan)
     python scripts/make_synthetic_gguf.py --arch qwen35 --size 4b --metadata-only \
         --out qwen35-4b-q4_k_m.gguf     # also 0.8b 2b 9b 27b; qwen35moe 35b-a3b
+    python scripts/make_synthetic_gguf.py --arch qwen35 --size 0.8b --type q4_k \
+        --vocab .../ggml-vocab-qwen35.gguf --out qwen35-0.8b-q4_k.gguf
+                        # complete, at the real shape (benchmarks); no --type: Q4_K_M's
+                        # types; --layers 4: a test-sized one of real layers (llama.cpp
+                        # needs one attention layer: the 4th)
     python scripts/make_synthetic_gguf.py --arch qwen35 --mtp 1 --out q.gguf
                         # with a multi-token-prediction block (loaded, never run)
     python scripts/make_synthetic_gguf.py --tokenizer-only --out tokenizer.gguf
@@ -57,6 +62,18 @@ gpt-oss 20b) writes the header and tensor table of the real model, each tensor i
 its usual quantization gives it (the entry's real_type), and no weight bytes: the data
 section is a hole (a sparse file of the real size that takes no disk space), so the file
 parses and plans (`tandem plan`) as the real one; it has no tokenizer (vocab_size is set).
+
+--arch A --size S without --metadata-only writes the same tensor table complete, for speed
+measurements (tandem bench against llama-bench): with --type, every matrix (embeddings and
+expert stacks too) random valid blocks of that type as for the llama shapes above (Q4_K, Q5_K
+…: random bytes with set scales; Q8_0, Q4_0: quantized Gaussians; std ≈ 0.02), without it
+each tensor in its real_type (Q4_K_M's Q4_K/Q6_K mix); everything else (norms, conv1d,
+ssm_a, dt biases, routers, the output norm) the small entry's values above, so a forward
+stays finite. The tokenizer is --vocab's (default SmolLM2) with its per-token arrays padded
+to the real vocabulary (REAL_VOCAB: qwen35's 248320) by "[PAD{i}]" tokens of type UNUSED,
+as HF's converter pads a model's extra embedding rows, so the head has its real size.
+--layers N overrides the layer count (also for --metadata-only; the Q4_K_M mix follows it).
+Tensors are written one at a time: the largest (the embedding) is the memory it takes.
 """
 
 from __future__ import annotations
@@ -187,6 +204,14 @@ def random_blocks(qtype: T, n_blocks: int, gen: np.random.Generator) -> np.ndarr
     return _set_scales(blocks, qtype, d)
 
 
+def quantize_rows(rows: torch.Tensor, qtype: T) -> np.ndarray:
+    """(n, cols) float32 → (n, row_bytes) uint8: quant/quantize.py, or gguf-py for MXFP4
+    (which quant/quantize.py has no quantizer for)."""
+    if qtype == T.MXFP4:
+        return gguf.quants.quantize(rows.numpy(), qtype)
+    return quantize(rows, int(qtype)).numpy()
+
+
 def random_matrix(rows: int, cols: int, qtype: T, seed: int) -> np.ndarray:
     """(rows, row_bytes) uint8 of random weights in `qtype`, built CHUNK_ELEMENTS at a time."""
     fmt = block_format(int(qtype))
@@ -199,7 +224,7 @@ def random_matrix(rows: int, cols: int, qtype: T, seed: int) -> np.ndarray:
             out[r : r + n] = random_blocks(qtype, n * cols // fmt.block_size, np_gen).reshape(n, -1)
         else:
             w = torch.randn(n, cols, generator=torch_gen) * WEIGHT_STD  # (n, cols) float32
-            out[r : r + n] = quantize(w, int(qtype)).numpy()
+            out[r : r + n] = quantize_rows(w, qtype)
     return out
 
 
@@ -211,10 +236,25 @@ def item_type(values: list) -> VT:
     return VT.INT32 if isinstance(first, int) else VT.FLOAT32
 
 
-def copy_tokenizer(src: Path, writer: gguf.GGUFWriter, chat_template: str | None = None) -> int:
+def padded(key: str, value, n: int, pad_to: int):
+    """A per-token array extended from n to pad_to tokens as the HF converter pads a model's
+    embedding rows beyond its tokenizer: "[PAD{i}]" tokens of type UNUSED, score 0."""
+    pads = {"tokenizer.ggml.tokens": lambda i: f"[PAD{i}]", "tokenizer.ggml.scores": 0.0}
+    pads["tokenizer.ggml.token_type"] = int(gguf.TokenType.UNUSED)
+    if key not in pads or pad_to <= n:
+        return value
+    pad = pads[key]
+    return list(value) + [pad(i) if callable(pad) else pad for i in range(n, pad_to)]
+
+
+def copy_tokenizer(
+    src: Path, writer: gguf.GGUFWriter, chat_template: str | None = None, pad_to: int = 0
+) -> int:
     """Copy every tokenizer.* key of `src` with its type (tokenizer.chat_template replaced by
-    `chat_template` where given); returns the vocabulary size."""
+    `chat_template` where given; the per-token arrays padded to `pad_to` tokens where it is
+    more: padded()); returns the vocabulary size."""
     source = GGUFFile(src)
+    n = len(source.metadata["tokenizer.ggml.tokens"])
     if chat_template is not None:
         writer.add_chat_template(chat_template)
     for key, value in source.metadata.items():
@@ -225,10 +265,11 @@ def copy_tokenizer(src: Path, writer: gguf.GGUFWriter, chat_template: str | None
         vtype = source.metadata_types[key]
         if vtype == VT.ARRAY:
             if value:
+                value = padded(key, value, n, pad_to)
                 writer.add_key_value(key, value, VT.ARRAY, sub_type=item_type(value))
         else:
             writer.add_key_value(key, value, vtype)
-    return len(source.metadata["tokenizer.ggml.tokens"])
+    return max(n, pad_to)
 
 
 def write_header(writer: gguf.GGUFWriter, s: Shape, qtype: T, vocab: int, name: str) -> None:
@@ -265,7 +306,8 @@ def make(out: Path, s: Shape, qtype: T, tokenizer_src: Path, seed: int = 0, log=
         if len(shape) == 1:
             writer.write_tensor_data(np.ones(shape, dtype=np.float32))
         else:
-            writer.write_tensor_data(random_matrix(*shape, qtype, seed + i))
+            rows, cols = shape
+            writer.write_tensor_data(random_matrix(rows, cols, qtype, seed + i))
             log(f"[{i + 1}/{len(plan)}] {name} {shape}")
     writer.close()
     return out
@@ -352,16 +394,80 @@ def make_arch(
     for i, (name, shape, kind) in enumerate(arch.tensors(dims, vocab)):
         values = arch_values(kind, shape, arch.head_scale, seed * 100003 + i)
         raw = tensor_type(kind, shape, qtype, arch.expert_type)
-        rows = values.reshape(-1, shape[-1])
-        if raw == T.MXFP4:  # quant/quantize.py has no MXFP4 quantizer; gguf-py's
-            data = gguf.quants.quantize(rows.numpy(), raw)
-        else:
-            data = quantize(rows, int(raw)).numpy()
-        data = data.reshape(*shape[:-1], -1)
+        data = quantize_rows(values.reshape(-1, shape[-1]), raw).reshape(*shape[:-1], -1)
         writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def real_tensor_type(arch: Architecture, dims: Dims, name: str, shape: tuple, kind: str) -> T:
+    """The type `arch`'s usual quantization (real_type) gives a tensor of a dims-sized model:
+    F32 for norms, biases, sinks, routers and rows that are not whole blocks (qwen35's conv1d:
+    rows of 4)."""
+    default = arch.expert_type if len(shape) == 3 and arch.expert_type else "Q8_0"
+    tied = name == "token_embd.weight" and (arch.tied or dims.tied)
+    raw = T[arch.real_type("output.weight" if tied else name, default, dims.layers)]
+    if kind not in ("linear", "embed") or shape[-1] % block_format(int(raw)).block_size:
+        return T.F32
+    return raw
+
+
+def tensor_nbytes(shape: tuple[int, ...], raw: T) -> int:
+    cols = shape[-1]
+    return int(np.prod(shape[:-1])) * block_format(int(raw)).row_bytes(cols)
+
+
+def real_tensor_bytes(kind: str, shape: tuple[int, ...], raw: T, arch: Architecture, seed: int):
+    """One tensor's data for make_arch_real: linears and embeddings (raw quantized) as
+    random_matrix's weights of std 0.02, everything else arch_values' floats in `raw`."""
+    if raw == T.F32 or kind not in ("linear", "embed"):
+        values = arch_values(kind, shape, arch.head_scale, seed)
+        return quantize_rows(values.reshape(-1, shape[-1]), raw)
+    rows = int(np.prod(shape[:-1]))
+    return random_matrix(rows, shape[-1], raw, seed)
+
+
+def make_arch_real(
+    out: Path,
+    arch: Architecture,
+    dims: Dims,
+    qtype: T | None,
+    vocab_src: Path,
+    seed: int = 0,
+    log=print,
+) -> Path:
+    """`arch` at a real size's `dims`, complete: every matrix random valid blocks of `qtype`
+    (None: each tensor in its real_type, e.g. Q4_K_M's mix), the other tensors the small
+    entry's values (arch_values); the tokenizer of `vocab_src` padded to the real model's
+    vocabulary (REAL_VOCAB), so that token_embd / output have the real rows. Written one
+    tensor at a time: the largest tensor (the embedding) is all that is held."""
+    name = arch.arch_name or arch.name
+    writer = gguf.GGUFWriter(str(out), name)
+    vocab = copy_tokenizer(vocab_src, writer, pad_to=REAL_VOCAB.get(arch.name, 0))
+    label = qtype.name if qtype else "Q4_K_M"
+    writer.add_name(f"synthetic {arch.name} {dims.layers}L-{dims.dim} {label}")
+    writer.add_file_type(int(FILE_TYPES[qtype or T.Q4_K]))
+    for key, value in arch.metadata(dims, vocab, name).items():
+        vtype, sub = value_type(value)
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    plan = []
+    for tname, shape, kind in arch.tensors(dims, vocab):
+        if qtype is None:
+            raw = real_tensor_type(arch, dims, tname, shape, kind)
+        else:
+            raw = tensor_type(kind, shape, qtype, arch.expert_type)
+        plan.append((tname, shape, kind, raw))
+        nbytes = tensor_nbytes(shape, raw)
+        writer.add_tensor_info(tname, list(shape), np.dtype(np.float32), nbytes, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for i, (tname, shape, kind, raw) in enumerate(plan):
+        writer.write_tensor_data(real_tensor_bytes(kind, shape, raw, arch, seed * 100003 + i))
+        log(f"[{i + 1}/{len(plan)}] {tname} {shape} {raw.name}")
     writer.close()
     return out
 
@@ -376,13 +482,8 @@ def make_metadata_only(out: Path, arch: Architecture, dims: Dims, vocab: int = 1
         vtype, sub = value_type(value)
         writer.add_key_value(key, value, vtype, sub_type=sub)
     for name, shape, kind in arch.tensors(dims, vocab):
-        default = arch.expert_type if len(shape) == 3 and arch.expert_type else "Q8_0"
-        tied = name == "token_embd.weight" and (arch.tied or dims.tied)
-        raw = T[arch.real_type("output.weight" if tied else name, default, dims.layers)]
-        if kind not in ("linear", "embed") or shape[-1] % block_format(int(raw)).block_size:
-            raw = T.F32  # norms, biases, sinks, routers, qwen35's conv1d (rows of 4)
-        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        nbytes = rows * block_format(int(raw)).row_bytes(shape[-1])
+        raw = real_tensor_type(arch, dims, name, shape, kind)
+        nbytes = tensor_nbytes(shape, raw)
         writer.add_tensor_info(name, list(shape), np.dtype(np.float32), nbytes, raw_dtype=raw)
         sizes.append(nbytes)
     writer.write_header_to_file()
@@ -408,7 +509,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--size",
         choices=sorted(SHAPES) + real,
         help="llama: 1b (default), 7b, smollm2; with --arch, one of its real sizes "
-        f"({', '.join(real)}) for --metadata-only",
+        f"({', '.join(real)}): the complete model at that shape, or --metadata-only",
     )
     ap.add_argument(
         "--metadata-only",
@@ -477,22 +578,50 @@ def shape_of(args: argparse.Namespace) -> Shape:
     return s
 
 
+def real_dims(args: argparse.Namespace) -> tuple[Architecture, Dims]:
+    """--arch's entry and its --size's dims, with --layers and --mtp; refuses a size the
+    entry does not have and the overrides that would change a real layer's shape."""
+    arch = ARCHITECTURES[args.arch]
+    if args.size not in arch.sizes:
+        sys.exit(f"--arch {args.arch} needs --size, one of {', '.join(arch.sizes) or 'none'}")
+    if any(getattr(args, k) is not None for k in ("dim", "ffn", "heads", "kv_heads")):
+        sys.exit("--arch with --size: only --layers overrides the real shape")
+    if args.layers is not None and args.layers < 1:
+        sys.exit("--layers must be at least 1")
+    dims = replace(arch.sizes[args.size], nextn=args.mtp)
+    return arch, replace(dims, layers=args.layers or dims.layers)
+
+
+def write_real_size(args: argparse.Namespace) -> None:
+    """--arch A --size S: the header alone (--metadata-only) or the complete file."""
+    arch, dims = real_dims(args)
+    if args.metadata_only:
+        make_metadata_only(args.out, arch, dims, REAL_VOCAB.get(args.arch, 151936))
+        size = args.out.stat().st_size
+        print(f"{args.out}: {args.arch} {args.size}, {size / 1e9:.2f} GB (sparse)")
+        return
+    qtype = TYPES[args.type] if args.type else None
+    vocab = args.vocab or args.tokenizer_from or default_tokenizer()
+    make_arch_real(
+        args.out,
+        arch,
+        dims,
+        qtype,
+        vocab,
+        args.seed,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    print(f"{args.out}: {args.arch} {args.size}, {args.out.stat().st_size / 1e9:.3f} GB")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.mtp and (args.mtp < 0 or not args.arch or not ARCHITECTURES[args.arch].mtp):
         with_mtp = ", ".join(a.name for a in ARCHITECTURES.values() if a.mtp)
         sys.exit(f"--mtp N (N > 0) needs --arch with MTP blocks: {with_mtp}")
-    if args.arch and args.metadata_only:
-        arch = ARCHITECTURES[args.arch]
-        if args.size not in arch.sizes:
-            sys.exit(f"--metadata-only needs --size, one of {', '.join(arch.sizes) or 'none'}")
-        vocab = REAL_VOCAB.get(args.arch, 151936)  # the real tokenizers'
-        dims = replace(arch.sizes[args.size], nextn=args.mtp)
-        make_metadata_only(args.out, arch, dims, vocab)
-        print(
-            f"{args.out}: {args.arch} {args.size}, {args.out.stat().st_size / 1e9:.2f} GB (sparse)"
-        )
+    if args.arch and (args.size or args.metadata_only):
+        write_real_size(args)
         return
     if args.arch:
         arch = ARCHITECTURES[args.arch]
