@@ -106,8 +106,8 @@ def main() -> int:
         runners["tandem http"] = http_embed(t_url, served_model(t_url))
         if not args.no_llama:
             llama = [str(LLAMA_BIN / "llama-server"), "-m", str(args.gguf), "--port", "18438"]
-            llama += ["-t", str(args.threads), "--embeddings", "-ub", "8192", "-b", "8192"]
-            llama += ["-c", "8192", "-np", "1", "--pooling", "mean"]
+            llama += ["-t", str(args.threads), "--embeddings", "-ub", "4096", "-b", "4096"]
+            llama += ["-c", "4096", "-np", "8", "--pooling", "mean"]
             stack.enter_context(server(llama, l_url, logs / "llama.log", env))
             runners["llama-server"] = http_embed(l_url, "x")
         rates: dict[str, list[float]] = {k: [] for k in runners}
