@@ -8,7 +8,7 @@ SwiGLU x·σ(1.702x)·(y+1). The norm before the experts is the file's post_atte
     h = norm(x);  x += Σ_k w_k · down_k(swiglu_oai(gate_k(h), up_k(h)))
 
 The released files scale RoPE by YaRN (rope.scaling.type = yarn, factor 32 over an original
-context of 4096): every layer's rope, the sliding-window layers' too (llama.cpp's openai-moe
+context of 4k tokens): every layer's rope, the sliding-window layers' too (llama.cpp's openai-moe
 sets rope_freq_scale_train_swa to the scale), with rope.freq_base_swa where the file has one.
 """
 
