@@ -58,6 +58,10 @@ def dims_for(arch, args: argparse.Namespace):
     """The model's dims: a real size's (all but --layers and what is given) or the small
     default shape (dim 1024, 64 experts of 384, 8 used) on the entry's attention."""
     if args.size:
+        if args.size not in arch.sizes:
+            raise SystemExit(
+                f"--size {args.size} is not a size of {arch.name}: {sorted(arch.sizes)}"
+            )
         base = arch.sizes[args.size]
         given = {"dim": args.dim, "experts": args.experts, "experts_used": args.used}
         given |= {"expert_ffn": args.expert_ffn}
@@ -79,7 +83,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--arch", default="qwen3moe", choices=["qwen3moe", "gpt-oss"])
     ap.add_argument(
-        "--size", help="start from a real size's dims (qwen3moe 30b-a3b, gpt-oss 20b), not 1024/64"
+        "--size",
+        choices=sorted({size for a in ARCHITECTURES.values() for size in a.sizes}),
+        help="start from a real size's dims (qwen3moe 30b-a3b, gpt-oss 20b), not 1024/64",
     )
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dim", type=int, help="default 1024 (or the size's)")

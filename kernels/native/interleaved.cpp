@@ -827,6 +827,16 @@ void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
   for (int64_t b = 0; b < a.nb; ++b, pl.next(L)) {
     I isc[NT], imn[NT];
     for (int t = 0; t < NT; ++t) isc[t] = imn[t] = V::zero();
+    // group g of sub-block pair j: the low and high nibbles (+16 where Q5's high bit is set)
+    const auto unpack = [&](int j, int g, I& lo, I& hi) {
+      const I raw = V::load(pl.Q + 256 * j + 64 * g);
+      lo = V::lo_nib(raw);
+      hi = V::hi_nib(raw);
+      if (Q5) {
+        lo = V::add_bits(lo, pl.H + 64 * j + 16 * g, 0x10);
+        hi = V::add_bits(hi, pl.H + 64 * j + 16 * g + 8, 0x10);
+      }
+    };
     for (int j = 0; j < 8; ++j) {
       const I sc = V::u8x(pl.S + 16 * j), mn = V::u8x(pl.S + 128 + 16 * j);
 #if !TQ_VNNI  // (V is Ymm)
@@ -835,12 +845,8 @@ void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
       for (int t = 0; t < NT; ++t) p0[t] = p1[t] = V::zero();
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) {
-        const I raw = V::load(pl.Q + 256 * j + 64 * g);
-        I lo = V::lo_nib(raw), hi = V::hi_nib(raw);
-        if (Q5) {
-          lo = V::add_bits(lo, pl.H + 64 * j + 16 * g, 0x10);
-          hi = V::add_bits(hi, pl.H + 64 * j + 16 * g + 8, 0x10);
-        }
+        I lo, hi;
+        unpack(j, g, lo, hi);
         for (int t = 0; t < NT; ++t) {
           const int8_t* y = ta[t].y + 256 * b + 32 * j + 4 * g;
           p0[t] = _mm256_add_epi16(p0[t], _mm256_maddubs_epi16(lo, V::set1(rd4(y))));
@@ -860,12 +866,8 @@ void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
         for (int t = 0; t < NT; ++t) s[u][t] = V::zero();
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) {
-        const I raw = V::load(pl.Q + 256 * j + 64 * g);
-        I lo = V::lo_nib(raw), hi = V::hi_nib(raw);
-        if (Q5) {
-          lo = V::add_bits(lo, pl.H + 64 * j + 16 * g, 0x10);
-          hi = V::add_bits(hi, pl.H + 64 * j + 16 * g + 8, 0x10);
-        }
+        I lo, hi;
+        unpack(j, g, lo, hi);
         for (int t = 0; t < NT; ++t) {
           const int8_t* y = ta[t].y + 256 * b + 32 * j;
           s[0][t] = V::dot(s[0][t], lo, y + 4 * g);
