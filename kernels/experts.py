@@ -1,12 +1,16 @@
 """PackedExperts: a mixture-of-experts weight (E experts × N rows × K) kept in its GGML block
 format, and the routed matmul over it: row r of the result is x[src[r]] · W[expert[r]]ᵀ (+ b).
 
-On the CPU the native kernel (kernels/native/moe.cpp: MXFP4, Q4_0, Q8_0) groups the rows by
-expert, so each chosen expert's weights stream from memory once per call for every row that
-chose it, threads split over (expert, rows). Other types group in Python: one native qmatmul
-(or dequantize-and-matmul) per chosen expert, which also reads each expert once. On the GPU,
-Triton's grouped kernel (kernels/triton/moe.py). The expert's rows are one contiguous stream
-in every path: the GGUF's (E, N, row_bytes) layout, copied once out of the mapping.
+On the CPU, three paths, each grouping the rows by expert so that every chosen expert's
+weights stream from memory once per call for all the rows that chose it:
+- panels (kernels/native/interleaved.cpp `imoe_matmul_many`), for every type with a panel
+  kernel in this build (Q4_0 … Q6_K, IQ4_XS) and N a multiple of 16: the experts' rows re-laid
+  out once in 16-row panels (`interleave` of the (E·N, row_bytes) rows: expert e is panels
+  [e·N/16, (e+1)·N/16), one contiguous stream), the dense layers' fast kernels per expert;
+- GGML rows (kernels/native/moe.cpp `moe_matmul_many`: MXFP4, Q4_0, Q8_0), a row at a time;
+- other types in Python: one native qmatmul (or dequantize-and-matmul) per chosen expert.
+Threads split over (weight, expert, rows) in both native paths. On the GPU, Triton's grouped
+kernel (kernels/triton/moe.py) on the GGUF's (E, N, row_bytes) rows.
 
 `expert_stats()` counts calls, expert streams (one per weight and chosen expert per call) and
 the bytes they read, over every path, for the tests and the bandwidth figures.
@@ -36,24 +40,30 @@ class PackedExperts:
         in_features: int,
         bias: torch.Tensor | None = None,
         triton: bool = False,
+        panels: torch.Tensor | None = None,
     ) -> None:
         """triton: a GPU weight, run by kernels/triton/moe.py (also in Triton's CPU
-        interpreter, where the "GPU" tensors are CPU ones)."""
+        interpreter, where the "GPU" tensors are CPU ones). panels: `interleave_experts(weight,
+        ggml_type)`, made by the caller; products then read only those (`weight` may be a
+        meta tensor of the rows' shape)."""
         fmt = block_format(ggml_type)
         if weight.dim() != 3 or weight.shape[2] != fmt.row_bytes(in_features):
             raise ValueError(
                 f"expert weight {tuple(weight.shape)} does not hold (E, N) rows of "
                 f"{in_features} {fmt.name} elements"
             )
-        self.weight = weight.contiguous()
+        self.weight = weight.contiguous()  # (E, N, row_bytes) uint8
         self.ggml_type = int(ggml_type)
         self.in_features = in_features
         self.n_experts, self.out_features = weight.shape[0], weight.shape[1]
         self.bias = bias  # (E, N) float32
         self.row_bytes = weight.shape[2]
-        self.triton = triton or weight.device.type != "cpu"
+        self.triton = triton or weight.device.type not in ("cpu", "meta")
+        self.device = torch.device("cpu") if panels is not None else weight.device
         module = native_loader.load() if native_loader.enabled() and not self.triton else None
+        self.panels = panels if module is not None else None  # (E·N/16, panel_bytes) uint8
         self._module = module if module is not None and module.moe_supports(ggml_type) else None
+        self._panel_module = module if self.panels is not None else None
 
     def __call__(self, x: torch.Tensor, src: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         return expert_matmuls([self], x, src, expert)[0]
@@ -67,7 +77,18 @@ def expert_matmuls(
     native call where they share a type."""
     first = experts[0]
     src, expert = src.long(), expert.long()
-    if first.triton:
+    if first._panel_module is not None and all(
+        e.panels is not None and e.ggml_type == first.ggml_type for e in experts
+    ):
+        ys = first._panel_module.imoe_matmul_many(
+            x.contiguous(),
+            [e.panels for e in experts],
+            [e.out_features for e in experts],
+            first.ggml_type,
+            src,
+            expert,
+        )
+    elif first.triton:
         from kernels.triton.moe import moe_matmul
 
         ys = [moe_matmul(x, e.weight, e.ggml_type, src, expert) for e in experts]
@@ -82,6 +103,16 @@ def expert_matmuls(
     return [
         y + e.bias[expert] if e.bias is not None else y for y, e in zip(ys, experts, strict=True)
     ]
+
+
+def interleave_experts(weight: torch.Tensor, ggml_type: int) -> torch.Tensor | None:
+    """Expert rows (E, N, row_bytes) in 16-row panels, expert by expert (E·N/16, panel_bytes),
+    or None where the panel path does not apply: no panel kernel for the type in this build,
+    or N not a multiple of 16 (a panel would straddle two experts)."""
+    module = native_loader.load() if native_loader.enabled() else None
+    if module is None or not module.interleaved_supports(int(ggml_type)) or weight.shape[1] % 16:
+        return None
+    return module.interleave(weight.reshape(-1, weight.shape[2]), int(ggml_type))
 
 
 def _grouped(e: PackedExperts, x: torch.Tensor, src: torch.Tensor, expert: torch.Tensor):

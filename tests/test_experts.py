@@ -1,5 +1,5 @@
-"""Routed expert matmuls (kernels/experts.py): the native grouped kernel (kernels/native/
-moe.cpp), the per-expert path of other types and Triton's grouped kernel (interpreted on the
+"""Routed expert matmuls (kernels/experts.py): the experts' panels (kernels/native/
+interleaved.cpp), the native grouped row kernel (kernels/native/moe.cpp), the per-expert path of other types and Triton's grouped kernel (interpreted on the
 CPU) against a float64 reference built from gguf-py's dequantization; and the stream counter:
 each chosen expert's weights are read once per call for all the rows that chose it."""
 
@@ -10,16 +10,20 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
+from test_quant import random_blocks
 
 from kernels import native_loader
-from kernels.experts import PackedExperts, expert_matmuls, expert_stats
+from kernels.experts import PackedExperts, expert_matmuls, expert_stats, interleave_experts
 
 E, N, K = 12, 40, 128  # N not a multiple of the 32-row chunk
 
 
 def _experts(qtype: T, seed: int = 0, n: int = N, k: int = K) -> tuple[torch.Tensor, np.ndarray]:
     w = np.random.default_rng(seed).standard_normal((E, n, k)).astype(np.float32)
-    packed = quants.quantize(w.reshape(E * n, k), qtype)  # (E·N, row_bytes)
+    if qtype in (T.Q4_K, T.Q6_K):  # no K-quant quantizer in gguf-py: random blocks
+        packed = random_blocks(qtype.name, (E * n,), k // 256, seed)
+    else:
+        packed = quants.quantize(w.reshape(E * n, k), qtype)  # (E·N, row_bytes)
     dense = quants.dequantize(packed, qtype).reshape(E, n, k)
     return torch.from_numpy(packed.reshape(E, n, -1).copy()), dense
 
@@ -55,6 +59,64 @@ def test_native_grouped_kernel_matches_reference(qtype):
     got = lin(torch.from_numpy(x), src, expert).numpy()
     want = _reference(x, dense, src.tolist(), expert.tolist(), q8=True)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("qtype", "k"), [(T.Q4_0, 128), (T.Q8_0, 64), (T.Q4_K, 256), (T.Q6_K, 512)]
+)
+@pytest.mark.parametrize("tokens", [1, 5, 23])
+def test_panel_path_equals_each_experts_dense_product(qtype, k, tokens):
+    """The routed panel kernel, row by row, bit for bit the dense panel product of the chosen
+    expert (the same tiles; rows regrouped and gathered back), and near the float64 reference;
+    23 tokens choosing 4 of 12 experts puts several register tiles in one expert's group."""
+    module = native_loader.load()
+    if not module.interleaved_supports(int(qtype)):
+        pytest.skip("no panel kernels in this build")
+    n = 48
+    packed, dense = _experts(qtype, n=n, k=k)
+    panels = interleave_experts(packed, int(qtype))
+    assert panels is not None and panels.shape[0] == E * n // 16
+    bias = torch.randn(E, n)
+    lin = PackedExperts(
+        torch.empty(packed.shape, dtype=torch.uint8, device="meta"),
+        int(qtype),
+        k,
+        bias=bias,
+        panels=panels,
+    )
+    x = torch.from_numpy(np.random.default_rng(7).standard_normal((tokens, k)).astype(np.float32))
+    src, expert = _routing(tokens, 4)
+    got = lin(x, src, expert)
+    for r, (s, e) in enumerate(zip(src.tolist(), expert.tolist(), strict=True)):
+        one = module.interleave(packed[e].contiguous(), int(qtype))
+        want = module.imatmul_many(x[s : s + 1].contiguous(), [one], [n], int(qtype))[0][0]
+        assert torch.equal(got[r], want + bias[e]), f"row {r} (token {s}, expert {e})"
+    ref = (
+        _reference(x.numpy(), dense, src.tolist(), expert.tolist(), q8=False) + bias[expert].numpy()
+    )
+    np.testing.assert_allclose(got.numpy(), ref, rtol=0.05, atol=0.05 * np.abs(ref).max())
+
+
+@needs_native
+def test_panel_path_streams_each_chosen_expert_once():
+    packed, _ = _experts(T.Q4_0, n=32)
+    panels = interleave_experts(packed, int(T.Q4_0))
+    if panels is None:
+        pytest.skip("no panel kernels in this build")
+    lin = PackedExperts(packed, int(T.Q4_0), K, panels=panels)
+    src, expert = _routing(16, 4)
+    expert_stats(reset=True)
+    lin(torch.randn(16, K), src, expert)
+    stats = expert_stats(reset=True)
+    chosen = int(torch.unique(expert).numel())
+    assert (stats["calls"], stats["streams"]) == (1, chosen)
+    assert stats["bytes"] == chosen * panels.shape[0] // E * panels.shape[1]
+
+
+def test_experts_panels_need_whole_panels_per_expert():
+    packed, _ = _experts(T.Q4_0)  # N = 40: a panel would hold two experts' rows
+    assert interleave_experts(packed, int(T.Q4_0)) is None
 
 
 @needs_native

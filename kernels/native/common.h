@@ -229,6 +229,48 @@ inline void set_num_threads(int64_t n) {
 
 inline int64_t get_num_threads() { return kernel_threads(); }
 
+// Routed-expert counters, shared by moe.cpp's row kernel and interleaved.cpp's panel one:
+// calls, expert streams (one per weight and chosen expert per call) and the weight bytes
+// those streams read. One instance per module (a function-local static of an inline function).
+struct MoeCounters {
+  std::atomic<int64_t> calls{0}, streams{0}, bytes{0};
+  void add(int64_t s, int64_t b) {
+    calls.fetch_add(1, std::memory_order_relaxed);
+    streams.fetch_add(s, std::memory_order_relaxed);
+    bytes.fetch_add(b, std::memory_order_relaxed);
+  }
+};
+inline MoeCounters& moe_counters() {
+  static MoeCounters counters;
+  return counters;
+}
+
+// Rows grouped by expert (a counting sort): group g is expert `expert[g]`, its rows
+// `order[start[g] .. start[g+1])` (row indices into the caller's (R,) src/expert arrays).
+struct ExpertGroups {
+  std::vector<int64_t> expert, start, order;
+  int64_t size() const { return int64_t(expert.size()); }
+};
+
+inline ExpertGroups group_by_expert(const int64_t* ids, const int64_t* src, int64_t R, int64_t E,
+                                    int64_t T) {
+  std::vector<int64_t> count(E + 1, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(ids[r] >= 0 && ids[r] < E, "expert id ", ids[r], " is outside 0..", E - 1);
+    TORCH_CHECK(src[r] >= 0 && src[r] < T, "source row ", src[r], " is outside 0..", T - 1);
+    ++count[ids[r] + 1];
+  }
+  ExpertGroups g;
+  for (int64_t e = 0; e < E; ++e) {
+    if (count[e + 1]) { g.expert.push_back(e); g.start.push_back(count[e]); }
+    count[e + 1] += count[e];
+  }
+  g.start.push_back(R);
+  g.order.resize(R);
+  for (int64_t r = 0; r < R; ++r) g.order[count[ids[r]]++] = r;
+  return g;
+}
+
 template <class F>
 void parallel_chunks(int64_t n, const F& f) {
   Pool::instance().run(n, kernel_threads(),

@@ -43,6 +43,7 @@
 #include <sys/mman.h>
 
 #include <cstdlib>
+#include <type_traits>
 
 namespace {
 
@@ -1112,11 +1113,32 @@ inline void tile(const PanelPart& part, int64_t p, const Act& a, int64_t t0) {
   }
 }
 
+// Panels [p0, p1) of a part against tokens [t0, t1), NT tokens (a register tile) per pass:
+// each panel is read from memory for the first pass and from cache for the others.
+template <int TYPE>
+void tokens(const PanelPart& part, int64_t p0, int64_t p1, const Act& a, int64_t t0, int64_t t1) {
+  constexpr int NT = max_tokens<TYPE>();
+  for (; t0 < t1; t0 += NT) {
+    const int64_t nt = std::min<int64_t>(NT, t1 - t0);
+    for (int64_t p = p0; p < p1; ++p) {
+      switch (nt) {
+        case 8: if constexpr (NT >= 8) { tile<TYPE, 8>(part, p, a, t0); break; } [[fallthrough]];
+        case 7: if constexpr (NT >= 7) { tile<TYPE, 7>(part, p, a, t0); break; } [[fallthrough]];
+        case 6: if constexpr (NT >= 6) { tile<TYPE, 6>(part, p, a, t0); break; } [[fallthrough]];
+        case 5: if constexpr (NT >= 5) { tile<TYPE, 5>(part, p, a, t0); break; } [[fallthrough]];
+        case 4: tile<TYPE, 4>(part, p, a, t0); break;
+        case 3: tile<TYPE, 3>(part, p, a, t0); break;
+        case 2: tile<TYPE, 2>(part, p, a, t0); break;
+        default: tile<TYPE, 1>(part, p, a, t0); break;
+      }
+    }
+  }
+}
+
 // Panels are cut into chunks (about 8 per thread over all parts); within a chunk each panel
 // is read from memory once, for the first group of tokens, and from cache for the others.
 template <int TYPE>
 void run(const std::vector<PanelPart>& parts, const Act& a) {
-  constexpr int NT = max_tokens<TYPE>();
   const int64_t M = a.M, pbytes = panel_bytes(TYPE, a.K);
   const int64_t threads = kernel_threads();
   int64_t total = 0;
@@ -1130,39 +1152,68 @@ void run(const std::vector<PanelPart>& parts, const Act& a) {
   parallel_chunks(int64_t(chunks.size()), [&](int64_t c) {
     const PanelPart& part = parts[chunks[c].first];
     const int64_t p0 = chunks[c].second, p1 = std::min((part.N + R - 1) / R, p0 + per);
-    for (int64_t t0 = 0; t0 < M; t0 += NT) {
-      const int64_t nt = std::min<int64_t>(NT, M - t0);
-      for (int64_t p = p0; p < p1; ++p) {
-        switch (nt) {
-          case 8: if constexpr (NT >= 8) { tile<TYPE, 8>(part, p, a, t0); break; } [[fallthrough]];
-          case 7: if constexpr (NT >= 7) { tile<TYPE, 7>(part, p, a, t0); break; } [[fallthrough]];
-          case 6: if constexpr (NT >= 6) { tile<TYPE, 6>(part, p, a, t0); break; } [[fallthrough]];
-          case 5: if constexpr (NT >= 5) { tile<TYPE, 5>(part, p, a, t0); break; } [[fallthrough]];
-          case 4: tile<TYPE, 4>(part, p, a, t0); break;
-          case 3: tile<TYPE, 3>(part, p, a, t0); break;
-          case 2: tile<TYPE, 2>(part, p, a, t0); break;
-          default: tile<TYPE, 1>(part, p, a, t0); break;
-        }
-      }
-    }
+    tokens<TYPE>(part, p0, p1, a, 0, M);
   });
 }
 
+// Rows sorted by expert (mixture of experts): each part is one expert's panels (a slice of
+// the (E·N/16, panel_bytes) panels of all experts) against the rows that chose it, rows
+// [begin, end) of the Act and of y, which share the sorted order. Chunks as in `run`, per
+// expert: an expert's panels are one contiguous stream, read from memory once per call.
+struct RoutedPart {
+  PanelPart panels;    // w: the expert's first panel; y: (R, N) in sorted order
+  int64_t begin, end;  // the expert's rows
+};
+
+template <int TYPE>
+void run_routed(const std::vector<RoutedPart>& parts, const Act& a) {
+  const int64_t pbytes = panel_bytes(TYPE, a.K), threads = kernel_threads();
+  int64_t total = 0;
+  for (const RoutedPart& part : parts) total += (part.panels.N + R - 1) / R;
+  const int64_t balanced = std::max<int64_t>(1, (total + threads * 8 - 1) / (threads * 8));
+  struct Chunk { int64_t part, p0, p1; };
+  std::vector<Chunk> chunks;
+  for (int64_t i = 0; i < int64_t(parts.size()); ++i) {
+    const RoutedPart& part = parts[i];
+    const int64_t P = (part.panels.N + R - 1) / R;
+    const int64_t cap = (part.end - part.begin == 1 ? MAX_CHUNK_BYTES : TILE_BYTES) / pbytes;
+    const int64_t per = std::max<int64_t>(1, std::min(balanced, cap));
+    for (int64_t p0 = 0; p0 < P; p0 += per) chunks.push_back({i, p0, std::min(P, p0 + per)});
+  }
+  parallel_chunks(int64_t(chunks.size()), [&](int64_t c) {
+    const RoutedPart& part = parts[chunks[c].part];
+    tokens<TYPE>(part.panels, chunks[c].p0, chunks[c].p1, a, part.begin, part.end);
+  });
+}
+
+// f(std::integral_constant<int, TYPE>{}) for a panel type; a value-initialised result (a null
+// function pointer) for any other.
+template <class F>
+auto with_type(int type, F f) {
+  using C = std::integral_constant<int, Q4_0>;
+  switch (type) {
+    case Q4_0: return f(C{});
+    case Q4_1: return f(std::integral_constant<int, Q4_1>{});
+    case Q5_0: return f(std::integral_constant<int, Q5_0>{});
+    case Q8_0: return f(std::integral_constant<int, Q8_0>{});
+    case Q4_K: return f(std::integral_constant<int, Q4_K>{});
+    case Q5_K: return f(std::integral_constant<int, Q5_K>{});
+    case Q6_K: return f(std::integral_constant<int, Q6_K>{});
+    case Q3_K: return f(std::integral_constant<int, Q3_K>{});
+    case IQ4_XS: return f(std::integral_constant<int, IQ4_XS>{});
+    default: return decltype(f(C{})){};
+  }
+}
+
 using RunFn = void (*)(const std::vector<PanelPart>&, const Act&);
+using RoutedFn = void (*)(const std::vector<RoutedPart>&, const Act&);
 
 RunFn run_for(int type) {
-  switch (type) {
-    case Q4_0: return &run<Q4_0>;
-    case Q4_1: return &run<Q4_1>;
-    case Q5_0: return &run<Q5_0>;
-    case Q8_0: return &run<Q8_0>;
-    case Q4_K: return &run<Q4_K>;
-    case Q5_K: return &run<Q5_K>;
-    case Q6_K: return &run<Q6_K>;
-    case Q3_K: return &run<Q3_K>;
-    case IQ4_XS: return &run<IQ4_XS>;
-    default: return nullptr;
-  }
+  return with_type(type, [](auto t) { return RunFn(&run<decltype(t)::value>); });
+}
+
+RoutedFn routed_for(int type) {
+  return with_type(type, [](auto t) { return RoutedFn(&run_routed<decltype(t)::value>); });
 }
 
 int act_kind(int type) {
@@ -1215,6 +1266,78 @@ std::vector<torch::Tensor> imatmul_many(torch::Tensor x, std::vector<torch::Tens
 #endif
 }
 
+// Routed matmuls over experts' panels (mixture of experts): y_i (R, N_i) with row r =
+// x[src[r]] · W_i[expert[r]]ᵀ, where panels_i (E·N_i/16, panel_bytes) is
+// `interleave(W_i.view(E·N_i, row_bytes))` — expert e's rows are panels [e·N_i/16, (e+1)·N_i/16)
+// — and N_i a multiple of 16. Rows are grouped by expert, so each chosen expert's panels are
+// read once per call for all its rows; the gathered rows are quantized once.
+std::vector<torch::Tensor> imoe_matmul_many(torch::Tensor x, std::vector<torch::Tensor> panels,
+                                            std::vector<int64_t> ns, int64_t type,
+                                            torch::Tensor src, torch::Tensor expert) {
+  TORCH_CHECK(interleaved_supports(type), "imoe_matmul: no panel kernel for ggml type ", type,
+              " in this build");
+#if TQ_AVX2
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == torch::kFloat32,
+              "imoe_matmul: x must be a (T, K) float32 CPU tensor");
+  TORCH_CHECK(src.dim() == 1 && expert.dim() == 1 && src.size(0) == expert.size(0) &&
+              src.scalar_type() == torch::kInt64 && expert.scalar_type() == torch::kInt64,
+              "imoe_matmul: src and expert must be (R,) int64");
+  TORCH_CHECK(!panels.empty() && panels.size() == ns.size(),
+              "imoe_matmul: one row count per panel tensor, at least one");
+  x = x.contiguous();
+  src = src.contiguous();
+  expert = expert.contiguous();
+  const int64_t T = x.size(0), K = x.size(1), Rows = src.size(0);
+  const Layout L = layout_of(int(type));
+  TORCH_CHECK(K > 0 && K % L.bs == 0, "imoe_matmul: K=", K, " is not whole ", L.bs,
+              "-element blocks");
+  const int64_t pbytes = panel_bytes(int(type), K);
+  TORCH_CHECK(ns[0] > 0 && ns[0] % R == 0, "imoe_matmul: N=", ns[0], " is not a multiple of 16");
+  const int64_t E = panels[0].size(0) / (ns[0] / R);
+  for (size_t i = 0; i < panels.size(); ++i) {
+    const torch::Tensor& w = panels[i];
+    TORCH_CHECK(ns[i] > 0 && ns[i] % R == 0 && w.device().is_cpu() && w.dim() == 2 &&
+                w.scalar_type() == torch::kUInt8 && w.size(1) == pbytes && w.stride(1) == 1 &&
+                w.size(0) == E * (ns[i] / R),
+                "imoe_matmul: panels ", i, " must be (", E, "·N/16, ", pbytes,
+                ") uint8 for K=", K, ", N=", ns[i], " a multiple of 16");
+  }
+  if (Rows == 0) {
+    std::vector<torch::Tensor> ys;
+    for (int64_t n : ns) ys.push_back(torch::empty({0, n}, x.options()));
+    return ys;
+  }
+  const ExpertGroups groups =
+      group_by_expert(expert.data_ptr<int64_t>(), src.data_ptr<int64_t>(), Rows, E, T);
+  // The rows in sorted order, gathered (R, K), quantized once.
+  const torch::Tensor order = torch::from_blob(const_cast<int64_t*>(groups.order.data()),
+                                               {Rows}, torch::kInt64);
+  const torch::Tensor sorted_src = src.index_select(0, order);
+  const torch::Tensor xs = x.index_select(0, sorted_src).contiguous();
+  std::vector<torch::Tensor> ys, sorted;
+  const Act a = quantize_act(xs.data_ptr<float>(), Rows, K, act_kind(int(type)));
+  std::vector<RoutedPart> parts;
+  int64_t bytes = 0;
+  for (size_t i = 0; i < panels.size(); ++i) {
+    const int64_t N = ns[i], P = N / R;
+    sorted.push_back(torch::empty({Rows, N}, x.options()));
+    const uint8_t* w = panels[i].data_ptr<uint8_t>();
+    for (int64_t g = 0; g < groups.size(); ++g)
+      parts.push_back({{w + groups.expert[g] * P * panels[i].stride(0), panels[i].stride(0), N,
+                        sorted.back().data_ptr<float>()},
+                       groups.start[g], groups.start[g + 1]});
+    bytes += groups.size() * P * pbytes;
+  }
+  routed_for(int(type))(parts, a);
+  moe_counters().add(groups.size() * int64_t(panels.size()), bytes);
+  for (torch::Tensor& y : sorted) ys.push_back(torch::empty_like(y).index_copy_(0, order, y));
+  return ys;
+#else
+  (void)x, (void)panels, (void)ns, (void)src, (void)expert;
+  return {};
+#endif
+}
+
 }  // namespace
 
 void register_interleaved(pybind11::module& m) {
@@ -1223,6 +1346,9 @@ void register_interleaved(pybind11::module& m) {
   m.def("deinterleave", &deinterleave, "the GGML rows `ids` of N rows in panels, (len(ids), row_bytes)",
         py::call_guard<py::gil_scoped_release>());
   m.def("imatmul_many", &imatmul_many, "[x · W_iᵀ] for panels of one type sharing the input x",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("imoe_matmul_many", &imoe_matmul_many,
+        "[y_i (R, N_i)]: row r = x[src[r]] · W_i[expert[r]]ᵀ over experts' panels, rows grouped by expert",
         py::call_guard<py::gil_scoped_release>());
   m.def("interleaved_supports", &interleaved_supports, "whether imatmul has a kernel for the type here");
   m.def("panel_bytes", [](int64_t type, int64_t K) { check_type(type); return panel_bytes(int(type), K); },

@@ -28,8 +28,6 @@ constexpr int MXFP4 = 39;  // gguf.GGMLQuantizationType.MXFP4
 constexpr int64_t CHUNK = 32;  // output rows per job
 const int8_t KVALUES[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
-std::atomic<int64_t> g_calls{0}, g_streams{0}, g_bytes{0};
-
 int type_size(int type) {
   switch (type) {
     case MXFP4: return 17;
@@ -149,26 +147,11 @@ std::vector<torch::Tensor> moe_matmul_many(torch::Tensor x, std::vector<torch::T
                 w.size(0) == E && w.size(2) == row_bytes,
                 "each weight must be contiguous (E, N, ", row_bytes, ") uint8 of E = ", E);
   const int64_t* ps = src.data_ptr<int64_t>();
-  const int64_t* pe = expert.data_ptr<int64_t>();
-  // Counting sort of the rows by expert: group g holds rows order[start[g] .. start[g+1]).
-  std::vector<int64_t> count(E + 1, 0);
-  for (int64_t r = 0; r < R; ++r) {
-    TORCH_CHECK(pe[r] >= 0 && pe[r] < E, "expert id ", pe[r], " is outside 0..", E - 1);
-    TORCH_CHECK(ps[r] >= 0 && ps[r] < T, "source row ", ps[r], " is outside 0..", T - 1);
-    ++count[pe[r] + 1];
-  }
-  std::vector<int64_t> gexp, gstart;
-  for (int64_t e = 0; e < E; ++e) {
-    if (count[e + 1]) { gexp.push_back(e); gstart.push_back(count[e]); }
-    count[e + 1] += count[e];
-  }
-  gstart.push_back(R);
-  std::vector<int64_t> order(R);
-  {
-    std::vector<int64_t> fill(count.begin(), count.end() - 1);
-    for (int64_t r = 0; r < R; ++r) order[fill[pe[r]]++] = r;
-  }
-  const int64_t G = int64_t(gexp.size());
+  const ExpertGroups groups = group_by_expert(expert.data_ptr<int64_t>(), ps, R, E, T);
+  const std::vector<int64_t>& gexp = groups.expert;
+  const std::vector<int64_t>& gstart = groups.start;
+  const std::vector<int64_t>& order = groups.order;
+  const int64_t G = groups.size();
   const Act a = quantize_act(x.data_ptr<float>(), T, K, A_Q8_0);
   std::vector<torch::Tensor> ys;
   std::vector<Job> jobs;
@@ -198,15 +181,14 @@ std::vector<torch::Tensor> moe_matmul_many(torch::Tensor x, std::vector<torch::T
       }
     }
   });
-  g_calls.fetch_add(1, std::memory_order_relaxed);
-  g_streams.fetch_add(G * int64_t(ws.size()), std::memory_order_relaxed);
-  g_bytes.fetch_add(bytes, std::memory_order_relaxed);
+  moe_counters().add(G * int64_t(ws.size()), bytes);
   return ys;
 }
 
 std::vector<int64_t> moe_stats(bool reset) {
-  std::vector<int64_t> out = {g_calls.load(), g_streams.load(), g_bytes.load()};
-  if (reset) { g_calls = 0; g_streams = 0; g_bytes = 0; }
+  MoeCounters& c = moe_counters();
+  std::vector<int64_t> out = {c.calls.load(), c.streams.load(), c.bytes.load()};
+  if (reset) { c.calls = 0; c.streams = 0; c.bytes = 0; }
   return out;
 }
 

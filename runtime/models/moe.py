@@ -79,7 +79,7 @@ class MoE:
         """h (T, E), the feed-forward's normed input → its output (T, E) on h's device."""
         n, k = h.shape[0], self.n_used
         weights, ids = self.route(h)
-        where = self.gate.weight.device  # the experts' device (CPU in a --n-cpu-moe split)
+        where = self.gate.device  # the experts' device (CPU in a --n-cpu-moe split)
         x = cross(h, where)
         expert = cross(ids, where).reshape(-1)  # (T·k,) row t·k + j: token t's j-th choice
         src = torch.arange(n, device=where).repeat_interleave(k)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.experts import PackedExperts
+from kernels.experts import PackedExperts, interleave_experts
 from kernels.linear import PackedLinear, interleave
 from kernels.triton_linear import TritonLinear
 from loaders.config import ModelConfig
@@ -124,8 +124,17 @@ class WeightLoader:
         k, n, e = info.shape[:3]
         where = self.devices.of_tensor(name)
         device = self.devices.device(where)
-        rows = self._owned(name).view(e, n, info.row_bytes)
         b = self.vector(bias, device).view(e, n) if bias and self.has(bias) else None
+        if where != GPU:
+            mapped = self.gguf.tensor(name).view(e, n, info.row_bytes)
+            panels = self.gguf.derived(
+                ("panels", name), lambda: interleave_experts(mapped, info.ggml_type)
+            )
+            if panels is not None:  # the panels are the copy that is read from now on
+                self.gguf.release_pages(name)
+                meta = torch.empty(mapped.shape, dtype=torch.uint8, device="meta")
+                return PackedExperts(meta, info.ggml_type, k, b, panels=panels)
+        rows = self._owned(name).view(e, n, info.row_bytes)
         return PackedExperts(rows.to(device), info.ggml_type, k, b, triton=where == GPU)
 
     def vector(self, name: str, device: torch.device) -> torch.Tensor:
