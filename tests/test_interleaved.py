@@ -23,10 +23,10 @@ weights of an imatmul_many call, nor the thread count (compared with torch.equal
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
-import numpy as np
 from test_native_qmatmul import activations
 from test_native_qmatmul import weights as ggml_weights
 
