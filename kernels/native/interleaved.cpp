@@ -1131,6 +1131,26 @@ void panel_mxfp4(const uint8_t* p, int half, const Act& a, int64_t t0, typename 
       s[0][t] = V::set1(-12 * ta[t].sum[b]);
       s[1][t] = V::zero();
     }
+#if !TQ_VNNI  // (V is Ymm) maddubs' pairs added up in int16 over the 4 groups (a pair is
+    // ≤ 2·24·127, four of them < 2^15: exact), then one madd per sum into int32
+    __m256i p16[2][NT];
+    for (int t = 0; t < NT; ++t) p16[0][t] = p16[1][t] = V::zero();
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      const I raw = V::load(Q + 64 * g);
+      const I lo = V::lut(table, V::lo_nib(raw)), hi = V::lut(table, V::hi_nib(raw));
+      for (int t = 0; t < NT; ++t) {
+        const int8_t* y = ta[t].y + 32 * b + 4 * g;
+        p16[0][t] = _mm256_add_epi16(p16[0][t], _mm256_maddubs_epi16(lo, V::set1(rd4(y))));
+        p16[1][t] = _mm256_add_epi16(p16[1][t], _mm256_maddubs_epi16(hi, V::set1(rd4(y + 16))));
+      }
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int t = 0; t < NT; ++t) {
+      s[0][t] = V::add(s[0][t], _mm256_madd_epi16(p16[0][t], ones));
+      s[1][t] = _mm256_madd_epi16(p16[1][t], ones);
+    }
+#else
 #pragma GCC unroll 4
     for (int g = 0; g < 4; ++g) {
       const I raw = V::load(Q + 64 * g);
@@ -1141,6 +1161,7 @@ void panel_mxfp4(const uint8_t* p, int half, const Act& a, int64_t t0, typename 
         s[1][t] = V::dot(s[1][t], hi, y + 16);
       }
     }
+#endif
     const F dw = e8m0_halves(static_cast<const V*>(nullptr), D);
     for (int t = 0; t < NT; ++t)
       acc[t] = V::fmadd(V::cvt(V::add(s[0][t], s[1][t])), V::fmul(dw, V::fset1(ta[t].d[b])), acc[t]);
