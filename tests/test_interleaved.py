@@ -335,7 +335,7 @@ def test_packed_linear_over_panels(native, name):
     assert torch.equal(got, dequantize(w[ids], qt).reshape(2, 3, K))
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_K"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "MXFP4"])  # MXFP4: no GGML-row kernel
 def test_matmuls_fuses_paneled_linears(native, name, monkeypatch):
     need_kernel(native, name)
     qt = int(T[name])
