@@ -14,7 +14,8 @@ product m_w · s_x, exact inside the fma, rounded in the oracle): ≤ (n + 1) ·
 Σ|terms|. For the K = 512 rows here n is 16 (Q4_0, Q5_0, Q8_0: 16 blocks), 32 (Q4_1: 16
 blocks × scale and min terms), 4 (Q4_K, Q5_K: 2 super-blocks × 2 terms) or 2 (Q6_K, Q3_K,
 IQ4_XS), so the bound
-is ≤ 33 · 2^-24 ≈ 2.0e-6 · Σ|terms|; 1e-5 leaves a factor 5 (observed ≈ 2e-7).
+is ≤ 33 · 2^-24 ≈ 2.0e-6 · Σ|terms|; 1e-5 leaves a factor 5 (observed ≈ 2e-7). MXFP4's
+K = 2880 rows (gpt-oss) have 90 blocks: ≤ 91 · 2^-24 ≈ 5.4e-6 · Σ|terms|.
 
 Everything else is exact: the panels hold the same bits (deinterleave gives the GGML rows
 back), and a token's output row depends on neither the other tokens of the call, the other
