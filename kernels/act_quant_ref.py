@@ -25,6 +25,8 @@ from typing import cast
 import torch
 from gguf import GGMLQuantizationType as T
 
+from quant import mxfp4
+
 VEC_DOT = {
     T.Q4_0: "Q8_0",
     T.Q5_0: "Q8_0",
@@ -38,6 +40,7 @@ VEC_DOT = {
     T.Q3_K: "Q8_K",
     T.IQ4_XS: "Q8_K",
     T.IQ4_NL: "Q8_0",
+    T.MXFP4: "Q8_0",
 }
 # kvalues_iq4nl (ggml-common.h): the levels IQ4_NL and IQ4_XS nibbles index
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -233,6 +236,10 @@ def reference(
     elif qt == T.IQ4_NL:
         scale = (_half(blocks, 0)[None] * dx).double()
         terms = [scale * _idot(_iq4_levels(blocks[..., 2:18]), a.q)]
+    elif qt == T.MXFP4:  # doubled E2M1 values, the E8M0 scale halved (float32 product)
+        qw = torch.tensor(mxfp4.KVALUES)[_nibbles(blocks[..., 1:17])]
+        scale = (mxfp4.e8m0_half(blocks[..., 0])[None] * dx).double()
+        terms = [scale * _idot(qw, a.q)]
     elif qt in (T.Q3_K, T.IQ4_XS):
         qw, sc = _q3_parts(blocks) if qt == T.Q3_K else _iq4xs_parts(blocks)
         sub = qw.shape[-2]  # 16 sub-blocks of 16, or 8 of 32

@@ -138,7 +138,7 @@ def matmuls(linears: list, x: torch.Tensor) -> list[torch.Tensor]:
     panels = first.panels is not None if type(first) is PackedLinear else False
     fusable = x.device.type == "cpu" and all(
         type(lin) is PackedLinear
-        and lin._native is not None
+        and (lin._native is not None or lin.panels is not None)  # MXFP4: panels only
         and (lin.panels is not None) == panels
         and lin.ggml_type == first.ggml_type
         and lin.in_features == first.in_features

@@ -14,7 +14,8 @@ product m_w · s_x, exact inside the fma, rounded in the oracle): ≤ (n + 1) ·
 Σ|terms|. For the K = 512 rows here n is 16 (Q4_0, Q5_0, Q8_0: 16 blocks), 32 (Q4_1: 16
 blocks × scale and min terms), 4 (Q4_K, Q5_K: 2 super-blocks × 2 terms) or 2 (Q6_K, Q3_K,
 IQ4_XS), so the bound
-is ≤ 33 · 2^-24 ≈ 2.0e-6 · Σ|terms|; 1e-5 leaves a factor 5 (observed ≈ 2e-7).
+is ≤ 33 · 2^-24 ≈ 2.0e-6 · Σ|terms|; 1e-5 leaves a factor 5 (observed ≈ 2e-7). MXFP4's
+K = 2880 rows (gpt-oss) have 90 blocks: ≤ 91 · 2^-24 ≈ 5.4e-6 · Σ|terms|.
 
 Everything else is exact: the panels hold the same bits (deinterleave gives the GGML rows
 back), and a token's output row depends on neither the other tokens of the call, the other
@@ -23,10 +24,12 @@ weights of an imatmul_many call, nor the thread count (compared with torch.equal
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
-from test_native_qmatmul import activations, weights
+from test_native_qmatmul import activations
+from test_native_qmatmul import weights as ggml_weights
 
 from kernels import act_quant_ref as ref
 from kernels import linear as linear_mod
@@ -37,13 +40,28 @@ from quant.formats import block_format
 from quant.quantize import quantize
 
 # the types with a panel layout
-PANELED = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "Q3_K", "Q5_K", "IQ4_XS"]
+PANELED = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "Q3_K", "Q5_K", "IQ4_XS", "MXFP4"]
 R = 16  # rows per panel
 N, K = 37, 512  # 37 rows: two full panels and a partial one of 5 rows
 
 
 def seed_of(name: str, *more: int) -> int:
     return 1000 * PANELED.index(name) + sum(more)
+
+
+def weights(name: str, n: int, k: int, seed: int) -> torch.Tensor:
+    """(n, row_bytes) packed rows (test_native_qmatmul's). MXFP4: random nibbles (every
+    value, -0 too) and E8M0 scales 2^(e − 128) mostly for e in 100..140, some 0, 1 and 2
+    (the subnormal halves and the first normal one), never so large that a product overflows."""
+    if name != "MXFP4":
+        return ggml_weights(name, n, k, seed)
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (n * (k // 32), 17), dtype=np.uint8)
+    e = rng.integers(100, 141, len(blocks))
+    rare = rng.random(len(blocks)) < 0.05
+    e[rare] = rng.choice([0, 1, 2], int(rare.sum()))
+    blocks[:, 0] = e
+    return torch.from_numpy(blocks.reshape(n, -1))
 
 
 def row_bytes(name: str, k: int) -> int:
@@ -158,6 +176,28 @@ def test_avx2_and_avx512_kernels_give_the_same_bits(native, name):
         assert torch.equal(
             imatmul(native, x[:m], panels, N, name), imatmul(avx2, x[:m], panels, N, name)
         ), m
+
+
+@pytest.mark.parametrize("k", [2880, 64])  # gpt-oss's width; two blocks
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_mxfp4_panels_match_the_moe_kernel_and_dequantize(kernel, k, m):
+    """MXFP4 (gpt-oss's experts) in panels: llama.cpp's numerics (the oracle), the same terms
+    as moe.cpp's row-at-a-time kernel on the same rows as one expert (other float summation
+    order), and x̂ · dequantize(W)ᵀ up to float rounding (x̂: the quantized activations)."""
+    need_kernel(kernel, "MXFP4")
+    qt, n = int(T.MXFP4), 45  # 45 rows: two full panels and one of 13
+    x, w = activations(m, k, seed_of("MXFP4", k + m)), weights("MXFP4", n, k, 7 * k + m)
+    y = imatmul(kernel, x, kernel.interleave(w, qt), n, "MXFP4")
+    check_same_numerics(y, x, w, "MXFP4")
+
+    # moe.cpp splits each block's term over 8 lanes of 4 products: its rounding scales with
+    # Σ |x̂_j · w_j| (x̂: the values the int8 activations stand for), not with Σ |terms|.
+    xq, wf = ref.dequantized_activations(x, qt), dequantize(w, qt).double()
+    products = xq.abs() @ wf.abs().T
+    rows = torch.arange(m)
+    moe = kernel.moe_matmul_many(x, [w[None]], qt, rows, torch.zeros(m, dtype=torch.int64))[0]
+    assert ((y - moe).abs().double() <= 1e-5 * products + 1e-30).all()
+    assert ((y.double() - xq @ wf.T).abs() <= 1e-5 * products + 1e-30).all()
 
 
 # ---------------------------------------------------------------- 3. batch invariance
@@ -282,7 +322,8 @@ def test_packed_linear_over_panels(native, name):
     y = paneled(x)
     assert torch.equal(y, imatmul(native, x, made, N, name))
     check_same_numerics(y, x, w, name)
-    check_same_numerics(plain(x), x, w, name)  # the GGML-row kernel: same terms, other order
+    if native.supports(qt):  # (MXFP4 rows have no qmatmul kernel: plain dequantizes)
+        check_same_numerics(plain(x), x, w, name)  # the GGML-row kernel: same terms, other order
 
     bias = torch.randn(N, generator=torch.Generator().manual_seed(1))
     assert torch.equal(PackedLinear(w, qt, K, bias=bias, panels=made)(x), y + bias)
@@ -295,7 +336,7 @@ def test_packed_linear_over_panels(native, name):
     assert torch.equal(got, dequantize(w[ids], qt).reshape(2, 3, K))
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_K"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "MXFP4"])  # MXFP4: no GGML-row kernel
 def test_matmuls_fuses_paneled_linears(native, name, monkeypatch):
     need_kernel(native, name)
     qt = int(T[name])

@@ -42,7 +42,8 @@
 namespace tq {
 
 enum GgmlType : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11,
-                      Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23 };
+                      Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23,
+                      MXFP4 = 39 };
 enum ActKind : int { A_Q8_0 = 0, A_Q8_1 = 1, A_Q8_K = 2 };
 
 // The 16 non-linear levels that IQ4_NL and IQ4_XS nibbles index (kvalues_iq4nl, ggml-common.h).

@@ -12,14 +12,16 @@
 //
 // Panel layout, per type: planes of per-block records, each plane contiguous in the panel
 // (so the quantized values stay 64-byte aligned when the panel is):
-//   D  fp16 scales, 16 rows (Q4_1: then 16 mins; Q4_K, Q5_K: then 16 dmins)
+//   D  fp16 scales, 16 rows (Q4_1: then 16 mins; Q4_K, Q5_K: then 16 dmins; MXFP4: the 16
+//      rows' E8M0 bytes instead, turned into float scales 2^(e − 128) in the kernel)
 //   S  (K-quants, IQ4_XS) sub-block scales as bytes, [sub-block][row] (Q4_K, Q5_K: then the
 //      mins; Q3_K, IQ4_XS: signed, the 6-bit value − 32)
 //   H  high bits as 64-bit masks, bit 4·r + i = byte i of row r in a group (Q5_0, Q5_K: bit
 //      4; Q6_K: bits 4 and 5). Q3_K: its high bits in nibbles instead, see below.
 //   Q  nibbles: per 32 elements ("chunk") 16 bytes per row, low nibble element i, high
 //      nibble element 16 + i (Q4_0's own order), in 4 groups of 4 bytes; Q8_0: value + 128
-//      as bytes, 8 groups; IQ4_XS: the nibbles index the non-linear levels.
+//      as bytes, 8 groups; IQ4_XS, MXFP4: the nibbles index the non-linear levels (MXFP4:
+//      the doubled E2M1 values, GGML's own 16 bytes of a block).
 // Q3_K: per 128 elements ("half" hh) 8 groups of 4 bytes per row; byte i of row r in group g
 // (lane 4·r + i) holds the 3-bit values v_k of elements 128·hh + 32·k + 4·g + i, k = 0..3
 // (GGML's qs byte 32·hh + 4·g + i, crumb k, and hmask byte 4·g + i, bit 4·hh + k): its Q
@@ -27,8 +29,8 @@
 // v3 | (v2 >> 2) << 3 (the low nibble of byte j = lane j for rows 0-7, the high nibble of
 // byte j − 32 for rows 8-15). A value is one to three shifts and masks away.
 // Values are unsigned (Q4_0 0..15, Q5_0 0..31, Q8_0 0..255, Q6_K 0..63, Q3_K 0..7, IQ4_XS
-// level + 128); the offset (8, 16, 128, 32, 4, 128) comes off through the activation block
-// sums, exactly, in the integer domain.
+// level + 128, MXFP4 value + 12); the offset (8, 16, 128, 32, 4, 128, 12) comes off through
+// the activation block sums, exactly, in the integer domain.
 //
 // Numerics: llama.cpp's (the same activation quantization and exact integer block sums as
 // qmatmul.cpp); per token and row, blocks are summed in order in float32, so a row of the
@@ -69,6 +71,7 @@ constexpr Layout layout_of(int type) {
     case Q6_K: return {256, 210, 32, 256, 1024, 2048};
     case Q3_K: return {256, 110, 32, 256, 512, 1024};
     case IQ4_XS: return {256, 136, 32, 128, 0, 2048};
+    case MXFP4: return {32, 17, 16, 0, 0, 256};
     default: return {0, 0, 0, 0, 0, 0};
   }
 }
@@ -170,6 +173,10 @@ void from_canon(int type, const Canon& c, uint8_t* b) {
     case Q8_0:
       wr16(b, c.d);
       for (int j = 0; j < 32; ++j) b[2 + j] = uint8_t(c.q[j] ^ 0x80);
+      break;
+    case MXFP4:  // d: the E8M0 byte
+      b[0] = uint8_t(c.d);
+      for (int j = 0; j < 16; ++j) b[1 + j] = uint8_t(c.q[j] | (c.q[j + 16] << 4));
       break;
     case Q4_K: {
       wr16(b, c.d);
@@ -337,6 +344,10 @@ bool put_direct(int type, const uint8_t* b, Record rec, int r) {
       }
       return true;
     }
+    case MXFP4:  // the E8M0 byte, then Q4_0's nibble order
+      rec.d[r] = b[0];
+      for (int g = 0; g < 4; ++g) std::memcpy(rec.q + 64 * g + 4 * r, b + 1 + 4 * g, 4);
+      return true;
     case Q8_0:
       std::memcpy(rec.d + 2 * r, b, 2);
       for (int g = 0; g < 8; ++g)
@@ -405,7 +416,7 @@ bool put_direct(int type, const uint8_t* b, Record rec, int r) {
 }
 
 void get(int type, const Layout& L, Record rec, int r, Canon& c) {
-  c.d = rd16(rec.d + 2 * r);
+  c.d = type == MXFP4 ? rec.d[r] : rd16(rec.d + 2 * r);
   if (type == Q4_1 || type == Q4_K || type == Q5_K) c.m = rd16(rec.d + 32 + 2 * r);
   if (type == Q4_K || type == Q5_K) {
     for (int j = 0; j < 8; ++j) { c.sc[j] = rec.s[16 * j + r]; c.mn[j] = rec.s[128 + 16 * j + r]; }
@@ -445,7 +456,7 @@ void get(int type, const Layout& L, Record rec, int r, Canon& c) {
 
 void check_type(int64_t type) {
   TORCH_CHECK(has_layout(int(type)), "interleave: no panel layout for ggml type ", type,
-              " (Q4_0, Q4_1, Q5_0, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS have one)");
+              " (Q4_0, Q4_1, Q5_0, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, MXFP4 have one)");
 }
 
 // Panel memory: slabs of 2 MiB-aligned memory that the kernel is asked to back with
@@ -1076,6 +1087,89 @@ void panel_iq4xs(const uint8_t* p, int half, const Act& a, int64_t t0, typename 
   for (int t = 0; t < NT; ++t) out[t] = acc[t];
 }
 
+// MXFP4's doubled E2M1 values + 12 (0..24) as bytes, by nibble: what its table lookups give.
+alignas(16) constexpr uint8_t MXFP4_U8[16] = {12, 13, 14, 15, 16, 18, 20, 24,
+                                              12, 11, 10, 9,  8,  6,  4,  0};
+
+// W rows' E8M0 bytes → 2^(e − 128) as float32, subnormal for e < 2 (moe.cpp's e8m0_half,
+// ggml_e8m0_to_fp32_half): (e − 1) << 23 as float bits, or 0x00200000 << e.
+#if TQ_AVX512
+inline __m512 e8m0_halves(const Zmm*, const uint8_t* e) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(e)));
+  const __m512i normal = _mm512_slli_epi32(_mm512_sub_epi32(v, _mm512_set1_epi32(1)), 23);
+  const __m512i sub = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), v);
+  const __mmask16 small = _mm512_cmplt_epu32_mask(v, _mm512_set1_epi32(2));
+  return _mm512_castsi512_ps(_mm512_mask_blend_epi32(small, normal, sub));
+}
+#endif
+inline __m256 e8m0_halves(const Ymm*, const uint8_t* e) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(e)));
+  const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(v, _mm256_set1_epi32(1)), 23);
+  const __m256i sub = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), v);
+  const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), v);
+  return _mm256_castsi256_ps(_mm256_blendv_epi8(normal, sub, small));
+}
+
+// MXFP4 (gpt-oss's experts): 32-element blocks, nibbles looked up to value + 12 (one byte
+// shuffle), per block the exact Σ (v+12)·y − 12·Σy per row (values ≤ 24: maddubs' pairs stay
+// far from saturating), then acc += that · (2^(e−128) · d_y) in float32, block after block:
+// the terms of moe.cpp's dot_row<MXFP4> (ggml_vec_dot_mxfp4_q8_0).
+template <class V, int NT>
+void panel_mxfp4(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
+  using I = typename V::I;
+  using F = typename V::F;
+  constexpr Layout L = layout_of(MXFP4);
+  const uint8_t* D = p + half * V::W;  // one E8M0 byte per row
+  const uint8_t* Q = p + a.nb * L.d + half * V::W * 4;
+  TokenAct ta[NT];
+  token_acts<NT>(a, t0, ta);
+  const I table = V::table16(MXFP4_U8);
+  F acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = V::fzero();
+  for (int64_t b = 0; b < a.nb; ++b, D += L.d, Q += L.q) {
+    I s[2][NT];  // low and high nibbles: two independent sums
+    for (int t = 0; t < NT; ++t) {
+      s[0][t] = V::set1(-12 * ta[t].sum[b]);
+      s[1][t] = V::zero();
+    }
+#if !TQ_VNNI  // (V is Ymm) maddubs' pairs added up in int16 over the 4 groups (a pair is
+    // ≤ 2·24·127, four of them < 2^15: exact), then one madd per sum into int32
+    __m256i p16[2][NT];
+    for (int t = 0; t < NT; ++t) p16[0][t] = p16[1][t] = V::zero();
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      const I raw = V::load(Q + 64 * g);
+      const I lo = V::lut(table, V::lo_nib(raw)), hi = V::lut(table, V::hi_nib(raw));
+      for (int t = 0; t < NT; ++t) {
+        const int8_t* y = ta[t].y + 32 * b + 4 * g;
+        p16[0][t] = _mm256_add_epi16(p16[0][t], _mm256_maddubs_epi16(lo, V::set1(rd4(y))));
+        p16[1][t] = _mm256_add_epi16(p16[1][t], _mm256_maddubs_epi16(hi, V::set1(rd4(y + 16))));
+      }
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int t = 0; t < NT; ++t) {
+      s[0][t] = V::add(s[0][t], _mm256_madd_epi16(p16[0][t], ones));
+      s[1][t] = _mm256_madd_epi16(p16[1][t], ones);
+    }
+#else
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      const I raw = V::load(Q + 64 * g);
+      const I lo = V::lut(table, V::lo_nib(raw)), hi = V::lut(table, V::hi_nib(raw));
+      for (int t = 0; t < NT; ++t) {
+        const int8_t* y = ta[t].y + 32 * b + 4 * g;
+        s[0][t] = V::dot(s[0][t], lo, y);
+        s[1][t] = V::dot(s[1][t], hi, y + 16);
+      }
+    }
+#endif
+    const F dw = e8m0_halves(static_cast<const V*>(nullptr), D);
+    for (int t = 0; t < NT; ++t)
+      acc[t] = V::fmadd(V::cvt(V::add(s[0][t], s[1][t])), V::fmul(dw, V::fset1(ta[t].d[b])), acc[t]);
+  }
+  for (int t = 0; t < NT; ++t) out[t] = acc[t];
+}
+
 template <class V, int TYPE, int NT>
 inline void panel_dot(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
   if constexpr (TYPE == Q4_K) panel_q4k<V, NT>(p, half, a, t0, out);
@@ -1083,6 +1177,7 @@ inline void panel_dot(const uint8_t* p, int half, const Act& a, int64_t t0, type
   else if constexpr (TYPE == Q3_K) panel_q3k<V, NT>(p, half, a, t0, out);
   else if constexpr (TYPE == IQ4_XS) panel_iq4xs<V, NT>(p, half, a, t0, out);
   else if constexpr (TYPE == Q6_K) panel_q6k<V, NT>(p, half, a, t0, out);
+  else if constexpr (TYPE == MXFP4) panel_mxfp4<V, NT>(p, half, a, t0, out);
   else panel32<V, TYPE, NT>(p, half, a, t0, out);
 }
 
@@ -1201,6 +1296,7 @@ auto with_type(int type, F f) {
     case Q6_K: return f(std::integral_constant<int, Q6_K>{});
     case Q3_K: return f(std::integral_constant<int, Q3_K>{});
     case IQ4_XS: return f(std::integral_constant<int, IQ4_XS>{});
+    case MXFP4: return f(std::integral_constant<int, MXFP4>{});
     default: return decltype(f(C{})){};
   }
 }
@@ -1216,7 +1312,7 @@ RoutedFn routed_for(int type) {
   return with_type(type, [](auto t) { return RoutedFn(&run_routed<decltype(t)::value>); });
 }
 
-int act_kind(int type) {
+int act_kind(int type) {  // MXFP4: Q8_0, as llama.cpp's vec_dot_mxfp4_q8_0
   return type == Q4_1 ? A_Q8_1 : layout_of(type).bs == 256 ? A_Q8_K : A_Q8_0;
 }
 #endif  // TQ_AVX2
@@ -1236,7 +1332,7 @@ std::vector<torch::Tensor> imatmul_many(torch::Tensor x, std::vector<torch::Tens
                                         std::vector<int64_t> ns, int64_t type) {
   TORCH_CHECK(interleaved_supports(type), "imatmul: no panel kernel for ggml type ", type,
               " in this build (", TQ_AVX2 ? "it has them for Q4_0, Q4_1, Q5_0, Q8_0, Q3_K, Q4_K, "
-              "Q5_K, Q6_K, IQ4_XS"
+              "Q5_K, Q6_K, IQ4_XS, MXFP4"
               : "the portable one has none", ")");
 #if TQ_AVX2
   const Layout L = layout_of(int(type));

@@ -24,7 +24,6 @@ namespace {
 
 using namespace tq;
 
-constexpr int MXFP4 = 39;  // gguf.GGMLQuantizationType.MXFP4
 constexpr int64_t CHUNK = 32;  // output rows per job
 const int8_t KVALUES[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
