@@ -16,6 +16,7 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -32,6 +33,15 @@ class SampleResult:
     token_id: int
     logprob: float  # log_softmax of the logits before penalties/temperature, at token_id
     top: list[tuple[int, float]]  # top-N (id, logprob) of the same distribution, best first
+    ends: bool = False  # constrained: token_id is a blank the grammar refused where it may end
+
+
+class Constraint(Protocol):
+    """What constrains a sample (runtime.engine.grammar.GrammarMatcher)."""
+
+    def accepts(self, token: int) -> bool: ...
+    def ends_at(self, token: int) -> bool: ...
+    def mask(self, logits: torch.Tensor) -> torch.Tensor: ...
 
 
 class Sampler:
@@ -49,8 +59,33 @@ class Sampler:
             self._generator.manual_seed(self.seed)
         return self._generator
 
-    def sample(self, logits: torch.Tensor, history: Sequence[int]) -> SampleResult:
-        """Choose the next token from `logits` (V,), given prompt + generated ids so far."""
+    def sample(
+        self, logits: torch.Tensor, history: Sequence[int], constraint: Constraint | None = None
+    ) -> SampleResult:
+        """Choose the next token from `logits` (V,), given prompt + generated ids so far;
+        within `constraint` when given.
+
+        Constrained, the mask is computed only when needed: a token is drawn from the unmasked
+        distribution p and kept if the constraint accepts it; only if not is the mask computed
+        and a token drawn again, independently, from p restricted to the allowed set A. That
+        is exact rejection sampling: an allowed t comes out with probability
+        p(t) + (1 - p(A)) p(t) / p(A) = p(t) / p(A), the masked distribution itself (with
+        top_k / top_p / min_p, p is the truncated distribution, as in llama.cpp and ollama);
+        greedy, it is the argmax of the masked logits either way. The one exception is
+        Constraint.ends_at: a refused blank token where the grammar may end ends the output
+        (`ends`). Logprobs are of the raw, unmasked distribution on both paths."""
+        res = self._sample(logits, history)
+        if constraint is None or constraint.accepts(res.token_id):
+            return res
+        if constraint.ends_at(res.token_id):
+            res.ends = True
+            return res
+        again = self._sample(constraint.mask(logits), history, draw_only=True)
+        return self._result(logits.float(), again.token_id)
+
+    def _sample(
+        self, logits: torch.Tensor, history: Sequence[int], draw_only: bool = False
+    ) -> SampleResult:
         if logits.dim() != 1 or logits.numel() == 0:
             raise InvalidParameterError(
                 f"logits must be a non-empty 1-D tensor (V,), got shape {tuple(logits.shape)}"
@@ -70,6 +105,8 @@ class Sampler:
             vals, ids = self._truncate(x)
             # Shifted so the best is 0: no overflow even for a tiny temperature.
             token = self._draw((vals - vals.max()) / self.params.temperature, ids)
+        if draw_only:
+            return SampleResult(token, 0.0, [])
         return self._result(raw, token)
 
     def _penalize(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
