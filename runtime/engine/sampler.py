@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from quant.errors import InvalidParameterError, NonFiniteLogitsError
@@ -31,7 +32,9 @@ class SampleResult:
     """The chosen token and logprobs under the raw model distribution."""
 
     token_id: int
-    logprob: float  # log_softmax of the logits before penalties/temperature, at token_id
+    # log_softmax of the logits before penalties/temperature, at token_id; None when the
+    # params ask for no logprobs (the log_softmax over the vocabulary is then skipped)
+    logprob: float | None
     top: list[tuple[int, float]]  # top-N (id, logprob) of the same distribution, best first
     ends: bool = False  # constrained: token_id is a blank the grammar refused where it may end
 
@@ -93,14 +96,14 @@ class Sampler:
         raw = logits.float()
         # max propagates NaN: one reduction finds NaN, +inf, or nothing left to choose
         # (all -inf), any of which would otherwise break the draw or return garbage.
-        best = float(raw.max())
+        best = float(_host(raw).max())
         if not math.isfinite(best):
             raise NonFiniteLogitsError(
                 f"the model produced non-finite logits (max {best}); this request cannot go on"
             )
         x = self._penalize(raw, history)
         if self.params.temperature == 0.0:
-            token = int(torch.argmax(x))
+            token = int(_host(x).argmax())  # the first of equal maxima, as torch.argmax
         else:
             vals, ids = self._truncate(x)
             # Shifted so the best is 0: no overflow even for a tiny temperature.
@@ -127,7 +130,8 @@ class Sampler:
         seen = logits[ids]
         if p.repetition_penalty != 1.0:
             seen = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
-        seen = seen - (counts.to(seen.dtype) * p.frequency_penalty + p.presence_penalty)
+        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:  # (x - 0.0 is x exactly)
+            seen = seen - (counts.to(seen.dtype) * p.frequency_penalty + p.presence_penalty)
         out = logits.clone()
         out[ids] = seen
         return out
@@ -165,6 +169,8 @@ class Sampler:
         return int(pick if ids is None else ids[pick])
 
     def _result(self, raw: torch.Tensor, token: int) -> SampleResult:
+        if self.params.logprobs is None:  # nobody reads it: no pass over the vocabulary
+            return SampleResult(token_id=token, logprob=None, top=[])
         logp = torch.log_softmax(raw, dim=0)  # faster than logsumexp on CPU
         n = min(self.params.logprobs or 0, raw.numel())
         top: list[tuple[int, float]] = []
@@ -172,6 +178,12 @@ class Sampler:
             top_vals, top_ids = torch.topk(logp, n)
             top = list(zip(top_ids.tolist(), top_vals.tolist(), strict=True))
         return SampleResult(token_id=token, logprob=float(logp[token]), top=top)
+
+
+def _host(x: torch.Tensor) -> torch.Tensor | np.ndarray:
+    """`x` as numpy on the CPU (its argmax and max over a vocabulary are ~10x faster than
+    torch's, with the same answers: the first of equal maxima, NaN propagated), else as is."""
+    return x.numpy() if x.device.type == "cpu" else x
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:

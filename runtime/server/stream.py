@@ -1,5 +1,5 @@
 """RequestStream: one request's engine events, carried from the engine thread onto the
-event loop through an asyncio.Queue. The engine's sink only appends to the loop's Mailbox:
+event loop. The engine's sink only appends to the loop's Mailbox:
 the events of one engine step, for every stream, cross to the loop in one hand-off (one
 call_soon_threadsafe per step, not per token per stream).
 
@@ -25,6 +25,7 @@ import asyncio
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from quant.errors import QueueFullError
@@ -76,6 +77,11 @@ def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
     return box
 
 
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 def finished(event: Event) -> bool:
     return event.error is not None or (
         event.delta is not None and event.delta.finish_reason is not None
@@ -92,7 +98,10 @@ class RequestStream:
         self.prompt_tokens = 0
         self.samples = 0  # the request's n
         self._mailbox = mailbox(asyncio.get_running_loop())
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        # Events on the loop not yet taken, and the consumer's wake-up while it waits: a plain
+        # deque and one future (no asyncio.Queue, no wait_for task per token).
+        self._events: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._unfinished = 0  # samples whose last event has not reached the loop
         self._unconsumed = 0  # samples whose last event the consumer has not taken
         self._first_token = True
@@ -133,7 +142,8 @@ class RequestStream:
             if last is not None:
                 self.metrics.itl.observe(now - last)
             self._last_token[event.index] = now
-        self._queue.put_nowait(event)
+        self._events.append(event)
+        _wake(self._waiter)
         if finished(event):
             self._unfinished -= 1
             if self._admitted:
@@ -164,10 +174,16 @@ class RequestStream:
                 self._next_poll = now + POLL_SECONDS
                 if await disconnected():
                     return None
+            if self._events:
+                return self._events.popleft()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(POLL_SECONDS, _wake, waiter)
             try:
-                return await asyncio.wait_for(self._queue.get(), POLL_SECONDS)
-            except asyncio.TimeoutError:
-                continue
+                await waiter  # an event arrived, or POLL_SECONDS passed
+            finally:
+                timer.cancel()
+                self._waiter = None
 
     def close(self) -> None:
         """Abort the request unless all its samples were consumed; release the model."""
