@@ -87,7 +87,7 @@ async def _start(
     state: ServerState, req: OpenAIRequest, kind: str, arrived: float
 ) -> tuple[RequestStream, Shape, ChatSetup | None]:
     served, _ = await state.registry.get(req.model)
-    stream = RequestStream(state.registry, served, state.metrics, arrived)
+    stream = RequestStream(state.registry, served, state.metrics, arrived, whole=not req.stream)
     try:
         lm = served.lm
         chars, tokens = _prompt_size(req)

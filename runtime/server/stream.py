@@ -14,7 +14,9 @@ holds (running or queued, from submit until their last event is back on the loop
 the engine's max_waiting, so the engine's own queue check cannot fail a request after it
 was accepted; past that, QueueFullError (503 + Retry-After).
 
-Time to first token and inter-token latency are measured here, as events reach the loop.
+Time to first token and inter-token latency are measured here, as events reach the loop; for
+a whole (non-streamed) answer, as they leave the engine, whose events cross to the loop only
+when a sample ends (nothing reads them sooner; the client's disconnect is still polled).
 The model is released (its keep-alive clock restarts) once every sample has finished or the
 request was aborted, whichever comes first, exactly once.
 """
@@ -90,10 +92,19 @@ def finished(event: Event) -> bool:
 
 class RequestStream:
     def __init__(
-        self, registry: ModelRegistry, served: ServedModel, metrics: ServerMetrics, arrived: float
+        self,
+        registry: ModelRegistry,
+        served: ServedModel,
+        metrics: ServerMetrics,
+        arrived: float,
+        whole: bool = False,
     ) -> None:
         self.registry, self.served, self.metrics = registry, served, metrics
         self.arrived = arrived  # time.perf_counter() when the request came in
+        # A whole (non-streamed) answer: nothing reads a token before a sample's last, so its
+        # events wait on the engine thread and cross to the loop when the sample ends.
+        self.whole = whole
+        self._held: list[Event] = []
         self.request_id: str | None = None
         self.prompt_tokens = 0
         self.samples = 0  # the request's n
@@ -128,13 +139,28 @@ class RequestStream:
         self.samples = self._unfinished = self._unconsumed = params.n
 
     def _sink(self, event: Event) -> None:
-        """Called on the engine thread."""
-        self._mailbox.post(self._arrive, event)
+        """Called on the engine thread. A whole answer's events are measured here and held
+        until their sample ends: the loop wakes once per sample, not once per token."""
+        if not self.whole:
+            self._mailbox.post(self._arrive, event)
+            return
+        self._measure(event)
+        self._held.append(event)
+        if finished(event):
+            held, self._held = self._held, []
+            for e in held:
+                self._mailbox.post(self._take, e)
 
     def _arrive(self, event: Event) -> None:
-        """On the loop: measure, queue, and release the model after the last sample."""
-        now = time.perf_counter()
+        """On the loop: measure, then take the event."""
+        self._measure(event)
+        self._take(event)
+
+    def _measure(self, event: Event) -> None:
+        """Time to first token and inter-token latency, as events reach the loop (a whole
+        answer's: as they leave the engine). The histograms lock: either thread may observe."""
         if event.delta is not None and event.delta.token_id is not None:
+            now = time.perf_counter()
             if self._first_token:
                 self._first_token = False
                 self.metrics.ttft.observe(now - self.arrived)
@@ -142,6 +168,9 @@ class RequestStream:
             if last is not None:
                 self.metrics.itl.observe(now - last)
             self._last_token[event.index] = now
+
+    def _take(self, event: Event) -> None:
+        """On the loop: queue the event; release the model after the last sample."""
         self._events.append(event)
         _wake(self._waiter)
         if finished(event):
