@@ -53,7 +53,9 @@ def gguf_path(model: str) -> Path:
 def server(cmd: list[str], url: str, log: Path, env: dict | None = None):
     """Run `cmd` until the block ends; ready when `url`/health answers 200."""
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # cwd: `python -m` puts the working directory first on sys.path, before PYTHONPATH;
+        # from this checkout, the server runs this checkout's code wherever this is run from
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         try:
             wait_healthy(url, proc, log)
             yield proc
@@ -174,7 +176,7 @@ def main() -> int:
         rates = run_same_work(args.model, levels, args.threads, args.requests, args.max_tokens)
         print(json.dumps(rates))
         return 0
-    path = gguf_path(args.model)
+    path = gguf_path(args.model).resolve()
     args.logs.mkdir(parents=True, exist_ok=True)
     slots = max(levels)
     t_url, l_url = "http://127.0.0.1:18435", "http://127.0.0.1:18436"

@@ -191,6 +191,72 @@ def test_no_logprobs_means_empty_top() -> None:
     assert sampler(seed=1, logprobs=0).sample(HALVES, []).top == []
 
 
+# ---------------------------------------------------------------- constrained (optimistic mask)
+
+
+class FakeGrammar:
+    """Allows only `allowed`; counts what the sampler asks of it."""
+
+    def __init__(self, allowed: set[int], blank: frozenset[int] = frozenset()) -> None:
+        self.allowed, self.blank = allowed, blank
+        self.checks = self.masks = 0
+
+    def accepts(self, token: int) -> bool:
+        self.checks += 1
+        return token in self.allowed
+
+    def ends_at(self, token: int) -> bool:
+        return token in self.blank
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        self.masks += 1
+        keep = torch.zeros(logits.numel(), dtype=torch.bool)
+        keep[sorted(self.allowed)] = True
+        return logits.masked_fill(~keep, float("-inf"))
+
+
+def test_greedy_constrained_is_the_masked_argmax_and_masks_only_when_refused() -> None:
+    logits = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    g = FakeGrammar({2, 4})  # the unmasked argmax (0) is refused
+    r = sampler(temperature=0, logprobs=2).sample(logits, [], g)
+    assert (r.token_id, g.checks, g.masks) == (2, 1, 1)
+    # logprobs stay those of the raw, unmasked distribution
+    assert r.logprob == pytest.approx(float(torch.log_softmax(logits, 0)[2]), abs=1e-6)
+    assert [i for i, _ in r.top] == [0, 1]
+    g = FakeGrammar({0, 3})  # the argmax is allowed: no mask is computed
+    r = sampler(temperature=0).sample(logits, [], g)
+    assert (r.token_id, g.checks, g.masks) == (0, 1, 0)
+
+
+def test_a_refused_blank_ends_instead_of_being_redrawn() -> None:
+    g = FakeGrammar({1}, blank=frozenset({0}))
+    r = sampler(temperature=0).sample(torch.tensor([3.0, 1.0]), [], g)
+    assert (r.token_id, r.ends, g.masks) == (0, True, 0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_constrained_frequencies_match_the_masked_softmax(temperature: float) -> None:
+    """The optimistic path (draw unmasked, redraw masked only when refused) is rejection
+    sampling: 12,000 seeded draws must follow softmax over the allowed tokens only. The refused
+    tokens hold most of the mass (the argmax included), so a redraw that reused the first
+    draw, skipped the mask or kept a refused token fails by far; chi-square with 3 degrees
+    of freedom must stay under 22 (p ~ 7e-5 for a correct sampler)."""
+    logits = torch.tensor([3.0, 1.0, 2.5, 0.5, 0.0, -0.5, 2.0])
+    allowed = {1, 3, 4, 5}
+    g = FakeGrammar(allowed)
+    s = sampler(temperature=temperature, seed=11)
+    n = 12_000
+    got = [s.sample(logits, [], g).token_id for _ in range(n)]
+    assert set(got) <= allowed
+    counts = torch.bincount(torch.tensor(got), minlength=logits.numel()).double()
+    masked = FakeGrammar(allowed).mask(logits)
+    expected = torch.softmax(masked.double() / temperature, dim=0) * n
+    ids = sorted(allowed)
+    chi2 = float(((counts[ids] - expected[ids]) ** 2 / expected[ids]).sum())
+    assert chi2 < 22.0, (counts[ids].tolist(), expected[ids].tolist(), chi2)
+    assert 0 < g.masks < n  # some draws were kept without a mask, others redrawn
+
+
 # ---------------------------------------------------------------- params
 
 

@@ -3,7 +3,7 @@ grammar (a JSON schema, a regex, a choice list, GBNF or Lark).
 
     grammar = compile_grammar(tokenizer, Grammar("json_schema", schema_text))  # 400 if bad
     matcher = GrammarMatcher(tokenizer, grammar)       # one per sequence (forks get their own)
-    if not matcher.accepts(token): logits = matcher.mask(logits)  # then sample again
+    sampler.sample(logits, history, matcher)           # accepts / ends_at / mask, as needed
     matcher.advance(token)                             # after a token is chosen
     matcher.done                                       # the grammar can take nothing more
 
@@ -16,7 +16,8 @@ Speed: the mask is not computed for every token. The sampled token is tried firs
 the grammar rejects it is the mask computed (on the CPU, one bit per token) and the token
 drawn again from the masked logits — ollama's approach. Drawing from p, then on rejection from
 p restricted to the allowed set A, gives each allowed token p(t) + (1 - p(A)) p(t) / p(A) =
-p(t) / p(A): exactly the masked distribution (up to how top_k / top_p truncate first).
+p(t) / p(A): exactly the masked distribution (up to how top_k / top_p truncate first). The
+path is runtime.engine.sampler.Sampler.sample with this matcher as its Constraint.
 
 One exception (`ends_at`): a blank token (whitespace only) that the grammar refuses where it
 may end is taken as the end, not redrawn. A model ends a JSON value with a newline far more

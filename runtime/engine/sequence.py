@@ -120,15 +120,10 @@ class Sequence:
         return self._dropped_seconds + (0.0 if g is None else g.seconds)
 
     def _next(self, logits: torch.Tensor) -> Delta:
-        res = self._sampler.sample(logits, self.token_ids)
         g = self._grammar
-        end = False
-        if g is not None and not g.accepts(res.token_id):  # only then is the mask computed
-            end = g.ends_at(res.token_id)
-            if not end:
-                res = self._sampler.sample(g.mask(logits), self.token_ids)
+        res = self._sampler.sample(logits, self.token_ids, g)  # g's mask only when refused
         self.timings.eval_tokens += 1
-        if end or res.token_id in self._stop_ids:
+        if res.ends or res.token_id in self._stop_ids:
             return self._finish(None, res, "stop", "")
         self.token_ids.append(res.token_id)
         piece = self._decoder.push(res.token_id)

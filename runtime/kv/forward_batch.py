@@ -86,28 +86,33 @@ class ForwardBatch:
     ) -> ForwardBatch:
         """items: per sequence (new token ids, start position, block table, wants logits);
         seq_ids: their sequences' ids, where the model keeps recurrent state by sequence."""
-        tokens, positions, slots, seqs, logit_rows, row = [], [], [], [], [], 0
+        # Positions and slots as Python ints, made tensors once: a decode's one slot is
+        # cheaper to compute by hand than through a handful of tiny tensor ops.
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seqs, logit_rows, row = [], [], 0
         runs: list[tuple[int, int, int]] = []
         decodes: list[tuple[int, int, list[int]]] = []  # (row, context length, block table)
         for ids, start, table, wants_logits in items:
             n = len(ids)
             runs.append((row, n, start))
             tokens.extend(ids)
-            positions.append(torch.arange(start, start + n))
+            positions.extend(range(start, start + n))
             if n == 1:  # a decode: one slot to write; its context is read through its table
-                slots.append(slots_for(table, start, start + 1))
+                slots.append(table[start // BLOCK_SIZE] * BLOCK_SIZE + start % BLOCK_SIZE)
                 decodes.append((row, start + 1, table[: -(-(start + 1) // BLOCK_SIZE)]))
             else:
                 context = slots_for(table, 0, start + n)
-                slots.append(context[start:])
+                slots.extend(context[start:].tolist())
                 seqs.append(SeqRows(row, n, start, context))
             row += n
             if wants_logits:
                 logit_rows.append(row - 1)
         return cls(
             torch.tensor(tokens, dtype=torch.int64),
-            torch.cat(positions),
-            torch.cat(slots),
+            torch.tensor(positions, dtype=torch.int64),
+            torch.tensor(slots, dtype=torch.int64),
             seqs,
             torch.tensor(logit_rows, dtype=torch.int64),
             _decode_group(decodes),
@@ -149,9 +154,8 @@ class ForwardBatch:
 def _decode_group(decodes: list[tuple[int, int, list[int]]]) -> DecodeGroup | None:
     if not decodes:
         return None
-    tables = torch.zeros(len(decodes), max(len(t) for _, _, t in decodes), dtype=torch.int32)
-    for b, (_, _, table) in enumerate(decodes):
-        tables[b, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    width = max(len(t) for _, _, t in decodes)
+    tables = torch.tensor([t + [0] * (width - len(t)) for _, _, t in decodes], dtype=torch.int32)
     return DecodeGroup(
         torch.tensor([r for r, _, _ in decodes]), torch.tensor([n for _, n, _ in decodes]), tables
     )

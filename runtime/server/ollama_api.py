@@ -63,7 +63,7 @@ async def _serve(request: Request, kind: str) -> Response:
             state.metrics.count_request(endpoint, 200)
             return JSONResponse(_load_reply(req, kind, "unload"))
         served, load_seconds = await state.registry.get(req.model, keep_alive)
-        stream = RequestStream(state.registry, served, state.metrics, arrived)
+        stream = RequestStream(state.registry, served, state.metrics, arrived, whole=not req.stream)
         try:
             if req.load_only:
                 stream.close()

@@ -87,7 +87,7 @@ async def _start(
     state: ServerState, req: OpenAIRequest, kind: str, arrived: float
 ) -> tuple[RequestStream, Shape, ChatSetup | None]:
     served, _ = await state.registry.get(req.model)
-    stream = RequestStream(state.registry, served, state.metrics, arrived)
+    stream = RequestStream(state.registry, served, state.metrics, arrived, whole=not req.stream)
     try:
         lm = served.lm
         chars, tokens = _prompt_size(req)
@@ -210,6 +210,7 @@ class _Reply:
         return JSONResponse(body)
 
     async def sse(self, request: Request) -> AsyncIterator[str | bytes]:
+        """The stream's events, each event's chunks in one write (one send, not several)."""
         for index in range(self.stream_n()):
             opening = self.shape.opening(index)
             if opening is not None:
@@ -219,16 +220,18 @@ class _Reply:
                 if event.error is not None:
                     yield _data(openai_error_body(event.error))
                     continue
-                for chunk in self._event_chunks(event):
-                    yield chunk
+                chunks = self._event_chunks(event)
+                if chunks:
+                    yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
         except Exception as err:  # the status line is sent: say so in the stream, end it
             log.exception("stream %s failed", self.id)
             yield _data(openai_error_body(InternalError(f"internal error ({type(err).__name__})")))
+        tail = b""
         if self.req.include_usage:
             body = self._envelope(self.shape.chunk_object, [])
             body["usage"] = self.usage()
-            yield _data(body)
-        yield "data: [DONE]\n\n"
+            tail = _data(body)
+        yield tail + b"data: [DONE]\n\n"
 
     def stream_n(self) -> int:
         return self.stream.samples

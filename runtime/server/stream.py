@@ -1,5 +1,5 @@
 """RequestStream: one request's engine events, carried from the engine thread onto the
-event loop through an asyncio.Queue. The engine's sink only appends to the loop's Mailbox:
+event loop. The engine's sink only appends to the loop's Mailbox:
 the events of one engine step, for every stream, cross to the loop in one hand-off (one
 call_soon_threadsafe per step, not per token per stream).
 
@@ -14,7 +14,9 @@ holds (running or queued, from submit until their last event is back on the loop
 the engine's max_waiting, so the engine's own queue check cannot fail a request after it
 was accepted; past that, QueueFullError (503 + Retry-After).
 
-Time to first token and inter-token latency are measured here, as events reach the loop.
+Time to first token and inter-token latency are measured here, as events reach the loop; for
+a whole (non-streamed) answer, as they leave the engine, whose events cross to the loop only
+when a sample ends (nothing reads them sooner; the client's disconnect is still polled).
 The model is released (its keep-alive clock restarts) once every sample has finished or the
 request was aborted, whichever comes first, exactly once.
 """
@@ -25,6 +27,7 @@ import asyncio
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from quant.errors import QueueFullError
@@ -76,6 +79,11 @@ def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
     return box
 
 
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 def finished(event: Event) -> bool:
     return event.error is not None or (
         event.delta is not None and event.delta.finish_reason is not None
@@ -84,15 +92,27 @@ def finished(event: Event) -> bool:
 
 class RequestStream:
     def __init__(
-        self, registry: ModelRegistry, served: ServedModel, metrics: ServerMetrics, arrived: float
+        self,
+        registry: ModelRegistry,
+        served: ServedModel,
+        metrics: ServerMetrics,
+        arrived: float,
+        whole: bool = False,
     ) -> None:
         self.registry, self.served, self.metrics = registry, served, metrics
         self.arrived = arrived  # time.perf_counter() when the request came in
+        # A whole (non-streamed) answer: nothing reads a token before a sample's last, so its
+        # events wait on the engine thread and cross to the loop when the sample ends.
+        self.whole = whole
+        self._held: list[Event] = []
         self.request_id: str | None = None
         self.prompt_tokens = 0
         self.samples = 0  # the request's n
         self._mailbox = mailbox(asyncio.get_running_loop())
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        # Events on the loop not yet taken, and the consumer's wake-up while it waits: a plain
+        # deque and one future (no asyncio.Queue, no wait_for task per token).
+        self._events: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._unfinished = 0  # samples whose last event has not reached the loop
         self._unconsumed = 0  # samples whose last event the consumer has not taken
         self._first_token = True
@@ -119,13 +139,28 @@ class RequestStream:
         self.samples = self._unfinished = self._unconsumed = params.n
 
     def _sink(self, event: Event) -> None:
-        """Called on the engine thread."""
-        self._mailbox.post(self._arrive, event)
+        """Called on the engine thread. A whole answer's events are measured here and held
+        until their sample ends: the loop wakes once per sample, not once per token."""
+        if not self.whole:
+            self._mailbox.post(self._arrive, event)
+            return
+        self._measure(event)
+        self._held.append(event)
+        if finished(event):
+            held, self._held = self._held, []
+            for e in held:
+                self._mailbox.post(self._take, e)
 
     def _arrive(self, event: Event) -> None:
-        """On the loop: measure, queue, and release the model after the last sample."""
-        now = time.perf_counter()
+        """On the loop: measure, then take the event."""
+        self._measure(event)
+        self._take(event)
+
+    def _measure(self, event: Event) -> None:
+        """Time to first token and inter-token latency, as events reach the loop (a whole
+        answer's: as they leave the engine). The histograms lock: either thread may observe."""
         if event.delta is not None and event.delta.token_id is not None:
+            now = time.perf_counter()
             if self._first_token:
                 self._first_token = False
                 self.metrics.ttft.observe(now - self.arrived)
@@ -133,7 +168,11 @@ class RequestStream:
             if last is not None:
                 self.metrics.itl.observe(now - last)
             self._last_token[event.index] = now
-        self._queue.put_nowait(event)
+
+    def _take(self, event: Event) -> None:
+        """On the loop: queue the event; release the model after the last sample."""
+        self._events.append(event)
+        _wake(self._waiter)
         if finished(event):
             self._unfinished -= 1
             if self._admitted:
@@ -164,10 +203,16 @@ class RequestStream:
                 self._next_poll = now + POLL_SECONDS
                 if await disconnected():
                     return None
+            if self._events:
+                return self._events.popleft()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(POLL_SECONDS, _wake, waiter)
             try:
-                return await asyncio.wait_for(self._queue.get(), POLL_SECONDS)
-            except asyncio.TimeoutError:
-                continue
+                await waiter  # an event arrived, or POLL_SECONDS passed
+            finally:
+                timer.cancel()
+                self._waiter = None
 
     def close(self) -> None:
         """Abort the request unless all its samples were consumed; release the model."""
