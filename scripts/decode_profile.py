@@ -14,7 +14,9 @@ about a microsecond per matmul; the share is computed within the instrumented ru
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import pkgutil
 import sys
 import time
 from pathlib import Path
@@ -23,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import runtime.models  # noqa: E402
 from kernels import linear  # noqa: E402
-from runtime import model as model_mod  # noqa: E402
 from runtime.cli.bench import Bench, BenchSpec, weight_bytes_per_token  # noqa: E402
 from runtime.loaded_model import LoadedModel  # noqa: E402
 
@@ -53,11 +55,19 @@ class MatmulTimer:
     def install(self) -> list:
         saved = [
             (linear.PackedLinear, "__call__", linear.PackedLinear.__call__),
-            (model_mod, "matmuls", model_mod.matmuls),
-        ]
+        ] + [(mod, "matmuls", mod.matmuls) for mod in _users_of_matmuls()]
         for owner, name, fn in saved:
             setattr(owner, name, self.wrap(fn))
         return saved
+
+
+def _users_of_matmuls() -> list:
+    """The model modules that call kernels.linear.matmuls by their own imported name."""
+    mods = (
+        importlib.import_module(f"runtime.models.{m.name}")
+        for m in pkgutil.iter_modules(runtime.models.__path__)
+    )
+    return [mod for mod in mods if getattr(mod, "matmuls", None) is linear.matmuls]
 
 
 def profile(name: str, tokens: int) -> dict:
