@@ -4,10 +4,11 @@ format, and the routed matmul over it: row r of the result is x[src[r]] · W[exp
 On the CPU, three paths, each grouping the rows by expert so that every chosen expert's
 weights stream from memory once per call for all the rows that chose it:
 - panels (kernels/native/interleaved.cpp `imoe_matmul_many`), for every type with a panel
-  kernel in this build (Q4_0 … Q6_K, IQ4_XS) and N a multiple of 16: the experts' rows re-laid
+  kernel in this build (Q4_0 … Q6_K, IQ4_XS, MXFP4) and N a multiple of 16: the experts' rows re-laid
   out once in 16-row panels (`interleave` of the (E·N, row_bytes) rows: expert e is panels
   [e·N/16, (e+1)·N/16), one contiguous stream), the dense layers' fast kernels per expert;
-- GGML rows (kernels/native/moe.cpp `moe_matmul_many`: MXFP4, Q4_0, Q8_0), a row at a time;
+- GGML rows (kernels/native/moe.cpp `moe_matmul_many`: MXFP4, Q4_0, Q8_0), a row at a time,
+  where panels do not apply (N not a multiple of 16, or a build without panel kernels);
 - other types in Python: one native qmatmul (or dequantize-and-matmul) per chosen expert.
 Threads split over (weight, expert, rows) in both native paths. On the GPU, Triton's grouped
 kernel (kernels/triton/moe.py) on the GGUF's (E, N, row_bytes) rows.
