@@ -370,9 +370,11 @@ def test_a_dropped_stream_is_aborted_and_others_complete(server, client):
 
 def test_a_client_that_leaves_a_whole_answer_is_aborted(server):
     before = metrics(server)["tandem_requests_aborted_total"]
-    body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 300, "ignore_eos": True}
+    # Nearly the whole context (2+ s of decode at today's speed), left after 0.3 s: the
+    # server's disconnect poll (every 0.5 s) must find it gone well before the answer ends.
+    body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 480, "ignore_eos": True}
     with pytest.raises(httpx2.ReadTimeout):
-        httpx2.post(f"{server.url}/v1/completions", json=body, timeout=1.0)
+        httpx2.post(f"{server.url}/v1/completions", json=body, timeout=0.3)
     deadline = time.time() + 30
     while metrics(server)["tandem_requests_aborted_total"] == before:
         assert time.time() < deadline, "the abandoned request was not aborted"
