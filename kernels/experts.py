@@ -106,6 +106,70 @@ def expert_matmuls(
     ]
 
 
+ACTIVATIONS = {"silu": 0, "swiglu_oai": 1}  # imoe_ffn's activation codes
+
+
+def routed_ffn(
+    gate: PackedExperts,
+    up: PackedExperts,
+    down: PackedExperts,
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    activation: str,
+) -> torch.Tensor | None:
+    """A whole routed feed-forward in one native call (kernels/native/moe_ffn.cpp):
+    out[t] = Σ_j weights[t, j] · down_e(act(gate_e(x_t), up_e(x_t))), e = ids[t, j], biases
+    included, for x (T, K) float32 and ids, weights (T, k) → (T, K); None where that call does
+    not apply (experts not in CPU panels, gate and up of two types, another activation): the
+    caller then runs expert_matmuls and the activation itself."""
+    module = gate._panel_module
+    if (
+        module is None
+        or up.panels is None
+        or down.panels is None
+        or down._panel_module is None
+        or up.ggml_type != gate.ggml_type
+        or activation not in ACTIVATIONS
+        or not hasattr(module, "imoe_ffn")
+    ):
+        return None
+    return module.imoe_ffn(
+        x.contiguous(),
+        ids.long(),
+        weights.float(),
+        gate.panels,
+        up.panels,
+        down.panels,
+        gate.ggml_type,
+        down.ggml_type,
+        ACTIVATIONS[activation],
+        gate.bias,
+        up.bias,
+        down.bias,
+    )
+
+
+ROUTE_MAX_TOKENS = 16  # imoe_route's dot products pay off at decode; prefill takes sgemm
+
+
+def route_topk(
+    router: object, h: torch.Tensor, k: int, softmax_first: bool, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A float32 CPU router's top-k in one native call (kernels/native/moe_ffn.cpp
+    imoe_route) for h (T, K) of at most ROUTE_MAX_TOKENS tokens → (weights (T, k) float32,
+    ids (T, k) int64); None where it does not apply (the caller then routes in torch)."""
+    w = getattr(router, "float_weight", None)
+    if w is None or not h.is_cpu or h.shape[0] > ROUTE_MAX_TOKENS or h.dtype != torch.float32:
+        return None
+    module = native_loader.load() if native_loader.enabled() else None
+    if module is None or not hasattr(module, "imoe_route"):
+        return None
+    bias = getattr(router, "bias", None)
+    weights, ids = module.imoe_route(h, w, bias, k, softmax_first, normalize)
+    return weights, ids
+
+
 def interleave_experts(weight: torch.Tensor, ggml_type: int) -> torch.Tensor | None:
     """Expert rows (E, N, row_bytes) in 16-row panels, expert by expert (E·N/16, panel_bytes),
     or None where the panel path does not apply: no panel kernel for the type in this build,

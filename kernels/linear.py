@@ -77,6 +77,11 @@ class PackedLinear:
         self._native = module.qmatmul if module and module.supports(int(ggml_type)) else None
         self.panels = panels if module is not None else None  # (ceil(N/16), panel_bytes) uint8
         self._module = module
+        # F32 weights (MoE routers) need no unpacking: a float32 view (N, K) of the rows,
+        # multiplied in place (no per-call copy into the scratch buffer)
+        self.float_weight: torch.Tensor | None = (
+            dequantize(weight, ggml_type) if fmt.name == "F32" else None
+        )
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows `ids` (an embedding lookup): (T,) → (T, in_features)."""
@@ -90,6 +95,8 @@ class PackedLinear:
                 self.out_features,
             )
             return dequantize(packed, self.ggml_type).reshape(*ids.shape, self.in_features)
+        if self.float_weight is not None:
+            return self.float_weight[ids]
         return dequantize(self.weight[ids], self.ggml_type)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,6 +111,9 @@ class PackedLinear:
             return y + self.bias if self.bias is not None else y
         if self._native is not None:
             y = self._native(x.contiguous(), self.weight, self.ggml_type)
+            return y + self.bias if self.bias is not None else y
+        if self.float_weight is not None:  # (M, K) · (K, N)
+            y = x @ self.float_weight.T
             return y + self.bias if self.bias is not None else y
         n, step = self.out_features, self.rows_per_chunk
         y = torch.empty(x.shape[0], n, dtype=torch.float32)

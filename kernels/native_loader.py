@@ -1,5 +1,5 @@
 """The native CPU kernels (kernels/native/: qmatmul.cpp, interleaved.cpp, small_ops.cpp,
-paged_attention.cpp, moe.cpp, delta_rule.cpp,
+paged_attention.cpp, moe.cpp, moe_ffn.cpp, delta_rule.cpp,
 short_conv.cpp), one extension module built on first use, loaded once.
 
 `qmatmul(x, w, ggml_type)` computes x · Wᵀ for W in packed GGML rows with llama.cpp's CPU
@@ -54,6 +54,7 @@ SOURCES = (
     NATIVE / "small_ops.cpp",
     NATIVE / "paged_attention.cpp",
     NATIVE / "moe.cpp",
+    NATIVE / "moe_ffn.cpp",
     NATIVE / "delta_rule.cpp",
     NATIVE / "short_conv.cpp",
 )

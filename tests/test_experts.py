@@ -166,3 +166,93 @@ def test_triton_grouped_kernel_interpreted():
         ).cpu()
         want = _reference(x, dense[:, :20], src.tolist(), expert.tolist(), q8=False)
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def _split_ffn(gate, up, down, x, ids, weights, activation):
+    """The routed feed-forward as MoE runs it without imoe_ffn: expert_matmuls for gate/up,
+    the activation in torch (the silu of small_ops.act_mul), expert_matmuls for down, then the
+    weighted sum over the k choices."""
+    from runtime.models.moe import swiglu_oai
+
+    n, k = ids.shape
+    expert = ids.reshape(-1)
+    g, u = expert_matmuls([gate, up], x, torch.arange(n).repeat_interleave(k), expert)
+    act = swiglu_oai(g, u) if activation == "swiglu_oai" else torch.nn.functional.silu(g) * u
+    out = expert_matmuls([down], act, torch.arange(n * k), expert)[0].view(n, k, -1)
+    return torch.einsum("tke,tk->te", out, weights)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("gu_type", "down_type", "activation", "biased"),
+    [
+        (T.Q4_0, T.Q4_0, "silu", False),
+        (T.Q4_K, T.Q6_K, "silu", False),  # Qwen3-30B-A3B Q4_K_M: gate/up Q4_K, down Q6_K
+        (T.MXFP4, T.MXFP4, "swiglu_oai", True),  # gpt-oss
+    ],
+)
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_fused_routed_ffn_equals_the_split_path(gu_type, down_type, activation, biased, tokens):
+    """imoe_ffn (one native call) against the same products, activation and weighted sum
+    taken step by step: the products are bit-identical, so only the activation's exp and the
+    order of the weighted sum may differ (float32 rounding)."""
+    from kernels.experts import routed_ffn
+
+    if not native_loader.load().interleaved_supports(int(gu_type)):
+        pytest.skip("no panel kernels in this build")
+    kdim, f = 256, 512
+    g_packed, _ = _experts(gu_type, seed=11, n=f, k=kdim)
+    u_packed, _ = _experts(gu_type, seed=12, n=f, k=kdim)
+    d_packed, _ = _experts(down_type, seed=13, n=kdim, k=f)
+    gen = torch.Generator().manual_seed(5)
+
+    def experts(packed, qtype, width, rows):
+        bias = torch.randn(E, rows, generator=gen) if biased else None
+        return PackedExperts(
+            packed, int(qtype), width, bias=bias, panels=interleave_experts(packed, int(qtype))
+        )
+
+    gate, up = experts(g_packed, gu_type, kdim, f), experts(u_packed, gu_type, kdim, f)
+    down = experts(d_packed, down_type, f, kdim)
+    x = torch.randn(tokens, kdim, generator=gen)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:4] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, 4, generator=gen), -1)
+    expert_stats(reset=True)
+    got = routed_ffn(gate, up, down, x, ids, weights, activation)
+    stats = expert_stats(reset=True)
+    assert got is not None
+    chosen = int(torch.unique(ids).numel())
+    assert (stats["calls"], stats["streams"]) == (1, 3 * chosen)  # each expert read once
+    want = _split_ffn(gate, up, down, x, ids, weights, activation)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5 * float(want.abs().max()))
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("softmax_first", "normalize", "biased"), [(True, True, False), (False, False, True)]
+)
+def test_native_router_top_k_matches_torch(softmax_first, normalize, biased):
+    """imoe_route (qwen3moe: softmax → top-k → normalized; gpt-oss: biased, top-k → softmax)
+    against the torch route MoE takes for prefill."""
+    from kernels.experts import route_topk
+    from kernels.linear import PackedLinear
+
+    gen = torch.Generator().manual_seed(3)
+    n_exp, kdim, k = 64, 256, 8
+    w = torch.randn(n_exp, kdim, generator=gen)
+    bias = torch.randn(n_exp, generator=gen) if biased else None
+    router = PackedLinear(w.view(torch.uint8), int(T.F32), kdim, bias)
+    h = torch.randn(5, kdim, generator=gen)
+    got = route_topk(router, h, k, softmax_first, normalize)
+    assert got is not None
+    logits = h @ w.T + (bias if biased else 0)
+    if softmax_first:
+        want_w, want_ids = torch.topk(torch.softmax(logits, -1), k, -1)
+    else:
+        top, want_ids = torch.topk(logits, k, -1)
+        want_w = torch.softmax(top, -1)
+    if normalize:
+        want_w = want_w / want_w.sum(-1, keepdim=True)
+    assert torch.equal(got[1], want_ids)
+    torch.testing.assert_close(got[0], want_w, rtol=1e-5, atol=1e-6)
+    assert route_topk(router, torch.randn(17, kdim), k, softmax_first, normalize) is None

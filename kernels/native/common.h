@@ -328,4 +328,22 @@ inline __m256 exp8(__m256 x) {
 // x (M, K) float32 quantized per token to the vec_dot type `kind` (qmatmul.cpp).
 Act quantize_act(const float* x, int64_t M, int64_t K, int kind);
 
+// ---------------------------------------------------------------- routed panel products
+// (interleaved.cpp; AVX2 and AVX-512 builds only, where interleaved_supports(type))
+
+// One expert's panels against its rows: y[begin..end) (rows of N floats, in the Act's sorted
+// order) = Act rows [begin, end) · the expert's N weight rows, panels w, w + pstride, ….
+struct ExpertRows {
+  const uint8_t* w;
+  int64_t pstride, N;
+  float* y;
+  int64_t begin, end;
+};
+#if TQ_AVX2
+void routed_panels(int type, const std::vector<ExpertRows>& rows, const Act& a);
+int panel_act_kind(int type);                      // the vec_dot type a panel type's Act takes
+int64_t panel_row_bytes(int type, int64_t K);      // bytes of one 16-row panel over K
+int64_t panel_block(int type);  // elements per GGML block of a panel type; 0: no panel kernel
+#endif
+
 }  // namespace tq

@@ -1334,6 +1334,26 @@ int act_kind(int type) {  // MXFP4: Q8_0, as llama.cpp's vec_dot_mxfp4_q8_0
 }
 #endif  // TQ_AVX2
 
+}  // namespace
+
+// The routed panel products for other files (moe_ffn.cpp): common.h's declarations.
+namespace tq {
+#if TQ_AVX2
+int panel_act_kind(int type) { return act_kind(type); }
+int64_t panel_row_bytes(int type, int64_t K) { return panel_bytes(type, K); }
+int64_t panel_block(int type) { return layout_of(type).bs; }
+
+void routed_panels(int type, const std::vector<ExpertRows>& rows, const Act& a) {
+  std::vector<RoutedPart> parts;
+  parts.reserve(rows.size());
+  for (const ExpertRows& r : rows) parts.push_back({{r.w, r.pstride, r.N, r.y}, r.begin, r.end});
+  routed_for(type)(parts, a);
+}
+#endif
+}  // namespace tq
+
+namespace {
+
 // Whether this build multiplies panels of `type` (imatmul); interleave works in every build.
 bool interleaved_supports(int64_t type) {
 #if TQ_AVX2

@@ -748,12 +748,14 @@ void register_paged_attention(pybind11::module& m);  // paged_attention.cpp
 void register_interleaved(pybind11::module& m);  // interleaved.cpp
 void register_moe(pybind11::module& m);  // moe.cpp
 void register_delta_rule(pybind11::module& m);  // delta_rule.cpp
+void register_moe_ffn(pybind11::module& m);  // moe_ffn.cpp
 void register_short_conv(pybind11::module& m);  // short_conv.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_small_ops(m);
   register_paged_attention(m);
   register_interleaved(m);
+  register_moe_ffn(m);
   register_moe(m);
   register_delta_rule(m);
   register_short_conv(m);

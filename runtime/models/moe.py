@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.crossing import cross
-from kernels.experts import PackedExperts, expert_matmuls
+from kernels.experts import PackedExperts, expert_matmuls, route_topk, routed_ffn
 from kernels.layer_ops import LayerOps
 from runtime.models.base import Layer, Linear
 from runtime.models.weights import WeightLoader
@@ -65,6 +65,9 @@ class MoE:
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (T, E) → (weights (T, k) float32, expert ids (T, k) int64)."""
+        native = route_topk(self.router, h, self.n_used, self.gating == "softmax", self.normalize)
+        if native is not None:  # a float32 router on the CPU at decode: one native call
+            return native
         logits = self.router(h)  # (T, n_expert)
         if self.gating == "softmax":
             weights, ids = torch.topk(torch.softmax(logits, -1), self.n_used, -1)
@@ -81,6 +84,17 @@ class MoE:
         weights, ids = self.route(h)
         where = self.gate.device  # the experts' device (CPU in a --n-cpu-moe split)
         x = cross(h, where)
+        fused = routed_ffn(
+            self.gate,
+            self.up,
+            self.down,
+            x,
+            cross(ids, where),
+            cross(weights, where),
+            self.activation,
+        )
+        if fused is not None:  # the CPU panels: the whole feed-forward in one native call
+            return cross(fused, h.device)
         expert = cross(ids, where).reshape(-1)  # (T·k,) row t·k + j: token t's j-th choice
         src = torch.arange(n, device=where).repeat_interleave(k)
         gate, up = expert_matmuls([self.gate, self.up], x, src, expert)  # (T·k, F) each
