@@ -763,6 +763,14 @@ struct Planes {
   void next(const Layout& L) { D += L.d; S += L.s; H += L.h; Q += L.q; }
 };
 
+// Independent int32 sums per token and block: the dot instructions' latency chain is split
+// over U sums. A decode tile (NT ≤ 2) has the registers for 4 on AVX-512, which halves the
+// chain per block; the sums are exact integers, so the result is the same bits for any U.
+template <class V, int NT>
+constexpr int chains() {
+  return V::W == 16 && NT <= 2 ? 4 : V::CHAINS;
+}
+
 // 32-element blocks: per block, exact int32 Σ u·y − offset·Σy per row, then acc += that ·
 // d_w·d_y (Q4_1: + m_w·s_y), in float32, block after block.
 template <class V, int TYPE, int NT>
@@ -772,7 +780,7 @@ void panel32(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F
   constexpr Layout L = layout_of(TYPE);
   constexpr bool SIGNED = TYPE == Q8_0 && !V::EXACT_U8;  // Q8_0 through dot_s8: no offset
   constexpr int SHIFT = TYPE == Q4_0 ? 3 : TYPE == Q5_0 ? 4 : 7;  // offset 1 << SHIFT
-  constexpr int U = V::CHAINS;
+  constexpr int U = chains<V, NT>();
   Planes<V> pl(p, L, a.nb, half);
   TokenAct ta[NT];
   token_acts<NT>(a, t0, ta);
@@ -803,8 +811,8 @@ void panel32(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F
           hi = V::add_bits(hi, pl.H + 16 * g + 8, 0x10);
         }
         for (int t = 0; t < NT; ++t) {
-          s[0][t] = V::dot(s[0][t], lo, ta[t].y + 32 * b + 4 * g);
-          s[U - 1][t] = V::dot(s[U - 1][t], hi, ta[t].y + 32 * b + 16 + 4 * g);
+          s[2 * g % U][t] = V::dot(s[2 * g % U][t], lo, ta[t].y + 32 * b + 4 * g);
+          s[(2 * g + 1) % U][t] = V::dot(s[(2 * g + 1) % U][t], hi, ta[t].y + 32 * b + 16 + 4 * g);
         }
       }
     }
@@ -1127,10 +1135,11 @@ void panel_mxfp4(const uint8_t* p, int half, const Act& a, int64_t t0, typename 
   F acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = V::fzero();
   for (int64_t b = 0; b < a.nb; ++b, D += L.d, Q += L.q) {
-    I s[2][NT];  // low and high nibbles: two independent sums
+    constexpr int U = std::max(2, chains<V, NT>());
+    I s[U][NT];  // independent sums (at least the low and the high nibbles' two)
     for (int t = 0; t < NT; ++t) {
       s[0][t] = V::set1(-12 * ta[t].sum[b]);
-      s[1][t] = V::zero();
+      for (int u = 1; u < U; ++u) s[u][t] = V::zero();
     }
 #if !TQ_VNNI  // (V is Ymm) maddubs' pairs added up in int16 over the 4 groups (a pair is
     // ≤ 2·24·127, four of them < 2^15: exact), then one madd per sum into int32
@@ -1158,10 +1167,12 @@ void panel_mxfp4(const uint8_t* p, int half, const Act& a, int64_t t0, typename 
       const I lo = V::lut(table, V::lo_nib(raw)), hi = V::lut(table, V::hi_nib(raw));
       for (int t = 0; t < NT; ++t) {
         const int8_t* y = ta[t].y + 32 * b + 4 * g;
-        s[0][t] = V::dot(s[0][t], lo, y);
-        s[1][t] = V::dot(s[1][t], hi, y + 16);
+        s[2 * g % U][t] = V::dot(s[2 * g % U][t], lo, y);
+        s[(2 * g + 1) % U][t] = V::dot(s[(2 * g + 1) % U][t], hi, y + 16);
       }
     }
+    for (int t = 0; t < NT; ++t)
+      for (int u = 2; u < U; ++u) s[u % 2][t] = V::add(s[u % 2][t], s[u][t]);
 #endif
     const F dw = e8m0_halves(static_cast<const V*>(nullptr), D);
     for (int t = 0; t < NT; ++t)
