@@ -880,7 +880,7 @@ void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
         imn[t] = V::add(imn[t], V::mullo(mn, V::set1(bs[0] + bs[1])));
       }
 #else
-      constexpr int U = V::CHAINS;
+      constexpr int U = chains<V, NT>();
       I s[U][NT];
       for (int u = 0; u < U; ++u)
         for (int t = 0; t < NT; ++t) s[u][t] = V::zero();
@@ -890,8 +890,8 @@ void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
         unpack(j, g, lo, hi);
         for (int t = 0; t < NT; ++t) {
           const int8_t* y = ta[t].y + 256 * b + 32 * j;
-          s[0][t] = V::dot(s[0][t], lo, y + 4 * g);
-          s[U - 1][t] = V::dot(s[U - 1][t], hi, y + 16 + 4 * g);
+          s[2 * g % U][t] = V::dot(s[2 * g % U][t], lo, y + 4 * g);
+          s[(2 * g + 1) % U][t] = V::dot(s[(2 * g + 1) % U][t], hi, y + 16 + 4 * g);
         }
       }
       for (int t = 0; t < NT; ++t) {
