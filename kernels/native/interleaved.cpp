@@ -1267,7 +1267,7 @@ void run(const std::vector<PanelPart>& parts, const Act& a) {
   int64_t total = 0;
   for (const PanelPart& part : parts) total += (part.N + R - 1) / R;
   int64_t per = (total + threads * 8 - 1) / (threads * 8);
-  per = std::min(per, std::max<int64_t>(1, (M == 1 ? MAX_CHUNK_BYTES : TILE_BYTES) / pbytes));
+  per = std::min(per, std::max<int64_t>(1, (M <= max_tokens<TYPE>() ? MAX_CHUNK_BYTES : TILE_BYTES) / pbytes));
   per = std::max<int64_t>(per, 1);
   std::vector<std::pair<int, int64_t>> chunks;  // (part, first panel)
   for (int i = 0; i < int(parts.size()); ++i)
@@ -1299,7 +1299,9 @@ void run_routed(const std::vector<RoutedPart>& parts, const Act& a) {
   for (int64_t i = 0; i < int64_t(parts.size()); ++i) {
     const RoutedPart& part = parts[i];
     const int64_t P = (part.panels.N + R - 1) / R;
-    const int64_t cap = (part.end - part.begin == 1 ? MAX_CHUNK_BYTES : TILE_BYTES) / pbytes;
+    // one pass over the panels (rows ≤ a register tile): long chunks, prefetched ahead
+    const bool one_pass = part.end - part.begin <= max_tokens<TYPE>();
+    const int64_t cap = (one_pass ? MAX_CHUNK_BYTES : TILE_BYTES) / pbytes;
     const int64_t per = std::max<int64_t>(1, std::min(balanced, cap));
     for (int64_t p0 = 0; p0 < P; p0 += per) chunks.push_back({i, p0, std::min(P, p0 + per)});
   }
