@@ -150,7 +150,7 @@ def routed_ffn(
     )
 
 
-ROUTE_MAX_TOKENS = 16  # imoe_route's dot products pay off at decode; prefill takes sgemm
+ROUTE_MAX_TOKENS = 16  # imoe_route up to a 16-stream decode step (measured faster than torch there); prefill takes sgemm
 
 
 def route_topk(

@@ -216,10 +216,10 @@ std::vector<torch::Tensor> imoe_route(torch::Tensor h, torch::Tensor w,
   const float* bp = bias ? b.data_ptr<float>() : nullptr;
   std::vector<float> logits(T * E);
   const int64_t blocks = (E + ROUTER_ROWS - 1) / ROUTER_ROWS;
-  parallel_chunks(T * blocks, [&](int64_t job) {
-    const int64_t t = job / blocks, e0 = job % blocks * ROUTER_ROWS;
-    for (int64_t e = e0; e < std::min(E, e0 + ROUTER_ROWS); ++e)
-      logits[t * E + e] = dot_f32(hp + t * K, wp + e * K, K) + (bp ? bp[e] : 0.f);
+  parallel_chunks(blocks, [&](int64_t job) {  // a router row read once, for every token
+    for (int64_t e = job * ROUTER_ROWS; e < std::min(E, (job + 1) * ROUTER_ROWS); ++e)
+      for (int64_t t = 0; t < T; ++t)
+        logits[t * E + e] = dot_f32(hp + t * K, wp + e * K, K) + (bp ? bp[e] : 0.f);
   });
   torch::Tensor weights = torch::empty({T, k}, h.options());
   torch::Tensor ids = torch::empty({T, k}, h.options().dtype(torch::kInt64));
