@@ -84,18 +84,24 @@ class DeltaNet:
         mix, z, beta, alpha = matmuls([self.qkv, self.z, self.beta, self.alpha], h)
         beta = torch.sigmoid(beta)  # (T, Hv)
         g = F.softplus(alpha + self.dt_bias) * self.a  # (T, Hv)
-        o = torch.empty(h.shape[0], self.v_heads, self.head_dim, device=h.device)
-        for runs in _by_length(step.runs):
-            rows = torch.cat([torch.arange(r.row, r.row + r.n) for r in runs]).to(h.device)
-            n = runs[0].n
-            o[rows] = self._sequences(
-                mix[rows].view(len(runs), n, -1),
-                beta[rows].view(len(runs), n, -1),
-                g[rows].view(len(runs), n, -1),
-                runs,
-                i,
-                ops,
-            ).flatten(0, 1)
+        groups = _by_length(step.runs)
+        runs = groups[0]
+        if len(groups) == 1 and runs[0].row == 0 and len(runs) * runs[0].n == h.shape[0]:
+            # every run of one length (a decode step; one prefill), in row order, covering the
+            # rows: no gathering or scattering
+            shape = (len(runs), runs[0].n, -1)
+            o = self._sequences(
+                mix.reshape(shape), beta.reshape(shape), g.reshape(shape), runs, i, ops
+            )
+            o = o.flatten(0, 1)
+        else:
+            o = torch.empty(h.shape[0], self.v_heads, self.head_dim, device=h.device)
+            for runs in groups:
+                rows = torch.cat([torch.arange(r.row, r.row + r.n) for r in runs]).to(h.device)
+                shape = (len(runs), runs[0].n, -1)
+                o[rows] = self._sequences(
+                    mix[rows].view(shape), beta[rows].view(shape), g[rows].view(shape), runs, i, ops
+                ).flatten(0, 1)
         y = ops.rms_norm(o, self.norm, self.eps) * F.silu(z).view_as(o)  # (T, Hv, Dv)
         return self.out(y.flatten(1))
 
