@@ -17,8 +17,8 @@
 // bias lookups, the activation, the index bookkeeping, the weighted einsum): at decode
 // (T = 1, k = 8) their fixed cost was a fifth of a step (docs/kernels.md).
 //
-// Numerics: the products are those of imoe_matmul_many, bit for bit; silu as small_ops.cpp's
-// act_mul (x / (1 + e^−x), std::exp); the weighted sum in float32.
+// Numerics: the products are those of imoe_matmul_many, bit for bit; silu as x / (1 + e^−x)
+// with common.h's exp8 (std::exp for a tail under 8); the weighted sum in float32.
 //
 // imoe_route, below, is the router in front of it for a float32 router weight at decode.
 #include "common.h"
@@ -43,9 +43,26 @@ std::vector<ExpertRows> parts_of(const ExpertGroups& groups, const torch::Tensor
   return parts;
 }
 
-// gate row i ← act(gate + bg, up + bu) of expert e, in place.
+// gate row i ← act(gate + bg, up + bu) of expert e, in place; 8 lanes at a time with
+// common.h's exp8 (relative error < 2e-7 against std::exp), the tail as scalars.
 void activate(float* g, const float* u, const float* bg, const float* bu, int64_t F, int64_t act) {
-  for (int64_t f = 0; f < F; ++f) {
+  int64_t f = 0;
+  const __m256 one = _mm256_set1_ps(1.f), limit = _mm256_set1_ps(SWIGLU_LIMIT);
+  for (; f + 8 <= F; f += 8) {
+    __m256 x = _mm256_loadu_ps(g + f), y = _mm256_loadu_ps(u + f);
+    if (bg) x = _mm256_add_ps(x, _mm256_loadu_ps(bg + f));
+    if (bu) y = _mm256_add_ps(y, _mm256_loadu_ps(bu + f));
+    __m256 e;
+    if (act == SWIGLU_OAI) {
+      x = _mm256_min_ps(x, limit);
+      y = _mm256_add_ps(_mm256_min_ps(_mm256_max_ps(y, _mm256_sub_ps(_mm256_setzero_ps(), limit)), limit), one);
+      e = exp8(_mm256_mul_ps(x, _mm256_set1_ps(-SWIGLU_ALPHA)));
+    } else {
+      e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+    }
+    _mm256_storeu_ps(g + f, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), y));
+  }
+  for (; f < F; ++f) {
     float x = g[f] + (bg ? bg[f] : 0.f), y = u[f] + (bu ? bu[f] : 0.f);
     if (act == SWIGLU_OAI) {
       x = std::min(x, SWIGLU_LIMIT);
@@ -115,15 +132,16 @@ torch::Tensor imoe_ffn(torch::Tensor x, torch::Tensor ids, torch::Tensor weights
   const ExpertGroups groups = group_by_expert(idp, src.data(), Rows, E, T);
 
   // Gathered token rows (Rows, K) in sorted order, quantized once for gate and up.
-  std::vector<float> xs(Rows * K);
+  // (uninitialised buffers: every element is written before it is read)
+  const std::unique_ptr<float[]> xs(new float[Rows * K]), gs(new float[Rows * F]),
+      us(new float[Rows * F]), ds(new float[Rows * K]);
   const float* xp = x.data_ptr<float>();
   for (int64_t i = 0; i < Rows; ++i)
     std::memcpy(&xs[i * K], xp + src[groups.order[i]] * K, K * sizeof(float));
-  std::vector<float> gs(Rows * F), us(Rows * F), ds(Rows * K);
   {
-    const Act a = quantize_act(xs.data(), Rows, K, panel_act_kind(int(type_gu)));
-    std::vector<ExpertRows> parts = parts_of(groups, gate, F, gs.data());
-    const std::vector<ExpertRows> ups = parts_of(groups, up, F, us.data());
+    const Act a = quantize_act(xs.get(), Rows, K, panel_act_kind(int(type_gu)));
+    std::vector<ExpertRows> parts = parts_of(groups, gate, F, gs.get());
+    const std::vector<ExpertRows> ups = parts_of(groups, up, F, us.get());
     parts.insert(parts.end(), ups.begin(), ups.end());
     routed_panels(int(type_gu), parts, a);
   }
@@ -132,8 +150,8 @@ torch::Tensor imoe_ffn(torch::Tensor x, torch::Tensor ids, torch::Tensor weights
     activate(&gs[i * F], &us[i * F], bg ? bg + e * F : nullptr, bu ? bu + e * F : nullptr, F, act);
   });
   {
-    const Act a = quantize_act(gs.data(), Rows, F, panel_act_kind(int(type_down)));
-    routed_panels(int(type_down), parts_of(groups, down, K, ds.data()), a);
+    const Act a = quantize_act(gs.get(), Rows, F, panel_act_kind(int(type_down)));
+    routed_panels(int(type_down), parts_of(groups, down, K, ds.get()), a);
   }
   const int64_t pg = panel_row_bytes(int(type_gu), K) * (F / 16);
   moe_counters().add(groups.size() * 3,
