@@ -732,6 +732,21 @@ using Vec = Zmm;
 using Vec = Ymm;
 #endif
 
+// A decode pass's software prefetch, spread over its blocks: each block a kernel visits asks
+// for `step` more bytes at `ahead` (up to `end`), the bytes of about one block, so that the
+// requests stay a fixed lead ahead of the reads. (Asking for a whole panel at its start, as
+// before, came in bursts of 10-80 KiB that stalled the loads behind them; measured in
+// docs/kernels.md.) Off (ahead == end, the default): nothing.
+struct Prefetch {
+  const char* ahead = nullptr;
+  const char* end = nullptr;
+  int64_t step = 0;
+  inline void block() {
+    const char* upto = std::min(end, ahead + step);
+    for (; ahead < upto; ahead += 64) _mm_prefetch(ahead, _MM_HINT_T0);
+  }
+};
+
 // The lanes of one token's activations the kernels read.
 struct TokenAct {
   const int8_t* y;
@@ -774,7 +789,8 @@ constexpr int chains() {
 // 32-element blocks: per block, exact int32 Σ u·y − offset·Σy per row, then acc += that ·
 // d_w·d_y (Q4_1: + m_w·s_y), in float32, block after block.
 template <class V, int TYPE, int NT>
-void panel32(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
+void panel32(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out,
+                Prefetch& pf) {
   using I = typename V::I;
   using F = typename V::F;
   constexpr Layout L = layout_of(TYPE);
@@ -786,7 +802,7 @@ void panel32(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F
   token_acts<NT>(a, t0, ta);
   F acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = V::fzero();
-  for (int64_t b = 0; b < a.nb; ++b, pl.next(L)) {
+  for (int64_t b = 0; b < a.nb; ++b, pl.next(L), pf.block()) {
     I s[U][NT];  // U chains per token: lo/hi nibbles (Q8_0: even/odd groups)
     for (int t = 0; t < NT; ++t) {
       s[0][t] = TYPE == Q4_1 || SIGNED ? V::zero() : V::set1(-(ta[t].sum[b] << SHIFT));
@@ -835,7 +851,8 @@ void panel32(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F
 // AVX2 without VNNI: maddubs' pair sums added up over a chunk's 4 groups in int16 (a pair is
 // ≤ 2·31·128, four of them < 2^15: exact), then one madd by the scale in both int16 halves.
 template <class V, int NT, bool Q5 = false>
-void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
+void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out,
+                Prefetch& pf) {
   using I = typename V::I;
   using F = typename V::F;
   constexpr Layout L = layout_of(Q5 ? Q5_K : Q4_K);
@@ -844,7 +861,7 @@ void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
   token_acts<NT>(a, t0, ta);
   F acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = V::fzero();
-  for (int64_t b = 0; b < a.nb; ++b, pl.next(L)) {
+  for (int64_t b = 0; b < a.nb; ++b, pl.next(L), pf.block()) {
     I isc[NT], imn[NT];
     for (int t = 0; t < NT; ++t) isc[t] = imn[t] = V::zero();
     // group g of sub-block pair j: the low and high nibbles (+16 where Q5's high bit is set)
@@ -916,7 +933,8 @@ void panel_q4k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
 // Q6_K: 16 sub-blocks of 16 with int8 scales, values 0..63 − 32: per sub-block the exact
 // (Σ q·y − 32·Σy)·sc, summed per row over the super-block, then acc += · d·d_y.
 template <class V, int NT>
-void panel_q6k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
+void panel_q6k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out,
+                Prefetch& pf) {
   using I = typename V::I;
   using F = typename V::F;
   constexpr Layout L = layout_of(Q6_K);
@@ -925,7 +943,7 @@ void panel_q6k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
   token_acts<NT>(a, t0, ta);
   F acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = V::fzero();
-  for (int64_t b = 0; b < a.nb; ++b, pl.next(L)) {
+  for (int64_t b = 0; b < a.nb; ++b, pl.next(L), pf.block()) {
     I isum[NT];
     for (int t = 0; t < NT; ++t) isum[t] = V::zero();
     for (int c = 0; c < 8; ++c) {  // chunk c: sub-blocks 2c (low nibbles) and 2c + 1 (high)
@@ -999,7 +1017,8 @@ inline void q3k_maddubs(const Planes<Ymm>& pl, const uint8_t* H, const TokenAct*
 // over the super-block, then acc += · d·d_y. Groups 0-3 of a 128-element half feed
 // sub-blocks 2k (crumb k), groups 4-7 sub-blocks 2k + 1.
 template <class V, int NT>
-void panel_q3k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
+void panel_q3k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out,
+                Prefetch& pf) {
   using I = typename V::I;
   using F = typename V::F;
   constexpr Layout L = layout_of(Q3_K);
@@ -1009,7 +1028,7 @@ void panel_q3k(const uint8_t* p, int half, const Act& a, int64_t t0, typename V:
   token_acts<NT>(a, t0, ta);
   F acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = V::fzero();
-  for (int64_t b = 0; b < a.nb; ++b, pl.next(L), H += L.h) {
+  for (int64_t b = 0; b < a.nb; ++b, pl.next(L), H += L.h, pf.block()) {
     I isum[NT];
     for (int t = 0; t < NT; ++t) isum[t] = V::zero();
     for (int hh = 0; hh < 2; ++hh) {
@@ -1054,7 +1073,8 @@ alignas(16) constexpr uint8_t IQ4_U8[16] = {1, 24, 45, 63, 79, 93, 106, 118,
 // scales: per sub-block the exact Σ L·y (VNNI: Σ (L+128)·y − 128·Σy; AVX2's maddubs would
 // saturate on those, so |L|·sign(y, L) as Q8_0 does), times sc, summed over the super-block.
 template <class V, int NT>
-void panel_iq4xs(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
+void panel_iq4xs(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out,
+                Prefetch& pf) {
   using I = typename V::I;
   using F = typename V::F;
   constexpr Layout L = layout_of(IQ4_XS);
@@ -1065,7 +1085,7 @@ void panel_iq4xs(const uint8_t* p, int half, const Act& a, int64_t t0, typename 
   const I table = V::table16(IQ4_U8);
   F acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = V::fzero();
-  for (int64_t b = 0; b < a.nb; ++b, pl.next(L)) {
+  for (int64_t b = 0; b < a.nb; ++b, pl.next(L), pf.block()) {
     I isum[NT];
     for (int t = 0; t < NT; ++t) isum[t] = V::zero();
     for (int j = 0; j < 8; ++j) {
@@ -1123,7 +1143,8 @@ inline __m256 e8m0_halves(const Ymm*, const uint8_t* e) {
 // far from saturating), then acc += that · (2^(e−128) · d_y) in float32, block after block:
 // the terms of moe.cpp's dot_row<MXFP4> (ggml_vec_dot_mxfp4_q8_0).
 template <class V, int NT>
-void panel_mxfp4(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
+void panel_mxfp4(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out,
+                Prefetch& pf) {
   using I = typename V::I;
   using F = typename V::F;
   constexpr Layout L = layout_of(MXFP4);
@@ -1134,7 +1155,7 @@ void panel_mxfp4(const uint8_t* p, int half, const Act& a, int64_t t0, typename 
   const I table = V::table16(MXFP4_U8);
   F acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = V::fzero();
-  for (int64_t b = 0; b < a.nb; ++b, D += L.d, Q += L.q) {
+  for (int64_t b = 0; b < a.nb; ++b, D += L.d, Q += L.q, pf.block()) {
     constexpr int U = std::max(2, chains<V, NT>());
     I s[U][NT];  // independent sums (at least the low and the high nibbles' two)
     for (int t = 0; t < NT; ++t) {
@@ -1182,14 +1203,15 @@ void panel_mxfp4(const uint8_t* p, int half, const Act& a, int64_t t0, typename 
 }
 
 template <class V, int TYPE, int NT>
-inline void panel_dot(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out) {
-  if constexpr (TYPE == Q4_K) panel_q4k<V, NT>(p, half, a, t0, out);
-  else if constexpr (TYPE == Q5_K) panel_q4k<V, NT, true>(p, half, a, t0, out);
-  else if constexpr (TYPE == Q3_K) panel_q3k<V, NT>(p, half, a, t0, out);
-  else if constexpr (TYPE == IQ4_XS) panel_iq4xs<V, NT>(p, half, a, t0, out);
-  else if constexpr (TYPE == Q6_K) panel_q6k<V, NT>(p, half, a, t0, out);
-  else if constexpr (TYPE == MXFP4) panel_mxfp4<V, NT>(p, half, a, t0, out);
-  else panel32<V, TYPE, NT>(p, half, a, t0, out);
+inline void panel_dot(const uint8_t* p, int half, const Act& a, int64_t t0, typename V::F* out,
+                Prefetch& pf) {
+  if constexpr (TYPE == Q4_K) panel_q4k<V, NT>(p, half, a, t0, out, pf);
+  else if constexpr (TYPE == Q5_K) panel_q4k<V, NT, true>(p, half, a, t0, out, pf);
+  else if constexpr (TYPE == Q3_K) panel_q3k<V, NT>(p, half, a, t0, out, pf);
+  else if constexpr (TYPE == IQ4_XS) panel_iq4xs<V, NT>(p, half, a, t0, out, pf);
+  else if constexpr (TYPE == Q6_K) panel_q6k<V, NT>(p, half, a, t0, out, pf);
+  else if constexpr (TYPE == MXFP4) panel_mxfp4<V, NT>(p, half, a, t0, out, pf);
+  else panel32<V, TYPE, NT>(p, half, a, t0, out, pf);
 }
 
 // Tokens per pass over a panel (register tile): as many as the registers hold.
@@ -1201,11 +1223,12 @@ template <int TYPE> constexpr int max_tokens() {
 }
 constexpr int64_t TILE_BYTES = 128 << 10;  // M > 1: panels per chunk, kept in L2
 constexpr int64_t MAX_CHUNK_BYTES = 1 << 20;
-// M ≤ NT (decode): bytes of panels asked for (prefetcht0) ahead of the panel being read. A
-// panel reads its planes as several short streams (D, S, Q: 64, 256, 2048 bytes a block at
-// Q4_K), which the hardware prefetchers barely follow over a 9 KiB panel (K = 1024); asking
-// for the bytes ahead keeps enough reads in flight. Measured (docs/kernels.md): qwen35-0.8B
-// Q4_K decode 46 → 70 tok/s; 2, 4, 8 and 16 KiB within noise of each other.
+// M ≤ NT (decode): the lead, in bytes of panels, that software prefetch (prefetcht0) keeps
+// ahead of the reads. A panel reads its planes as several short streams (D, S, Q: 64, 256,
+// 2048 bytes a block at Q4_K), which the hardware prefetchers barely follow; the requests
+// are spread over the blocks (Prefetch), about a block's bytes per block read. Measured in
+// docs/kernels.md (first a burst per panel: qwen35-0.8B Q4_K decode 46 → 70 tok/s; then
+// spread: cold single-matrix decode Q4_K 32 → 41 GB/s, MXFP4 26 → 37).
 constexpr int64_t PREFETCH_BYTES = 8 << 10;
 
 struct PanelPart {
@@ -1215,12 +1238,12 @@ struct PanelPart {
 };
 
 template <int TYPE, int NT>
-inline void tile(const PanelPart& part, int64_t p, const Act& a, int64_t t0) {
+inline void tile(const PanelPart& part, int64_t p, const Act& a, int64_t t0, Prefetch& pf) {
   for (int half = 0; half < R / Vec::W; ++half) {
     const int64_t row0 = p * R + half * Vec::W, rows = std::min<int64_t>(Vec::W, part.N - row0);
     if (rows <= 0) break;
     typename Vec::F o[NT];
-    panel_dot<Vec, TYPE, NT>(part.w + p * part.pstride, half, a, t0, o);
+    panel_dot<Vec, TYPE, NT>(part.w + p * part.pstride, half, a, t0, o, pf);
     for (int t = 0; t < NT; ++t) Vec::store(part.y + (t0 + t) * part.N + row0, o[t], int(rows));
   }
 }
@@ -1230,27 +1253,28 @@ inline void tile(const PanelPart& part, int64_t p, const Act& a, int64_t t0) {
 template <int TYPE>
 void tokens(const PanelPart& part, int64_t p0, int64_t p1, const Act& a, int64_t t0, int64_t t1) {
   constexpr int NT = max_tokens<TYPE>();
-  const bool one_pass = t1 - t0 <= NT;  // decode: panel p and the PREFETCH_BYTES after it requested
-  const int64_t pbytes = panel_bytes(TYPE, a.K);
-  const char* const end = reinterpret_cast<const char*>(part.w + (p1 - 1) * part.pstride) + pbytes;
-  const char* ahead = reinterpret_cast<const char*>(part.w + p0 * part.pstride);
+  Prefetch pf;
+  if (t1 - t0 <= NT) {  // one pass (decode): the chunk's bytes asked for ahead of the reads
+    const int64_t pbytes = panel_bytes(TYPE, a.K), visits = a.nb * (R / Vec::W);
+    const char* at = reinterpret_cast<const char*>(part.w + p0 * part.pstride);
+    pf.end = reinterpret_cast<const char*>(part.w + (p1 - 1) * part.pstride) + pbytes;
+    for (const char* lead = std::min(pf.end, at + PREFETCH_BYTES); at < lead; at += 64)
+      _mm_prefetch(at, _MM_HINT_T0);
+    pf.ahead = at;
+    pf.step = (pbytes + visits - 1) / visits;  // a panel's bytes over its block visits
+  }
   for (; t0 < t1; t0 += NT) {
     const int64_t nt = std::min<int64_t>(NT, t1 - t0);
     for (int64_t p = p0; p < p1; ++p) {
-      if (one_pass) {
-        const char* upto = std::min(end, reinterpret_cast<const char*>(part.w + p * part.pstride) +
-                                             pbytes + PREFETCH_BYTES);
-        for (; ahead < upto; ahead += 64) _mm_prefetch(ahead, _MM_HINT_T0);
-      }
       switch (nt) {
-        case 8: if constexpr (NT >= 8) { tile<TYPE, 8>(part, p, a, t0); break; } [[fallthrough]];
-        case 7: if constexpr (NT >= 7) { tile<TYPE, 7>(part, p, a, t0); break; } [[fallthrough]];
-        case 6: if constexpr (NT >= 6) { tile<TYPE, 6>(part, p, a, t0); break; } [[fallthrough]];
-        case 5: if constexpr (NT >= 5) { tile<TYPE, 5>(part, p, a, t0); break; } [[fallthrough]];
-        case 4: tile<TYPE, 4>(part, p, a, t0); break;
-        case 3: tile<TYPE, 3>(part, p, a, t0); break;
-        case 2: tile<TYPE, 2>(part, p, a, t0); break;
-        default: tile<TYPE, 1>(part, p, a, t0); break;
+        case 8: if constexpr (NT >= 8) { tile<TYPE, 8>(part, p, a, t0, pf); break; } [[fallthrough]];
+        case 7: if constexpr (NT >= 7) { tile<TYPE, 7>(part, p, a, t0, pf); break; } [[fallthrough]];
+        case 6: if constexpr (NT >= 6) { tile<TYPE, 6>(part, p, a, t0, pf); break; } [[fallthrough]];
+        case 5: if constexpr (NT >= 5) { tile<TYPE, 5>(part, p, a, t0, pf); break; } [[fallthrough]];
+        case 4: tile<TYPE, 4>(part, p, a, t0, pf); break;
+        case 3: tile<TYPE, 3>(part, p, a, t0, pf); break;
+        case 2: tile<TYPE, 2>(part, p, a, t0, pf); break;
+        default: tile<TYPE, 1>(part, p, a, t0, pf); break;
       }
     }
   }
