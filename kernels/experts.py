@@ -150,7 +150,8 @@ def routed_ffn(
     )
 
 
-ROUTE_MAX_TOKENS = 16  # imoe_route up to a 16-stream decode step (measured faster than torch there); prefill takes sgemm
+# imoe_route up to a 16-stream decode step (measured faster than torch's there); prefill: sgemm
+ROUTE_MAX_TOKENS = 16
 
 
 def route_topk(

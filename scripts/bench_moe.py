@@ -47,11 +47,15 @@ def decode(runner: ModelRunner, n: int, steps: int, vocab: int) -> tuple[float, 
     seqs = [torch.randint(0, vocab, (PROMPT,), generator=g).tolist() for _ in range(n)]
     with torch.inference_mode():
         runner.run(ForwardBatch.build([(s, 0, tables[b], True) for b, s in enumerate(seqs)]))
-        runner.run(ForwardBatch.build([([s[0]], PROMPT, tables[b], True) for b, s in enumerate(seqs)]))
+        runner.run(
+            ForwardBatch.build([([s[0]], PROMPT, tables[b], True) for b, s in enumerate(seqs)])
+        )
         expert_stats(reset=True)  # after a warm-up step (its position is decoded again below)
         start = time.perf_counter()
         for step in range(steps):
-            items = [([s[step % PROMPT]], PROMPT + step, tables[b], True) for b, s in enumerate(seqs)]
+            items = [
+                ([s[step % PROMPT]], PROMPT + step, tables[b], True) for b, s in enumerate(seqs)
+            ]
             runner.run(ForwardBatch.build(items))
         seconds = (time.perf_counter() - start) / steps
     return seconds, expert_stats(reset=True)
