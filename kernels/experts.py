@@ -131,7 +131,6 @@ def routed_ffn(
         or down._panel_module is None
         or up.ggml_type != gate.ggml_type
         or activation not in ACTIVATIONS
-        or not hasattr(module, "imoe_ffn")
     ):
         return None
     return module.imoe_ffn(
@@ -161,10 +160,8 @@ def route_topk(
     imoe_route) for h (T, K) of at most ROUTE_MAX_TOKENS tokens → (weights (T, k) float32,
     ids (T, k) int64); None where it does not apply (the caller then routes in torch)."""
     w = getattr(router, "float_weight", None)
-    if w is None or not h.is_cpu or h.shape[0] > ROUTE_MAX_TOKENS or h.dtype != torch.float32:
-        return None
-    module = native_loader.load() if native_loader.enabled() else None
-    if module is None or not hasattr(module, "imoe_route"):
+    module = getattr(router, "_module", None)  # the native build the linear looked up once
+    if w is None or module is None or not h.is_cpu or h.shape[0] > ROUTE_MAX_TOKENS:
         return None
     bias = getattr(router, "bias", None)
     weights, ids = module.imoe_route(h, w, bias, k, softmax_first, normalize)

@@ -55,13 +55,13 @@ class MatmulTimer:
     def install(self) -> list:
         saved = [
             (linear.PackedLinear, "__call__", linear.PackedLinear.__call__),
-        ] + [(mod, "matmuls", mod.matmuls) for mod in _users_of_matmuls()]
+        ] + [(mod, "matmuls", mod.matmuls) for mod in users_of_matmuls()]
         for owner, name, fn in saved:
             setattr(owner, name, self.wrap(fn))
         return saved
 
 
-def _users_of_matmuls() -> list:
+def users_of_matmuls() -> list:
     """The model modules that call kernels.linear.matmuls by their own imported name."""
     mods = (
         importlib.import_module(f"runtime.models.{m.name}")

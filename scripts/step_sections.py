@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib
-import pkgutil
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import runtime.models  # noqa: E402
+from decode_profile import users_of_matmuls  # noqa: E402
+
 import runtime.models.moe as moe  # noqa: E402
 from kernels import linear  # noqa: E402
 from loaders.config import ModelConfig  # noqa: E402
@@ -44,7 +43,7 @@ class Timers:
     """Sums wall time per label over the wrapped callables while installed."""
 
     def __init__(self) -> None:
-        self.seconds: collections.Counter[str] = collections.Counter()
+        self.seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
         self._saved: list[tuple[object, str, object]] = []
 
     def wrap(self, owner: object, attr: str, label: str) -> None:
@@ -76,17 +75,15 @@ def install(model: object) -> Timers:
     timers.wrap(moe.MoE, "__call__", "moe (whole feed-forward)")
     timers.wrap(moe.MoE, "route", "moe.route")
     timers.wrap(moe, "routed_ffn", "moe.routed_ffn")
-    for info in pkgutil.iter_modules(runtime.models.__path__):
-        module = importlib.import_module(f"runtime.models.{info.name}")
-        if getattr(module, "matmuls", None) is linear.matmuls:
-            timers.wrap(module, "matmuls", "matmuls (q/k/v, gate/up groups)")
+    for module in users_of_matmuls():
+        timers.wrap(module, "matmuls", "matmuls (q/k/v, gate/up groups)")
     timers.wrap(linear.PackedLinear, "__call__", "PackedLinear (o, routers, head, …)")
     timers.wrap(attention_backends.CPUPagedAttention, "decode", "paged decode attention")
     return timers
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("model", type=Path, help="a .gguf file")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=16)
@@ -123,7 +120,7 @@ def main() -> None:
         f"{args.model.name}: {args.batch} sequences, {ms:.2f} ms/step, "
         f"{args.batch * args.steps / total:.1f} tok/s"
     )
-    for label, sec in timers.seconds.most_common():
+    for label, sec in sorted(timers.seconds.items(), key=lambda item: -item[1]):
         print(f"  {label:36s} {1e3 * sec / args.steps:8.3f} ms/step {100 * sec / total:5.1f}%")
 
 

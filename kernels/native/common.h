@@ -341,6 +341,10 @@ struct ExpertRows {
 };
 #if TQ_AVX2
 void routed_panels(int type, const std::vector<ExpertRows>& rows, const Act& a);
+// One weight's parts for grouped rows: group g's rows [start[g], start[g+1]) of y (rows of N)
+// against expert groups.expert[g]'s panels in `panels` (E·N/16, panel_bytes).
+std::vector<ExpertRows> expert_rows(const ExpertGroups& groups, const torch::Tensor& panels,
+                                    int64_t N, float* y);
 int panel_act_kind(int type);                      // the vec_dot type a panel type's Act takes
 int64_t panel_row_bytes(int type, int64_t K);      // bytes of one 16-row panel over K
 int64_t panel_block(int type);  // elements per GGML block of a panel type; 0: no panel kernel

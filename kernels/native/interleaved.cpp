@@ -1283,7 +1283,7 @@ void tokens(const PanelPart& part, int64_t p0, int64_t p1, const Act& a, int64_t
 // Panels are cut into chunks (about 8 per thread over all parts); within a chunk each panel
 // is read from memory once, for the first group of tokens, and from cache for the others.
 // Where one group holds every token (decode: M ≤ NT), a chunk is one pass over its panels,
-// and the PREFETCH_BYTES past the panel in hand are asked for in advance.
+// with software prefetch PREFETCH_BYTES ahead of the reads (Prefetch).
 template <int TYPE>
 void run(const std::vector<PanelPart>& parts, const Act& a) {
   const int64_t M = a.M, pbytes = panel_bytes(TYPE, a.K);
@@ -1303,26 +1303,23 @@ void run(const std::vector<PanelPart>& parts, const Act& a) {
   });
 }
 
-// Rows sorted by expert (mixture of experts): each part is one expert's panels (a slice of
-// the (E·N/16, panel_bytes) panels of all experts) against the rows that chose it, rows
-// [begin, end) of the Act and of y, which share the sorted order. Chunks as in `run`, per
-// expert: an expert's panels are one contiguous stream, read from memory once per call.
-struct RoutedPart {
-  PanelPart panels;    // w: the expert's first panel; y: (R, N) in sorted order
-  int64_t begin, end;  // the expert's rows
-};
+// Rows sorted by expert (mixture of experts): each part (common.h ExpertRows) is one
+// expert's panels (a slice of the (E·N/16, panel_bytes) panels of all experts) against the
+// rows that chose it, rows [begin, end) of the Act and of y, which share the sorted order.
+// Chunks as in `run`, per expert: an expert's panels are one contiguous stream, read from
+// memory once per call.
 
 template <int TYPE>
-void run_routed(const std::vector<RoutedPart>& parts, const Act& a) {
+void run_routed(const std::vector<ExpertRows>& parts, const Act& a) {
   const int64_t pbytes = panel_bytes(TYPE, a.K), threads = kernel_threads();
   int64_t total = 0;
-  for (const RoutedPart& part : parts) total += (part.panels.N + R - 1) / R;
+  for (const ExpertRows& part : parts) total += (part.N + R - 1) / R;
   const int64_t balanced = std::max<int64_t>(1, (total + threads * 8 - 1) / (threads * 8));
   struct Chunk { int64_t part, p0, p1; };
   std::vector<Chunk> chunks;
   for (int64_t i = 0; i < int64_t(parts.size()); ++i) {
-    const RoutedPart& part = parts[i];
-    const int64_t P = (part.panels.N + R - 1) / R;
+    const ExpertRows& part = parts[i];
+    const int64_t P = (part.N + R - 1) / R;
     // one pass over the panels (rows ≤ a register tile): long chunks, prefetched ahead
     const bool one_pass = part.end - part.begin <= max_tokens<TYPE>();
     const int64_t cap = (one_pass ? MAX_CHUNK_BYTES : TILE_BYTES) / pbytes;
@@ -1330,8 +1327,9 @@ void run_routed(const std::vector<RoutedPart>& parts, const Act& a) {
     for (int64_t p0 = 0; p0 < P; p0 += per) chunks.push_back({i, p0, std::min(P, p0 + per)});
   }
   parallel_chunks(int64_t(chunks.size()), [&](int64_t c) {
-    const RoutedPart& part = parts[chunks[c].part];
-    tokens<TYPE>(part.panels, chunks[c].p0, chunks[c].p1, a, part.begin, part.end);
+    const ExpertRows& part = parts[chunks[c].part];
+    tokens<TYPE>({part.w, part.pstride, part.N, part.y}, chunks[c].p0, chunks[c].p1, a, part.begin,
+                 part.end);
   });
 }
 
@@ -1356,7 +1354,7 @@ auto with_type(int type, F f) {
 }
 
 using RunFn = void (*)(const std::vector<PanelPart>&, const Act&);
-using RoutedFn = void (*)(const std::vector<RoutedPart>&, const Act&);
+using RoutedFn = void (*)(const std::vector<ExpertRows>&, const Act&);
 
 RunFn run_for(int type) {
   return with_type(type, [](auto t) { return RunFn(&run<decltype(t)::value>); });
@@ -1381,10 +1379,18 @@ int64_t panel_row_bytes(int type, int64_t K) { return panel_bytes(type, K); }
 int64_t panel_block(int type) { return layout_of(type).bs; }
 
 void routed_panels(int type, const std::vector<ExpertRows>& rows, const Act& a) {
-  std::vector<RoutedPart> parts;
-  parts.reserve(rows.size());
-  for (const ExpertRows& r : rows) parts.push_back({{r.w, r.pstride, r.N, r.y}, r.begin, r.end});
-  routed_for(type)(parts, a);
+  routed_for(type)(rows, a);
+}
+
+std::vector<ExpertRows> expert_rows(const ExpertGroups& groups, const torch::Tensor& panels,
+                                    int64_t N, float* y) {
+  const int64_t P = N / R, stride = panels.stride(0);
+  const uint8_t* w = panels.data_ptr<uint8_t>();
+  std::vector<ExpertRows> rows;
+  for (int64_t g = 0; g < groups.size(); ++g)
+    rows.push_back({w + groups.expert[g] * P * stride, stride, N, y, groups.start[g],
+                    groups.start[g + 1]});
+  return rows;
 }
 #endif
 }  // namespace tq
@@ -1486,17 +1492,14 @@ std::vector<torch::Tensor> imoe_matmul_many(torch::Tensor x, std::vector<torch::
   const torch::Tensor xs = x.index_select(0, sorted_src).contiguous();
   std::vector<torch::Tensor> ys, sorted;
   const Act a = quantize_act(xs.data_ptr<float>(), Rows, K, act_kind(int(type)));
-  std::vector<RoutedPart> parts;
+  std::vector<ExpertRows> parts;
   int64_t bytes = 0;
   for (size_t i = 0; i < panels.size(); ++i) {
-    const int64_t N = ns[i], P = N / R;
-    sorted.push_back(torch::empty({Rows, N}, x.options()));
-    const uint8_t* w = panels[i].data_ptr<uint8_t>();
-    for (int64_t g = 0; g < groups.size(); ++g)
-      parts.push_back({{w + groups.expert[g] * P * panels[i].stride(0), panels[i].stride(0), N,
-                        sorted.back().data_ptr<float>()},
-                       groups.start[g], groups.start[g + 1]});
-    bytes += groups.size() * P * pbytes;
+    sorted.push_back(torch::empty({Rows, ns[i]}, x.options()));
+    const std::vector<ExpertRows> rows =
+        tq::expert_rows(groups, panels[i], ns[i], sorted.back().data_ptr<float>());
+    parts.insert(parts.end(), rows.begin(), rows.end());
+    bytes += groups.size() * (ns[i] / R) * pbytes;
   }
   routed_for(int(type))(parts, a);
   moe_counters().add(groups.size() * int64_t(panels.size()), bytes);

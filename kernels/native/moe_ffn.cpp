@@ -31,18 +31,6 @@ enum Activation : int64_t { SILU = 0, SWIGLU_OAI = 1 };
 constexpr float SWIGLU_ALPHA = 1.702f, SWIGLU_LIMIT = 7.f;
 
 #if TQ_AVX2
-// The routed parts of one weight: group g's rows against expert groups.expert[g]'s panels.
-std::vector<ExpertRows> parts_of(const ExpertGroups& groups, const torch::Tensor& panels, int64_t N,
-                                 float* y) {
-  const int64_t P = N / 16, stride = panels.stride(0);
-  const uint8_t* w = panels.data_ptr<uint8_t>();
-  std::vector<ExpertRows> parts;
-  for (int64_t g = 0; g < groups.size(); ++g)
-    parts.push_back({w + groups.expert[g] * P * stride, stride, N, y, groups.start[g],
-                     groups.start[g + 1]});
-  return parts;
-}
-
 // gate row i ← act(gate + bg, up + bu) of expert e, in place; 8 lanes at a time with
 // common.h's exp8 (relative error < 2e-7 against std::exp), the tail as scalars.
 void activate(float* g, const float* u, const float* bg, const float* bu, int64_t F, int64_t act) {
@@ -140,8 +128,8 @@ torch::Tensor imoe_ffn(torch::Tensor x, torch::Tensor ids, torch::Tensor weights
     std::memcpy(&xs[i * K], xp + src[groups.order[i]] * K, K * sizeof(float));
   {
     const Act a = quantize_act(xs.get(), Rows, K, panel_act_kind(int(type_gu)));
-    std::vector<ExpertRows> parts = parts_of(groups, gate, F, gs.get());
-    const std::vector<ExpertRows> ups = parts_of(groups, up, F, us.get());
+    std::vector<ExpertRows> parts = expert_rows(groups, gate, F, gs.get());
+    const std::vector<ExpertRows> ups = expert_rows(groups, up, F, us.get());
     parts.insert(parts.end(), ups.begin(), ups.end());
     routed_panels(int(type_gu), parts, a);
   }
@@ -151,7 +139,7 @@ torch::Tensor imoe_ffn(torch::Tensor x, torch::Tensor ids, torch::Tensor weights
   });
   {
     const Act a = quantize_act(gs.get(), Rows, F, panel_act_kind(int(type_down)));
-    routed_panels(int(type_down), parts_of(groups, down, K, ds.get()), a);
+    routed_panels(int(type_down), expert_rows(groups, down, K, ds.get()), a);
   }
   const int64_t pg = panel_row_bytes(int(type_gu), K) * (F / 16);
   moe_counters().add(groups.size() * 3,

@@ -83,19 +83,13 @@ class MoE:
         n, k = h.shape[0], self.n_used
         weights, ids = self.route(h)
         where = self.gate.device  # the experts' device (CPU in a --n-cpu-moe split)
-        x = cross(h, where)
+        x, ids = cross(h, where), cross(ids, where)
         fused = routed_ffn(
-            self.gate,
-            self.up,
-            self.down,
-            x,
-            cross(ids, where),
-            cross(weights, where),
-            self.activation,
+            self.gate, self.up, self.down, x, ids, cross(weights, where), self.activation
         )
         if fused is not None:  # the CPU panels: the whole feed-forward in one native call
             return cross(fused, h.device)
-        expert = cross(ids, where).reshape(-1)  # (T·k,) row t·k + j: token t's j-th choice
+        expert = ids.reshape(-1)  # (T·k,) row t·k + j: token t's j-th choice
         src = torch.arange(n, device=where).repeat_interleave(k)
         gate, up = expert_matmuls([self.gate, self.up], x, src, expert)  # (T·k, F) each
         if self.activation == "swiglu_oai":
