@@ -127,18 +127,24 @@ def test_chat_in_chromium(browser, served, tmp_path):
     page.fill("#temperature", "0")
     page.fill("#max_tokens", "40")
 
-    # send: the answer grows on the page while it streams, then gets its tok/s
+    # send: the answer grows on the page while it streams, then gets its tok/s. The page records
+    # the answer's length each time the DOM changes (a MutationObserver callback runs once per
+    # network read the page renders), so a fast model cannot outrun a polling loop here.
+    page.evaluate(
+        "() => { window.seenLengths = [];"
+        " new MutationObserver(() => { const n = document.querySelectorAll('.msg.assistant .content');"
+        " const len = n.length ? n[n.length - 1].innerText.length : 0;"
+        " const s = window.seenLengths; if (len && s[s.length - 1] !== len) s.push(len); })"
+        ".observe(document.getElementById('messages'), { childList: true, subtree: true }); }"
+    )
     page.fill("#input", "Tell me about the moon.")
     page.press("#input", "Enter")
-    seen: list[int] = []
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        texts = assistant_texts(page)
-        if texts and texts[-1] and (not seen or len(texts[-1]) != seen[-1]):
-            seen.append(len(texts[-1]))
-        if page.is_disabled("#stop") and texts and texts[-1]:
-            break
-        time.sleep(0.02)
+    page.wait_for_function(
+        "() => document.querySelector('#stop').disabled"
+        " && document.querySelector('.msg.assistant .stats')",
+        timeout=120_000,
+    )
+    seen = page.evaluate("() => window.seenLengths")
     assert len(seen) >= 3, f"the answer did not arrive piece by piece: {seen}"
     stats = page.inner_text(".msg.assistant .stats")
     assert re.search(r"\d+ tokens, [\d.]+ tok/s", stats), stats
