@@ -9,16 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import native_loader
 from kernels.attention import kv_write_f16, paged_decode_attention
 
 PAGE = 16
 
 
-def setup(lengths, h=6, hkv=2, d=64, seed=0):
+def setup(lengths, h=6, hkv=2, d=64, seed=0, dv=None):
     g = torch.Generator().manual_seed(seed)
-    n_blocks = 40
+    n_blocks = sum(-(-n // PAGE) for n in lengths) + 8
     k = (torch.randn(n_blocks * PAGE, hkv, d, generator=g)).half()
-    v = (torch.randn(n_blocks * PAGE, hkv, d, generator=g)).half()
+    v = (torch.randn(n_blocks * PAGE, hkv, dv or d, generator=g)).half()
     q = torch.randn(len(lengths), h, d, generator=g)
     perm = torch.randperm(n_blocks, generator=g).tolist()  # scattered pages
     width = max(-(-n // PAGE) for n in lengths)
@@ -61,6 +62,61 @@ def test_matches_sdpa_over_gathered_keys(window):
     torch.testing.assert_close(
         got, reference(q, k, v, tables, lengths, 0.125, window), rtol=1e-5, atol=2e-6
     )
+
+
+@pytest.fixture(scope="module", params=["native", "avx2", "scalar"])
+def build(request):
+    """The extension built for this CPU (AVX-512: 16-lane tiles), the AVX2 one (8 lanes) and the
+    portable scalar one: the kernel has a form for each."""
+    isa = native_loader.cpu_isa() if request.param == "native" else request.param
+    if request.param == "avx2" and native_loader.cpu_isa() in ("avx2", "scalar"):
+        pytest.skip("the native build is the AVX2 one here, or this CPU has no AVX2")
+    module = native_loader.load(isa)
+    if module is None:
+        pytest.skip(f"the native {isa} kernel could not be built")
+    return module
+
+
+# (query heads, KV heads, head size, value size): Qwen3.5's 16/4 × 256, gpt-oss's 64/8 × 64, a
+# group of 3 (a partial head tile), a size that fills no whole vector (the portable form), values
+# longer and shorter than keys; lengths past one task of 256 positions, and a key count that
+# leaves a partial tile of keys; with and without a window, and with gpt-oss's sinks.
+@pytest.mark.parametrize(
+    "h,hkv,d,dv",
+    [
+        (16, 4, 256, None),
+        (64, 8, 64, None),
+        (9, 3, 128, None),
+        (4, 2, 72, None),
+        (4, 1, 32, 64),
+        (8, 2, 128, 64),
+    ],
+)
+def test_head_shapes_and_long_contexts(build, h, hkv, d, dv):
+    q, k, v, tables, lengths = setup([1, 258, 700, 91], h=h, hkv=hkv, d=d, dv=dv, seed=1)
+    scale = d**-0.5
+    for window in (0, 300):
+        got = build.paged_decode_attention(q, k, v, tables, lengths, scale, window)
+        torch.testing.assert_close(
+            got, reference(q, k, v, tables, lengths, scale, window), rtol=1e-5, atol=2e-6
+        )
+    # a sink logit per head joins the softmax's denominator only
+    sinks = torch.randn(h, generator=torch.Generator().manual_seed(2))
+    got = build.paged_decode_attention(q, k, v, tables, lengths, scale, 0, sinks)
+    plain = build.paged_decode_attention(q, k, v, tables, lengths, scale, 0)
+    dv = dv or d
+    for b, n in enumerate(lengths.tolist()):
+        pos = torch.arange(n)
+        slots = tables[b].long()[pos // PAGE] * PAGE + pos % PAGE
+        keys = k[slots].float().repeat_interleave(h // hkv, dim=1)  # (n, H, D)
+        scores = torch.einsum("hd,nhd->hn", q[b], keys) * scale
+        top = scores.max(dim=1).values
+        kept = (scores - top[:, None]).exp().sum(1) / (
+            (scores - top[:, None]).exp().sum(1) + (sinks - top).exp()
+        )
+        torch.testing.assert_close(
+            got[b].view(h, dv), plain[b].view(h, dv) * kept[:, None], rtol=1e-5, atol=2e-6
+        )
 
 
 def test_each_sequence_alone_equals_the_batch_bit_for_bit():

@@ -2,8 +2,10 @@
 // straight from the f16 slabs through the sequence's block table (no gather, no padding).
 // Each (sequence, head) is computed on its own, in one fixed order, so a sequence's output does
 // not depend on which other sequences share the step (batch invariance). Scores and the softmax
-// in float32: per task of up to SPLIT positions two passes (max, then exp-sum and the weighted
-// sum of values), the tasks of a sequence's head then combined in position order. The (sequence,
+// in float32: per task of up to SPLIT positions two passes (the scores and their max, then
+// exp-sum and the weighted sum of values), the tasks of a sequence's head then combined in
+// position order. A task reads each f16 key and value row once for all the query heads of its
+// KV head (GQA), converting in registers (no float copy of the rows). The (sequence,
 // KV head) tasks run on the matmul kernel's thread pool (common.h): during a forward pass
 // torch's own ops get one thread, so at::parallel_for would leave the other cores idle.
 #include "common.h"
@@ -28,27 +30,7 @@ constexpr int64_t SPLIT = 256;  // positions per task (a fixed split: results ne
 
 // n halves → floats
 void to_float(const at::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#if PA_AVX2
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-#endif
-  for (; i < n; ++i) dst[i] = float(src[i]);
-}
-
-float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float sum = 0.f;
-#if PA_AVX2
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  sum = _mm_cvtss_f32(s);
-#endif
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+  for (int64_t i = 0; i < n; ++i) dst[i] = float(src[i]);
 }
 
 // x[j] = e^(x[j] − top) for j < n; returns their sum (the vectorized exp of common.h).
@@ -70,62 +52,181 @@ float exp_shifted(float* x, int64_t n, float top) {
   return sum;
 }
 
-// s[j] = scale · q·k_j for the L keys (rows of D floats at k): 8 keys at a time share the
-// loads of q, and their 8 sums are reduced together (hadd tree) instead of one by one.
-void key_scores(const float* q, const float* k, int64_t L, int64_t D, float scale, float* s) {
-  int64_t j = 0;
-#if PA_AVX2
-  if (D % 8 == 0) {
-    const __m256 vs = _mm256_set1_ps(scale);
-    for (; j + 8 <= L; j += 8) {
-      __m256 acc[8];
-      for (int p = 0; p < 8; ++p) acc[p] = _mm256_setzero_ps();
-      for (int64_t c = 0; c < D; c += 8) {
-        const __m256 qc = _mm256_loadu_ps(q + c);
-        for (int p = 0; p < 8; ++p)
-          acc[p] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k + (j + p) * D + c), acc[p]);
-      }
-      const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-      const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-      const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20),
-                                       _mm256_permute2f128_ps(s0, s1, 0x31));  // key j + p in lane p
-      _mm256_storeu_ps(s + j, _mm256_mul_ps(vs, sum));
-    }
-  }
-#endif
-  for (; j < L; ++j) s[j] = scale * dot(q, k + j * D, D);
-}
-
-// o (Dv) = Σ_j w[j] · v_j over L rows of Dv floats: 64 outputs at a time stay in registers
-// across all L rows (one load and fma per 8 of them per row, no load/store of o per row).
-void weighted_sum(const float* w, const float* v, int64_t L, int64_t Dv, float* o) {
-  int64_t c0 = 0;
-#if PA_AVX2
-  for (; c0 + 64 <= Dv; c0 += 64) {
-    __m256 acc[8];
-    for (int c = 0; c < 8; ++c) acc[c] = _mm256_loadu_ps(o + c0 + 8 * c);
-    for (int64_t j = 0; j < L; ++j) {
-      const __m256 wj = _mm256_set1_ps(w[j]);
-      for (int c = 0; c < 8; ++c)
-        acc[c] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + j * Dv + c0 + 8 * c), acc[c]);
-    }
-    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(o + c0 + 8 * c, acc[c]);
-  }
-#endif
-  if (c0 < Dv)
-    for (int64_t j = 0; j < L; ++j)
-      for (int64_t i = c0; i < Dv; ++i) o[i] += w[j] * v[j * Dv + i];
-}
-
 void axpy(float w, const float* x, float* y, int64_t n) {  // y += w · x
-  int64_t i = 0;
-#if PA_AVX2
-  const __m256 vw = _mm256_set1_ps(w);
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vw, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-#endif
-  for (; i < n; ++i) y[i] += w * x[i];
+  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
 }
+
+// What one task computes, for `nh` query heads of one KV head over L positions: the scaled
+// scores s (nh rows of L) and, once s holds the softmax weights, o (nh rows of Dv) = Σ_j s_j·v_j.
+// keys[j] and values[j] point at position j's f16 row for this KV head.
+
+// The portable form: the task's rows converted to float first, then one head at a time.
+void scores_plain(const float* q, const at::Half* const* keys, int64_t L, int64_t D, int64_t nh,
+                  float scale, float* s, float* row) {
+  for (int64_t j = 0; j < L; ++j) {
+    to_float(keys[j], row, D);
+    for (int64_t h = 0; h < nh; ++h) {
+      float sum = 0.f;
+      for (int64_t c = 0; c < D; ++c) sum += q[h * D + c] * row[c];
+      s[h * L + j] = scale * sum;
+    }
+  }
+}
+
+void values_plain(const float* w, const at::Half* const* values, int64_t L, int64_t Dv, int64_t nh,
+                  float* o, float* row) {
+  std::fill(o, o + nh * Dv, 0.f);
+  for (int64_t j = 0; j < L; ++j) {
+    to_float(values[j], row, Dv);
+    for (int64_t h = 0; h < nh; ++h) axpy(w[h * L + j], row, o + h * Dv, Dv);
+  }
+}
+
+#if PA_AVX2
+// The vector forms read each f16 key and value row once for the whole GQA group of query heads
+// (converted in registers), in register tiles of HEADS heads × 4 keys (scores) and HEADS heads ×
+// 4 vectors of columns (values). Lanes: 16 floats in the avx512vnni build, else 8.
+#if TQ_AVX512
+struct Lanes {
+  using R = __m512;
+  static constexpr int N = 16, HEADS = 4;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static R half(const at::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static R set1(float x) { return _mm512_set1_ps(x); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, R r) { _mm512_storeu_ps(p, r); }
+  static float sum(R r) { return _mm512_reduce_add_ps(r); }
+};
+#else
+struct Lanes {
+  using R = __m256;
+  static constexpr int N = 8, HEADS = 2;  // 16 registers: 8 sums, 4 rows, a query, a spare
+  static R zero() { return _mm256_setzero_ps(); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static R half(const at::Half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static R set1(float x) { return _mm256_set1_ps(x); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, R r) { _mm256_storeu_ps(p, r); }
+  static float sum(R r) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
+};
+#endif
+using R = Lanes::R;
+
+// s[h·L + j + x] for NH heads and NK keys from j: each key's lanes loaded once per NH heads.
+// `next` (NK rows ahead, or -1): the key and value rows asked for while this tile runs, a line
+// of each every 64 bytes of its keys it reads (a steady lead, not a burst per tile).
+template <int NH, int NK>
+void score_tile(const float* q, const at::Half* const* keys, const at::Half* const* values,
+                int64_t j, int64_t next, int64_t L, int64_t D, int64_t Dv, float scale, float* s) {
+  R acc[NH][NK];
+  for (int h = 0; h < NH; ++h)
+    for (int x = 0; x < NK; ++x) acc[h][x] = Lanes::zero();
+  for (int64_t c = 0; c < D; c += Lanes::N) {
+    if (next >= 0 && c % 32 == 0)
+      for (int x = 0; x < NK; ++x) {
+        _mm_prefetch(reinterpret_cast<const char*>(keys[next + x] + c), _MM_HINT_T0);
+        if (c < Dv) _mm_prefetch(reinterpret_cast<const char*>(values[next + x] + c), _MM_HINT_T0);
+      }
+    R k[NK];
+    for (int x = 0; x < NK; ++x) k[x] = Lanes::half(keys[j + x] + c);
+    for (int h = 0; h < NH; ++h) {
+      const R qh = Lanes::load(q + h * D + c);
+      for (int x = 0; x < NK; ++x) acc[h][x] = Lanes::fma(qh, k[x], acc[h][x]);
+    }
+  }
+  if (next >= 0)
+    for (int64_t c = D; c < Dv; c += 32)  // value rows longer than key rows
+      for (int x = 0; x < NK; ++x)
+        _mm_prefetch(reinterpret_cast<const char*>(values[next + x] + c), _MM_HINT_T0);
+  for (int h = 0; h < NH; ++h)
+    for (int x = 0; x < NK; ++x) s[h * L + j + x] = scale * Lanes::sum(acc[h][x]);
+}
+
+// Keys (with their values) asked for ahead of the tile being computed: about 8 KiB, a multiple
+// of the tile (2–32 KiB measured alike; none at all: 40% slower from RAM).
+int64_t keys_ahead(int64_t D, int64_t Dv) {
+  constexpr int64_t LEAD = 8192;
+  return std::max<int64_t>(4, LEAD / (2 * (D + Dv)) / 4 * 4);
+}
+
+template <int NH>
+void scores_tiled(const float* q, const at::Half* const* keys, const at::Half* const* values,
+                  int64_t L, int64_t D, int64_t Dv, float scale, float* s) {
+  const int64_t ahead = keys_ahead(D, Dv);
+  for (int64_t a = 0; a < std::min(L, ahead); ++a)  // the first keys, before the lead is steady
+    for (int64_t c = 0; c < D; c += 32) _mm_prefetch(reinterpret_cast<const char*>(keys[a] + c), _MM_HINT_T0);
+  int64_t j = 0;
+  for (; j + 4 <= L; j += 4) {
+    const int64_t next = j + ahead + 4 <= L ? j + ahead : -1;
+    score_tile<NH, 4>(q, keys, values, j, next, L, D, Dv, scale, s);
+  }
+  for (; j < L; ++j) score_tile<NH, 1>(q, keys, values, j, -1, L, D, Dv, scale, s);
+}
+
+// o[h·Dv + c0 …] for NH heads and NC vectors of columns from c0, over all L positions.
+template <int NH, int NC>
+void value_tile(const float* w, const at::Half* const* values, int64_t L, int64_t Dv, int64_t c0,
+                float* o) {
+  R acc[NH][NC];
+  for (int h = 0; h < NH; ++h)
+    for (int x = 0; x < NC; ++x) acc[h][x] = Lanes::zero();
+  for (int64_t j = 0; j < L; ++j) {
+    R v[NC];
+    for (int x = 0; x < NC; ++x) v[x] = Lanes::half(values[j] + c0 + x * Lanes::N);
+    for (int h = 0; h < NH; ++h) {
+      const R wh = Lanes::set1(w[h * L + j]);
+      for (int x = 0; x < NC; ++x) acc[h][x] = Lanes::fma(wh, v[x], acc[h][x]);
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int x = 0; x < NC; ++x) Lanes::store(o + h * Dv + c0 + x * Lanes::N, acc[h][x]);
+}
+
+template <int NH>
+void values_tiled(const float* w, const at::Half* const* values, int64_t L, int64_t Dv, float* o) {
+  constexpr int64_t BLOCK = 4 * Lanes::N;
+  int64_t c0 = 0;
+  for (; c0 + BLOCK <= Dv; c0 += BLOCK) value_tile<NH, 4>(w, values, L, Dv, c0, o);
+  for (; c0 < Dv; c0 += Lanes::N) value_tile<NH, 1>(w, values, L, Dv, c0, o);
+}
+
+// nh (≤ HEADS) heads: the tile templates by count.
+void scores_vec(const float* q, const at::Half* const* keys, const at::Half* const* values,
+                int64_t L, int64_t D, int64_t Dv, int64_t nh, float scale, float* s) {
+  switch (nh) {
+    case 1: return scores_tiled<1>(q, keys, values, L, D, Dv, scale, s);
+    case 2: return scores_tiled<2>(q, keys, values, L, D, Dv, scale, s);
+#if TQ_AVX512
+    case 3: return scores_tiled<3>(q, keys, values, L, D, Dv, scale, s);
+    case 4: return scores_tiled<4>(q, keys, values, L, D, Dv, scale, s);
+#endif
+  }
+}
+
+void values_vec(const float* w, const at::Half* const* values, int64_t L, int64_t Dv, int64_t nh,
+                float* o) {
+  switch (nh) {
+    case 1: return values_tiled<1>(w, values, L, Dv, o);
+    case 2: return values_tiled<2>(w, values, L, Dv, o);
+#if TQ_AVX512
+    case 3: return values_tiled<3>(w, values, L, Dv, o);
+    case 4: return values_tiled<4>(w, values, L, Dv, o);
+#endif
+  }
+}
+constexpr int64_t LANES = Lanes::N, HEAD_TILE = Lanes::HEADS;
+#else
+constexpr int64_t LANES = 0, HEAD_TILE = 4;
+#endif
 
 // q (B, H, D) f32; k_slab (slots, Hkv, D) f16; v_slab (slots, Hkv, Dv) f16; tables (B, max_blocks)
 // int32; lengths (B,) int64 (the query stands at position length-1); window 0: none, else keys
@@ -176,28 +277,43 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_slab, torc
       for (int64_t s = first; s < n; s += SPLIT) tasks.push_back({b, g, s, std::min(n, s + SPLIT)});
   }
   const int64_t T = int64_t(tasks.size());
-  std::vector<float> part_m(T * group), part_l(T * group), part_o(T * group * Dv, 0.f);
+  std::vector<float> part_m(T * group), part_l(T * group), part_o(T * group * Dv);
+  // the vector tiles where the head sizes fill whole vectors, else the portable form
+  const bool vec = LANES > 0 && D % LANES == 0 && Dv % LANES == 0;
   tq::parallel_chunks(T, [&](int64_t t) {
-    thread_local std::vector<float> kf, vf, scores;
+    thread_local std::vector<const at::Half*> keys, values;
+    thread_local std::vector<float> scores, row;
     const Task& task = tasks[t];
     const int64_t L = task.last - task.first;
-    kf.resize(L * D);
-    vf.resize(L * Dv);
-    scores.resize(L);
+    keys.resize(L);
+    values.resize(L);
+    scores.resize(HEAD_TILE * L);
+    row.resize(std::max(D, Dv));
     for (int64_t p = task.first; p < task.last; ++p) {
       const int64_t slot = int64_t(tab[task.b * max_blocks + p / PAGE]) * PAGE + p % PAGE;
-      to_float(pk + (slot * Hkv + task.g) * D, kf.data() + (p - task.first) * D, D);
-      to_float(pv + (slot * Hkv + task.g) * Dv, vf.data() + (p - task.first) * Dv, Dv);
+      keys[p - task.first] = pk + (slot * Hkv + task.g) * D;
+      values[p - task.first] = pv + (slot * Hkv + task.g) * Dv;
     }
-    for (int64_t hh = 0; hh < group; ++hh) {
-      const float* qh = pq + (task.b * H + task.g * group + hh) * D;
-      key_scores(qh, kf.data(), L, D, float(scale), scores.data());
-      float top = -INFINITY;
-      for (int64_t j = 0; j < L; ++j) top = std::max(top, scores[j]);
-      const float sum = exp_shifted(scores.data(), L, top);  // scores[j] = e^(s_j − top)
-      weighted_sum(scores.data(), vf.data(), L, Dv, part_o.data() + (t * group + hh) * Dv);
-      part_m[t * group + hh] = top;
-      part_l[t * group + hh] = sum;
+    for (int64_t h0 = 0; h0 < group; h0 += HEAD_TILE) {  // a tile of query heads at a time
+      const int64_t nh = std::min(HEAD_TILE, group - h0);
+      const float* qh = pq + (task.b * H + task.g * group + h0) * D;
+      float* oh = part_o.data() + (t * group + h0) * Dv;
+#if PA_AVX2
+      if (vec) scores_vec(qh, keys.data(), values.data(), L, D, Dv, nh, float(scale), scores.data());
+      else
+#endif
+        scores_plain(qh, keys.data(), L, D, nh, float(scale), scores.data(), row.data());
+      for (int64_t h = 0; h < nh; ++h) {  // the softmax's numerators, per head
+        float* sh = scores.data() + h * L;
+        const float top = *std::max_element(sh, sh + L);
+        part_l[t * group + h0 + h] = exp_shifted(sh, L, top);  // sh[j] = e^(s_j − top)
+        part_m[t * group + h0 + h] = top;
+      }
+#if PA_AVX2
+      if (vec) values_vec(scores.data(), values.data(), L, Dv, nh, oh);
+      else
+#endif
+        values_plain(scores.data(), values.data(), L, Dv, nh, oh, row.data());
     }
   });
   for (int64_t t0 = 0; t0 < T;) {  // the tasks of one (sequence, KV head) are consecutive
