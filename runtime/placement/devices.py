@@ -81,7 +81,7 @@ class Calibration:
     gpu_layer_s: float = 50e-6  # fixed cost of one layer on the GPU (~10 kernel launches)
     cpu_efficiency: float = 0.85  # fraction of ram_bw a decode matmul reaches (panel kernels)
     gpu_efficiency: float = 0.7  # fraction of vram_bw (the goal the GEMV kernels are set)
-    cpu_kv_efficiency: float = 0.19  # fraction of ram_bw at which CPU decode attention goes
+    cpu_kv_efficiency: float = 0.38  # fraction of ram_bw at which CPU decode attention goes
     # through the KV: it converts and multiplies, not only reads
     # Prompt processing on the CPU: the native kernels' matmul rate per GGML type (str of its
     # number → FLOP/s; types absent: cpu_flops), and the rate of the elementwise ops (norms,
