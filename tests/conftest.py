@@ -113,6 +113,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module", params=["native", "avx2", "scalar"])
+def isa_build(request):
+    """The native extension built for this CPU, the AVX2 one (when the CPU's best is another)
+    and the portable scalar one, each once per module."""
+    from kernels import native_loader
+
+    isa = native_loader.cpu_isa() if request.param == "native" else request.param
+    if request.param == "avx2" and native_loader.cpu_isa() in ("avx2", "scalar"):
+        pytest.skip("the native build is the AVX2 one here, or this CPU has no AVX2")
+    module = native_loader.load(isa)
+    if module is None:
+        pytest.skip(f"the native {isa} kernel could not be built (no compiler?); see the log")
+    return module
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """An empty TANDEM_HOME for store tests (test_store.fresh_home)."""

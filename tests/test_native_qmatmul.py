@@ -50,17 +50,11 @@ HALF_FIELDS = {
 }
 
 
-@pytest.fixture(scope="module", params=["native", "avx2", "scalar"])
-def kernel(request):
+@pytest.fixture
+def kernel(isa_build):
     """The extension built for this CPU, the AVX2 one (when the CPU's best is another), and
-    the portable scalar build."""
-    isa = native_loader.cpu_isa() if request.param == "native" else request.param
-    if request.param == "avx2" and native_loader.cpu_isa() in ("avx2", "scalar"):
-        pytest.skip("the native build is the AVX2 one here, or this CPU has no AVX2")
-    module = native_loader.load(isa)
-    if module is None:
-        pytest.skip(f"the native {isa} kernel could not be built (no compiler?); see the log")
-    return module
+    the portable scalar build (conftest's isa_build)."""
+    return isa_build
 
 
 def weights(name: str, n: int, k: int, seed: int) -> torch.Tensor:

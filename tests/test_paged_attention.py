@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import native_loader
 from kernels.attention import kv_write_f16, paged_decode_attention
 
 PAGE = 16
@@ -64,23 +63,11 @@ def test_matches_sdpa_over_gathered_keys(window):
     )
 
 
-@pytest.fixture(scope="module", params=["native", "avx2", "scalar"])
-def build(request):
-    """The extension built for this CPU (AVX-512: 16-lane tiles), the AVX2 one (8 lanes) and the
-    portable scalar one: the kernel has a form for each."""
-    isa = native_loader.cpu_isa() if request.param == "native" else request.param
-    if request.param == "avx2" and native_loader.cpu_isa() in ("avx2", "scalar"):
-        pytest.skip("the native build is the AVX2 one here, or this CPU has no AVX2")
-    module = native_loader.load(isa)
-    if module is None:
-        pytest.skip(f"the native {isa} kernel could not be built")
-    return module
-
-
 # (query heads, KV heads, head size, value size): Qwen3.5's 16/4 × 256, gpt-oss's 64/8 × 64, a
 # group of 3 (a partial head tile), a size that fills no whole vector (the portable form), values
 # longer and shorter than keys; lengths past one task of 256 positions, and a key count that
-# leaves a partial tile of keys; with and without a window, and with gpt-oss's sinks.
+# leaves a partial tile of keys; with and without a window, and with gpt-oss's sinks; in each
+# build (conftest's isa_build: AVX-512 16-lane tiles, AVX2 8-lane ones, the portable form).
 @pytest.mark.parametrize(
     "h,hkv,d,dv",
     [
@@ -92,18 +79,18 @@ def build(request):
         (8, 2, 128, 64),
     ],
 )
-def test_head_shapes_and_long_contexts(build, h, hkv, d, dv):
+def test_head_shapes_and_long_contexts(isa_build, h, hkv, d, dv):
     q, k, v, tables, lengths = setup([1, 258, 700, 91], h=h, hkv=hkv, d=d, dv=dv, seed=1)
     scale = d**-0.5
     for window in (0, 300):
-        got = build.paged_decode_attention(q, k, v, tables, lengths, scale, window)
+        got = isa_build.paged_decode_attention(q, k, v, tables, lengths, scale, window)
         torch.testing.assert_close(
             got, reference(q, k, v, tables, lengths, scale, window), rtol=1e-5, atol=2e-6
         )
     # a sink logit per head joins the softmax's denominator only
     sinks = torch.randn(h, generator=torch.Generator().manual_seed(2))
-    got = build.paged_decode_attention(q, k, v, tables, lengths, scale, 0, sinks)
-    plain = build.paged_decode_attention(q, k, v, tables, lengths, scale, 0)
+    got = isa_build.paged_decode_attention(q, k, v, tables, lengths, scale, 0, sinks)
+    plain = isa_build.paged_decode_attention(q, k, v, tables, lengths, scale, 0)
     dv = dv or d
     for b, n in enumerate(lengths.tolist()):
         pos = torch.arange(n)
