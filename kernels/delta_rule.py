@@ -8,10 +8,11 @@ Three forms of it here:
 - `delta_rule_chunked`: the same, 64 tokens at a time by a triangular solve (the chunked form
   of flash-linear-attention and llama.cpp's build_delta_net_chunking), in torch.
 - `delta_rule_states`: what a CPU layer calls. Each sequence's state is its own tensor,
-  updated in place: the native kernel (kernels/native/delta_rule.cpp, blocked over rows of
-  S, every token of the call per block) on float32 CPU tensors; otherwise (TANDEM_NATIVE=0,
-  no build, other dtypes or devices) the torch forms above, the chunked one from
-  CHUNKED_FROM tokens on.
+  updated in place: the native kernel (kernels/native/delta_rule.cpp) on float32 CPU
+  tensors, which takes a prefill's whole chunks of CHUNK_ALIGN positions in the chunked form
+  and the rest (decode steps, a prompt's ragged ends) by rows of S through every token of the
+  call; otherwise (TANDEM_NATIVE=0, no build, other dtypes or devices) the torch forms above,
+  the chunked one from CHUNKED_FROM tokens on.
 
 q and k come with Hk heads, v with Hv, a multiple of Hk: value head h reads key head h mod Hk.
 """
@@ -26,6 +27,10 @@ from kernels import native_loader
 
 CHUNK = 64  # tokens per step of the chunked form
 CHUNKED_FROM = 2  # runs of this many new tokens or more take the chunked torch form
+# The native kernel's chunks: positions [32c, 32c + 32) of a sequence. A prefill cut into
+# calls at multiples of this gives the one-call result bit for bit (runtime/engine/scheduler.py
+# cuts recurrent models' prefills so); tests check it equals the build's DELTA_RULE_CHUNK.
+CHUNK_ALIGN = 32
 
 
 def tile_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -40,10 +45,12 @@ def delta_rule_states(
     g: torch.Tensor,
     beta: torch.Tensor,
     states: list[torch.Tensor],
+    starts: list[int] | None = None,
 ) -> torch.Tensor:
     """q, k (B, n, Hk, D), v (B, n, Hv, D), g and beta (B, n, Hv); states: B tensors
-    (Hv, D, D), each updated in place to its sequence's state after the n tokens →
-    o (B, n, Hv, D)."""
+    (Hv, D, D), each updated in place to its sequence's state after the n tokens; starts:
+    each sequence's position at its first token here (None: 0), where the native kernel's
+    chunks fall → o (B, n, Hv, D)."""
     module = _native(q, k, v, g, beta, *states)
     if module is not None:
         return module.delta_rule(
@@ -53,6 +60,7 @@ def delta_rule_states(
             g.contiguous(),
             beta.contiguous(),
             states,
+            starts=list(starts or []),
         )
     heads = v.shape[2]
     rule = delta_rule_chunked if q.shape[1] >= CHUNKED_FROM else delta_rule

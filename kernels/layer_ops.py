@@ -14,7 +14,7 @@ Both sets take and return the same shapes:
     rope_qk(q (T, H, D), k (T, Hkv, D), cos, sin (T, 1, D/2), neox) → (q, k) rotated
     act_mul(gate, up (M, F), gelu) → act(gate) · up
     delta_rule(q, k (B, n, Hk, D), v (B, n, Hv, D), g, beta (B, n, Hv), states: B tensors
-               (Hv, D, D) updated in place) → o (B, n, Hv, D)
+               (Hv, D, D) updated in place, starts: B positions or None) → o (B, n, Hv, D)
 """
 
 from __future__ import annotations

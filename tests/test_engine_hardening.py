@@ -39,11 +39,14 @@ class _Driver:
     sequence whose pending tokens are done samples a token (7), and a request with n > 1
     forks its other samples at the first sample, sharing its blocks."""
 
-    def __init__(self, max_num_seqs: int, max_step_tokens: int, num_blocks: int = 4096) -> None:
+    def __init__(
+        self, max_num_seqs: int, max_step_tokens: int, num_blocks: int = 4096, align: int = 1
+    ) -> None:
         self.blocks = BlockManager(num_blocks)
-        self.sched = Scheduler(self.blocks, max_num_seqs, max_step_tokens)
+        self.sched = Scheduler(self.blocks, max_num_seqs, max_step_tokens, align)
         self.ids = 0
         self.steps: list[list[tuple[Sequence, int]]] = []
+        self.pieces: list[tuple[Sequence, int, int]] = []  # (sequence, computed before, n)
 
     def add(self, group: str, n_prompt: int, n: int = 1) -> Sequence:
         seq = self._new(group, list(range(1, n_prompt + 1)), n)
@@ -62,6 +65,7 @@ class _Driver:
         assert len(step.scheduled) <= self.sched.max_num_seqs
         assert step.num_tokens <= self.sched.max_step_tokens
         for seq, n in step.scheduled:
+            self.pieces.append((seq, seq.num_computed, n))
             seq.num_computed += n
             self.blocks.register(seq.seq_id, seq.token_ids, seq.num_computed)
             if seq.pending == 0:
@@ -103,6 +107,27 @@ def test_n_samples_do_not_starve_a_newcomer():
     # the 16 samples take turns: every one of them has moved on
     samples = [s for s in d.sched.running if s.group == "A"]
     assert len(samples) == 16 and min(len(s.generated) for s in samples) >= 3
+
+
+def test_recurrent_prefills_stop_at_chunk_multiples():
+    """align = 32 (a recurrent model): a prefill that does not finish its prompt in a step
+    stops at a multiple of 32 positions, whatever shares the step — two long prompts, a
+    newcomer, decodes, a budget of 100 — unless the step's room is under one chunk; every
+    prompt still completes and the budget is still used."""
+    d = _Driver(max_num_seqs=4, max_step_tokens=100, align=32)
+    a, b = d.add("A", 700), d.add("B", 333)
+    for _ in range(3):
+        d.step()
+    c = d.add("C", 45)
+    for _ in range(40):
+        d.step()
+    assert all(s.generated for s in (a, b, c))
+    prefills = [(s, done, n) for s, done, n in d.pieces if done < s.num_prompt]
+    cut = [(done, n) for s, done, n in prefills if done + n < s.num_prompt]
+    assert cut and all((done + n) % 32 == 0 for done, n in cut), cut
+    assert sum(n for s, _, n in prefills if s is a) == 700
+    full = [sum(n for _, n in step) for step in d.steps[:6]]
+    assert min(full) >= 100 - 31, full  # at most a chunk's worth left unused
 
 
 def test_a_long_prompt_does_not_starve_a_newcomer():

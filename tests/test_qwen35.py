@@ -83,6 +83,25 @@ def test_chunked_prefill_carries_the_state(lm):
     assert torch.allclose(chunked, whole, rtol=0, atol=1e-4 * whole.abs().max().item())
 
 
+def test_prefill_cut_at_chunk_multiples_is_exact(lm):
+    """A 100-token prompt in one step, and in steps cut at 64 (a multiple of the delta rule's
+    chunk of 32 positions, where the scheduler cuts a recurrent model's prefills): the same
+    logits bit for bit — the 64 positions in chunks either way, the last 36 as one whole
+    chunk and 4 rows either way — so a prompt gets the same answer alone or batched."""
+    prompt = [(37 * i + 11) % 3000 + 5 for i in range(100)]
+    table = list(range(7))  # KV blocks of 16 positions
+
+    def run(runner: ModelRunner, start: int, end: int) -> torch.Tensor:
+        batch = ForwardBatch.build([(prompt[start:end], start, table, True)], [0])
+        with torch.inference_mode():
+            return runner.run(batch)
+
+    whole = run(ModelRunner(lm.model, len(table)), 0, 100)
+    runner = ModelRunner(lm.model, len(table))
+    run(runner, 0, 64)
+    assert torch.equal(run(runner, 64, 100), whole)
+
+
 def test_state_is_checked_forked_and_freed(lm):
     runner = ModelRunner(lm.model, 2)
     assert runner.states is not None

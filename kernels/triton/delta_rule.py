@@ -125,8 +125,10 @@ def delta_rule_states(
     g: torch.Tensor,
     beta: torch.Tensor,
     states: list[torch.Tensor],
+    starts: list[int] | None = None,
 ) -> torch.Tensor:
-    """As delta_rule, with B states (Hv, D, D) apart, each updated in place."""
+    """As delta_rule, with B states (Hv, D, D) apart, each updated in place (starts: the
+    sequences' positions, unused: every token takes the one recurrence)."""
     stacked = torch.stack(states)
     o = delta_rule(q, k, v, g, beta, stacked)
     for j, state in enumerate(states):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from kernels.delta_rule import CHUNK_ALIGN
 from quant.errors import (
     InternalError,
     InvalidParameterError,
@@ -102,7 +103,12 @@ class LLMEngine:
         )
         # a recurrent model's state is not in its KV pages: no prefix cache can resume it
         self.blocks = BlockManager(num_blocks, prefix_caching=not lm.config.recurrent)
-        self.scheduler = Scheduler(self.blocks, options.max_num_seqs, options.max_step_tokens)
+        self.scheduler = Scheduler(
+            self.blocks,
+            options.max_num_seqs,
+            options.max_step_tokens,
+            align=CHUNK_ALIGN if lm.config.recurrent else 1,  # where the delta rule's chunks fall
+        )
         self.requests: dict[str, _Request] = {}
         self._owner: dict[int, tuple[_Request, int]] = {}  # seq id → (request, index)
         self._seq_ids = itertools.count()

@@ -17,6 +17,11 @@ sequences per step, shared out fairly between requests (a request is a group: it
    every sequence of the step when nobody else is there).
 So a request's n samples or long prompt delay a newcomer by at most one step.
 
+With align > 1 (recurrent models: kernels/delta_rule.py CHUNK_ALIGN) a prefill that does not
+finish its prompt in a step stops at a multiple of align positions, when that leaves it any
+tokens: the native delta rule computes a sequence's chunks of align positions the same way
+whatever step holds them, so a prompt's result is then the same alone or batched, bit for bit.
+
 A running sequence that needs a block when none is free preempts the newest running sequence
 not yet given room in this step (possibly itself): its blocks are freed and it goes back to
 the head of the waiting queue with all its tokens (prompt + generated so far) to recompute;
@@ -45,8 +50,11 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_step_tokens: int) -> None:
+    def __init__(
+        self, blocks: BlockManager, max_num_seqs: int, max_step_tokens: int, align: int = 1
+    ) -> None:
         self.blocks = blocks
+        self.align = align
         self.max_num_seqs = max_num_seqs
         self.max_step_tokens = max_step_tokens
         self.waiting: deque[Sequence] = deque()
@@ -90,7 +98,7 @@ class Scheduler:
                     break
                 if seq not in self.running:  # preempted earlier in this step
                     continue
-                n = min(seq.pending, tokens, budget)
+                n = self._fit(seq.num_computed, seq.pending, min(tokens, budget))
                 if self._make_room(seq, n, step, planned):
                     planned[seq.seq_id] = len(step.scheduled)
                     step.scheduled.append((seq, n))
@@ -103,7 +111,7 @@ class Scheduler:
 
         # 3. what is left: more prefill, then more sequences of the running groups
         for i, (seq, n) in enumerate(step.scheduled):
-            extra = min(seq.pending - n, budget)
+            extra = self._fit(seq.num_computed, seq.pending, n + budget) - n
             if extra > 0:
                 copies = self.blocks.prepare_append(seq.seq_id, seq.num_computed + n, extra)
                 if copies is not None:
@@ -116,7 +124,7 @@ class Scheduler:
                     break
                 if seq not in self.running or seq.seq_id in planned:
                     continue
-                n = min(seq.pending, budget)
+                n = self._fit(seq.num_computed, seq.pending, budget)
                 copies = self.blocks.prepare_append(seq.seq_id, seq.num_computed, n)
                 if copies is None:
                     break
@@ -128,6 +136,16 @@ class Scheduler:
         for seq, _ in step.scheduled:
             seq.last_scheduled = self.steps
         return step
+
+    def _fit(self, done: int, pending: int, room: int) -> int:
+        """Tokens a sequence with `done` computed and `pending` to go takes where `room` are
+        free: all it can, cut back to end on a multiple of align unless it finishes or the cut
+        would leave none."""
+        n = min(pending, room)
+        if self.align <= 1 or n >= pending:
+            return n
+        end = (done + n) // self.align * self.align
+        return end - done if end > done else n
 
     def _running_groups(self) -> dict[object, list[Sequence]]:
         """The running sequences by group: the groups in turns that rotate each step (in
@@ -183,7 +201,7 @@ class Scheduler:
             if seq.group not in running_groups and len(running_groups) >= self.max_num_seqs:
                 return budget
             cached = self.blocks.open(seq.seq_id, seq.token_ids)
-            n = min(len(seq.token_ids) - cached, fair, budget)
+            n = self._fit(cached, len(seq.token_ids) - cached, min(fair, budget))
             copies = self.blocks.prepare_append(seq.seq_id, cached, n)
             if copies is None:
                 self.blocks.free(seq.seq_id)

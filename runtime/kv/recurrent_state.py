@@ -45,11 +45,13 @@ class SeqState:
 
 @dataclass(frozen=True)
 class Run:
-    """One sequence's rows of a step: rows row … row+n-1, and its state."""
+    """One sequence's rows of a step: rows row … row+n-1 at positions start … start+n-1, and
+    its state."""
 
     row: int
     n: int
     state: SeqState
+    start: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class RecurrentStates:
                 )
             state.position = start + n
             self.seqs[key] = state
-            runs.append(Run(row, n, state))
+            runs.append(Run(row, n, state, start))
         return RecurrentStep(tuple(runs))
 
     def fork(self, parent: int, child: int) -> None:

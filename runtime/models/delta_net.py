@@ -136,7 +136,8 @@ class DeltaNet:
         q, k, v = short_conv(x, self.taps, *heads, self.eps)  # (B, n, Hk | Hk | Hv, D)
         k_width = self.taps.shape[0]
         states = [s[1] for s in held]
-        o = ops.delta_rule(q, k, v, g, beta, states)  # head h reads q/k head h mod Hk
+        starts = [r.start for r in runs]  # where each one's chunks of the native rule fall
+        o = ops.delta_rule(q, k, v, g, beta, states, starts)  # head h reads q/k head h mod Hk
         for j, r in enumerate(runs):
             r.state.layers[i] = (x[j, x.shape[1] - (k_width - 1) :].clone(), states[j])
         return o
