@@ -103,11 +103,41 @@ def test_torch_fallback_is_the_recurrence(shape, decay, monkeypatch):
     check(dr.delta_rule_states, shape, decay)
 
 
+TRITON_CASES = [  # (shape, starts): None, or ones that give whole chunks (the chunked kernel)
+    ((1, 1, 2, 4, 128), None),
+    ((2, 20, 2, 4, 32), None),
+    ((1, 9, 1, 3, 12), None),
+    ((2, 70, 2, 4, 32), [0, 13]),  # a lead, whole chunks and a tail; 13: one whole chunk
+    ((1, 40, 1, 2, 128), [32]),  # one whole chunk at qwen35's head size, then a tail
+]
+
+
 @pytest.mark.parametrize("decay", DECAYS)
-@pytest.mark.parametrize("shape", [(1, 1, 2, 4, 128), (2, 20, 2, 4, 32), (1, 9, 1, 3, 12)])
-def test_triton_is_the_recurrence(shape, decay):
+@pytest.mark.parametrize("shape,starts", TRITON_CASES)
+def test_triton_is_the_recurrence(shape, starts, decay):
     tk = pytest.importorskip("kernels.triton")  # sets TRITON_INTERPRET before triton loads
-    check(tk.delta_rule_states, shape, decay)
+    from kernels.triton import delta_rule as tdr
+
+    chunked = tdr._spans(starts, shape[0], shape[1]) is not None
+    assert chunked == (starts is not None)  # the cases with starts do run the chunked kernel
+    check(lambda *x: tk.delta_rule_states(*x, starts), shape, decay)
+
+
+def test_triton_in_calls_at_chunk_multiples_is_one_call():
+    """As for the native kernel: cut at multiples of the chunk, bit for bit."""
+    tk = pytest.importorskip("kernels.triton")
+    q, k, v, g, beta, state = (x.float() for x in inputs((1, 70, 1, 2, 32), "mixed"))
+    whole = [s.clone() for s in state]
+    want = tk.delta_rule_states(q, k, v, g, beta, whole, [0])
+    split = [s.clone() for s in state]
+    parts = []
+    for a, b in ((0, 32), (32, 70)):
+        at = slice(a, b)
+        parts.append(
+            tk.delta_rule_states(q[:, at], k[:, at], v[:, at], g[:, at], beta[:, at], split, [a])
+        )
+    assert torch.equal(torch.cat(parts, 1), want)
+    assert torch.equal(torch.stack(split), torch.stack(whole))
 
 
 @pytest.mark.skipif(not native_loader.available(), reason="the native CPU kernel is not built")

@@ -4,18 +4,24 @@
 //
 //     S ← S·e^{g_t};  d = β_t (v_t − S k_t);  S ← S + d k_tᵀ;  o_t = S q_t / √Dk
 //
-// Row j of S (its Dk values, contiguous) meets only v_t[j] and o_t[j]: the rows are
-// independent of each other through the whole recurrence. A job is one block of ROWS rows of
-// one head of one sequence (ROWS × Dk floats, 16 KiB at Dk = 128: it stays in L1), run through
-// all n tokens in place, four rows side by side (rows_run). A decode step (n = 1) and a
-// prefill (n in the hundreds) are the same loop: the exact per-token recurrence, with the
-// state read from and written to memory once per call rather than once per token (the role
-// the chunked form's matmuls play on a GPU), and within a call one pass over each row per
-// token. Jobs: B × Hv × Dv/ROWS, split over the pool's threads (common.h).
+// Two forms:
+// - The row form (decode steps, and the tokens of a prefill outside whole chunks). Row j of S
+//   (its Dk values, contiguous) meets only v_t[j] and o_t[j]: the rows are independent of
+//   each other through the whole recurrence. A job is one block of ROWS rows of one head of
+//   one sequence (ROWS × Dk floats, 16 KiB at Dk = 128: it stays in L1), run through its
+//   tokens in place, four rows side by side (rows_run): the exact per-token recurrence, the
+//   state read and written once per call, one pass over each row per token. Jobs:
+//   B × Hv × Dv/ROWS on the pool's threads (common.h).
+// - The chunked form (a prefill's whole chunks of CHUNK positions; its own header below): a
+//   triangular solve per chunk and register-tiled products with the state, 1.3–1.6× the row
+//   form's speed at 512 tokens (docs/kernels.md). Jobs: B × Hv.
+// Which tokens take which form depends on their positions only (the chunks are positions
+// [32c, 32c + 32)), never on where a call begins.
 //
-// Numerics: float32 throughout; dot products summed in 8 lanes, then across them (AVX2
+// Numerics: float32 throughout. Rows: dot products summed in 8 lanes, then across them (AVX2
 // builds with D % 8 == 0; plain loops otherwise), as ggml_vec_dot_f32 sums in lanes too;
-// S k_t as e^{g_t} (S_prev k_t) there; e^g by std::exp once per token and head.
+// S k_t as e^{g_t} (S_prev k_t) there; e^g by std::exp once per token and head. Chunks: each
+// product's sums run in order over their inner index, whatever the tile.
 // Against the float64 per-token recurrence: tests/test_delta_rule_kernels.py.
 #include "common.h"
 

@@ -51,7 +51,11 @@ class Step:
 
 class Scheduler:
     def __init__(
-        self, blocks: BlockManager, max_num_seqs: int, max_step_tokens: int, align: int = 1
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_step_tokens: int,
+        align: int = 1,  # no cut: see the module's last paragraph
     ) -> None:
         self.blocks = blocks
         self.align = align
