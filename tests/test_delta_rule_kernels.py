@@ -91,6 +91,19 @@ def test_native_is_the_recurrence(shape, decay, form, start):
     check(rule, shape, decay)
 
 
+@pytest.mark.parametrize("form", [-1, 1], ids=["as-layers-call", "chunked"])
+def test_every_build_is_the_recurrence(isa_build, form):
+    """The chunked form's tiles in each build (AVX-512: 16 lanes, AVX2: 8, scalar: 1), with
+    a lead, whole chunks and a tail, and the rows around them."""
+    shape = (2, 100, 2, 4, 64)
+
+    def rule(q, k, v, g, beta, states):
+        return isa_build.delta_rule(q, k, v, g, beta, states, form=form, starts=[5, 64])
+
+    for decay in DECAYS:
+        check(rule, shape, decay)
+
+
 @pytest.mark.skipif(not native_loader.available(), reason="the native CPU kernel is not built")
 def test_native_chunk_is_the_one_the_scheduler_aligns_to():
     assert dr._module().DELTA_RULE_CHUNK == dr.CHUNK_ALIGN
