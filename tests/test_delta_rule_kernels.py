@@ -31,7 +31,7 @@ SHAPES = [
     (1, 70, 1, 3, 12),  # 12: no 8-lane rows
     (2, 100, 2, 2, 128),  # whole chunks and ragged ends at qwen35's head size
 ]
-STARTS = {"at 0": 0, "mid-chunk": 13}  # the sequences' positions: b·starts[...] + this
+STARTS = {"at 0": 0, "mid-chunk": 13}  # sequence b's first position: this + 40·b
 DECAYS = {"mixed": (-2.0, 0.0), "near_zero": (-1e-3, 0.0), "strong": (-60.0, -5.0)}
 
 

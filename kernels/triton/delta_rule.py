@@ -129,12 +129,12 @@ def _chunked_kernel(
         G = tl.cumsum(gc, axis=0)  # G_i = g_1 + … + g_i
         decay = tl.exp(tl.where(upto, G[:, None] - G[None, :], float("-inf")))  # e^{G_i−G_j}
         kk = tl.dot(kc, tl.trans(kc), input_precision="ieee")  # (C, C)
-        a = tl.where(before, bc[:, None] * decay * kk, 0.0)  # A_ij, j < i
+        neg_a = tl.where(before, -bc[:, None] * decay * kk, 0.0)  # −A_ij, j < i
         # T = (I + A)⁻¹, unit lower-triangular, row by row: T_i = e_i − Σ_{j<i} A_ij T_j
         t_inv = tl.where(tok[:, None] == tok[None, :], 1.0, 0.0)
         for i in range(1, C):
-            a_i = tl.sum(tl.where(tok[:, None] == i, a, 0.0), axis=0)  # (C,): row i of A
-            row = tl.where(tok == i, 1.0, -tl.sum(a_i[:, None] * t_inv, axis=0))
+            a_i = tl.sum(tl.where(tok[:, None] == i, neg_a, 0.0), axis=0)  # (C,): −row i of A
+            row = tl.where(tok == i, 1.0, tl.sum(a_i[:, None] * t_inv, axis=0))
             t_inv = tl.where(tok[:, None] == i, row[None, :], t_inv)
         gamma = tl.exp(G)
         w = tl.dot(t_inv, kc * (bc * gamma)[:, None], input_precision="ieee")  # (C, BK)
@@ -206,10 +206,12 @@ def _spans(starts: list[int] | None, b: int, n: int) -> tuple[list[int], ...] | 
     """Per sequence the token spans (flat [first, last) pairs) of the lead before its first
     whole chunk, of its whole chunks and of the tail after; None when no sequence has a whole
     chunk (or starts is None)."""
-    if starts is None or n < CHUNK:
+    if starts is None:
         return None
     if len(starts) != b or any(x < 0 for x in starts):
         raise ValueError(f"delta_rule: starts must be {b} positions ≥ 0, got {starts}")
+    if n < CHUNK:
+        return None
     lead = [min(n, -x % CHUNK) for x in starts]
     end = [a + (n - a) // CHUNK * CHUNK for a in lead]
     if all(e == a for a, e in zip(lead, end, strict=True)):
