@@ -325,6 +325,65 @@ inline __m256 exp8(__m256 x) {
 }
 #endif
 
+// ---------------------------------------------------------------- float vectors
+
+#if TQ_AVX2
+// The sum of 8 floats: halves added, then pairs, then the last two.
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// Floats in the build's widest vectors: 16 lanes (avx512vnni), 8 (avx2) or 1 (scalar), for
+// kernels written once over Floats::R (paged_attention.cpp, delta_rule.cpp's chunked form).
+#if TQ_AVX512
+struct Floats {
+  using R = __m512;
+  static constexpr int N = 16;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static R half(const at::Half* p) {  // N fp16 values
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static R set1(float x) { return _mm512_set1_ps(x); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, R r) { _mm512_storeu_ps(p, r); }
+  static float sum(R r) { return _mm512_reduce_add_ps(r); }
+};
+#elif TQ_AVX2
+struct Floats {
+  using R = __m256;
+  static constexpr int N = 8;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static R half(const at::Half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static R set1(float x) { return _mm256_set1_ps(x); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, R r) { _mm256_storeu_ps(p, r); }
+  static float sum(R r) { return hsum8(r); }
+};
+#else
+struct Floats {
+  using R = float;
+  static constexpr int N = 1;
+  static R zero() { return 0.f; }
+  static R load(const float* p) { return *p; }
+  static R half(const at::Half* p) { return float(*p); }
+  static R set1(float x) { return x; }
+  static R mul(R a, R b) { return a * b; }
+  static R fma(R a, R b, R c) { return a * b + c; }
+  static void store(float* p, R r) { *p = r; }
+  static float sum(R r) { return r; }
+};
+#endif
+
 // x (M, K) float32 quantized per token to the vec_dot type `kind` (qmatmul.cpp).
 Act quantize_act(const float* x, int64_t M, int64_t K, int kind);
 

@@ -42,13 +42,6 @@ struct Problem {
 };
 
 #if TQ_AVX2
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // R rows s[r·D …] of one head (D % 8 == 0) through all n tokens, side by side (each row's
 // dot products are chains of dependent FMAs: R of them interleaved keep the FMA units busy).
 // One pass over a row per token: since the decay is one scalar per token, S k_t is
@@ -183,40 +176,12 @@ void run_job(const Problem& p, int64_t job) {
 
 constexpr int64_t CHUNK = 32;  // tokens per chunk (kernels/delta_rule.py CHUNK_ALIGN: the same)
 
-#if TQ_AVX512
-struct Vec {  // 32 registers: 6 × 4 sums, 4 right-hand vectors, a broadcast
-  using R = __m512;
-  static constexpr int N = 16, MR = 6, NV = 4;
-  static R zero() { return _mm512_setzero_ps(); }
-  static R load(const float* p) { return _mm512_loadu_ps(p); }
-  static R set1(float x) { return _mm512_set1_ps(x); }
-  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
-  static void store(float* p, R r) { _mm512_storeu_ps(p, r); }
+// Floats (common.h) with the register tile of `tile` below: MR rows × NV vectors of sums.
+struct Vec : Floats {
+  // AVX-512: 32 registers hold 6 × 4 sums, 4 right-hand vectors and a broadcast; AVX2: 16
+  // hold 4 × 2, 2 and 1; the scalar build: the same loops over single floats
+  static constexpr int MR = N == 16 ? 6 : 4, NV = N == 16 ? 4 : N == 8 ? 2 : 4;
 };
-#elif TQ_AVX2
-struct Vec {  // 16 registers: 4 × 2 sums, 2 right-hand vectors, a broadcast
-  using R = __m256;
-  static constexpr int N = 8, MR = 4, NV = 2;
-  static R zero() { return _mm256_setzero_ps(); }
-  static R load(const float* p) { return _mm256_loadu_ps(p); }
-  static R set1(float x) { return _mm256_set1_ps(x); }
-  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
-  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
-  static void store(float* p, R r) { _mm256_storeu_ps(p, r); }
-};
-#else
-struct Vec {  // the scalar build: the same tiles over single floats
-  using R = float;
-  static constexpr int N = 1, MR = 4, NV = 4;
-  static R zero() { return 0.f; }
-  static R load(const float* p) { return *p; }
-  static R set1(float x) { return x; }
-  static R mul(R a, R b) { return a * b; }
-  static R fma(R a, R b, R c) { return a * b + c; }
-  static void store(float* p, R r) { *p = r; }
-};
-#endif
 
 // One product's operands: C[m·ldc + c] = keep·C[…] + Σ_{k<K} A[m·lda + k]·B[k·ldb + c], for
 // rows m < M and columns c < cols (a multiple of Vec::N); keep = 0 overwrites C. lower:

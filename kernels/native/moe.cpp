@@ -46,13 +46,6 @@ inline float block_scale(int type, const uint8_t* b) {
 }
 
 #if TQ_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // 16 bytes of nibbles → 32 bytes: the low nibbles (elements 0..15), then the high ones.
 inline __m256i nibbles(const uint8_t* qs) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
@@ -88,7 +81,7 @@ float dot_row(const uint8_t* row, const Act& a, int64_t t) {
     const float d = block_scale(TYPE, row) * a.dy(t, b);
     acc = _mm256_fmadd_ps(_mm256_set1_ps(d), dot32(weights32(TYPE, row), y), acc);
   }
-  return hsum(acc);
+  return hsum8(acc);
 #else
   float sum = 0.f;
   for (int64_t b = 0; b < a.nb; ++b, row += TS) {

@@ -86,39 +86,9 @@ void values_plain(const float* w, const at::Half* const* values, int64_t L, int6
 // The vector forms read each f16 key and value row once for the whole GQA group of query heads
 // (converted in registers), in register tiles of HEADS heads × 4 keys (scores) and HEADS heads ×
 // 4 vectors of columns (values). Lanes: 16 floats in the avx512vnni build, else 8.
-#if TQ_AVX512
-struct Lanes {
-  using R = __m512;
-  static constexpr int N = 16, HEADS = 4;
-  static R zero() { return _mm512_setzero_ps(); }
-  static R load(const float* p) { return _mm512_loadu_ps(p); }
-  static R half(const at::Half* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static R set1(float x) { return _mm512_set1_ps(x); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
-  static void store(float* p, R r) { _mm512_storeu_ps(p, r); }
-  static float sum(R r) { return _mm512_reduce_add_ps(r); }
+struct Lanes : tq::Floats {  // AVX2: 16 registers hold 8 sums, 4 rows, a query, a spare
+  static constexpr int HEADS = N == 16 ? 4 : 2;
 };
-#else
-struct Lanes {
-  using R = __m256;
-  static constexpr int N = 8, HEADS = 2;  // 16 registers: 8 sums, 4 rows, a query, a spare
-  static R zero() { return _mm256_setzero_ps(); }
-  static R load(const float* p) { return _mm256_loadu_ps(p); }
-  static R half(const at::Half* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-  static R set1(float x) { return _mm256_set1_ps(x); }
-  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
-  static void store(float* p, R r) { _mm256_storeu_ps(p, r); }
-  static float sum(R r) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-  }
-};
-#endif
 using R = Lanes::R;
 
 // s[h·L + j + x] for NH heads and NK keys from j: each key's lanes loaded once per NH heads.

@@ -316,13 +316,6 @@ inline int hsum_i32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // 16 packed bytes → 32 bytes: low nibbles (elements 0..15), then high nibbles (16..31).
 inline __m256i nibbles(const uint8_t* p) {
   const __m128i r = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -450,7 +443,7 @@ void dot32(const uint8_t* row, const Act& a, int64_t t0, float* out) {
   for (int t = 0; t < NT; ++t) {
     __m256 s = acc[0][t];
     for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[u][t]);
-    out[t] = hsum(s) + tail[t];
+    out[t] = hsum8(s) + tail[t];
   }
 }
 
